@@ -1,0 +1,55 @@
+# make test / make bench do all set-up: a .venv (with system site packages when torch is already installed, so a
+# GPU box or the container without a package index works), the dependencies, the build, then the run.
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+BENCH_ARGS ?=
+TEST_ARGS ?=
+DEPS_STAMP := $(VENV)/.mltk-deps
+BUILD_STAMP := $(VENV)/.mltk-built
+SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: test bench bench-quick install info docker clean
+
+test: $(BUILD_STAMP)
+	$(VPY) -m pytest $(TEST_ARGS)
+
+bench: $(BUILD_STAMP)
+	$(VPY) -m mltoolkit bench $(BENCH_ARGS)
+
+bench-quick: $(BUILD_STAMP)
+	$(VPY) -m mltoolkit bench --quick $(BENCH_ARGS)
+
+info: $(BUILD_STAMP)
+	$(VPY) -m mltoolkit info
+
+install: $(BUILD_STAMP)
+
+$(DEPS_STAMP):
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "torch found in $(PYTHON): venv with system site packages"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+	@missing=""; \
+	$(VPY) -c "import torch" 2>/dev/null || missing="$$missing $(TORCH_SPEC)"; \
+	for mod in triton pybind11 ninja pytest numpy setuptools wheel; do \
+		$(VPY) -c "import $$mod" 2>/dev/null || missing="$$missing $$mod"; \
+	done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; $(VPY) -m pip install -q $$missing || exit 1; fi
+	@$(VPY) -c "import matplotlib" 2>/dev/null || $(VPY) -m pip install -q matplotlib \
+		|| echo "matplotlib not installed: benchmark plots are skipped"
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(VPY) -m pip install --no-build-isolation --no-deps -e .
+	$(VPY) -m mltoolkit info
+	touch $@
+
+docker:
+	docker build -t mltoolkit:dev .
+
+clean:
+	rm -rf build *.egg-info mltoolkit/_C*.so $(BUILD_STAMP)

@@ -1,0 +1,447 @@
+"""Benchmark harness internals: providers, correctness gate, timers, result rows and reports."""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+import mltoolkit
+from mltoolkit.backends import backend as force_backend
+from mltoolkit.backends import table
+from mltoolkit.testing import assert_close
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Datasheet memory bandwidth (GB/s) by device-name fragment; the harness also measures a copy for each run.
+DATASHEET_GBPS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
+                  "A100-SXM4-80GB": 2039.0, "A100": 1555.0}
+
+
+@dataclass
+class Benchmark:
+    """One op to time. `inputs(config, dtype, device)` returns the positional args; those at `grad_args` are
+    differentiated in bwd modes. `bytes(config, dtype, mode)` is the fewest bytes a call must move."""
+
+    op: str
+    table: str  # backend table name in mltoolkit.backends
+    fn: Callable[..., Any]  # the mltoolkit function
+    eager: Callable[..., Any]  # torch's own function (or expression) doing the same job
+    reference: Callable[..., Any]  # the fp32 oracle
+    inputs: Callable[[dict, torch.dtype, str], tuple]
+    configs: Sequence[dict]
+    dtypes: Sequence[torch.dtype]
+    grad_args: Sequence[int] = ()
+    bytes: Optional[Callable[[dict, torch.dtype, str], int]] = None
+    flops: Optional[Callable[[dict, torch.dtype, str], int]] = None
+    modes: Sequence[str] = MODES
+    include_reference_backend: bool = False
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+
+
+# ---- timers ---------------------------------------------------------------------------------------------------
+
+class _Timer:
+    def __init__(self, device: str, budget_s: float):
+        self.device, self.budget_s = device, budget_s
+        self._flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda") if device == "cuda" else None
+
+    def __call__(self, fn: Callable[[], Any]) -> Timing:
+        return self._cuda(fn) if self.device == "cuda" else self._cpu(fn)
+
+    def _cpu(self, fn):
+        fn()  # warm-up (first call may allocate, load, or compile)
+        t0 = time.perf_counter()
+        fn()
+        once = time.perf_counter() - t0
+        reps = int(min(100, max(3, self.budget_s / max(once, 1e-6))))
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return _summary(times)
+
+    def _cuda(self, fn):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        once = start.elapsed_time(end) / 3e3
+        reps = int(min(1000, max(10, self.budget_s / max(once, 1e-6))))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for s, e in zip(starts, ends):
+            self._flush.zero_()  # cold L2: every rep reads its inputs from HBM
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def _summary(times: list[float]) -> Timing:
+    t = sorted(times)
+    q = lambda p: t[min(len(t) - 1, int(round(p * (len(t) - 1))))]
+    return Timing(q(0.5), q(0.2), q(0.8), len(t))
+
+
+def measure_copy_gbps(device: str) -> Optional[float]:
+    """Device-to-device copy rate (bytes read + written), the practical bandwidth ceiling."""
+    if device != "cuda":
+        return None
+    src = torch.empty(1 << 30, dtype=torch.int8, device="cuda").random_(-128, 127)
+    dst = torch.empty_like(src)
+    timing = _Timer("cuda", 0.5)(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * (1 << 30) / (timing.median_ms * 1e-3) / 1e9
+
+
+# ---- providers ------------------------------------------------------------------------------------------------
+
+def _providers(bench: Benchmark, sample: tuple) -> dict[str, Callable[..., Any]]:
+    providers: dict[str, Callable[..., Any]] = {}
+    for b in table(bench.table).backends:
+        if b.name == "reference" and not bench.include_reference_backend:
+            continue
+        with force_backend(b.name):
+            if table(bench.table).get(b.name).reason(*sample) is not None:
+                continue
+
+        def call(*args, _name=b.name):
+            with force_backend(_name):
+                return bench.fn(*args)
+
+        providers[f"mltoolkit[{b.name}]"] = call
+    providers["torch eager"] = bench.eager
+    providers["torch.compile"] = torch.compile(bench.eager, dynamic=False)
+    return providers
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def _make_step(fn: Callable, args: tuple, grad_idx: Sequence[int], mode: str) -> Callable[[], Any]:
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(*args)
+        return step
+    leaves = [args[i] for i in grad_idx]
+    if mode == "bwd":
+        outs = _outputs(fn(*args))
+        cots = [torch.randn_like(o) for o in outs]
+        return lambda: torch.autograd.grad(outs, leaves, cots, retain_graph=True)
+
+    cots = None
+
+    def step():
+        nonlocal cots
+        outs = _outputs(fn(*args))
+        cots = cots or [torch.randn_like(o) for o in outs]
+        return torch.autograd.grad(outs, leaves, cots)
+    return step
+
+
+def _check(fn: Callable, args: tuple, ref_out: list[torch.Tensor], ref_grads: list[torch.Tensor],
+           grad_idx: Sequence[int], cots: list[torch.Tensor], dtype: torch.dtype) -> float:
+    """Compares outputs and gradients with the reference; returns the max abs error, raises on mismatch."""
+    leaves = [args[i].detach().clone().requires_grad_(True) for i in grad_idx]
+    call_args = list(args)
+    for i, leaf in zip(grad_idx, leaves):
+        call_args[i] = leaf
+    outs = _outputs(fn(*call_args))
+    err = 0.0
+    for k, (o, r) in enumerate(zip(outs, ref_out)):
+        assert_close(o, r, dtype=dtype, name=f"output {k}")
+        err = max(err, (o.double() - r.double()).abs().max().item())
+    if leaves:
+        grads = torch.autograd.grad(outs, leaves, [c.to(o.dtype) for c, o in zip(cots, outs)], allow_unused=True)
+        for k, (g, r) in enumerate(zip(grads, ref_grads)):
+            atol = max(1e-5, (2e-2 if dtype in (torch.float16, torch.bfloat16) else 2e-5) * r.abs().max().item())
+            assert_close(g, r, dtype=dtype, atol=atol, name=f"grad {k}")
+    return err
+
+
+def _reference(bench: Benchmark, args: tuple, grad_idx: Sequence[int]):
+    up = torch.float64 if args[0].dtype == torch.float64 else torch.float32
+    ref_args = [a.detach().to(up).requires_grad_(i in grad_idx) if isinstance(a, torch.Tensor) and
+                a.is_floating_point() else a for i, a in enumerate(args)]
+    outs = _outputs(bench.reference(*ref_args))
+    cots = [torch.randn_like(o) for o in outs]
+    leaves = [ref_args[i] for i in grad_idx]
+    grads = list(torch.autograd.grad(outs, leaves, cots)) if leaves else []
+    return [o.detach() for o in outs], [g.detach() for g in grads], cots
+
+
+# ---- running --------------------------------------------------------------------------------------------------
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.+)", f.read())
+            name = m.group(1).strip() if m else name
+    except OSError:
+        pass
+    return name
+
+
+def device_slug(device: str) -> str:
+    name = _device_name(device)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if device == "cpu":
+        slug = "cpu-" + re.sub(r"-\d+-core-processor$", "", slug)
+    return slug
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _versions() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "mltoolkit": mltoolkit.__version__, "git_sha": _git_sha()}
+
+
+def discover(bench_dir: Path) -> list[Path]:
+    return sorted(p for p in bench_dir.rglob("bench_*.py"))
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"mltoolkit_bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(device: str = "cpu", quick: bool = False, ops: Optional[Sequence[str]] = None,
+        bench_dir: Optional[Path] = None, out_dir: Optional[Path] = None, log=print) -> list[dict]:
+    """Run every benchmark (or those whose op is in `ops`) on `device`; returns the rows it wrote."""
+    bench_dir = Path(bench_dir or REPO_ROOT / "benchmarks")
+    out_dir = Path(out_dir or bench_dir / "results")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda but torch sees no CUDA device")
+    benches = [b for path in discover(bench_dir) for b in _load(path).benchmarks(device, quick)]
+    if ops:
+        unknown = set(ops) - {b.op for b in benches}
+        if unknown:
+            raise SystemExit(f"bench: no benchmark for {sorted(unknown)}; have {sorted({b.op for b in benches})}")
+        benches = [b for b in benches if b.op in ops]
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # bwd mode replays one graph's backward (retain_graph=True), which compiled graphs with donated buffers refuse.
+    torch._functorch.config.donated_buffer = False
+
+    copy_gbps = measure_copy_gbps(device)
+    name = _device_name(device)
+    peak_gbps = next((v for k, v in DATASHEET_GBPS.items() if k in name), None) if device == "cuda" else None
+    meta = {"device": device, "device_name": name, "threads": torch.get_num_threads(),
+            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **_versions()}
+    if copy_gbps:
+        log(f"# {name}: device-to-device copy {copy_gbps:.0f} GB/s" + (f" (datasheet {peak_gbps:.0f})"
+                                                                      if peak_gbps else ""))
+    timer = _Timer(device, budget_s=0.3 if quick else 1.0)
+    rows: list[dict] = []
+    for bench in benches:
+        for config in bench.configs:
+            for dtype in bench.dtypes:
+                rows += _run_one(bench, config, dtype, device, timer, meta, copy_gbps, peak_gbps, log)
+    write_results(rows, out_dir, device_slug(device), {b.op for b in benches})
+    return rows
+
+
+def _run_one(bench, config, dtype, device, timer, meta, copy_gbps, peak_gbps, log) -> list[dict]:
+    torch.manual_seed(0)
+    args = bench.inputs(config, dtype, device)
+    grad_idx = list(bench.grad_args)
+    ref_out, ref_grads, cots = _reference(bench, args, grad_idx)
+    providers = _providers(bench, args)
+    cfg = ",".join(f"{k}={v}" for k, v in config.items())
+    dname = str(dtype).replace("torch.", "")
+    rows = []
+    errors: dict[str, float] = {}
+    for pname, fn in list(providers.items()):
+        try:
+            errors[pname] = _check(fn, args, ref_out, ref_grads, grad_idx, cots, dtype)
+        except Exception as exc:  # a wrong provider is reported, never timed
+            log(f"  {bench.op} {cfg} {dname} {pname}: FAILED correctness: {str(exc).splitlines()[0]}")
+            rows.append({**meta, "op": bench.op, "provider": pname, "config": cfg, "dtype": dname,
+                         "error": str(exc)[:500]})
+            del providers[pname]
+    for mode in bench.modes:
+        if mode != "fwd" and not grad_idx:
+            continue
+        timed: dict[str, dict] = {}
+        for pname, fn in providers.items():
+            call_args = tuple(a.detach().requires_grad_(i in grad_idx and mode != "fwd")
+                              if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                              for i, a in enumerate(args))
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            step = _make_step(fn, call_args, grad_idx, mode)
+            t = timer(step)
+            row = {**meta, "op": bench.op, "provider": pname, "mode": mode, "config": cfg, "dtype": dname,
+                   "median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "reps": t.reps,
+                   "max_abs_err": errors[pname], "peak_mem_bytes": None, "gbps": None, "tflops": None,
+                   "pct_of_peak": None, "pct_of_copy": None}
+            if device == "cuda":
+                row["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
+            if bench.bytes:
+                gbps = bench.bytes(config, dtype, mode) / (t.median_ms * 1e-3) / 1e9
+                row["gbps"] = gbps
+                row["pct_of_peak"] = 100 * gbps / peak_gbps if peak_gbps else None
+                row["pct_of_copy"] = 100 * gbps / copy_gbps if copy_gbps else None
+            if bench.flops:
+                row["tflops"] = bench.flops(config, dtype, mode) / (t.median_ms * 1e-3) / 1e12
+            timed[pname] = row
+        eager = timed.get("torch eager", {}).get("median_ms")
+        comp = timed.get("torch.compile", {}).get("median_ms")
+        for pname, row in timed.items():
+            row["speedup_vs_eager"] = eager / row["median_ms"] if eager else None
+            row["speedup_vs_compile"] = comp / row["median_ms"] if comp else None
+            log(_format_row(row))
+            rows.append(row)
+    return rows
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _format_row(r: dict) -> str:
+    bw = f"{_fmt(r.get('gbps'), '.1f')} GB/s" if r.get("gbps") is not None else ""
+    pct = f" ({_fmt(r.get('pct_of_copy'), '.0f')}% of copy)" if r.get("pct_of_copy") is not None else ""
+    return (f"  {r['op']:<16} {r['config']:<14} {r['dtype']:<9} {r['mode']:<8} {r['provider']:<20} "
+            f"{r['median_ms']:9.3f} ms  x{_fmt(r['speedup_vs_eager'], '.2f')} eager  "
+            f"x{_fmt(r['speedup_vs_compile'], '.2f')} compile  {bw}{pct}")
+
+
+# ---- reports --------------------------------------------------------------------------------------------------
+
+def write_results(rows: list[dict], out_dir: Path, slug: str, ops_run: set[str]) -> None:
+    """Rows of the ops just run replace their old rows in <slug>.jsonl; the table and plot cover the file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{slug}.jsonl"
+    kept = []
+    if path.exists():
+        kept = [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+                if r.get("op") not in ops_run]
+    all_rows = kept + rows
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in all_rows))
+    os.replace(tmp, path)
+    (out_dir / f"{slug}.md").write_text(markdown_table(all_rows))
+    plot(all_rows, out_dir / f"{slug}.png")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    timed = [r for r in rows if "median_ms" in r]
+    if not timed:
+        return "No results.\n"
+    head = timed[0]
+    lines = [f"# Benchmarks on {head['device_name']} ({head['device']})", "",
+             f"Measured {head['timestamp']}, torch {head['torch']}, triton {head['triton']}, "
+             f"mltoolkit {head['git_sha']}, {head['threads']} CPU threads. Times are medians; speedups are "
+             "torch's time over the provider's.", "",
+             "| op | config | dtype | mode | provider | median ms | vs eager | vs compile | GB/s | % of copy | "
+             "% of peak |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in timed:
+        lines.append(f"| {r['op']} | {r['config']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
+                     f"{r['median_ms']:.3f} | {_fmt(r['speedup_vs_eager'], '.2f')} | "
+                     f"{_fmt(r['speedup_vs_compile'], '.2f')} | {_fmt(r.get('gbps'), '.0f')} | "
+                     f"{_fmt(r.get('pct_of_copy'), '.0f')} | {_fmt(r.get('pct_of_peak'), '.0f')} |")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        lines += ["", "Failed correctness (not timed):", ""]
+        lines += [f"- {r['op']} {r['config']} {r['dtype']} {r['provider']}: {r['error'].splitlines()[0]}"
+                  for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Bar chart of each mltoolkit provider's speedup over torch eager and torch.compile, one bar group per case."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ours = [r for r in rows if "median_ms" in r and r["provider"].startswith("mltoolkit")]
+    if not ours:
+        return
+    labels = [f"{r['op']} {r['mode']}\n{r['config']} {r['dtype']}\n{r['provider'][10:-1]}" for r in ours]
+    x = range(len(ours))
+    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(ours)), 5))
+    w = 0.4
+    ax.bar([i - w / 2 for i in x], [r["speedup_vs_eager"] or 0 for r in ours], w, label="vs torch eager")
+    ax.bar([i + w / 2 for i in x], [r["speedup_vs_compile"] or 0 for r in ours], w, label="vs torch.compile")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(list(x), labels, rotation=90, fontsize=6)
+    ax.set_ylabel("speedup (x)")
+    ax.set_title(f"mltoolkit on {ours[0]['device_name']} ({ours[0]['timestamp'][:10]})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mltoolkit bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small set of cases (under 3 minutes on 2 CPU cores)")
+    p.add_argument("--ops", default="", help="comma-separated op names (default: all)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--bench-dir", type=Path, default=None, help="where bench_*.py files live (default: benchmarks/)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
+    a = p.parse_args(argv)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ops = [o for o in a.ops.split(",") if o] or None
+    t0 = time.time()
+    rows = run(device, a.quick, ops, a.bench_dir, a.out)
+    failed = [r for r in rows if "error" in r]
+    print(f"# {len(rows)} rows in {time.time() - t0:.0f} s; results in "
+          f"{(a.out or (a.bench_dir or REPO_ROOT / 'benchmarks') / 'results')}/{device_slug(device)}.*"
+          + (f"; {len(failed)} provider(s) FAILED correctness" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

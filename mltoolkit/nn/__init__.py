@@ -1,0 +1,4 @@
+"""Drop-in modules: torch's class names, constructors and state_dict keys, mltoolkit kernels inside."""
+from mltoolkit.nn.norm import LayerNorm, RMSNorm
+
+__all__ = ["LayerNorm", "RMSNorm"]

@@ -1,0 +1,4 @@
+"""mltoolkit ops: each is a registered `torch.ops.mltoolkit.*` op behind a torch-shaped Python function."""
+from mltoolkit.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]

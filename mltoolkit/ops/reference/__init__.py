@@ -1,0 +1,1 @@
+"""Plain-PyTorch references: the test oracle, the fallback backend, and the eager baseline of each op."""

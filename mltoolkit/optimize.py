@@ -1,0 +1,40 @@
+"""`optimize(model)`: swap torch modules for their mltoolkit twins, in place.
+
+The swap table maps a torch class to a function building the replacement from the original module; later op
+families add their rows with `register_swap`. Only exact classes are swapped (a user's subclass of nn.LayerNorm may
+override forward, so it is left alone). Parameters are shared, not copied: optimizers and hooks on them keep working.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from mltoolkit import nn as mnn
+
+SWAPS: dict[type, Callable[[torch.nn.Module], torch.nn.Module]] = {}
+
+
+def register_swap(torch_cls: type, build: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+    SWAPS[torch_cls] = build
+
+
+register_swap(torch.nn.LayerNorm, mnn.LayerNorm.from_torch)
+register_swap(torch.nn.RMSNorm, mnn.RMSNorm.from_torch)
+
+
+def optimize(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every module whose exact class is in the swap table, in place; returns `model`.
+
+    A model that is itself a swappable module is converted and returned (it cannot be replaced in a parent).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"optimize: model must be a torch.nn.Module, got {type(model).__name__}")
+    if type(model) in SWAPS:
+        return SWAPS[type(model)](model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            build = SWAPS.get(type(child))
+            if build is not None:
+                setattr(parent, name, build(child))
+    return model

@@ -1,0 +1,30 @@
+"""Test set-up. Without a GPU, Triton kernels run on the CPU through the interpreter, which must be switched on
+before triton is first imported."""
+import os
+
+
+def _gpu_present() -> bool:
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
+if not _gpu_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU"))
+        if "slow" in item.keywords and os.environ.get("MLTK_SLOW_TESTS") != "1":
+            item.add_marker(pytest.mark.skip(reason="slow; set MLTK_SLOW_TESTS=1"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

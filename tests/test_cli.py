@@ -1,0 +1,61 @@
+"""python -m mltoolkit info / bench."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from mltoolkit.benchmark import run
+
+
+def test_info_lists_backends():
+    out = subprocess.run([sys.executable, "-m", "mltoolkit", "info"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for word in ("torch", "triton", "_C", "norm", "cpp", "reference", "cuda"):
+        assert word in out.stdout
+
+
+BENCH = textwrap.dedent('''
+    import torch
+    from mltoolkit import ops
+    from mltoolkit.benchmark import Benchmark
+    from mltoolkit.ops.reference import norm as ref
+
+    def benchmarks(device, quick):
+        good = lambda x, w: ops.rms_norm(x, (x.shape[-1],), w)
+        eager = lambda x, w: torch.nn.functional.rms_norm(x, (x.shape[-1],), w)
+        refn = lambda x, w: ref.rms_norm(x, (x.shape[-1],), w)
+        make = lambda c, dtype, dev: (torch.randn(c["M"], c["N"], dtype=dtype, device=dev),
+                                      torch.randn(c["N"], dtype=dtype, device=dev))
+        nbytes = lambda c, dtype, mode: 3 * c["M"] * c["N"] * 4
+        return [Benchmark("tiny_rms", "norm", good, eager, refn, make, [{"M": 8, "N": 32}], [torch.float32],
+                          grad_args=(0, 1), bytes=nbytes),
+                Benchmark("broken_rms", "norm", lambda x, w: good(x, w) + 1, eager, refn, make,
+                          [{"M": 8, "N": 32}], [torch.float32], grad_args=(0, 1), modes=("fwd",))]
+''')
+
+
+def test_bench_writes_rows_table_and_plot(tmp_path):
+    bench_dir = tmp_path / "benchmarks"
+    bench_dir.mkdir()
+    (bench_dir / "bench_tiny.py").write_text(BENCH)
+    rows = run("cpu", quick=True, bench_dir=bench_dir, out_dir=tmp_path / "out", log=lambda *_: None)
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    slug = files[0].rsplit(".", 1)[0]
+    assert {f"{slug}.jsonl", f"{slug}.md"} <= set(files)
+    lines = [json.loads(x) for x in (tmp_path / "out" / f"{slug}.jsonl").read_text().splitlines()]
+    timed = [r for r in lines if "median_ms" in r]
+    assert {r["mode"] for r in timed if r["op"] == "tiny_rms"} == {"fwd", "bwd", "fwd+bwd"}
+    assert {"torch eager", "torch.compile"} <= {r["provider"] for r in timed}
+    for key in ("op", "provider", "mode", "config", "dtype", "device", "median_ms", "p20_ms", "p80_ms",
+                "speedup_vs_eager", "speedup_vs_compile", "gbps", "peak_mem_bytes", "max_abs_err", "torch",
+                "triton", "git_sha", "timestamp", "threads"):
+        assert key in timed[0], key
+    eager = [r for r in timed if r["provider"] == "torch eager"]
+    assert all(abs(r["speedup_vs_eager"] - 1.0) < 1e-9 for r in eager)
+    # the wrong provider is reported, never timed
+    broken = [r for r in rows if r["op"] == "broken_rms" and r["provider"].startswith("mltoolkit")]
+    assert broken and all("error" in r and "median_ms" not in r for r in broken)
+    assert "Failed correctness" in (tmp_path / "out" / f"{slug}.md").read_text()
+    assert torch.get_num_threads() == timed[0]["threads"]

@@ -2,7 +2,9 @@
 // One contract for every backend; mltoolkit/ops/norm.py documents it and is the only caller.
 //
 // Shapes: x, residual, dy, dresidual_out are 2-D (rows M, width N), contiguous, one dtype (float32, float64, float16,
-// bfloat16). weight and bias are 1-D (N), contiguous, either x's dtype or float32. mean and rstd are float32 (M).
+// bfloat16). weight and bias are 1-D (N), contiguous, either x's dtype or float32. mean and rstd are float32 (M),
+// float64 when x is float64 (so that fp64 gradcheck is exact). dbias comes back in weight's dtype (x's without
+// weight): the backward never sees bias, so the caller casts it when bias has another dtype.
 //
 // Forward, for each row r (s = x + residual, rounded to x's dtype, when residual is given; else s = x):
 //   layer norm: mean = sum(s)/N, rstd = 1/sqrt(sum((s-mean)^2)/N + eps), y = (s-mean)*rstd*weight + bias

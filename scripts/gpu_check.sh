@@ -25,7 +25,8 @@ step "CUDA kernel self-check"
 .venv/bin/python scripts/cuda_norm_selfcheck.py 2>&1 | tee "$OUT/selfcheck.log" | tail -15 || status=1
 
 step "GPU tests"
-timeout 300 .venv/bin/python -m pytest -q -m cuda -p no:cacheprovider 2>&1 \
+xdist=$(.venv/bin/python -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout 300 .venv/bin/python -m pytest -q -m cuda -p no:cacheprovider $xdist 2>&1 \
   | tee "$OUT/pytest.log" | tail -25 || status=1
 
 step "benchmarks"

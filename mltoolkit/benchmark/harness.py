@@ -21,7 +21,7 @@ import torch
 import mltoolkit
 from mltoolkit.backends import backend as force_backend
 from mltoolkit.backends import table
-from mltoolkit.testing import assert_close
+from mltoolkit.testing import assert_close, oracle_dtype
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -189,7 +189,7 @@ def _check(fn: Callable, args: tuple, ref_out: list[torch.Tensor], ref_grads: li
 
 
 def _reference(bench: Benchmark, args: tuple, grad_idx: Sequence[int]):
-    up = torch.float64 if args[0].dtype == torch.float64 else torch.float32
+    up = oracle_dtype(args[0].dtype)
     ref_args = [a.detach().to(up).requires_grad_(i in grad_idx) if isinstance(a, torch.Tensor) and
                 a.is_floating_point() else a for i, a in enumerate(args)]
     outs = _outputs(bench.reference(*ref_args))

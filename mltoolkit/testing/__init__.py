@@ -20,6 +20,12 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 }
 
 
+def oracle_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference runs in: float32 for half types, float64 for float32 and float64 (an fp32 oracle
+    would carry rounding errors as large as the kernel's own)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
+
+
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     if dtype not in TOLERANCES:
         raise KeyError(f"no tolerance for {dtype}; add it to mltoolkit.testing.TOLERANCES")
@@ -137,10 +143,10 @@ class _RecordCustomOps(TorchFunctionMode):
 def check_op(fn: Callable, samples: Sequence[Sample], reference: Callable, *, name: str = "op",
              grad: bool = True, gradcheck: bool = True, opcheck: bool = True, compile: bool = True,
              compile_samples: int = 1) -> None:
-    """Check `fn` on every sample against `reference` (called on fp32/fp64 upcast copies):
+    """Check `fn` on every sample against `reference` (called on upcast copies):
 
-    1. outputs within the dtype's tolerance; 2. gradients of every input that requires grad, against the
-    reference's autograd, with random cotangents (so a kernel that ignores dy's values fails); 3.
+    1. outputs within the dtype's tolerance (reference in `oracle_dtype`); 2. gradients of every input that
+    requires grad, against the reference's autograd, with random cotangents (so a kernel ignoring dy fails); 3.
     torch.autograd.gradcheck in float64 (skipped with gradcheck=False for kernels without fp64); 4.
     torch.library.opcheck on every mltoolkit op `fn` calls; 5. torch.compile(fullgraph=True) of `fn` on the
     first `compile_samples` samples gives the eager outputs and gradients.
@@ -149,7 +155,7 @@ def check_op(fn: Callable, samples: Sequence[Sample], reference: Callable, *, na
         where = f"{name} sample {i}"
         tensors = sample.tensors()
         dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
-        ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        ref_dtype = oracle_dtype(dtype)
 
         ours_in = _fresh(sample)
         ref_in = _fresh(sample, ref_dtype)

@@ -9,7 +9,7 @@ import mltoolkit
 from mltoolkit import _ext, ops
 from mltoolkit.backends import NoBackendError, table
 from mltoolkit.ops.reference import norm as ref
-from mltoolkit.testing import Sample, assert_close, check_op, tolerance
+from mltoolkit.testing import Sample, assert_close, check_op, oracle_dtype, tolerance
 
 CPU_BACKENDS = ["cpp", "reference", "triton"]
 CUDA_BACKENDS = ["cuda", "triton", "reference"]
@@ -58,8 +58,8 @@ def outputs(o):
 
 
 def compare(fn, reference, args, backend, dtype, grad=True):
-    """Forward and all gradients (random cotangents) against the reference computed on fp32 copies."""
-    up = torch.float64 if dtype == torch.float64 else torch.float32
+    """Forward and all gradients (random cotangents) against the reference on upcast copies."""
+    up = oracle_dtype(dtype)
     ref_args = [a.detach().to(up).requires_grad_(True) if a is not None else None for a in args]
     with mltoolkit.backend(backend):
         ours = outputs(fn(*args))

@@ -1,0 +1,26 @@
+"""mltoolkit.triton_kernels: @triton.jit kernels and their launch helpers, one module per op family.
+
+Modules are imported on first use, so that importing this package does not import Triton (a missing Triton is
+reported by the backend table, never a crash at import):
+
+    from mltoolkit.triton_kernels import norm          # norm.norm_forward / norm.norm_backward
+    from mltoolkit.triton_kernels import norm_forward  # same function
+
+Knobs live on the module that reads them (e.g. `norm.LOOP_THRESHOLD`); set them there, not on this package.
+"""
+import importlib
+
+_LAZY_ATTRS = {
+    "norm_forward": "norm",
+    "norm_backward": "norm",
+}
+
+__all__ = ["norm", "norm_forward", "norm_backward"]
+
+
+def __getattr__(name):
+    if name in _LAZY_ATTRS:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY_ATTRS[name]}"), name)
+    if name == "norm":
+        return importlib.import_module(f"{__name__}.norm")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,6 +30,8 @@ $(DEPS_STAMP):
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 		echo "torch found in $(PYTHON): venv with system site packages"; \
 		$(PYTHON) -m venv --system-site-packages $(VENV); \
+		$(PYTHON) -c "import site, sys; sys.prefix != sys.base_prefix and print('\n'.join(site.getsitepackages()))" \
+			> "$$($(VPY) -c 'import site; print(site.getsitepackages()[0])')/_mltk_parent_env.pth"; \
 	else \
 		$(PYTHON) -m venv $(VENV); \
 	fi

@@ -10,6 +10,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0]}.{p[1]}")')}"
 status=0
+[ -n "${MLTK_GIT_SHA:-}" ] || export MLTK_GIT_SHA=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 step() { echo "=== $1 ($(date +%T))"; }
 
 step "environment"
@@ -22,7 +23,7 @@ make install PYTHON=python3 >"$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log
 tail -15 "$OUT/build.log"
 
 step "CUDA kernel self-check"
-.venv/bin/python scripts/cuda_norm_selfcheck.py 2>&1 | tee "$OUT/selfcheck.log" | tail -15 || status=1
+.venv/bin/python -X faulthandler scripts/cuda_norm_selfcheck.py 2>&1 | tee "$OUT/selfcheck.log" | tail -15 || status=1
 
 step "GPU tests"
 xdist=$(.venv/bin/python -c "import xdist" 2>/dev/null && echo "-n 8")

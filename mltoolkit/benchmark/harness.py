@@ -137,6 +137,8 @@ def _providers(bench: Benchmark, sample: tuple) -> dict[str, Callable[..., Any]]
                 return bench.fn(*args)
 
         providers[f"mltoolkit[{b.name}]"] = call
+    if len(providers) > 1:  # what a user gets without forcing: each direction's preferred backend
+        providers["mltoolkit"] = bench.fn
     providers["torch eager"] = bench.eager
     providers["torch.compile"] = torch.compile(bench.eager, dynamic=False)
     return providers
@@ -223,6 +225,8 @@ def device_slug(device: str) -> str:
 
 
 def _git_sha() -> str:
+    if os.environ.get("MLTK_GIT_SHA"):  # set by scripts/gpu_check.sh where the tree travels without .git
+        return os.environ["MLTK_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, timeout=10).stdout.strip() or "unknown"

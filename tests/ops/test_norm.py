@@ -24,7 +24,7 @@ def interpreted(device, backend):
 
 
 def skip_unavailable(backend, device="cpu"):
-    why = table("norm").get(backend).available()
+    why = table("norm_fwd").get(backend).available()
     if why is not None:
         pytest.skip(f"{backend} backend unavailable: {why}")
     if interpreted(device, backend) and not _ext.triton_interpreted():
@@ -48,9 +48,11 @@ def make_case(kind, shape, dtype, device, affine=True, bias=True):
         return (lambda x, w: ops.rms_norm(x, (width,), w), lambda x, w: ref.rms_norm(x, (width,), w, eps), leaves(x, w))
     if kind == "add_layer_norm":
         return (lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, normalized_shape=(width,)),
-                lambda x, r, w, b: ref.add_layer_norm(x, r, w, b, normalized_shape=(width,)), leaves(x, r, w, b))
+                lambda x, r, w, b: ref.add_layer_norm(x, r, w, b, normalized_shape=(width,), sum_dtype=dtype),
+                leaves(x, r, w, b))
     return (lambda x, r, w: ops.add_rms_norm(x, r, w, normalized_shape=(width,)),
-            lambda x, r, w: ref.add_rms_norm(x, r, w, eps, normalized_shape=(width,)), leaves(x, r, w))
+            lambda x, r, w: ref.add_rms_norm(x, r, w, eps, normalized_shape=(width,), sum_dtype=dtype),
+            leaves(x, r, w))
 
 
 def outputs(o):
@@ -230,14 +232,14 @@ def test_export():
 def test_default_cpu_backend_is_cpp():
     if _ext.cpp_unavailable():
         pytest.skip(_ext.cpp_unavailable())
-    assert table("norm").select(torch.randn(2, 2)).name == "cpp"
+    assert table("norm_fwd").select(torch.randn(2, 2)).name == "cpp"
 
 
 def test_env_var_forces_backend(monkeypatch):
     monkeypatch.setenv("MLTK_BACKEND", "reference")
-    assert table("norm").select(torch.randn(2, 2)).name == "reference"
+    assert table("norm_fwd").select(torch.randn(2, 2)).name == "reference"
     with mltoolkit.backend(None):  # lifts the environment's choice too
-        assert table("norm").select(torch.randn(2, 2)).name != "reference" or _ext.cpp_unavailable()
+        assert table("norm_fwd").select(torch.randn(2, 2)).name != "reference" or _ext.cpp_unavailable()
 
 
 def test_forced_backend_that_refuses_lists_every_reason():
@@ -261,9 +263,9 @@ def test_falls_back_when_extension_missing(monkeypatch):
     monkeypatch.setattr(_ext, "_C", None)
     monkeypatch.setattr(_ext, "C_ERROR", "mltoolkit._C is not built (test)")
     x = torch.randn(3, 8)
-    reasons = table("norm").reasons(x)
+    reasons = table("norm_fwd").reasons(x)
     assert reasons["cpp"] == "mltoolkit._C is not built (test)"
-    assert table("norm").select(x).name == "reference"
+    assert table("norm_fwd").select(x).name == "reference"
     assert_close(ops.rms_norm(x, (8,)), F.rms_norm(x, (8,)))
 
 

@@ -49,18 +49,28 @@ def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor
     return y.to(x.dtype)
 
 
-def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                   eps: float = 1e-5, normalized_shape: Optional[Sequence[int]] = None) -> tuple[Tensor, Tensor]:
-    """(layer_norm(x + residual), x + residual), the sum rounded to x's dtype as a transformer block stores it."""
+def _rounded_sum(x: Tensor, residual: Tensor, sum_dtype: Optional[torch.dtype]) -> Tensor:
+    # The fused kernels store x + residual in the input dtype and normalize that stored sum; an oracle running on
+    # upcast copies rounds the same way when told the original dtype (the rounding passes gradients through).
     s = x + residual
+    return s if sum_dtype is None else s.to(sum_dtype).to(s.dtype)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-5, normalized_shape: Optional[Sequence[int]] = None,
+                   sum_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """(layer_norm(x + residual), x + residual), the sum rounded to `sum_dtype` (default x's dtype), as a
+    transformer block stores it."""
+    s = _rounded_sum(x, residual, sum_dtype)
     shape = normalized_shape or (weight.shape if weight is not None else (x.shape[-1],))
     return layer_norm(s, shape, weight, bias, eps), s
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = None,
-                 normalized_shape: Optional[Sequence[int]] = None) -> tuple[Tensor, Tensor]:
-    """(rms_norm(x + residual), x + residual)."""
-    s = x + residual
+                 normalized_shape: Optional[Sequence[int]] = None,
+                 sum_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """(rms_norm(x + residual), x + residual), the sum rounded to `sum_dtype` (default x's dtype)."""
+    s = _rounded_sum(x, residual, sum_dtype)
     shape = normalized_shape or (weight.shape if weight is not None else (x.shape[-1],))
     return rms_norm(s, shape, weight, eps), s
 

@@ -12,7 +12,7 @@ from mltoolkit.benchmark import run
 def test_info_lists_backends():
     out = subprocess.run([sys.executable, "-m", "mltoolkit", "info"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    for word in ("torch", "triton", "_C", "norm_fwd", "cpp", "reference", "cuda"):
+    for word in ("torch", "triton", "_C", "norm", "cpp", "reference", "cuda"):
         assert word in out.stdout
 
 
@@ -29,9 +29,9 @@ BENCH = textwrap.dedent('''
         make = lambda c, dtype, dev: (torch.randn(c["M"], c["N"], dtype=dtype, device=dev),
                                       torch.randn(c["N"], dtype=dtype, device=dev))
         nbytes = lambda c, dtype, mode: 3 * c["M"] * c["N"] * 4
-        return [Benchmark("tiny_rms", "norm_fwd", good, eager, refn, make, [{"M": 8, "N": 32}], [torch.float32],
+        return [Benchmark("tiny_rms", "norm", good, eager, refn, make, [{"M": 8, "N": 32}], [torch.float32],
                           grad_args=(0, 1), bytes=nbytes),
-                Benchmark("broken_rms", "norm_fwd", lambda x, w: good(x, w) + 1, eager, refn, make,
+                Benchmark("broken_rms", "norm", lambda x, w: good(x, w) + 1, eager, refn, make,
                           [{"M": 8, "N": 32}], [torch.float32], grad_args=(0, 1), modes=("fwd",))]
 ''')
 

@@ -71,10 +71,11 @@ class _Timer:
 
     def _cpu(self, fn):
         fn()  # warm-up (first call may allocate, load, or compile)
+        fn()
         t0 = time.perf_counter()
         fn()
         once = time.perf_counter() - t0
-        reps = int(min(100, max(3, self.budget_s / max(once, 1e-6))))
+        reps = int(min(100, max(5, self.budget_s / max(once, 1e-6))))
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -280,7 +281,7 @@ def run(device: str = "cpu", quick: bool = False, ops: Optional[Sequence[str]] =
     if copy_gbps:
         log(f"# {name}: device-to-device copy {copy_gbps:.0f} GB/s" + (f" (datasheet {peak_gbps:.0f})"
                                                                       if peak_gbps else ""))
-    timer = _Timer(device, budget_s=0.3 if quick else 1.0)
+    timer = _Timer(device, budget_s=0.6 if quick else 1.5)
     rows: list[dict] = []
     for bench in benches:
         for config in bench.configs:

@@ -24,8 +24,7 @@ from mltoolkit.ops.reference import norm as reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-NORM_FWD = table("norm_fwd")
-NORM_BWD = table("norm_bwd")
+NORM = table("norm")
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,23 +56,18 @@ def _triton_kernels():
     return triton_norm
 
 
-_BACKENDS = {  # name: (supports, available, forward kernel, backward kernel)
-    "cuda": (_on_cuda, _ext.cuda_unavailable, lambda *a: _ext._C.norm_forward_cuda(*a),
-             lambda *a: _ext._C.norm_backward_cuda(*a)),
-    "triton": (_triton_accepts, _ext.triton_unavailable, lambda *a: _triton_kernels().norm_forward(*a),
-               lambda *a: _triton_kernels().norm_backward(*a)),
-    "cpp": (_on_cpu, _ext.cpp_unavailable, lambda *a: _ext._C.norm_forward_cpu(*a),
-            lambda *a: _ext._C.norm_backward_cpu(*a)),
-    "reference": (lambda *_: None, lambda: None, reference.norm_forward, reference.norm_backward),
-}
-# Each direction has its own order, by what measured fastest on an H200 (benchmarks/results/nvidia-h200.md):
-# the Triton forward, the CUDA C++ backward. Both share the contract, so any forward pairs with any backward.
-for _name in ("triton", "cuda", "cpp", "reference"):
-    _sup, _avail, _fwd, _ = _BACKENDS[_name]
-    NORM_FWD.register(_name, _sup, _avail, forward=_fwd)
-for _name in ("cuda", "triton", "cpp", "reference"):
-    _sup, _avail, _, _bwd = _BACKENDS[_name]
-    NORM_BWD.register(_name, _sup, _avail, backward=_bwd)
+# Order measured on an H200 (benchmarks/results/nvidia-h200.md, 2026-11-26): the CUDA C++ kernels win forward +
+# backward; the Triton forward alone is ~10% faster, but its launch overhead costs more than that in training.
+NORM.register("cuda", _on_cuda, _ext.cuda_unavailable,
+              forward=lambda *a: _ext._C.norm_forward_cuda(*a),
+              backward=lambda *a: _ext._C.norm_backward_cuda(*a))
+NORM.register("triton", _triton_accepts, _ext.triton_unavailable,
+              forward=lambda *a: _triton_kernels().norm_forward(*a),
+              backward=lambda *a: _triton_kernels().norm_backward(*a))
+NORM.register("cpp", _on_cpu, _ext.cpp_unavailable,
+              forward=lambda *a: _ext._C.norm_forward_cpu(*a),
+              backward=lambda *a: _ext._C.norm_backward_cpu(*a))
+NORM.register("reference", lambda *_: None, forward=reference.norm_forward, backward=reference.norm_backward)
 
 
 # ---- registered ops -------------------------------------------------------------------------------------------
@@ -90,7 +84,7 @@ def _opt_contig(t: Optional[Tensor]) -> Optional[Tensor]:
 def norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
              eps: float, is_rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x, residual, weight, bias = x.contiguous(), _opt_contig(residual), _opt_contig(weight), _opt_contig(bias)
-    y, residual_out, mean, rstd = NORM_FWD.select(x).kernels["forward"](x, residual, weight, bias, eps, is_rms)
+    y, residual_out, mean, rstd = NORM.select(x).kernels["forward"](x, residual, weight, bias, eps, is_rms)
     stat = _stat_dtype(x.dtype)
     return y, _or_empty(residual_out, x), _or_empty(mean, x, stat), rstd
 
@@ -113,7 +107,7 @@ def _(x, residual, weight, bias, eps, is_rms):
 def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
              dresidual_out: Optional[Tensor], has_bias: bool, is_rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     dy, x, weight, dresidual_out = dy.contiguous(), x.contiguous(), _opt_contig(weight), _opt_contig(dresidual_out)
-    dx, dweight, dbias = NORM_BWD.select(x).kernels["backward"](
+    dx, dweight, dbias = NORM.select(x).kernels["backward"](
         dy, x, weight, None if is_rms else mean, rstd, dresidual_out, has_bias, is_rms)
     return dx, _or_empty(dweight, x), _or_empty(dbias, x)
 

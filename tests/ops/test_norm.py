@@ -24,7 +24,7 @@ def interpreted(device, backend):
 
 
 def skip_unavailable(backend, device="cpu"):
-    why = table("norm_fwd").get(backend).available()
+    why = table("norm").get(backend).available()
     if why is not None:
         pytest.skip(f"{backend} backend unavailable: {why}")
     if interpreted(device, backend) and not _ext.triton_interpreted():
@@ -232,14 +232,14 @@ def test_export():
 def test_default_cpu_backend_is_cpp():
     if _ext.cpp_unavailable():
         pytest.skip(_ext.cpp_unavailable())
-    assert table("norm_fwd").select(torch.randn(2, 2)).name == "cpp"
+    assert table("norm").select(torch.randn(2, 2)).name == "cpp"
 
 
 def test_env_var_forces_backend(monkeypatch):
     monkeypatch.setenv("MLTK_BACKEND", "reference")
-    assert table("norm_fwd").select(torch.randn(2, 2)).name == "reference"
+    assert table("norm").select(torch.randn(2, 2)).name == "reference"
     with mltoolkit.backend(None):  # lifts the environment's choice too
-        assert table("norm_fwd").select(torch.randn(2, 2)).name != "reference" or _ext.cpp_unavailable()
+        assert table("norm").select(torch.randn(2, 2)).name != "reference" or _ext.cpp_unavailable()
 
 
 def test_forced_backend_that_refuses_lists_every_reason():
@@ -263,9 +263,9 @@ def test_falls_back_when_extension_missing(monkeypatch):
     monkeypatch.setattr(_ext, "_C", None)
     monkeypatch.setattr(_ext, "C_ERROR", "mltoolkit._C is not built (test)")
     x = torch.randn(3, 8)
-    reasons = table("norm_fwd").reasons(x)
+    reasons = table("norm").reasons(x)
     assert reasons["cpp"] == "mltoolkit._C is not built (test)"
-    assert table("norm_fwd").select(x).name == "reference"
+    assert table("norm").select(x).name == "reference"
     assert_close(ops.rms_norm(x, (8,)), F.rms_norm(x, (8,)))
 
 
@@ -317,3 +317,16 @@ def test_kernel_rejects_bad_raw_input(backend):
     skip_unavailable(backend)
     with mltoolkit.backend(backend), pytest.raises((RuntimeError, ValueError)):
         torch.ops.mltoolkit.norm_fwd(torch.randn(2, 4), None, torch.randn(3), None, 1e-5, False)
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_rejects_cpu_tensor_without_crashing():
+    """A raw call of the CUDA entry point with a CPU tensor must raise, not kill the process (run in a child so
+    that a crash fails this test instead of the whole session)."""
+    import subprocess
+    import sys
+    code = ("import torch, mltoolkit\nfrom mltoolkit import _ext\n"
+            "try:\n    _ext._C.norm_forward_cuda(torch.randn(4, 8), None, None, None, 1e-5, False)\n"
+            "except RuntimeError as e:\n    assert 'x must be a CUDA tensor' in str(e), e\n    print('raised')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "raised" in out.stdout, (out.returncode, out.stderr[-2000:])

@@ -6,7 +6,7 @@ override forward, so it is left alone). Parameters are shared, not copied: optim
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -226,7 +226,8 @@ def check_all(C, quick=False):
     # Misaligned (scalar, and for large N the re-reading / chunked) paths.
     for dtype, is_rms, N in itertools.product((torch.float32, torch.bfloat16, torch.float16, torch.float64),
                                               (False, True), (8, 4096, 8192)):
-        case = f"misaligned {'rms' if is_rms else 'layer'} x={dtype_name(dtype)} M=33 N={N} w=1 b={int(not is_rms)} res=1 dres=1"
+        case = (f"misaligned {'rms' if is_rms else 'layer'} x={dtype_name(dtype)} M=33 N={N} w=1 "
+                f"b={int(not is_rms)} res=1 dres=1")
         try:
             inputs = make_inputs(33, N, dtype, dtype, True, not is_rms, True, True, gen, misalign=True)
             run_case(C, case, *inputs, is_rms, check_determinism=True)

@@ -5,16 +5,16 @@ import argparse
 import datetime as _dt
 import importlib.util
 import json
-import math
 import os
 import platform
 import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -118,7 +118,6 @@ def measure_copy_gbps(device: str) -> Optional[float]:
     src = torch.empty(1 << 30, dtype=torch.int8, device="cuda").random_(-128, 127)
     dst = torch.empty_like(src)
     timing = _Timer("cuda", 0.5)(lambda: dst.copy_(src))
-    del src, dst
     return 2 * (1 << 30) / (timing.median_ms * 1e-3) / 1e9
 
 
@@ -339,7 +338,7 @@ def _run_one(bench, config, dtype, device, timer, meta, copy_gbps, peak_gbps, lo
             timed[pname] = row
         eager = timed.get("torch eager", {}).get("median_ms")
         comp = timed.get("torch.compile", {}).get("median_ms")
-        for pname, row in timed.items():
+        for row in timed.values():
             row["speedup_vs_eager"] = eager / row["median_ms"] if eager else None
             row["speedup_vs_compile"] = comp / row["median_ms"] if comp else None
             log(_format_row(row))

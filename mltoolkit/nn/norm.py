@@ -14,7 +14,7 @@ class LayerNorm(torch.nn.LayerNorm):
         return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
     @classmethod
-    def from_torch(cls, module: torch.nn.LayerNorm) -> "LayerNorm":
+    def from_torch(cls, module: torch.nn.LayerNorm) -> LayerNorm:
         """A LayerNorm sharing `module`'s parameters (no copy), so optimizers keep working on them."""
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
@@ -28,7 +28,7 @@ class RMSNorm(torch.nn.RMSNorm):
         return ops.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
     @classmethod
-    def from_torch(cls, module: torch.nn.RMSNorm) -> "RMSNorm":
+    def from_torch(cls, module: torch.nn.RMSNorm) -> RMSNorm:
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
         return new

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -97,7 +98,8 @@ def _(x, residual, weight, bias, eps, is_rms):
         torch._check(residual.shape == x.shape, lambda: "norm_fwd: residual must have x's shape")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
-            torch._check(p.dim() == 1 and p.shape[0] == width, lambda: f"norm_fwd: {name} must have shape (width,)")
+            torch._check(p.dim() == 1 and p.shape[0] == width,
+                         lambda name=name: f"norm_fwd: {name} must have shape (width,)")
     stat = _stat_dtype(x.dtype)
     return (x.new_empty(rows, width), x.new_empty(rows, width) if residual is not None else x.new_empty(0),
             x.new_empty(0 if is_rms else rows, dtype=stat), x.new_empty(rows, dtype=stat))

@@ -4,8 +4,9 @@ SQNR, and `check_op`, which runs the reference comparison, gradients, gradcheck,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -93,7 +94,7 @@ class Sample:
     args: tuple
     kwargs: dict = field(default_factory=dict)
 
-    def map_tensors(self, fn: Callable[[Tensor], Any]) -> "Sample":
+    def map_tensors(self, fn: Callable[[Tensor], Any]) -> Sample:
         conv = lambda v: fn(v) if isinstance(v, Tensor) else v
         return Sample(tuple(conv(a) for a in self.args), {k: conv(v) for k, v in self.kwargs.items()})
 
@@ -188,7 +189,7 @@ def check_op(fn: Callable, samples: Sequence[Sample], reference: Callable, *, na
 
             def call(*leaves, _s=fp64):
                 it = iter(leaves)
-                s = _s.map_tensors(lambda t: next(it) if t.requires_grad else t)
+                s = _s.map_tensors(lambda v: next(it) if v.requires_grad else v)
                 return tuple(_outputs(fn(*s.args, **s.kwargs)))
 
             if sum(t.numel() for t in diff) <= 4096:  # finite differences cost one call per element

@@ -6,7 +6,8 @@ contract of csrc/norm.h with explicit formulas and serve as the `reference` back
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -4,16 +4,16 @@
 
 #include "norm.h"
 
-namespace py = pybind11;
-
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mltoolkit C++/CUDA kernels";
-  auto no_gil = py::call_guard<py::gil_scoped_release>();
-  m.def("norm_forward_cpu", &mltoolkit::norm_forward_cpu, no_gil);
-  m.def("norm_backward_cpu", &mltoolkit::norm_backward_cpu, no_gil);
+  // The GIL stays held: the calls are short (GPU launches are asynchronous, CPU kernels use their own threads).
+  // With it released, an argument error raised by norm_forward_cuda crashed the process on the H200 image
+  // (2026-11-26); whether holding it cures that is not yet verified on a GPU.
+  m.def("norm_forward_cpu", &mltoolkit::norm_forward_cpu);
+  m.def("norm_backward_cpu", &mltoolkit::norm_backward_cpu);
 #ifdef MLTK_WITH_CUDA
-  m.def("norm_forward_cuda", &mltoolkit::norm_forward_cuda, no_gil);
-  m.def("norm_backward_cuda", &mltoolkit::norm_backward_cuda, no_gil);
+  m.def("norm_forward_cuda", &mltoolkit::norm_forward_cuda);
+  m.def("norm_backward_cuda", &mltoolkit::norm_backward_cuda);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

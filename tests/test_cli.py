@@ -32,6 +32,8 @@ BENCH = textwrap.dedent('''
         return [Benchmark("tiny_rms", "norm", good, eager, refn, make, [{"M": 8, "N": 32}], [torch.float32],
                           grad_args=(0, 1), bytes=nbytes),
                 Benchmark("broken_rms", "norm", lambda x, w: good(x, w) + 1, eager, refn, make,
+                          [{"M": 8, "N": 32}], [torch.float32], grad_args=(0, 1), modes=("fwd",)),
+                Benchmark("broken_baseline", "norm", good, lambda x, w: eager(x, w) * 1.1, refn, make,
                           [{"M": 8, "N": 32}], [torch.float32], grad_args=(0, 1), modes=("fwd",))]
 ''')
 
@@ -57,5 +59,10 @@ def test_bench_writes_rows_table_and_plot(tmp_path):
     # the wrong provider is reported, never timed
     broken = [r for r in rows if r["op"] == "broken_rms" and r["provider"].startswith("mltoolkit")]
     assert broken and all("error" in r and "median_ms" not in r for r in broken)
-    assert "Failed correctness" in (tmp_path / "out" / f"{slug}.md").read_text()
+    md = (tmp_path / "out" / f"{slug}.md").read_text()
+    assert "Failed correctness" in md
+    # a wrong torch baseline is still timed (it is the yardstick) and its finding is kept
+    base = [r for r in timed if r["op"] == "broken_baseline" and r["provider"] == "torch eager"]
+    assert base and "output 0" in base[0]["baseline_outside_tolerance"]
+    assert "baselines outside the tolerance" in md
     assert torch.get_num_threads() == timed[0]["threads"]

@@ -1,4 +1,5 @@
 """LayerNorm / RMSNorm (plain and fused residual add) on every backend against the fp32 reference."""
+import contextlib
 import os
 
 import pytest
@@ -330,3 +331,40 @@ def test_cuda_kernel_rejects_cpu_tensor_without_crashing():
             "except RuntimeError as e:\n    assert 'x must be a CUDA tensor' in str(e), e\n    print('raised')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "raised" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
+class _PassThrough(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_eager_fast_path_matches_registered_op(device, backend, kind):
+    """Plain eager calls skip the custom-op dispatch; any active mode takes the registered op. Both must agree
+    bit for bit, gradients included."""
+    skip_unavailable(backend, device)
+    fn, _, args = make_case(kind, (5, 37), torch.float32, device)
+    results = []
+    for mode in (contextlib.nullcontext(), _PassThrough()):
+        leaves = [a.detach().clone().requires_grad_(True) for a in args]
+        with mltoolkit.backend(backend), mode:
+            outs = outputs(fn(*leaves))
+            grad_fn = type(outs[0].grad_fn.next_functions[0][0]).__name__  # under the reshape back
+            grads = torch.autograd.grad(outs, leaves, [torch.ones_like(o) * 0.5 for o in outs])
+        results.append((grad_fn, outs, grads))
+    (fast_fn, fast_out, fast_grads), (op_fn, op_out, op_grads) = results
+    assert "EagerNorm" in fast_fn and "norm_fwd" in op_fn, (fast_fn, op_fn)
+    for a, b in zip([*fast_out, *fast_grads], [*op_out, *op_grads]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("via_op", [False, True], ids=["eager-fast-path", "registered-op"])
+def test_double_backward_is_an_error(via_op):
+    x = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+    with _PassThrough() if via_op else contextlib.nullcontext():
+        y = ops.rms_norm(x, (8,), w)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(gx.sum(), x)

@@ -179,6 +179,8 @@ def check_op(fn: Callable, samples: Sequence[Sample], reference: Callable, *, na
                 if (go is None) != (gr is None):
                     raise AssertionError(f"{where}: grad {k} is {'missing' if go is None else 'unexpected'}")
                 if go is not None:
+                    if go.dtype != leaf.dtype:
+                        raise AssertionError(f"{where}: grad of input {k} has dtype {go.dtype}, input {leaf.dtype}")
                     # Parameter grads are sums over rows: scale atol by the reference's size.
                     atol = tolerance(leaf.dtype)[0] * max(1.0, gr.abs().max().item())
                     assert_close(go, gr, dtype=leaf.dtype, atol=atol, name=f"{where} grad of input {k}")

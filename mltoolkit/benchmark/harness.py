@@ -21,7 +21,7 @@ import torch
 import mltoolkit
 from mltoolkit.backends import backend as force_backend
 from mltoolkit.backends import table
-from mltoolkit.testing import assert_close, oracle_dtype
+from mltoolkit.testing import assert_close, oracle_dtype, outputs
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -144,10 +144,6 @@ def _providers(bench: Benchmark, sample: tuple) -> dict[str, Callable[..., Any]]
     return providers
 
 
-def _outputs(out) -> list[torch.Tensor]:
-    return [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
-
-
 def _make_step(fn: Callable, args: tuple, grad_idx: Sequence[int], mode: str) -> Callable[[], Any]:
     if mode == "fwd":
         def step():
@@ -156,7 +152,7 @@ def _make_step(fn: Callable, args: tuple, grad_idx: Sequence[int], mode: str) ->
         return step
     leaves = [args[i] for i in grad_idx]
     if mode == "bwd":
-        outs = _outputs(fn(*args))
+        outs = outputs(fn(*args))
         cots = [torch.randn_like(o) for o in outs]
         return lambda: torch.autograd.grad(outs, leaves, cots, retain_graph=True)
 
@@ -164,7 +160,7 @@ def _make_step(fn: Callable, args: tuple, grad_idx: Sequence[int], mode: str) ->
 
     def step():
         nonlocal cots
-        outs = _outputs(fn(*args))
+        outs = outputs(fn(*args))
         cots = cots or [torch.randn_like(o) for o in outs]
         return torch.autograd.grad(outs, leaves, cots)
     return step
@@ -177,7 +173,7 @@ def _check(fn: Callable, args: tuple, ref_out: list[torch.Tensor], ref_grads: li
     call_args = list(args)
     for i, leaf in zip(grad_idx, leaves):
         call_args[i] = leaf
-    outs = _outputs(fn(*call_args))
+    outs = outputs(fn(*call_args))
     err = 0.0
     for k, (o, r) in enumerate(zip(outs, ref_out)):
         assert_close(o, r, dtype=dtype, name=f"output {k}")
@@ -194,7 +190,7 @@ def _reference(bench: Benchmark, args: tuple, grad_idx: Sequence[int]):
     up = oracle_dtype(args[0].dtype)
     ref_args = [a.detach().to(up).requires_grad_(i in grad_idx) if isinstance(a, torch.Tensor) and
                 a.is_floating_point() else a for i, a in enumerate(args)]
-    outs = _outputs(bench.reference(*ref_args))
+    outs = outputs(bench.reference(*ref_args))
     cots = [torch.randn_like(o) for o in outs]
     leaves = [ref_args[i] for i in grad_idx]
     grads = list(torch.autograd.grad(outs, leaves, cots)) if leaves else []

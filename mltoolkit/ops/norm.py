@@ -29,10 +29,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 NORM = table("norm")
 
 
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---- backends -------------------------------------------------------------------------------------------------
 
 def _on_cuda(x: Tensor, *_) -> Optional[str]:
@@ -98,7 +94,7 @@ def _backward_kernels(dy, x, weight, mean, rstd, dresidual_out, has_bias, is_rms
 def norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
              eps: float, is_rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     y, residual_out, mean, rstd = _forward_kernels(x, residual, weight, bias, eps, is_rms)
-    return y, _or_empty(residual_out, x), _or_empty(mean, x, _stat_dtype(x.dtype)), rstd
+    return y, _or_empty(residual_out, x), _or_empty(mean, x, reference.stat_dtype(x.dtype)), rstd
 
 
 @norm_fwd.register_fake
@@ -111,7 +107,7 @@ def _(x, residual, weight, bias, eps, is_rms):
         if p is not None:
             torch._check(p.dim() == 1 and p.shape[0] == width,
                          lambda name=name: f"norm_fwd: {name} must have shape (width,)")
-    stat = _stat_dtype(x.dtype)
+    stat = reference.stat_dtype(x.dtype)
     return (x.new_empty(rows, width), x.new_empty(rows, width) if residual is not None else x.new_empty(0),
             x.new_empty(0 if is_rms else rows, dtype=stat), x.new_empty(rows, dtype=stat))
 

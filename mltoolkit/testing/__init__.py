@@ -102,7 +102,8 @@ class Sample:
         return [v for v in (*self.args, *self.kwargs.values()) if isinstance(v, Tensor)]
 
 
-def _outputs(out: Any) -> list[Tensor]:
+def outputs(out: Any) -> list[Tensor]:
+    """The tensors an op returned, as a list (one tensor, or the tensors of a tuple/list)."""
     if isinstance(out, Tensor):
         return [out]
     return [t for t in out if isinstance(t, Tensor)] if isinstance(out, (tuple, list)) else []
@@ -117,7 +118,7 @@ def _fresh(sample: Sample, dtype: Optional[torch.dtype] = None) -> Sample:
 
 
 def _grads(fn: Callable, sample: Sample, cotangents: list[Tensor]) -> tuple[list[Tensor], list[Optional[Tensor]]]:
-    outs = _outputs(fn(*sample.args, **sample.kwargs))
+    outs = outputs(fn(*sample.args, **sample.kwargs))
     leaves = [t for t in sample.tensors() if t.requires_grad]
     pairs = [(o, c) for o, c in zip(outs, cotangents) if o.requires_grad]
     if not leaves or not pairs:
@@ -161,8 +162,8 @@ def check_op(fn: Callable, samples: Sequence[Sample], reference: Callable, *, na
         ours_in = _fresh(sample)
         ref_in = _fresh(sample, ref_dtype)
         with _RecordCustomOps() as recorder:
-            ours = _outputs(fn(*ours_in.args, **ours_in.kwargs))
-        ref = _outputs(reference(*ref_in.args, **ref_in.kwargs))
+            ours = outputs(fn(*ours_in.args, **ours_in.kwargs))
+        ref = outputs(reference(*ref_in.args, **ref_in.kwargs))
         if len(ours) != len(ref):
             raise AssertionError(f"{where}: {len(ours)} outputs, reference has {len(ref)}")
         for k, (o, r) in enumerate(zip(ours, ref)):
@@ -192,7 +193,7 @@ def check_op(fn: Callable, samples: Sequence[Sample], reference: Callable, *, na
             def call(*leaves, _s=fp64):
                 it = iter(leaves)
                 s = _s.map_tensors(lambda v: next(it) if v.requires_grad else v)
-                return tuple(_outputs(fn(*s.args, **s.kwargs)))
+                return tuple(outputs(fn(*s.args, **s.kwargs)))
 
             if sum(t.numel() for t in diff) <= 4096:  # finite differences cost one call per element
                 torch.autograd.gradcheck(call, tuple(diff), eps=1e-6, atol=1e-5, rtol=1e-4)
@@ -205,8 +206,8 @@ def check_op(fn: Callable, samples: Sequence[Sample], reference: Callable, *, na
             torch._dynamo.reset()
             compiled = torch.compile(fn, fullgraph=True)
             c_in, e_in = _fresh(sample), _fresh(sample)
-            c_out = _outputs(compiled(*c_in.args, **c_in.kwargs))
-            e_out = _outputs(fn(*e_in.args, **e_in.kwargs))
+            c_out = outputs(compiled(*c_in.args, **c_in.kwargs))
+            e_out = outputs(fn(*e_in.args, **e_in.kwargs))
             for k, (c, e) in enumerate(zip(c_out, e_out)):
                 assert_close(c, e, dtype=dtype, name=f"{where} compiled output {k}")
             if grad and any(t.requires_grad for t in tensors):

@@ -10,7 +10,7 @@ import mltoolkit
 from mltoolkit import _ext, ops
 from mltoolkit.backends import NoBackendError, table
 from mltoolkit.ops.reference import norm as ref
-from mltoolkit.testing import Sample, assert_close, check_op
+from mltoolkit.testing import Sample, assert_close, check_op, outputs
 
 CPU_BACKENDS = ["cpp", "reference", "triton"]
 CUDA_BACKENDS = ["cuda", "triton", "reference"]
@@ -54,10 +54,6 @@ def make_case(kind, shape, dtype, device, affine=True, bias=True):
     return (lambda x, r, w: ops.add_rms_norm(x, r, w, normalized_shape=(width,)),
             lambda x, r, w: ref.add_rms_norm(x, r, w, eps, normalized_shape=(width,), sum_dtype=dtype),
             leaves(x, r, w))
-
-
-def outputs(o):
-    return [o] if isinstance(o, torch.Tensor) else list(o)
 
 
 def compare(fn, reference, args, backend):

@@ -17,14 +17,15 @@ def _upcast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms compute and keep mean/rstd in: float64 for float64 input, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """y = (x - mean) / sqrt(var + eps) * weight + bias over the trailing `normalized_shape` dims (biased var)."""
-    ct = _compute_dtype(x.dtype)
+    ct = stat_dtype(x.dtype)
     dims = tuple(range(-len(normalized_shape), 0))
     xf = x.to(ct)
     mean = xf.mean(dim=dims, keepdim=True)
@@ -40,7 +41,7 @@ def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tens
 def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
     """y = x / sqrt(mean(x^2) + eps) * weight; eps=None means torch.finfo(x.dtype).eps, as in torch."""
-    ct = _compute_dtype(x.dtype)
+    ct = stat_dtype(x.dtype)
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     dims = tuple(range(-len(normalized_shape), 0))
     xf = x.to(ct)
@@ -78,13 +79,9 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, e
 
 # ---- the kernel contract (csrc/norm.h), as the `reference` backend -------------------------------------------
 
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                  eps: float, is_rms: bool):
-    ct = _stat_dtype(x.dtype)
+    ct = stat_dtype(x.dtype)
     s = x if residual is None else (x.to(ct) + residual.to(ct)).to(x.dtype)
     sf = s.to(ct)
     if is_rms:
@@ -105,7 +102,7 @@ def norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
 
 def norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Optional[Tensor], rstd: Tensor,
                   dresidual_out: Optional[Tensor], has_bias: bool, is_rms: bool):
-    ct = _stat_dtype(x.dtype)
+    ct = stat_dtype(x.dtype)
     xf, dyf, rstd = x.to(ct), dy.to(ct), rstd.to(ct)
     xhat = (xf if is_rms else xf - mean.to(ct)[:, None]) * rstd[:, None]
     g = dyf * weight.to(ct) if weight is not None else dyf

@@ -2,6 +2,7 @@
 // picks a backend per call; this module is one of those backends.
 #include <torch/extension.h>
 
+#include "attention.h"
 #include "norm.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -11,9 +12,15 @@ PYBIND11_MODULE(_C, m) {
   // (2026-11-26); whether holding it cures that is not yet verified on a GPU.
   m.def("norm_forward_cpu", &mltoolkit::norm_forward_cpu);
   m.def("norm_backward_cpu", &mltoolkit::norm_backward_cpu);
+  m.def("attention_forward_cpu", &mltoolkit::attention_forward_cpu);
+  m.def("attention_backward_cpu", &mltoolkit::attention_backward_cpu);
+  m.def("rotary_cpu", &mltoolkit::rotary_cpu);
 #ifdef MLTK_WITH_CUDA
   m.def("norm_forward_cuda", &mltoolkit::norm_forward_cuda);
   m.def("norm_backward_cuda", &mltoolkit::norm_backward_cuda);
+  m.def("attention_forward_cuda", &mltoolkit::attention_forward_cuda);
+  m.def("attention_backward_cuda", &mltoolkit::attention_backward_cuda);
+  m.def("rotary_cuda", &mltoolkit::rotary_cuda);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

@@ -72,9 +72,10 @@ def window_allowed(lq: int, lk: int, window_left: int = -1, window_right: int = 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, scale: Optional[float] = None,
               window_left: int = -1, window_right: int = -1, bottom_right: bool = False,
               dropout_keep_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-              compute_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+              compute_dtype: Optional[torch.dtype] = None, return_probs: bool = False):
     """(out, lse) of (B, Hq, Lq, D) attention with GQA, a bool or additive mask, a window and a given dropout mask,
-    computed in `compute_dtype` (default q's) with autograd. Rows with no allowed key give out 0 and lse +inf."""
+    computed in `compute_dtype` (default q's) with autograd. Rows with no allowed key give out 0 and lse +inf.
+    return_probs: the softmax probabilities (before dropout) instead."""
     ct = compute_dtype or q.dtype
     qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
     hq, hkv = q.shape[-3], k.shape[-3]
@@ -98,6 +99,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     p = torch.where(denom > 0, e / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(e))
     lse = torch.where(denom.squeeze(-1) > 0, (row_max + torch.log(denom)).squeeze(-1),
                       torch.full_like(denom.squeeze(-1), math.inf))
+    if return_probs:
+        return p
     if dropout_keep_mask is not None and dropout_p > 0:
         p = p * dropout_keep_mask.to(ct) / (1.0 - dropout_p)
     return torch.matmul(p, vf), lse
@@ -115,45 +118,53 @@ def _sequences(q: Tensor, k: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_
     return [(b, slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
 
 
-def _forward_graph(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, bottom_right,
-                   dropout_p, seed):
+def attention_forward(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                      window_right, bottom_right, dropout_p, seed):
     ct = _compute_dtype(q.dtype)
-    outs, lses = [], []
+    out = torch.zeros_like(q)  # zero and lse +inf: packed rows past the last sequence
+    lse = torch.full(q.shape[:3], math.inf, dtype=torch.float32, device=q.device)
     for b, rq, rk in _sequences(q, k, cu_seqlens_q, cu_seqlens_k):
         qs, ks, vs = q[:, :, rq], k[:, :, rk], v[:, :, rk]
         keep = None
         if dropout_p > 0:
             keep = dropout_keep(seed, dropout_p, q.shape[1], qs.shape[2], ks.shape[2],
                                 batch=q.shape[0] if b is None else 1, first_batch=b or 0, device=q.device)
-        o, lse = attention(qs, ks, vs, mask, scale, window_left, window_right, bottom_right, keep, dropout_p, ct)
-        outs.append(o)
-        lses.append(lse)
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-
-
-def attention_forward(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                      window_right, bottom_right, dropout_p, seed):
-    with torch.no_grad():
-        o, lse = _forward_graph(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
-                                bottom_right, dropout_p, seed)
-    out = torch.empty_like(q)
-    out.copy_(o)
-    return out, lse.float().contiguous()
+        o, row_lse = attention(qs, ks, vs, mask, scale, window_left, window_right, bottom_right, keep, dropout_p, ct)
+        out[:, :, rq], lse[:, :, rq] = o, row_lse
+    return out, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                        window_left, window_right, bottom_right, dropout_p, seed, deterministic):
-    with torch.enable_grad():
-        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
-        o, _ = _forward_graph(qd, kd, vd, mask, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
-                              bottom_right, dropout_p, seed)
-        gq, gk, gv = torch.autograd.grad(o, (qd, kd, vd), dout.to(o.dtype))
-    grads = []
-    for g, t in zip((gq, gk, gv), (q, k, v)):
-        r = torch.empty_like(t)
-        r.copy_(g)
-        grads.append(r)
-    return grads
+    # Explicit formulas (a custom op's kernel runs below autograd): with P the softmax, Z = keep / (1 - p),
+    # dV = (P Z)^T dO, dP = (dO V^T) Z, dS = P (dP - rowsum(P dP)), dQ = scale dS K, dK = scale dS^T Q.
+    ct = _compute_dtype(q.dtype)
+    hq, hkv = q.shape[1], k.shape[1]
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    for b, rq, rk in _sequences(q, k, cu_seqlens_q, cu_seqlens_k):
+        qs, ks, vs, dos = q[:, :, rq].to(ct), k[:, :, rk].to(ct), v[:, :, rk].to(ct), dout[:, :, rq].to(ct)
+        if hq != hkv:
+            ks, vs = ks.repeat_interleave(hq // hkv, dim=1), vs.repeat_interleave(hq // hkv, dim=1)
+        p = attention(qs, ks, vs, mask, scale, window_left, window_right, bottom_right, compute_dtype=ct,
+                      return_probs=True)
+        z = torch.ones_like(p)
+        if dropout_p > 0:
+            z = dropout_keep(seed, dropout_p, hq, qs.shape[2], ks.shape[2], batch=q.shape[0] if b is None else 1,
+                             first_batch=b or 0, device=q.device).to(ct) / (1.0 - dropout_p)
+        dvs = torch.matmul((p * z).transpose(-1, -2), dos)
+        dp = torch.matmul(dos, vs.transpose(-1, -2)) * z
+        ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+        dqs = torch.matmul(ds, ks) * scale
+        dks = torch.matmul(ds.transpose(-1, -2), qs) * scale
+        if hq != hkv:
+            dks = dks.unflatten(1, (hkv, hq // hkv)).sum(dim=2)
+            dvs = dvs.unflatten(1, (hkv, hq // hkv)).sum(dim=2)
+        dq[:, :, rq], dk[:, :, rk], dv[:, :, rk] = dqs, dks, dvs
+    if cu_seqlens_q is not None:  # rows past the last sequence belong to none: zero gradient
+        dq[:, :, int(cu_seqlens_q[-1]):] = 0
+        dk[:, :, int(cu_seqlens_k[-1]):] = 0
+        dv[:, :, int(cu_seqlens_k[-1]):] = 0
+    return dq, dk, dv
 
 
 # ---- rotary embedding -----------------------------------------------------------------------------------------------

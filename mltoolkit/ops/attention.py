@@ -1,0 +1,375 @@
+"""Scaled dot-product attention, dense and varlen, with torch's and flash-attn's semantics.
+
+Two registered ops carry every variant (one kernel pair per backend, contract in csrc/attention.h):
+
+    torch.ops.mltoolkit.attn_fwd(q, k, v, mask?, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q, max_seqlen_k, scale,
+                                 window_left, window_right, bottom_right, dropout_p, seed?) -> (out, lse)
+    torch.ops.mltoolkit.attn_bwd(dout, q, k, v, out, lse, <same options>, deterministic) -> (dq, dk, dv)
+
+q is (B, Hq, Lq, D) and k, v are (B, Hkv, Lk, D), any strides with a contiguous last dim; varlen calls pass packed
+tensors as (1, H, total, D) views. mask is additive in q's dtype, an expanded (B, Hq, Lq, Lk) view. seed is an int64
+scalar tensor (a tensor, so that compiled graphs do not specialize on it). The backward saves q, k, v, out and the
+float32 logsumexp, never the attention matrix.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mltoolkit import _ext
+from mltoolkit.backends import backend, forced_backend, table
+from mltoolkit.ops.reference import attention as reference
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+ATTENTION = table("attention")
+
+
+# ---- backends -------------------------------------------------------------------------------------------------
+
+def _cuda_accepts(q: Tensor, *_) -> Optional[str]:
+    if not q.is_cuda:
+        return f"needs a CUDA tensor, got {q.device.type}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"tensor-core kernel takes float16/bfloat16, got {q.dtype}"
+    return None
+
+
+def _triton_accepts(q: Tensor, *_) -> Optional[str]:
+    if q.dtype == torch.float64:
+        return "no float64 kernel"
+    if q.is_cuda:
+        return None
+    if q.device.type == "cpu" and _ext.triton_interpreted():
+        # The interpreter is a correctness tool, far too slow to be picked on its own.
+        return None if forced_backend() == "triton" else "CPU tensors run through Triton only when forced"
+    return "needs a CUDA tensor (or TRITON_INTERPRET=1 and a forced 'triton' backend)"
+
+
+def _cpu_accepts(q: Tensor, *_) -> Optional[str]:
+    return None if q.device.type == "cpu" else f"needs a CPU tensor, got {q.device.type}"
+
+
+def _triton_kernels():
+    from mltoolkit.triton_kernels import attention as triton_attention
+
+    return triton_attention
+
+
+# Not yet timed on a GPU: Triton first on CUDA because its kernels have run (interpreted) against the reference,
+# the CUDA C++ kernels only compiled. Revisit with benchmarks/results once both have run on an H100/H200.
+ATTENTION.register("triton", _triton_accepts, _ext.triton_unavailable,
+                   forward=lambda *a: _triton_kernels().attention_forward(*a),
+                   backward=lambda *a: _triton_kernels().attention_backward(*a))
+ATTENTION.register("cuda", _cuda_accepts, _ext.cuda_unavailable,
+                   forward=lambda *a: _ext._C.attention_forward_cuda(*a),
+                   backward=lambda *a: _ext._C.attention_backward_cuda(*a))
+ATTENTION.register("cpp", _cpu_accepts, _ext.cpp_unavailable,
+                   forward=lambda *a: _ext._C.attention_forward_cpu(*a),
+                   backward=lambda *a: _ext._C.attention_backward_cpu(*a))
+ATTENTION.register("reference", lambda *_: None,
+                   forward=reference.attention_forward, backward=reference.attention_backward)
+
+
+# ---- registered ops -------------------------------------------------------------------------------------------
+
+def _check_cu_seqlens(cu: Tensor, total: int, max_seqlen: int, name: str) -> None:
+    """Values of cu_seqlens (the public function checks dtype and shape): 0, non-decreasing, within the tensor."""
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    lengths = [b - a for a, b in zip(values[:-1], values[1:])]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"{name} must be non-decreasing (cumulative sequence lengths), got {values}")
+    if values[-1] > total:
+        raise ValueError(f"{name} ends at {values[-1]} but the packed tensor has only {total} rows")
+    if max(lengths) > max_seqlen:
+        raise ValueError(f"a sequence of length {max(lengths)} exceeds max_seqlen {max_seqlen} ({name})")
+
+
+def _seed_value(seed: Optional[Tensor]) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+def _forward_kernels(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                     window_right, bottom_right, dropout_p, seed):
+    if cu_seqlens_q is not None:
+        _check_cu_seqlens(cu_seqlens_q, q.shape[2], max_seqlen_q, "cu_seqlens_q")
+        _check_cu_seqlens(cu_seqlens_k, k.shape[2], max_seqlen_k, "cu_seqlens_k")
+    return ATTENTION.select(q).kernels["forward"](q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                  max_seqlen_k, scale, window_left, window_right, bottom_right,
+                                                  dropout_p, _seed_value(seed))
+
+
+@torch.library.custom_op("mltoolkit::attn_fwd", mutates_args=())
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+             cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
+             window_right: int, bottom_right: bool, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    out, lse = _forward_kernels(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                window_left, window_right, bottom_right, dropout_p, seed)
+    return out, lse
+
+
+@attn_fwd.register_fake
+def _(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+      bottom_right, dropout_p, seed):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "attn_fwd: q, k, v must be 4-D")
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("mltoolkit::attn_bwd", mutates_args=())
+def attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
+             cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+             scale: float, window_left: int, window_right: int, bottom_right: bool, dropout_p: float,
+             seed: Optional[Tensor], deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = ATTENTION.select(q).kernels["backward"](
+        dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+        window_right, bottom_right, dropout_p, _seed_value(seed), deterministic)
+    return dq, dk, dv
+
+
+@attn_bwd.register_fake
+def _(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+      window_right, bottom_right, dropout_p, seed, deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_OPTIONS = ("mask", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "scale", "window_left",
+            "window_right", "bottom_right", "dropout_p", "seed")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, wl, wr, br, p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, cu_q, cu_k, seed)
+    ctx.options = (max_q, max_k, scale, wl, wr, br, p)
+    ctx.set_materialize_grads(False)
+    # Autograd may run backward on another thread, which does not see the forward's forced backend.
+    ctx.forced_backend = forced_backend()
+
+
+def _backward(ctx, dout, dlse):
+    if dlse is not None:
+        raise RuntimeError("mltoolkit attention: the returned logsumexp is not differentiable; detach it before "
+                           "using it in a loss")
+    q, k, v, out, lse, mask, cu_q, cu_k, seed = ctx.saved_tensors
+    max_q, max_k, scale, wl, wr, br, p = ctx.options
+    if dout is None:
+        dout = torch.zeros_like(out)
+    with backend(ctx.forced_backend) if ctx.forced_backend else contextlib.nullcontext():
+        dq, dk, dv = torch.ops.mltoolkit.attn_bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, scale,
+                                                  wl, wr, br, p, seed,
+                                                  torch.are_deterministic_algorithms_enabled())
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+
+
+attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API -----------------------------------------------------------------------------------------------
+
+def draw_seed() -> Tensor:
+    """The dropout seed of one call: an int64 scalar from torch's default generator (so torch.manual_seed makes
+    dropout reproducible). Tests draw it the same way to replay a call's mask with reference.dropout_keep."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def _check_tensor(fn: str, name: str, t, like: Optional[Tensor] = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if like is not None:
+        if t.dtype != like.dtype:
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype} but query has {like.dtype}")
+        if t.device != like.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but query is on {like.device}")
+
+
+def _check_dropout(fn: str, dropout_p) -> float:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{fn}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _additive_mask(fn: str, attn_mask: Tensor, q: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """attn_mask (bool: True attends; float: added to the scores) as an additive mask of q's dtype expanded to
+    `shape` (stride 0 on broadcast dims, so a key-padding mask stays (B, 1, 1, Lk) in memory)."""
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"{fn}: attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}")
+    try:
+        torch.broadcast_shapes(attn_mask.shape, shape)
+        if attn_mask.dim() > len(shape):
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(f"{fn}: attn_mask of shape {list(attn_mask.shape)} does not broadcast to the attention "
+                         f"shape {list(shape)} (batch..., heads, query length, key length)") from None
+    if attn_mask.dtype == torch.bool:
+        mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, -math.inf)
+    elif attn_mask.is_floating_point():
+        mask = attn_mask.to(q.dtype)
+    else:
+        raise TypeError(f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    return mask.expand(shape)
+
+
+def _to_4d(t: Tensor) -> Tensor:
+    """(*batch, H, L, D) -> (B, H, L, D); a 3-D (B, L, D) tensor gets one head."""
+    if t.dim() == 3:
+        return t.unsqueeze(1)
+    return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention, computed flash-style (memory linear in sequence length).
+
+    query (*batch, Hq, Lq, D), key (*batch, Hkv, Lk, D), value (*batch, Hkv, Lk, Dv); 3-D inputs have no head dim.
+    attn_mask: bool (True = attend) or additive float, broadcastable to (*batch, Hq, Lq, Lk); a (B, 1, 1, Lk)
+    key-padding mask is read in place. is_causal: top-left causal mask (torch's), not combinable with attn_mask.
+    dropout_p: drawn from torch's default generator (reproducible under torch.manual_seed), applied whenever > 0
+    (as torch does; pass 0.0 in eval). enable_gqa: Hq may be a multiple of Hkv. D and Dv must be <= 256.
+    Rows whose keys are all masked give 0, as in torch.
+    """
+    fn = "scaled_dot_product_attention"
+    _check_tensor(fn, "query", query)
+    _check_tensor(fn, "key", key, query)
+    _check_tensor(fn, "value", value, query)
+    if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(f"{fn}: query, key and value must have the same number of dims (>= 3), got "
+                         f"{query.dim()}, {key.dim()}, {value.dim()}")
+    d, dv = query.shape[-1], value.shape[-1]
+    if key.shape[-1] != d:
+        raise ValueError(f"{fn}: key head_dim {key.shape[-1]} != query head_dim {d}")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"{fn}: key length {key.shape[-2]} != value length {value.shape[-2]}")
+    if max(d, dv) > MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: head_dim {max(d, dv)} > {MAX_HEAD_DIM} is not supported")
+    if key.shape[:-3] != query.shape[:-3] or value.shape[:-3] != query.shape[:-3]:
+        raise ValueError(f"{fn}: batch dims differ: query {list(query.shape[:-3])}, key {list(key.shape[:-3])}, "
+                         f"value {list(value.shape[:-3])}")
+    hq = query.shape[-3] if query.dim() > 3 else 1
+    hkv = key.shape[-3] if key.dim() > 3 else 1
+    if value.dim() > 3 and value.shape[-3] != hkv:
+        raise ValueError(f"{fn}: key has {hkv} heads but value has {value.shape[-3]}")
+    if hq != hkv:
+        if not enable_gqa:
+            raise ValueError(f"{fn}: query has {hq} heads and key/value {hkv}; pass enable_gqa=True for "
+                             "grouped-query attention")
+        if hq % hkv != 0:
+            raise ValueError(f"{fn}: query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
+    if is_causal and attn_mask is not None:
+        raise ValueError(f"{fn}: attn_mask must be None when is_causal=True")
+    dropout_p = _check_dropout(fn, dropout_p)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+    lq, lk = query.shape[-2], key.shape[-2]
+    batch_shape = (*query.shape[:-3], hq, lq, lk) if query.dim() > 3 else (query.shape[0], lq, lk)
+    mask = None if attn_mask is None else _additive_mask(fn, attn_mask, query, batch_shape)
+    window_right = 0 if is_causal else -1
+    seed = draw_seed() if dropout_p > 0 else None
+
+    if dv != d or dropout_p == 1.0 or (isinstance(attn_mask, Tensor) and attn_mask.requires_grad):
+        # No kernel covers these; plain torch does, with autograd (and the attention matrix in memory).
+        return _reference_sdpa(query, key, value, mask, scale, window_right, dropout_p, seed)
+
+    q4, k4, v4 = (_last_dim_contiguous(_to_4d(t)) for t in (query, key, value))
+    m4 = None if mask is None else (mask.unsqueeze(1) if mask.dim() == 3 else mask.reshape(-1, hq, lq, lk))
+    out, _lse = torch.ops.mltoolkit.attn_fwd(q4, k4, v4, m4, None, None, lq, lk, scale, -1, window_right, False,
+                                             dropout_p, seed)
+    return out.reshape(query.shape[:-1] + (dv,))
+
+
+def _reference_sdpa(query, key, value, mask, scale, window_right, dropout_p, seed):
+    keep = None
+    if dropout_p > 0:
+        q4 = _to_4d(query)
+        keep = reference.dropout_keep(int(seed), dropout_p, q4.shape[1], q4.shape[2], key.shape[-2],
+                                      batch=q4.shape[0], device=query.device).reshape(*query.shape[:-1],
+                                                                                     key.shape[-2])
+    if dropout_p == 1.0:
+        keep = torch.zeros_like(keep)
+        dropout_p = 0.5  # keep is all False: the output is 0 and this only avoids dividing by 1 - 1
+    if query.dim() == 3:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        mask = None if mask is None else mask.unsqueeze(1)
+        keep = None if keep is None else keep.unsqueeze(1)
+        squeeze = True
+    else:
+        squeeze = False
+    ct = torch.float64 if query.dtype == torch.float64 else torch.float32
+    out, _ = reference.attention(query, key, value, mask, scale, -1, window_right, False, keep, dropout_p, ct)
+    out = out.to(query.dtype)
+    return out.squeeze(1) if squeeze else out
+
+
+def flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                      max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0, causal: bool = False,
+                      scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
+                      return_lse: bool = False):
+    """Attention over packed variable-length sequences, as flash_attn.flash_attn_varlen_func.
+
+    q (total_q, Hq, D), k and v (total_k, Hkv, D) with Hq a multiple of Hkv (GQA/MQA). cu_seqlens_q/_k: int32
+    cumulative lengths (nseq + 1 entries, from 0); sequence b is rows cu[b]:cu[b+1]. max_seqlen_*: the longest
+    sequence. causal and window_size=(left, right) (-1 = unbounded) align the diagonal to the bottom-right of each
+    sequence's score matrix, as flash-attn does; causal sets right = 0. Returns out (total_q, Hq, D), plus the
+    float32 logsumexp (Hq, total_q) with return_lse (not differentiable). cu_seqlens values are checked, which
+    copies them to the host once per call.
+    """
+    fn = "flash_attn_varlen"
+    _check_tensor(fn, "q", q)
+    _check_tensor(fn, "k", k, q)
+    _check_tensor(fn, "v", v, q)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{fn}: {name} must be 3-D (total_tokens, heads, head_dim), got {list(t.shape)}")
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"{fn}: q, k, v must share head_dim, got {d}, {k.shape[-1]}, {v.shape[-1]}")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: head_dim {d} > {MAX_HEAD_DIM} is not supported")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"{fn}: k {list(k.shape)} and v {list(v.shape)} must have the same tokens and heads")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{fn}: query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{fn}: {name} must be a 1-D int32 tensor with at least 2 entries")
+        if cu.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {cu.device} but q is on {q.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"{fn}: {name} must be a non-negative int, got {n!r}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
+        raise ValueError(f"{fn}: window_size must be (left, right) ints >= -1, got {window_size!r}")
+    dropout_p = _check_dropout(fn, dropout_p)
+    if dropout_p == 1.0:
+        raise ValueError(f"{fn}: dropout_p must be < 1")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    window_left, window_right = window_size
+    if causal:
+        window_right = 0
+    seed = draw_seed() if dropout_p > 0 else None
+
+    as_4d = lambda t: _last_dim_contiguous(t).unsqueeze(0).transpose(1, 2)  # (1, H, total, D) view
+    out, lse = torch.ops.mltoolkit.attn_fwd(as_4d(q), as_4d(k), as_4d(v), None, cu_seqlens_q, cu_seqlens_k,
+                                            max_seqlen_q, max_seqlen_k, scale, window_left, window_right, True,
+                                            dropout_p, seed)
+    out = out.squeeze(0).transpose(0, 1)
+    return (out, lse.squeeze(0)) if return_lse else out

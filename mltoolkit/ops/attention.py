@@ -162,6 +162,7 @@ def _backward(ctx, dout, dlse):
     max_q, max_k, scale, wl, wr, br, p = ctx.options
     if dout is None:
         dout = torch.zeros_like(out)
+    dout = _last_dim_contiguous(dout)  # .sum().backward() hands in an expanded, all-stride-0 gradient
     with backend(ctx.forced_backend) if ctx.forced_backend else contextlib.nullcontext():
         dq, dk, dv = torch.ops.mltoolkit.attn_bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, scale,
                                                   wl, wr, br, p, seed,
@@ -225,13 +226,6 @@ def _additive_mask(fn: str, attn_mask: Tensor, q: Tensor, shape: tuple[int, ...]
     return mask.expand(shape)
 
 
-def _to_4d(t: Tensor) -> Tensor:
-    """(*batch, H, L, D) -> (B, H, L, D); a 3-D (B, L, D) tensor gets one head."""
-    if t.dim() == 3:
-        return t.unsqueeze(1)
-    return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t
-
-
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
@@ -248,9 +242,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     _check_tensor(fn, "query", query)
     _check_tensor(fn, "key", key, query)
     _check_tensor(fn, "value", value, query)
-    if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
-        raise ValueError(f"{fn}: query, key and value must have the same number of dims (>= 3), got "
-                         f"{query.dim()}, {key.dim()}, {value.dim()}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() < 2:
+            raise ValueError(f"{fn}: {name} must have at least 2 dims (..., length, head_dim), got {t.dim()}")
     d, dv = query.shape[-1], value.shape[-1]
     if key.shape[-1] != d:
         raise ValueError(f"{fn}: key head_dim {key.shape[-1]} != query head_dim {d}")
@@ -258,62 +252,69 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         raise ValueError(f"{fn}: key length {key.shape[-2]} != value length {value.shape[-2]}")
     if max(d, dv) > MAX_HEAD_DIM:
         raise ValueError(f"{fn}: head_dim {max(d, dv)} > {MAX_HEAD_DIM} is not supported")
-    if key.shape[:-3] != query.shape[:-3] or value.shape[:-3] != query.shape[:-3]:
-        raise ValueError(f"{fn}: batch dims differ: query {list(query.shape[:-3])}, key {list(key.shape[:-3])}, "
-                         f"value {list(value.shape[:-3])}")
-    hq = query.shape[-3] if query.dim() > 3 else 1
-    hkv = key.shape[-3] if key.dim() > 3 else 1
-    if value.dim() > 3 and value.shape[-3] != hkv:
-        raise ValueError(f"{fn}: key has {hkv} heads but value has {value.shape[-3]}")
-    if hq != hkv:
-        if not enable_gqa:
-            raise ValueError(f"{fn}: query has {hq} heads and key/value {hkv}; pass enable_gqa=True for "
-                             "grouped-query attention")
-        if hq % hkv != 0:
-            raise ValueError(f"{fn}: query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
     if is_causal and attn_mask is not None:
         raise ValueError(f"{fn}: attn_mask must be None when is_causal=True")
     dropout_p = _check_dropout(fn, dropout_p)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-
-    lq, lk = query.shape[-2], key.shape[-2]
-    batch_shape = (*query.shape[:-3], hq, lq, lk) if query.dim() > 3 else (query.shape[0], lq, lk)
-    mask = None if attn_mask is None else _additive_mask(fn, attn_mask, query, batch_shape)
+    q, k, v, out_lead = _broadcast_heads(fn, query, key, value, enable_gqa)
+    lq, lk = q.shape[2], k.shape[2]
+    mask = None
+    if attn_mask is not None:
+        mask = _additive_mask(fn, attn_mask, query, (*out_lead, lq, lk)).reshape(q.shape[0], q.shape[1], lq, lk)
     window_right = 0 if is_causal else -1
     seed = draw_seed() if dropout_p > 0 else None
 
     if dv != d or dropout_p == 1.0 or (isinstance(attn_mask, Tensor) and attn_mask.requires_grad):
         # No kernel covers these; plain torch does, with autograd (and the attention matrix in memory).
-        return _reference_sdpa(query, key, value, mask, scale, window_right, dropout_p, seed)
-
-    q4, k4, v4 = (_last_dim_contiguous(_to_4d(t)) for t in (query, key, value))
-    m4 = None if mask is None else (mask.unsqueeze(1) if mask.dim() == 3 else mask.reshape(-1, hq, lq, lk))
-    out, _lse = torch.ops.mltoolkit.attn_fwd(q4, k4, v4, m4, None, None, lq, lk, scale, -1, window_right, False,
-                                             dropout_p, seed)
-    return out.reshape(query.shape[:-1] + (dv,))
+        out = _reference_sdpa(q, k, v, mask, scale, window_right, dropout_p, seed)
+    else:
+        out, _lse = torch.ops.mltoolkit.attn_fwd(q, k, v, mask, None, None, lq, lk, scale, -1, window_right, False,
+                                                 dropout_p, seed)
+    return out.reshape(*out_lead, lq, dv)
 
 
-def _reference_sdpa(query, key, value, mask, scale, window_right, dropout_p, seed):
+def _broadcast_heads(fn: str, query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
+    """torch's shape rules: dims before (length, head_dim) broadcast, the last of them being heads, where
+    enable_gqa lets query heads be a multiple of key/value heads (one key/value head broadcasts anyway).
+    Returns 4-D (B, H, L, D) q, k, v with a contiguous last dim and the output's leading shape."""
+    leads = [t.shape[:-2] if t.dim() > 2 else (1,) for t in (query, key, value)]
+    heads = [lead[-1] if lead else 1 for lead in leads]
+    hq, hk, hv = heads
+    if hk != hv:
+        raise ValueError(f"{fn}: key has {hk} heads but value has {hv}")
+    try:
+        batch = torch.broadcast_shapes(*(lead[:-1] for lead in leads))
+    except RuntimeError:
+        raise ValueError(f"{fn}: batch dims of query {list(leads[0][:-1])}, key {list(leads[1][:-1])} and value "
+                         f"{list(leads[2][:-1])} do not broadcast") from None
+    if hq != hk and hk != 1 and hq != 1:
+        if not enable_gqa:
+            raise ValueError(f"{fn}: query has {hq} heads and key/value {hk}; pass enable_gqa=True for "
+                             "grouped-query attention")
+        if hq % hk != 0:
+            raise ValueError(f"{fn}: query heads ({hq}) must be a multiple of key/value heads ({hk}) for GQA")
+    out_heads = max(hq, hk)
+
+    def four_d(t: Tensor, h: int) -> Tensor:
+        t = t.reshape(1, *t.shape) if t.dim() == 2 else t
+        t = t.expand(*batch, h, *t.shape[-2:]).reshape(-1, h, *t.shape[-2:])
+        return _last_dim_contiguous(t)
+
+    lead_out = (*batch, out_heads) if max(t.dim() for t in (query, key, value)) > 2 else ()
+    return four_d(query, out_heads), four_d(key, hk), four_d(value, hk), lead_out
+
+
+def _reference_sdpa(q, k, v, mask, scale, window_right, dropout_p, seed):
     keep = None
     if dropout_p > 0:
-        q4 = _to_4d(query)
-        keep = reference.dropout_keep(int(seed), dropout_p, q4.shape[1], q4.shape[2], key.shape[-2],
-                                      batch=q4.shape[0], device=query.device).reshape(*query.shape[:-1],
-                                                                                     key.shape[-2])
+        keep = reference.dropout_keep(int(seed), dropout_p, q.shape[1], q.shape[2], k.shape[2], batch=q.shape[0],
+                                      device=q.device)
     if dropout_p == 1.0:
         keep = torch.zeros_like(keep)
         dropout_p = 0.5  # keep is all False: the output is 0 and this only avoids dividing by 1 - 1
-    if query.dim() == 3:
-        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        mask = None if mask is None else mask.unsqueeze(1)
-        keep = None if keep is None else keep.unsqueeze(1)
-        squeeze = True
-    else:
-        squeeze = False
-    ct = torch.float64 if query.dtype == torch.float64 else torch.float32
-    out, _ = reference.attention(query, key, value, mask, scale, -1, window_right, False, keep, dropout_p, ct)
-    out = out.to(query.dtype)
-    return out.squeeze(1) if squeeze else out
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out, _ = reference.attention(q, k, v, mask, scale, -1, window_right, False, keep, dropout_p, ct)
+    return out.to(q.dtype)
 
 
 def flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,

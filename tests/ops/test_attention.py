@@ -176,6 +176,19 @@ def test_fully_masked_rows_give_zero(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+def test_expanded_output_gradient(device, backend):
+    """out.sum().backward() passes a gradient whose strides are all 0."""
+    dtype = dtypes_for(device, backend)[0]
+    q, k, v = (rand(1, 2, 9, 16, dtype=dtype, device=device) for _ in range(3))
+    with setup(device, backend):
+        ops.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    up = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref.attention(*up, window_right=0)[0].sum().backward()
+    for t, u in zip((q, k, v), up):
+        torch.testing.assert_close(t.grad.double(), u.grad, atol=tolerance(dtype)[0] * 10, rtol=tolerance(dtype)[1])
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_sdpa_layouts(device, backend):
     """Strided q/k/v sliced from a packed (B, L, 3, H, D) tensor, 3-D (no heads) and 5-D inputs, a given scale."""
     dtype = dtypes_for(device, backend)[0]
@@ -395,6 +408,16 @@ def test_export():
         exported = torch.export.export(Block(), args)
         torch.testing.assert_close(exported.module()(*args), F.scaled_dot_product_attention(*args, is_causal=True))
     assert any("mltoolkit.attn_fwd" in str(n.target) for n in exported.graph.nodes)
+
+
+@pytest.mark.parametrize("q_shape,kv_shape", [((4, 8), (4, 8)), ((2, 4, 8), (1, 4, 8)), ((2, 3, 4, 8), (2, 1, 4, 8)),
+                                               ((2, 3, 4, 8), (3, 4, 8)), ((2, 2, 3, 4, 8), (2, 1, 3, 4, 8)),
+                                               ((5, 8), (2, 3, 7, 8))])
+def test_sdpa_broadcasts_like_torch(q_shape, kv_shape):
+    q = torch.randn(q_shape, dtype=torch.float64)
+    k, v = torch.randn(kv_shape, dtype=torch.float64), torch.randn(kv_shape, dtype=torch.float64)
+    with mltoolkit.backend("reference"):
+        torch.testing.assert_close(ops.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
 def test_value_head_dim_differs_and_mask_grad_use_plain_torch():

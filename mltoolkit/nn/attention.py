@@ -3,6 +3,7 @@ attention itself computed by mltoolkit.ops.scaled_dot_product_attention (flash-s
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -140,6 +141,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         kpm_shape = (bsz, src_len) if batched else (src_len,)
         kpm = _additive_mask(key_padding_mask, "key_padding_mask", query, (kpm_shape,))
         am = _additive_mask(attn_mask, "attn_mask", query, ((tgt_len, src_len), (bsz * h, tgt_len, src_len)))
+        if kpm is not None and am is not None and key_padding_mask.dtype != attn_mask.dtype:
+            warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for "
+                          "both instead.", stacklevel=3)  # torch's warning, same text
         if is_causal and am is None:
             raise RuntimeError("MultiheadAttention: is_causal=True is a hint that attn_mask is causal and needs "
                                "attn_mask (torch.nn.Transformer.generate_square_subsequent_mask makes one)")

@@ -11,7 +11,7 @@ import mltoolkit.patch
 from mltoolkit.nn import MultiheadAttention
 from mltoolkit.ops import attention as attention_ops
 from mltoolkit.ops.reference import attention as reference
-from mltoolkit.testing import assert_close
+from mltoolkit.testing import assert_close, assert_close_flash
 
 E, H, B, L, S = 16, 4, 3, 5, 7
 F64 = torch.float64
@@ -167,6 +167,20 @@ def test_unbatched_input(masks, sdpa_calls):
     assert len(sdpa_calls) == 1
 
 
+def test_learnable_float_mask_and_fully_padded_sequence(sdpa_calls):
+    ref, ours = make_pair(batch_first=True)
+    x = rand(B, L, E)
+    kpm = padding(L, float_mask=True)
+    kpm[0] = float("-inf")  # sequence 0 is all padding: torch gives 0 attention output there, and so do we
+    bias = rand(B * H, L, L).requires_grad_()
+    outs = [m(x, x, x, key_padding_mask=kpm, attn_mask=bias, need_weights=False)[0] for m in (ref, ours)]
+    cot = torch.randn_like(outs[0])
+    (g_ref,), (g,) = (torch.autograd.grad(o, bias, cot) for o in outs)
+    assert_close(outs[1], outs[0])
+    assert_close(g, g_ref, name="gradient of attn_mask")
+    assert len(sdpa_calls) == 1
+
+
 @pytest.mark.parametrize("average", [True, False])
 def test_need_weights_runs_torch_forward(average, sdpa_calls):
     ref, ours = make_pair(batch_first=True)
@@ -279,6 +293,52 @@ def test_optimized_encoder_in_eval_mode_matches():
         assert_close(fused(x, src_key_padding_mask=padding(L)), eager(x, src_key_padding_mask=padding(L)))
 
 
+def test_autocast_matches_torch(sdpa_calls):
+    ref = torch.nn.MultiheadAttention(E, H, batch_first=True)
+    ours = MultiheadAttention.from_torch(copy.deepcopy(ref))
+    x = torch.randn(B, L, E)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = ref(x, x, x, key_padding_mask=padding(L), need_weights=False)[0]
+        out = ours(x, x, x, key_padding_mask=padding(L), need_weights=False)[0]
+    assert len(sdpa_calls) == 1 and out.dtype == expected.dtype == torch.bfloat16
+    assert_close(out, expected)
+
+
+@pytest.mark.slow
+def test_compiles_fullgraph(unpatched):
+    ref, ours = make_pair(batch_first=True)
+    x = rand(B, L, E)
+    compiled = torch.compile(ours, fullgraph=True)
+    assert_close(compiled(x, x, x, key_padding_mask=padding(L), need_weights=False)[0],
+                 ref(x, x, x, key_padding_mask=padding(L), need_weights=False)[0])
+    q, k, v = qkv(2, 3, 5)
+    with mltoolkit.patched_torch():
+        out = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                            fullgraph=True)(q, k, v)
+    assert_close(out, TORCH_SDPA(q, k, v, is_causal=True))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_flash_rule(dtype):
+    """On the GPU kernels: ours in `dtype` is as close to torch's fp32 result as torch's own `dtype` result is."""
+    ref32 = torch.nn.MultiheadAttention(128, 2, batch_first=True, device="cuda")
+    ref = copy.deepcopy(ref32).to(dtype)
+    ours = MultiheadAttention.from_torch(copy.deepcopy(ref))
+    x = torch.randn(4, 97, 128, device="cuda")
+    kpm = torch.zeros(4, 97, dtype=torch.bool, device="cuda")
+    kpm[1, 50:] = True
+    cot = torch.randn(4, 97, 128, device="cuda")
+    results = []
+    for module, t in ((ref32, x), (ref, x.to(dtype)), (ours, x.to(dtype))):
+        leaf = t.clone().requires_grad_()
+        out = module(leaf, leaf, leaf, key_padding_mask=kpm, need_weights=False)[0]
+        results.append((out, torch.autograd.grad(out, leaf, cot.to(dtype=out.dtype))[0]))
+    (out32, g32), (out_torch, g_torch), (out, g) = results
+    assert_close_flash(out, out32, out_torch)
+    assert_close_flash(g, g32, g_torch, name="gradient of the input")
+
+
 def test_fused_path_bad_input():
     _, ours = make_pair(batch_first=True)
     q, k, v = rand(B, L, E), rand(B, S, E), rand(B, S, E)
@@ -307,6 +367,8 @@ def test_fused_path_bad_input():
         call(q, k, v, key_padding_mask=[[True] * S] * B)
     with pytest.raises(RuntimeError, match="is_causal=True .* needs attn_mask"):
         call(q, k, v, is_causal=True)
+    with pytest.warns(UserWarning, match="mismatched key_padding_mask and attn_mask is deprecated"):
+        call(q, k, v, key_padding_mask=padding(S), attn_mask=rand(L, S))
 
 
 # ---- patch_torch --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Drop-in modules: torch's class names, constructors and state_dict keys, mltoolkit kernels inside."""
+from mltoolkit.nn.attention import MultiheadAttention
 from mltoolkit.nn.norm import LayerNorm, RMSNorm
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention"]

@@ -68,20 +68,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if _why_torch(query, key, value, attn_mask) is not None:
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
-    device_type = query.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return attention_ops.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
-                                                          dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                                          enable_gqa=enable_gqa)
-    # Torch lists SDPA among autocast's lower-precision ops: every floating input but float64 goes to the autocast
-    # dtype and the op runs with autocast off (the op converts a float mask to the inputs' dtype itself).
-    dtype = torch.get_autocast_dtype(device_type)
-    if query.dtype != torch.float64:
-        query, key, value = (t.to(dtype) for t in (query, key, value))
-    with torch.autocast(device_type, enabled=False):
-        return attention_ops.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
-                                                          dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                                          enable_gqa=enable_gqa)
+    return attention_ops.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                      is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
 def is_patched() -> bool:

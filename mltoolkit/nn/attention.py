@@ -2,7 +2,6 @@
 attention itself computed by mltoolkit.ops.scaled_dot_product_attention (flash-style, no (L, S) matrix in memory)."""
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from typing import Optional
@@ -161,14 +160,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if kpm is not None:
                 kpm = kpm.view(bsz, 1, 1, src_len)
                 mask = kpm if mask is None else mask + kpm
-        # Under autocast the projections already gave q, k, v in the autocast dtype; run the op with autocast off,
-        # as autocast runs torch's SDPA (the op converts the mask to q's dtype itself).
-        autocast_off = (torch.autocast(q.device.type, enabled=False) if torch.is_autocast_enabled(q.device.type)
-                        else contextlib.nullcontext())
-        with autocast_off:
-            out = attention_ops.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                             dropout_p=self.dropout if self.training else 0.0,
-                                                             is_causal=is_causal)
+        # Under autocast the op casts q, k, v and runs with autocast off, as autocast runs torch's SDPA.
+        out = attention_ops.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                         dropout_p=self.dropout if self.training else 0.0,
+                                                         is_causal=is_causal)
         # Out-project in (L, B, E) as torch does, so the result has torch's memory layout too.
         out = F.linear(out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim), self.out_proj.weight,
                        self.out_proj.bias)

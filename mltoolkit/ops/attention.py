@@ -236,7 +236,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     key-padding mask is read in place. is_causal: top-left causal mask (torch's), not combinable with attn_mask.
     dropout_p: drawn from torch's default generator (reproducible under torch.manual_seed), applied whenever > 0
     (as torch does; pass 0.0 in eval). enable_gqa: Hq may be a multiple of Hkv. D and Dv must be <= 256.
-    Rows whose keys are all masked give 0, as in torch.
+    Rows whose keys are all masked give 0, as in torch. Under autocast, inputs are cast as torch casts them for
+    SDPA (to the autocast dtype, float64 excepted).
     """
     fn = "scaled_dot_product_attention"
     _check_tensor(fn, "query", query)
@@ -256,6 +257,25 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         raise ValueError(f"{fn}: attn_mask must be None when is_causal=True")
     dropout_p = _check_dropout(fn, dropout_p)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    (query, key, value), autocast_off = _autocast(query, key, value)
+    with autocast_off:
+        return _sdpa(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def _autocast(*tensors: Tensor):
+    """Torch lists SDPA among autocast's lower-precision ops: under autocast, inputs other than float64 go to the
+    autocast dtype and the op runs with autocast off. Returns the inputs and the context to run in."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors, contextlib.nullcontext()
+    if tensors[0].dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device_type)
+        tensors = tuple(t.to(dtype) for t in tensors)
+    return tensors, torch.autocast(device_type, enabled=False)
+
+
+def _sdpa(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    d, dv = query.shape[-1], value.shape[-1]
     q, k, v, out_lead = _broadcast_heads(fn, query, key, value, enable_gqa)
     lq, lk = q.shape[2], k.shape[2]
     mask = None
@@ -369,8 +389,10 @@ def flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_
     seed = draw_seed() if dropout_p > 0 else None
 
     as_4d = lambda t: _last_dim_contiguous(t).unsqueeze(0).transpose(1, 2)  # (1, H, total, D) view
-    out, lse = torch.ops.mltoolkit.attn_fwd(as_4d(q), as_4d(k), as_4d(v), None, cu_seqlens_q, cu_seqlens_k,
-                                            max_seqlen_q, max_seqlen_k, scale, window_left, window_right, True,
-                                            dropout_p, seed)
+    (q, k, v), autocast_off = _autocast(q, k, v)
+    with autocast_off:
+        out, lse = torch.ops.mltoolkit.attn_fwd(as_4d(q), as_4d(k), as_4d(v), None, cu_seqlens_q, cu_seqlens_k,
+                                                max_seqlen_q, max_seqlen_k, scale, window_left, window_right, True,
+                                                dropout_p, seed)
     out = out.squeeze(0).transpose(0, 1)
     return (out, lse.squeeze(0)) if return_lse else out

@@ -534,3 +534,14 @@ def test_cpu_memory_is_linear_in_sequence_length():
     peak = int(done.stdout.split()[-1])
     # inputs, outputs and gradients are 6 x 64 MB; the rest is the kernel's working set
     assert peak < 2**30, f"peak memory {peak / 2**20:.0f} MB"
+
+
+def test_autocast_casts_inputs_like_torch():
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    with mltoolkit.backend("reference"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+            expected_dtype = F.scaled_dot_product_attention(q, k, v, is_causal=True).dtype
+        plain = ops.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
+    assert out.dtype == expected_dtype == torch.bfloat16
+    assert torch.equal(out, plain)

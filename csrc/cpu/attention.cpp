@@ -42,6 +42,10 @@ namespace mltoolkit {
 namespace {
 
 using attn::gemm;
+using attn::kPanel;
+using attn::pack_rows;
+using attn::pack_transposed;
+using attn::round_up_panel;
 using attn::Vec;
 
 constexpr int64_t kMaxHeadDim = 256;
@@ -297,42 +301,40 @@ const acc_t* rows_as_acc(const scalar_t* base, int64_t row_stride, int64_t m, in
   }
 }
 
-// dst (D x n panel, row stride ld) = transpose of n rows of length D (row stride row_stride), widened to acc_t.
-template <typename scalar_t, typename acc_t>
-void pack_transposed(const scalar_t* src, int64_t row_stride, int64_t n, int64_t D, acc_t* dst, int64_t ld) {
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t* row = src + j * row_stride;
-    for (int64_t d = 0; d < D; ++d) dst[d * ld + j] = static_cast<acc_t>(row[d]);
-  }
-}
-
-// s[jj] = scale * s[jj] + mask(b, h, i, j0 + jj), then -inf outside the band [lo, hi]. Returns the row max.
+// Turns a row of dot products q.k (keys j0 .. j0 + n - 1 of query row i) into scores up to a positive factor,
+// which it returns: the row becomes scale * s + mask, factor 1, when there is a mask (or scale <= 0); else the
+// scaling is left to exp_row, which folds it into one FMA. Keys outside the band [lo, hi] become -inf.
 template <typename scalar_t, typename acc_t>
 acc_t score_row(const Problem& pb, const Seq& sq, int64_t h, int64_t i, int64_t j0, int64_t n, bool band,
                 acc_t* s, acc_t* tmp) {
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
-  const V vscale(static_cast<acc_t>(pb.scale));
-  const acc_t* madd = nullptr;
-  if (pb.mask) {
-    const scalar_t* mrow = static_cast<const scalar_t*>(pb.mask) + sq.batch * pb.ms[0] + h * pb.ms[1] +
-                           (sq.q_off + i) * pb.ms[2] + (sq.k_off + j0) * pb.ms[3];
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (pb.ms[3] == 1) madd = mrow;
+  const acc_t scale = static_cast<acc_t>(pb.scale);
+  acc_t factor = scale;
+  if (pb.mask || !(scale > acc_t(0))) {
+    const acc_t* madd = nullptr;
+    if (pb.mask) {
+      const scalar_t* mrow = static_cast<const scalar_t*>(pb.mask) + sq.batch * pb.ms[0] + h * pb.ms[1] +
+                             (sq.q_off + i) * pb.ms[2] + (sq.k_off + j0) * pb.ms[3];
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (pb.ms[3] == 1) madd = mrow;
+      }
+      if (!madd) {
+        const int64_t sj = pb.ms[3];
+        for (int64_t jj = 0; jj < n; ++jj) tmp[jj] = static_cast<acc_t>(mrow[jj * sj]);
+        madd = tmp;
+      }
     }
-    if (!madd) {
-      const int64_t sj = pb.ms[3];
-      for (int64_t jj = 0; jj < n; ++jj) tmp[jj] = static_cast<acc_t>(mrow[jj * sj]);
-      madd = tmp;
+    const V vscale(scale);
+    int64_t jj = 0;
+    if (madd) {
+      for (; jj + W <= n; jj += W) at::vec::fmadd(V::loadu(s + jj), vscale, V::loadu(madd + jj)).store(s + jj);
+      for (; jj < n; ++jj) s[jj] = s[jj] * scale + madd[jj];
+    } else {
+      for (; jj + W <= n; jj += W) (V::loadu(s + jj) * vscale).store(s + jj);
+      for (; jj < n; ++jj) s[jj] *= scale;
     }
-  }
-  int64_t jj = 0;
-  if (madd) {
-    for (; jj + W <= n; jj += W) at::vec::fmadd(V::loadu(s + jj), vscale, V::loadu(madd + jj)).store(s + jj);
-    for (; jj < n; ++jj) s[jj] = s[jj] * static_cast<acc_t>(pb.scale) + madd[jj];
-  } else {
-    for (; jj + W <= n; jj += W) (V::loadu(s + jj) * vscale).store(s + jj);
-    for (; jj < n; ++jj) s[jj] *= static_cast<acc_t>(pb.scale);
+    factor = acc_t(1);
   }
   if (band) {
     const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
@@ -341,8 +343,15 @@ acc_t score_row(const Problem& pb, const Seq& sq, int64_t h, int64_t i, int64_t 
     std::fill(s, s + first, ninf);
     std::fill(s + last, s + n, ninf);
   }
+  return factor;
+}
+
+template <typename acc_t>
+acc_t row_max(const acc_t* s, int64_t n) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = V::size();
   V vmax(-std::numeric_limits<acc_t>::infinity());
-  jj = 0;
+  int64_t jj = 0;
   for (; jj + W <= n; jj += W) vmax = at::vec::maximum(vmax, V::loadu(s + jj));
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
   for (; jj < n; ++jj) mx = std::max(mx, s[jj]);
@@ -352,16 +361,16 @@ acc_t score_row(const Problem& pb, const Seq& sq, int64_t h, int64_t i, int64_t 
   return mx;
 }
 
-// s[jj] = exp(s[jj] - shift); returns the sum.
+// s[jj] = exp(s[jj] * mul - shift); returns the sum.
 template <typename acc_t>
-acc_t exp_row(acc_t* s, int64_t n, acc_t shift) {
+acc_t exp_row(acc_t* s, int64_t n, acc_t mul, acc_t shift) {
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
-  const V vshift(shift);
+  const V vmul(mul), vshift(-shift);
   V vsum(acc_t(0));
   int64_t jj = 0;
   for (; jj + W <= n; jj += W) {
-    const V e = vexp(V::loadu(s + jj) - vshift);
+    const V e = vexp(at::vec::fmadd(V::loadu(s + jj), vmul, vshift));
     e.store(s + jj);
     vsum = vsum + e;
   }
@@ -369,8 +378,8 @@ acc_t exp_row(acc_t* s, int64_t n, acc_t shift) {
   vsum.store(lanes);
   acc_t total = 0;
   for (int64_t w = 0; w < W; ++w) total += lanes[w];
-  if (jj < n) {  // lanes past the row hold exp(0 - shift): store and sum only the row's
-    vexp(V::loadu(s + jj, n - jj) - vshift).store(lanes);
+  if (jj < n) {  // lanes past the row hold exp(-shift): store and sum only the row's
+    vexp(at::vec::fmadd(V::loadu(s + jj, n - jj), vmul, vshift)).store(lanes);
     for (int64_t w = 0; w < n - jj; ++w) {
       s[jj + w] = lanes[w];
       total += lanes[w];
@@ -386,6 +395,14 @@ inline void scale_row(acc_t* x, int64_t n, acc_t alpha) {
   int64_t j = 0;
   for (; j + V::size() <= n; j += V::size()) (V::loadu(x + j) * va).store(x + j);
   for (; j < n; ++j) x[j] *= alpha;
+}
+
+template <typename acc_t>
+inline void add_row(acc_t* x, const acc_t* y, int64_t n) {
+  using V = Vec<acc_t>;
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) (V::loadu(x + j) + V::loadu(y + j)).store(x + j);
+  for (; j < n; ++j) x[j] += y[j];
 }
 
 template <typename acc_t>
@@ -413,7 +430,7 @@ void store_scaled(const acc_t* src, acc_t alpha, scalar_t* dst, int64_t n, acc_t
 
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Problem& pb, scalar_t* out, const int64_t* os, acc_t* lse, bool stats_only) {
-  const int64_t D = pb.D, BM = kFwdBlockM, BN = kBlockN;
+  const int64_t D = pb.D, Dp = round_up_panel<acc_t>(D), P = kPanel<acc_t>, BM = kFwdBlockM, BN = kBlockN;
   const int64_t nseq = static_cast<int64_t>(pb.seqs.size());
   std::vector<int64_t> task_begin(nseq + 1, 0);
   int64_t max_lk = 0;
@@ -427,11 +444,10 @@ void forward_kernel(const Problem& pb, scalar_t* out, const int64_t* os, acc_t* 
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, task_begin[nseq], 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> S(BM * BN), O(BM * D), mrow(BM), lrow(BM), tmp(std::max(BN, D)), factor(BN);
+    std::vector<acc_t> S(BM * BN), O(BM * Dp), mrow(BM), lrow(BM), tmp(std::max(BN, D)), factor(BN);
     std::vector<acc_t> qbuf(is_reduced_float<scalar_t> ? BM * D : 0);
-    // Per-head cache: K^T in BN-column panels (D x BN each), and for fp16/bf16 the widened V rows.
-    std::vector<acc_t> kt(max_kb * D * BN);
-    std::vector<acc_t> vbuf(is_reduced_float<scalar_t> ? max_kb * BN * D : 0);
+    // Per-head cache of packed panels, per key block: K^T (D x BN) and V (BN x Dp).
+    std::vector<acc_t> kt(max_kb * D * BN), vp(max_kb * BN * Dp);
     std::vector<char> packed(max_kb, 0);
     int64_t cached_seq = -1, cached_head = -1;
 
@@ -457,7 +473,7 @@ void forward_kernel(const Problem& pb, scalar_t* out, const int64_t* os, acc_t* 
       const acc_t* qa = rows_as_acc<scalar_t, acc_t>(static_cast<const scalar_t*>(pb.q) + sq.batch * pb.qs[0] +
                                                          h * pb.qs[1] + (sq.q_off + i0) * pb.qs[2],
                                                      pb.qs[2], m, D, qbuf.data(), ldq);
-      std::fill(O.begin(), O.begin() + m * D, acc_t(0));
+      std::fill(O.begin(), O.begin() + m * Dp, acc_t(0));
       std::fill(mrow.begin(), mrow.begin() + m, ninf);
       std::fill(lrow.begin(), lrow.begin() + m, acc_t(0));
 
@@ -466,45 +482,33 @@ void forward_kernel(const Problem& pb, scalar_t* out, const int64_t* os, acc_t* 
       for (int64_t kb = kstart < kend ? kstart / BN : 0; kstart < kend && kb * BN < kend; ++kb) {
         const int64_t j0 = kb * BN, n = std::min(BN, sq.lk - j0);
         acc_t* ktp = kt.data() + kb * D * BN;
+        acc_t* vpp = vp.data() + kb * BN * Dp;
         if (!packed[kb]) {
-          pack_transposed(kbase + j0 * pb.ks[2], pb.ks[2], n, D, ktp, BN);
-          if constexpr (is_reduced_float<scalar_t>) {
-            for (int64_t j = 0; j < n; ++j) convert_row(vbase + (j0 + j) * pb.vs[2], vbuf.data() + (j0 + j) * D, D);
-          }
+          pack_transposed(kbase + j0 * pb.ks[2], pb.ks[2], D, n, ktp, D * P);
+          if (!stats_only) pack_rows(vbase + j0 * pb.vs[2], pb.vs[2], n, D, vpp, BN * P);
           packed[kb] = 1;
         }
         const bool band = pb.lo(sq, i0 + m - 1) > j0 || pb.hi(sq, i0) < j0 + n - 1;
-        gemm<acc_t>(m, n, D, qa, ldq, 1, ktp, BN, S.data(), BN, false);
+        gemm<acc_t>(m, n, D, qa, ldq, 1, ktp, D * P, S.data(), BN, false);
         for (int64_t rr = 0; rr < m; ++rr) {
           acc_t* s = S.data() + rr * BN;
-          const acc_t bmax = score_row<scalar_t, acc_t>(pb, sq, h, i0 + rr, j0, n, band, s, tmp.data());
-          const acc_t mnew = std::max(mrow[rr], bmax);
+          const acc_t mul = score_row<scalar_t, acc_t>(pb, sq, h, i0 + rr, j0, n, band, s, tmp.data());
+          const acc_t mnew = std::max(mrow[rr], row_max(s, n) * mul);
           if (mnew == ninf) {  // nothing allowed so far in this row: contributes nothing
             std::fill(s, s + n, acc_t(0));
             continue;
           }
           const acc_t alpha = mrow[rr] == ninf ? acc_t(0) : std::exp(mrow[rr] - mnew);
-          const acc_t sum = exp_row(s, n, mnew);
+          const acc_t sum = exp_row(s, n, mul, mnew);
           lrow[rr] = lrow[rr] * alpha + sum;
           mrow[rr] = mnew;
-          if (alpha != acc_t(1)) scale_row(O.data() + rr * D, D, alpha);
+          if (alpha != acc_t(1)) scale_row(O.data() + rr * Dp, D, alpha);
           if (dropout) {
             dropout_factors(pb, si, h, i0 + rr, j0, n, factor.data());
             mul_rows(s, factor.data(), n);
           }
         }
-        if (!stats_only) {
-          const acc_t* vb;
-          int64_t ldv;
-          if constexpr (is_reduced_float<scalar_t>) {
-            vb = vbuf.data() + j0 * D;
-            ldv = D;
-          } else {
-            vb = vbase + j0 * pb.vs[2];
-            ldv = pb.vs[2];
-          }
-          gemm<acc_t>(m, D, n, S.data(), BN, 1, vb, ldv, O.data(), D, true);
-        }
+        if (!stats_only) gemm<acc_t>(m, D, n, S.data(), BN, 1, vpp, BN * P, O.data(), Dp, true);
       }
       for (int64_t rr = 0; rr < m; ++rr) {
         const bool any = lrow[rr] > acc_t(0);
@@ -512,7 +516,7 @@ void forward_kernel(const Problem& pb, scalar_t* out, const int64_t* os, acc_t* 
             any ? mrow[rr] + std::log(lrow[rr]) : std::numeric_limits<acc_t>::infinity();
         if (!stats_only) {
           scalar_t* orow = out + sq.batch * os[0] + h * os[1] + (sq.q_off + i0 + rr) * os[2];
-          store_scaled(O.data() + rr * D, any ? acc_t(1) / lrow[rr] : acc_t(0), orow, D, tmp.data());
+          store_scaled(O.data() + rr * Dp, any ? acc_t(1) / lrow[rr] : acc_t(0), orow, D, tmp.data());
         }
       }
     }
@@ -526,7 +530,8 @@ template <typename scalar_t, typename acc_t>
 void backward_kernel(const Problem& pb, const scalar_t* dout, const int64_t* dos, const scalar_t* out,
                      const int64_t* outs, const acc_t* lse, scalar_t* dq, const int64_t* dqs, scalar_t* dk,
                      const int64_t* dks, scalar_t* dv, const int64_t* dvs) {
-  const int64_t D = pb.D, BM = kBwdBlockM, BN = kBlockN, Hq = pb.Hq, group = pb.group;
+  const int64_t D = pb.D, Dp = round_up_panel<acc_t>(D), P = kPanel<acc_t>, BM = kBwdBlockM, BN = kBlockN;
+  const int64_t Hq = pb.Hq, group = pb.group;
   const int64_t nseq = static_cast<int64_t>(pb.seqs.size());
   const int64_t B = nseq == 0 ? 0 : pb.seqs.back().batch + 1;
   const acc_t scale = static_cast<acc_t>(pb.scale);
@@ -570,9 +575,11 @@ void backward_kernel(const Problem& pb, const scalar_t* dout, const int64_t* dos
 
   at::parallel_for(0, units * nchunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> S(BM * BN), dP(BM * BN), PD(dropout ? BM * BN : 0), factor(BN), tmp(std::max(BN, D));
-    std::vector<acc_t> kt(D * BN), vt(D * BN), dK(BN * D), dV(BN * D);
+    // Packed panels: K^T, V^T (D x BN) and K (BN x Dp) per key block; Q and dO (BM x Dp) per query block.
+    std::vector<acc_t> kt(D * BN), vt(D * BN), kp(BN * Dp), qp(BM * Dp), dop(BM * Dp);
+    std::vector<acc_t> dK(BN * Dp), dV(BN * Dp), dQ(BM * Dp);
     const bool widen = is_reduced_float<scalar_t>;
-    std::vector<acc_t> kbuf(widen ? BN * D : 0), qbuf(widen ? BM * D : 0), dobuf(widen ? BM * D : 0);
+    std::vector<acc_t> qbuf(widen ? BM * D : 0), dobuf(widen ? BM * D : 0);
 
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c = t % nchunks, unit = t / nchunks;
@@ -589,10 +596,9 @@ void backward_kernel(const Problem& pb, const scalar_t* dout, const int64_t* dos
 
       for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         const int64_t j0 = kb * BN, n = std::min(BN, sq.lk - j0);
-        pack_transposed(kbase + j0 * pb.ks[2], pb.ks[2], n, D, kt.data(), BN);
-        pack_transposed(vbase + j0 * pb.vs[2], pb.vs[2], n, D, vt.data(), BN);
-        int64_t ldk;
-        const acc_t* ka = rows_as_acc<scalar_t, acc_t>(kbase + j0 * pb.ks[2], pb.ks[2], n, D, kbuf.data(), ldk);
+        pack_transposed(kbase + j0 * pb.ks[2], pb.ks[2], D, n, kt.data(), D * P);
+        pack_transposed(vbase + j0 * pb.vs[2], pb.vs[2], D, n, vt.data(), D * P);
+        pack_rows(kbase + j0 * pb.ks[2], pb.ks[2], n, D, kp.data(), BN * P);
         std::fill(dK.begin(), dK.end(), acc_t(0));
         std::fill(dV.begin(), dV.end(), acc_t(0));
         // Query rows that see at least one key of this block.
@@ -608,9 +614,11 @@ void backward_kernel(const Problem& pb, const scalar_t* dout, const int64_t* dos
             int64_t ldq, lddo;
             const acc_t* qa = rows_as_acc<scalar_t, acc_t>(qh + i0 * pb.qs[2], pb.qs[2], m, D, qbuf.data(), ldq);
             const acc_t* doa = rows_as_acc<scalar_t, acc_t>(doh + i0 * dos[2], dos[2], m, D, dobuf.data(), lddo);
+            pack_rows(qh + i0 * pb.qs[2], pb.qs[2], m, D, qp.data(), BM * P);
+            pack_rows(doh + i0 * dos[2], dos[2], m, D, dop.data(), BM * P);
             const bool band = pb.lo(sq, i0 + m - 1) > j0 || pb.hi(sq, i0) < j0 + n - 1;
-            gemm<acc_t>(m, n, D, qa, ldq, 1, kt.data(), BN, S.data(), BN, false);
-            gemm<acc_t>(m, n, D, doa, lddo, 1, vt.data(), BN, dP.data(), BN, false);
+            gemm<acc_t>(m, n, D, qa, ldq, 1, kt.data(), D * P, S.data(), BN, false);
+            gemm<acc_t>(m, n, D, doa, lddo, 1, vt.data(), D * P, dP.data(), BN, false);
             for (int64_t rr = 0; rr < m; ++rr) {
               const int64_t i = i0 + rr;
               acc_t* s = S.data() + rr * BN;
@@ -623,8 +631,8 @@ void backward_kernel(const Problem& pb, const scalar_t* dout, const int64_t* dos
                 if (dropout) std::fill(PD.data() + rr * BN, PD.data() + rr * BN + n, acc_t(0));
                 continue;
               }
-              score_row<scalar_t, acc_t>(pb, sq, h, i, j0, n, band, s, tmp.data());
-              exp_row(s, n, L);  // P
+              const acc_t mul = score_row<scalar_t, acc_t>(pb, sq, h, i, j0, n, band, s, tmp.data());
+              exp_row(s, n, mul, L);  // P
               if (dropout) {
                 dropout_factors(pb, si, h, i, j0, n, factor.data());
                 acc_t* pd = PD.data() + rr * BN;
@@ -641,18 +649,16 @@ void backward_kernel(const Problem& pb, const scalar_t* dout, const int64_t* dos
               for (; jj < n; ++jj) dp[jj] = s[jj] * (dp[jj] - delta[row]);
             }
             const acc_t* pv = dropout ? PD.data() : S.data();
-            gemm<acc_t>(n, D, m, pv, 1, BN, doa, lddo, dV.data(), D, true);       // dV += P^T dO
-            gemm<acc_t>(n, D, m, dP.data(), 1, BN, qa, ldq, dK.data(), D, true);  // dK += dS^T Q
-            // dQ += dS K, rows i0 .. i0 + m - 1 of this head (row stride of the target).
-            acc_t* dq0 = dq_row(c, sq, h, i0);
-            const int64_t lddq = m > 1 ? dq_row(c, sq, h, i0 + 1) - dq0 : D;
-            gemm<acc_t>(m, D, n, dP.data(), BN, 1, ka, ldk, dq0, lddq, true);
+            gemm<acc_t>(n, D, m, pv, 1, BN, dop.data(), BM * P, dV.data(), Dp, true);       // dV += P^T dO
+            gemm<acc_t>(n, D, m, dP.data(), 1, BN, qp.data(), BM * P, dK.data(), Dp, true);  // dK += dS^T Q
+            gemm<acc_t>(m, D, n, dP.data(), BN, 1, kp.data(), BN * P, dQ.data(), Dp, false);  // dS K
+            for (int64_t rr = 0; rr < m; ++rr) add_row(dq_row(c, sq, h, i0 + rr), dQ.data() + rr * Dp, D);
           }
         }
         for (int64_t j = 0; j < n; ++j) {
-          store_scaled(dK.data() + j * D, scale, dk + sq.batch * dks[0] + hk * dks[1] + (sq.k_off + j0 + j) * dks[2],
+          store_scaled(dK.data() + j * Dp, scale, dk + sq.batch * dks[0] + hk * dks[1] + (sq.k_off + j0 + j) * dks[2],
                        D, tmp.data());
-          store_scaled(dV.data() + j * D, acc_t(1), dv + sq.batch * dvs[0] + hk * dvs[1] + (sq.k_off + j0 + j) * dvs[2],
+          store_scaled(dV.data() + j * Dp, acc_t(1), dv + sq.batch * dvs[0] + hk * dvs[1] + (sq.k_off + j0 + j) * dvs[2],
                        D, tmp.data());
         }
       }

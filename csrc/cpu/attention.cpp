@@ -2,23 +2,25 @@
 // csrc/attention.h and mltoolkit/ops/reference/attention.py. Blocked online softmax after FlashAttention-2
 // (Dao, 2023): no Lq x Lk matrix is ever formed.
 //
-// Math in acc_t: float, or double for float64 inputs; fp16/bf16 tiles are widened as they are loaded. Tiles are
-// multiplied by the register-blocked kernel of attention_gemm.h.
+// Math in acc_t: float, or double for float64 inputs; fp16/bf16 are widened as tiles are packed. Every tile product
+// (Q K^T, P V, dO V^T, P^T dO, dS^T Q, dS K) runs through the register-blocked kernel of attention_gemm.h, whose B
+// operand is packed in contiguous panels.
 //
 // Forward: one task = (sequence, query head, block of kFwdBlockM query rows); at::parallel_for hands each thread a
 // contiguous range of tasks, so a thread works through the query blocks of one head at a time and keeps that head's
-// K^T (packed in kBlockN-column panels) and, for fp16/bf16, its widened V, in a per-thread cache: O(Lk * D) per
-// thread. Within a head the query blocks are visited from both ends alternately, so that under a causal band the
-// two halves of a head cost the same. Key blocks outside the window are skipped; only blocks the band cuts are
-// masked element by element.
+// packed K^T and V panels in a per-thread cache (2 * Lk * D acc_t per thread), packing each key block once. Within a
+// head the query blocks are visited from both ends alternately, so that under a causal band both halves of a head's
+// range cost the same. Key blocks outside the window are skipped; only blocks that the band cuts are masked element
+// by element.
 //
-// Backward: delta = rowsum(dO * O) first, then one task = (sequence, kv head, chunk of key blocks). A task owns its
-// dK/dV rows (accumulated in registers-sized tiles of kBlockN rows over every query head of its GQA group and every
-// query block in the band) and adds dS K into dQ: straight into dq when one chunk covers the whole key range (the
-// task then owns those dq rows too), else into a private slice per chunk that a last pass sums in chunk order. No
-// two tasks write the same memory and every sum runs in a fixed order, so the result does not depend on scheduling
-// (deterministic is always honoured). The chunk count depends only on the shapes, not on the thread count.
-// float64: the contract's lse is float32, which would cap the gradients at float32 accuracy; the backward therefore
+// Backward: delta = rowsum(dO * O) first, then one task = (sequence, kv head, chunk of key blocks). A task owns the
+// dK/dV rows of its key blocks (each block accumulated over every query head of its GQA group and every query block
+// in the band) and adds dS K into dQ: straight into dq when one chunk covers the whole key range (the task then owns
+// those dq rows), else into a private acc_t slice per chunk that a last pass sums in chunk order. No two tasks write
+// the same memory and every sum runs in a fixed order, so the result is bitwise the same for any thread count and
+// schedule (deterministic is always honoured). Chunks are used only when there are fewer than kBwdTargetTasks
+// (sequence, kv head) units; they cost nchunks * B * Hq * Lq * D acc_t of workspace, as does dq for fp16/bf16.
+// float64: the contract's lse is float32, which would cap the gradients at float32 accuracy, so the float64 backward
 // recomputes lse in double (one extra Q K^T pass) instead of reading it.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

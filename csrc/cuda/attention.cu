@@ -287,7 +287,7 @@ __device__ __forceinline__ bool keep_one(const Params& p, uint32_t bh, int i, in
 // ------------------------------------------------------------------------------------------------------------------
 // Forward. Grid (query blocks, Hq, nseq). kQRegs: Q fragments live in registers for the whole key loop (small HD).
 
-template <typename T, int HD, int NW, int BN, bool kQRegs>
+template <typename T, int HD, int NW, int BN, bool kQRegs, bool kExtras>
 __global__ void __launch_bounds__(NW * 32) _attention_fwd_kernel(const Params p) {
   constexpr int BM = 16 * NW, NT = NW * 32, KS = HD / 16, NS = BN / 8, NO = HD / 8;
   constexpr int R = Tile<HD>::kRow;
@@ -309,9 +309,9 @@ __global__ void __launch_bounds__(NW * 32) _attention_fwd_kernel(const Params p)
   T* ob = static_cast<T*>(p.out) + s.bb * p.out_st.b + h * p.out_st.h + s.q_off * p.out_st.l;
   float* lseb = p.lse + (static_cast<int64_t>(s.bb) * p.hq + h) * p.lq + s.q_off;
   const T* maskb =
-      p.mask == nullptr ? nullptr : static_cast<const T*>(p.mask) + s.bb * p.mask_b + h * p.mask_h;
+      !kExtras || p.mask == nullptr ? nullptr : static_cast<const T*>(p.mask) + s.bb * p.mask_b + h * p.mask_h;
   const float scale_log2 = p.scale * kLog2e;
-  const bool dropout = p.dropout_p > 0.f;
+  const bool dropout = kExtras && p.dropout_p > 0.f;
   const uint32_t bh = static_cast<uint32_t>(b * p.hq + h);
 
   for (int mb = blockIdx.x; mb * BM < s.lq; mb += gridDim.x) {
@@ -508,7 +508,7 @@ __global__ void __launch_bounds__(256) _attention_bwd_delta_kernel(const Params 
 // them; it loops over (query head of the group, query block of BM rows), Q / dO / lse / delta prefetched one step
 // ahead.
 
-template <typename T, int HD, int NW, int BM, bool kDK, bool kDV>
+template <typename T, int HD, int NW, int BM, bool kDK, bool kDV, bool kExtras>
 __global__ void __launch_bounds__(NW * 32) _attention_bwd_dkdv_kernel(const Params p) {
   constexpr int BN = 16 * NW, NT = NW * 32, KS = HD / 16, NS = BM / 8, NO = HD / 8;
   constexpr int R = Tile<HD>::kRow;
@@ -531,7 +531,7 @@ __global__ void __launch_bounds__(NW * 32) _attention_bwd_dkdv_kernel(const Para
   const T* kb = kg + s.bb * p.k_st.b + hk * p.k_st.h + s.k_off * p.k_st.l;
   const T* vb = vg + s.bb * p.v_st.b + hk * p.v_st.h + s.k_off * p.v_st.l;
   const float scale_log2 = p.scale * kLog2e;
-  const bool dropout = p.dropout_p > 0.f;
+  const bool dropout = kExtras && p.dropout_p > 0.f;
   const float drop_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
 
   for (int nb = blockIdx.x; nb * BN < s.lk; nb += gridDim.x) {
@@ -591,7 +591,7 @@ __global__ void __launch_bounds__(NW * 32) _attention_bwd_dkdv_kernel(const Para
         const float* l_s = sL + st * BM;
         const float* d_s = sD + st * BM;
         const T* maskb =
-            p.mask == nullptr ? nullptr : static_cast<const T*>(p.mask) + s.bb * p.mask_b + h * p.mask_h;
+            !kExtras || p.mask == nullptr ? nullptr : static_cast<const T*>(p.mask) + s.bb * p.mask_b + h * p.mask_h;
         const uint32_t bh = static_cast<uint32_t>(b * p.hq + h);
 
         // S^T = K Q^T: rows = this warp's 16 keys, columns = BM queries.
@@ -712,7 +712,7 @@ __global__ void __launch_bounds__(NW * 32) _attention_bwd_dkdv_kernel(const Para
 // Backward, step 3: dQ. Grid (query blocks, Hq, nseq); like the forward, with P recomputed from lse.
 // kARegs: the Q and dO fragments live in registers for the whole key loop.
 
-template <typename T, int HD, int NW, int BN, bool kARegs>
+template <typename T, int HD, int NW, int BN, bool kARegs, bool kExtras>
 __global__ void __launch_bounds__(NW * 32) _attention_bwd_dq_kernel(const Params p) {
   constexpr int BM = 16 * NW, NT = NW * 32, KS = HD / 16, NS = BN / 8, NO = HD / 8;
   constexpr int R = Tile<HD>::kRow;
@@ -737,9 +737,9 @@ __global__ void __launch_bounds__(NW * 32) _attention_bwd_dq_kernel(const Params
   T* dqb = static_cast<T*>(p.dq) + s.bb * p.dq_st.b + h * p.dq_st.h + s.q_off * p.dq_st.l;
   const int64_t stat0 = (static_cast<int64_t>(s.bb) * p.hq + h) * p.lq + s.q_off;
   const T* maskb =
-      p.mask == nullptr ? nullptr : static_cast<const T*>(p.mask) + s.bb * p.mask_b + h * p.mask_h;
+      !kExtras || p.mask == nullptr ? nullptr : static_cast<const T*>(p.mask) + s.bb * p.mask_b + h * p.mask_h;
   const float scale_log2 = p.scale * kLog2e;
-  const bool dropout = p.dropout_p > 0.f;
+  const bool dropout = kExtras && p.dropout_p > 0.f;
   const float drop_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   const uint32_t bh = static_cast<uint32_t>(b * p.hq + h);
 
@@ -920,11 +920,12 @@ unsigned grid_x(int max_rows, int block_rows) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(cdiv(max_rows, block_rows), 1 << 30)));
 }
 
-template <typename T, int HD>
+// kExtras: the kernels compiled with the additive mask and dropout (without them, those paths cost no registers).
+template <typename T, int HD, bool kExtras>
 LaunchStatus forward_hd(const Params& p, cudaStream_t stream) {
   using C = Cfg<HD>;
   constexpr int NW = C::kFwdNW, BN = C::kFwdBN, BM = 16 * NW;
-  auto kernel = _attention_fwd_kernel<T, HD, NW, BN, C::kFwdQRegs>;
+  auto kernel = _attention_fwd_kernel<T, HD, NW, BN, C::kFwdQRegs, kExtras>;
   const int smem = (BM + 4 * BN) * Tile<HD>::kRow * static_cast<int>(sizeof(T));
   LaunchStatus st = prepare(kernel, smem);
   if (!st.ok()) return st;
@@ -934,11 +935,11 @@ LaunchStatus forward_hd(const Params& p, cudaStream_t stream) {
   return st;
 }
 
-template <typename T, int HD, bool kDK, bool kDV>
+template <typename T, int HD, bool kDK, bool kDV, bool kExtras>
 LaunchStatus dkdv_hd(const Params& p, cudaStream_t stream) {
   using C = Cfg<HD>;
   constexpr int NW = C::kKvNW, BM = C::kKvBM, BN = 16 * NW;
-  auto kernel = _attention_bwd_dkdv_kernel<T, HD, NW, BM, kDK, kDV>;
+  auto kernel = _attention_bwd_dkdv_kernel<T, HD, NW, BM, kDK, kDV, kExtras>;
   const int smem = (2 * BN + 4 * BM) * Tile<HD>::kRow * static_cast<int>(sizeof(T)) + 4 * BM * 4;
   LaunchStatus st = prepare(kernel, smem);
   if (!st.ok()) return st;
@@ -948,7 +949,7 @@ LaunchStatus dkdv_hd(const Params& p, cudaStream_t stream) {
   return st;
 }
 
-template <typename T, int HD>
+template <typename T, int HD, bool kExtras>
 LaunchStatus backward_hd(const Params& p, cudaStream_t stream) {
   using C = Cfg<HD>;
   LaunchStatus st;
@@ -959,14 +960,14 @@ LaunchStatus backward_hd(const Params& p, cudaStream_t stream) {
     if ((st.cuda = cudaGetLastError()) != cudaSuccess) return st;
   }
   if constexpr (C::kKvFused) {
-    st = dkdv_hd<T, HD, true, true>(p, stream);
+    st = dkdv_hd<T, HD, true, true, kExtras>(p, stream);
   } else {
-    st = dkdv_hd<T, HD, false, true>(p, stream);
-    if (st.ok()) st = dkdv_hd<T, HD, true, false>(p, stream);
+    st = dkdv_hd<T, HD, false, true, kExtras>(p, stream);
+    if (st.ok()) st = dkdv_hd<T, HD, true, false, kExtras>(p, stream);
   }
   if (!st.ok()) return st;
   constexpr int NW = C::kDqNW, BN = C::kDqBN, BM = 16 * NW;
-  auto kernel = _attention_bwd_dq_kernel<T, HD, NW, BN, C::kDqARegs>;
+  auto kernel = _attention_bwd_dq_kernel<T, HD, NW, BN, C::kDqARegs, kExtras>;
   const int smem = (2 * BM + 4 * BN) * Tile<HD>::kRow * static_cast<int>(sizeof(T));
   st = prepare(kernel, smem);
   if (!st.ok()) return st;
@@ -975,6 +976,8 @@ LaunchStatus backward_hd(const Params& p, cudaStream_t stream) {
   st.cuda = cudaGetLastError();
   return st;
 }
+
+bool extras(const Params& p) { return p.mask != nullptr || p.dropout_p > 0.f; }
 
 // The compiled head dims; d8 goes to the smallest one that holds it.
 template <typename T, template <typename, int> class F>
@@ -992,11 +995,15 @@ LaunchStatus dispatch_hd(const Params& p, cudaStream_t stream) {
 
 template <typename T, int HD>
 struct Fwd {
-  static LaunchStatus run(const Params& p, cudaStream_t s) { return forward_hd<T, HD>(p, s); }
+  static LaunchStatus run(const Params& p, cudaStream_t s) {
+    return extras(p) ? forward_hd<T, HD, true>(p, s) : forward_hd<T, HD, false>(p, s);
+  }
 };
 template <typename T, int HD>
 struct Bwd {
-  static LaunchStatus run(const Params& p, cudaStream_t s) { return backward_hd<T, HD>(p, s); }
+  static LaunchStatus run(const Params& p, cudaStream_t s) {
+    return extras(p) ? backward_hd<T, HD, true>(p, s) : backward_hd<T, HD, false>(p, s);
+  }
 };
 
 }  // namespace

@@ -3,8 +3,9 @@
 // shared-memory tiles, online softmax. Contract: csrc/attention.h. No torch headers here (compile time); the tensor
 // glue is attention_cuda.cpp.
 //
-// Every warp owns 16 rows of the output tile (the M of its MMAs); the other operand's tile is shared by the CTA.
-// Forward: a CTA owns BM = 16 * NW query rows of one (sequence, head), loops over key blocks of BN rows (K and V
+// Every warp owns 16 (forward: 16 * MT) rows of the output tile (the M of its MMAs); the other operand's tile is
+// shared by the CTA.
+// Forward: a CTA owns BM = 16 * MT * NW query rows of one (sequence, head), loops over key blocks of BN rows (K and V
 // prefetched one block ahead), keeps the running max / sum per row and O in registers.
 // Backward, three kernels, no atomics (so always deterministic):
 //   delta = rowsum(dO * O)  (one warp per row);
@@ -13,9 +14,9 @@
 //          of dV += P^T dO and dK += dS^T Q (no shared-memory round trip). For head dims over 128 the accumulators of
 //          both do not fit in registers: dV and dK are then two launches of the same kernel.
 //   dQ: like the forward, per query block looping over key blocks: recomputes P and dP, dQ += dS K.
-// Shared memory: rows of HD elements; when HD is a multiple of 64 the 16-byte chunks of a row are XOR-swizzled with the
-// row index (chunk c of row r lives at c ^ (r & 7) within its group of 8), otherwise rows are padded by one chunk (an
-// odd number of chunks per row); either way the 8 row addresses of an ldmatrix hit 8 different bank groups.
+// Shared memory: rows of HD elements padded by one 16-byte chunk, so a row is an odd number of chunks and the 8 row
+// addresses of an ldmatrix phase hit 8 different bank groups (conflict-free, like an XOR swizzle), while addresses stay
+// linear: each fragment load is a per-lane base plus an immediate (an XOR swizzle cost registers for the addresses).
 // Scores are kept in the log2 domain: x = (scale * q.k + mask) * log2(e), p = exp2(x - max).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -125,15 +126,9 @@ __device__ __forceinline__ uint4 philox(uint32_t c0, uint32_t c1, uint32_t c2, u
 template <int HD>
 struct Tile {
   static constexpr int kChunks = HD / 8;
-  static constexpr int kRow = HD % 64 == 0 ? HD : HD + 8;  // elements between rows
-  // Element offset of chunk c of row r.
-  __device__ __forceinline__ static int off(int r, int c) {
-    if constexpr (HD % 64 == 0) {
-      return r * kRow + (((c & ~7) | ((c ^ r) & 7)) << 3);
-    } else {
-      return r * kRow + (c << 3);
-    }
-  }
+  static constexpr int kRow = HD + 8;  // elements between rows: an odd number of 16-byte chunks
+  // Element offset of chunk c of row r. Linear, so fragment addresses are a per-lane base plus immediates.
+  __device__ __forceinline__ static int off(int r, int c) { return r * kRow + (c << 3); }
 };
 
 // Rows [0, rows_valid) of a ROWS x HD tile from global memory (row stride in elements); chunks past d8 and rows past
@@ -142,15 +137,33 @@ template <typename T, int HD, int ROWS, int NT>
 __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t row_stride, int rows_valid, int d8_chunks,
                                           const T* any, int tid) {
   constexpr int C = Tile<HD>::kChunks;
-  constexpr int kTotal = ROWS * C;
+  if constexpr (NT % C == 0) {
+    // Each thread keeps one chunk column and steps down the rows: one pointer walk, no per-row products.
+    constexpr int kStep = NT / C;
+    const int c = tid % C, r0 = tid / C;
+    const bool cok = c < d8_chunks;
+    const T* src = g + r0 * row_stride + c * 8;
+    const uint32_t dst = smem_u32(s + Tile<HD>::off(r0, c));
 #pragma unroll
-  for (int idx0 = 0; idx0 < kTotal; idx0 += NT) {
-    const int idx = idx0 + tid;
-    if (kTotal % NT == 0 || idx < kTotal) {
-      const int r = idx / C, c = idx % C;
-      const bool ok = r < rows_valid && c < d8_chunks;
-      const T* src = ok ? g + r * row_stride + c * 8 : any;
-      cp_async16(smem_u32(s + Tile<HD>::off(r, c)), src, ok);
+    for (int it = 0; it < (ROWS + kStep - 1) / kStep; ++it) {
+      const int r = r0 + it * kStep;
+      if (ROWS % kStep == 0 || r < ROWS) {
+        const bool ok = cok && r < rows_valid;
+        cp_async16(dst + it * kStep * Tile<HD>::kRow * static_cast<int>(sizeof(T)), ok ? src : any, ok);
+      }
+      src += kStep * row_stride;
+    }
+  } else {
+    constexpr int kTotal = ROWS * C;
+#pragma unroll
+    for (int idx0 = 0; idx0 < kTotal; idx0 += NT) {
+      const int idx = idx0 + tid;
+      if (kTotal % NT == 0 || idx < kTotal) {
+        const int r = idx / C, c = idx % C;
+        const bool ok = r < rows_valid && c < d8_chunks;
+        const T* src = ok ? g + r * row_stride + c * 8 : any;
+        cp_async16(smem_u32(s + Tile<HD>::off(r, c)), src, ok);
+      }
     }
   }
 }
@@ -285,11 +298,12 @@ __device__ __forceinline__ bool keep_one(const Params& p, uint32_t bh, int i, in
 }
 
 // ------------------------------------------------------------------------------------------------------------------
-// Forward. Grid (query blocks, Hq, nseq). kQRegs: Q fragments live in registers for the whole key loop (small HD).
+// Forward. Grid (query blocks, Hq, nseq). Each warp owns MT m16 tiles (16 * MT consecutive query rows): every K / V
+// fragment read from shared memory then feeds MT MMAs. kQRegs: Q fragments stay in registers for the whole key loop.
 
-template <typename T, int HD, int NW, int BN, bool kQRegs, bool kExtras>
+template <typename T, int HD, int NW, int MT, int BN, bool kQRegs, bool kExtras>
 __global__ void __launch_bounds__(NW * 32) _attention_fwd_kernel(const Params p) {
-  constexpr int BM = 16 * NW, NT = NW * 32, KS = HD / 16, NS = BN / 8, NO = HD / 8;
+  constexpr int WM = 16 * MT, BM = WM * NW, NT = NW * 32, KS = HD / 16, NS = BN / 8, NO = HD / 8;
   constexpr int R = Tile<HD>::kRow;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -313,6 +327,7 @@ __global__ void __launch_bounds__(NW * 32) _attention_fwd_kernel(const Params p)
   const float scale_log2 = p.scale * kLog2e;
   const bool dropout = kExtras && p.dropout_p > 0.f;
   const uint32_t bh = static_cast<uint32_t>(b * p.hq + h);
+  const int wrow = warp * WM;  // this warp's first row in the block
 
   for (int mb = blockIdx.x; mb * BM < s.lq; mb += gridDim.x) {
     const int m0 = mb * BM;
@@ -320,10 +335,15 @@ __global__ void __launch_bounds__(NW * 32) _attention_fwd_kernel(const Params p)
     int nb_lo, nb_hi;
     key_blocks(p, s, m0, m0 + mrows, BN, &nb_lo, &nb_hi);
 
-    float o[NO][4];
+    float o[MT][NO][4];
+    float mx[MT][2], lsum[MT][2];
 #pragma unroll
-    for (int nt = 0; nt < NO; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
-    float mx[2] = {-kInf, -kInf}, lsum[2] = {0.f, 0.f};
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < NO; ++nt) o[mt][nt][0] = o[mt][nt][1] = o[mt][nt][2] = o[mt][nt][3] = 0.f;
+      mx[mt][0] = mx[mt][1] = -kInf;
+      lsum[mt][0] = lsum[mt][1] = 0.f;
+    }
 
     if (nb_lo < nb_hi) {
       load_tile<T, HD, BM, NT>(sQ, qb + m0 * p.q_st.l, p.q_st.l, mrows, d8c, qg, tid);
@@ -333,7 +353,7 @@ __global__ void __launch_bounds__(NW * 32) _attention_fwd_kernel(const Params p)
         load_tile<T, HD, BN, NT>(sV, vb + n0 * p.v_st.l, p.v_st.l, s.lk - n0, d8c, vg, tid);
       }
       cp_async_commit();
-      uint32_t qf[kQRegs ? KS : 1][4];
+      uint32_t qf[kQRegs ? MT : 1][kQRegs ? KS : 1][4];
 
       for (int nb = nb_lo; nb < nb_hi; ++nb) {
         const int buf = (nb - nb_lo) & 1;
@@ -352,78 +372,93 @@ __global__ void __launch_bounds__(NW * 32) _attention_fwd_kernel(const Params p)
         if constexpr (kQRegs) {
           if (nb == nb_lo) {
 #pragma unroll
-            for (int kk = 0; kk < KS; ++kk) ldsm_a<HD>(qf[kk], sQ, warp * 16, kk * 16, lane);
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+              for (int kk = 0; kk < KS; ++kk) ldsm_a<HD>(qf[mt][kk], sQ, wrow + mt * 16, kk * 16, lane);
+            }
           }
         }
 
         // S = Q K^T
-        float sc[NS][4];
+        float sc[MT][NS][4];
 #pragma unroll
-        for (int nt = 0; nt < NS; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int nt = 0; nt < NS; ++nt) sc[mt][nt][0] = sc[mt][nt][1] = sc[mt][nt][2] = sc[mt][nt][3] = 0.f;
+        }
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
-          uint32_t a[4];
-          if constexpr (kQRegs) {
+          uint32_t a[MT][4];
 #pragma unroll
-            for (int x = 0; x < 4; ++x) a[x] = qf[kk][x];
-          } else {
-            ldsm_a<HD>(a, sQ, warp * 16, kk * 16, lane);
+          for (int mt = 0; mt < MT; ++mt) {
+            if constexpr (kQRegs) {
+#pragma unroll
+              for (int x = 0; x < 4; ++x) a[mt][x] = qf[mt][kk][x];
+            } else {
+              ldsm_a<HD>(a[mt], sQ, wrow + mt * 16, kk * 16, lane);
+            }
           }
 #pragma unroll
           for (int np = 0; np < NS / 2; ++np) {
             uint32_t bf[4];
             ldsm_b<HD>(bf, k_s, np * 16, kk * 16, lane);
-            mma16816<T>(sc[2 * np], a, bf[0], bf[1]);
-            mma16816<T>(sc[2 * np + 1], a, bf[2], bf[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              mma16816<T>(sc[mt][2 * np], a[mt], bf[0], bf[1]);
+              mma16816<T>(sc[mt][2 * np + 1], a[mt], bf[2], bf[3]);
+            }
           }
         }
 
         // Online softmax over this block.
         const int n0 = nb * BN;
         const bool check = !block_full(p, s, m0, BM, n0, BN);
-        const int i0 = m0 + warp * 16 + gr;
 #pragma unroll
-        for (int nt = 0; nt < NS; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = i0 + (e >> 1) * 8, j = n0 + nt * 8 + 2 * tq + (e & 1);
-            sc[nt][e] = score<T>(p, s, maskb, sc[nt][e], scale_log2, i, j, check);
-          }
-        }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float m = mx[r];
-#pragma unroll
-          for (int nt = 0; nt < NS; ++nt) m = fmaxf(m, fmaxf(sc[nt][2 * r], sc[nt][2 * r + 1]));
-          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-          // A row with nothing allowed so far keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
-          const float mu = m == -kInf ? 0.f : m;
-          const float alpha = exp2f(mx[r] - mu);
-          mx[r] = m;
-          float rs = 0.f;
-#pragma unroll
-          for (int nt = 0; nt < NS; ++nt) {
-            sc[nt][2 * r] = exp2f(sc[nt][2 * r] - mu);
-            sc[nt][2 * r + 1] = exp2f(sc[nt][2 * r + 1] - mu);
-            rs += sc[nt][2 * r] + sc[nt][2 * r + 1];
-          }
-          lsum[r] = lsum[r] * alpha + rs;
-#pragma unroll
-          for (int nt = 0; nt < NO; ++nt) {
-            o[nt][2 * r] *= alpha;
-            o[nt][2 * r + 1] *= alpha;
-          }
-        }
-        if (dropout) {  // the sum above is of the undropped p; 1 / (1 - p) is applied at the end
+        for (int mt = 0; mt < MT; ++mt) {
+          const int i0 = m0 + wrow + mt * 16 + gr;
 #pragma unroll
           for (int nt = 0; nt < NS; ++nt) {
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              bool k0, k1;
-              keep_pair(p, bh, i0 + r * 8, n0 + nt * 8 + 2 * tq, &k0, &k1);
-              if (!k0) sc[nt][2 * r] = 0.f;
-              if (!k1) sc[nt][2 * r + 1] = 0.f;
+            for (int e = 0; e < 4; ++e) {
+              const int i = i0 + (e >> 1) * 8, j = n0 + nt * 8 + 2 * tq + (e & 1);
+              sc[mt][nt][e] = score<T>(p, s, maskb, sc[mt][nt][e], scale_log2, i, j, check);
+            }
+          }
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float m = mx[mt][r];
+#pragma unroll
+            for (int nt = 0; nt < NS; ++nt) m = fmaxf(m, fmaxf(sc[mt][nt][2 * r], sc[mt][nt][2 * r + 1]));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+            // A row with nothing allowed so far keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+            const float mu = m == -kInf ? 0.f : m;
+            const float alpha = exp2f(mx[mt][r] - mu);
+            mx[mt][r] = m;
+            float rs = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < NS; ++nt) {
+              sc[mt][nt][2 * r] = exp2f(sc[mt][nt][2 * r] - mu);
+              sc[mt][nt][2 * r + 1] = exp2f(sc[mt][nt][2 * r + 1] - mu);
+              rs += sc[mt][nt][2 * r] + sc[mt][nt][2 * r + 1];
+            }
+            lsum[mt][r] = lsum[mt][r] * alpha + rs;
+#pragma unroll
+            for (int nt = 0; nt < NO; ++nt) {
+              o[mt][nt][2 * r] *= alpha;
+              o[mt][nt][2 * r + 1] *= alpha;
+            }
+          }
+          if (dropout) {  // the sum above is of the undropped p; 1 / (1 - p) is applied at the end
+#pragma unroll
+            for (int nt = 0; nt < NS; ++nt) {
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+                bool k0, k1;
+                keep_pair(p, bh, i0 + r * 8, n0 + nt * 8 + 2 * tq, &k0, &k1);
+                if (!k0) sc[mt][nt][2 * r] = 0.f;
+                if (!k1) sc[mt][nt][2 * r + 1] = 0.f;
+              }
             }
           }
         }
@@ -431,15 +466,23 @@ __global__ void __launch_bounds__(NW * 32) _attention_fwd_kernel(const Params p)
         // O += P V
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-          const uint32_t a[4] = {pack2<T>(sc[2 * kk][0], sc[2 * kk][1]), pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),
-                                 pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                                 pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+          uint32_t a[MT][4];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            a[mt][0] = pack2<T>(sc[mt][2 * kk][0], sc[mt][2 * kk][1]);
+            a[mt][1] = pack2<T>(sc[mt][2 * kk][2], sc[mt][2 * kk][3]);
+            a[mt][2] = pack2<T>(sc[mt][2 * kk + 1][0], sc[mt][2 * kk + 1][1]);
+            a[mt][3] = pack2<T>(sc[mt][2 * kk + 1][2], sc[mt][2 * kk + 1][3]);
+          }
 #pragma unroll
           for (int np = 0; np < NO / 2; ++np) {
             uint32_t bf[4];
             ldsm_bt<HD>(bf, v_s, kk * 16, np * 16, lane);
-            mma16816<T>(o[2 * np], a, bf[0], bf[1]);
-            mma16816<T>(o[2 * np + 1], a, bf[2], bf[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              mma16816<T>(o[mt][2 * np], a[mt], bf[0], bf[1]);
+              mma16816<T>(o[mt][2 * np + 1], a[mt], bf[2], bf[3]);
+            }
           }
         }
         __syncthreads();  // the next iteration's prefetch overwrites this buffer
@@ -447,27 +490,30 @@ __global__ void __launch_bounds__(NW * 32) _attention_fwd_kernel(const Params p)
     }
 
     // Epilogue: out = O / l (0 for rows with nothing allowed), lse = ln(sum exp(s)) (+inf for those rows).
+    // Each warp stages its rows through its own rows of sQ, which only it has read.
     const float drop_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
-    float inv[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float l = lsum[r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      inv[r] = l > 0.f ? drop_scale / l : 0.f;
-      const int i = m0 + warp * 16 + gr + r * 8;
-      if (tq == 0 && i < s.lq) lseb[i] = l > 0.f ? mx[r] * kLn2 + __logf(l) : kInf;
-    }
+    for (int mt = 0; mt < MT; ++mt) {
+      float inv[2];
 #pragma unroll
-    for (int nt = 0; nt < NO; ++nt) {
-      o[nt][0] *= inv[0];
-      o[nt][1] *= inv[0];
-      o[nt][2] *= inv[1];
-      o[nt][3] *= inv[1];
+      for (int r = 0; r < 2; ++r) {
+        float l = lsum[mt][r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        inv[r] = l > 0.f ? drop_scale / l : 0.f;
+        const int i = m0 + wrow + mt * 16 + gr + r * 8;
+        if (tq == 0 && i < s.lq) lseb[i] = l > 0.f ? mx[mt][r] * kLn2 + __logf(l) : kInf;
+      }
+#pragma unroll
+      for (int nt = 0; nt < NO; ++nt) {
+        o[mt][nt][0] *= inv[0];
+        o[mt][nt][1] *= inv[0];
+        o[mt][nt][2] *= inv[1];
+        o[mt][nt][3] *= inv[1];
+      }
+      const int r0 = wrow + mt * 16;
+      store_rows<T, HD>(o[mt], 1.f, sQ, r0, ob + (m0 + r0) * p.out_st.l, p.out_st.l, mrows - r0, d8c, lane);
     }
-    // Each warp stages through its own rows of sQ, which only it has read.
-    store_rows<T, HD>(o, 1.f, sQ, warp * 16, ob + (m0 + warp * 16) * p.out_st.l, p.out_st.l,
-                      mrows - warp * 16, d8c, lane);
     __syncthreads();  // the next query block reloads sQ
   }
 }
@@ -880,10 +926,11 @@ __global__ void __launch_bounds__(NW * 32) _attention_bwd_dq_kernel(const Params
 // Tile configurations per padded head dim, chosen to keep the fp32 accumulators in registers without spills.
 template <int HD>
 struct Cfg {
-  // forward: NW warps x 16 query rows, BN keys per step
-  static constexpr int kFwdNW = 8;
-  static constexpr int kFwdBN = HD <= 64 ? 128 : HD <= 128 ? 64 : 32;
-  static constexpr bool kFwdQRegs = HD <= 128;
+  // forward: NW warps x MT m16 tiles of query rows, BN keys per step
+  static constexpr int kFwdNW = HD <= 128 ? 4 : 8;
+  static constexpr int kFwdMT = HD <= 128 ? 2 : 1;
+  static constexpr int kFwdBN = HD <= 64 ? 64 : 32;
+  static constexpr bool kFwdQRegs = HD <= 64;
   // dK/dV: NW warps x 16 key rows, BM queries per step; dK and dV in one launch up to HD 128
   static constexpr int kKvNW = HD <= 128 ? 8 : 4;
   static constexpr int kKvBM = HD <= 64 ? 64 : 32;
@@ -924,8 +971,8 @@ unsigned grid_x(int max_rows, int block_rows) {
 template <typename T, int HD, bool kExtras>
 LaunchStatus forward_hd(const Params& p, cudaStream_t stream) {
   using C = Cfg<HD>;
-  constexpr int NW = C::kFwdNW, BN = C::kFwdBN, BM = 16 * NW;
-  auto kernel = _attention_fwd_kernel<T, HD, NW, BN, C::kFwdQRegs, kExtras>;
+  constexpr int NW = C::kFwdNW, MT = C::kFwdMT, BN = C::kFwdBN, BM = 16 * MT * NW;
+  auto kernel = _attention_fwd_kernel<T, HD, NW, MT, BN, C::kFwdQRegs, kExtras>;
   const int smem = (BM + 4 * BN) * Tile<HD>::kRow * static_cast<int>(sizeof(T));
   LaunchStatus st = prepare(kernel, smem);
   if (!st.ok()) return st;

@@ -131,40 +131,32 @@ struct Tile {
   __device__ __forceinline__ static int off(int r, int c) { return r * kRow + (c << 3); }
 };
 
+__host__ __device__ constexpr int pow2_ceil(int x) { return x <= 1 ? 1 : 2 * pow2_ceil((x + 1) / 2); }
+
 // Rows [0, rows_valid) of a ROWS x HD tile from global memory (row stride in elements); chunks past d8 and rows past
 // rows_valid are zero-filled. `any` is any valid address (never read; cp.async wants a pointer).
+// Each thread keeps one chunk column (of a power-of-two count, so NT divides it) and walks down the rows: one pointer
+// walk and immediate shared-memory offsets, no per-row products.
 template <typename T, int HD, int ROWS, int NT>
 __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t row_stride, int rows_valid, int d8_chunks,
                                           const T* any, int tid) {
   constexpr int C = Tile<HD>::kChunks;
-  if constexpr (NT % C == 0) {
-    // Each thread keeps one chunk column and steps down the rows: one pointer walk, no per-row products.
-    constexpr int kStep = NT / C;
-    const int c = tid % C, r0 = tid / C;
-    const bool cok = c < d8_chunks;
-    const T* src = g + r0 * row_stride + c * 8;
-    const uint32_t dst = smem_u32(s + Tile<HD>::off(r0, c));
+  constexpr int CP = pow2_ceil(C);
+  static_assert(NT % CP == 0, "threads must cover whole rows");
+  constexpr int kStep = NT / CP;
+  const int c = tid % CP, r0 = tid / CP;
+  if (CP != C && c >= C) return;
+  const bool cok = c < d8_chunks;
+  const T* src = g + r0 * row_stride + c * 8;
+  const uint32_t dst = smem_u32(s + Tile<HD>::off(r0, c));
 #pragma unroll
-    for (int it = 0; it < (ROWS + kStep - 1) / kStep; ++it) {
-      const int r = r0 + it * kStep;
-      if (ROWS % kStep == 0 || r < ROWS) {
-        const bool ok = cok && r < rows_valid;
-        cp_async16(dst + it * kStep * Tile<HD>::kRow * static_cast<int>(sizeof(T)), ok ? src : any, ok);
-      }
-      src += kStep * row_stride;
+  for (int it = 0; it < (ROWS + kStep - 1) / kStep; ++it) {
+    const int r = r0 + it * kStep;
+    if (ROWS % kStep == 0 || r < ROWS) {
+      const bool ok = cok && r < rows_valid;
+      cp_async16(dst + it * kStep * Tile<HD>::kRow * static_cast<int>(sizeof(T)), ok ? src : any, ok);
     }
-  } else {
-    constexpr int kTotal = ROWS * C;
-#pragma unroll
-    for (int idx0 = 0; idx0 < kTotal; idx0 += NT) {
-      const int idx = idx0 + tid;
-      if (kTotal % NT == 0 || idx < kTotal) {
-        const int r = idx / C, c = idx % C;
-        const bool ok = r < rows_valid && c < d8_chunks;
-        const T* src = ok ? g + r * row_stride + c * 8 : any;
-        cp_async16(smem_u32(s + Tile<HD>::off(r, c)), src, ok);
-      }
-    }
+    src += kStep * row_stride;
   }
 }
 

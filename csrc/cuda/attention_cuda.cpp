@@ -104,10 +104,10 @@ int64_t check_common(const char* fn, const at::Tensor& q, const at::Tensor& k, c
                      int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
                      bool bottom_right, double dropout_p, int64_t seed, ca::Params& p) {
   TORCH_CHECK(q.defined(), fn, ": q is undefined");
-  TORCH_CHECK(q.is_cuda(), fn, ": q must be a CUDA tensor, got device ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, fn,
               ": q must be float16 or bfloat16, got ", q.scalar_type(),
               " (the CUDA kernel covers 16-bit inputs only; other backends take float32/float64)");
+  TORCH_CHECK(q.is_cuda(), fn, ": q must be a CUDA tensor, got device ", q.device());
   TORCH_CHECK(q.dim() == 4, fn, ": q must be 4-D (B, Hq, Lq, D), got shape ", q.sizes());
   check_bhld(k, fn, "k", q);
   check_bhld(v, fn, "v", q);

@@ -154,7 +154,7 @@ def all_cases(quick):
         for D in head_dims:
             std_case(f"{tn} D={D} B2 H3 Lq=97 Lk=123", 2, 3, 3, 97, 123, D, dt, gen, determinism=(D == 64))
         for D in (64, 128) if quick else (32, 64, 128, 256):
-            for lq, lk in ((1, 1), (7, 97), (123, 64), (128, 128), (257, 300), (300, 33)):
+            for lq, lk in ((1, 1), (1, 1000), (7, 97), (123, 64), (128, 128), (257, 300), (300, 33)):
                 std_case(f"{tn} D={D} Lq={lq} Lk={lk}", 1, 2, 1, lq, lk, D, dt, gen)
         for D in (64, 128, 256):
             sc = f"{tn} D={D}"

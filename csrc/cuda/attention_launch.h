@@ -64,7 +64,8 @@ struct Params {
   Strides dq_st, dk_st, dv_st;
 };
 
-// Head dims the kernels are compiled for; d8 is rounded up to the next one.
+// The largest head dim. The kernels are compiled for padded head dims 32, 64, 96, 128, 192, 256; d8 runs on the
+// smallest that holds it (its extra columns are zero-filled in shared memory and never stored).
 constexpr int kMaxHeadDim = 256;
 
 // Call with the tensors' device current. Shared-memory limits above 48 KB are raised on that device first.

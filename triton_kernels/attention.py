@@ -666,8 +666,10 @@ class _Problem:
         _check_qkv(q, k, v)
         B, Hq, Lq, D = q.shape
         Hkv, Lk = k.shape[1], k.shape[2]
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-            raise TypeError(f"scale: expected a finite float, got {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite value, got {scale}")
         window_left = _check_int(window_left, "window_left")
         window_right = _check_int(window_right, "window_right")
         if not isinstance(bottom_right, bool):

@@ -15,7 +15,8 @@ Kernels (ported in spirit from Tri Dao's FlashAttention-2 paper and the Triton f
   _attention_bwd_preprocess_kernel   delta = rowsum(dout * out) in float32 (the softmax-gradient row term).
   _attention_bwd_dkdv_kernel  one program per (key block, key/value head, sequence): loops over the query heads of
                               its GQA group and their query blocks in the band, accumulating dk and dv in registers
-                              (no atomics), computed transposed (k q^T) so that no large tile is transposed.
+                              (no atomics). Tiles are [keys, queries] (k q^T, v do^T), so that p and ds feed
+                              dv += p^T do and dk += ds^T q without transposing a register tile.
   _attention_bwd_dq_kernel    one program per (query block, query head, sequence): loops over the key blocks.
 The backward is deterministic whatever `deterministic` says: no program adds into another's output.
 
@@ -550,23 +551,38 @@ def _interpreting() -> bool:
 
 
 # Autotune configs (BLOCK_M query rows, BLOCK_N key rows, num_warps, num_stages) per head-dim class (BLOCK_D <= 64,
-# 128, 256), chosen for H100/H200 with bf16/fp16; the last of each list is small enough for float32 at that head
-# dim (configs that do not fit are skipped by the autotuner).
+# 128, 256), for H100/H200. 16-bit inputs use wgmma; configs that spilled registers when compiled for sm_90 are left
+# out. float32 (input_precision="ieee") has no tensor-core path: its dots run on FMA units, so it takes small tiles.
 _FWD_CONFIGS = {
     64: ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)),
-    128: ((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)),
-    256: ((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)),
+    128: ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)),
+    256: ((128, 64, 8, 2), (64, 32, 4, 2)),
 }
 # dk/dv: BLOCK_N keys per program, BLOCK_M query rows per step.
 _DKDV_CONFIGS = {
-    64: ((64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)),
-    128: ((64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)),
-    256: ((32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)),
+    64: ((64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)),
+    128: ((64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 2)),
+    256: ((32, 64, 8, 2), (32, 32, 4, 2)),
 }
 _DQ_CONFIGS = {
-    64: ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)),
+    64: ((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)),
     128: ((128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)),
-    256: ((64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)),
+    256: ((64, 32, 8, 2), (32, 32, 4, 2)),
+}
+_FWD_CONFIGS_FP32 = {
+    64: ((64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)),
+    128: ((64, 32, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)),
+    256: ((32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)),
+}
+_DKDV_CONFIGS_FP32 = {
+    64: ((32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)),
+    128: ((32, 32, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)),
+    256: ((16, 32, 4, 2), (32, 32, 8, 2), (16, 16, 4, 2)),
+}
+_DQ_CONFIGS_FP32 = {
+    64: ((64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)),
+    128: ((32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)),
+    256: ((32, 16, 4, 2), (32, 32, 8, 2), (16, 16, 4, 2)),
 }
 # Everything that changes which config is best; the tensors' dtypes are added by the autotuner.
 _TUNE_KEY = ["BLOCK_D", "EVEN_D", "HAS_MASK", "WIN_LEFT", "WIN_RIGHT", "BOTTOM_RIGHT", "HAS_DROPOUT", "IS_VARLEN",
@@ -590,14 +606,16 @@ def _interpret_blocks():
     return int(blocks[0]), int(blocks[1])
 
 
-def _launch(kernel, configs, block_d, grid, args, consts):
-    """Launch `kernel` on grid(meta): autotuned on the GPU, with the INTERPRET_BLOCK_* config under the interpreter."""
+def _launch(kernel, tables, pb, grid, args):
+    """Launch `kernel` on grid(meta): on the GPU autotuned over the configs of pb's head-dim class in tables
+    (16-bit, float32); under the interpreter with the INTERPRET_BLOCK_* config."""
     if _interpreting():
         bm, bn = _interpret_blocks()
         meta = dict(BLOCK_M=bm, BLOCK_N=bn)
-        kernel[grid(meta)](*args, **consts, **meta)
+        kernel[grid(meta)](*args, **pb.consts(), **meta)
     else:
-        _tuned(kernel, configs[max(64, block_d)])[grid](*args, **consts)
+        configs = tables[1 if pb.fp32 else 0][max(64, pb.block_d)]
+        _tuned(kernel, configs)[grid](*args, **pb.consts())
 
 
 def _device_guard(device):
@@ -682,13 +700,14 @@ class _Problem:
 
         self.varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
         if self.varlen:
-            self.cu_q = self._check_cu(cu_seqlens_q, "cu_seqlens_q", q, 2)
-            self.cu_k = self._check_cu(cu_seqlens_k, "cu_seqlens_k", q, 2)
+            self.cu_q = self._check_cu(cu_seqlens_q, "cu_seqlens_q", q)
+            self.cu_k = self._check_cu(cu_seqlens_k, "cu_seqlens_k", q)
             if self.cu_q.numel() != self.cu_k.numel():
                 raise ValueError(f"cu_seqlens_k: expected {self.cu_q.numel()} entries (as cu_seqlens_q), "
                                  f"got {self.cu_k.numel()}")
             if B != 1:
-                raise ValueError(f"q: varlen (cu_seqlens) takes packed tensors with batch 1, got shape {tuple(q.shape)}")
+                raise ValueError(f"q: varlen (cu_seqlens) takes packed tensors with batch 1, "
+                                 f"got shape {tuple(q.shape)}")
             if mask is not None:
                 raise ValueError("mask: not supported with varlen (cu_seqlens); expected None")
             self.max_q = _check_int(max_seqlen_q, "max_seqlen_q")
@@ -727,6 +746,7 @@ class _Problem:
         self.q, self.k, self.v, self.mask = q, k, v, mask
         self.B, self.Hq, self.Hkv, self.Lq, self.Lk, self.D = B, Hq, Hkv, Lq, Lk, D
         self.block_d = max(16, triton.next_power_of_2(D))
+        self.fp32 = q.dtype == torch.float32
         self.scale = float(scale)
         self.bottom_right = bottom_right
         self.dropout_p = float(dropout_p)
@@ -741,14 +761,14 @@ class _Problem:
         self.drop_thresh = min(int(math.floor(self.dropout_p * 4294967296.0)), 0xFFFFFFFF) - 2**31
 
     @staticmethod
-    def _check_cu(cu, name, q, min_entries):
+    def _check_cu(cu, name, q):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name}: expected an int32 Tensor with both cu_seqlens_q and cu_seqlens_k, "
                             f"got {type(cu).__name__}")
         if cu.dtype != torch.int32:
             raise TypeError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
-        if cu.dim() != 1 or cu.numel() < min_entries:
-            raise ValueError(f"{name}: expected a 1-D tensor of nseq + 1 >= {min_entries} entries, "
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name}: expected a 1-D tensor of nseq + 1 >= 2 entries, "
                              f"got shape {tuple(cu.shape)}")
         _check_device(cu, q, name)
         return cu.contiguous()
@@ -767,7 +787,7 @@ class _Problem:
         return dict(HAS_MASK=self.mask is not None, WIN_LEFT=self.window_left >= 0,
                     WIN_RIGHT=self.window_right >= 0, BOTTOM_RIGHT=self.bottom_right,
                     HAS_DROPOUT=self.dropout_p > 0, IS_VARLEN=self.varlen, EVEN_D=self.D == self.block_d,
-                    PREC="ieee" if self.q.dtype == torch.float32 else "tf32", BLOCK_D=self.block_d)
+                    PREC="ieee" if self.fp32 else "tf32", BLOCK_D=self.block_d)
 
     def pointers(self):
         """(mask, its strides, cu_seqlens_q, cu_seqlens_k): stand-ins when absent (the flags keep the kernels from
@@ -822,7 +842,7 @@ def attention_forward(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
             *pb.lengths(), pb.scale * _LOG2E, 1.0 / (1.0 - pb.dropout_p), pb.window_left, pb.window_right,
             pb.seed_lo, pb.seed_hi, pb.drop_thresh, pb.Hq, pb.Hq // pb.Hkv, pb.D)
     with _device_guard(q.device):
-        _launch(_attention_fwd_kernel, _FWD_CONFIGS, pb.block_d, pb.query_grid, args, pb.consts())
+        _launch(_attention_fwd_kernel, (_FWD_CONFIGS, _FWD_CONFIGS_FP32), pb, pb.query_grid, args)
     return out, lse
 
 
@@ -858,7 +878,6 @@ def attention_backward(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k
         return dq, dk, dv
     mask, ms, cu_q, cu_k = pb.pointers()
     delta = torch.empty_like(lse)
-    consts = pb.consts()
     scalars = (*pb.lengths(), pb.scale, pb.scale * _LOG2E, 1.0 / (1.0 - pb.dropout_p), pb.window_left,
                pb.window_right, pb.seed_lo, pb.seed_hi, pb.drop_thresh, pb.Hq, pb.Hq // pb.Hkv, pb.D)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -871,15 +890,13 @@ def attention_backward(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k
             _attention_bwd_preprocess_kernel[(triton.cdiv(pb.Lq, block), pb.Hq, pb.B)](
                 out, dout, delta, pb.Lq, out.stride(0), out.stride(1), out.stride(2),
                 dout.stride(0), dout.stride(1), dout.stride(2), delta.stride(0), delta.stride(1), pb.D,
-                EVEN_D=consts["EVEN_D"], BLOCK_M=block, BLOCK_D=pb.block_d, num_warps=4)
+                EVEN_D=pb.D == pb.block_d, BLOCK_M=block, BLOCK_D=pb.block_d, num_warps=4)
         if pb.max_k > 0:
-            _launch(_attention_bwd_dkdv_kernel, _DKDV_CONFIGS, pb.block_d, pb.key_grid,
+            _launch(_attention_bwd_dkdv_kernel, (_DKDV_CONFIGS, _DKDV_CONFIGS_FP32), pb, pb.key_grid,
                     (q, k, v, mask, dout, lse, delta, dk, dv, cu_q, cu_k, *common,
-                     dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *scalars),
-                    consts)
+                     dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *scalars))
         if pb.max_q > 0 and pb.Hq > 0:
-            _launch(_attention_bwd_dq_kernel, _DQ_CONFIGS, pb.block_d, pb.query_grid,
+            _launch(_attention_bwd_dq_kernel, (_DQ_CONFIGS, _DQ_CONFIGS_FP32), pb, pb.query_grid,
                     (q, k, v, mask, dout, lse, delta, dq, cu_q, cu_k, *common,
-                     dq.stride(0), dq.stride(1), dq.stride(2), *scalars),
-                    consts)
+                     dq.stride(0), dq.stride(1), dq.stride(2), *scalars))
     return dq, dk, dv

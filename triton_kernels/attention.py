@@ -552,7 +552,8 @@ def _interpreting() -> bool:
 
 # Autotune configs (BLOCK_M query rows, BLOCK_N key rows, num_warps, num_stages) per head-dim class (BLOCK_D <= 64,
 # 128, 256), for H100/H200. 16-bit inputs use wgmma; configs that spilled registers when compiled for sm_90 are left
-# out. float32 (input_precision="ieee") has no tensor-core path: its dots run on FMA units, so it takes small tiles.
+# out. float32 (input_precision="ieee") has no tensor-core path: its dots run on FMA units with whole head-dim rows
+# in registers, so it takes small tiles.
 _FWD_CONFIGS = {
     64: ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)),
     128: ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)),
@@ -570,19 +571,19 @@ _DQ_CONFIGS = {
     256: ((64, 32, 8, 2), (32, 32, 4, 2)),
 }
 _FWD_CONFIGS_FP32 = {
-    64: ((64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)),
-    128: ((64, 32, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)),
-    256: ((32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)),
+    64: ((32, 32, 4, 2),),
+    128: ((16, 16, 4, 2), (32, 32, 8, 2)),
+    256: ((16, 16, 4, 2), (16, 16, 8, 1), (16, 32, 8, 2)),
 }
 _DKDV_CONFIGS_FP32 = {
-    64: ((32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)),
-    128: ((32, 32, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)),
-    256: ((16, 32, 4, 2), (32, 32, 8, 2), (16, 16, 4, 2)),
+    64: ((32, 32, 4, 2),),
+    128: ((16, 32, 8, 2), (16, 16, 4, 2)),
+    256: ((16, 16, 8, 2), (16, 16, 4, 2)),
 }
 _DQ_CONFIGS_FP32 = {
-    64: ((64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)),
-    128: ((32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)),
-    256: ((32, 16, 4, 2), (32, 32, 8, 2), (16, 16, 4, 2)),
+    64: ((32, 32, 4, 2),),
+    128: ((32, 16, 8, 2), (16, 16, 4, 2)),
+    256: ((16, 16, 8, 2), (16, 16, 4, 2)),
 }
 # Everything that changes which config is best; the tensors' dtypes are added by the autotuner.
 _TUNE_KEY = ["BLOCK_D", "EVEN_D", "HAS_MASK", "WIN_LEFT", "WIN_RIGHT", "BOTTOM_RIGHT", "HAS_DROPOUT", "IS_VARLEN",

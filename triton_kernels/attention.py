@@ -24,6 +24,10 @@ Arithmetic: dots in the input dtype with float32 accumulation (float32 inputs: i
 softmax in float32 in the log2 domain (exp2). Dropout's Philox is written out here in uint32 arithmetic, so that
 the mask is bit-identical to reference.dropout_keep whatever the Triton version.
 
+Limits: head dim 1..256 (the block is the next power of two >= 16, masked); at most 65535 heads and sequences (grid
+dimensions 1 and 2); float32 is exact-ish but slow (FMA dots, no tensor cores). cu_seqlens / max_seqlen values are
+checked when on the CPU and trusted on the GPU (checking them there would synchronize every call).
+
 Launch blocks: autotuned on the GPU (configs per head-dim class, keyed on head dim, flags, dtype and the power of two
 of the sequence lengths); under TRITON_INTERPRET=1 one config, INTERPRET_BLOCK_M x INTERPRET_BLOCK_N (module knobs,
 read at every call, so tests can change them).

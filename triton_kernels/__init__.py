@@ -5,6 +5,7 @@ reported by the backend table, never a crash at import):
 
     from mltoolkit.triton_kernels import norm          # norm.norm_forward / norm.norm_backward
     from mltoolkit.triton_kernels import norm_forward  # same function
+    from mltoolkit.triton_kernels import attention     # attention.attention_forward / attention.attention_backward
 
 Knobs live on the module that reads them (e.g. `norm.LOOP_THRESHOLD`); set them there, not on this package.
 """
@@ -13,14 +14,17 @@ import importlib
 _LAZY_ATTRS = {
     "norm_forward": "norm",
     "norm_backward": "norm",
+    "attention_forward": "attention",
+    "attention_backward": "attention",
 }
+_MODULES = ("norm", "attention")
 
-__all__ = ["norm", "norm_forward", "norm_backward"]
+__all__ = ["norm", "norm_forward", "norm_backward", "attention", "attention_forward", "attention_backward"]
 
 
 def __getattr__(name):
     if name in _LAZY_ATTRS:
         return getattr(importlib.import_module(f"{__name__}.{_LAZY_ATTRS[name]}"), name)
-    if name == "norm":
-        return importlib.import_module(f"{__name__}.norm")
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -80,15 +80,16 @@ ATTENTION.register("reference", lambda *_: None,
 # ---- registered ops -------------------------------------------------------------------------------------------
 
 def _check_cu_seqlens(cu: Tensor, total: int, max_seqlen: int, name: str) -> None:
-    """Values of cu_seqlens (the public function checks dtype and shape): 0, non-decreasing, within the tensor."""
+    """Values of cu_seqlens (the public function checks dtype and shape): from 0 to the packed length,
+    non-decreasing, no sequence longer than max_seqlen."""
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
     lengths = [b - a for a, b in zip(values[:-1], values[1:])]
     if any(n < 0 for n in lengths):
         raise ValueError(f"{name} must be non-decreasing (cumulative sequence lengths), got {values}")
-    if values[-1] > total:
-        raise ValueError(f"{name} ends at {values[-1]} but the packed tensor has only {total} rows")
+    if values[-1] != total:
+        raise ValueError(f"{name} ends at {values[-1]} but the packed tensor has {total} rows")
     if max(lengths) > max_seqlen:
         raise ValueError(f"a sequence of length {max(lengths)} exceeds max_seqlen {max_seqlen} ({name})")
 

@@ -487,7 +487,8 @@ def _cu(*values):
 BAD_VARLEN = [
     (dict(cu_seqlens_q=_cu(0, 5, 3, 8)), "non-decreasing"),
     (dict(cu_seqlens_q=_cu(1, 4, 6, 8)), "must start at 0"),
-    (dict(cu_seqlens_q=_cu(0, 4, 6, 9)), "only 8 rows"),
+    (dict(cu_seqlens_q=_cu(0, 4, 6, 9)), "ends at 9 but the packed tensor has 8 rows"),
+    (dict(cu_seqlens_q=_cu(0, 4, 6, 7)), "ends at 7 but the packed tensor has 8 rows"),
     (dict(cu_seqlens_q=torch.tensor([0, 4, 6, 8])), "int32"),
     (dict(max_seqlen_q=3), "exceeds max_seqlen 3"),
     (dict(cu_seqlens_k=_cu(0, 8)), "same number of sequences"),

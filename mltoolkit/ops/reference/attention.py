@@ -92,7 +92,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
         else:
             s = s + attn_mask.to(ct)
     s = s.masked_fill(~allowed, -math.inf)
-    row_max = s.amax(dim=-1, keepdim=True).detach()
+    if lk == 0:  # no keys at all: every row is empty
+        row_max = s.new_full((*s.shape[:-1], 1), -math.inf)
+    else:
+        row_max = s.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     e = torch.exp(s - row_max)
     denom = e.sum(dim=-1, keepdim=True)
@@ -121,8 +124,8 @@ def _sequences(q: Tensor, k: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_
 def attention_forward(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
                       window_right, bottom_right, dropout_p, seed):
     ct = _compute_dtype(q.dtype)
-    out = torch.zeros_like(q)  # zero and lse +inf: packed rows past the last sequence
-    lse = torch.full(q.shape[:3], math.inf, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     for b, rq, rk in _sequences(q, k, cu_seqlens_q, cu_seqlens_k):
         qs, ks, vs = q[:, :, rq], k[:, :, rk], v[:, :, rk]
         keep = None
@@ -160,10 +163,6 @@ def attention_backward(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k
             dks = dks.unflatten(1, (hkv, hq // hkv)).sum(dim=2)
             dvs = dvs.unflatten(1, (hkv, hq // hkv)).sum(dim=2)
         dq[:, :, rq], dk[:, :, rk], dv[:, :, rk] = dqs, dks, dvs
-    if cu_seqlens_q is not None:  # rows past the last sequence belong to none: zero gradient
-        dq[:, :, int(cu_seqlens_q[-1]):] = 0
-        dk[:, :, int(cu_seqlens_k[-1]):] = 0
-        dv[:, :, int(cu_seqlens_k[-1]):] = 0
     return dq, dk, dv
 
 

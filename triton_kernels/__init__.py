@@ -5,6 +5,7 @@ reported by the backend table, never a crash at import):
 
     from mltoolkit.triton_kernels import norm          # norm.norm_forward / norm.norm_backward
     from mltoolkit.triton_kernels import norm_forward  # same function
+    from mltoolkit.triton_kernels import rotary        # rotary.rotary (module and function share the op's name)
 
 Knobs live on the module that reads them (e.g. `norm.LOOP_THRESHOLD`); set them there, not on this package.
 """
@@ -15,12 +16,14 @@ _LAZY_ATTRS = {
     "norm_backward": "norm",
 }
 
-__all__ = ["norm", "norm_forward", "norm_backward"]
+_MODULES = ("norm", "rotary")
+
+__all__ = [*_MODULES, "norm_forward", "norm_backward"]
 
 
 def __getattr__(name):
     if name in _LAZY_ATTRS:
         return getattr(importlib.import_module(f"{__name__}.{_LAZY_ATTRS[name]}"), name)
-    if name == "norm":
-        return importlib.import_module(f"{__name__}.norm")
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
 """mltoolkit ops: each is a registered `torch.ops.mltoolkit.*` op behind a torch-shaped Python function."""
 from mltoolkit.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from mltoolkit.ops.rotary import apply_rotary_emb
 
-__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "apply_rotary_emb"]

@@ -34,14 +34,14 @@ def _rotary_fwd_kernel(X, COS, SIN, OUT, ROWS, L, H, HALF, D,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < ROWS
-    h = rows % H
-    l = (rows // H) % L
-    b = rows // (H * L)
-    x_row = X + (b * stride_xb + l * stride_xl + h * stride_xh)[:, None]
-    o_row = OUT + (b * stride_ob + l * stride_ol + h * stride_oh)[:, None]
+    head = rows % H
+    pos = (rows // H) % L
+    batch = rows // (H * L)
+    x_row = X + (batch * stride_xb + pos * stride_xl + head * stride_xh)[:, None]
+    o_row = OUT + (batch * stride_ob + pos * stride_ol + head * stride_oh)[:, None]
     k = tl.arange(0, BLOCK_K)
     mask = row_ok[:, None] & (k < HALF)[None, :]
-    table = l[:, None] * HALF + k[None, :]
+    table = pos[:, None] * HALF + k[None, :]
     c = tl.load(COS + table, mask=mask, other=0.0).to(ACC)
     s = tl.load(SIN + table, mask=mask, other=0.0).to(ACC)
     if CONJUGATE:

@@ -8,7 +8,7 @@ import mltoolkit
 from mltoolkit import _ext, ops
 from mltoolkit.backends import NoBackendError, table
 from mltoolkit.ops.reference import attention as ref
-from mltoolkit.testing import Sample, assert_close, check_op, outputs
+from mltoolkit.testing import Sample, assert_close, check_op
 
 CPU_BACKENDS = ["cpp", "reference", "triton"]
 CUDA_BACKENDS = ["cuda", "triton", "reference"]

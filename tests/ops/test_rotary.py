@@ -212,6 +212,8 @@ def test_opcheck_inplace_op_and_compile(device, backend):
         eager = rotate_qk(qkv.clone())
         compiled = torch.compile(rotate_qk, fullgraph=True)(qkv.clone())
     assert torch.equal(compiled, eager)
+    for i in (0, 1):
+        assert_close(eager[:, :, i], ref.rotary(qkv[:, :, i], cos, sin), name=f"qkv[:, :, {i}]")
     assert torch.equal(eager[:, :, 2], qkv[:, :, 2])
 
 

@@ -32,15 +32,15 @@ ROTARY = table("rotary")
 
 # ---- backends -------------------------------------------------------------------------------------------------
 
-def _on_cuda(x: Tensor) -> Optional[str]:
+def _on_cuda(x: Tensor, *_) -> Optional[str]:
     return None if x.is_cuda else f"needs a CUDA tensor, got {x.device.type}"
 
 
-def _on_cpu(x: Tensor) -> Optional[str]:
+def _on_cpu(x: Tensor, *_) -> Optional[str]:
     return None if x.device.type == "cpu" else f"needs a CPU tensor, got {x.device.type}"
 
 
-def _triton_accepts(x: Tensor) -> Optional[str]:
+def _triton_accepts(x: Tensor, *_) -> Optional[str]:
     if x.is_cuda:
         return None
     if x.device.type == "cpu" and _ext.triton_interpreted():

@@ -5,9 +5,11 @@
 // widened to float32 (lossless), and for float64 x both are widened to float64, so the kernel reads one table dtype.
 //
 // Work layout. at::parallel_for splits the B*L positions across threads; the H rows of a position share one cos/sin
-// row, which stays in L1 while they are rotated. Each row is one pass of at::vec::Vectorized<acc_t> (fp16/bf16 widened
-// in registers): half-split rows load the two halves side by side, interleaved rows load pairs and deinterleave them
-// in registers. Every element of x is read once and every element of out written once, as in a copy.
+// row, converted once to acc_t (with the sign of sin) and kept in L1 while they are rotated. Each row is one pass of
+// at::vec::Vectorized<acc_t> (fp16/bf16 widened in registers): half-split rows load the two halves side by side,
+// interleaved rows load pairs and deinterleave them in registers. Every element of x is read once and every element
+// of out written once, as in a copy. Measured on the 2-core dev VM, one thread, (2, 1024, 16, 128): fp32 runs at the
+// speed of a copy; bf16 at about a quarter of one (L3-resident data), limited by AVX2's bf16 <-> fp32 conversions.
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +21,8 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "attention.h"
 
@@ -31,65 +35,107 @@ constexpr int64_t kMinElementsPerTask = 32768;
 template <typename acc_t>
 using Vec = at::vec::Vectorized<acc_t>;
 
-// count (<= Vec::size()) elements stored as scalar_t, as acc_t lanes; lanes past count are zero.
+// The loops step by a chunk of two acc_t vectors: for fp16/bf16 that is one full Vectorized<scalar_t>, so loads and
+// stores take the whole-register path (a partial fp16/bf16 access goes through a stack buffer and memcpy, which made
+// the bf16 kernel 5x slower than a copy).
+template <typename acc_t>
+constexpr int64_t kChunk = 2 * Vec<acc_t>::size();
+
+template <typename acc_t>
+struct Chunk {
+  Vec<acc_t> lo, hi;
+};
+
+// count (<= kChunk) elements stored as scalar_t, as acc_t lanes; lanes past count are zero.
 template <typename acc_t, typename scalar_t>
-inline Vec<acc_t> load(const scalar_t* p, int64_t count) {
+inline Chunk<acc_t> load(const scalar_t* p, int64_t count) {
   using V = Vec<acc_t>;
+  constexpr int64_t width = V::size();
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return count == V::size() ? V::loadu(p) : V::loadu(p, count);
+    if (count == kChunk<acc_t>) return {V::loadu(p), V::loadu(p + width)};
+    if (count <= width) return {V::loadu(p, count), V(acc_t(0))};
+    return {V::loadu(p), V::loadu(p + width, count - width)};
   } else {
-    if (count == V::size()) {
-      V wide;
-      at::vec::load_to_float(p, wide);
-      return wide;
+    static_assert(at::vec::Vectorized<scalar_t>::size() == kChunk<acc_t>);
+    const auto wide = count == kChunk<acc_t> ? at::vec::Vectorized<scalar_t>::loadu(p)
+                                             : at::vec::Vectorized<scalar_t>::loadu(p, count);
+    const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(wide);
+    return {lo, hi};
+  }
+}
+
+// Stores the first count (<= kChunk) lanes, rounded to nearest even when scalar_t is fp16/bf16.
+template <typename acc_t, typename scalar_t>
+inline void store(const Chunk<acc_t>& c, scalar_t* p, int64_t count) {
+  constexpr int64_t width = Vec<acc_t>::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (count <= width) {
+      c.lo.store(p, count);
+    } else {
+      c.lo.store(p);
+      c.hi.store(p + width, count - width);
     }
-    return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, count)));
-  }
-}
-
-// Stores the first count lanes, rounded to nearest even when scalar_t is fp16/bf16.
-template <typename acc_t, typename scalar_t>
-inline void store(const Vec<acc_t>& v, scalar_t* p, int64_t count) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    v.store(p, count);
   } else {
-    at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
+    at::vec::convert_from_float<scalar_t>(c.lo, c.hi).store(p, count);
   }
 }
 
-// y1 = x1*c - x2*s, y2 = x1*s + x2*c on `half` pairs, x1 at x[r] and x2 at x[r + half]. y may be x: every vector is
-// loaded before the two stores that overwrite it.
-template <typename acc_t, typename scalar_t, typename table_t>
-inline void rotate_half_split(const scalar_t* x, scalar_t* y, const table_t* cos, const table_t* sin, int64_t half,
-                              const Vec<acc_t>& sign) {
-  using V = Vec<acc_t>;
-  constexpr int64_t width = V::size();
-  for (int64_t r = 0; r < half; r += width) {
-    const int64_t n = std::min(width, half - r);
-    const V x1 = load<acc_t>(x + r, n), x2 = load<acc_t>(x + half + r, n);
-    const V c = load<acc_t>(cos + r, n), s = load<acc_t>(sin + r, n) * sign;
-    store(at::vec::fmsub(x1, c, x2 * s), y + r, n);
-    store(at::vec::fmadd(x1, s, x2 * c), y + half + r, n);
+// (x1*c - x2*s, x1*s + x2*c) lane by lane.
+template <typename acc_t>
+inline std::pair<Vec<acc_t>, Vec<acc_t>> rotate(const Vec<acc_t>& x1, const Vec<acc_t>& x2, const Vec<acc_t>& c,
+                                                const Vec<acc_t>& s) {
+  return {at::vec::fmsub(x1, c, x2 * s), at::vec::fmadd(x1, s, x2 * c)};
+}
+
+// Half-split pairs (x[r], x[r + half]) for r < half. y may be x: every chunk is loaded before the two stores that
+// overwrite it.
+template <typename acc_t, typename scalar_t>
+inline void rotate_half_split(const scalar_t* x, scalar_t* y, const acc_t* cos, const acc_t* sin, int64_t half) {
+  for (int64_t r = 0; r < half; r += kChunk<acc_t>) {
+    const int64_t n = std::min(kChunk<acc_t>, half - r);
+    const Chunk<acc_t> x1 = load<acc_t>(x + r, n), x2 = load<acc_t>(x + half + r, n);
+    const Chunk<acc_t> c = load<acc_t>(cos + r, n), s = load<acc_t>(sin + r, n);
+    const auto [y1_lo, y2_lo] = rotate(x1.lo, x2.lo, c.lo, s.lo);
+    const auto [y1_hi, y2_hi] = rotate(x1.hi, x2.hi, c.hi, s.hi);
+    store(Chunk<acc_t>{y1_lo, y1_hi}, y + r, n);
+    store(Chunk<acc_t>{y2_lo, y2_hi}, y + half + r, n);
   }
 }
 
-// The same on interleaved pairs (x[2r], x[2r+1]): two vectors of pairs are split into even and odd lanes, rotated,
-// and interleaved back.
-template <typename acc_t, typename scalar_t, typename table_t>
-inline void rotate_interleaved(const scalar_t* x, scalar_t* y, const table_t* cos, const table_t* sin, int64_t half,
-                               const Vec<acc_t>& sign) {
-  using V = Vec<acc_t>;
-  constexpr int64_t width = V::size();
-  for (int64_t r = 0; r < half; r += width) {
-    const int64_t n = std::min(width, half - r);  // pairs in this step: 2n elements from x + 2r
-    const int64_t lo = std::min(2 * n, width), hi = 2 * n - lo;
-    const V a = load<acc_t>(x + 2 * r, lo);
-    const V b = hi > 0 ? load<acc_t>(x + 2 * r + width, hi) : V(acc_t(0));
-    const auto [x1, x2] = at::vec::deinterleave2(a, b);
-    const V c = load<acc_t>(cos + r, n), s = load<acc_t>(sin + r, n) * sign;
-    const auto [ya, yb] = at::vec::interleave2(at::vec::fmsub(x1, c, x2 * s), at::vec::fmadd(x1, s, x2 * c));
-    store(ya, y + 2 * r, lo);
-    if (hi > 0) store(yb, y + 2 * r + width, hi);
+// Interleaved pairs (x[2r], x[2r+1]): the 2n elements of n pairs are split into even and odd lanes, rotated, and
+// interleaved back.
+template <typename acc_t, typename scalar_t>
+inline void rotate_interleaved(const scalar_t* x, scalar_t* y, const acc_t* cos, const acc_t* sin, int64_t half) {
+  constexpr int64_t chunk = kChunk<acc_t>;
+  for (int64_t r = 0; r < half; r += chunk) {
+    const int64_t n = std::min(chunk, half - r);
+    const int64_t first = std::min(2 * n, chunk), second = 2 * n - first;
+    const Chunk<acc_t> a = load<acc_t>(x + 2 * r, first);
+    const Chunk<acc_t> b = second > 0 ? load<acc_t>(x + 2 * r + chunk, second) : Chunk<acc_t>{};
+    const auto [x1_lo, x2_lo] = at::vec::deinterleave2(a.lo, a.hi);  // pairs r .. r + width - 1
+    const auto [x1_hi, x2_hi] = at::vec::deinterleave2(b.lo, b.hi);  // the next width pairs
+    const Chunk<acc_t> c = load<acc_t>(cos + r, n), s = load<acc_t>(sin + r, n);
+    const auto [y1_lo, y2_lo] = rotate(x1_lo, x2_lo, c.lo, s.lo);
+    const auto [y1_hi, y2_hi] = rotate(x1_hi, x2_hi, c.hi, s.hi);
+    const auto [ya_lo, ya_hi] = at::vec::interleave2(y1_lo, y2_lo);
+    store(Chunk<acc_t>{ya_lo, ya_hi}, y + 2 * r, first);
+    if (second > 0) {
+      const auto [yb_lo, yb_hi] = at::vec::interleave2(y1_hi, y2_hi);
+      store(Chunk<acc_t>{yb_lo, yb_hi}, y + 2 * r + chunk, second);
+    }
+  }
+}
+
+// The position's cos row and sign * sin row as acc_t, so that the H rows of the position read them without
+// conversion (for bf16 tables the conversion cost as much as the rotation).
+template <typename acc_t, typename table_t>
+void table_rows(const table_t* cos, const table_t* sin, int64_t half, acc_t sign, acc_t* cos_acc, acc_t* sin_acc) {
+  const Vec<acc_t> sign_v(sign);
+  for (int64_t r = 0; r < half; r += kChunk<acc_t>) {
+    const int64_t n = std::min(kChunk<acc_t>, half - r);
+    store(load<acc_t>(cos + r, n), cos_acc + r, n);
+    const Chunk<acc_t> s = load<acc_t>(sin + r, n);
+    store(Chunk<acc_t>{s.lo * sign_v, s.hi * sign_v}, sin_acc + r, n);
   }
 }
 
@@ -107,21 +153,23 @@ void rotary_kernel(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
   const table_t* sin_data = sin.const_data_ptr<table_t>();
   // In place (out is x), the copied dimensions are already where they belong.
   const bool copy_tail = R < D && static_cast<const void*>(out_data) != static_cast<const void*>(x_data);
-  const Vec<acc_t> sign(conjugate ? acc_t(-1) : acc_t(1));
+  const acc_t sign = conjugate ? acc_t(-1) : acc_t(1);
 
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, H * D));
   at::parallel_for(0, B * L, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tables(2 * half);
+    acc_t* c = tables.data();
+    acc_t* s = c + half;
     for (int64_t p = begin; p < end; ++p) {
       const int64_t b = p / L, l = p % L;
-      const table_t* c = cos_data + l * half;
-      const table_t* s = sin_data + l * half;
+      table_rows(cos_data + l * half, sin_data + l * half, half, sign, c, s);
       for (int64_t h = 0; h < H; ++h) {
         const scalar_t* xr = x_data + b * xb + l * xl + h * xh;
         scalar_t* yr = out_data + b * ob + l * ol + h * oh;
         if (interleaved) {
-          rotate_interleaved<acc_t>(xr, yr, c, s, half, sign);
+          rotate_interleaved<acc_t>(xr, yr, c, s, half);
         } else {
-          rotate_half_split<acc_t>(xr, yr, c, s, half, sign);
+          rotate_half_split<acc_t>(xr, yr, c, s, half);
         }
         if (copy_tail) std::memcpy(yr + R, xr + R, (D - R) * sizeof(scalar_t));
       }

@@ -53,6 +53,35 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+__device__ __forceinline__ unsigned int bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ unsigned long long bits(double v) { return static_cast<unsigned long long>(__double_as_longlong(v)); }
+__device__ __forceinline__ unsigned short bits(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ unsigned short bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+
+// 16 bytes of values as one 16-byte store. A plain store of a struct (or of a uint4) built from computed values was
+// split into 4-byte stores by nvcc 13 (seen in the PTX); the intrinsic emits st.global.cg.v4 (cached in L2, where the
+// attention kernel that reads q and k next finds them).
+template <typename T, int N>
+__device__ __forceinline__ void store16(T* p, const T (&v)[N]) {
+  static_assert(sizeof(T) * N == 16, "a vector store is 16 bytes");
+  unsigned int w[4];
+  if constexpr (sizeof(T) == 2) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = unsigned(bits(v[2 * i])) | (unsigned(bits(v[2 * i + 1])) << 16);
+  } else if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = bits(v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const unsigned long long b = bits(v[i]);
+      w[2 * i] = unsigned(b);
+      w[2 * i + 1] = unsigned(b >> 32);
+    }
+  }
+  __stcg(reinterpret_cast<uint4*>(p), make_uint4(w[0], w[1], w[2], w[3]));
+}
+
 // N elements at p into acc lanes; one aligned vector access when VECTOR (the host checked the alignment).
 template <bool VECTOR, int N, typename T, typename A>
 __device__ __forceinline__ void load(const T* p, A (&out)[N]) {
@@ -69,10 +98,10 @@ __device__ __forceinline__ void load(const T* p, A (&out)[N]) {
 template <bool VECTOR, int N, typename T, typename A>
 __device__ __forceinline__ void store(T* p, const A (&in)[N]) {
   if constexpr (VECTOR) {
-    Pack<T, N> pack;
+    T values[N];
 #pragma unroll
-    for (int i = 0; i < N; ++i) pack.v[i] = Num<T>::from_acc(in[i]);
-    *reinterpret_cast<Pack<T, N>*>(p) = pack;
+    for (int i = 0; i < N; ++i) values[i] = Num<T>::from_acc(in[i]);
+    store16(p, values);
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) p[i] = Num<T>::from_acc(in[i]);

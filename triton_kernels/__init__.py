@@ -6,6 +6,7 @@ reported by the backend table, never a crash at import):
     from mltoolkit.triton_kernels import norm          # norm.norm_forward / norm.norm_backward
     from mltoolkit.triton_kernels import norm_forward  # same function
     from mltoolkit.triton_kernels import attention     # attention.attention_forward / attention.attention_backward
+    from mltoolkit.triton_kernels import rotary        # rotary.rotary (module and function share the op's name)
 
 Knobs live on the module that reads them (e.g. `norm.LOOP_THRESHOLD`); set them there, not on this package.
 """
@@ -17,9 +18,9 @@ _LAZY_ATTRS = {
     "attention_forward": "attention",
     "attention_backward": "attention",
 }
-_MODULES = ("norm", "attention")
+_MODULES = ("norm", "attention", "rotary")
 
-__all__ = ["norm", "norm_forward", "norm_backward", "attention", "attention_forward", "attention_backward"]
+__all__ = [*_MODULES, *_LAZY_ATTRS]
 
 
 def __getattr__(name):

@@ -8,7 +8,8 @@
 //
 // Forward: one task = (sequence, query head, block of kFwdBlockM query rows); at::parallel_for hands each thread a
 // contiguous range of tasks, so a thread works through the query blocks of one head at a time and keeps that head's
-// packed K^T and V panels in a per-thread cache (2 * Lk * D acc_t per thread), packing each key block once. Within a
+// packed K^T and V panels in a per-thread cache (2 * Lk * D acc_t per thread, at most kFwdCacheBytes), packing each
+// key block once. Within a
 // head the query blocks are visited from both ends alternately, so that under a causal band both halves of a head's
 // range cost the same. Key blocks outside the window are skipped; only blocks that the band cuts are masked element
 // by element.
@@ -58,6 +59,7 @@ constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kFwdBlockM = 64;    // query rows per forward task
 constexpr int64_t kBwdBlockM = 64;    // query rows per backward tile
 constexpr int64_t kBlockN = 128;      // key rows per tile (forward and backward)
+constexpr int64_t kFwdCacheBytes = int64_t(64) << 20;  // per thread: K^T and V panels of a head
 constexpr int64_t kBwdTargetTasks = 16;  // split key ranges until there are about this many backward tasks
 constexpr int64_t kBwdMaxChunks = 8;
 constexpr int64_t kFar = int64_t(1) << 60;  // "no bound" for the window
@@ -500,6 +502,10 @@ void forward_kernel(const Problem& pb, scalar_t* out, const int64_t* os, acc_t* 
     max_lk = std::max(max_lk, pb.seqs[s].lk);
   }
   const int64_t max_kb = (max_lk + BN - 1) / BN;
+  // The per-thread cache holds every key block of a head up to kFwdCacheBytes; past that (very long keys), one slot
+  // is repacked for every (query block, key block) pair, which costs about 1 / kFwdBlockM of the tile products.
+  const bool cache_all = max_kb * (D + Dp) * BN * int64_t(sizeof(acc_t)) <= kFwdCacheBytes;
+  const int64_t slots = cache_all ? max_kb : 1;
   const bool dropout = pb.dropout_p > 0 && !stats_only;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
@@ -507,7 +513,7 @@ void forward_kernel(const Problem& pb, scalar_t* out, const int64_t* os, acc_t* 
     std::vector<acc_t> S(BM * BN), O(BM * Dp), mrow(BM), lrow(BM), tmp(std::max(BN, D)), factor(BN);
     std::vector<acc_t> qbuf(is_reduced_float<scalar_t> ? BM * D : 0);
     // Per-head cache of packed panels, per key block: K^T (D x BN) and V (BN x Dp).
-    std::vector<acc_t> kt(max_kb * D * BN), vp(max_kb * BN * Dp);
+    std::vector<acc_t> kt(slots * D * BN), vp(slots * BN * Dp);
     std::vector<char> packed(max_kb, 0);
     int64_t cached_seq = -1, cached_head = -1;
 
@@ -541,12 +547,13 @@ void forward_kernel(const Problem& pb, scalar_t* out, const int64_t* os, acc_t* 
       const int64_t kend = std::min<int64_t>(sq.lk, pb.hi(sq, i0 + m - 1) + 1);
       for (int64_t kb = kstart < kend ? kstart / BN : 0; kstart < kend && kb * BN < kend; ++kb) {
         const int64_t j0 = kb * BN, n = std::min(BN, sq.lk - j0);
-        acc_t* ktp = kt.data() + kb * D * BN;
-        acc_t* vpp = vp.data() + kb * BN * Dp;
+        const int64_t slot = cache_all ? kb : 0;
+        acc_t* ktp = kt.data() + slot * D * BN;
+        acc_t* vpp = vp.data() + slot * BN * Dp;
         if (!packed[kb]) {
           pack_transposed(kbase + j0 * pb.ks[2], pb.ks[2], D, n, ktp, D * P);
           if (!stats_only) pack_rows(vbase + j0 * pb.vs[2], pb.vs[2], n, D, vpp, BN * P);
-          packed[kb] = 1;
+          packed[kb] = cache_all;
         }
         const bool band = pb.lo(sq, i0 + m - 1) > j0 || pb.hi(sq, i0) < j0 + n - 1;
         gemm<acc_t>(m, n, D, qa, ldq, 1, ktp, D * P, S.data(), BN, false);

@@ -8,7 +8,8 @@
 //
 // Forward: one task = (sequence, query head, block of kFwdBlockM query rows); at::parallel_for hands each thread a
 // contiguous range of tasks, so a thread works through the query blocks of one head at a time and keeps that head's
-// packed K^T and V panels in a per-thread cache (2 * Lk * D acc_t per thread), packing each key block once. Within a
+// packed K^T and V panels in a per-thread cache (2 * Lk * D acc_t per thread, at most kFwdCacheBytes), packing each
+// key block once. Within a
 // head the query blocks are visited from both ends alternately, so that under a causal band both halves of a head's
 // range cost the same. Key blocks outside the window are skipped; only blocks that the band cuts are masked element
 // by element.
@@ -37,6 +38,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "../attention.h"
 #include "attention_gemm.h"
 
@@ -54,6 +59,7 @@ constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kFwdBlockM = 64;    // query rows per forward task
 constexpr int64_t kBwdBlockM = 64;    // query rows per backward tile
 constexpr int64_t kBlockN = 128;      // key rows per tile (forward and backward)
+constexpr int64_t kFwdCacheBytes = int64_t(64) << 20;  // per thread: K^T and V panels of a head
 constexpr int64_t kBwdTargetTasks = 16;  // split key ranges until there are about this many backward tasks
 constexpr int64_t kBwdMaxChunks = 8;
 constexpr int64_t kFar = int64_t(1) << 60;  // "no bound" for the window
@@ -239,18 +245,72 @@ inline void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, ui
   out[3] = c3;
 }
 
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+// Eight Philox4x32-10 streams at once, on counters (g0 + l, c1, c2, 0) for lanes l = 0..7, then the keep factors of
+// the 32 keys 4 * g0 .. 4 * g0 + 31 in key order (key 4 * (g0 + l) + w takes word w of lane l). Same arithmetic as
+// philox4x32_10: _mm256_mul_epu32 forms the 64-bit products of the even lanes, and of the odd lanes shifted down.
+inline void dropout_factors_x32(uint32_t g0, uint32_t c1v, uint32_t c2v, uint32_t k0, uint32_t k1, uint32_t threshold,
+                                float kept, float* out) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(g0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i c1 = _mm256_set1_epi32(static_cast<int>(c1v)), c2 = _mm256_set1_epi32(static_cast<int>(c2v));
+  __m256i c3 = _mm256_setzero_si256();
+  for (int r = 0; r < 10; ++r) {
+    const __m256i pe0 = _mm256_mul_epu32(c0, m0), po0 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
+    const __m256i pe1 = _mm256_mul_epu32(c2, m1), po1 = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
+    const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(pe0, 32), po0, 0xAA);
+    const __m256i lo0 = _mm256_blend_epi32(pe0, _mm256_slli_epi64(po0, 32), 0xAA);
+    const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(pe1, 32), po1, 0xAA);
+    const __m256i lo1 = _mm256_blend_epi32(pe1, _mm256_slli_epi64(po1, 32), 0xAA);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    c1 = lo1;
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  // keep iff word >= threshold (unsigned): max_epu32(word, threshold) == word.
+  const __m256i thr = _mm256_set1_epi32(static_cast<int>(threshold));
+  const __m256 vkept = _mm256_set1_ps(kept);
+  __m256 f[4];
+  const __m256i words[4] = {c0, c1, c2, c3};
+  for (int w = 0; w < 4; ++w)
+    f[w] = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_max_epu32(words[w], thr), words[w])), vkept);
+  // Transpose (word, lane) -> key order: 4 x 4 within each 128-bit half, then regroup the halves.
+  const __m256 t0 = _mm256_unpacklo_ps(f[0], f[1]), t1 = _mm256_unpacklo_ps(f[2], f[3]);
+  const __m256 t2 = _mm256_unpackhi_ps(f[0], f[1]), t3 = _mm256_unpackhi_ps(f[2], f[3]);
+  const __m256 u0 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t1)));
+  const __m256 u1 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t1)));
+  const __m256 u2 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t2), _mm256_castps_pd(t3)));
+  const __m256 u3 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t2), _mm256_castps_pd(t3)));
+  _mm256_storeu_ps(out, _mm256_permute2f128_ps(u0, u1, 0x20));
+  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
+  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
+  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+}
+#endif
+
 // factor[jj] = keep ? 1 / (1 - p) : 0 for keys j0 .. j0 + n - 1 of row i of sequence b, head h.
 template <typename acc_t>
 void dropout_factors(const Problem& pb, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, acc_t* factor) {
   const acc_t kept = acc_t(1.0 / (1.0 - pb.dropout_p));
   const uint32_t c2 = uint32_t(b * pb.Hq + h);
-  uint32_t words[4];
-  for (int64_t g = j0 >> 2; g <= (j0 + n - 1) >> 2; ++g) {
-    philox4x32_10(uint32_t(g), uint32_t(i), c2, 0u, pb.key0, pb.key1, words);
-    for (int w = 0; w < 4; ++w) {
-      const int64_t jj = g * 4 + w - j0;
-      if (jj >= 0 && jj < n) factor[jj] = words[w] >= pb.threshold ? kept : acc_t(0);
+  int64_t jj = 0;
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if ((j0 & 3) == 0) {
+      for (; jj + 32 <= n; jj += 32)
+        dropout_factors_x32(uint32_t((j0 + jj) >> 2), uint32_t(i), c2, pb.key0, pb.key1, pb.threshold, kept,
+                            factor + jj);
     }
+  }
+#endif
+  uint32_t words[4];
+  while (jj < n) {
+    const int64_t j = j0 + jj;
+    philox4x32_10(uint32_t(j >> 2), uint32_t(i), c2, 0u, pb.key0, pb.key1, words);
+    for (int w = int(j & 3); w < 4 && jj < n; ++w, ++jj) factor[jj] = words[w] >= pb.threshold ? kept : acc_t(0);
   }
 }
 
@@ -281,7 +341,7 @@ void convert_row(const src_t* src, dst_t* dst, int64_t n) {
 
 template <typename T>
 inline Vec<T> vexp(const Vec<T>& x) {
-  // exp_u20 (|rel err| < 3e-6, no Sleef call) is what torch's own CPU flash attention uses for float.
+  // exp_u20 (within 20 ulp, no Sleef call) is what torch's own CPU flash attention uses for float.
   if constexpr (std::is_same_v<T, float>) {
     return x.exp_u20();
   } else {
@@ -442,6 +502,10 @@ void forward_kernel(const Problem& pb, scalar_t* out, const int64_t* os, acc_t* 
     max_lk = std::max(max_lk, pb.seqs[s].lk);
   }
   const int64_t max_kb = (max_lk + BN - 1) / BN;
+  // The per-thread cache holds every key block of a head up to kFwdCacheBytes; past that (very long keys), one slot
+  // is repacked for every (query block, key block) pair, which costs about 1 / kFwdBlockM of the tile products.
+  const bool cache_all = max_kb * (D + Dp) * BN * int64_t(sizeof(acc_t)) <= kFwdCacheBytes;
+  const int64_t slots = cache_all ? max_kb : 1;
   const bool dropout = pb.dropout_p > 0 && !stats_only;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
@@ -449,7 +513,7 @@ void forward_kernel(const Problem& pb, scalar_t* out, const int64_t* os, acc_t* 
     std::vector<acc_t> S(BM * BN), O(BM * Dp), mrow(BM), lrow(BM), tmp(std::max(BN, D)), factor(BN);
     std::vector<acc_t> qbuf(is_reduced_float<scalar_t> ? BM * D : 0);
     // Per-head cache of packed panels, per key block: K^T (D x BN) and V (BN x Dp).
-    std::vector<acc_t> kt(max_kb * D * BN), vp(max_kb * BN * Dp);
+    std::vector<acc_t> kt(slots * D * BN), vp(slots * BN * Dp);
     std::vector<char> packed(max_kb, 0);
     int64_t cached_seq = -1, cached_head = -1;
 
@@ -483,12 +547,13 @@ void forward_kernel(const Problem& pb, scalar_t* out, const int64_t* os, acc_t* 
       const int64_t kend = std::min<int64_t>(sq.lk, pb.hi(sq, i0 + m - 1) + 1);
       for (int64_t kb = kstart < kend ? kstart / BN : 0; kstart < kend && kb * BN < kend; ++kb) {
         const int64_t j0 = kb * BN, n = std::min(BN, sq.lk - j0);
-        acc_t* ktp = kt.data() + kb * D * BN;
-        acc_t* vpp = vp.data() + kb * BN * Dp;
+        const int64_t slot = cache_all ? kb : 0;
+        acc_t* ktp = kt.data() + slot * D * BN;
+        acc_t* vpp = vp.data() + slot * BN * Dp;
         if (!packed[kb]) {
           pack_transposed(kbase + j0 * pb.ks[2], pb.ks[2], D, n, ktp, D * P);
           if (!stats_only) pack_rows(vbase + j0 * pb.vs[2], pb.vs[2], n, D, vpp, BN * P);
-          packed[kb] = 1;
+          packed[kb] = cache_all;
         }
         const bool band = pb.lo(sq, i0 + m - 1) > j0 || pb.hi(sq, i0) < j0 + n - 1;
         gemm<acc_t>(m, n, D, qa, ldq, 1, ktp, D * P, S.data(), BN, false);

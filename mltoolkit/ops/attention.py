@@ -33,17 +33,30 @@ ATTENTION = table("attention")
 
 # ---- backends -------------------------------------------------------------------------------------------------
 
-def _cuda_accepts(q: Tensor, *_) -> Optional[str]:
+def _grid_limits(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> Optional[str]:
+    sequences = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+    if q.shape[1] > 65535 or sequences > 65535:
+        return "more than 65535 heads or sequences (a grid dimension)"
+    return None
+
+
+def _cuda_accepts(q: Tensor, k, v, mask, cu_seqlens_q=None, *_) -> Optional[str]:
     if not q.is_cuda:
         return f"needs a CUDA tensor, got {q.device.type}"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"tensor-core kernel takes float16/bfloat16, got {q.dtype}"
-    return None
+    capability = torch.cuda.get_device_capability(q.device)
+    if capability not in ((8, 0), (9, 0)):
+        # sm_86/89 run the sm_80 code with 99 KB of shared memory, too little for the larger head dims
+        return f"built for compute capability 8.0 and 9.0, device has {capability[0]}.{capability[1]}"
+    return _grid_limits(q, cu_seqlens_q)
 
 
-def _triton_accepts(q: Tensor, *_) -> Optional[str]:
+def _triton_accepts(q: Tensor, k, v, mask, cu_seqlens_q=None, *_) -> Optional[str]:
     if q.dtype == torch.float64:
         return "no float64 kernel"
+    if _grid_limits(q, cu_seqlens_q):
+        return _grid_limits(q, cu_seqlens_q)
     if q.is_cuda:
         return None
     if q.device.type == "cpu" and _ext.triton_interpreted():

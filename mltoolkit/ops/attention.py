@@ -40,7 +40,7 @@ def _grid_limits(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> Optional[str]:
     return None
 
 
-def _cuda_accepts(q: Tensor, k, v, mask, cu_seqlens_q=None, *_) -> Optional[str]:
+def _cuda_accepts(q: Tensor, k=None, v=None, mask=None, cu_seqlens_q=None, *_) -> Optional[str]:
     if not q.is_cuda:
         return f"needs a CUDA tensor, got {q.device.type}"
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -52,7 +52,7 @@ def _cuda_accepts(q: Tensor, k, v, mask, cu_seqlens_q=None, *_) -> Optional[str]
     return _grid_limits(q, cu_seqlens_q)
 
 
-def _triton_accepts(q: Tensor, k, v, mask, cu_seqlens_q=None, *_) -> Optional[str]:
+def _triton_accepts(q: Tensor, k=None, v=None, mask=None, cu_seqlens_q=None, *_) -> Optional[str]:
     if q.dtype == torch.float64:
         return "no float64 kernel"
     if _grid_limits(q, cu_seqlens_q):
@@ -116,9 +116,9 @@ def _forward_kernels(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if cu_seqlens_q is not None:
         _check_cu_seqlens(cu_seqlens_q, q.shape[2], max_seqlen_q, "cu_seqlens_q")
         _check_cu_seqlens(cu_seqlens_k, k.shape[2], max_seqlen_k, "cu_seqlens_k")
-    return ATTENTION.select(q).kernels["forward"](q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                  max_seqlen_k, scale, window_left, window_right, bottom_right,
-                                                  dropout_p, _seed_value(seed))
+    forward = ATTENTION.select(q, k, v, mask, cu_seqlens_q).kernels["forward"]
+    return forward(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                   window_right, bottom_right, dropout_p, _seed_value(seed))
 
 
 @torch.library.custom_op("mltoolkit::attn_fwd", mutates_args=())
@@ -142,7 +142,7 @@ def attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
              cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
              scale: float, window_left: int, window_right: int, bottom_right: bool, dropout_p: float,
              seed: Optional[Tensor], deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = ATTENTION.select(q).kernels["backward"](
+    dq, dk, dv = ATTENTION.select(q, k, v, mask, cu_seqlens_q).kernels["backward"](
         dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
         window_right, bottom_right, dropout_p, _seed_value(seed), deterministic)
     return dq, dk, dv

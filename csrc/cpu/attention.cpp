@@ -63,6 +63,14 @@ constexpr int64_t kFwdCacheBytes = int64_t(64) << 20;  // per thread: K^T and V 
 constexpr int64_t kBwdTargetTasks = 16;  // split key ranges until there are about this many backward tasks
 constexpr int64_t kBwdMaxChunks = 8;
 constexpr int64_t kFar = int64_t(1) << 60;  // "no bound" for the window
+// A parallel task should carry at least this many multiply-adds: waking a second thread costs microseconds (and a
+// scheduler slice on an oversubscribed machine), far more than a tiny problem's whole run.
+constexpr int64_t kMinTaskWork = int64_t(1) << 16;
+
+// Grain size for at::parallel_for over tasks of about `work_per_task` multiply-adds each.
+int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_task));
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Input checks: every message names the function and the argument.
@@ -509,7 +517,7 @@ void forward_kernel(const Problem& pb, scalar_t* out, const int64_t* os, acc_t* 
   const bool dropout = pb.dropout_p > 0 && !stats_only;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
-  at::parallel_for(0, task_begin[nseq], 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, task_begin[nseq], grain_for(2 * BM * max_lk * D), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> S(BM * BN), O(BM * Dp), mrow(BM), lrow(BM), tmp(std::max(BN, D)), factor(BN);
     std::vector<acc_t> qbuf(is_reduced_float<scalar_t> ? BM * D : 0);
     // Per-head cache of packed panels, per key block: K^T (D x BN) and V (BN x Dp).
@@ -610,7 +618,7 @@ void backward_kernel(const Problem& pb, const scalar_t* dout, const int64_t* dos
     std::vector<std::pair<int64_t, int64_t>> heads;  // (sequence, head)
     for (int64_t s = 0; s < nseq; ++s)
       for (int64_t h = 0; h < Hq; ++h) heads.emplace_back(s, h);
-    at::parallel_for(0, static_cast<int64_t>(heads.size()), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, static_cast<int64_t>(heads.size()), grain_for(pb.Lq * D), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> a(D), b(D);
       for (int64_t t = begin; t < end; ++t) {
         const Seq& sq = pb.seqs[heads[t].first];
@@ -640,7 +648,8 @@ void backward_kernel(const Problem& pb, const scalar_t* dout, const int64_t* dos
     return ws.data() + (c * B * Hq * pb.Lq + pb.row_index(sq, h, i)) * D;
   };
 
-  at::parallel_for(0, units * nchunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t bwd_work = 5 * pb.group * pb.Lq * std::max<int64_t>(1, max_kb * BN / nchunks) * D;
+  at::parallel_for(0, units * nchunks, grain_for(bwd_work), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> S(BM * BN), dP(BM * BN), PD(dropout ? BM * BN : 0), factor(BN), tmp(std::max(BN, D));
     // Packed panels: K^T, V^T (D x BN) and K (BN x Dp) per key block; Q and dO (BM x Dp) per query block.
     std::vector<acc_t> kt(D * BN), vt(D * BN), kp(BN * Dp), qp(BM * Dp), dop(BM * Dp);
@@ -740,7 +749,7 @@ void backward_kernel(const Problem& pb, const scalar_t* dout, const int64_t* dos
     // dq = scale * sum over chunks, in chunk order.
     const int64_t rows = B * Hq * pb.Lq;
     const int64_t chunk_stride = rows * D;
-    at::parallel_for(0, nseq * Hq, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, nseq * Hq, grain_for(nchunks * pb.Lq * D), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(D), tmp(D);
       for (int64_t t = begin; t < end; ++t) {
         const Seq& sq = pb.seqs[t / Hq];

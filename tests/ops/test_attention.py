@@ -342,7 +342,7 @@ def _seeded(fn, seed):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_opcheck_gradcheck_compile(device, backend):
-    b, h, lq, lk, d = 1, 2, 6, 9, 16
+    b, h, lq, lk, d = 1, 2, 4, 5, 8  # small: fp64 gradcheck costs one call per input element
     mask = torch.randn(b, 1, lq, lk, device=device)
     fp64 = backend in ("cpp", "reference")
     samples = [Sample((rand(b, h, lq, d, dtype=torch.float32, device=device),

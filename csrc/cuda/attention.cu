@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(NW * 32) _attention_fwd_kernel(const Params p)
       !kExtras || p.mask == nullptr ? nullptr : static_cast<const T*>(p.mask) + s.bb * p.mask_b + h * p.mask_h;
   const float scale_log2 = p.scale * kLog2e;
   const bool dropout = kExtras && p.dropout_p > 0.f;
-  const uint32_t bh = static_cast<uint32_t>(b * p.hq + h);
+  const uint32_t bh = static_cast<uint32_t>(b) * static_cast<uint32_t>(p.hq) + static_cast<uint32_t>(h);
   const int wrow = warp * WM;  // this warp's first row in the block
 
   for (int mb = blockIdx.x; mb * BM < s.lq; mb += gridDim.x) {
@@ -483,7 +483,7 @@ __global__ void __launch_bounds__(NW * 32) _attention_fwd_kernel(const Params p)
 
     // Epilogue: out = O / l (0 for rows with nothing allowed), lse = ln(sum exp(s)) (+inf for those rows).
     // Each warp stages its rows through its own rows of sQ, which only it has read.
-    const float drop_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+    const float drop_scale = dropout ? p.dropout_scale : 1.f;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       float inv[2];
@@ -570,7 +570,7 @@ __global__ void __launch_bounds__(NW * 32) _attention_bwd_dkdv_kernel(const Para
   const T* vb = vg + s.bb * p.v_st.b + hk * p.v_st.h + s.k_off * p.v_st.l;
   const float scale_log2 = p.scale * kLog2e;
   const bool dropout = kExtras && p.dropout_p > 0.f;
-  const float drop_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const float drop_scale = dropout ? p.dropout_scale : 1.f;
 
   for (int nb = blockIdx.x; nb * BN < s.lk; nb += gridDim.x) {
     const int n0 = nb * BN;
@@ -630,7 +630,7 @@ __global__ void __launch_bounds__(NW * 32) _attention_bwd_dkdv_kernel(const Para
         const float* d_s = sD + st * BM;
         const T* maskb =
             !kExtras || p.mask == nullptr ? nullptr : static_cast<const T*>(p.mask) + s.bb * p.mask_b + h * p.mask_h;
-        const uint32_t bh = static_cast<uint32_t>(b * p.hq + h);
+        const uint32_t bh = static_cast<uint32_t>(b) * static_cast<uint32_t>(p.hq) + static_cast<uint32_t>(h);
 
         // S^T = K Q^T: rows = this warp's 16 keys, columns = BM queries.
         float sc[NS][4];
@@ -778,8 +778,8 @@ __global__ void __launch_bounds__(NW * 32) _attention_bwd_dq_kernel(const Params
       !kExtras || p.mask == nullptr ? nullptr : static_cast<const T*>(p.mask) + s.bb * p.mask_b + h * p.mask_h;
   const float scale_log2 = p.scale * kLog2e;
   const bool dropout = kExtras && p.dropout_p > 0.f;
-  const float drop_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
-  const uint32_t bh = static_cast<uint32_t>(b * p.hq + h);
+  const float drop_scale = dropout ? p.dropout_scale : 1.f;
+  const uint32_t bh = static_cast<uint32_t>(b) * static_cast<uint32_t>(p.hq) + static_cast<uint32_t>(h);
 
   for (int mb = blockIdx.x; mb * BM < s.lq; mb += gridDim.x) {
     const int m0 = mb * BM;

@@ -174,6 +174,7 @@ int64_t check_common(const char* fn, const at::Tensor& q, const at::Tensor& k, c
   p.window_right = window_arg(window_right);
   p.bottom_right = bottom_right;
   p.dropout_p = static_cast<float>(dropout_p);
+  p.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   p.dropout_threshold = static_cast<uint32_t>(std::min<double>(std::floor(dropout_p * 4294967296.0),
                                                                  std::numeric_limits<uint32_t>::max()));
   p.seed = static_cast<uint64_t>(seed);

@@ -45,6 +45,7 @@ struct Params {
   int window_left = -1, window_right = -1;  // -1: unbounded; otherwise 0 .. 2^29
   bool bottom_right = false;
   float dropout_p = 0.f;
+  float dropout_scale = 1.f;       // 1 / (1 - dropout_p), computed in double (1.f - dropout_p loses it near 1)
   uint32_t dropout_threshold = 0;  // keep iff the Philox word >= this
   uint64_t seed = 0;
   DType dtype = DType::kFloat16;

@@ -30,21 +30,26 @@ checked when on the CPU and trusted on the GPU (checking them there would synchr
 
 Launch blocks: autotuned on the GPU (configs per head-dim class, keyed on head dim, flags, dtype and the power of two
 of the sequence lengths); under TRITON_INTERPRET=1 one config, INTERPRET_BLOCK_M x INTERPRET_BLOCK_N (module knobs,
-read at every call, so tests can change them).
+read at every call, so tests can change them). AUTOTUNE = False (or MLTK_TRITON_AUTOTUNE=0 in the environment at
+import) runs the first config of each class instead: one compile per kernel variant rather than one per config and
+no benchmarking (for test runs on a fresh GPU machine), and the same blocks, hence bit-identical results, in every
+process (the autotuner's pick depends on timings).
 """
 import contextlib
 import functools
 import math
 import numbers
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_forward", "attention_backward", "INTERPRET_BLOCK_M", "INTERPRET_BLOCK_N"]
+__all__ = ["attention_forward", "attention_backward", "INTERPRET_BLOCK_M", "INTERPRET_BLOCK_N", "AUTOTUNE"]
 
 INTERPRET_BLOCK_M = 16
 INTERPRET_BLOCK_N = 16
+AUTOTUNE = os.environ.get("MLTK_TRITON_AUTOTUNE", "1") != "0"
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
@@ -613,13 +618,16 @@ def _interpret_blocks():
 
 def _launch(kernel, tables, pb, grid, args):
     """Launch `kernel` on grid(meta): on the GPU autotuned over the configs of pb's head-dim class in tables
-    (16-bit, float32); under the interpreter with the INTERPRET_BLOCK_* config."""
+    (16-bit, float32), or with the first of them when AUTOTUNE is off; under the interpreter with the
+    INTERPRET_BLOCK_* config."""
     if _interpreting():
         bm, bn = _interpret_blocks()
         meta = dict(BLOCK_M=bm, BLOCK_N=bn)
         kernel[grid(meta)](*args, **pb.consts(), **meta)
     else:
         configs = tables[1 if pb.fp32 else 0][max(64, pb.block_d)]
+        if not AUTOTUNE:
+            configs = configs[:1]  # an autotuner with one config launches it without benchmarking
         _tuned(kernel, configs)[grid](*args, **pb.consts())
 
 

@@ -126,6 +126,17 @@ def _summary(times: list[float]) -> Timing:
     return Timing(q(0.5), q(0.2), q(0.8), len(t))
 
 
+def _return_freed_memory_to_os() -> None:
+    """A fixed glibc mmap threshold (M_MMAP_THRESHOLD, which also turns off its dynamic raising): large blocks are
+    mmapped and unmapped on free, so the resident set follows live memory and its peak measures a run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
 def _cpu_peak_reset() -> Optional[int]:
     """Resets the process's peak resident set (Linux /proc/self/clear_refs) and returns the current RSS in bytes;
     None where that is not possible."""
@@ -315,6 +326,8 @@ def run(device: str = "cpu", quick: bool = False, ops: Optional[Sequence[str]] =
     # bwd mode replays one graph's backward (retain_graph=True), which compiled graphs with donated buffers refuse.
     torch._functorch.config.donated_buffer = False
 
+    if device == "cpu":
+        _return_freed_memory_to_os()
     copy_gbps = measure_copy_gbps(device)
     name = _device_name(device)
     peak_gbps = next((v for k, v in DATASHEET_GBPS.items() if k in name), None) if device == "cuda" else None
@@ -418,7 +431,7 @@ def _format_row(r: dict) -> str:
     bw = f"{_fmt(r.get('gbps'), '.1f')} GB/s" if r.get("gbps") is not None else ""
     pct = f" ({_fmt(r.get('pct_of_copy'), '.0f')}% of copy)" if r.get("pct_of_copy") is not None else ""
     if r.get("tflops") is not None:
-        bw += f" {r['tflops']:.2f} TFLOP/s"
+        bw += f" {r['tflops']:.3g} TFLOP/s"
     if r.get("peak_mem_bytes") is not None:
         bw += f" peak {_mb(r['peak_mem_bytes']):.0f} MB"
     return (f"  {r['op']:<16} {r['config']:<14} {r['dtype']:<9} {r['mode']:<8} {r['provider']:<20} "
@@ -460,7 +473,7 @@ def markdown_table(rows: list[dict]) -> str:
                      f"{r['median_ms']:.3f} | {_fmt(r['speedup_vs_eager'], '.2f')} | "
                      f"{_fmt(r['speedup_vs_compile'], '.2f')} | {_fmt(r.get('gbps'), '.0f')} | "
                      f"{_fmt(r.get('pct_of_copy'), '.0f')} | {_fmt(r.get('pct_of_peak'), '.0f')} | "
-                     f"{_fmt(r.get('tflops'), '.2f')} | {_fmt(_mb(r.get('peak_mem_bytes')), '.0f')} |")
+                     f"{_fmt(r.get('tflops'), '.3g')} | {_fmt(_mb(r.get('peak_mem_bytes')), '.0f')} |")
     failed = [r for r in rows if "error" in r]
     if failed:
         lines += ["", "Failed correctness (not timed):", ""]

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "attention.h"
+#include "conv.h"
 #include "norm.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -15,6 +16,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_forward_cpu", &mltoolkit::attention_forward_cpu);
   m.def("attention_backward_cpu", &mltoolkit::attention_backward_cpu);
   m.def("rotary_cpu", &mltoolkit::rotary_cpu);
+  m.def("conv2d_forward_cpu", &mltoolkit::conv2d_forward_cpu);
+  m.def("conv2d_backward_cpu", &mltoolkit::conv2d_backward_cpu);
 #ifdef MLTK_WITH_CUDA
   m.def("norm_forward_cuda", &mltoolkit::norm_forward_cuda);
   m.def("norm_backward_cuda", &mltoolkit::norm_backward_cuda);

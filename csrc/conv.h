@@ -1,0 +1,32 @@
+// Host entry points of the convolution kernels. One contract for every backend; mltoolkit/ops/conv.py is the only
+// caller and mltoolkit/ops/reference/conv.py writes it in plain PyTorch.
+//
+// 2-D convolution (conv1d is the H = 1 case), cross-correlation as in torch:
+//   x (N, C, H, W), weight (K, C / groups, R, S), bias (K) or none; stride, padding (zero, symmetric per dim: the
+//   caller pads asymmetric "same" padding and the reflect / replicate / circular modes itself), dilation: 2 ints each.
+//   y[n, k, p, q] = bias[k] + sum_{c in group(k), r, s} x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw] * w[k, c', r, s]
+//   P = (H + 2ph - dh(R-1) - 1) / sh + 1, Q likewise. Outputs with P or Q < 1 are an error.
+// Layout: x is contiguous in NCHW or in channels_last (NHWC); weight is contiguous (either format); y and dx come
+// back in x's memory format, dweight in weight's, dbias contiguous. One dtype for x, weight, bias, dy: float32,
+// float64 (CPU), float16, bfloat16 (half types accumulate in float32).
+// Backward: returns {dx, dweight, dbias}, each undefined unless asked for (output_mask = {x, weight, bias}).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace mltoolkit {
+
+std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                                           std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                                           int64_t groups);
+
+std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                            std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                            std::vector<int64_t> dilation, int64_t groups,
+                                            std::vector<bool> output_mask);
+
+}  // namespace mltoolkit

@@ -1,20 +1,633 @@
-// PLACEHOLDER until the CPU convolution kernel lands (replaced by its own branch).
-#include <c10/util/Exception.h>
+// CPU 2-D convolution, forward and backward; the contract is in csrc/conv.h.
+//
+// Math in acc_t: float, or double for float64. fp16/bf16 inputs are widened to float once up front (x, weight, dy)
+// and the results rounded back at the end; the kernels below only see float or double.
+//
+// Every tile product runs through the register-blocked micro-kernel of attention_gemm.h (B packed in panels), with
+// the GEMM orientation that makes each layout's im2col natural:
+//   NCHW forward:  Y[Kg x pixels] = W[Kg x Kc] * col[Kc x pixels]; col is packed straight into B panels from x, one
+//                  tile of output pixels at a time (the whole im2col matrix is never formed).
+//   NHWC forward:  Y^T[pixels x Kg] = col^T[pixels x Kc] * W^T[Kc x Kg]; col^T rows are copies of contiguous
+//                  C-vectors of x (or x itself for a 1x1 / stride 1 / no padding conv); W^T is packed once per call.
+//   Kc = C/groups * R * S is cut in chunks of kKcBytes so that the B sub-panel stays in L1 and the A block in L2.
+// Depthwise (C/groups == K/groups == 1) forward uses a direct kernel (vectorized over q in NCHW, over c in NHWC).
+//
+// Backward: dW = sum_n dy_n * col_n^T, one task per (group, block of dW columns), each summing over batch and pixel
+// tiles in a fixed order (deterministic for any thread count). dx = col2im(W^T dy), one task per (image, group, block
+// of input channels): a task owns its dx channels, so the scatter-add has no races. db = sum of dy, in fixed order.
+// Work is split with at::parallel_for over these tasks.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <vector>
 
 #include "../conv.h"
+#include "attention_gemm.h"
 
 namespace mltoolkit {
+namespace {
 
-std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                           std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
-                                           int64_t) {
-  TORCH_CHECK(false, "conv2d_forward_cpu: not built yet");
+using attn::gemm;
+using attn::kPanel;
+using attn::round_up_panel;
+
+// Depth (Kc) chunk of one GEMM pass: a B sub-panel of kKcBytes / sizeof(T) rows x one panel is 16 KB (half of L1).
+constexpr int64_t kKcBytes = 1024;
+// Rows of A per pass in the NCHW forward (A block = rows x Kc chunk, ~120 KB in L2). Multiple of the 6-row kernel.
+constexpr int64_t kRowsPerBlock = 120;
+// Packed im2col tile of the NCHW forward: at most this many bytes (stays in L2).
+constexpr int64_t kColTileBytes = 512 * 1024;
+// Output pixels per tile in the NHWC forward and dx (rows of A; multiple of the 6-row kernel).
+constexpr int64_t kPixRows = 96;
+// Pixels per reduction tile in dW (B panel = that many rows x one panel).
+constexpr int64_t kRedPix = 256;
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << ")";
+  return out.str();
 }
 
-std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
-                                            int64_t, std::vector<bool>) {
-  TORCH_CHECK(false, "conv2d_backward_cpu: not built yet");
+struct Geo {
+  int64_t N, C, H, W, K, G, Cg, Kg, R, S, P, Q, sh, sw, ph, pw, dh, dw;
+  bool nhwc;
+  int64_t Kc() const { return Cg * R * S; }
+  int64_t PQ() const { return P * Q; }
+  int64_t HW() const { return H * W; }
+};
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+at::MemoryFormat layout_of(const char* fn, const char* name, const at::Tensor& t) {
+  at::MemoryFormat fmt = t.suggest_memory_format();
+  if (t.is_contiguous(fmt)) return fmt;
+  if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  TORCH_CHECK(false, fn, ": ", name, " must be contiguous in NCHW or channels_last memory format, got strides ",
+              shape_str(t.strides()), " for shape ", shape_str(t.sizes()));
+}
+
+Geo check_args(const char* fn, const at::Tensor& x, const at::Tensor& weight, const std::vector<int64_t>& stride,
+               const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups) {
+  TORCH_CHECK(x.defined(), fn, ": x must be a tensor, got an undefined one");
+  TORCH_CHECK(weight.defined(), fn, ": weight must be a tensor, got an undefined one");
+  TORCH_CHECK(x.device().is_cpu(), fn, ": x must be a CPU tensor, got device ", x.device());
+  TORCH_CHECK(weight.device().is_cpu(), fn, ": weight must be a CPU tensor, got device ", weight.device());
+  TORCH_CHECK(x.layout() == at::kStrided, fn, ": x must be a dense (strided) tensor, got layout ", x.layout());
+  TORCH_CHECK(weight.layout() == at::kStrided, fn, ": weight must be a dense (strided) tensor, got layout ",
+              weight.layout());
+  TORCH_CHECK(supported_dtype(x.scalar_type()), fn,
+              ": x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), fn, ": weight must have x's dtype ", x.scalar_type(),
+              ", got ", weight.scalar_type());
+  TORCH_CHECK(x.dim() == 4, fn, ": x must be 4-D (N, C, H, W), got shape ", shape_str(x.sizes()));
+  TORCH_CHECK(weight.dim() == 4, fn, ": weight must be 4-D (K, C / groups, R, S), got shape ",
+              shape_str(weight.sizes()));
+  TORCH_CHECK(stride.size() == 2, fn, ": stride must have 2 elements, got ", stride.size());
+  TORCH_CHECK(padding.size() == 2, fn, ": padding must have 2 elements, got ", padding.size());
+  TORCH_CHECK(dilation.size() == 2, fn, ": dilation must have 2 elements, got ", dilation.size());
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, fn, ": stride must be >= 1, got (", stride[0], ", ", stride[1], ")");
+  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, fn, ": dilation must be >= 1, got (", dilation[0], ", ",
+              dilation[1], ")");
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, fn, ": padding must be >= 0, got (", padding[0], ", ", padding[1],
+              ")");
+  TORCH_CHECK(groups >= 1, fn, ": groups must be >= 1, got ", groups);
+  Geo g{};
+  g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
+  g.K = weight.size(0), g.R = weight.size(2), g.S = weight.size(3), g.G = groups;
+  TORCH_CHECK(g.C % groups == 0, fn, ": x's channels (", g.C, ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK(g.K % groups == 0, fn, ": weight's output channels (", g.K, ") must be divisible by groups (", groups,
+              ")");
+  g.Cg = g.C / groups, g.Kg = g.K / groups;
+  TORCH_CHECK(weight.size(1) == g.Cg, fn, ": weight.size(1) must be C / groups = ", g.Cg, ", got weight of shape ",
+              shape_str(weight.sizes()));
+  TORCH_CHECK(g.K >= 1 && g.R >= 1 && g.S >= 1, fn, ": weight must not be empty, got shape ",
+              shape_str(weight.sizes()));
+  g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
+  const int64_t hp = g.H + 2 * g.ph - g.dh * (g.R - 1) - 1, wp = g.W + 2 * g.pw - g.dw * (g.S - 1) - 1;
+  g.P = hp < 0 ? 0 : hp / g.sh + 1;
+  g.Q = wp < 0 ? 0 : wp / g.sw + 1;
+  TORCH_CHECK(g.P >= 1 && g.Q >= 1, fn, ": output size must be >= 1, got (", hp < 0 ? hp / g.sh : g.P, ", ",
+              wp < 0 ? wp / g.sw : g.Q, ") for x of shape ", shape_str(x.sizes()), ", weight of shape ",
+              shape_str(weight.sizes()), ", padding (", g.ph, ", ", g.pw, "), dilation (", g.dh, ", ", g.dw, ")");
+  g.nhwc = layout_of(fn, "x", x) == at::MemoryFormat::ChannelsLast;
+  layout_of(fn, "weight", weight);
+  return g;
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::MemoryFormat fmt_of(const Geo& g) {
+  return g.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// Weight as (K, Cg*R*S) in (c, r, s) order, or in (r, s, c) order for NHWC.
+at::Tensor weight_rows(const at::Tensor& weight, at::ScalarType acc, bool rsc) {
+  at::Tensor w = weight.to(acc);
+  return rsc ? w.permute({0, 2, 3, 1}).contiguous() : w.contiguous();
+}
+
+// Tasks per parallel chunk so that one chunk does at least ~256K multiply-adds.
+int64_t grain_for(int64_t macs_per_task) {
+  return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, macs_per_task));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward
+
+template <typename T>
+void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
+  constexpr int64_t Pn = kPanel<T>;
+  const int64_t Kc = g.Kc(), PQ = g.PQ(), HW = g.HW(), RS = g.R * g.S;
+  const int64_t kcb = kKcBytes / int64_t(sizeof(T));
+  int64_t tp = (kColTileBytes / int64_t(sizeof(T))) / Kc / Pn * Pn;
+  tp = std::clamp<int64_t>(tp, Pn, 16 * Pn);
+  tp = std::min(tp, round_up_panel<T>(PQ));
+  const int64_t ntiles = (PQ + tp - 1) / tp;
+  const int64_t tasks = g.N * g.G * ntiles;
+  at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp), [&](int64_t begin, int64_t end) {
+    std::vector<T> bp(Kc * tp), cb(g.Kg * tp);
+    std::vector<int64_t> ihb(tp), iwb(tp);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / (g.G * ntiles), gg = (t / ntiles) % g.G, p0 = (t % ntiles) * tp;
+      const int64_t pc = std::min(tp, PQ - p0);
+      for (int64_t j = 0; j < tp; ++j) {
+        const int64_t pix = p0 + j;
+        if (pix < PQ) {
+          ihb[j] = (pix / g.Q) * g.sh - g.ph;
+          iwb[j] = (pix % g.Q) * g.sw - g.pw;
+        } else {
+          ihb[j] = iwb[j] = -(int64_t{1} << 40);
+        }
+      }
+      const T* xb = x + (n * g.C + gg * g.Cg) * HW;
+      for (int64_t p = 0; p < Kc; ++p) {
+        const int64_t c = p / RS, r = (p / g.S) % g.R, s = p % g.S;
+        const T* xc = xb + c * HW;
+        const int64_t oh = r * g.dh, ow = s * g.dw;
+        for (int64_t jp = 0; jp < tp; jp += Pn) {
+          T* dst = bp.data() + (jp / Pn) * Kc * Pn + p * Pn;
+          for (int64_t jj = 0; jj < Pn; ++jj) {
+            const int64_t ih = ihb[jp + jj] + oh, iw = iwb[jp + jj] + ow;
+            dst[jj] = (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) ? xc[ih * g.W + iw] : T(0);
+          }
+        }
+      }
+      for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
+        const int64_t kl = std::min(kcb, Kc - k0);
+        for (int64_t m0 = 0; m0 < g.Kg; m0 += kRowsPerBlock) {
+          const int64_t ml = std::min(kRowsPerBlock, g.Kg - m0);
+          gemm<T>(ml, pc, kl, w + (gg * g.Kg + m0) * Kc + k0, Kc, 1, bp.data() + k0 * Pn, Kc * Pn,
+                  cb.data() + m0 * tp, tp, k0 > 0);
+        }
+      }
+      for (int64_t k = 0; k < g.Kg; ++k) {
+        T* yk = y + (n * g.K + gg * g.Kg + k) * PQ + p0;
+        const T bv = b ? b[gg * g.Kg + k] : T(0);
+        const T* ck = cb.data() + k * tp;
+        for (int64_t j = 0; j < pc; ++j) yk[j] = ck[j] + bv;
+      }
+    }
+  });
+}
+
+template <typename T>
+void fwd_nhwc(const Geo& g, const T* x, const T* w_rsc, const T* b, T* y) {
+  constexpr int64_t Pn = kPanel<T>;
+  const int64_t Kc = g.Kc(), PQ = g.PQ(), Kgp = round_up_panel<T>(g.Kg);
+  const int64_t kcb = kKcBytes / int64_t(sizeof(T));
+  std::vector<T> bw(g.G * Kc * Kgp);
+  for (int64_t gg = 0; gg < g.G; ++gg)
+    attn::pack_transposed<T, T>(w_rsc + gg * g.Kg * Kc, Kc, Kc, g.Kg, bw.data() + gg * Kc * Kgp, Kc * Pn);
+  const bool direct = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+  const int64_t tp = std::min<int64_t>(kPixRows, PQ);
+  const int64_t ntiles = (PQ + tp - 1) / tp;
+  const int64_t tasks = g.N * g.G * ntiles;
+  at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp), [&](int64_t begin, int64_t end) {
+    std::vector<T> a(direct ? 0 : tp * Kc), cb(tp * Kgp);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / (g.G * ntiles), gg = (t / ntiles) % g.G, p0 = (t % ntiles) * tp;
+      const int64_t pc = std::min(tp, PQ - p0);
+      const T* ap;
+      int64_t rsa;
+      if (direct) {
+        ap = x + (n * g.H * g.W + p0) * g.C + gg * g.Cg;
+        rsa = g.C;
+      } else {
+        for (int64_t j = 0; j < pc; ++j) {
+          const int64_t pix = p0 + j, ih0 = (pix / g.Q) * g.sh - g.ph, iw0 = (pix % g.Q) * g.sw - g.pw;
+          T* dst = a.data() + j * Kc;
+          for (int64_t r = 0; r < g.R; ++r) {
+            const int64_t ih = ih0 + r * g.dh;
+            for (int64_t s = 0; s < g.S; ++s) {
+              const int64_t iw = iw0 + s * g.dw;
+              T* d = dst + (r * g.S + s) * g.Cg;
+              if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
+                std::memcpy(d, x + ((n * g.H + ih) * g.W + iw) * g.C + gg * g.Cg, g.Cg * sizeof(T));
+              else
+                std::memset(d, 0, g.Cg * sizeof(T));
+            }
+          }
+        }
+        ap = a.data();
+        rsa = Kc;
+      }
+      for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
+        const int64_t kl = std::min(kcb, Kc - k0);
+        gemm<T>(pc, g.Kg, kl, ap + k0, rsa, 1, bw.data() + gg * Kc * Kgp + k0 * Pn, Kc * Pn, cb.data(), Kgp,
+                k0 > 0);
+      }
+      for (int64_t j = 0; j < pc; ++j) {
+        T* yr = y + (n * PQ + p0 + j) * g.K + gg * g.Kg;
+        const T* cr = cb.data() + j * Kgp;
+        if (b) {
+          const T* br = b + gg * g.Kg;
+          for (int64_t k = 0; k < g.Kg; ++k) yr[k] = cr[k] + br[k];
+        } else {
+          for (int64_t k = 0; k < g.Kg; ++k) yr[k] = cr[k];
+        }
+      }
+    }
+  });
+}
+
+// Valid q range for one filter column: iw = q*sw + off in [0, W).
+inline void q_range(int64_t off, int64_t sw, int64_t W, int64_t Q, int64_t& qlo, int64_t& qhi) {
+  qlo = off < 0 ? (-off + sw - 1) / sw : 0;
+  qhi = W - 1 - off < 0 ? 0 : std::min(Q, (W - 1 - off) / sw + 1);
+  if (qhi < qlo) qhi = qlo;
+}
+
+template <typename T>
+void fwd_depthwise_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
+  const int64_t HW = g.HW(), PQ = g.PQ(), RS = g.R * g.S;
+  at::parallel_for(0, g.N * g.C, grain_for(PQ * RS), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c = t % g.C;
+      const T* xp = x + t * HW;
+      const T* wc = w + c * RS;
+      const T bv = b ? b[c] : T(0);
+      for (int64_t p = 0; p < g.P; ++p) {
+        T* __restrict__ yr = y + t * PQ + p * g.Q;
+        for (int64_t q = 0; q < g.Q; ++q) yr[q] = bv;
+        for (int64_t r = 0; r < g.R; ++r) {
+          const int64_t ih = p * g.sh - g.ph + r * g.dh;
+          if (ih < 0 || ih >= g.H) continue;
+          const T* xr = xp + ih * g.W;
+          for (int64_t s = 0; s < g.S; ++s) {
+            const T wv = wc[r * g.S + s];
+            const int64_t off = s * g.dw - g.pw;
+            int64_t qlo, qhi;
+            q_range(off, g.sw, g.W, g.Q, qlo, qhi);
+            if (g.sw == 1) {
+              const T* __restrict__ xs = xr + off;
+              for (int64_t q = qlo; q < qhi; ++q) yr[q] += wv * xs[q];
+            } else {
+              for (int64_t q = qlo; q < qhi; ++q) yr[q] += wv * xr[q * g.sw + off];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// w_t: (R*S, C).
+template <typename T>
+void fwd_depthwise_nhwc(const Geo& g, const T* x, const T* w_t, const T* b, T* y) {
+  const int64_t C = g.C;
+  at::parallel_for(0, g.N * g.P, grain_for(g.Q * C * g.R * g.S), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / g.P, p = t % g.P;
+      for (int64_t q = 0; q < g.Q; ++q) {
+        T* __restrict__ yv = y + (t * g.Q + q) * C;
+        if (b)
+          for (int64_t c = 0; c < C; ++c) yv[c] = b[c];
+        else
+          for (int64_t c = 0; c < C; ++c) yv[c] = T(0);
+        for (int64_t r = 0; r < g.R; ++r) {
+          const int64_t ih = p * g.sh - g.ph + r * g.dh;
+          if (ih < 0 || ih >= g.H) continue;
+          for (int64_t s = 0; s < g.S; ++s) {
+            const int64_t iw = q * g.sw - g.pw + s * g.dw;
+            if (iw < 0 || iw >= g.W) continue;
+            const T* __restrict__ xv = x + ((n * g.H + ih) * g.W + iw) * C;
+            const T* __restrict__ wv = w_t + (r * g.S + s) * C;
+            for (int64_t c = 0; c < C; ++c) yv[c] += wv[c] * xv[c];
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward
+
+// dW (K, Kc) in (c, r, s) order (NCHW) or (r, s, c) order (NHWC).
+template <typename T>
+void bwd_weight(const Geo& g, const T* x, const T* dy, T* dw) {
+  constexpr int64_t Pn = kPanel<T>;
+  const int64_t Kc = g.Kc(), PQ = g.PQ(), HW = g.HW();
+  const int64_t nb = 4 * Pn;
+  const int64_t ncb = (Kc + nb - 1) / nb;
+  const int64_t tp = std::min<int64_t>(kRedPix, PQ);
+  const int64_t ntiles = (PQ + tp - 1) / tp;
+  at::parallel_for(0, g.G * ncb, grain_for(g.N * PQ * g.Kg * nb), [&](int64_t begin, int64_t end) {
+    std::vector<T> bp(tp * nb), cb(g.Kg * nb);
+    std::vector<int64_t> ihb(tp), iwb(tp), cr(nb), cs(nb), cc(nb);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t gg = t / ncb, j0 = (t % ncb) * nb, jl = std::min(nb, Kc - j0);
+      for (int64_t jj = 0; jj < nb; ++jj) {
+        const int64_t jc = std::min(j0 + jj, Kc - 1);
+        if (g.nhwc) {
+          cc[jj] = jc % g.Cg, cr[jj] = (jc / g.Cg) / g.S, cs[jj] = (jc / g.Cg) % g.S;
+        } else {
+          cc[jj] = jc / (g.R * g.S), cr[jj] = (jc / g.S) % g.R, cs[jj] = jc % g.S;
+        }
+      }
+      bool first = true;
+      for (int64_t n = 0; n < g.N; ++n) {
+        for (int64_t tile = 0; tile < ntiles; ++tile) {
+          const int64_t p0 = tile * tp, pc = std::min(tp, PQ - p0);
+          for (int64_t j = 0; j < pc; ++j) {
+            ihb[j] = ((p0 + j) / g.Q) * g.sh - g.ph;
+            iwb[j] = ((p0 + j) % g.Q) * g.sw - g.pw;
+          }
+          // B(p = pixel, j = dW column), panels of Pn columns, panel stride tp * Pn.
+          for (int64_t jp = 0; jp < nb; jp += Pn) {
+            T* panel = bp.data() + (jp / Pn) * tp * Pn;
+            if (g.nhwc) {
+              const T* xn = x + n * HW * g.C + gg * g.Cg;
+              for (int64_t p = 0; p < pc; ++p) {
+                T* dst = panel + p * Pn;
+                for (int64_t jj = 0; jj < Pn; ++jj) {
+                  const int64_t j = jp + jj;
+                  const int64_t ih = ihb[p] + cr[j] * g.dh, iw = iwb[p] + cs[j] * g.dw;
+                  dst[jj] = (j < jl && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) ? xn[(ih * g.W + iw) * g.C + cc[j]]
+                                                                                   : T(0);
+                }
+              }
+            } else {
+              for (int64_t jj = 0; jj < Pn; ++jj) {
+                const int64_t j = jp + jj;
+                if (j >= jl) {
+                  for (int64_t p = 0; p < pc; ++p) panel[p * Pn + jj] = T(0);
+                  continue;
+                }
+                const T* xc = x + (n * g.C + gg * g.Cg + cc[j]) * HW;
+                const int64_t oh = cr[j] * g.dh, ow = cs[j] * g.dw;
+                for (int64_t p = 0; p < pc; ++p) {
+                  const int64_t ih = ihb[p] + oh, iw = iwb[p] + ow;
+                  panel[p * Pn + jj] = (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) ? xc[ih * g.W + iw] : T(0);
+                }
+              }
+            }
+          }
+          if (g.nhwc)
+            gemm<T>(g.Kg, jl, pc, dy + (n * PQ + p0) * g.K + gg * g.Kg, 1, g.K, bp.data(), tp * Pn, cb.data(), nb,
+                    !first);
+          else
+            gemm<T>(g.Kg, jl, pc, dy + (n * g.K + gg * g.Kg) * PQ + p0, PQ, 1, bp.data(), tp * Pn, cb.data(), nb,
+                    !first);
+          first = false;
+        }
+      }
+      for (int64_t k = 0; k < g.Kg; ++k)
+        std::memcpy(dw + (gg * g.Kg + k) * Kc + j0, cb.data() + k * nb, jl * sizeof(T));
+    }
+  });
+}
+
+// Channel block of the dx tasks: enough tasks to keep every thread busy.
+int64_t dx_channel_block(const Geo& g) {
+  const int64_t want = 4 * at::get_num_threads();
+  const int64_t per = (want + g.N * g.G - 1) / (g.N * g.G);
+  return std::max<int64_t>(1, (g.Cg + per - 1) / per);
+}
+
+// dx (zeroed, x's layout) += col2im(W^T dy). w: (K, Kc) in (c, r, s) order (NCHW) or (r, s, c) order (NHWC).
+template <typename T>
+void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
+  constexpr int64_t Pn = kPanel<T>;
+  const int64_t Kc = g.Kc(), PQ = g.PQ(), HW = g.HW(), RS = g.R * g.S;
+  const int64_t kcb = kKcBytes / int64_t(sizeof(T));
+  const int64_t cbk = dx_channel_block(g);
+  const int64_t ncb = (g.Cg + cbk - 1) / cbk;
+  const int64_t tasks = g.N * g.G * ncb;
+  if (!g.nhwc) {
+    int64_t tp = (kColTileBytes / 2 / int64_t(sizeof(T))) / g.Kg / Pn * Pn;
+    tp = std::clamp<int64_t>(tp, Pn, 16 * Pn);
+    tp = std::min(tp, round_up_panel<T>(PQ));
+    const int64_t ntiles = (PQ + tp - 1) / tp;
+    at::parallel_for(0, tasks, grain_for(PQ * g.Kg * cbk * RS), [&](int64_t begin, int64_t end) {
+      std::vector<T> bp(g.Kg * tp), cb(cbk * RS * tp);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / (g.G * ncb), gg = (t / ncb) % g.G, c0 = (t % ncb) * cbk;
+        const int64_t cn = std::min(cbk, g.Cg - c0), m = cn * RS;
+        const T* a = w + gg * g.Kg * Kc + c0 * RS;
+        for (int64_t tile = 0; tile < ntiles; ++tile) {
+          const int64_t p0 = tile * tp, pc = std::min(tp, PQ - p0);
+          attn::pack_rows<T, T>(dy + (n * g.K + gg * g.Kg) * PQ + p0, PQ, g.Kg, pc, bp.data(), g.Kg * Pn);
+          for (int64_t k0 = 0; k0 < g.Kg; k0 += kcb) {
+            const int64_t kl = std::min(kcb, g.Kg - k0);
+            gemm<T>(m, pc, kl, a + k0 * Kc, 1, Kc, bp.data() + k0 * Pn, g.Kg * Pn, cb.data(), tp, k0 > 0);
+          }
+          for (int64_t i = 0; i < m; ++i) {
+            const int64_t c = i / RS, r = (i / g.S) % g.R, s = i % g.S;
+            T* dxc = dx + (n * g.C + gg * g.Cg + c0 + c) * HW;
+            const T* ci = cb.data() + i * tp;
+            for (int64_t j = 0; j < pc; ++j) {
+              const int64_t pix = p0 + j;
+              const int64_t ih = (pix / g.Q) * g.sh - g.ph + r * g.dh, iw = (pix % g.Q) * g.sw - g.pw + s * g.dw;
+              if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) dxc[ih * g.W + iw] += ci[j];
+            }
+          }
+        }
+      }
+    });
+  } else {
+    const int64_t tp = std::min<int64_t>(kPixRows, PQ);
+    const int64_t ntiles = (PQ + tp - 1) / tp;
+    const int64_t ncolp = round_up_panel<T>(RS * cbk);
+    at::parallel_for(0, tasks, grain_for(PQ * g.Kg * cbk * RS), [&](int64_t begin, int64_t end) {
+      std::vector<T> bw(g.Kg * ncolp), cb(tp * ncolp);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / (g.G * ncb), gg = (t / ncb) % g.G, c0 = (t % ncb) * cbk;
+        const int64_t cn = std::min(cbk, g.Cg - c0), ncol = RS * cn;
+        // B(p = k, j = (rs, cc)) = w[(gg*Kg + k), rs, c0 + cc], panels of Pn columns.
+        for (int64_t jp = 0; jp < ncolp; jp += Pn) {
+          T* panel = bw.data() + (jp / Pn) * g.Kg * Pn;
+          for (int64_t jj = 0; jj < Pn; ++jj) {
+            const int64_t j = jp + jj;
+            if (j >= ncol) {
+              for (int64_t k = 0; k < g.Kg; ++k) panel[k * Pn + jj] = T(0);
+              continue;
+            }
+            const T* src = w + gg * g.Kg * Kc + (j / cn) * g.Cg + c0 + j % cn;
+            for (int64_t k = 0; k < g.Kg; ++k) panel[k * Pn + jj] = src[k * Kc];
+          }
+        }
+        for (int64_t tile = 0; tile < ntiles; ++tile) {
+          const int64_t p0 = tile * tp, pc = std::min(tp, PQ - p0);
+          const T* a = dy + (n * PQ + p0) * g.K + gg * g.Kg;
+          for (int64_t k0 = 0; k0 < g.Kg; k0 += kcb) {
+            const int64_t kl = std::min(kcb, g.Kg - k0);
+            gemm<T>(pc, ncol, kl, a + k0, g.K, 1, bw.data() + k0 * Pn, g.Kg * Pn, cb.data(), ncolp, k0 > 0);
+          }
+          for (int64_t j = 0; j < pc; ++j) {
+            const int64_t pix = p0 + j, ih0 = (pix / g.Q) * g.sh - g.ph, iw0 = (pix % g.Q) * g.sw - g.pw;
+            for (int64_t r = 0; r < g.R; ++r) {
+              const int64_t ih = ih0 + r * g.dh;
+              if (ih < 0 || ih >= g.H) continue;
+              for (int64_t s = 0; s < g.S; ++s) {
+                const int64_t iw = iw0 + s * g.dw;
+                if (iw < 0 || iw >= g.W) continue;
+                T* __restrict__ d = dx + ((n * g.H + ih) * g.W + iw) * g.C + gg * g.Cg + c0;
+                const T* __restrict__ src = cb.data() + j * ncolp + (r * g.S + s) * cn;
+                for (int64_t c = 0; c < cn; ++c) d[c] += src[c];
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+template <typename T>
+void bwd_bias(const Geo& g, const T* dy, T* db) {
+  const int64_t PQ = g.PQ();
+  if (!g.nhwc) {
+    at::parallel_for(0, g.K, grain_for(g.N * PQ), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        T acc = 0;
+        for (int64_t n = 0; n < g.N; ++n) {
+          const T* row = dy + (n * g.K + k) * PQ;
+          T s = 0;
+          for (int64_t j = 0; j < PQ; ++j) s += row[j];
+          acc += s;
+        }
+        db[k] = acc;
+      }
+    });
+  } else {
+    std::fill(db, db + g.K, T(0));
+    const int64_t rows = g.N * PQ;
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* __restrict__ row = dy + i * g.K;
+      for (int64_t k = 0; k < g.K; ++k) db[k] += row[k];
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                                           std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                                           int64_t groups) {
+  constexpr const char* fn = "conv2d_forward_cpu";
+  const Geo g = check_args(fn, x, weight, stride, padding, dilation, groups);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.device().is_cpu(), fn, ": bias must be a CPU tensor, got device ", b.device());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), fn, ": bias must have x's dtype ", x.scalar_type(), ", got ",
+                b.scalar_type());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == g.K, fn, ": bias must have shape (K,) = (", g.K, ",), got ",
+                shape_str(b.sizes()));
+  }
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  const at::MemoryFormat fmt = fmt_of(g);
+  const at::Tensor xa = x.to(acc).contiguous(fmt);
+  const at::Tensor ba = has_bias ? bias->to(acc).contiguous() : at::Tensor();
+  at::Tensor y = at::empty({g.N, g.K, g.P, g.Q}, x.options().dtype(acc), fmt);
+  const bool depthwise = g.Cg == 1 && g.Kg == 1;
+  at::Tensor wa;
+  if (depthwise && g.nhwc)
+    wa = weight.to(acc).contiguous().reshape({g.K, g.R * g.S}).t().contiguous();
+  else
+    wa = weight_rows(weight, acc, g.nhwc);
+  if (acc == at::kDouble) {
+    using T = double;
+    const T* bp = has_bias ? ba.data_ptr<T>() : nullptr;
+    if (depthwise && g.nhwc) fwd_depthwise_nhwc<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
+    else if (depthwise) fwd_depthwise_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
+    else if (g.nhwc) fwd_nhwc<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
+    else fwd_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
+  } else {
+    using T = float;
+    const T* bp = has_bias ? ba.data_ptr<T>() : nullptr;
+    if (depthwise && g.nhwc) fwd_depthwise_nhwc<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
+    else if (depthwise) fwd_depthwise_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
+    else if (g.nhwc) fwd_nhwc<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
+    else fwd_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
+  }
+  if (x.scalar_type() != acc) y = y.to(x.scalar_type());
+  return {y};
+}
+
+std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                            std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                            std::vector<int64_t> dilation, int64_t groups,
+                                            std::vector<bool> output_mask) {
+  constexpr const char* fn = "conv2d_backward_cpu";
+  const Geo g = check_args(fn, x, weight, stride, padding, dilation, groups);
+  TORCH_CHECK(output_mask.size() == 3, fn, ": output_mask must have 3 elements (x, weight, bias), got ",
+              output_mask.size());
+  TORCH_CHECK(dy.defined(), fn, ": dy must be a tensor, got an undefined one");
+  TORCH_CHECK(dy.device().is_cpu(), fn, ": dy must be a CPU tensor, got device ", dy.device());
+  TORCH_CHECK(dy.layout() == at::kStrided, fn, ": dy must be a dense (strided) tensor, got layout ", dy.layout());
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), fn, ": dy must have x's dtype ", x.scalar_type(), ", got ",
+              dy.scalar_type());
+  TORCH_CHECK(dy.dim() == 4 && dy.size(0) == g.N && dy.size(1) == g.K && dy.size(2) == g.P && dy.size(3) == g.Q, fn,
+              ": dy must have shape (N, K, P, Q) = (", g.N, ", ", g.K, ", ", g.P, ", ", g.Q, "), got ",
+              shape_str(dy.sizes()));
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  const at::MemoryFormat fmt = fmt_of(g);
+  // dy may arrive in any strides (expanded from .sum().backward(), or in the other layout): make it x's layout.
+  const at::Tensor dya = dy.to(acc).contiguous(fmt);
+  at::Tensor dx, dw, db;
+  if (output_mask[0] || output_mask[1]) {
+    const at::Tensor xa = output_mask[1] ? x.to(acc).contiguous(fmt) : at::Tensor();
+    const at::Tensor wa = output_mask[0] ? weight_rows(weight, acc, g.nhwc) : at::Tensor();
+    at::Tensor dwa = output_mask[1] ? at::empty({g.K, g.Kc()}, x.options().dtype(acc)) : at::Tensor();
+    if (output_mask[0]) dx = at::empty({g.N, g.C, g.H, g.W}, x.options().dtype(acc), fmt).zero_();
+    if (acc == at::kDouble) {
+      using T = double;
+      if (output_mask[1]) bwd_weight<T>(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
+      if (output_mask[0]) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
+    } else {
+      using T = float;
+      if (output_mask[1]) bwd_weight<T>(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
+      if (output_mask[0]) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
+    }
+    if (output_mask[0] && x.scalar_type() != acc) dx = dx.to(x.scalar_type());
+    if (output_mask[1]) {
+      const at::Tensor src = g.nhwc ? dwa.view({g.K, g.R, g.S, g.Cg}).permute({0, 3, 1, 2})
+                                    : dwa.view({g.K, g.Cg, g.R, g.S});
+      const at::MemoryFormat wfmt = layout_of(fn, "weight", weight);
+      dw = at::empty(weight.sizes(), weight.options(), wfmt);
+      dw.copy_(src);
+    }
+  }
+  if (output_mask[2]) {
+    at::Tensor dba = at::empty({g.K}, x.options().dtype(acc));
+    if (acc == at::kDouble) bwd_bias<double>(g, dya.data_ptr<double>(), dba.data_ptr<double>());
+    else bwd_bias<float>(g, dya.data_ptr<float>(), dba.data_ptr<float>());
+    db = x.scalar_type() != acc ? dba.to(x.scalar_type()) : dba;
+  }
+  return {dx, dw, db};
 }
 
 }  // namespace mltoolkit

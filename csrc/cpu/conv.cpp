@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <algorithm>
 #include <cstring>
@@ -154,6 +155,8 @@ void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
   tp = std::min(tp, round_up_panel<T>(PQ));
   const int64_t ntiles = (PQ + tp - 1) / tp;
   const int64_t tasks = g.N * g.G * ntiles;
+  // 1x1, stride 1, no padding: the im2col rows are x's channel planes, packed as they are.
+  const bool direct = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
   at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp), [&](int64_t begin, int64_t end) {
     std::vector<T> bp(Kc * tp), cb(g.Kg * tp);
     std::vector<int64_t> ihb(tp), iwb(tp);
@@ -170,7 +173,8 @@ void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
         }
       }
       const T* xb = x + (n * g.C + gg * g.Cg) * HW;
-      for (int64_t p = 0; p < Kc; ++p) {
+      if (direct) attn::pack_rows<T, T>(xb + p0, HW, Kc, pc, bp.data(), Kc * Pn);
+      for (int64_t p = 0; p < (direct ? 0 : Kc); ++p) {
         const int64_t c = p / RS, r = (p / g.S) % g.R, s = p % g.S;
         const T* xc = xb + c * HW;
         const int64_t oh = r * g.dh, ow = s * g.dw;
@@ -504,6 +508,132 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
   }
 }
 
+// Depthwise (C/groups == K/groups == 1) backward, direct. NCHW: one task per (image, channel) plane for dx
+// (scatter-add inside the plane the task owns), one task per channel for dW (batch and pixels summed in order).
+// NHWC: dx gathered per input row (each task owns its rows), dW from fixed row chunks whose partial sums are added
+// in chunk order. Fixed orders everywhere: deterministic for any thread count.
+// w: (C, R*S) for NCHW, (R*S, C) for NHWC; dw in the same layout.
+template <typename T>
+void bwd_depthwise(const Geo& g, const T* x, const T* dy, const T* w, T* dx, T* dw) {
+  const int64_t HW = g.HW(), PQ = g.PQ(), RS = g.R * g.S, C = g.C;
+  if (!g.nhwc) {
+    if (dx)
+      at::parallel_for(0, g.N * C, grain_for(PQ * RS), [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t c = t % C;
+          T* dxp = dx + t * HW;
+          const T* wc = w + c * RS;
+          for (int64_t p = 0; p < g.P; ++p) {
+            const T* __restrict__ dyr = dy + t * PQ + p * g.Q;
+            for (int64_t r = 0; r < g.R; ++r) {
+              const int64_t ih = p * g.sh - g.ph + r * g.dh;
+              if (ih < 0 || ih >= g.H) continue;
+              T* dxr = dxp + ih * g.W;
+              for (int64_t s = 0; s < g.S; ++s) {
+                const T wv = wc[r * g.S + s];
+                const int64_t off = s * g.dw - g.pw;
+                int64_t qlo, qhi;
+                q_range(off, g.sw, g.W, g.Q, qlo, qhi);
+                if (g.sw == 1) {
+                  T* __restrict__ d = dxr + off;
+                  for (int64_t q = qlo; q < qhi; ++q) d[q] += wv * dyr[q];
+                } else {
+                  for (int64_t q = qlo; q < qhi; ++q) dxr[q * g.sw + off] += wv * dyr[q];
+                }
+              }
+            }
+          }
+        }
+      });
+    if (dw)
+      at::parallel_for(0, C, grain_for(g.N * PQ * RS), [&](int64_t begin, int64_t end) {
+        std::vector<T> acc(RS);
+        for (int64_t c = begin; c < end; ++c) {
+          std::fill(acc.begin(), acc.end(), T(0));
+          for (int64_t n = 0; n < g.N; ++n) {
+            const T* xp = x + (n * C + c) * HW;
+            for (int64_t p = 0; p < g.P; ++p) {
+              const T* __restrict__ dyr = dy + (n * C + c) * PQ + p * g.Q;
+              for (int64_t r = 0; r < g.R; ++r) {
+                const int64_t ih = p * g.sh - g.ph + r * g.dh;
+                if (ih < 0 || ih >= g.H) continue;
+                const T* xr = xp + ih * g.W;
+                for (int64_t s = 0; s < g.S; ++s) {
+                  const int64_t off = s * g.dw - g.pw;
+                  int64_t qlo, qhi;
+                  q_range(off, g.sw, g.W, g.Q, qlo, qhi);
+                  T sum = 0;
+                  if (g.sw == 1) {
+                    const T* __restrict__ xs = xr + off;
+                    for (int64_t q = qlo; q < qhi; ++q) sum += dyr[q] * xs[q];
+                  } else {
+                    for (int64_t q = qlo; q < qhi; ++q) sum += dyr[q] * xr[q * g.sw + off];
+                  }
+                  acc[r * g.S + s] += sum;
+                }
+              }
+            }
+          }
+          std::copy(acc.begin(), acc.end(), dw + c * RS);
+        }
+      });
+    return;
+  }
+  if (dx)
+    at::parallel_for(0, g.N * g.H, grain_for(g.W * C * RS), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / g.H, ih = t % g.H;
+        for (int64_t iw = 0; iw < g.W; ++iw) {
+          T* __restrict__ d = dx + (t * g.W + iw) * C;
+          for (int64_t c = 0; c < C; ++c) d[c] = T(0);
+          for (int64_t r = 0; r < g.R; ++r) {
+            const int64_t ph = ih + g.ph - r * g.dh;
+            if (ph < 0 || ph % g.sh != 0 || ph / g.sh >= g.P) continue;
+            const int64_t p = ph / g.sh;
+            for (int64_t s = 0; s < g.S; ++s) {
+              const int64_t qw = iw + g.pw - s * g.dw;
+              if (qw < 0 || qw % g.sw != 0 || qw / g.sw >= g.Q) continue;
+              const T* __restrict__ dv = dy + ((n * g.P + p) * g.Q + qw / g.sw) * C;
+              const T* __restrict__ wv = w + (r * g.S + s) * C;
+              for (int64_t c = 0; c < C; ++c) d[c] += wv[c] * dv[c];
+            }
+          }
+        }
+      }
+    });
+  if (dw) {
+    const int64_t rows = g.N * g.P, nchunks = std::min<int64_t>(rows, 32);
+    std::vector<T> part(nchunks * RS * C, T(0));
+    at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ch = begin; ch < end; ++ch) {
+        T* acc = part.data() + ch * RS * C;
+        for (int64_t t = ch * rows / nchunks; t < (ch + 1) * rows / nchunks; ++t) {
+          const int64_t n = t / g.P, p = t % g.P;
+          for (int64_t q = 0; q < g.Q; ++q) {
+            const T* __restrict__ dv = dy + (t * g.Q + q) * C;
+            for (int64_t r = 0; r < g.R; ++r) {
+              const int64_t ih = p * g.sh - g.ph + r * g.dh;
+              if (ih < 0 || ih >= g.H) continue;
+              for (int64_t s = 0; s < g.S; ++s) {
+                const int64_t iw = q * g.sw - g.pw + s * g.dw;
+                if (iw < 0 || iw >= g.W) continue;
+                const T* __restrict__ xv = x + ((n * g.H + ih) * g.W + iw) * C;
+                T* __restrict__ a = acc + (r * g.S + s) * C;
+                for (int64_t c = 0; c < C; ++c) a[c] += dv[c] * xv[c];
+              }
+            }
+          }
+        }
+      }
+    });
+    for (int64_t i = 0; i < RS * C; ++i) {
+      T sum = 0;
+      for (int64_t ch = 0; ch < nchunks; ++ch) sum += part[ch * RS * C + i];
+      dw[i] = sum;
+    }
+  }
+}
+
 template <typename T>
 void bwd_bias(const Geo& g, const T* dy, T* db) {
   const int64_t PQ = g.PQ();
@@ -598,7 +728,30 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
   // dy may arrive in any strides (expanded from .sum().backward(), or in the other layout): make it x's layout.
   const at::Tensor dya = dy.to(acc).contiguous(fmt);
   at::Tensor dx, dw, db;
-  if (output_mask[0] || output_mask[1]) {
+  const bool depthwise = g.Cg == 1 && g.Kg == 1;
+  if (depthwise && (output_mask[0] || output_mask[1])) {
+    const at::Tensor xa = output_mask[1] ? x.to(acc).contiguous(fmt) : at::Tensor();
+    at::Tensor wa = weight.to(acc).contiguous().reshape({g.K, g.R * g.S});
+    if (g.nhwc) wa = wa.t().contiguous();
+    at::Tensor dwa = output_mask[1] ? at::empty_like(wa) : at::Tensor();
+    if (output_mask[0]) dx = at::empty({g.N, g.C, g.H, g.W}, x.options().dtype(acc), fmt);
+    if (!g.nhwc && output_mask[0]) dx.zero_();
+    if (acc == at::kDouble) {
+      using T = double;
+      bwd_depthwise<T>(g, output_mask[1] ? xa.data_ptr<T>() : nullptr, dya.data_ptr<T>(), wa.data_ptr<T>(),
+                       output_mask[0] ? dx.data_ptr<T>() : nullptr, output_mask[1] ? dwa.data_ptr<T>() : nullptr);
+    } else {
+      using T = float;
+      bwd_depthwise<T>(g, output_mask[1] ? xa.data_ptr<T>() : nullptr, dya.data_ptr<T>(), wa.data_ptr<T>(),
+                       output_mask[0] ? dx.data_ptr<T>() : nullptr, output_mask[1] ? dwa.data_ptr<T>() : nullptr);
+    }
+    if (output_mask[0] && x.scalar_type() != acc) dx = dx.to(x.scalar_type());
+    if (output_mask[1]) {
+      const at::Tensor src = (g.nhwc ? dwa.t() : dwa).reshape({g.K, 1, g.R, g.S});
+      dw = at::empty(weight.sizes(), weight.options(), layout_of(fn, "weight", weight));
+      dw.copy_(src);
+    }
+  } else if (output_mask[0] || output_mask[1]) {
     const at::Tensor xa = output_mask[1] ? x.to(acc).contiguous(fmt) : at::Tensor();
     const at::Tensor wa = output_mask[0] ? weight_rows(weight, acc, g.nhwc) : at::Tensor();
     at::Tensor dwa = output_mask[1] ? at::empty({g.K, g.Kc()}, x.options().dtype(acc)) : at::Tensor();

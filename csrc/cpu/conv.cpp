@@ -145,6 +145,70 @@ int64_t grain_for(int64_t macs_per_task) {
 // ---------------------------------------------------------------------------------------------------------------
 // Forward
 
+// Valid q range for one filter column: iw = q*sw + off in [0, W).
+inline void q_range(int64_t off, int64_t sw, int64_t W, int64_t Q, int64_t& qlo, int64_t& qhi) {
+  qlo = off < 0 ? (-off + sw - 1) / sw : 0;
+  qhi = W - 1 - off < 0 ? 0 : std::min(Q, (W - 1 - off) / sw + 1);
+  if (qhi < qlo) qhi = qlo;
+}
+
+// A tile of output pixels [p0, p0 + pc) cut into runs that lie in one output row (and in one B panel of `split`
+// columns), so that im2col / col2im move whole runs of x's rows instead of testing every element.
+struct Seg {
+  int64_t j0, len, ih0, iw0;  // tile column, run length, input row and column of the run's first tap (0, 0)
+};
+
+void make_segs(const Geo& g, int64_t p0, int64_t pc, int64_t split, std::vector<Seg>& segs) {
+  segs.clear();
+  for (int64_t j = 0; j < pc;) {
+    const int64_t pix = p0 + j, oh = pix / g.Q, ow = pix % g.Q;
+    const int64_t len = std::min({g.Q - ow, pc - j, split - j % split});
+    segs.push_back({j, len, oh * g.sh - g.ph, ow * g.sw - g.pw});
+    j += len;
+  }
+}
+
+// dst[t * ds] = row(ih0 + r*dh)[iw0 + s*dw + t*sw] for t < len, zero outside x.
+template <typename T>
+inline void copy_run(const Geo& g, const T* xc, const Seg& sg, int64_t r, int64_t s, T* dst, int64_t ds) {
+  const int64_t ih = sg.ih0 + r * g.dh;
+  if (ih < 0 || ih >= g.H) {
+    for (int64_t t = 0; t < sg.len; ++t) dst[t * ds] = T(0);
+    return;
+  }
+  const int64_t off = sg.iw0 + s * g.dw;
+  int64_t lo, hi;
+  q_range(off, g.sw, g.W, sg.len, lo, hi);
+  const T* xr = xc + ih * g.W + off;
+  for (int64_t t = 0; t < lo; ++t) dst[t * ds] = T(0);
+  if (g.sw == 1 && ds == 1) {
+    for (int64_t t = lo; t < hi; ++t) dst[t] = xr[t];
+  } else {
+    for (int64_t t = lo; t < hi; ++t) dst[t * ds] = xr[t * g.sw];
+  }
+  for (int64_t t = hi; t < sg.len; ++t) dst[t * ds] = T(0);
+}
+
+// Rows [p0, p0 + pc) of col^T for NHWC x, columns [i0, i1) of the (r, s, c) order: dst row j = pixel p0 + j.
+template <typename T>
+void im2col_rows_nhwc(const Geo& g, const T* x, int64_t n, int64_t gg, int64_t p0, int64_t pc, int64_t i0,
+                      int64_t i1, T* dst) {
+  const int64_t ld = i1 - i0, rs0 = i0 / g.Cg, rs1 = (i1 - 1) / g.Cg;
+  for (int64_t j = 0; j < pc; ++j) {
+    const int64_t pix = p0 + j, ih0 = (pix / g.Q) * g.sh - g.ph, iw0 = (pix % g.Q) * g.sw - g.pw;
+    T* row = dst + j * ld;
+    for (int64_t rs = rs0; rs <= rs1; ++rs) {
+      const int64_t r = rs / g.S, s = rs % g.S, ih = ih0 + r * g.dh, iw = iw0 + s * g.dw;
+      const int64_t c0 = std::max(i0, rs * g.Cg) - rs * g.Cg, c1 = std::min(i1, (rs + 1) * g.Cg) - rs * g.Cg;
+      T* d = row + rs * g.Cg + c0 - i0;
+      if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
+        std::memcpy(d, x + ((n * g.H + ih) * g.W + iw) * g.C + gg * g.Cg + c0, (c1 - c0) * sizeof(T));
+      else
+        std::memset(d, 0, (c1 - c0) * sizeof(T));
+    }
+  }
+}
+
 template <typename T>
 void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
   constexpr int64_t Pn = kPanel<T>;
@@ -159,31 +223,22 @@ void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
   const bool direct = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
   at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp), [&](int64_t begin, int64_t end) {
     std::vector<T> bp(Kc * tp), cb(g.Kg * tp);
-    std::vector<int64_t> ihb(tp), iwb(tp);
+    std::vector<Seg> segs;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / (g.G * ntiles), gg = (t / ntiles) % g.G, p0 = (t % ntiles) * tp;
       const int64_t pc = std::min(tp, PQ - p0);
-      for (int64_t j = 0; j < tp; ++j) {
-        const int64_t pix = p0 + j;
-        if (pix < PQ) {
-          ihb[j] = (pix / g.Q) * g.sh - g.ph;
-          iwb[j] = (pix % g.Q) * g.sw - g.pw;
-        } else {
-          ihb[j] = iwb[j] = -(int64_t{1} << 40);
-        }
-      }
       const T* xb = x + (n * g.C + gg * g.Cg) * HW;
-      if (direct) attn::pack_rows<T, T>(xb + p0, HW, Kc, pc, bp.data(), Kc * Pn);
-      for (int64_t p = 0; p < (direct ? 0 : Kc); ++p) {
-        const int64_t c = p / RS, r = (p / g.S) % g.R, s = p % g.S;
-        const T* xc = xb + c * HW;
-        const int64_t oh = r * g.dh, ow = s * g.dw;
-        for (int64_t jp = 0; jp < tp; jp += Pn) {
-          T* dst = bp.data() + (jp / Pn) * Kc * Pn + p * Pn;
-          for (int64_t jj = 0; jj < Pn; ++jj) {
-            const int64_t ih = ihb[jp + jj] + oh, iw = iwb[jp + jj] + ow;
-            dst[jj] = (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) ? xc[ih * g.W + iw] : T(0);
-          }
+      if (direct) {
+        attn::pack_rows<T, T>(xb + p0, HW, Kc, pc, bp.data(), Kc * Pn);
+      } else {
+        make_segs(g, p0, pc, Pn, segs);
+        const int64_t pcp = round_up_panel<T>(pc);
+        for (int64_t p = 0; p < Kc; ++p) {
+          const int64_t c = p / RS, r = (p / g.S) % g.R, s = p % g.S;
+          const T* xc = xb + c * HW;
+          for (const Seg& sg : segs)
+            copy_run(g, xc, sg, r, s, bp.data() + (sg.j0 / Pn) * Kc * Pn + p * Pn + sg.j0 % Pn, 1);
+          for (int64_t j = pc; j < pcp; ++j) bp[(j / Pn) * Kc * Pn + p * Pn + j % Pn] = T(0);
         }
       }
       for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
@@ -227,21 +282,7 @@ void fwd_nhwc(const Geo& g, const T* x, const T* w_rsc, const T* b, T* y) {
         ap = x + (n * g.H * g.W + p0) * g.C + gg * g.Cg;
         rsa = g.C;
       } else {
-        for (int64_t j = 0; j < pc; ++j) {
-          const int64_t pix = p0 + j, ih0 = (pix / g.Q) * g.sh - g.ph, iw0 = (pix % g.Q) * g.sw - g.pw;
-          T* dst = a.data() + j * Kc;
-          for (int64_t r = 0; r < g.R; ++r) {
-            const int64_t ih = ih0 + r * g.dh;
-            for (int64_t s = 0; s < g.S; ++s) {
-              const int64_t iw = iw0 + s * g.dw;
-              T* d = dst + (r * g.S + s) * g.Cg;
-              if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
-                std::memcpy(d, x + ((n * g.H + ih) * g.W + iw) * g.C + gg * g.Cg, g.Cg * sizeof(T));
-              else
-                std::memset(d, 0, g.Cg * sizeof(T));
-            }
-          }
-        }
+        im2col_rows_nhwc(g, x, n, gg, p0, pc, 0, Kc, a.data());
         ap = a.data();
         rsa = Kc;
       }
@@ -264,12 +305,6 @@ void fwd_nhwc(const Geo& g, const T* x, const T* w_rsc, const T* b, T* y) {
   });
 }
 
-// Valid q range for one filter column: iw = q*sw + off in [0, W).
-inline void q_range(int64_t off, int64_t sw, int64_t W, int64_t Q, int64_t& qlo, int64_t& qhi) {
-  qlo = off < 0 ? (-off + sw - 1) / sw : 0;
-  qhi = W - 1 - off < 0 ? 0 : std::min(Q, (W - 1 - off) / sw + 1);
-  if (qhi < qlo) qhi = qlo;
-}
 
 template <typename T>
 void fwd_depthwise_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
@@ -349,6 +384,7 @@ void bwd_weight(const Geo& g, const T* x, const T* dy, T* dw) {
   at::parallel_for(0, g.G * ncb, grain_for(g.N * PQ * g.Kg * nb), [&](int64_t begin, int64_t end) {
     std::vector<T> bp(tp * nb), cb(g.Kg * nb);
     std::vector<int64_t> ihb(tp), iwb(tp), cr(nb), cs(nb), cc(nb);
+    std::vector<Seg> segs;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t gg = t / ncb, j0 = (t % ncb) * nb, jl = std::min(nb, Kc - j0);
       for (int64_t jj = 0; jj < nb; ++jj) {
@@ -367,6 +403,7 @@ void bwd_weight(const Geo& g, const T* x, const T* dy, T* dw) {
             ihb[j] = ((p0 + j) / g.Q) * g.sh - g.ph;
             iwb[j] = ((p0 + j) % g.Q) * g.sw - g.pw;
           }
+          if (!g.nhwc) make_segs(g, p0, pc, pc, segs);
           // B(p = pixel, j = dW column), panels of Pn columns, panel stride tp * Pn.
           for (int64_t jp = 0; jp < nb; jp += Pn) {
             T* panel = bp.data() + (jp / Pn) * tp * Pn;
@@ -389,11 +426,7 @@ void bwd_weight(const Geo& g, const T* x, const T* dy, T* dw) {
                   continue;
                 }
                 const T* xc = x + (n * g.C + gg * g.Cg + cc[j]) * HW;
-                const int64_t oh = cr[j] * g.dh, ow = cs[j] * g.dw;
-                for (int64_t p = 0; p < pc; ++p) {
-                  const int64_t ih = ihb[p] + oh, iw = iwb[p] + ow;
-                  panel[p * Pn + jj] = (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) ? xc[ih * g.W + iw] : T(0);
-                }
+                for (const Seg& sg : segs) copy_run(g, xc, sg, cr[j], cs[j], panel + sg.j0 * Pn + jj, Pn);
               }
             }
           }
@@ -408,6 +441,43 @@ void bwd_weight(const Geo& g, const T* x, const T* dy, T* dw) {
       }
       for (int64_t k = 0; k < g.Kg; ++k)
         std::memcpy(dw + (gg * g.Kg + k) * Kc + j0, cb.data() + k * nb, jl * sizeof(T));
+    }
+  });
+}
+
+// NHWC dW, transposed orientation: dW^T[Kc x Kg] = sum over pixels of col^T(pixel, Kc)^T * dy(pixel, Kg), with A read
+// from im2col rows built by memcpy of C-vectors and B = dy rows packed as they are. One task per (group, block of
+// Kc rows); each sums over the batch and pixel tiles in a fixed order.
+template <typename T>
+void bwd_weight_nhwc(const Geo& g, const T* x, const T* dy, T* dw) {
+  constexpr int64_t Pn = kPanel<T>;
+  const int64_t Kc = g.Kc(), PQ = g.PQ(), Kgp = round_up_panel<T>(g.Kg);
+  const int64_t per = (4 * at::get_num_threads() + g.G - 1) / g.G;
+  const int64_t mb = std::max<int64_t>(std::min<int64_t>(Kc, 48), (Kc + per - 1) / per);
+  const int64_t nmb = (Kc + mb - 1) / mb;
+  const int64_t tp = std::min<int64_t>(kRedPix, PQ);
+  const int64_t ntiles = (PQ + tp - 1) / tp;
+  at::parallel_for(0, g.G * nmb, grain_for(g.N * PQ * g.Kg * mb), [&](int64_t begin, int64_t end) {
+    std::vector<T> a(tp * mb), bp(tp * Kgp), cb(mb * Kgp);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t gg = t / nmb, i0 = (t % nmb) * mb, ml = std::min(mb, Kc - i0);
+      bool first = true;
+      for (int64_t n = 0; n < g.N; ++n) {
+        for (int64_t tile = 0; tile < ntiles; ++tile) {
+          const int64_t p0 = tile * tp, pc = std::min(tp, PQ - p0);
+          im2col_rows_nhwc(g, x, n, gg, p0, pc, i0, i0 + ml, a.data());
+          attn::pack_rows<T, T>(dy + (n * PQ + p0) * g.K + gg * g.Kg, g.K, pc, g.Kg, bp.data(), tp * Pn);
+          for (int64_t m0 = 0; m0 < ml; m0 += kRowsPerBlock) {
+            const int64_t mm = std::min(kRowsPerBlock, ml - m0);
+            gemm<T>(mm, g.Kg, pc, a.data() + m0, 1, ml, bp.data(), tp * Pn, cb.data() + m0 * Kgp, Kgp, !first);
+          }
+          first = false;
+        }
+      }
+      for (int64_t k = 0; k < g.Kg; ++k) {
+        T* dr = dw + (gg * g.Kg + k) * Kc + i0;
+        for (int64_t i = 0; i < ml; ++i) dr[i] = cb[i * Kgp + k];
+      }
     }
   });
 }
@@ -435,6 +505,7 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
     const int64_t ntiles = (PQ + tp - 1) / tp;
     at::parallel_for(0, tasks, grain_for(PQ * g.Kg * cbk * RS), [&](int64_t begin, int64_t end) {
       std::vector<T> bp(g.Kg * tp), cb(cbk * RS * tp);
+      std::vector<Seg> segs;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / (g.G * ncb), gg = (t / ncb) % g.G, c0 = (t % ncb) * cbk;
         const int64_t cn = std::min(cbk, g.Cg - c0), m = cn * RS;
@@ -446,14 +517,23 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
             const int64_t kl = std::min(kcb, g.Kg - k0);
             gemm<T>(m, pc, kl, a + k0 * Kc, 1, Kc, bp.data() + k0 * Pn, g.Kg * Pn, cb.data(), tp, k0 > 0);
           }
+          make_segs(g, p0, pc, pc, segs);
           for (int64_t i = 0; i < m; ++i) {
             const int64_t c = i / RS, r = (i / g.S) % g.R, s = i % g.S;
             T* dxc = dx + (n * g.C + gg * g.Cg + c0 + c) * HW;
             const T* ci = cb.data() + i * tp;
-            for (int64_t j = 0; j < pc; ++j) {
-              const int64_t pix = p0 + j;
-              const int64_t ih = (pix / g.Q) * g.sh - g.ph + r * g.dh, iw = (pix % g.Q) * g.sw - g.pw + s * g.dw;
-              if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) dxc[ih * g.W + iw] += ci[j];
+            for (const Seg& sg : segs) {
+              const int64_t ih = sg.ih0 + r * g.dh;
+              if (ih < 0 || ih >= g.H) continue;
+              const int64_t off = sg.iw0 + s * g.dw;
+              int64_t lo, hi;
+              q_range(off, g.sw, g.W, sg.len, lo, hi);
+              T* dr = dxc + ih * g.W + off;
+              const T* src = ci + sg.j0;
+              if (g.sw == 1)
+                for (int64_t t = lo; t < hi; ++t) dr[t] += src[t];
+              else
+                for (int64_t t = lo; t < hi; ++t) dr[t * g.sw] += src[t];
             }
           }
         }
@@ -758,11 +838,11 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
     if (output_mask[0]) dx = at::empty({g.N, g.C, g.H, g.W}, x.options().dtype(acc), fmt).zero_();
     if (acc == at::kDouble) {
       using T = double;
-      if (output_mask[1]) bwd_weight<T>(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
+      if (output_mask[1]) (g.nhwc ? bwd_weight_nhwc<T> : bwd_weight<T>)(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
       if (output_mask[0]) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
     } else {
       using T = float;
-      if (output_mask[1]) bwd_weight<T>(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
+      if (output_mask[1]) (g.nhwc ? bwd_weight_nhwc<T> : bwd_weight<T>)(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
       if (output_mask[0]) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
     }
     if (output_mask[0] && x.scalar_type() != acc) dx = dx.to(x.scalar_type());

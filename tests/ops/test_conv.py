@@ -312,3 +312,55 @@ def test_device_mismatch():
         pytest.skip("no CUDA device")
     with pytest.raises(ValueError, match="weight is on"):
         ops.conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3, device="cuda"))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_compile_dynamic_shapes(device, backend):
+    """One dynamic graph serves several batch and image sizes, both layouts, a padding mode and groups."""
+    skip_unavailable(backend, device)
+    torch._dynamo.reset()
+    fn = lambda x, w, b: ops.conv2d(x, w, b, padding="same", padding_mode="reflect", groups=2)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    w = torch.randn(6, 2, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
+    for shape, cl in (((2, 4, 9, 11), False), ((3, 4, 7, 6), True), ((1, 4, 13, 5), False)):
+        x = torch.randn(shape, device=device)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        with mltoolkit.backend(backend):
+            y = compiled(x, w, b)
+            g = torch.autograd.grad(y.square().sum(), (x, w, b))
+        y2 = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), w, b, groups=2)
+        g2 = torch.autograd.grad(y2.square().sum(), (x, w, b))
+        assert_close(y, y2, atol=1e-4)
+        assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        for a, e, name in zip(g, g2, ("dx", "dw", "db")):
+            assert_close(a, e, atol=1e-3 * max(1.0, e.abs().max().item()), name=name)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_nn_modules(device, backend):
+    """mltoolkit.nn.Conv2d / Conv1d: torch's constructor and state_dict keys, the same outputs and grads."""
+    skip_unavailable(backend, device)
+    from mltoolkit import nn as mnn
+
+    for ours_cls, torch_cls, shape, kw in (
+            (mnn.Conv2d, torch.nn.Conv2d, (2, 4, 9, 8), dict(kernel_size=3, padding="same", padding_mode="circular")),
+            (mnn.Conv2d, torch.nn.Conv2d, (2, 4, 9, 8), dict(kernel_size=(3, 2), stride=2, padding=(1, 0),
+                                                             groups=2, bias=False)),
+            (mnn.Conv1d, torch.nn.Conv1d, (2, 4, 15), dict(kernel_size=4, padding="same", dilation=2,
+                                                           padding_mode="replicate"))):
+        ref_m = torch_cls(4, 6, **kw).to(device)
+        ours = ours_cls.from_torch(ref_m)
+        assert isinstance(ours, torch_cls) and ours.weight is ref_m.weight
+        fresh = ours_cls(4, 6, **kw)
+        assert fresh.state_dict().keys() == ref_m.state_dict().keys()
+        x = torch.randn(shape, device=device)
+        with mltoolkit.backend(backend):
+            y = ours(x)
+            (dw,) = torch.autograd.grad(y.sum(), ours.weight)
+        y2 = ref_m(x)
+        (dw2,) = torch.autograd.grad(y2.sum(), ref_m.weight)
+        assert_close(y, y2, atol=1e-4)
+        assert_close(dw, dw2, atol=1e-3 * max(1.0, dw2.abs().max().item()))

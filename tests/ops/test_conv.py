@@ -5,6 +5,7 @@ mode, odd sizes, batch, layout and dtype, so that the file stays fast on 2 cores
 hand-picked cases below it pin the corners (1x1, depthwise, batch 1, "same" with even kernels, ...).
 """
 import random
+import zlib
 
 import pytest
 import torch
@@ -109,7 +110,7 @@ GRID1D = _grid(12, seed=1, spatial=1)
 
 
 def make_case(case, device, spatial=2):
-    g = torch.Generator().manual_seed(hash(_id(case)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(_id(case).encode()))
     dtype = case["dtype"]
     x = torch.randn(case["n"], case["c"], *case["size"], generator=g).to(device=device, dtype=dtype)
     w = torch.randn(case["k"], case["c"] // case["groups"], *case["kernel"], generator=g).to(device=device,

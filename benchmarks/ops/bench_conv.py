@@ -1,0 +1,71 @@
+"""2-D convolution on ResNet-50's shapes against torch eager (F.conv2d: oneDNN on CPU, cuDNN on GPU) and
+torch.compile: time and TFLOP/s, forward and forward + backward (input and weight gradients; ResNet convs have no
+bias, batch norm follows them). CPU: float32 in NCHW and channels_last; CUDA: float16 channels_last."""
+import torch
+import torch.nn.functional as F
+
+from mltoolkit import ops
+from mltoolkit.benchmark import Benchmark
+
+# name: (C, K, H = W, kernel, stride, padding, groups); N = 8. The 3x3 convs of each ResNet-50 stage, the 1x1
+# reduction of stage 1, and a MobileNetV2/EfficientNet-style depthwise 3x3.
+SHAPES = {
+    "3x3 64 56x56": (64, 64, 56, 3, 1, 1, 1),
+    "3x3 128 28x28": (128, 128, 28, 3, 1, 1, 1),
+    "3x3 256 14x14": (256, 256, 14, 3, 1, 1, 1),
+    "3x3 512 7x7": (512, 512, 7, 3, 1, 1, 1),
+    "1x1 256->64 56x56": (256, 64, 56, 1, 1, 0, 1),
+    "dw3x3 144 56x56": (144, 144, 56, 3, 1, 1, 144),
+}
+BATCH = 8
+
+
+def _config(name, layout):
+    c, k, hw, r, stride, pad, groups = SHAPES[name]
+    return {"shape": name, "N": BATCH, "C": c, "K": k, "H": hw, "W": hw, "R": r, "stride": stride, "pad": pad,
+            "groups": groups, "layout": layout}
+
+
+def _inputs(config, dtype, device):
+    x = torch.randn(config["N"], config["C"], config["H"], config["W"], dtype=dtype, device=device)
+    w = torch.randn(config["K"], config["C"] // config["groups"], config["R"], config["R"], dtype=dtype,
+                    device=device) * (config["C"] // config["groups"] * config["R"] ** 2) ** -0.5
+    if config["layout"] == "channels_last":
+        x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+    return x, w, config["stride"], config["pad"], config["groups"]
+
+
+def _flops(config, dtype, mode):
+    # 2 N K P Q (C/groups) R S for the forward; the backward computes dx and dw, each as much again.
+    p = (config["H"] + 2 * config["pad"] - config["R"]) // config["stride"] + 1
+    q = (config["W"] + 2 * config["pad"] - config["R"]) // config["stride"] + 1
+    fwd = 2 * config["N"] * config["K"] * p * q * config["C"] // config["groups"] * config["R"] ** 2
+    return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[mode]
+
+
+def _ours(x, w, stride, pad, groups):
+    return ops.conv2d(x, w, None, stride, pad, 1, groups)
+
+
+def _eager(x, w, stride, pad, groups):
+    return F.conv2d(x, w, None, stride, pad, 1, groups)
+
+
+_reference = _eager  # F.conv2d in the oracle dtype (float64 for float32) is the oracle
+
+
+def _configs(device, quick):
+    if device == "cuda":
+        names = ["3x3 64 56x56", "1x1 256->64 56x56"] if quick else list(SHAPES)
+        return [_config(n, "channels_last") for n in names]
+    if quick:
+        return [_config("3x3 128 28x28", "nchw")]
+    return [_config(n, layout) for layout in ("nchw", "channels_last") for n in SHAPES]
+
+
+def benchmarks(device: str, quick: bool):
+    dtypes = [torch.float16] if device == "cuda" else [torch.float32]
+    # On CUDA no mltoolkit kernel exists yet: time the reference backend so the op's own overhead shows.
+    return [Benchmark("conv2d", "conv", _ours, _eager, _reference, _inputs, _configs(device, quick), dtypes,
+                      grad_args=(0, 1), flops=_flops, modes=("fwd", "fwd+bwd"),
+                      include_reference_backend=device == "cuda" or not quick)]

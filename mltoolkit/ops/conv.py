@@ -1,0 +1,298 @@
+"""2-D (and 1-D) convolution with torch's semantics.
+
+Two registered ops carry the family (one kernel pair per backend, contract in csrc/conv.h):
+
+    torch.ops.mltoolkit.conv2d_fwd(x, weight, bias?, stride, padding, dilation, groups) -> y
+    torch.ops.mltoolkit.conv2d_bwd(dy, x, weight, stride, padding, dilation, groups, output_mask) -> (dx, dw, db)
+
+x (N, C, H, W) in NCHW or channels_last, weight (K, C/groups, R, S), symmetric zero padding. y and dx come back
+in x's memory format, dw in weight's. Gradients that were not asked for (output_mask = x, weight, bias) are empty
+tensors. The public functions below add what the kernels leave to Python: int / tuple / "same" / "valid" padding
+(asymmetric "same" pads the extra row/column on the bottom/right, as torch does), the reflect / replicate /
+circular padding modes of nn.Conv2d (explicit padding, then the op with zero padding 0), unbatched input and
+conv1d (the H = 1 case).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mltoolkit import _ext
+from mltoolkit.backends import backend, forced_backend, table
+from mltoolkit.ops.reference import conv as reference
+from mltoolkit.ops.reference.conv import memory_format
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+CONV = table("conv")
+
+
+# ---- backends -------------------------------------------------------------------------------------------------
+
+def _on_cpu(x: Tensor, *_) -> Optional[str]:
+    return None if x.device.type == "cpu" else f"needs a CPU tensor, got {x.device.type}"
+
+
+CONV.register("cpp", _on_cpu, _ext.cpp_unavailable,
+              forward=lambda *a: _ext._C.conv2d_forward_cpu(*a),
+              backward=lambda *a: _ext._C.conv2d_backward_cpu(*a))
+CONV.register("reference", lambda *_: None, forward=reference.conv2d_forward, backward=reference.conv2d_backward)
+
+
+# ---- registered ops -------------------------------------------------------------------------------------------
+
+def _layout(t: Tensor) -> Tensor:
+    """t contiguous in its own memory format (NCHW or channels_last), as the kernels require."""
+    return t.contiguous(memory_format=memory_format(t))
+
+
+@torch.library.custom_op("mltoolkit::conv2d_fwd", mutates_args=())
+def conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
+               dilation: list[int], groups: int) -> Tensor:
+    x, weight = _layout(x), _layout(weight)
+    bias = None if bias is None else bias.contiguous()
+    (y,) = CONV.select(x).kernels["forward"](x, weight, bias, list(stride), list(padding), list(dilation), groups)
+    return y.contiguous(memory_format=memory_format(x))
+
+
+def _fake_output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple:
+    h, w = x.shape[2], x.shape[3]
+    r, s = weight.shape[2], weight.shape[3]
+    p, q = reference.output_size(h, w, r, s, stride, padding, dilation)
+    torch._check(p >= 1 and q >= 1, lambda: f"conv2d_fwd: output size ({p}, {q}) is empty")
+    return p, q
+
+
+@conv2d_fwd.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups):
+    torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "conv2d_fwd: x and weight must be 4-D")
+    torch._check(weight.shape[1] * groups == x.shape[1], lambda: "conv2d_fwd: weight.shape[1] * groups != C")
+    p, q = _fake_output_size(x, weight, stride, padding, dilation)
+    return x.new_empty(x.shape[0], weight.shape[0], p, q).contiguous(memory_format=memory_format(x))
+
+
+@torch.library.custom_op("mltoolkit::conv2d_bwd", mutates_args=())
+def conv2d_bwd(dy: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+               groups: int, output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    fmt = memory_format(x)
+    x, weight = _layout(x), _layout(weight)
+    dy = dy.contiguous(memory_format=fmt)  # .sum().backward() hands in an expanded, all-stride-0 gradient
+    dx, dw, db = CONV.select(x).kernels["backward"](dy, x, weight, list(stride), list(padding), list(dilation),
+                                                     groups, list(output_mask))
+    return (x.new_empty(0) if dx is None else dx.contiguous(memory_format=fmt),
+            x.new_empty(0) if dw is None else dw.contiguous(memory_format=memory_format(weight)),
+            x.new_empty(0) if db is None else db.contiguous())
+
+
+@conv2d_bwd.register_fake
+def _(dy, x, weight, stride, padding, dilation, groups, output_mask):
+    torch._check(dy.dim() == 4 and dy.shape[1] == weight.shape[0], lambda: "conv2d_bwd: dy must be (N, K, P, Q)")
+    dx = x.new_empty(x.shape).contiguous(memory_format=memory_format(x)) if output_mask[0] else x.new_empty(0)
+    dw = (weight.new_empty(weight.shape).contiguous(memory_format=memory_format(weight)) if output_mask[1]
+          else x.new_empty(0))
+    db = x.new_empty(weight.shape[0]) if output_mask[2] else x.new_empty(0)
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.options = (stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)
+    # Autograd may run backward on another thread, which does not see the forward's forced backend.
+    ctx.forced_backend = forced_backend()
+
+
+def _backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.options
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    if dy is None or not any(mask):
+        return None, None, None, None, None, None, None
+    with backend(ctx.forced_backend) if ctx.forced_backend else contextlib.nullcontext():
+        dx, dw, db = torch.ops.mltoolkit.conv2d_bwd(dy, x, weight, stride, padding, dilation, groups, mask)
+    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
+            None, None, None, None)
+
+
+conv2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- padding ----------------------------------------------------------------------------------------------------
+
+def _pad_index(size: int, before: int, after: int, mode: str, device) -> Tensor:
+    """Source index along one dim for positions -before .. size+after-1 under the padding mode."""
+    i = torch.arange(-before, size + after, device=device)
+    if mode == "reflect":  # mirror without repeating the edge: -1 -> 1, size -> size-2
+        i = i.abs()
+        return torch.where(i > size - 1, 2 * (size - 1) - i, i)
+    if mode == "replicate":
+        return i.clamp(0, size - 1)
+    return i.remainder(size)  # circular
+
+
+def pad2d(x: Tensor, pads: Sequence[int], mode: str) -> Tensor:
+    """Pads the last two dims of x (N, C, H, W) by pads = (top, bottom, left, right) with nn.Conv2d's padding
+    modes: "zeros", "reflect" (mirror, edge not repeated), "replicate" (edge repeated), "circular" (wrap around).
+    Keeps x's memory format. Checks the sizes the modes allow, naming the argument."""
+    top, bottom, left, right = pads
+    if not any(pads):
+        return x
+    if mode != "zeros":
+        h, w = x.shape[-2], x.shape[-1]
+        for dim, size, (a, b) in (("height", h, (top, bottom)), ("width", w, (left, right))):
+            if mode == "reflect" and max(a, b) >= size:
+                raise ValueError(f"padding: reflect padding ({a}, {b}) must be smaller than the input {dim} {size}")
+            if mode == "circular" and max(a, b) > size:
+                raise ValueError(f"padding: circular padding ({a}, {b}) must not exceed the input {dim} {size}")
+    # Pad in the storage order (NHWC for channels_last) so the result keeps x's strides exactly, also where the
+    # format is ambiguous (C = 1).
+    cl = memory_format(x) == torch.channels_last
+    v = x.permute(0, 2, 3, 1) if cl else x
+    hd, wd = (1, 2) if cl else (2, 3)
+    if mode == "zeros":
+        v = F.pad(v, (0, 0, left, right, top, bottom) if cl else (left, right, top, bottom))
+    else:
+        if top or bottom:
+            v = v.index_select(hd, _pad_index(x.shape[-2], top, bottom, mode, x.device))
+        if left or right:
+            v = v.index_select(wd, _pad_index(x.shape[-1], left, right, mode, x.device))
+    return v.permute(0, 3, 1, 2) if cl else v
+
+
+# ---- public API -----------------------------------------------------------------------------------------------
+
+def _pair(fn: str, name: str, v, n: int, minimum: int) -> list[int]:
+    vals = [v] * n if isinstance(v, int) and not isinstance(v, bool) else v
+    if (not isinstance(vals, (tuple, list)) or len(vals) != n
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in vals)):
+        raise TypeError(f"{fn}: {name} must be an int or a tuple of {n} ints, got {v!r}")
+    if any(i < minimum for i in vals):
+        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {v!r}")
+    return list(vals)
+
+
+def _check_tensors(fn: str, input: Tensor, weight: Tensor, bias: Optional[Tensor], spatial: int) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{fn}: input must be a Tensor, got {type(input).__name__}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{fn}: weight must be a Tensor, got {type(weight).__name__}")
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{fn}: input must be float32, float64, float16 or bfloat16, got {input.dtype}")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"{fn}: weight dtype {weight.dtype} must match input dtype {input.dtype}")
+    if weight.device != input.device:
+        raise ValueError(f"{fn}: weight is on {weight.device} but input is on {input.device}")
+    if input.dim() not in (spatial + 1, spatial + 2):
+        raise ValueError(f"{fn}: input must be {spatial + 2}-D (batched) or {spatial + 1}-D (unbatched), got "
+                         f"{input.dim()}-D shape {list(input.shape)}")
+    if weight.dim() != spatial + 2:
+        raise ValueError(f"{fn}: weight must be {spatial + 2}-D (out_channels, in_channels/groups, kernel...), got "
+                         f"{weight.dim()}-D shape {list(weight.shape)}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"{fn}: bias must be a Tensor or None, got {type(bias).__name__}")
+        if bias.dtype != input.dtype:
+            raise TypeError(f"{fn}: bias dtype {bias.dtype} must match input dtype {input.dtype}")
+        if bias.device != input.device:
+            raise ValueError(f"{fn}: bias is on {bias.device} but input is on {input.device}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{fn}: bias must have shape (out_channels,) = ({weight.shape[0]},), got "
+                             f"{list(bias.shape)}")
+
+
+def _conv(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups,
+          padding_mode: str, spatial: int) -> Tensor:
+    """Shared body of conv2d / conv1d; x is batched (N, C, H, W), weight (K, C/groups, R, S); conv1d passes
+    spatial = 1 and H = R = 1 (the stride / padding / dilation of H are then 1 / 0 / 1)."""
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"{fn}: padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{fn}: groups must be a positive int, got {groups!r}")
+    c, k = x.shape[1], weight.shape[0]
+    if c % groups:
+        raise ValueError(f"{fn}: input channels {c} are not divisible by groups {groups}")
+    if k % groups:
+        raise ValueError(f"{fn}: weight out_channels {k} are not divisible by groups {groups}")
+    if weight.shape[1] * groups != c:
+        raise ValueError(f"{fn}: weight {list(weight.shape)} expects {weight.shape[1] * groups} input channels "
+                         f"(weight.shape[1] * groups), but input has {c}")
+    stride = _pair(fn, "stride", stride, spatial, 1)
+    dilation = _pair(fn, "dilation", dilation, spatial, 1)
+    kernel = list(weight.shape[-spatial:])
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = [(0, 0)] * spatial
+        elif padding == "same":
+            if any(s != 1 for s in stride):
+                raise ValueError(f"{fn}: padding='same' needs stride 1, got stride {stride}")
+            # torch puts the odd extra on the right / bottom.
+            pads = [(d * (r - 1) // 2, d * (r - 1) - d * (r - 1) // 2) for d, r in zip(dilation, kernel)]
+        else:
+            raise ValueError(f"{fn}: padding must be an int, a tuple of ints, 'same' or 'valid', got {padding!r}")
+    else:
+        pads = [(p, p) for p in _pair(fn, "padding", padding, spatial, 0)]
+    if spatial == 1:
+        stride, dilation, pads = [1, *stride], [1, *dilation], [(0, 0), *pads]
+
+    (top, bottom), (left, right) = pads
+    if padding_mode == "zeros":  # the symmetric part goes to the kernel, the odd extra is padded here
+        sym = [min(top, bottom), min(left, right)]
+        x = pad2d(x, (0, bottom - top, 0, right - left), "zeros")
+    else:
+        sym = [0, 0]
+        x = pad2d(x, (top, bottom, left, right), padding_mode)
+
+    h, w = x.shape[2] + 2 * sym[0], x.shape[3] + 2 * sym[1]
+    eff = [d * (r - 1) + 1 for d, r in zip(dilation, weight.shape[2:])]
+    if h < eff[0] or w < eff[1]:
+        size = [w] if spatial == 1 else [h, w]
+        raise ValueError(f"{fn}: padded input size {size} is smaller than the dilated kernel size "
+                         f"{eff[-spatial:]}")
+    return torch.ops.mltoolkit.conv2d_fwd(x, weight, bias, stride, sym, dilation, groups)
+
+
+def _layout_input(x: Tensor) -> Tensor:
+    # channels_last stays channels_last; every other layout becomes contiguous NCHW.
+    return x if memory_format(x) == torch.channels_last else x.contiguous()
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+           stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int], str] = 0,
+           dilation: Union[int, Sequence[int]] = 1, groups: int = 1, padding_mode: str = "zeros") -> Tensor:
+    """2-D cross-correlation; F.conv2d's signature plus nn.Conv2d's padding_mode.
+
+    input (N, C, H, W) or unbatched (C, H, W), weight (K, C/groups, R, S), bias (K,) -> (N, K, P, Q) with
+    P = (H + pad_top + pad_bottom - dilation*(R-1) - 1) // stride + 1. padding: int, (ph, pw), "valid" or "same"
+    (stride 1; the odd extra goes bottom/right). padding_mode: zeros, reflect, replicate or circular.
+    channels_last input gives channels_last output.
+    """
+    _check_tensors("conv2d", input, weight, bias, 2)
+    unbatched = input.dim() == 3
+    x = _layout_input(input.unsqueeze(0) if unbatched else input)
+    w = _layout(weight)
+    y = _conv("conv2d", x, w, bias, stride, padding, dilation, groups, padding_mode, 2)
+    return y.squeeze(0) if unbatched else y
+
+
+def conv1d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+           stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int], str] = 0,
+           dilation: Union[int, Sequence[int]] = 1, groups: int = 1, padding_mode: str = "zeros") -> Tensor:
+    """1-D cross-correlation; F.conv1d's signature plus nn.Conv1d's padding_mode.
+
+    input (N, C, L) or unbatched (C, L), weight (K, C/groups, S), bias (K,) -> (N, K, L_out); runs as conv2d with
+    H = 1.
+    """
+    _check_tensors("conv1d", input, weight, bias, 1)
+    unbatched = input.dim() == 2
+    x = (input.unsqueeze(0) if unbatched else input).contiguous().unsqueeze(2)
+    y = _conv("conv1d", x, weight.contiguous().unsqueeze(2), bias, stride, padding, dilation, groups, padding_mode,
+              1).squeeze(2)
+    return y.squeeze(0) if unbatched else y

@@ -1,0 +1,367 @@
+"""conv2d / conv1d on every backend against F.conv2d / F.conv1d (F.pad for the padding modes) in the oracle dtype.
+
+The shape grid is sampled (fixed seed) from the product of kernel, stride, dilation, groups, padding, padding
+mode, odd sizes, batch, layout and dtype, so that the file stays fast on 2 cores with the C++ kernel; the
+hand-picked cases below it pin the corners (1x1, depthwise, batch 1, "same" with even kernels, ...).
+"""
+import random
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mltoolkit
+from mltoolkit import ops
+from mltoolkit.backends import table
+from mltoolkit.testing import Sample, assert_close, check_op
+
+CPU_BACKENDS = ["cpp", "reference"]
+CUDA_BACKENDS = ["reference"]  # + "cuda" / "triton" when their kernels land
+BACKENDS = [pytest.param("cpu", b, id=f"cpu-{b}") for b in CPU_BACKENDS] + [
+    pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.cuda) for b in CUDA_BACKENDS]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def skip_unavailable(backend, device="cpu"):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    why = table("conv").get(backend).available()
+    if why is not None:
+        pytest.skip(f"{backend} backend unavailable: {why}")
+
+
+# ---- the torch oracle ---------------------------------------------------------------------------------------------
+
+def _same_pads(kernel, dilation):
+    # torch's "same": total d*(k-1), the odd extra on the right / bottom.
+    return [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
+
+
+def torch_conv(x, w, b, stride, padding, dilation, groups, padding_mode, spatial=2):
+    """What nn.Conv2d / nn.Conv1d compute (F.pad for the non-zero modes, as nn.ConvNd._conv_forward does)."""
+    conv = F.conv2d if spatial == 2 else F.conv1d
+    if padding_mode == "zeros":
+        return conv(x, w, b, stride, padding, dilation, groups)
+    kernel = w.shape[2:]
+    if padding == "valid":
+        return conv(x, w, b, stride, 0, dilation, groups)
+    dil = [dilation] * spatial if isinstance(dilation, int) else dilation
+    if padding == "same":
+        pads = _same_pads(kernel, dil)
+    else:
+        pads = [(p, p) for p in ([padding] * spatial if isinstance(padding, int) else padding)]
+    flat = [v for pair in reversed(pads) for v in pair]  # F.pad: last dim first
+    return conv(F.pad(x, flat, mode=padding_mode), w, b, stride, 0, dilation, groups)
+
+
+# ---- the grid -----------------------------------------------------------------------------------------------------
+
+KERNELS = [1, 3, 5, 7]
+MODES = ["zeros", "reflect", "replicate", "circular"]
+
+
+def _grid(n, seed, spatial=2):
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < n:
+        k = rng.choice(KERNELS)
+        stride, dilation = rng.choice([1, 2]), rng.choice([1, 2])
+        groups_kind = rng.choice(["1", "2", "depthwise"])
+        c = rng.choice([2, 4, 6]) if groups_kind != "1" else rng.choice([1, 3, 4])
+        groups = {"1": 1, "2": 2, "depthwise": c}[groups_kind]
+        kout = groups * rng.choice([1, 2]) if groups_kind == "depthwise" else rng.choice([2, 4]) * (
+            1 if groups == 1 else groups)
+        padding = rng.choice([0, k // 2, "same", "valid", "tuple"])
+        if padding == "same" and stride != 1:
+            stride = 1
+        mode = rng.choice(MODES)
+        size = [rng.choice([5, 7, 9, 11, 13]) for _ in range(spatial)]
+        kernel = [k] * spatial
+        if spatial == 2 and rng.random() < 0.3:  # non-square kernel
+            kernel = [k, rng.choice(KERNELS)]
+        if padding == "tuple":
+            padding = tuple(rng.choice([0, 1, 2]) for _ in range(spatial))
+        # keep the padded input at least as large as the dilated kernel, and reflect padding below the size
+        pads = (_same_pads(kernel, [dilation] * spatial) if padding == "same" else
+                [(0, 0)] * spatial if padding == "valid" else
+                [(p, p) for p in ([padding] * spatial if isinstance(padding, int) else padding)])
+        if any(s + a + b < dilation * (kk - 1) + 1 for s, (a, b), kk in zip(size, pads, kernel)):
+            continue
+        if mode == "reflect" and any(max(a, b) >= s for s, (a, b) in zip(size, pads)):
+            continue
+        if mode == "circular" and any(max(a, b) > s for s, (a, b) in zip(size, pads)):
+            continue
+        cases.append(dict(n=rng.choice([1, 2]), c=c, k=kout, size=size, kernel=kernel, stride=stride,
+                          dilation=dilation, groups=groups, padding=padding, mode=mode, bias=rng.random() < 0.7,
+                          channels_last=spatial == 2 and rng.random() < 0.35, dtype=rng.choice(DTYPES)))
+    return cases
+
+
+def _id(case):
+    ks = "x".join(map(str, case["kernel"]))
+    return (f"n{case['n']}c{case['c']}k{case['k']}-{'x'.join(map(str, case['size']))}-k{ks}-s{case['stride']}"
+            f"-d{case['dilation']}-g{case['groups']}-p{case['padding']}-{case['mode']}"
+            f"{'-cl' if case['channels_last'] else ''}{'' if case['bias'] else '-nobias'}-{str(case['dtype'])[6:]}")
+
+
+GRID2D = _grid(36, seed=0)
+GRID1D = _grid(12, seed=1, spatial=1)
+
+
+def make_case(case, device, spatial=2):
+    g = torch.Generator().manual_seed(zlib.crc32(_id(case).encode()))
+    dtype = case["dtype"]
+    x = torch.randn(case["n"], case["c"], *case["size"], generator=g).to(device=device, dtype=dtype)
+    w = torch.randn(case["k"], case["c"] // case["groups"], *case["kernel"], generator=g).to(device=device,
+                                                                                              dtype=dtype)
+    b = torch.randn(case["k"], generator=g).to(device=device, dtype=dtype) if case["bias"] else None
+    if case["channels_last"]:
+        x = x.to(memory_format=torch.channels_last)
+    kw = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"], groups=case["groups"],
+              padding_mode=case["mode"])
+    fn = ops.conv2d if spatial == 2 else ops.conv1d
+    ours = lambda x, w, b: fn(x, w, b, **kw)
+    ref = lambda x, w, b: torch_conv(x, w, b, kw["stride"], kw["padding"], kw["dilation"], kw["groups"],
+                                     kw["padding_mode"], spatial)
+    leaves = tuple(t.requires_grad_(True) if t is not None else None for t in (x, w, b))
+    return ours, ref, leaves
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("case", GRID2D, ids=_id)
+def test_conv2d_matches_torch(device, backend, case):
+    skip_unavailable(backend, device)
+    fn, ref, args = make_case(case, device)
+    with mltoolkit.backend(backend):
+        check_op(fn, [Sample(args)], ref, gradcheck=False, opcheck=False, compile=False)
+        y = fn(*args)
+    expected = torch.channels_last if case["channels_last"] else torch.contiguous_format
+    assert y.is_contiguous(memory_format=expected)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("case", GRID1D, ids=_id)
+def test_conv1d_matches_torch(device, backend, case):
+    skip_unavailable(backend, device)
+    fn, ref, args = make_case(case, device, spatial=1)
+    with mltoolkit.backend(backend):
+        check_op(fn, [Sample(args)], ref, gradcheck=False, opcheck=False, compile=False)
+
+
+# ---- hand-picked corners --------------------------------------------------------------------------------------
+
+def _case(**kw):
+    base = dict(n=2, c=4, k=4, size=[7, 9], kernel=[3, 3], stride=1, dilation=1, groups=1, padding=1,
+                mode="zeros", bias=True, channels_last=False, dtype=torch.float32)
+    base.update(kw)
+    return base
+
+
+CORNERS = [
+    _case(kernel=[1, 1], padding=0, c=8, k=3),                                   # pointwise
+    _case(c=6, k=6, groups=6, channels_last=True),                               # depthwise, NHWC
+    _case(c=3, k=6, groups=3, stride=2, dilation=2, padding=2),                  # depthwise multiplier 2
+    _case(n=1, size=[1, 1], kernel=[1, 1], padding=0),                           # 1x1 image
+    _case(n=1, size=[13, 5], kernel=[7, 7], padding=3, stride=2),                # big kernel, odd size
+    _case(kernel=[2, 4], padding="same", dilation=(1, 3)),                       # "same", even kernels
+    _case(kernel=[2, 2], padding="same", mode="reflect", channels_last=True),    # asymmetric reflect
+    _case(kernel=[5, 3], padding=(2, 1), mode="circular", stride=(2, 1)),        # per-dim stride
+    _case(size=[3, 4], kernel=[3, 3], padding=2, mode="replicate"),              # pad beyond the size
+    _case(size=[3, 4], kernel=[3, 3], padding=3, mode="circular"),               # wrap exactly once
+    _case(c=4, k=2, groups=2, padding="valid", dtype=torch.bfloat16, channels_last=True),
+    _case(c=4, k=8, padding="same", kernel=[5, 5], dtype=torch.float16),
+]
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("case", CORNERS, ids=_id)
+def test_conv2d_corners(device, backend, case):
+    skip_unavailable(backend, device)
+    fn, ref, args = make_case(case, device)
+    with mltoolkit.backend(backend):
+        check_op(fn, [Sample(args)], ref, gradcheck=False, opcheck=False, compile=False)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("case", [
+    _case(n=1, c=2, k=2, size=[5, 4], stride=2, dilation=(1, 2), padding=(1, 2), dtype=torch.float64),
+    _case(n=1, c=4, k=2, size=[4, 5], groups=2, kernel=[2, 3], padding="same", mode="reflect",
+          channels_last=True, dtype=torch.float64),
+    _case(n=2, c=3, k=3, size=[4, 4], groups=3, padding=1, mode="circular", bias=False, dtype=torch.float64),
+], ids=_id)
+def test_gradcheck_opcheck_compile(device, backend, case):
+    """fp64 gradcheck, opcheck of conv2d_fwd (and, through autograd, conv2d_bwd), compile(fullgraph=True)."""
+    skip_unavailable(backend, device)
+    fn, ref, args = make_case(case, device)
+    with mltoolkit.backend(backend):
+        check_op(fn, [Sample(args)], ref)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_opcheck_backward_op(device, backend):
+    skip_unavailable(backend, device)
+    x = torch.randn(2, 4, 6, 7, device=device)
+    w = torch.randn(6, 2, 3, 3, device=device)
+    dy = torch.randn(2, 6, 3, 4, device=device)
+    with mltoolkit.backend(backend):
+        for mask in ([True, True, True], [True, False, False], [False, True, True]):
+            torch.library.opcheck(torch.ops.mltoolkit.conv2d_bwd, (dy, x, w, [2, 2], [1, 1], [1, 1], 2, mask))
+        torch.library.opcheck(torch.ops.mltoolkit.conv2d_bwd,
+                              (dy.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last), w,
+                               [2, 2], [1, 1], [1, 1], 2, [True, True, True]))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_channels_last_layout_and_grads(device, backend):
+    skip_unavailable(backend, device)
+    x = torch.randn(2, 8, 9, 9, device=device).to(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.randn(16, 8, 3, 3, device=device).to(memory_format=torch.channels_last).requires_grad_(True)
+    with mltoolkit.backend(backend):
+        y = ops.conv2d(x, w, padding=1)
+        y.sum().backward()  # dy arrives expanded: stride 0
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    F.conv2d(x2, w2, padding=1).sum().backward()
+    assert_close(x.grad, x2.grad, atol=1e-4, name="dx")
+    assert_close(w.grad, w2.grad, atol=1e-3, name="dw")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_other_layouts_and_partial_grads(device, backend):
+    """Strided (transposed, sliced) input becomes contiguous; only the grads asked for are computed."""
+    skip_unavailable(backend, device)
+    base = torch.randn(2, 9, 4, 12, device=device)
+    x = base.permute(0, 2, 1, 3)[..., ::2]  # (2, 4, 9, 6), neither layout
+    w = torch.randn(3, 4, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(3, device=device)
+    with mltoolkit.backend(backend):
+        y = ops.conv2d(x, w, b, padding=1)
+        (dw,) = torch.autograd.grad(y, w, torch.ones_like(y))
+    assert y.is_contiguous()
+    assert_close(y, F.conv2d(x, w, b, padding=1), atol=1e-4)
+    w2 = w.detach().clone().requires_grad_(True)
+    (dw2,) = torch.autograd.grad(F.conv2d(x, w2, b, padding=1).sum(), w2)
+    assert_close(dw, dw2, atol=1e-3)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_unbatched(device, backend):
+    skip_unavailable(backend, device)
+    x = torch.randn(3, 8, 7, device=device)
+    w = torch.randn(5, 3, 3, 3, device=device)
+    with mltoolkit.backend(backend):
+        assert_close(ops.conv2d(x, w, padding="same", padding_mode="reflect"),
+                     F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), w), atol=1e-4)
+        x1, w1 = torch.randn(3, 11, device=device), torch.randn(4, 3, 5, device=device)
+        assert_close(ops.conv1d(x1, w1, padding=2), F.conv1d(x1, w1, padding=2), atol=1e-4)
+
+
+def test_nn_module_padding_modes_match():
+    """Against nn.Conv2d itself (not our oracle) for each padding mode, with "same" and an odd dilation."""
+    x = torch.randn(2, 4, 8, 9)
+    for mode in MODES:
+        m = torch.nn.Conv2d(4, 6, (3, 4), padding="same", dilation=(2, 1), padding_mode=mode)
+        with mltoolkit.backend("reference"):
+            y = ops.conv2d(x, m.weight, m.bias, padding="same", dilation=(2, 1), padding_mode=mode)
+        assert_close(y, m(x), atol=1e-5, name=mode)
+        m = torch.nn.Conv1d(4, 6, 4, padding="same", padding_mode=mode)
+        with mltoolkit.backend("reference"):
+            y = ops.conv1d(x[:, :, 0], m.weight, m.bias, padding="same", padding_mode=mode)
+        assert_close(y, m(x[:, :, 0]), atol=1e-5, name=f"1d {mode}")
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+
+BAD = [
+    (lambda x, w: ops.conv2d(x[:, :3], w), ValueError, "input has 3"),
+    (lambda x, w: ops.conv2d(x, w, groups=3), ValueError, "not divisible by groups"),
+    (lambda x, w: ops.conv2d(x, torch.randn(6, 2, 3, 3), groups=3), ValueError, "input channels 4"),
+    (lambda x, w: ops.conv2d(x, w[:, :2]), ValueError, "weight"),
+    (lambda x, w: ops.conv2d(x, w, padding=5, padding_mode="reflect"), ValueError, "reflect padding"),
+    (lambda x, w: ops.conv2d(x, w, padding=6, padding_mode="circular"), ValueError, "circular padding"),
+    (lambda x, w: ops.conv2d(x[0, 0], w), ValueError, "input must be 4-D"),
+    (lambda x, w: ops.conv2d(x, w[0]), ValueError, "weight must be 4-D"),
+    (lambda x, w: ops.conv2d(x.double(), w), TypeError, "weight dtype"),
+    (lambda x, w: ops.conv2d(x.long(), w.long()), TypeError, "input must be float"),
+    (lambda x, w: ops.conv2d(x, w, torch.randn(5)), ValueError, "bias must have shape"),
+    (lambda x, w: ops.conv2d(x, w, torch.randn(6).half()), TypeError, "bias dtype"),
+    (lambda x, w: ops.conv2d(x, w, stride=0), ValueError, "stride"),
+    (lambda x, w: ops.conv2d(x, w, stride=(1, 2, 3)), TypeError, "stride"),
+    (lambda x, w: ops.conv2d(x, w, dilation=0), ValueError, "dilation"),
+    (lambda x, w: ops.conv2d(x, w, padding=-1), ValueError, "padding"),
+    (lambda x, w: ops.conv2d(x, w, padding="full"), ValueError, "padding"),
+    (lambda x, w: ops.conv2d(x, w, stride=2, padding="same"), ValueError, "stride 1"),
+    (lambda x, w: ops.conv2d(x, w, padding_mode="mirror"), ValueError, "padding_mode"),
+    (lambda x, w: ops.conv2d(x, w, groups=0), ValueError, "groups"),
+    (lambda x, w: ops.conv2d(x, torch.randn(6, 4, 9, 9)), ValueError, "smaller than the dilated kernel"),
+    (lambda x, w: ops.conv1d(x, w), ValueError, "input must be 3-D"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_input(call, exc, match):
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    with mltoolkit.backend("reference"), pytest.raises(exc, match=match):
+        call(x, w)
+
+
+@pytest.mark.cuda
+def test_device_mismatch():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    with pytest.raises(ValueError, match="weight is on"):
+        ops.conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3, device="cuda"))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_compile_dynamic_shapes(device, backend):
+    """One dynamic graph serves several batch and image sizes, both layouts, a padding mode and groups."""
+    skip_unavailable(backend, device)
+    torch._dynamo.reset()
+    fn = lambda x, w, b: ops.conv2d(x, w, b, padding="same", padding_mode="reflect", groups=2)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    w = torch.randn(6, 2, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
+    for shape, cl in (((2, 4, 9, 11), False), ((3, 4, 7, 6), True), ((1, 4, 13, 5), False)):
+        x = torch.randn(shape, device=device)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        with mltoolkit.backend(backend):
+            y = compiled(x, w, b)
+            g = torch.autograd.grad(y.square().sum(), (x, w, b))
+        y2 = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), w, b, groups=2)
+        g2 = torch.autograd.grad(y2.square().sum(), (x, w, b))
+        assert_close(y, y2, atol=1e-4)
+        assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        for a, e, name in zip(g, g2, ("dx", "dw", "db")):
+            assert_close(a, e, atol=1e-3 * max(1.0, e.abs().max().item()), name=name)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_nn_modules(device, backend):
+    """mltoolkit.nn.Conv2d / Conv1d: torch's constructor and state_dict keys, the same outputs and grads."""
+    skip_unavailable(backend, device)
+    from mltoolkit import nn as mnn
+
+    for ours_cls, torch_cls, shape, kw in (
+            (mnn.Conv2d, torch.nn.Conv2d, (2, 4, 9, 8), dict(kernel_size=3, padding="same", padding_mode="circular")),
+            (mnn.Conv2d, torch.nn.Conv2d, (2, 4, 9, 8), dict(kernel_size=(3, 2), stride=2, padding=(1, 0),
+                                                             groups=2, bias=False)),
+            (mnn.Conv1d, torch.nn.Conv1d, (2, 4, 15), dict(kernel_size=4, padding="same", dilation=2,
+                                                           padding_mode="replicate"))):
+        ref_m = torch_cls(4, 6, **kw).to(device)
+        ours = ours_cls.from_torch(ref_m)
+        assert isinstance(ours, torch_cls) and ours.weight is ref_m.weight
+        fresh = ours_cls(4, 6, **kw)
+        assert fresh.state_dict().keys() == ref_m.state_dict().keys()
+        x = torch.randn(shape, device=device)
+        with mltoolkit.backend(backend):
+            y = ours(x)
+            (dw,) = torch.autograd.grad(y.sum(), ours.weight)
+        y2 = ref_m(x)
+        (dw2,) = torch.autograd.grad(y2.sum(), ref_m.weight)
+        assert_close(y, y2, atol=1e-4)
+        assert_close(dw, dw2, atol=1e-3 * max(1.0, dw2.abs().max().item()))

@@ -1,6 +1,6 @@
 """mltoolkit ops: each is a registered `torch.ops.mltoolkit.*` op behind a torch-shaped Python function."""
-from mltoolkit.ops.conv import conv1d, conv2d
 from mltoolkit.ops.attention import flash_attn_varlen, scaled_dot_product_attention
+from mltoolkit.ops.conv import conv1d, conv2d
 from mltoolkit.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from mltoolkit.ops.rotary import apply_rotary_emb
 

@@ -543,14 +543,15 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
     const int64_t tp = std::min<int64_t>(kPixRows, PQ);
     const int64_t ntiles = (PQ + tp - 1) / tp;
     const int64_t ncolp = round_up_panel<T>(RS * cbk);
-    at::parallel_for(0, tasks, grain_for(PQ * g.Kg * cbk * RS), [&](int64_t begin, int64_t end) {
-      std::vector<T> bw(g.Kg * ncolp), cb(tp * ncolp);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / (g.G * ncb), gg = (t / ncb) % g.G, c0 = (t % ncb) * cbk;
-        const int64_t cn = std::min(cbk, g.Cg - c0), ncol = RS * cn;
-        // B(p = k, j = (rs, cc)) = w[(gg*Kg + k), rs, c0 + cc], panels of Pn columns.
+    // B(p = k, j = (rs, cc)) = w[(gg*Kg + k), rs, c0 + cc], panels of Pn columns, packed once per (group, channel
+    // block) and shared by the images.
+    std::vector<T> wp(g.G * ncb * g.Kg * ncolp);
+    at::parallel_for(0, g.G * ncb, grain_for(g.Kg * ncolp), [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t gg = u / ncb, c0 = (u % ncb) * cbk, cn = std::min(cbk, g.Cg - c0), ncol = RS * cn;
+        T* bw = wp.data() + u * g.Kg * ncolp;
         for (int64_t jp = 0; jp < ncolp; jp += Pn) {
-          T* panel = bw.data() + (jp / Pn) * g.Kg * Pn;
+          T* panel = bw + (jp / Pn) * g.Kg * Pn;
           for (int64_t jj = 0; jj < Pn; ++jj) {
             const int64_t j = jp + jj;
             if (j >= ncol) {
@@ -561,12 +562,20 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
             for (int64_t k = 0; k < g.Kg; ++k) panel[k * Pn + jj] = src[k * Kc];
           }
         }
+      }
+    });
+    at::parallel_for(0, tasks, grain_for(PQ * g.Kg * cbk * RS), [&](int64_t begin, int64_t end) {
+      std::vector<T> cb(tp * ncolp);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / (g.G * ncb), gg = (t / ncb) % g.G, c0 = (t % ncb) * cbk;
+        const int64_t cn = std::min(cbk, g.Cg - c0), ncol = RS * cn;
+        const T* bw = wp.data() + (gg * ncb + c0 / cbk) * g.Kg * ncolp;
         for (int64_t tile = 0; tile < ntiles; ++tile) {
           const int64_t p0 = tile * tp, pc = std::min(tp, PQ - p0);
           const T* a = dy + (n * PQ + p0) * g.K + gg * g.Kg;
           for (int64_t k0 = 0; k0 < g.Kg; k0 += kcb) {
             const int64_t kl = std::min(kcb, g.Kg - k0);
-            gemm<T>(pc, ncol, kl, a + k0, g.K, 1, bw.data() + k0 * Pn, g.Kg * Pn, cb.data(), ncolp, k0 > 0);
+            gemm<T>(pc, ncol, kl, a + k0, g.K, 1, bw + k0 * Pn, g.Kg * Pn, cb.data(), ncolp, k0 > 0);
           }
           for (int64_t j = 0; j < pc; ++j) {
             const int64_t pix = p0 + j, ih0 = (pix / g.Q) * g.sh - g.ph, iw0 = (pix % g.Q) * g.sw - g.pw;

@@ -154,16 +154,19 @@ inline void q_range(int64_t off, int64_t sw, int64_t W, int64_t Q, int64_t& qlo,
 
 // A tile of output pixels [p0, p0 + pc) cut into runs that lie in one output row (and in one B panel of `split`
 // columns), so that im2col / col2im move whole runs of x's rows instead of testing every element.
+// p0 counts pixels across images (n * P * Q + pixel), so a tile may span images when P * Q is small.
 struct Seg {
   int64_t j0, len, ih0, iw0;  // tile column, run length, input row and column of the run's first tap (0, 0)
+  int64_t n, pix;             // image and output pixel of the run's start
 };
 
 void make_segs(const Geo& g, int64_t p0, int64_t pc, int64_t split, std::vector<Seg>& segs) {
   segs.clear();
+  const int64_t PQ = g.PQ();
   for (int64_t j = 0; j < pc;) {
-    const int64_t pix = p0 + j, oh = pix / g.Q, ow = pix % g.Q;
+    const int64_t n = (p0 + j) / PQ, pix = (p0 + j) % PQ, oh = pix / g.Q, ow = pix % g.Q;
     const int64_t len = std::min({g.Q - ow, pc - j, split - j % split});
-    segs.push_back({j, len, oh * g.sh - g.ph, ow * g.sw - g.pw});
+    segs.push_back({j, len, oh * g.sh - g.ph, ow * g.sw - g.pw, n, pix});
     j += len;
   }
 }
@@ -215,31 +218,27 @@ void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
   const int64_t Kc = g.Kc(), PQ = g.PQ(), HW = g.HW(), RS = g.R * g.S;
   const int64_t kcb = kKcBytes / int64_t(sizeof(T));
   int64_t tp = (kColTileBytes / int64_t(sizeof(T))) / Kc / Pn * Pn;
-  tp = std::clamp<int64_t>(tp, Pn, 16 * Pn);
-  tp = std::min(tp, round_up_panel<T>(PQ));
-  const int64_t ntiles = (PQ + tp - 1) / tp;
-  const int64_t tasks = g.N * g.G * ntiles;
-  // 1x1, stride 1, no padding: the im2col rows are x's channel planes, packed as they are.
-  const bool direct = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+  // At least 4 panels: with fewer pixels per tile the weight would stream from memory once per 16 pixels. Tiles
+  // run over the pixels of all images, so small late-stage layers (7x7) still get full tiles.
+  tp = std::clamp<int64_t>(tp, 4 * Pn, 16 * Pn);
+  const int64_t NPQ = g.N * PQ;
+  tp = std::min(tp, round_up_panel<T>(NPQ));
+  const int64_t ntiles = (NPQ + tp - 1) / tp;
+  const int64_t tasks = g.G * ntiles;
   at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp), [&](int64_t begin, int64_t end) {
     std::vector<T> bp(Kc * tp), cb(g.Kg * tp);
     std::vector<Seg> segs;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / (g.G * ntiles), gg = (t / ntiles) % g.G, p0 = (t % ntiles) * tp;
-      const int64_t pc = std::min(tp, PQ - p0);
-      const T* xb = x + (n * g.C + gg * g.Cg) * HW;
-      if (direct) {
-        attn::pack_rows<T, T>(xb + p0, HW, Kc, pc, bp.data(), Kc * Pn);
-      } else {
-        make_segs(g, p0, pc, Pn, segs);
-        const int64_t pcp = round_up_panel<T>(pc);
-        for (int64_t p = 0; p < Kc; ++p) {
-          const int64_t c = p / RS, r = (p / g.S) % g.R, s = p % g.S;
-          const T* xc = xb + c * HW;
-          for (const Seg& sg : segs)
-            copy_run(g, xc, sg, r, s, bp.data() + (sg.j0 / Pn) * Kc * Pn + p * Pn + sg.j0 % Pn, 1);
-          for (int64_t j = pc; j < pcp; ++j) bp[(j / Pn) * Kc * Pn + p * Pn + j % Pn] = T(0);
-        }
+      const int64_t gg = t % g.G, p0 = (t / g.G) * tp;
+      const int64_t pc = std::min(tp, NPQ - p0);
+      make_segs(g, p0, pc, Pn, segs);
+      const int64_t pcp = round_up_panel<T>(pc);
+      for (int64_t p = 0; p < Kc; ++p) {
+        const int64_t c = p / RS, r = (p / g.S) % g.R, s = p % g.S;
+        for (const Seg& sg : segs)
+          copy_run(g, x + (sg.n * g.C + gg * g.Cg + c) * HW, sg, r, s,
+                   bp.data() + (sg.j0 / Pn) * Kc * Pn + p * Pn + sg.j0 % Pn, 1);
+        for (int64_t j = pc; j < pcp; ++j) bp[(j / Pn) * Kc * Pn + p * Pn + j % Pn] = T(0);
       }
       for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
         const int64_t kl = std::min(kcb, Kc - k0);
@@ -250,10 +249,12 @@ void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
         }
       }
       for (int64_t k = 0; k < g.Kg; ++k) {
-        T* yk = y + (n * g.K + gg * g.Kg + k) * PQ + p0;
         const T bv = b ? b[gg * g.Kg + k] : T(0);
         const T* ck = cb.data() + k * tp;
-        for (int64_t j = 0; j < pc; ++j) yk[j] = ck[j] + bv;
+        for (const Seg& sg : segs) {
+          T* yk = y + (sg.n * g.K + gg * g.Kg + k) * PQ + sg.pix;
+          for (int64_t j = 0; j < sg.len; ++j) yk[j] = ck[sg.j0 + j] + bv;
+        }
       }
     }
   });
@@ -504,7 +505,7 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
     tp = std::min(tp, round_up_panel<T>(PQ));
     const int64_t ntiles = (PQ + tp - 1) / tp;
     at::parallel_for(0, tasks, grain_for(PQ * g.Kg * cbk * RS), [&](int64_t begin, int64_t end) {
-      std::vector<T> bp(g.Kg * tp), cb(cbk * RS * tp);
+      std::vector<T> bp(g.Kg * tp), cb(std::min(kRowsPerBlock, cbk * RS) * tp);
       std::vector<Seg> segs;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / (g.G * ncb), gg = (t / ncb) % g.G, c0 = (t % ncb) * cbk;
@@ -513,15 +514,18 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
         for (int64_t tile = 0; tile < ntiles; ++tile) {
           const int64_t p0 = tile * tp, pc = std::min(tp, PQ - p0);
           attn::pack_rows<T, T>(dy + (n * g.K + gg * g.Kg) * PQ + p0, PQ, g.Kg, pc, bp.data(), g.Kg * Pn);
+          make_segs(g, p0, pc, pc, segs);
+          // Rows of dcol in blocks, each scattered into dx while it is still in cache.
+          for (int64_t m0 = 0; m0 < m; m0 += kRowsPerBlock) {
+          const int64_t mm = std::min(kRowsPerBlock, m - m0);
           for (int64_t k0 = 0; k0 < g.Kg; k0 += kcb) {
             const int64_t kl = std::min(kcb, g.Kg - k0);
-            gemm<T>(m, pc, kl, a + k0 * Kc, 1, Kc, bp.data() + k0 * Pn, g.Kg * Pn, cb.data(), tp, k0 > 0);
+            gemm<T>(mm, pc, kl, a + m0 + k0 * Kc, 1, Kc, bp.data() + k0 * Pn, g.Kg * Pn, cb.data(), tp, k0 > 0);
           }
-          make_segs(g, p0, pc, pc, segs);
-          for (int64_t i = 0; i < m; ++i) {
+          for (int64_t i = m0; i < m0 + mm; ++i) {
             const int64_t c = i / RS, r = (i / g.S) % g.R, s = i % g.S;
             T* dxc = dx + (n * g.C + gg * g.Cg + c0 + c) * HW;
-            const T* ci = cb.data() + i * tp;
+            const T* ci = cb.data() + (i - m0) * tp;
             for (const Seg& sg : segs) {
               const int64_t ih = sg.ih0 + r * g.dh;
               if (ih < 0 || ih >= g.H) continue;
@@ -535,6 +539,7 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
               else
                 for (int64_t t = lo; t < hi; ++t) dr[t * g.sw] += src[t];
             }
+          }
           }
         }
       }
@@ -636,7 +641,9 @@ void bwd_depthwise(const Geo& g, const T* x, const T* dy, const T* w, T* dx, T* 
       });
     if (dw)
       at::parallel_for(0, C, grain_for(g.N * PQ * RS), [&](int64_t begin, int64_t end) {
-        std::vector<T> acc(RS);
+        // One row of Q partial products per tap: the inner loops are element-wise (they vectorize), and the rows
+        // are reduced once per channel in a fixed order.
+        std::vector<T> acc(RS * g.Q);
         for (int64_t c = begin; c < end; ++c) {
           std::fill(acc.begin(), acc.end(), T(0));
           for (int64_t n = 0; n < g.N; ++n) {
@@ -651,19 +658,22 @@ void bwd_depthwise(const Geo& g, const T* x, const T* dy, const T* w, T* dx, T* 
                   const int64_t off = s * g.dw - g.pw;
                   int64_t qlo, qhi;
                   q_range(off, g.sw, g.W, g.Q, qlo, qhi);
-                  T sum = 0;
+                  T* __restrict__ ar = acc.data() + (r * g.S + s) * g.Q;
                   if (g.sw == 1) {
                     const T* __restrict__ xs = xr + off;
-                    for (int64_t q = qlo; q < qhi; ++q) sum += dyr[q] * xs[q];
+                    for (int64_t q = qlo; q < qhi; ++q) ar[q] += dyr[q] * xs[q];
                   } else {
-                    for (int64_t q = qlo; q < qhi; ++q) sum += dyr[q] * xr[q * g.sw + off];
+                    for (int64_t q = qlo; q < qhi; ++q) ar[q] += dyr[q] * xr[q * g.sw + off];
                   }
-                  acc[r * g.S + s] += sum;
                 }
               }
             }
           }
-          std::copy(acc.begin(), acc.end(), dw + c * RS);
+          for (int64_t i = 0; i < RS; ++i) {
+            T sum = 0;
+            for (int64_t q = 0; q < g.Q; ++q) sum += acc[i * g.Q + q];
+            dw[c * RS + i] = sum;
+          }
         }
       });
     return;

@@ -192,13 +192,14 @@ inline void copy_run(const Geo& g, const T* xc, const Seg& sg, int64_t r, int64_
   for (int64_t t = hi; t < sg.len; ++t) dst[t * ds] = T(0);
 }
 
-// Rows [p0, p0 + pc) of col^T for NHWC x, columns [i0, i1) of the (r, s, c) order: dst row j = pixel p0 + j.
+// Rows [p0, p0 + pc) of col^T for NHWC x, columns [i0, i1) of the (r, s, c) order: dst row j = pixel p0 + j,
+// counted across images (n * P * Q + pixel).
 template <typename T>
-void im2col_rows_nhwc(const Geo& g, const T* x, int64_t n, int64_t gg, int64_t p0, int64_t pc, int64_t i0,
-                      int64_t i1, T* dst) {
+void im2col_rows_nhwc(const Geo& g, const T* x, int64_t gg, int64_t p0, int64_t pc, int64_t i0, int64_t i1,
+                      T* dst) {
   const int64_t ld = i1 - i0, rs0 = i0 / g.Cg, rs1 = (i1 - 1) / g.Cg;
   for (int64_t j = 0; j < pc; ++j) {
-    const int64_t pix = p0 + j, ih0 = (pix / g.Q) * g.sh - g.ph, iw0 = (pix % g.Q) * g.sw - g.pw;
+    const int64_t n = (p0 + j) / g.PQ(), pix = (p0 + j) % g.PQ(), ih0 = (pix / g.Q) * g.sh - g.ph, iw0 = (pix % g.Q) * g.sw - g.pw;
     T* row = dst + j * ld;
     for (int64_t rs = rs0; rs <= rs1; ++rs) {
       const int64_t r = rs / g.S, s = rs % g.S, ih = ih0 + r * g.dh, iw = iw0 + s * g.dw;
@@ -225,6 +226,12 @@ void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
   tp = std::min(tp, round_up_panel<T>(NPQ));
   const int64_t ntiles = (NPQ + tp - 1) / tp;
   const int64_t tasks = g.G * ntiles;
+  // Weight re-laid out depth-chunk-major, (Kc / kcb) x (K x kl), so that the rows of an A block are kl apart.
+  std::vector<T> wk(g.K * Kc);
+  for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
+    const int64_t kl = std::min(kcb, Kc - k0);
+    for (int64_t k = 0; k < g.K; ++k) std::memcpy(wk.data() + k0 * g.K + k * kl, w + k * Kc + k0, kl * sizeof(T));
+  }
   at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp), [&](int64_t begin, int64_t end) {
     std::vector<T> bp(Kc * tp), cb(g.Kg * tp);
     std::vector<Seg> segs;
@@ -244,7 +251,7 @@ void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
         const int64_t kl = std::min(kcb, Kc - k0);
         for (int64_t m0 = 0; m0 < g.Kg; m0 += kRowsPerBlock) {
           const int64_t ml = std::min(kRowsPerBlock, g.Kg - m0);
-          gemm<T>(ml, pc, kl, w + (gg * g.Kg + m0) * Kc + k0, Kc, 1, bp.data() + k0 * Pn, Kc * Pn,
+          gemm<T>(ml, pc, kl, wk.data() + k0 * g.K + (gg * g.Kg + m0) * kl, kl, 1, bp.data() + k0 * Pn, Kc * Pn,
                   cb.data() + m0 * tp, tp, k0 > 0);
         }
       }
@@ -269,31 +276,31 @@ void fwd_nhwc(const Geo& g, const T* x, const T* w_rsc, const T* b, T* y) {
   for (int64_t gg = 0; gg < g.G; ++gg)
     attn::pack_transposed<T, T>(w_rsc + gg * g.Kg * Kc, Kc, Kc, g.Kg, bw.data() + gg * Kc * Kgp, Kc * Pn);
   const bool direct = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
-  const int64_t tp = std::min<int64_t>(kPixRows, PQ);
-  const int64_t ntiles = (PQ + tp - 1) / tp;
-  const int64_t tasks = g.N * g.G * ntiles;
+  // Tiles run over the pixels of all images (rows of x and y are contiguous across images).
+  const int64_t NPQ = g.N * PQ;
+  const int64_t tp = std::min<int64_t>(kPixRows, NPQ);
+  const int64_t ntiles = (NPQ + tp - 1) / tp;
+  const int64_t tasks = g.G * ntiles;
   at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp), [&](int64_t begin, int64_t end) {
-    std::vector<T> a(direct ? 0 : tp * Kc), cb(tp * Kgp);
+    std::vector<T> a(direct ? 0 : tp * std::min(kcb, Kc)), cb(tp * Kgp);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / (g.G * ntiles), gg = (t / ntiles) % g.G, p0 = (t % ntiles) * tp;
-      const int64_t pc = std::min(tp, PQ - p0);
-      const T* ap;
-      int64_t rsa;
-      if (direct) {
-        ap = x + (n * g.H * g.W + p0) * g.C + gg * g.Cg;
-        rsa = g.C;
-      } else {
-        im2col_rows_nhwc(g, x, n, gg, p0, pc, 0, Kc, a.data());
-        ap = a.data();
-        rsa = Kc;
-      }
+      const int64_t gg = t % g.G, p0 = (t / g.G) * tp;
+      const int64_t pc = std::min(tp, NPQ - p0);
+      // im2col one depth chunk at a time into a contiguous (pc x kl) block: rows Kc apart would fall into a few
+      // cache sets when Kc * sizeof(T) is a multiple of a large power of two (C = 512: 18 KB).
       for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
         const int64_t kl = std::min(kcb, Kc - k0);
-        gemm<T>(pc, g.Kg, kl, ap + k0, rsa, 1, bw.data() + gg * Kc * Kgp + k0 * Pn, Kc * Pn, cb.data(), Kgp,
-                k0 > 0);
+        const T* ap = x + p0 * g.C + gg * g.Cg + k0;
+        int64_t rsa = g.C;
+        if (!direct) {
+          im2col_rows_nhwc(g, x, gg, p0, pc, k0, k0 + kl, a.data());
+          ap = a.data();
+          rsa = kl;
+        }
+        gemm<T>(pc, g.Kg, kl, ap, rsa, 1, bw.data() + gg * Kc * Kgp + k0 * Pn, Kc * Pn, cb.data(), Kgp, k0 > 0);
       }
       for (int64_t j = 0; j < pc; ++j) {
-        T* yr = y + (n * PQ + p0 + j) * g.K + gg * g.Kg;
+        T* yr = y + (p0 + j) * g.K + gg * g.Kg;
         const T* cr = cb.data() + j * Kgp;
         if (b) {
           const T* br = b + gg * g.Kg;
@@ -456,18 +463,19 @@ void bwd_weight_nhwc(const Geo& g, const T* x, const T* dy, T* dw) {
   const int64_t per = (4 * at::get_num_threads() + g.G - 1) / g.G;
   const int64_t mb = std::max<int64_t>(std::min<int64_t>(Kc, 48), (Kc + per - 1) / per);
   const int64_t nmb = (Kc + mb - 1) / mb;
-  const int64_t tp = std::min<int64_t>(kRedPix, PQ);
-  const int64_t ntiles = (PQ + tp - 1) / tp;
-  at::parallel_for(0, g.G * nmb, grain_for(g.N * PQ * g.Kg * mb), [&](int64_t begin, int64_t end) {
+  const int64_t NPQ = g.N * PQ;
+  const int64_t tp = std::min<int64_t>(kRedPix, NPQ);
+  const int64_t ntiles = (NPQ + tp - 1) / tp;
+  at::parallel_for(0, g.G * nmb, grain_for(NPQ * g.Kg * mb), [&](int64_t begin, int64_t end) {
     std::vector<T> a(tp * mb), bp(tp * Kgp), cb(mb * Kgp);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t gg = t / nmb, i0 = (t % nmb) * mb, ml = std::min(mb, Kc - i0);
       bool first = true;
-      for (int64_t n = 0; n < g.N; ++n) {
+      {
         for (int64_t tile = 0; tile < ntiles; ++tile) {
-          const int64_t p0 = tile * tp, pc = std::min(tp, PQ - p0);
-          im2col_rows_nhwc(g, x, n, gg, p0, pc, i0, i0 + ml, a.data());
-          attn::pack_rows<T, T>(dy + (n * PQ + p0) * g.K + gg * g.Kg, g.K, pc, g.Kg, bp.data(), tp * Pn);
+          const int64_t p0 = tile * tp, pc = std::min(tp, NPQ - p0);
+          im2col_rows_nhwc(g, x, gg, p0, pc, i0, i0 + ml, a.data());
+          attn::pack_rows<T, T>(dy + p0 * g.K + gg * g.Kg, g.K, pc, g.Kg, bp.data(), tp * Pn);
           for (int64_t m0 = 0; m0 < ml; m0 += kRowsPerBlock) {
             const int64_t mm = std::min(kRowsPerBlock, ml - m0);
             gemm<T>(mm, g.Kg, pc, a.data() + m0, 1, ml, bp.data(), tp * Pn, cb.data() + m0 * Kgp, Kgp, !first);

@@ -6,15 +6,20 @@
 // Every tile product runs through the register-blocked micro-kernel of attention_gemm.h (B packed in panels), with
 // the GEMM orientation that makes each layout's im2col natural:
 //   NCHW forward:  Y[Kg x pixels] = W[Kg x Kc] * col[Kc x pixels]; col is packed straight into B panels from x, one
-//                  tile of output pixels at a time (the whole im2col matrix is never formed).
+//                  tile of output pixels at a time (the whole im2col matrix is never formed), moving whole runs of an
+//                  output row at a time.
 //   NHWC forward:  Y^T[pixels x Kg] = col^T[pixels x Kc] * W^T[Kc x Kg]; col^T rows are copies of contiguous
 //                  C-vectors of x (or x itself for a 1x1 / stride 1 / no padding conv); W^T is packed once per call.
-//   Kc = C/groups * R * S is cut in chunks of kKcBytes so that the B sub-panel stays in L1 and the A block in L2.
-// Depthwise (C/groups == K/groups == 1) forward uses a direct kernel (vectorized over q in NCHW, over c in NHWC).
+//   Kc = C/groups * R * S is cut in chunks of kKcBytes so that the B sub-panel stays in L1 and the A block in L2;
+//   A blocks are laid out per chunk (rows kl apart), since rows Kc apart alias in the cache when Kc*4 is 2^k-ish.
+//   Forward tiles run over the pixels of all images, so 7x7 and 14x14 layers still get full tiles.
+// Depthwise (C/groups == K/groups == 1) uses direct kernels, forward and backward (vectorized over q in NCHW, over c
+// in NHWC).
 //
-// Backward: dW = sum_n dy_n * col_n^T, one task per (group, block of dW columns), each summing over batch and pixel
-// tiles in a fixed order (deterministic for any thread count). dx = col2im(W^T dy), one task per (image, group, block
-// of input channels): a task owns its dx channels, so the scatter-add has no races. db = sum of dy, in fixed order.
+// Backward: dW = sum over images and pixels of dy * col^T (NCHW: one task per (group, block of dW columns); NHWC:
+// transposed, one task per (group, block of Kc rows)), each task summing over pixel tiles in a fixed order.
+// dx = col2im(W^T dy), one task per (image, group, block of input channels): a task owns its dx channels, so the
+// scatter-add has no races. db = sum of dy in a fixed order. Results are bitwise the same for any thread count.
 // Work is split with at::parallel_for over these tasks.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

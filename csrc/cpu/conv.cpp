@@ -218,6 +218,16 @@ void im2col_rows_nhwc(const Geo& g, const T* x, int64_t gg, int64_t p0, int64_t 
   }
 }
 
+// Splits of the output channels of a group when (group x pixel tile) tasks alone cannot keep every thread busy
+// (7x7 layers: a handful of tiles). Each split is a multiple of `unit` and at least `min_len` long.
+int64_t channel_splits(int64_t tasks, int64_t Kg, int64_t unit, int64_t min_len, int64_t& len) {
+  const int64_t want = 4 * at::get_num_threads();
+  int64_t ks = tasks >= want ? 1 : (want + tasks - 1) / tasks;
+  ks = std::max<int64_t>(1, std::min(ks, Kg / std::max<int64_t>(min_len, 1)));
+  len = ((Kg + ks - 1) / ks + unit - 1) / unit * unit;
+  return (Kg + len - 1) / len;
+}
+
 template <typename T>
 void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
   constexpr int64_t Pn = kPanel<T>;
@@ -230,19 +240,21 @@ void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
   const int64_t NPQ = g.N * PQ;
   tp = std::min(tp, round_up_panel<T>(NPQ));
   const int64_t ntiles = (NPQ + tp - 1) / tp;
-  const int64_t tasks = g.G * ntiles;
+  int64_t kspl;
+  const int64_t nks = channel_splits(g.G * ntiles, g.Kg, 6, 48, kspl);
+  const int64_t tasks = g.G * ntiles * nks;
   // Weight re-laid out depth-chunk-major, (Kc / kcb) x (K x kl), so that the rows of an A block are kl apart.
   std::vector<T> wk(g.K * Kc);
   for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
     const int64_t kl = std::min(kcb, Kc - k0);
     for (int64_t k = 0; k < g.K; ++k) std::memcpy(wk.data() + k0 * g.K + k * kl, w + k * Kc + k0, kl * sizeof(T));
   }
-  at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp / nks), [&](int64_t begin, int64_t end) {
     std::vector<T> bp(Kc * tp), cb(g.Kg * tp);
     std::vector<Seg> segs;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t gg = t % g.G, p0 = (t / g.G) * tp;
-      const int64_t pc = std::min(tp, NPQ - p0);
+      const int64_t ks = t % nks, gg = (t / nks) % g.G, p0 = (t / (nks * g.G)) * tp;
+      const int64_t pc = std::min(tp, NPQ - p0), klo = ks * kspl, khi = std::min(g.Kg, klo + kspl);
       make_segs(g, p0, pc, Pn, segs);
       const int64_t pcp = round_up_panel<T>(pc);
       for (int64_t p = 0; p < Kc; ++p) {
@@ -254,13 +266,13 @@ void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
       }
       for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
         const int64_t kl = std::min(kcb, Kc - k0);
-        for (int64_t m0 = 0; m0 < g.Kg; m0 += kRowsPerBlock) {
-          const int64_t ml = std::min(kRowsPerBlock, g.Kg - m0);
+        for (int64_t m0 = klo; m0 < khi; m0 += kRowsPerBlock) {
+          const int64_t ml = std::min(kRowsPerBlock, khi - m0);
           gemm<T>(ml, pc, kl, wk.data() + k0 * g.K + (gg * g.Kg + m0) * kl, kl, 1, bp.data() + k0 * Pn, Kc * Pn,
                   cb.data() + m0 * tp, tp, k0 > 0);
         }
       }
-      for (int64_t k = 0; k < g.Kg; ++k) {
+      for (int64_t k = klo; k < khi; ++k) {
         const T bv = b ? b[gg * g.Kg + k] : T(0);
         const T* ck = cb.data() + k * tp;
         for (const Seg& sg : segs) {
@@ -285,12 +297,14 @@ void fwd_nhwc(const Geo& g, const T* x, const T* w_rsc, const T* b, T* y) {
   const int64_t NPQ = g.N * PQ;
   const int64_t tp = std::min<int64_t>(kPixRows, NPQ);
   const int64_t ntiles = (NPQ + tp - 1) / tp;
-  const int64_t tasks = g.G * ntiles;
-  at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp), [&](int64_t begin, int64_t end) {
+  int64_t kspl;
+  const int64_t nks = channel_splits(g.G * ntiles, g.Kg, Pn, 4 * Pn, kspl);
+  const int64_t tasks = g.G * ntiles * nks;
+  at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp / nks), [&](int64_t begin, int64_t end) {
     std::vector<T> a(direct ? 0 : tp * std::min(kcb, Kc)), cb(tp * Kgp);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t gg = t % g.G, p0 = (t / g.G) * tp;
-      const int64_t pc = std::min(tp, NPQ - p0);
+      const int64_t ks = t % nks, gg = (t / nks) % g.G, p0 = (t / (nks * g.G)) * tp;
+      const int64_t pc = std::min(tp, NPQ - p0), klo = ks * kspl, khi = std::min(g.Kg, klo + kspl);
       // im2col one depth chunk at a time into a contiguous (pc x kl) block: rows Kc apart would fall into a few
       // cache sets when Kc * sizeof(T) is a multiple of a large power of two (C = 512: 18 KB).
       for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
@@ -302,16 +316,17 @@ void fwd_nhwc(const Geo& g, const T* x, const T* w_rsc, const T* b, T* y) {
           ap = a.data();
           rsa = kl;
         }
-        gemm<T>(pc, g.Kg, kl, ap, rsa, 1, bw.data() + gg * Kc * Kgp + k0 * Pn, Kc * Pn, cb.data(), Kgp, k0 > 0);
+        gemm<T>(pc, khi - klo, kl, ap, rsa, 1, bw.data() + gg * Kc * Kgp + (klo / Pn) * Kc * Pn + k0 * Pn, Kc * Pn,
+                cb.data() + klo, Kgp, k0 > 0);
       }
       for (int64_t j = 0; j < pc; ++j) {
         T* yr = y + (p0 + j) * g.K + gg * g.Kg;
         const T* cr = cb.data() + j * Kgp;
         if (b) {
           const T* br = b + gg * g.Kg;
-          for (int64_t k = 0; k < g.Kg; ++k) yr[k] = cr[k] + br[k];
+          for (int64_t k = klo; k < khi; ++k) yr[k] = cr[k] + br[k];
         } else {
-          for (int64_t k = 0; k < g.Kg; ++k) yr[k] = cr[k];
+          for (int64_t k = klo; k < khi; ++k) yr[k] = cr[k];
         }
       }
     }

@@ -118,6 +118,7 @@ Geo check_args(const char* fn, const at::Tensor& x, const at::Tensor& weight, co
               shape_str(weight.sizes()));
   TORCH_CHECK(g.K >= 1 && g.R >= 1 && g.S >= 1, fn, ": weight must not be empty, got shape ",
               shape_str(weight.sizes()));
+  TORCH_CHECK(g.C >= 1, fn, ": x must have at least one channel, got shape ", shape_str(x.sizes()));
   g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
   const int64_t hp = g.H + 2 * g.ph - g.dh * (g.R - 1) - 1, wp = g.W + 2 * g.pw - g.dw * (g.S - 1) - 1;
   g.P = hp < 0 ? 0 : hp / g.sh + 1;
@@ -809,6 +810,7 @@ std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor
   const at::Tensor xa = x.to(acc).contiguous(fmt);
   const at::Tensor ba = has_bias ? bias->to(acc).contiguous() : at::Tensor();
   at::Tensor y = at::empty({g.N, g.K, g.P, g.Q}, x.options().dtype(acc), fmt);
+  if (g.N == 0) return {y.to(x.scalar_type())};
   const bool depthwise = g.Cg == 1 && g.Kg == 1;
   at::Tensor wa;
   if (depthwise && g.nhwc)
@@ -855,6 +857,13 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
   // dy may arrive in any strides (expanded from .sum().backward(), or in the other layout): make it x's layout.
   const at::Tensor dya = dy.to(acc).contiguous(fmt);
   at::Tensor dx, dw, db;
+  if (g.N == 0) {  // empty batch: the sums are empty
+    if (output_mask[0]) dx = at::empty(x.sizes(), x.options(), fmt);
+    if (output_mask[1])
+      dw = at::empty(weight.sizes(), weight.options(), layout_of(fn, "weight", weight)).zero_();
+    if (output_mask[2]) db = at::empty({g.K}, x.options()).zero_();
+    return {dx, dw, db};
+  }
   const bool depthwise = g.Cg == 1 && g.Kg == 1;
   if (depthwise && (output_mask[0] || output_mask[1])) {
     const at::Tensor xa = output_mask[1] ? x.to(acc).contiguous(fmt) : at::Tensor();

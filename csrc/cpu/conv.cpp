@@ -153,6 +153,11 @@ int64_t grain_for(int64_t macs_per_task) {
 
 // Valid q range for one filter column: iw = q*sw + off in [0, W).
 inline void q_range(int64_t off, int64_t sw, int64_t W, int64_t Q, int64_t& qlo, int64_t& qhi) {
+  if (sw == 1) {  // no divisions on the common path (this runs once per im2col run)
+    qlo = std::max<int64_t>(0, -off);
+    qhi = std::max(qlo, std::min(Q, W - off));
+    return;
+  }
   qlo = off < 0 ? (-off + sw - 1) / sw : 0;
   qhi = W - 1 - off < 0 ? 0 : std::min(Q, (W - 1 - off) / sw + 1);
   if (qhi < qlo) qhi = qlo;
@@ -189,6 +194,10 @@ inline void copy_run(const Geo& g, const T* xc, const Seg& sg, int64_t r, int64_
   int64_t lo, hi;
   q_range(off, g.sw, g.W, sg.len, lo, hi);
   const T* xr = xc + ih * g.W + off;
+  if (g.sw == 1 && ds == 1 && lo == 0 && hi == sg.len && sg.len * int64_t(sizeof(T)) == 64) {
+    std::memcpy(dst, xr, 64);  // the common case, a whole panel row from inside x: two vector moves
+    return;
+  }
   for (int64_t t = 0; t < lo; ++t) dst[t * ds] = T(0);
   if (g.sw == 1 && ds == 1) {
     for (int64_t t = lo; t < hi; ++t) dst[t] = xr[t];
@@ -260,9 +269,10 @@ void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
       const int64_t pcp = round_up_panel<T>(pc);
       for (int64_t p = 0; p < Kc; ++p) {
         const int64_t c = p / RS, r = (p / g.S) % g.R, s = p % g.S;
+        const T* xc = x + (gg * g.Cg + c) * HW;
+        T* col = bp.data() + p * Pn;
         for (const Seg& sg : segs)
-          copy_run(g, x + (sg.n * g.C + gg * g.Cg + c) * HW, sg, r, s,
-                   bp.data() + (sg.j0 / Pn) * Kc * Pn + p * Pn + sg.j0 % Pn, 1);
+          copy_run(g, xc + sg.n * g.C * HW, sg, r, s, col + (sg.j0 / Pn) * Kc * Pn + sg.j0 % Pn, 1);
         for (int64_t j = pc; j < pcp; ++j) bp[(j / Pn) * Kc * Pn + p * Pn + j % Pn] = T(0);
       }
       for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {

@@ -255,10 +255,13 @@ void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
   const int64_t tasks = g.G * ntiles * nks;
   // Weight re-laid out depth-chunk-major, (Kc / kcb) x (K x kl), so that the rows of an A block are kl apart.
   std::vector<T> wk(g.K * Kc);
-  for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
-    const int64_t kl = std::min(kcb, Kc - k0);
-    for (int64_t k = 0; k < g.K; ++k) std::memcpy(wk.data() + k0 * g.K + k * kl, w + k * Kc + k0, kl * sizeof(T));
-  }
+  at::parallel_for(0, g.K, grain_for(Kc), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
+        const int64_t kl = std::min(kcb, Kc - k0);
+        std::memcpy(wk.data() + k0 * g.K + k * kl, w + k * Kc + k0, kl * sizeof(T));
+      }
+  });
   at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp / nks), [&](int64_t begin, int64_t end) {
     std::vector<T> bp(Kc * tp), cb(g.Kg * tp);
     std::vector<Seg> segs;
@@ -300,9 +303,21 @@ void fwd_nhwc(const Geo& g, const T* x, const T* w_rsc, const T* b, T* y) {
   constexpr int64_t Pn = kPanel<T>;
   const int64_t Kc = g.Kc(), PQ = g.PQ(), Kgp = round_up_panel<T>(g.Kg);
   const int64_t kcb = kKcBytes / int64_t(sizeof(T));
+  // W^T in panels of Pn output channels, packed in parallel, one panel per task (9 MB for C = K = 512).
   std::vector<T> bw(g.G * Kc * Kgp);
-  for (int64_t gg = 0; gg < g.G; ++gg)
-    attn::pack_transposed<T, T>(w_rsc + gg * g.Kg * Kc, Kc, Kc, g.Kg, bw.data() + gg * Kc * Kgp, Kc * Pn);
+  const int64_t npan = Kgp / Pn;
+  at::parallel_for(0, g.G * npan, grain_for(Kc * Pn), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t gg = u / npan, j0 = (u % npan) * Pn, jl = std::min(Pn, g.Kg - j0);
+      T* panel = bw.data() + gg * Kc * Kgp + (u % npan) * Kc * Pn;
+      const T* src = w_rsc + (gg * g.Kg + j0) * Kc;
+      for (int64_t p = 0; p < Kc; ++p) {
+        T* d = panel + p * Pn;
+        for (int64_t jj = 0; jj < jl; ++jj) d[jj] = src[jj * Kc + p];
+        for (int64_t jj = jl; jj < Pn; ++jj) d[jj] = T(0);
+      }
+    }
+  });
   const bool direct = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
   // Tiles run over the pixels of all images (rows of x and y are contiguous across images).
   const int64_t NPQ = g.N * PQ;
@@ -590,21 +605,21 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
     // B(p = k, j = (rs, cc)) = w[(gg*Kg + k), rs, c0 + cc], panels of Pn columns, packed once per (group, channel
     // block) and shared by the images.
     std::vector<T> wp(g.G * ncb * g.Kg * ncolp);
-    at::parallel_for(0, g.G * ncb, grain_for(g.Kg * ncolp), [&](int64_t begin, int64_t end) {
-      for (int64_t u = begin; u < end; ++u) {
+    const int64_t npan = ncolp / Pn;
+    at::parallel_for(0, g.G * ncb * npan, grain_for(g.Kg * Pn), [&](int64_t begin, int64_t end) {
+      for (int64_t v = begin; v < end; ++v) {
+        const int64_t u = v / npan, jp = (v % npan) * Pn;
         const int64_t gg = u / ncb, c0 = (u % ncb) * cbk, cn = std::min(cbk, g.Cg - c0), ncol = RS * cn;
-        T* bw = wp.data() + u * g.Kg * ncolp;
-        for (int64_t jp = 0; jp < ncolp; jp += Pn) {
-          T* panel = bw + (jp / Pn) * g.Kg * Pn;
-          for (int64_t jj = 0; jj < Pn; ++jj) {
-            const int64_t j = jp + jj;
-            if (j >= ncol) {
-              for (int64_t k = 0; k < g.Kg; ++k) panel[k * Pn + jj] = T(0);
-              continue;
-            }
-            const T* src = w + gg * g.Kg * Kc + (j / cn) * g.Cg + c0 + j % cn;
-            for (int64_t k = 0; k < g.Kg; ++k) panel[k * Pn + jj] = src[k * Kc];
-          }
+        T* panel = wp.data() + u * g.Kg * ncolp + (jp / Pn) * g.Kg * Pn;
+        int64_t offs[kPanel<T>];
+        const int64_t jl = std::max<int64_t>(0, std::min(Pn, ncol - jp));
+        for (int64_t jj = 0; jj < jl; ++jj) offs[jj] = ((jp + jj) / cn) * g.Cg + c0 + (jp + jj) % cn;
+        const T* wg = w + gg * g.Kg * Kc;
+        for (int64_t k = 0; k < g.Kg; ++k) {
+          T* d = panel + k * Pn;
+          const T* wr = wg + k * Kc;
+          for (int64_t jj = 0; jj < jl; ++jj) d[jj] = wr[offs[jj]];
+          for (int64_t jj = jl; jj < Pn; ++jj) d[jj] = T(0);
         }
       }
     });

@@ -6,15 +6,20 @@
 // Every tile product runs through the register-blocked micro-kernel of attention_gemm.h (B packed in panels), with
 // the GEMM orientation that makes each layout's im2col natural:
 //   NCHW forward:  Y[Kg x pixels] = W[Kg x Kc] * col[Kc x pixels]; col is packed straight into B panels from x, one
-//                  tile of output pixels at a time (the whole im2col matrix is never formed).
+//                  tile of output pixels at a time (the whole im2col matrix is never formed), moving whole runs of an
+//                  output row at a time.
 //   NHWC forward:  Y^T[pixels x Kg] = col^T[pixels x Kc] * W^T[Kc x Kg]; col^T rows are copies of contiguous
 //                  C-vectors of x (or x itself for a 1x1 / stride 1 / no padding conv); W^T is packed once per call.
-//   Kc = C/groups * R * S is cut in chunks of kKcBytes so that the B sub-panel stays in L1 and the A block in L2.
-// Depthwise (C/groups == K/groups == 1) forward uses a direct kernel (vectorized over q in NCHW, over c in NHWC).
+//   Kc = C/groups * R * S is cut in chunks of kKcBytes so that the B sub-panel stays in L1 and the A block in L2;
+//   A blocks are laid out per chunk (rows kl apart), since rows Kc apart alias in the cache when Kc*4 is 2^k-ish.
+//   Forward tiles run over the pixels of all images, so 7x7 and 14x14 layers still get full tiles.
+// Depthwise (C/groups == K/groups == 1) uses direct kernels, forward and backward (vectorized over q in NCHW, over c
+// in NHWC).
 //
-// Backward: dW = sum_n dy_n * col_n^T, one task per (group, block of dW columns), each summing over batch and pixel
-// tiles in a fixed order (deterministic for any thread count). dx = col2im(W^T dy), one task per (image, group, block
-// of input channels): a task owns its dx channels, so the scatter-add has no races. db = sum of dy, in fixed order.
+// Backward: dW = sum over images and pixels of dy * col^T (NCHW: one task per (group, block of dW columns); NHWC:
+// transposed, one task per (group, block of Kc rows)), each task summing over pixel tiles in a fixed order.
+// dx = col2im(W^T dy), one task per (image, group, block of input channels): a task owns its dx channels, so the
+// scatter-add has no races. db = sum of dy in a fixed order. Results are bitwise the same for any thread count.
 // Work is split with at::parallel_for over these tasks.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -113,6 +118,7 @@ Geo check_args(const char* fn, const at::Tensor& x, const at::Tensor& weight, co
               shape_str(weight.sizes()));
   TORCH_CHECK(g.K >= 1 && g.R >= 1 && g.S >= 1, fn, ": weight must not be empty, got shape ",
               shape_str(weight.sizes()));
+  TORCH_CHECK(g.C >= 1, fn, ": x must have at least one channel, got shape ", shape_str(x.sizes()));
   g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
   const int64_t hp = g.H + 2 * g.ph - g.dh * (g.R - 1) - 1, wp = g.W + 2 * g.pw - g.dw * (g.S - 1) - 1;
   g.P = hp < 0 ? 0 : hp / g.sh + 1;
@@ -147,6 +153,11 @@ int64_t grain_for(int64_t macs_per_task) {
 
 // Valid q range for one filter column: iw = q*sw + off in [0, W).
 inline void q_range(int64_t off, int64_t sw, int64_t W, int64_t Q, int64_t& qlo, int64_t& qhi) {
+  if (sw == 1) {  // no divisions on the common path (this runs once per im2col run)
+    qlo = std::max<int64_t>(0, -off);
+    qhi = std::max(qlo, std::min(Q, W - off));
+    return;
+  }
   qlo = off < 0 ? (-off + sw - 1) / sw : 0;
   qhi = W - 1 - off < 0 ? 0 : std::min(Q, (W - 1 - off) / sw + 1);
   if (qhi < qlo) qhi = qlo;
@@ -154,16 +165,19 @@ inline void q_range(int64_t off, int64_t sw, int64_t W, int64_t Q, int64_t& qlo,
 
 // A tile of output pixels [p0, p0 + pc) cut into runs that lie in one output row (and in one B panel of `split`
 // columns), so that im2col / col2im move whole runs of x's rows instead of testing every element.
+// p0 counts pixels across images (n * P * Q + pixel), so a tile may span images when P * Q is small.
 struct Seg {
   int64_t j0, len, ih0, iw0;  // tile column, run length, input row and column of the run's first tap (0, 0)
+  int64_t n, pix;             // image and output pixel of the run's start
 };
 
 void make_segs(const Geo& g, int64_t p0, int64_t pc, int64_t split, std::vector<Seg>& segs) {
   segs.clear();
+  const int64_t PQ = g.PQ();
   for (int64_t j = 0; j < pc;) {
-    const int64_t pix = p0 + j, oh = pix / g.Q, ow = pix % g.Q;
+    const int64_t n = (p0 + j) / PQ, pix = (p0 + j) % PQ, oh = pix / g.Q, ow = pix % g.Q;
     const int64_t len = std::min({g.Q - ow, pc - j, split - j % split});
-    segs.push_back({j, len, oh * g.sh - g.ph, ow * g.sw - g.pw});
+    segs.push_back({j, len, oh * g.sh - g.ph, ow * g.sw - g.pw, n, pix});
     j += len;
   }
 }
@@ -180,6 +194,10 @@ inline void copy_run(const Geo& g, const T* xc, const Seg& sg, int64_t r, int64_
   int64_t lo, hi;
   q_range(off, g.sw, g.W, sg.len, lo, hi);
   const T* xr = xc + ih * g.W + off;
+  if (g.sw == 1 && ds == 1 && lo == 0 && hi == sg.len && sg.len * int64_t(sizeof(T)) == 64) {
+    std::memcpy(dst, xr, 64);  // the common case, a whole panel row from inside x: two vector moves
+    return;
+  }
   for (int64_t t = 0; t < lo; ++t) dst[t * ds] = T(0);
   if (g.sw == 1 && ds == 1) {
     for (int64_t t = lo; t < hi; ++t) dst[t] = xr[t];
@@ -189,13 +207,14 @@ inline void copy_run(const Geo& g, const T* xc, const Seg& sg, int64_t r, int64_
   for (int64_t t = hi; t < sg.len; ++t) dst[t * ds] = T(0);
 }
 
-// Rows [p0, p0 + pc) of col^T for NHWC x, columns [i0, i1) of the (r, s, c) order: dst row j = pixel p0 + j.
+// Rows [p0, p0 + pc) of col^T for NHWC x, columns [i0, i1) of the (r, s, c) order: dst row j = pixel p0 + j,
+// counted across images (n * P * Q + pixel).
 template <typename T>
-void im2col_rows_nhwc(const Geo& g, const T* x, int64_t n, int64_t gg, int64_t p0, int64_t pc, int64_t i0,
-                      int64_t i1, T* dst) {
+void im2col_rows_nhwc(const Geo& g, const T* x, int64_t gg, int64_t p0, int64_t pc, int64_t i0, int64_t i1,
+                      T* dst) {
   const int64_t ld = i1 - i0, rs0 = i0 / g.Cg, rs1 = (i1 - 1) / g.Cg;
   for (int64_t j = 0; j < pc; ++j) {
-    const int64_t pix = p0 + j, ih0 = (pix / g.Q) * g.sh - g.ph, iw0 = (pix % g.Q) * g.sw - g.pw;
+    const int64_t n = (p0 + j) / g.PQ(), pix = (p0 + j) % g.PQ(), ih0 = (pix / g.Q) * g.sh - g.ph, iw0 = (pix % g.Q) * g.sw - g.pw;
     T* row = dst + j * ld;
     for (int64_t rs = rs0; rs <= rs1; ++rs) {
       const int64_t r = rs / g.S, s = rs % g.S, ih = ih0 + r * g.dh, iw = iw0 + s * g.dw;
@@ -209,51 +228,71 @@ void im2col_rows_nhwc(const Geo& g, const T* x, int64_t n, int64_t gg, int64_t p
   }
 }
 
+// Splits of the output channels of a group when (group x pixel tile) tasks alone cannot keep every thread busy
+// (7x7 layers: a handful of tiles). Each split is a multiple of `unit` and at least `min_len` long.
+int64_t channel_splits(int64_t tasks, int64_t Kg, int64_t unit, int64_t min_len, int64_t& len) {
+  const int64_t want = 4 * at::get_num_threads();
+  int64_t ks = tasks >= want ? 1 : (want + tasks - 1) / tasks;
+  ks = std::max<int64_t>(1, std::min(ks, Kg / std::max<int64_t>(min_len, 1)));
+  len = ((Kg + ks - 1) / ks + unit - 1) / unit * unit;
+  return (Kg + len - 1) / len;
+}
+
 template <typename T>
 void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
   constexpr int64_t Pn = kPanel<T>;
   const int64_t Kc = g.Kc(), PQ = g.PQ(), HW = g.HW(), RS = g.R * g.S;
   const int64_t kcb = kKcBytes / int64_t(sizeof(T));
   int64_t tp = (kColTileBytes / int64_t(sizeof(T))) / Kc / Pn * Pn;
-  tp = std::clamp<int64_t>(tp, Pn, 16 * Pn);
-  tp = std::min(tp, round_up_panel<T>(PQ));
-  const int64_t ntiles = (PQ + tp - 1) / tp;
-  const int64_t tasks = g.N * g.G * ntiles;
-  // 1x1, stride 1, no padding: the im2col rows are x's channel planes, packed as they are.
-  const bool direct = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
-  at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp), [&](int64_t begin, int64_t end) {
+  // At least 4 panels: with fewer pixels per tile the weight would stream from memory once per 16 pixels. Tiles
+  // run over the pixels of all images, so small late-stage layers (7x7) still get full tiles.
+  tp = std::clamp<int64_t>(tp, 4 * Pn, 16 * Pn);
+  const int64_t NPQ = g.N * PQ;
+  tp = std::min(tp, round_up_panel<T>(NPQ));
+  const int64_t ntiles = (NPQ + tp - 1) / tp;
+  int64_t kspl;
+  const int64_t nks = channel_splits(g.G * ntiles, g.Kg, 6, 48, kspl);
+  const int64_t tasks = g.G * ntiles * nks;
+  // Weight re-laid out depth-chunk-major, (Kc / kcb) x (K x kl), so that the rows of an A block are kl apart.
+  std::vector<T> wk(g.K * Kc);
+  at::parallel_for(0, g.K, grain_for(Kc), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
+        const int64_t kl = std::min(kcb, Kc - k0);
+        std::memcpy(wk.data() + k0 * g.K + k * kl, w + k * Kc + k0, kl * sizeof(T));
+      }
+  });
+  at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp / nks), [&](int64_t begin, int64_t end) {
     std::vector<T> bp(Kc * tp), cb(g.Kg * tp);
     std::vector<Seg> segs;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / (g.G * ntiles), gg = (t / ntiles) % g.G, p0 = (t % ntiles) * tp;
-      const int64_t pc = std::min(tp, PQ - p0);
-      const T* xb = x + (n * g.C + gg * g.Cg) * HW;
-      if (direct) {
-        attn::pack_rows<T, T>(xb + p0, HW, Kc, pc, bp.data(), Kc * Pn);
-      } else {
-        make_segs(g, p0, pc, Pn, segs);
-        const int64_t pcp = round_up_panel<T>(pc);
-        for (int64_t p = 0; p < Kc; ++p) {
-          const int64_t c = p / RS, r = (p / g.S) % g.R, s = p % g.S;
-          const T* xc = xb + c * HW;
-          for (const Seg& sg : segs)
-            copy_run(g, xc, sg, r, s, bp.data() + (sg.j0 / Pn) * Kc * Pn + p * Pn + sg.j0 % Pn, 1);
-          for (int64_t j = pc; j < pcp; ++j) bp[(j / Pn) * Kc * Pn + p * Pn + j % Pn] = T(0);
-        }
+      const int64_t ks = t % nks, gg = (t / nks) % g.G, p0 = (t / (nks * g.G)) * tp;
+      const int64_t pc = std::min(tp, NPQ - p0), klo = ks * kspl, khi = std::min(g.Kg, klo + kspl);
+      make_segs(g, p0, pc, Pn, segs);
+      const int64_t pcp = round_up_panel<T>(pc);
+      for (int64_t p = 0; p < Kc; ++p) {
+        const int64_t c = p / RS, r = (p / g.S) % g.R, s = p % g.S;
+        const T* xc = x + (gg * g.Cg + c) * HW;
+        T* col = bp.data() + p * Pn;
+        for (const Seg& sg : segs)
+          copy_run(g, xc + sg.n * g.C * HW, sg, r, s, col + (sg.j0 / Pn) * Kc * Pn + sg.j0 % Pn, 1);
+        for (int64_t j = pc; j < pcp; ++j) bp[(j / Pn) * Kc * Pn + p * Pn + j % Pn] = T(0);
       }
       for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
         const int64_t kl = std::min(kcb, Kc - k0);
-        for (int64_t m0 = 0; m0 < g.Kg; m0 += kRowsPerBlock) {
-          const int64_t ml = std::min(kRowsPerBlock, g.Kg - m0);
-          gemm<T>(ml, pc, kl, w + (gg * g.Kg + m0) * Kc + k0, Kc, 1, bp.data() + k0 * Pn, Kc * Pn,
+        for (int64_t m0 = klo; m0 < khi; m0 += kRowsPerBlock) {
+          const int64_t ml = std::min(kRowsPerBlock, khi - m0);
+          gemm<T>(ml, pc, kl, wk.data() + k0 * g.K + (gg * g.Kg + m0) * kl, kl, 1, bp.data() + k0 * Pn, Kc * Pn,
                   cb.data() + m0 * tp, tp, k0 > 0);
         }
       }
-      for (int64_t k = 0; k < g.Kg; ++k) {
-        T* yk = y + (n * g.K + gg * g.Kg + k) * PQ + p0;
+      for (int64_t k = klo; k < khi; ++k) {
         const T bv = b ? b[gg * g.Kg + k] : T(0);
         const T* ck = cb.data() + k * tp;
-        for (int64_t j = 0; j < pc; ++j) yk[j] = ck[j] + bv;
+        for (const Seg& sg : segs) {
+          T* yk = y + (sg.n * g.K + gg * g.Kg + k) * PQ + sg.pix;
+          for (int64_t j = 0; j < sg.len; ++j) yk[j] = ck[sg.j0 + j] + bv;
+        }
       }
     }
   });
@@ -264,41 +303,56 @@ void fwd_nhwc(const Geo& g, const T* x, const T* w_rsc, const T* b, T* y) {
   constexpr int64_t Pn = kPanel<T>;
   const int64_t Kc = g.Kc(), PQ = g.PQ(), Kgp = round_up_panel<T>(g.Kg);
   const int64_t kcb = kKcBytes / int64_t(sizeof(T));
+  // W^T in panels of Pn output channels, packed in parallel, one panel per task (9 MB for C = K = 512).
   std::vector<T> bw(g.G * Kc * Kgp);
-  for (int64_t gg = 0; gg < g.G; ++gg)
-    attn::pack_transposed<T, T>(w_rsc + gg * g.Kg * Kc, Kc, Kc, g.Kg, bw.data() + gg * Kc * Kgp, Kc * Pn);
-  const bool direct = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
-  const int64_t tp = std::min<int64_t>(kPixRows, PQ);
-  const int64_t ntiles = (PQ + tp - 1) / tp;
-  const int64_t tasks = g.N * g.G * ntiles;
-  at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp), [&](int64_t begin, int64_t end) {
-    std::vector<T> a(direct ? 0 : tp * Kc), cb(tp * Kgp);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / (g.G * ntiles), gg = (t / ntiles) % g.G, p0 = (t % ntiles) * tp;
-      const int64_t pc = std::min(tp, PQ - p0);
-      const T* ap;
-      int64_t rsa;
-      if (direct) {
-        ap = x + (n * g.H * g.W + p0) * g.C + gg * g.Cg;
-        rsa = g.C;
-      } else {
-        im2col_rows_nhwc(g, x, n, gg, p0, pc, 0, Kc, a.data());
-        ap = a.data();
-        rsa = Kc;
+  const int64_t npan = Kgp / Pn;
+  at::parallel_for(0, g.G * npan, grain_for(Kc * Pn), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t gg = u / npan, j0 = (u % npan) * Pn, jl = std::min(Pn, g.Kg - j0);
+      T* panel = bw.data() + gg * Kc * Kgp + (u % npan) * Kc * Pn;
+      const T* src = w_rsc + (gg * g.Kg + j0) * Kc;
+      for (int64_t p = 0; p < Kc; ++p) {
+        T* d = panel + p * Pn;
+        for (int64_t jj = 0; jj < jl; ++jj) d[jj] = src[jj * Kc + p];
+        for (int64_t jj = jl; jj < Pn; ++jj) d[jj] = T(0);
       }
+    }
+  });
+  const bool direct = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+  // Tiles run over the pixels of all images (rows of x and y are contiguous across images).
+  const int64_t NPQ = g.N * PQ;
+  const int64_t tp = std::min<int64_t>(kPixRows, NPQ);
+  const int64_t ntiles = (NPQ + tp - 1) / tp;
+  int64_t kspl;
+  const int64_t nks = channel_splits(g.G * ntiles, g.Kg, Pn, 4 * Pn, kspl);
+  const int64_t tasks = g.G * ntiles * nks;
+  at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp / nks), [&](int64_t begin, int64_t end) {
+    std::vector<T> a(direct ? 0 : tp * std::min(kcb, Kc)), cb(tp * Kgp);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t ks = t % nks, gg = (t / nks) % g.G, p0 = (t / (nks * g.G)) * tp;
+      const int64_t pc = std::min(tp, NPQ - p0), klo = ks * kspl, khi = std::min(g.Kg, klo + kspl);
+      // im2col one depth chunk at a time into a contiguous (pc x kl) block: rows Kc apart would fall into a few
+      // cache sets when Kc * sizeof(T) is a multiple of a large power of two (C = 512: 18 KB).
       for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
         const int64_t kl = std::min(kcb, Kc - k0);
-        gemm<T>(pc, g.Kg, kl, ap + k0, rsa, 1, bw.data() + gg * Kc * Kgp + k0 * Pn, Kc * Pn, cb.data(), Kgp,
-                k0 > 0);
+        const T* ap = x + p0 * g.C + gg * g.Cg + k0;
+        int64_t rsa = g.C;
+        if (!direct) {
+          im2col_rows_nhwc(g, x, gg, p0, pc, k0, k0 + kl, a.data());
+          ap = a.data();
+          rsa = kl;
+        }
+        gemm<T>(pc, khi - klo, kl, ap, rsa, 1, bw.data() + gg * Kc * Kgp + (klo / Pn) * Kc * Pn + k0 * Pn, Kc * Pn,
+                cb.data() + klo, Kgp, k0 > 0);
       }
       for (int64_t j = 0; j < pc; ++j) {
-        T* yr = y + (n * PQ + p0 + j) * g.K + gg * g.Kg;
+        T* yr = y + (p0 + j) * g.K + gg * g.Kg;
         const T* cr = cb.data() + j * Kgp;
         if (b) {
           const T* br = b + gg * g.Kg;
-          for (int64_t k = 0; k < g.Kg; ++k) yr[k] = cr[k] + br[k];
+          for (int64_t k = klo; k < khi; ++k) yr[k] = cr[k] + br[k];
         } else {
-          for (int64_t k = 0; k < g.Kg; ++k) yr[k] = cr[k];
+          for (int64_t k = klo; k < khi; ++k) yr[k] = cr[k];
         }
       }
     }
@@ -455,18 +509,19 @@ void bwd_weight_nhwc(const Geo& g, const T* x, const T* dy, T* dw) {
   const int64_t per = (4 * at::get_num_threads() + g.G - 1) / g.G;
   const int64_t mb = std::max<int64_t>(std::min<int64_t>(Kc, 48), (Kc + per - 1) / per);
   const int64_t nmb = (Kc + mb - 1) / mb;
-  const int64_t tp = std::min<int64_t>(kRedPix, PQ);
-  const int64_t ntiles = (PQ + tp - 1) / tp;
-  at::parallel_for(0, g.G * nmb, grain_for(g.N * PQ * g.Kg * mb), [&](int64_t begin, int64_t end) {
+  const int64_t NPQ = g.N * PQ;
+  const int64_t tp = std::min<int64_t>(kRedPix, NPQ);
+  const int64_t ntiles = (NPQ + tp - 1) / tp;
+  at::parallel_for(0, g.G * nmb, grain_for(NPQ * g.Kg * mb), [&](int64_t begin, int64_t end) {
     std::vector<T> a(tp * mb), bp(tp * Kgp), cb(mb * Kgp);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t gg = t / nmb, i0 = (t % nmb) * mb, ml = std::min(mb, Kc - i0);
       bool first = true;
-      for (int64_t n = 0; n < g.N; ++n) {
+      {
         for (int64_t tile = 0; tile < ntiles; ++tile) {
-          const int64_t p0 = tile * tp, pc = std::min(tp, PQ - p0);
-          im2col_rows_nhwc(g, x, n, gg, p0, pc, i0, i0 + ml, a.data());
-          attn::pack_rows<T, T>(dy + (n * PQ + p0) * g.K + gg * g.Kg, g.K, pc, g.Kg, bp.data(), tp * Pn);
+          const int64_t p0 = tile * tp, pc = std::min(tp, NPQ - p0);
+          im2col_rows_nhwc(g, x, gg, p0, pc, i0, i0 + ml, a.data());
+          attn::pack_rows<T, T>(dy + p0 * g.K + gg * g.Kg, g.K, pc, g.Kg, bp.data(), tp * Pn);
           for (int64_t m0 = 0; m0 < ml; m0 += kRowsPerBlock) {
             const int64_t mm = std::min(kRowsPerBlock, ml - m0);
             gemm<T>(mm, g.Kg, pc, a.data() + m0, 1, ml, bp.data(), tp * Pn, cb.data() + m0 * Kgp, Kgp, !first);
@@ -504,7 +559,7 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
     tp = std::min(tp, round_up_panel<T>(PQ));
     const int64_t ntiles = (PQ + tp - 1) / tp;
     at::parallel_for(0, tasks, grain_for(PQ * g.Kg * cbk * RS), [&](int64_t begin, int64_t end) {
-      std::vector<T> bp(g.Kg * tp), cb(cbk * RS * tp);
+      std::vector<T> bp(g.Kg * tp), cb(std::min(kRowsPerBlock, cbk * RS) * tp);
       std::vector<Seg> segs;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / (g.G * ncb), gg = (t / ncb) % g.G, c0 = (t % ncb) * cbk;
@@ -513,15 +568,18 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
         for (int64_t tile = 0; tile < ntiles; ++tile) {
           const int64_t p0 = tile * tp, pc = std::min(tp, PQ - p0);
           attn::pack_rows<T, T>(dy + (n * g.K + gg * g.Kg) * PQ + p0, PQ, g.Kg, pc, bp.data(), g.Kg * Pn);
+          make_segs(g, p0, pc, pc, segs);
+          // Rows of dcol in blocks, each scattered into dx while it is still in cache.
+          for (int64_t m0 = 0; m0 < m; m0 += kRowsPerBlock) {
+          const int64_t mm = std::min(kRowsPerBlock, m - m0);
           for (int64_t k0 = 0; k0 < g.Kg; k0 += kcb) {
             const int64_t kl = std::min(kcb, g.Kg - k0);
-            gemm<T>(m, pc, kl, a + k0 * Kc, 1, Kc, bp.data() + k0 * Pn, g.Kg * Pn, cb.data(), tp, k0 > 0);
+            gemm<T>(mm, pc, kl, a + m0 + k0 * Kc, 1, Kc, bp.data() + k0 * Pn, g.Kg * Pn, cb.data(), tp, k0 > 0);
           }
-          make_segs(g, p0, pc, pc, segs);
-          for (int64_t i = 0; i < m; ++i) {
+          for (int64_t i = m0; i < m0 + mm; ++i) {
             const int64_t c = i / RS, r = (i / g.S) % g.R, s = i % g.S;
             T* dxc = dx + (n * g.C + gg * g.Cg + c0 + c) * HW;
-            const T* ci = cb.data() + i * tp;
+            const T* ci = cb.data() + (i - m0) * tp;
             for (const Seg& sg : segs) {
               const int64_t ih = sg.ih0 + r * g.dh;
               if (ih < 0 || ih >= g.H) continue;
@@ -536,6 +594,7 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
                 for (int64_t t = lo; t < hi; ++t) dr[t * g.sw] += src[t];
             }
           }
+          }
         }
       }
     });
@@ -543,30 +602,39 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
     const int64_t tp = std::min<int64_t>(kPixRows, PQ);
     const int64_t ntiles = (PQ + tp - 1) / tp;
     const int64_t ncolp = round_up_panel<T>(RS * cbk);
+    // B(p = k, j = (rs, cc)) = w[(gg*Kg + k), rs, c0 + cc], panels of Pn columns, packed once per (group, channel
+    // block) and shared by the images.
+    std::vector<T> wp(g.G * ncb * g.Kg * ncolp);
+    const int64_t npan = ncolp / Pn;
+    at::parallel_for(0, g.G * ncb * npan, grain_for(g.Kg * Pn), [&](int64_t begin, int64_t end) {
+      for (int64_t v = begin; v < end; ++v) {
+        const int64_t u = v / npan, jp = (v % npan) * Pn;
+        const int64_t gg = u / ncb, c0 = (u % ncb) * cbk, cn = std::min(cbk, g.Cg - c0), ncol = RS * cn;
+        T* panel = wp.data() + u * g.Kg * ncolp + (jp / Pn) * g.Kg * Pn;
+        int64_t offs[kPanel<T>];
+        const int64_t jl = std::max<int64_t>(0, std::min(Pn, ncol - jp));
+        for (int64_t jj = 0; jj < jl; ++jj) offs[jj] = ((jp + jj) / cn) * g.Cg + c0 + (jp + jj) % cn;
+        const T* wg = w + gg * g.Kg * Kc;
+        for (int64_t k = 0; k < g.Kg; ++k) {
+          T* d = panel + k * Pn;
+          const T* wr = wg + k * Kc;
+          for (int64_t jj = 0; jj < jl; ++jj) d[jj] = wr[offs[jj]];
+          for (int64_t jj = jl; jj < Pn; ++jj) d[jj] = T(0);
+        }
+      }
+    });
     at::parallel_for(0, tasks, grain_for(PQ * g.Kg * cbk * RS), [&](int64_t begin, int64_t end) {
-      std::vector<T> bw(g.Kg * ncolp), cb(tp * ncolp);
+      std::vector<T> cb(tp * ncolp);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / (g.G * ncb), gg = (t / ncb) % g.G, c0 = (t % ncb) * cbk;
         const int64_t cn = std::min(cbk, g.Cg - c0), ncol = RS * cn;
-        // B(p = k, j = (rs, cc)) = w[(gg*Kg + k), rs, c0 + cc], panels of Pn columns.
-        for (int64_t jp = 0; jp < ncolp; jp += Pn) {
-          T* panel = bw.data() + (jp / Pn) * g.Kg * Pn;
-          for (int64_t jj = 0; jj < Pn; ++jj) {
-            const int64_t j = jp + jj;
-            if (j >= ncol) {
-              for (int64_t k = 0; k < g.Kg; ++k) panel[k * Pn + jj] = T(0);
-              continue;
-            }
-            const T* src = w + gg * g.Kg * Kc + (j / cn) * g.Cg + c0 + j % cn;
-            for (int64_t k = 0; k < g.Kg; ++k) panel[k * Pn + jj] = src[k * Kc];
-          }
-        }
+        const T* bw = wp.data() + (gg * ncb + c0 / cbk) * g.Kg * ncolp;
         for (int64_t tile = 0; tile < ntiles; ++tile) {
           const int64_t p0 = tile * tp, pc = std::min(tp, PQ - p0);
           const T* a = dy + (n * PQ + p0) * g.K + gg * g.Kg;
           for (int64_t k0 = 0; k0 < g.Kg; k0 += kcb) {
             const int64_t kl = std::min(kcb, g.Kg - k0);
-            gemm<T>(pc, ncol, kl, a + k0, g.K, 1, bw.data() + k0 * Pn, g.Kg * Pn, cb.data(), ncolp, k0 > 0);
+            gemm<T>(pc, ncol, kl, a + k0, g.K, 1, bw + k0 * Pn, g.Kg * Pn, cb.data(), ncolp, k0 > 0);
           }
           for (int64_t j = 0; j < pc; ++j) {
             const int64_t pix = p0 + j, ih0 = (pix / g.Q) * g.sh - g.ph, iw0 = (pix % g.Q) * g.sw - g.pw;
@@ -627,7 +695,9 @@ void bwd_depthwise(const Geo& g, const T* x, const T* dy, const T* w, T* dx, T* 
       });
     if (dw)
       at::parallel_for(0, C, grain_for(g.N * PQ * RS), [&](int64_t begin, int64_t end) {
-        std::vector<T> acc(RS);
+        // One row of Q partial products per tap: the inner loops are element-wise (they vectorize), and the rows
+        // are reduced once per channel in a fixed order.
+        std::vector<T> acc(RS * g.Q);
         for (int64_t c = begin; c < end; ++c) {
           std::fill(acc.begin(), acc.end(), T(0));
           for (int64_t n = 0; n < g.N; ++n) {
@@ -642,19 +712,22 @@ void bwd_depthwise(const Geo& g, const T* x, const T* dy, const T* w, T* dx, T* 
                   const int64_t off = s * g.dw - g.pw;
                   int64_t qlo, qhi;
                   q_range(off, g.sw, g.W, g.Q, qlo, qhi);
-                  T sum = 0;
+                  T* __restrict__ ar = acc.data() + (r * g.S + s) * g.Q;
                   if (g.sw == 1) {
                     const T* __restrict__ xs = xr + off;
-                    for (int64_t q = qlo; q < qhi; ++q) sum += dyr[q] * xs[q];
+                    for (int64_t q = qlo; q < qhi; ++q) ar[q] += dyr[q] * xs[q];
                   } else {
-                    for (int64_t q = qlo; q < qhi; ++q) sum += dyr[q] * xr[q * g.sw + off];
+                    for (int64_t q = qlo; q < qhi; ++q) ar[q] += dyr[q] * xr[q * g.sw + off];
                   }
-                  acc[r * g.S + s] += sum;
                 }
               }
             }
           }
-          std::copy(acc.begin(), acc.end(), dw + c * RS);
+          for (int64_t i = 0; i < RS; ++i) {
+            T sum = 0;
+            for (int64_t q = 0; q < g.Q; ++q) sum += acc[i * g.Q + q];
+            dw[c * RS + i] = sum;
+          }
         }
       });
     return;
@@ -762,6 +835,7 @@ std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor
   const at::Tensor xa = x.to(acc).contiguous(fmt);
   const at::Tensor ba = has_bias ? bias->to(acc).contiguous() : at::Tensor();
   at::Tensor y = at::empty({g.N, g.K, g.P, g.Q}, x.options().dtype(acc), fmt);
+  if (g.N == 0) return {y.to(x.scalar_type())};
   const bool depthwise = g.Cg == 1 && g.Kg == 1;
   at::Tensor wa;
   if (depthwise && g.nhwc)
@@ -808,6 +882,13 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
   // dy may arrive in any strides (expanded from .sum().backward(), or in the other layout): make it x's layout.
   const at::Tensor dya = dy.to(acc).contiguous(fmt);
   at::Tensor dx, dw, db;
+  if (g.N == 0) {  // empty batch: the sums are empty
+    if (output_mask[0]) dx = at::empty(x.sizes(), x.options(), fmt);
+    if (output_mask[1])
+      dw = at::empty(weight.sizes(), weight.options(), layout_of(fn, "weight", weight)).zero_();
+    if (output_mask[2]) db = at::empty({g.K}, x.options()).zero_();
+    return {dx, dw, db};
+  }
   const bool depthwise = g.Cg == 1 && g.Kg == 1;
   if (depthwise && (output_mask[0] || output_mask[1])) {
     const at::Tensor xa = output_mask[1] ? x.to(acc).contiguous(fmt) : at::Tensor();

@@ -39,3 +39,24 @@ def triton_unavailable() -> Optional[str]:
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Device predicates shared by the backend tables (None: accepted; else the reason), given an op's first tensor.
+
+def on_cuda(x, *_) -> Optional[str]:
+    return None if x.is_cuda else f"needs a CUDA tensor, got {x.device.type}"
+
+
+def on_cpu(x, *_) -> Optional[str]:
+    return None if x.device.type == "cpu" else f"needs a CPU tensor, got {x.device.type}"
+
+
+def triton_device(x, *_) -> Optional[str]:
+    if x.is_cuda:
+        return None
+    if x.device.type == "cpu" and triton_interpreted():
+        # The interpreter is a correctness tool, far too slow to be picked on its own.
+        from mltoolkit.backends import forced_backend
+
+        return None if forced_backend() == "triton" else "CPU tensors run through Triton only when forced"
+    return "needs a CUDA tensor (or TRITON_INTERPRET=1 and a forced 'triton' backend)"

@@ -42,7 +42,7 @@ def _grid_limits(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> Optional[str]:
 
 def _cuda_accepts(q: Tensor, k=None, v=None, mask=None, cu_seqlens_q=None, *_) -> Optional[str]:
     if not q.is_cuda:
-        return f"needs a CUDA tensor, got {q.device.type}"
+        return _ext.on_cuda(q)
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"tensor-core kernel takes float16/bfloat16, got {q.dtype}"
     capability = torch.cuda.get_device_capability(q.device)
@@ -55,18 +55,7 @@ def _cuda_accepts(q: Tensor, k=None, v=None, mask=None, cu_seqlens_q=None, *_) -
 def _triton_accepts(q: Tensor, k=None, v=None, mask=None, cu_seqlens_q=None, *_) -> Optional[str]:
     if q.dtype == torch.float64:
         return "no float64 kernel"
-    if _grid_limits(q, cu_seqlens_q):
-        return _grid_limits(q, cu_seqlens_q)
-    if q.is_cuda:
-        return None
-    if q.device.type == "cpu" and _ext.triton_interpreted():
-        # The interpreter is a correctness tool, far too slow to be picked on its own.
-        return None if forced_backend() == "triton" else "CPU tensors run through Triton only when forced"
-    return "needs a CUDA tensor (or TRITON_INTERPRET=1 and a forced 'triton' backend)"
-
-
-def _cpu_accepts(q: Tensor, *_) -> Optional[str]:
-    return None if q.device.type == "cpu" else f"needs a CPU tensor, got {q.device.type}"
+    return _grid_limits(q, cu_seqlens_q) or _ext.triton_device(q)
 
 
 def _triton_kernels():
@@ -83,7 +72,7 @@ ATTENTION.register("triton", _triton_accepts, _ext.triton_unavailable,
 ATTENTION.register("cuda", _cuda_accepts, _ext.cuda_unavailable,
                    forward=lambda *a: _ext._C.attention_forward_cuda(*a),
                    backward=lambda *a: _ext._C.attention_backward_cuda(*a))
-ATTENTION.register("cpp", _cpu_accepts, _ext.cpp_unavailable,
+ATTENTION.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
                    forward=lambda *a: _ext._C.attention_forward_cpu(*a),
                    backward=lambda *a: _ext._C.attention_backward_cpu(*a))
 ATTENTION.register("reference", lambda *_: None,

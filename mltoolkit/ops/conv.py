@@ -35,11 +35,7 @@ CONV = table("conv")
 
 # ---- backends -------------------------------------------------------------------------------------------------
 
-def _on_cpu(x: Tensor, *_) -> Optional[str]:
-    return None if x.device.type == "cpu" else f"needs a CPU tensor, got {x.device.type}"
-
-
-CONV.register("cpp", _on_cpu, _ext.cpp_unavailable,
+CONV.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
               forward=lambda *a: _ext._C.conv2d_forward_cpu(*a),
               backward=lambda *a: _ext._C.conv2d_backward_cpu(*a))
 CONV.register("reference", lambda *_: None, forward=reference.conv2d_forward, backward=reference.conv2d_backward)

@@ -31,23 +31,6 @@ NORM = table("norm")
 
 # ---- backends -------------------------------------------------------------------------------------------------
 
-def _on_cuda(x: Tensor, *_) -> Optional[str]:
-    return None if x.is_cuda else f"needs a CUDA tensor, got {x.device.type}"
-
-
-def _on_cpu(x: Tensor, *_) -> Optional[str]:
-    return None if x.device.type == "cpu" else f"needs a CPU tensor, got {x.device.type}"
-
-
-def _triton_accepts(x: Tensor, *_) -> Optional[str]:
-    if x.is_cuda:
-        return None
-    if x.device.type == "cpu" and _ext.triton_interpreted():
-        # The interpreter is a correctness tool, far too slow to be picked on its own.
-        return None if forced_backend() == "triton" else "CPU tensors run through Triton only when forced"
-    return "needs a CUDA tensor (or TRITON_INTERPRET=1 and a forced 'triton' backend)"
-
-
 def _triton_kernels():
     from mltoolkit.triton_kernels import norm as triton_norm
 
@@ -56,13 +39,13 @@ def _triton_kernels():
 
 # Order measured on an H200 (benchmarks/results/nvidia-h200.md, 2026-11-26): the CUDA C++ kernels win forward +
 # backward; the Triton forward alone is ~10% faster, but its launch overhead costs more than that in training.
-NORM.register("cuda", _on_cuda, _ext.cuda_unavailable,
+NORM.register("cuda", _ext.on_cuda, _ext.cuda_unavailable,
               forward=lambda *a: _ext._C.norm_forward_cuda(*a),
               backward=lambda *a: _ext._C.norm_backward_cuda(*a))
-NORM.register("triton", _triton_accepts, _ext.triton_unavailable,
+NORM.register("triton", _ext.triton_device, _ext.triton_unavailable,
               forward=lambda *a: _triton_kernels().norm_forward(*a),
               backward=lambda *a: _triton_kernels().norm_backward(*a))
-NORM.register("cpp", _on_cpu, _ext.cpp_unavailable,
+NORM.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
               forward=lambda *a: _ext._C.norm_forward_cpu(*a),
               backward=lambda *a: _ext._C.norm_backward_cpu(*a))
 NORM.register("reference", lambda *_: None, forward=reference.norm_forward, backward=reference.norm_backward)

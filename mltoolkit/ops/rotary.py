@@ -14,7 +14,6 @@ conjugate flipped; cos and sin get their gradients from plain torch reductions i
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -32,23 +31,6 @@ ROTARY = table("rotary")
 
 # ---- backends -------------------------------------------------------------------------------------------------
 
-def _on_cuda(x: Tensor, *_) -> Optional[str]:
-    return None if x.is_cuda else f"needs a CUDA tensor, got {x.device.type}"
-
-
-def _on_cpu(x: Tensor, *_) -> Optional[str]:
-    return None if x.device.type == "cpu" else f"needs a CPU tensor, got {x.device.type}"
-
-
-def _triton_accepts(x: Tensor, *_) -> Optional[str]:
-    if x.is_cuda:
-        return None
-    if x.device.type == "cpu" and _ext.triton_interpreted():
-        # The interpreter is a correctness tool, far too slow to be picked on its own.
-        return None if forced_backend() == "triton" else "CPU tensors run through Triton only when forced"
-    return "needs a CUDA tensor (or TRITON_INTERPRET=1 and a forced 'triton' backend)"
-
-
 def _triton_rotary(*args):
     from mltoolkit.triton_kernels import rotary as triton_rotary
 
@@ -60,9 +42,9 @@ def _reference_into(x, cos, sin, out, interleaved, conjugate):
 
 
 # Every kernel is (x, cos, sin, out, interleaved, conjugate) -> None and writes out (which may be x).
-ROTARY.register("cuda", _on_cuda, _ext.cuda_unavailable, forward=lambda *a: _ext._C.rotary_cuda(*a))
-ROTARY.register("triton", _triton_accepts, _ext.triton_unavailable, forward=_triton_rotary)
-ROTARY.register("cpp", _on_cpu, _ext.cpp_unavailable, forward=lambda *a: _ext._C.rotary_cpu(*a))
+ROTARY.register("cuda", _ext.on_cuda, _ext.cuda_unavailable, forward=lambda *a: _ext._C.rotary_cuda(*a))
+ROTARY.register("triton", _ext.triton_device, _ext.triton_unavailable, forward=_triton_rotary)
+ROTARY.register("cpp", _ext.on_cpu, _ext.cpp_unavailable, forward=lambda *a: _ext._C.rotary_cpu(*a))
 ROTARY.register("reference", lambda *_: None, forward=_reference_into)
 
 

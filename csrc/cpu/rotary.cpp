@@ -11,7 +11,6 @@
 // of out written once, as in a copy. Measured on the 2-core dev VM, one thread, (2, 1024, 16, 128): fp32 runs at the
 // speed of a copy; bf16 at about a quarter of one (L3-resident data), limited by AVX2's bf16 <-> fp32 conversions.
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -25,6 +24,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "rotary_args.h"
 
 namespace mltoolkit {
 namespace {
@@ -177,70 +177,15 @@ void rotary_kernel(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
   });
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Input checks: every message names the function and the argument.
-
 constexpr const char* kFn = "rotary_cpu";
-
-bool supported(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_cpu(const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined(), kFn, ": ", name, " must be a tensor, got an undefined one");
-  TORCH_CHECK(t.device().is_cpu(), kFn, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.layout() == at::kStrided, kFn, ": ", name, " must be a dense (strided) tensor, got layout ",
-              t.layout());
-}
-
-// x or out: (B, L, H, D) with unit stride in the last dim (a dim of size 1 has no meaningful stride).
-void check_rows(const char* name, const at::Tensor& t) {
-  check_cpu(name, t);
-  TORCH_CHECK(t.dim() == 4, kFn, ": ", name, " must be 4-D (batch, seqlen, nheads, headdim), got shape ", t.sizes());
-  TORCH_CHECK(supported(t.scalar_type()), kFn, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, kFn, ": ", name, " must have stride 1 in its last dim, got strides ",
-              t.strides());
-}
-
-void check_table(const char* name, const at::Tensor& t, const at::Tensor& x) {
-  check_cpu(name, t);
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(1), kFn, ": ", name, " must have shape (seqlen, rotary_dim / 2) "
-              "with seqlen = x.size(1) = ", x.size(1), ", got ", t.sizes());
-  TORCH_CHECK(2 * t.size(1) <= x.size(3), kFn, ": ", name, " has ", t.size(1), " columns, so rotary_dim = ",
-              2 * t.size(1), " exceeds headdim = ", x.size(3));
-  TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat, kFn, ": ", name,
-              " must have x's dtype (", x.scalar_type(), ") or float32, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), kFn, ": ", name, " must be contiguous, got strides ", t.strides());
-}
 
 }  // namespace
 
 void rotary_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out,
                 bool interleaved, bool conjugate) {
-  check_rows("x", x);
-  check_rows("out", out);
-  TORCH_CHECK(out.sizes() == x.sizes(), kFn, ": out must have x's shape ", x.sizes(), ", got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == x.scalar_type(), kFn, ": out must have x's dtype ", x.scalar_type(), ", got ",
-              out.scalar_type());
-  check_table("cos", cos, x);
-  check_table("sin", sin, x);
-  TORCH_CHECK(sin.sizes() == cos.sizes(), kFn, ": sin must have cos's shape ", cos.sizes(), ", got ", sin.sizes());
-  if (x.numel() == 0) return;
-  at::assert_no_internal_overlap(out);
-  at::assert_no_partial_overlap(out, x);
-  TORCH_CHECK(out.data_ptr() != x.data_ptr() || out.strides() == x.strides(), kFn,
-              ": out starts where x does but has other strides (", out.strides(), " vs ", x.strides(),
-              "); in place, pass x itself as out");
-
-  // One table dtype for the kernel: float32 when cos and sin differ, float64 for float64 x. The tables are small,
-  // so the widening copy costs little.
-  at::Tensor c = cos, s = sin;
-  const at::ScalarType table_dtype = x.scalar_type() == at::kDouble ? at::kDouble
-                                     : c.scalar_type() != s.scalar_type() ? at::kFloat
-                                                                          : c.scalar_type();
-  c = c.to(table_dtype);
-  s = s.to(table_dtype);
+  if (!rotary_args::check(kFn, x, cos, sin, out, at::kCPU)) return;
+  const at::ScalarType table_dtype = rotary_args::table_dtype(x, cos, sin);
+  const at::Tensor c = cos.to(table_dtype), s = sin.to(table_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kFn, [&] {
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
       rotary_kernel<scalar_t, scalar_t>(x, c, s, out, interleaved, conjugate);

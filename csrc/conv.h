@@ -9,12 +9,18 @@
 // Layout: x is contiguous in NCHW or in channels_last (NHWC); weight is contiguous (either format); y and dx come
 // back in x's memory format, dweight in weight's, dbias contiguous. One dtype for x, weight, bias, dy: float32,
 // float64 (CPU), float16, bfloat16 (half types accumulate in float32).
-// Backward: returns {dx, dweight, dbias}, each undefined unless asked for (output_mask = {x, weight, bias}).
+// Fused epilogue (forward): y = act(conv + bias + residual), in the accumulation type, rounded once at the store.
+//   residual: (N, K, P, Q) of x's dtype, contiguous in x's memory format, or none (the ResNet shortcut add).
+//   activation: "none", "relu", "relu6", "silu", "gelu" (erf form), "gelu_tanh", "hardswish", each with torch's
+//   formula (F.relu, F.relu6, F.silu, F.gelu(approximate="none" / "tanh"), F.hardswish). Anything else is an error.
+// Backward: returns {dx, dweight, dbias}, each undefined unless asked for (output_mask = {x, weight, bias}); dy is
+// the gradient of the convolution's own output (the caller has already taken the epilogue's derivative).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <array>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace mltoolkit {
@@ -22,7 +28,8 @@ namespace mltoolkit {
 std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
                                            std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                                           int64_t groups);
+                                           int64_t groups, const std::optional<at::Tensor>& residual,
+                                           const std::string& activation);
 
 std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                             std::vector<int64_t> stride, std::vector<int64_t> padding,

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "../conv.h"
+#include "../conv_epilogue.h"
 #include "attention_gemm.h"
 
 namespace mltoolkit {
@@ -813,14 +814,36 @@ void bwd_bias(const Geo& g, const T* dy, T* db) {
   }
 }
 
+// y = act(y + residual) over the whole output (y and residual in the same layout).
+template <typename T>
+void epilogue(at::Tensor& y, const at::Tensor& residual, Act act) {
+  T* __restrict__ yp = y.data_ptr<T>();
+  const T* __restrict__ rp = residual.defined() ? residual.data_ptr<T>() : nullptr;
+  at::parallel_for(0, y.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) yp[i] = apply_activation<T>(act, rp ? yp[i] + rp[i] : yp[i]);
+  });
+}
+
 }  // namespace
 
 std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
                                            std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                                           int64_t groups) {
+                                           int64_t groups, const std::optional<at::Tensor>& residual,
+                                           const std::string& activation) {
   constexpr const char* fn = "conv2d_forward_cpu";
   const Geo g = check_args(fn, x, weight, stride, padding, dilation, groups);
+  const Act act = parse_activation(fn, activation);
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK(r.device().is_cpu(), fn, ": residual must be a CPU tensor, got device ", r.device());
+    TORCH_CHECK(r.scalar_type() == x.scalar_type(), fn, ": residual must have x's dtype ", x.scalar_type(),
+                ", got ", r.scalar_type());
+    TORCH_CHECK(r.dim() == 4 && r.size(0) == g.N && r.size(1) == g.K && r.size(2) == g.P && r.size(3) == g.Q, fn,
+                ": residual must have the output's shape (N, K, P, Q) = (", g.N, ", ", g.K, ", ", g.P, ", ", g.Q,
+                "), got ", shape_str(r.sizes()));
+  }
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     const at::Tensor& b = *bias;
@@ -856,6 +879,11 @@ std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor
     else if (depthwise) fwd_depthwise_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
     else if (g.nhwc) fwd_nhwc<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
     else fwd_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
+  }
+  if (has_residual || act != Act::kNone) {
+    const at::Tensor ra = has_residual ? residual->to(acc).contiguous(fmt) : at::Tensor();
+    if (acc == at::kDouble) epilogue<double>(y, ra, act);
+    else epilogue<float>(y, ra, act);
   }
   if (x.scalar_type() != acc) y = y.to(x.scalar_type());
   return {y};

@@ -2,11 +2,14 @@
 
 Two registered ops carry the family (one kernel pair per backend, contract in csrc/conv.h):
 
-    torch.ops.mltoolkit.conv2d_fwd(x, weight, bias?, stride, padding, dilation, groups) -> y
+    torch.ops.mltoolkit.conv2d_fwd(x, weight, bias?, stride, padding, dilation, groups, residual?, activation)
+        -> y = activation(conv + bias + residual)
     torch.ops.mltoolkit.conv2d_bwd(dy, x, weight, stride, padding, dilation, groups, output_mask) -> (dx, dw, db)
 
 x (N, C, H, W) in NCHW or channels_last, weight (K, C/groups, R, S), symmetric zero padding. y and dx come back
-in x's memory format, dw in weight's. Gradients that were not asked for (output_mask = x, weight, bias) are empty
+in x's memory format, dw in weight's. The epilogue (residual add, activation) runs inside the forward kernel;
+conv2d_bwd takes the gradient of the convolution itself, the autograd formula below applies the epilogue's
+derivative first. Gradients that were not asked for (output_mask = x, weight, bias) are empty
 tensors. The public functions below add what the kernels leave to Python: int / tuple / "same" / "valid" padding
 (asymmetric "same" pads the extra row/column on the bottom/right, as torch does), the reflect / replicate /
 circular padding modes of nn.Conv2d (explicit padding, then the op with zero padding 0), unbatched input and
@@ -50,10 +53,13 @@ def _layout(t: Tensor) -> Tensor:
 
 @torch.library.custom_op("mltoolkit::conv2d_fwd", mutates_args=())
 def conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
-               dilation: list[int], groups: int) -> Tensor:
+               dilation: list[int], groups: int, residual: Optional[Tensor] = None,
+               activation: str = "none") -> Tensor:
     x, weight = _layout(x), _layout(weight)
     bias = None if bias is None else bias.contiguous()
-    (y,) = CONV.select(x).kernels["forward"](x, weight, bias, list(stride), list(padding), list(dilation), groups)
+    residual = None if residual is None else residual.contiguous(memory_format=memory_format(x))
+    (y,) = CONV.select(x).kernels["forward"](x, weight, bias, list(stride), list(padding), list(dilation), groups,
+                                              residual, activation)
     return y.contiguous(memory_format=memory_format(x))
 
 
@@ -66,11 +72,15 @@ def _fake_output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> t
 
 
 @conv2d_fwd.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups):
+def _(x, weight, bias, stride, padding, dilation, groups, residual=None, activation="none"):
     torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "conv2d_fwd: x and weight must be 4-D")
     torch._check(weight.shape[1] * groups == x.shape[1], lambda: "conv2d_fwd: weight.shape[1] * groups != C")
+    torch._check(activation in reference.ACTIVATIONS, lambda: f"conv2d_fwd: unknown activation {activation!r}")
     p, q = _fake_output_size(x, weight, stride, padding, dilation)
-    return x.new_empty(x.shape[0], weight.shape[0], p, q).contiguous(memory_format=memory_format(x))
+    shape = (x.shape[0], weight.shape[0], p, q)
+    torch._check(residual is None or tuple(residual.shape) == shape,
+                 lambda: f"conv2d_fwd: residual must have the output's shape {shape}")
+    return x.new_empty(shape).contiguous(memory_format=memory_format(x))
 
 
 @torch.library.custom_op("mltoolkit::conv2d_bwd", mutates_args=())
@@ -97,9 +107,15 @@ def _(dy, x, weight, stride, padding, dilation, groups, output_mask):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, weight)
+    x, weight, bias, stride, padding, dilation, groups, residual, activation = inputs
+    # relu / relu6 (and none) take their derivative from the output; the smooth activations recompute their input
+    # z = conv + bias + residual in backward (one more forward convolution) rather than keep a second output alive.
+    if activation in reference.OUTPUT_DERIVABLE:
+        ctx.save_for_backward(x, weight, output if activation != "none" else None)
+    else:
+        ctx.save_for_backward(x, weight, bias, residual)
     ctx.options = (stride, padding, dilation, groups)
+    ctx.activation = activation
     ctx.has_bias = bias is not None
     ctx.set_materialize_grads(False)
     # Autograd may run backward on another thread, which does not see the forward's forced backend.
@@ -107,15 +123,26 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy):
-    x, weight = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.options
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    if dy is None or not any(mask):
-        return None, None, None, None, None, None, None
+    # Autograd sees only the arguments the caller passed: residual and activation may be left at their defaults.
+    needs = tuple(ctx.needs_input_grad) + (False,) * (9 - len(ctx.needs_input_grad))
+    mask = [needs[0], needs[1], ctx.has_bias and needs[2]]
+    if dy is None or not (any(mask) or needs[7]):
+        return (None,) * len(ctx.needs_input_grad)
     with backend(ctx.forced_backend) if ctx.forced_backend else contextlib.nullcontext():
-        dx, dw, db = torch.ops.mltoolkit.conv2d_bwd(dy, x, weight, stride, padding, dilation, groups, mask)
-    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
-            None, None, None, None)
+        if ctx.activation in reference.OUTPUT_DERIVABLE:
+            x, weight, y = ctx.saved_tensors
+            dz = reference.activation_backward(dy, None, y, ctx.activation)
+        else:
+            x, weight, bias, residual = ctx.saved_tensors
+            z = torch.ops.mltoolkit.conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, residual, "none")
+            dz = reference.activation_backward(dy, z, None, ctx.activation)
+        dx = dw = db = None
+        if any(mask):
+            dx, dw, db = torch.ops.mltoolkit.conv2d_bwd(dz, x, weight, stride, padding, dilation, groups, mask)
+    grads = (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
+             None, None, None, None, dz if needs[7] else None, None)
+    return grads[:len(ctx.needs_input_grad)]
 
 
 conv2d_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -365,3 +365,65 @@ def test_nn_modules(device, backend):
         (dw2,) = torch.autograd.grad(y2.sum(), ref_m.weight)
         assert_close(y, y2, atol=1e-4)
         assert_close(dw, dw2, atol=1e-3 * max(1.0, dw2.abs().max().item()))
+
+
+# ---- the fused epilogue: act(conv + bias + residual) ----------------------------------------------------------
+
+ACTIVATIONS = ["none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish"]
+TORCH_ACT = {"none": lambda z: z, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu,
+             "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "hardswish": F.hardswish}
+
+
+def _epilogue_args(device, dtype, channels_last, groups=1, residual=True):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 4, 7, 6, generator=g).to(device=device, dtype=dtype)
+    w = torch.randn(6, 4 // groups, 3, 3, generator=g).to(device=device, dtype=dtype) * 0.5
+    b = torch.randn(6, generator=g).to(device=device, dtype=dtype)
+    r = torch.randn(2, 6, 4, 3, generator=g).to(device=device, dtype=dtype) * 2 if residual else None
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        r = None if r is None else r.to(memory_format=torch.channels_last)
+    return x, w, b, r
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_epilogue_matches_torch(device, backend, act, dtype):
+    """y = act(conv + bias + residual) and its gradients (x, weight, bias, residual) against the eager sequence."""
+    skip_unavailable(backend, device)
+    channels_last = dtype != torch.float32  # both layouts across the dtypes
+    x, w, b, r = _epilogue_args(device, dtype, channels_last)
+    fwd = lambda x, w, b, r: torch.ops.mltoolkit.conv2d_fwd(x, w, b, [2, 2], [1, 1], [1, 1], 1, r, act)
+    ref = lambda x, w, b, r: TORCH_ACT[act](F.conv2d(x, w, b, 2, 1) + r)
+    leaves = tuple(t.requires_grad_(True) for t in (x, w, b, r))
+    with mltoolkit.backend(backend):
+        check_op(fwd, [Sample(leaves)], ref, gradcheck=False, opcheck=False, compile=False)
+        y = fwd(*leaves)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("act", ["relu6", "silu", "hardswish"])
+@pytest.mark.parametrize("groups", [1, 4], ids=["dense-residual", "depthwise"])
+def test_epilogue_gradcheck_opcheck_compile(device, backend, act, groups):
+    """fp64 gradcheck (with a residual; a depthwise NHWC case without one), opcheck, compile."""
+    skip_unavailable(backend, device)
+    x, w, b, r = _epilogue_args(device, torch.float64, channels_last=groups == 4, groups=groups,
+                                residual=groups == 1)
+    if groups == 4:
+        w, b = w[:4], b[:4]
+    fwd = lambda x, w, b, r=None: torch.ops.mltoolkit.conv2d_fwd(x, w, b, [2, 2], [1, 1], [1, 1], groups, r, act)
+    ref = lambda x, w, b, r=None: TORCH_ACT[act](F.conv2d(x, w, b, 2, 1, 1, groups) + (0 if r is None else r))
+    leaves = tuple(t.requires_grad_(True) for t in (x, w, b, r) if t is not None)
+    with mltoolkit.backend(backend):
+        check_op(fwd, [Sample(leaves)], ref)
+
+
+def test_epilogue_bad_activation():
+    x, w, b, r = _epilogue_args("cpu", torch.float32, False)
+    with pytest.raises((ValueError, RuntimeError), match="activation"):
+        torch.ops.mltoolkit.conv2d_fwd(x, w, b, [2, 2], [1, 1], [1, 1], 1, r, "tanh")
+    with pytest.raises((ValueError, RuntimeError), match="residual"):
+        torch.ops.mltoolkit.conv2d_fwd(x, w, b, [1, 1], [1, 1], [1, 1], 1, r, "relu")

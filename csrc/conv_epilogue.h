@@ -1,0 +1,59 @@
+// The fused epilogue of the convolution kernels (contract in csrc/conv.h): y = act(conv + bias + residual).
+// One definition of the activations for the CPU kernel and the CUDA kernels, with torch's formulas.
+#pragma once
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <string>
+
+#if defined(__CUDACC__)
+#define MLTK_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MLTK_HOST_DEVICE inline
+#endif
+
+namespace mltoolkit {
+
+enum class Act : int { kNone = 0, kRelu, kRelu6, kSilu, kGelu, kGeluTanh, kHardswish };
+
+inline Act parse_activation(const char* fn, const std::string& name) {
+  if (name == "none") return Act::kNone;
+  if (name == "relu") return Act::kRelu;
+  if (name == "relu6") return Act::kRelu6;
+  if (name == "silu") return Act::kSilu;
+  if (name == "gelu") return Act::kGelu;
+  if (name == "gelu_tanh") return Act::kGeluTanh;
+  if (name == "hardswish") return Act::kHardswish;
+  TORCH_CHECK(false, fn, ": activation must be one of none, relu, relu6, silu, gelu, gelu_tanh, hardswish, got '",
+              name, "'");
+}
+
+// act(v) in float or double; v is the accumulated conv + bias + residual.
+template <typename T>
+MLTK_HOST_DEVICE T apply_activation(Act act, T v) {
+  using std::erf;  // the float overloads on the host; CUDA provides them on the device
+  using std::exp;
+  using std::tanh;
+  switch (act) {
+    case Act::kRelu:
+      return v > T(0) ? v : T(0);
+    case Act::kRelu6:
+      return v < T(0) ? T(0) : (v > T(6) ? T(6) : v);
+    case Act::kSilu:
+      return v / (T(1) + exp(-v));
+    case Act::kGelu:
+      return T(0.5) * v * (T(1) + erf(v * T(0.70710678118654752440)));
+    case Act::kGeluTanh: {
+      const T inner = T(0.79788456080286535588) * (v + T(0.044715) * v * v * v);
+      return T(0.5) * v * (T(1) + tanh(inner));
+    }
+    case Act::kHardswish: {
+      const T t = v + T(3);
+      return v * (t < T(0) ? T(0) : (t > T(6) ? T(6) : t)) / T(6);
+    }
+    default:
+      return v;
+  }
+}
+
+}  // namespace mltoolkit

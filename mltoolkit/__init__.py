@@ -2,16 +2,17 @@
 
     import mltoolkit
     y = mltoolkit.ops.rms_norm(x, (4096,), weight)     # same signature as F.rms_norm
-    model = mltoolkit.optimize(model)                   # swap matching torch modules in place
+    model = mltoolkit.optimize(model)                   # swap matching torch modules, fuse conv + bn + act
     with mltoolkit.backend("triton"): ...               # force one backend (also MLTK_BACKEND=triton)
     mltoolkit.patch_torch()                             # F.scaled_dot_product_attention -> mltoolkit's
 """
 from mltoolkit import nn, ops
 from mltoolkit.backends import NoBackendError, backend
+from mltoolkit.fusion import fuse_conv_bn_act
 from mltoolkit.optimize import optimize, register_swap
 from mltoolkit.patch import patch_torch, patched_torch, unpatch_torch
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "optimize", "register_swap", "backend", "NoBackendError", "patch_torch",
+__all__ = ["ops", "nn", "optimize", "fuse_conv_bn_act", "register_swap", "backend", "NoBackendError", "patch_torch",
            "unpatch_torch", "patched_torch", "__version__"]

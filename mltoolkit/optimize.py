@@ -1,4 +1,5 @@
-"""`optimize(model)`: swap torch modules for their mltoolkit twins, in place.
+"""`optimize(model)`: swap torch modules for their mltoolkit twins in place, then fuse Conv2d -> BatchNorm2d
+[-> + residual] [-> activation] patterns (mltoolkit.fuse_conv_bn_act).
 
 The swap table maps a torch class to a function building the replacement from the original module; later op
 families add their rows with `register_swap`. Only exact classes are swapped (a user's subclass of nn.LayerNorm may
@@ -10,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from mltoolkit import fusion
 from mltoolkit import nn as mnn
 
 SWAPS: dict[type, Callable[[torch.nn.Module], torch.nn.Module]] = {}
@@ -25,9 +27,12 @@ register_swap(torch.nn.MultiheadAttention, mnn.MultiheadAttention.from_torch)
 
 
 def optimize(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every module whose exact class is in the swap table, in place; returns `model`.
+    """Replace every module whose exact class is in the swap table, in place, and fuse convolution + batch norm +
+    activation; returns the optimized model: use the returned object.
 
-    A model that is itself a swappable module is converted and returned (it cannot be replaced in a parent).
+    A model with Conv2d and BatchNorm2d modules comes back as a torch.fx.GraphModule when it traces (same
+    parameters and state_dict keys; see fuse_conv_bn_act), otherwise as `model` itself. A model that is itself a
+    swappable module is converted and returned (it cannot be replaced in a parent).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -38,4 +43,7 @@ def optimize(model: torch.nn.Module) -> torch.nn.Module:
             build = SWAPS.get(type(child))
             if build is not None:
                 setattr(parent, name, build(child))
+    kinds = {type(m) for m in model.modules()}
+    if kinds & set(fusion.CONV_TYPES) and kinds & set(fusion.BN_TYPES):
+        model = fusion.fuse_conv_bn_act(model)
     return model

@@ -1,6 +1,6 @@
 """Drop-in modules: torch's class names, constructors and state_dict keys, mltoolkit kernels inside."""
 from mltoolkit.nn.attention import MultiheadAttention
-from mltoolkit.nn.conv import Conv1d, Conv2d
+from mltoolkit.nn.conv import Conv1d, Conv2d, Conv2dBNAct
 from mltoolkit.nn.norm import LayerNorm, RMSNorm
 
-__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention", "Conv1d", "Conv2d"]
+__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention", "Conv1d", "Conv2d", "Conv2dBNAct"]

@@ -232,9 +232,9 @@ def _check_tensors(fn: str, input: Tensor, weight: Tensor, bias: Optional[Tensor
 
 
 def _conv(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups,
-          padding_mode: str, spatial: int) -> Tensor:
-    """Shared body of conv2d / conv1d; x is batched (N, C, H, W), weight (K, C/groups, R, S); conv1d passes
-    spatial = 1 and H = R = 1 (the stride / padding / dilation of H are then 1 / 0 / 1)."""
+          padding_mode: str, spatial: int, residual: Optional[Tensor] = None, activation: str = "none") -> Tensor:
+    """Shared body of conv2d / conv1d / conv2d_bn_act; x is batched (N, C, H, W), weight (K, C/groups, R, S);
+    conv1d passes spatial = 1 and H = R = 1 (the stride / padding / dilation of H are then 1 / 0 / 1)."""
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"{fn}: padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
@@ -279,7 +279,12 @@ def _conv(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pa
         size = [w] if spatial == 1 else [h, w]
         raise ValueError(f"{fn}: padded input size {size} is smaller than the dilated kernel size "
                          f"{eff[-spatial:]}")
-    return torch.ops.mltoolkit.conv2d_fwd(x, weight, bias, stride, sym, dilation, groups)
+    if residual is not None:
+        out = (x.shape[0], weight.shape[0], *reference.output_size(h - 2 * sym[0], w - 2 * sym[1], *weight.shape[2:],
+                                                                   stride, sym, dilation))
+        if tuple(residual.shape) != out:
+            raise ValueError(f"{fn}: residual must have the output's shape {list(out)}, got {list(residual.shape)}")
+    return torch.ops.mltoolkit.conv2d_fwd(x, weight, bias, stride, sym, dilation, groups, residual, activation)
 
 
 def _layout_input(x: Tensor) -> Tensor:
@@ -318,4 +323,84 @@ def conv1d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     x = (input.unsqueeze(0) if unbatched else input).contiguous().unsqueeze(2)
     y = _conv("conv1d", x, weight.contiguous().unsqueeze(2), bias, stride, padding, dilation, groups, padding_mode,
               1).squeeze(2)
+    return y.squeeze(0) if unbatched else y
+
+
+# ---- convolution + batch norm + activation --------------------------------------------------------------------
+
+def fold_batch_norm(weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                    running_mean: Tensor, running_var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The weight and bias of one convolution equal to conv followed by inference-mode batch norm:
+    w' = w * g, b' = (b - mean) * g + beta with g = gamma / sqrt(var + eps) per output channel. Computed in float32
+    (float64 for float64) and rounded once to weight's dtype; differentiable, so frozen-BN fine-tuning trains
+    weight, bias, gamma and beta through it."""
+    ct = reference.compute_dtype(weight.dtype)
+    g = torch.rsqrt(running_var.to(ct) + eps)
+    if bn_weight is not None:
+        g = g * bn_weight.to(ct)
+    b = -running_mean.to(ct) if bias is None else bias.to(ct) - running_mean.to(ct)
+    b = b * g
+    if bn_bias is not None:
+        b = b + bn_bias.to(ct)
+    w = weight.to(ct) * g.view(-1, *([1] * (weight.dim() - 1)))
+    return w.to(weight.dtype), b.to(weight.dtype)
+
+
+def conv2d_bn_act(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_weight: Optional[Tensor] = None,
+                  bn_bias: Optional[Tensor] = None, running_mean: Optional[Tensor] = None,
+                  running_var: Optional[Tensor] = None, *, training: bool = False, momentum: float = 0.1,
+                  eps: float = 1e-5, activation: str = "relu", residual: Optional[Tensor] = None,
+                  stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int], str] = 0,
+                  dilation: Union[int, Sequence[int]] = 1, groups: int = 1, padding_mode: str = "zeros") -> Tensor:
+    """activation(batch_norm(conv2d(input, weight, bias)) + residual), one fused kernel where the math allows.
+
+    The convolution arguments are conv2d's; the batch-norm ones F.batch_norm's (bn_weight = gamma, bn_bias = beta).
+    training=False: batch norm is folded into the convolution's weight and bias (`fold_batch_norm`) and the kernel's
+    epilogue adds the bias and the residual and applies the activation: one pass over the output. training=True:
+    the convolution, then `batch_norm_act` (batch statistics, running_mean / running_var updated in place with
+    `momentum`, normalization, residual and activation in one kernel, with its own backward). activation: none,
+    relu, relu6, silu, gelu, gelu_tanh or hardswish.
+    """
+    _check_tensors("conv2d_bn_act", input, weight, bias, 2)
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"conv2d_bn_act: activation must be one of {', '.join(reference.ACTIVATIONS)}, got "
+                         f"{activation!r}")
+    k = weight.shape[0]
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"conv2d_bn_act: {name} must be a Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != (k,):
+            raise ValueError(f"conv2d_bn_act: {name} must have shape (out_channels,) = ({k},), got {list(t.shape)}")
+        if t.device != input.device:
+            raise ValueError(f"conv2d_bn_act: {name} is on {t.device} but input is on {input.device}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("conv2d_bn_act: running_mean and running_var must be given together")
+    if residual is not None and not isinstance(residual, Tensor):
+        raise TypeError(f"conv2d_bn_act: residual must be a Tensor or None, got {type(residual).__name__}")
+    if residual is not None and (residual.dtype != input.dtype or residual.device != input.device):
+        raise TypeError(f"conv2d_bn_act: residual must have input's dtype and device ({input.dtype}, "
+                        f"{input.device}), got ({residual.dtype}, {residual.device})")
+    unbatched = input.dim() == 3
+    x = _layout_input(input.unsqueeze(0) if unbatched else input)
+    res = None if residual is None else (residual.unsqueeze(0) if unbatched else residual)
+    w = _layout(weight)
+    if not training:
+        if running_mean is None:
+            raise ValueError("conv2d_bn_act: running_mean and running_var are required when training=False")
+        w, b = fold_batch_norm(w, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+        y = _conv("conv2d_bn_act", x, _layout(w), b, stride, padding, dilation, groups, padding_mode, 2,
+                  residual=None if res is None else res.contiguous(memory_format=memory_format(x)),
+                  activation=activation)
+    else:
+        from mltoolkit.ops.batch_norm import batch_norm_act
+
+        z = _conv("conv2d_bn_act", x, w, bias, stride, padding, dilation, groups, padding_mode, 2)
+        if res is not None and res.shape != z.shape:
+            raise ValueError(f"conv2d_bn_act: residual must have the output's shape {list(z.shape)}, got "
+                             f"{list(res.shape)}")
+        y = batch_norm_act(z, bn_weight, bn_bias, running_mean, running_var, training=True, momentum=momentum,
+                           eps=eps, activation=activation, residual=res)
     return y.squeeze(0) if unbatched else y

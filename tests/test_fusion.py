@@ -1,0 +1,330 @@
+"""Convolution + batch norm + activation: ops.conv2d_bn_act, nn.Conv2dBNAct, fuse_conv_bn_act and optimize() on
+CNNs. Each is checked against the eager sequence it replaces (F.conv2d, F.batch_norm, + residual, activation), in
+eval (batch norm folded into the convolution) and in train mode (batch statistics, running stats, gradients)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mltoolkit
+from mltoolkit import ops
+from mltoolkit.fusion import FusedConvBNAct
+from mltoolkit.testing import Sample, assert_close, assert_close_flash, check_op
+
+ACTS = {"none": lambda z: z, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu,
+        "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "hardswish": F.hardswish}
+
+
+def eager(x, w, b, gamma, beta, mean, var, training, momentum, eps, act, residual, **conv):
+    """The sequence conv2d_bn_act replaces, as a user writes it."""
+    pad_mode = conv.pop("padding_mode", "zeros")
+    if pad_mode != "zeros":
+        p = conv.pop("padding")
+        x = F.pad(x, (p, p, p, p), mode=pad_mode)
+    z = F.conv2d(x, w, b, **conv)
+    z = F.batch_norm(z, mean, var, gamma, beta, training, momentum, eps)
+    return ACTS[act](z if residual is None else z + residual)
+
+
+def _params(k, c, groups=1, kernel=3, bias=False, affine=True, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(k, c // groups, kernel, kernel, generator=g) * (c // groups * kernel * kernel) ** -0.5)
+    b = torch.randn(k, generator=g) if bias else None
+    gamma = torch.rand(k, generator=g) + 0.5 if affine else None
+    beta = torch.randn(k, generator=g) * 0.5 if affine else None
+    mean = torch.randn(k, generator=g) * 0.3
+    var = torch.rand(k, generator=g) + 0.5
+    cast = lambda t: None if t is None else t.to(dtype)
+    return cast(w), cast(b), cast(gamma), cast(beta), mean.to(dtype), var.to(dtype)
+
+
+EVAL_CASES = [
+    dict(act="relu", residual=True, bias=False, layout="nchw"),
+    dict(act="relu", residual=False, bias=True, layout="cl"),
+    dict(act="relu6", residual=False, groups=8, layout="cl"),           # depthwise (MobileNet)
+    dict(act="silu", residual=True, stride=2, layout="nchw"),
+    dict(act="gelu", residual=False, affine=False, layout="cl"),
+    dict(act="gelu_tanh", residual=True, dilation=2, layout="nchw"),
+    dict(act="hardswish", residual=False, groups=2, layout="cl"),
+    dict(act="none", residual=True, kernel=1, layout="cl"),
+    dict(act="relu", residual=False, padding_mode="reflect", layout="nchw"),
+]
+
+
+def _eval_case(case, dtype):
+    c = k = 8
+    groups, kernel = case.get("groups", 1), case.get("kernel", 3)
+    stride, dilation = case.get("stride", 1), case.get("dilation", 1)
+    pad = dilation * (kernel - 1) // 2
+    w, b, gamma, beta, mean, var = _params(k, c, groups, kernel, case.get("bias", False), case.get("affine", True),
+                                           dtype)
+    x = torch.randn(2, c, 9, 8, dtype=dtype)
+    out_hw = ((9 + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1,
+              (8 + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1)
+    r = torch.randn(2, k, *out_hw, dtype=dtype) if case["residual"] else None
+    if case["layout"] == "cl":
+        x = x.to(memory_format=torch.channels_last)
+        r = None if r is None else r.to(memory_format=torch.channels_last)
+    conv = dict(stride=stride, padding=pad, dilation=dilation, groups=groups,
+                padding_mode=case.get("padding_mode", "zeros"))
+    return x, w, b, gamma, beta, mean, var, r, conv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", EVAL_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_conv2d_bn_act_eval(case, dtype):
+    """Inference: BN folded into the conv, bias + residual + act in the epilogue; gradients (frozen-BN
+    fine-tuning) of input, weight, bias, gamma, beta and residual."""
+    x, w, b, gamma, beta, mean, var, r, conv = _eval_case(case, dtype)
+    act = case["act"]
+
+    def ours(x, w, b, gamma, beta, r):
+        return ops.conv2d_bn_act(x, w, b, gamma, beta, mean.to(x.dtype), var.to(x.dtype), training=False,
+                                 activation=act, residual=r, **conv)
+
+    def ref(x, w, b, gamma, beta, r):
+        return eager(x, w, b, gamma, beta, mean.to(x.dtype), var.to(x.dtype), False, 0.1, 1e-5, act, r,
+                     **dict(conv))
+
+    leaves = tuple(None if t is None else t.requires_grad_(True) for t in (x, w, b, gamma, beta, r))
+    # Half types: the folded weight is rounded once more than the eager sequence's, which moves pre-activations
+    # near a kink across it; gradients are compared in float32 (and gradchecked in float64) only.
+    check_op(ours, [Sample(leaves)], ref, grad=dtype == torch.float32, gradcheck=False, opcheck=False,
+             compile=False)
+    y = ours(*leaves)
+    fmt = torch.channels_last if case["layout"] == "cl" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+
+
+def test_conv2d_bn_act_eval_gradcheck_compile():
+    case = dict(act="silu", residual=True, layout="cl")
+    x, w, b, gamma, beta, mean, var, r, conv = _eval_case(case, torch.float64)
+    fn = lambda x, w, gamma, beta, r: ops.conv2d_bn_act(x, w, None, gamma, beta, mean, var, activation="silu",
+                                                         residual=r, **conv)
+    ref = lambda x, w, gamma, beta, r: eager(x, w, None, gamma, beta, mean.to(x.dtype), var.to(x.dtype), False,
+                                             0.1, 1e-5, "silu", r, **dict(conv))
+    check_op(fn, [Sample(tuple(t.requires_grad_(True) for t in (x, w, gamma, beta, r)))], ref)
+
+
+@pytest.mark.parametrize("act,residual,layout,dtype", [
+    ("relu", True, "nchw", torch.float32), ("relu6", False, "cl", torch.float32),
+    ("silu", True, "cl", torch.float64), ("none", False, "nchw", torch.float64),
+    ("relu", True, "cl", torch.bfloat16)])
+def test_conv2d_bn_act_train(act, residual, layout, dtype):
+    """Training: batch statistics, running stats updated as F.batch_norm does, all gradients."""
+    w, _, gamma, beta, mean, var = _params(8, 4, dtype=dtype)
+    x = torch.randn(3, 4, 7, 6, dtype=dtype)
+    r = torch.randn(3, 8, 7, 6, dtype=dtype) if residual else None
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    m1, v1, m2, v2 = mean.clone(), var.clone(), mean.clone(), var.clone()
+
+    def ours(x, w, gamma, beta, r):
+        return ops.conv2d_bn_act(x, w, None, gamma, beta, m1, v1, training=True, momentum=0.3, activation=act,
+                                 residual=r, padding=1)
+
+    def ref(x, w, gamma, beta, r):
+        return eager(x, w, None, gamma, beta, m2.to(x.dtype), v2.to(x.dtype), True, 0.3, 1e-5, act, r, padding=1)
+
+    leaves = tuple(None if t is None else t.requires_grad_(True) for t in (x, w, gamma, beta, r))
+    check_op(ours, [Sample(leaves)], ref, gradcheck=dtype == torch.float64, opcheck=False, compile=False)
+    # check_op ran each side once more for gradients (and gradcheck several times on ours): compare one fresh step.
+    m1.copy_(mean), v1.copy_(var)
+    m2c, v2c = mean.clone().double(), var.clone().double()
+    ours(*leaves)
+    F.batch_norm(F.conv2d(x.double(), w.double(), padding=1), m2c, v2c, None, None, True, 0.3, 1e-5)
+    assert_close(m1, m2c.to(dtype), dtype=dtype, name="running_mean")
+    assert_close(v1, v2c.to(dtype), dtype=dtype, name="running_var")
+
+
+def test_conv2d_bn_act_bad_input():
+    w, b, gamma, beta, mean, var = _params(8, 4)
+    x = torch.randn(2, 4, 6, 6)
+    with pytest.raises(ValueError, match="running_mean and running_var are required"):
+        ops.conv2d_bn_act(x, w, None, gamma, beta)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.conv2d_bn_act(x, w, None, gamma, beta, mean, var, activation="tanh")
+    with pytest.raises(ValueError, match="bn_weight must have shape"):
+        ops.conv2d_bn_act(x, w, None, gamma[:4], beta, mean, var)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        ops.conv2d_bn_act(x, w, None, gamma, beta, mean, var, residual=torch.randn(2, 8, 6, 6))
+    with pytest.raises(ValueError, match="not divisible by groups"):
+        ops.conv2d_bn_act(x, w, None, gamma, beta, mean, var, groups=3)
+    with pytest.raises(ValueError, match="given together"):
+        ops.conv2d_bn_act(x, w, None, gamma, beta, mean, None)
+
+
+# ---- nn.Conv2dBNAct ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_conv2d_bn_act_module_matches_sequential(momentum):
+    torch.manual_seed(0)
+    fused = mltoolkit.nn.Conv2dBNAct(4, 8, 3, padding=1, activation="relu6", momentum=momentum)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1, bias=False),
+                              torch.nn.BatchNorm2d(8, momentum=momentum), torch.nn.ReLU6())
+    seq.load_state_dict({k.replace("conv.", "0.").replace("bn.", "1."): v for k, v in fused.state_dict().items()})
+    assert sorted(fused.state_dict()) == ["bn.bias", "bn.num_batches_tracked", "bn.running_mean",
+                                          "bn.running_var", "bn.weight", "conv.weight"]
+    for step in range(3):  # train steps update the running stats identically
+        x = torch.randn(2, 4, 6, 6)
+        assert_close(fused(x), seq(x), atol=1e-5, name=f"train step {step}")
+    assert_close(fused.bn.running_var, seq[1].running_var, atol=1e-6)
+    assert int(fused.bn.num_batches_tracked) == 3
+    fused.eval(), seq.eval()
+    x = torch.randn(2, 4, 6, 6)
+    assert_close(fused(x), seq(x), atol=1e-5, name="eval")
+    r = torch.randn(2, 8, 6, 6)
+    assert_close(fused(x, r), F.relu6(seq[1](seq[0](x)) + r), atol=1e-5, name="eval + residual")
+
+
+def test_conv2d_bn_act_module_compiles():
+    torch.manual_seed(0)
+    m = mltoolkit.nn.Conv2dBNAct(4, 8, 3, padding=1, activation="silu").eval()
+    x = torch.randn(2, 4, 6, 6)
+    assert_close(torch.compile(m, fullgraph=True)(x), m(x), atol=1e-5)
+
+
+# ---- fuse_conv_bn_act / optimize on whole models ---------------------------------------------------------------
+
+def _randomize_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model
+
+
+def _fused_count(model):
+    return sum(isinstance(m, FusedConvBNAct) for m in model.modules())
+
+
+class MobileNetStyle(torch.nn.Module):
+    """Depthwise-separable blocks with hardswish / relu6 and a residual (x + block(x)), as MobileNetV2/V3."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(16),
+                                        torch.nn.Hardswish())
+        self.dw = torch.nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False)
+        self.dw_bn = torch.nn.BatchNorm2d(16)
+        self.pw = torch.nn.Conv2d(16, 16, 1, bias=False)
+        self.pw_bn = torch.nn.BatchNorm2d(16)
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.pw_bn(self.pw(F.relu6(self.dw_bn(self.dw(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def _models():
+    tv = pytest.importorskip("torchvision")
+    return {"resnet18": (tv.models.resnet18, 20), "resnet50": (tv.models.resnet50, 53),
+            "mobilenet_v2": (tv.models.mobilenet_v2, 52), "mobilenet_style": (MobileNetStyle, 3)}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_style"])
+def test_fuse_models_eval(name):
+    build, n_conv = _models()[name]
+    torch.manual_seed(0)
+    model = _randomize_bn(build()).eval()
+    original = copy.deepcopy(model)
+    fused = mltoolkit.fuse_conv_bn_act(model)
+    assert isinstance(fused, torch.fx.GraphModule)
+    assert _fused_count(fused) == n_conv  # every conv of these nets is followed by a batch norm
+    assert sorted(fused.state_dict()) == sorted(original.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        # Deep nets: the fused model's float32 error against a float64 run is held to twice torch's own.
+        ref = copy.deepcopy(original).double()(x.double())
+        assert_close_flash(fused(x), ref, original(x), eps=1e-5)
+    fused.load_state_dict(original.state_dict())  # a checkpoint of the original model loads as it is
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_style"])
+def test_fuse_models_train(name):
+    """Train mode: outputs, every parameter's gradient and the running stats after a step match the original."""
+    build, _ = _models()[name]
+    torch.manual_seed(0)
+    model = _randomize_bn(build()).train()
+    original = copy.deepcopy(model)
+    fused = mltoolkit.optimize(model)
+    x = torch.randn(4, 3, 32, 32)
+    y, y0 = fused(x), original(x)
+    assert_close(y, y0, atol=1e-4, rtol=1e-4)
+    cot = torch.randn_like(y)
+    y.backward(cot), y0.backward(cot)
+    params = dict(fused.named_parameters())
+    for k, p in original.named_parameters():
+        assert_close(params[k].grad, p.grad, atol=2e-4, rtol=2e-3, name=f"grad {k}")
+    buffers = dict(fused.named_buffers())
+    for k, b in original.named_buffers():
+        assert_close(buffers[k].double(), b.double(), atol=1e-5, name=k)
+
+
+def test_fuse_compiles():
+    torch.manual_seed(0)
+    model = _randomize_bn(MobileNetStyle()).eval()
+    fused = mltoolkit.fuse_conv_bn_act(copy.deepcopy(model))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert_close(torch.compile(fused, fullgraph=True)(x), model(x), atol=1e-5)
+
+
+class Untraceable(torch.nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, the module walk fuses its Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                        torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.body(x)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_fuse_walk_fallback(mode):
+    torch.manual_seed(0)
+    model = _randomize_bn(Untraceable())
+    model.train(mode == "train")
+    original = copy.deepcopy(model)
+    fused = mltoolkit.fuse_conv_bn_act(model)
+    assert fused is model
+    assert type(model.body[2]) is torch.nn.Identity and type(model.body[0]).__name__ == "_ConvBNAct"
+    assert sorted(fused.state_dict()) == sorted(original.state_dict())
+    for _ in range(2):
+        x = torch.randn(2, 3, 8, 8)
+        assert_close(fused(x), original(x), atol=1e-5)
+    for (k, b), b0 in zip(fused.named_buffers(), original.buffers()):
+        assert_close(b.double(), b0.double(), atol=1e-6, name=k)
+
+
+def test_residual_that_broadcasts_is_added_outside_the_kernel():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x, bias_map):
+            return F.relu(self.bn(self.conv(x)) + bias_map)
+
+    torch.manual_seed(0)
+    model = _randomize_bn(Block()).eval()
+    fused = mltoolkit.fuse_conv_bn_act(copy.deepcopy(model))
+    x, bias_map = torch.randn(2, 4, 5, 5), torch.randn(4, 1, 1)
+    assert _fused_count(fused) == 1
+    assert_close(fused(x, bias_map), model(x, bias_map), atol=1e-5)
+
+
+def test_optimize_leaves_models_without_conv_bn_alone():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    assert mltoolkit.optimize(model) is model
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        mltoolkit.fuse_conv_bn_act("resnet")

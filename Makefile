@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
+TORCHVISION_SPEC ?= torchvision==0.29.1
 BENCH_ARGS ?=
 TEST_ARGS ?=
 DEPS_STAMP := $(VENV)/.mltk-deps
@@ -43,6 +44,11 @@ $(DEPS_STAMP):
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; $(VPY) -m pip install -q $$missing || exit 1; fi
 	@$(VPY) -c "import matplotlib" 2>/dev/null || $(VPY) -m pip install -q matplotlib \
 		|| echo "matplotlib not installed: benchmark plots are skipped"
+	@# torchvision (CNN fusion tests, ResNet-50 benchmark) must match torch's build: only beside the pinned torch.
+	@$(VPY) -c "import torchvision" 2>/dev/null \
+		|| { $(VPY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_SPEC)'.split('==')[1])" \
+			&& $(VPY) -m pip install -q --no-deps $(TORCHVISION_SPEC); } \
+		|| echo "torchvision not installed: model tests and the ResNet benchmark are skipped"
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)

@@ -221,15 +221,18 @@ class MobileNetStyle(torch.nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def _models():
+def _model(name):
+    """(builder, number of conv layers) of a test model; torchvision's are skipped where it is not installed."""
+    if name == "mobilenet_style":
+        return MobileNetStyle, 3
     tv = pytest.importorskip("torchvision")
     return {"resnet18": (tv.models.resnet18, 20), "resnet50": (tv.models.resnet50, 53),
-            "mobilenet_v2": (tv.models.mobilenet_v2, 52), "mobilenet_style": (MobileNetStyle, 3)}
+            "mobilenet_v2": (tv.models.mobilenet_v2, 52)}[name]
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_style"])
 def test_fuse_models_eval(name):
-    build, n_conv = _models()[name]
+    build, n_conv = _model(name)
     torch.manual_seed(0)
     model = _randomize_bn(build()).eval()
     original = copy.deepcopy(model)
@@ -248,7 +251,7 @@ def test_fuse_models_eval(name):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_style"])
 def test_fuse_models_train(name):
     """Train mode: outputs, every parameter's gradient and the running stats after a step match the original."""
-    build, _ = _models()[name]
+    build, _ = _model(name)
     torch.manual_seed(0)
     model = _randomize_bn(build()).train()
     original = copy.deepcopy(model)
@@ -328,3 +331,26 @@ def test_optimize_leaves_models_without_conv_bn_alone():
     assert mltoolkit.optimize(model) is model
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         mltoolkit.fuse_conv_bn_act("resnet")
+
+
+def test_folded_weights_cache_follows_in_place_updates():
+    """Inference caches the folded weights; an in-place change of a weight or a running stat refolds."""
+    torch.manual_seed(0)
+    m = mltoolkit.nn.Conv2dBNAct(4, 8, 3, padding=1).eval()
+    seq = torch.nn.Sequential(m.conv, m.bn, torch.nn.ReLU())
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        assert_close(m(x), seq(x), atol=1e-5)
+        m.bn.running_var.mul_(3)
+        m.conv.weight.add_(0.1)
+        assert_close(m(x), seq(x), atol=1e-5, name="after in-place updates")
+        m.bn.eps = 0.5
+        assert_close(m(x), seq(x), atol=1e-5, name="after an eps change")
+
+
+def test_conv2d_act():
+    x, w, b, r = torch.randn(2, 4, 7, 7), torch.randn(6, 2, 3, 3), torch.randn(6), torch.randn(2, 6, 4, 4)
+    y = ops.conv2d_act(x, w, b, stride=2, padding=1, groups=2, activation="hardswish", residual=r)
+    assert_close(y, F.hardswish(F.conv2d(x, w, b, 2, 1, 1, 2) + r), atol=1e-5)
+    with pytest.raises(TypeError, match="residual must have input's dtype"):
+        ops.conv2d_act(x, w, b, stride=2, padding=1, groups=2, residual=r.double())

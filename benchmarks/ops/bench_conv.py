@@ -1,6 +1,10 @@
 """2-D convolution on ResNet-50's shapes against torch eager (F.conv2d: oneDNN on CPU, cuDNN on GPU) and
 torch.compile: time and TFLOP/s, forward and forward + backward (input and weight gradients; ResNet convs have no
-bias, batch norm follows them). CPU: float32 in NCHW and channels_last; CUDA: float16 channels_last."""
+bias, batch norm follows them). CPU: float32 in NCHW and channels_last; CUDA: float16 channels_last.
+
+conv2d_bn_relu: the same layers followed by batch norm and ReLU, as ResNet runs them, against the eager three-op
+sequence (F.conv2d, F.batch_norm, F.relu) and its torch.compile: inference (batch norm folded, epilogue fused) in
+fwd mode; training (batch statistics, running-stat update) in fwd+bwd mode."""
 import torch
 import torch.nn.functional as F
 
@@ -68,4 +72,50 @@ def benchmarks(device: str, quick: bool):
     # On CUDA no mltoolkit kernel exists yet: time the reference backend so the op's own overhead shows.
     return [Benchmark("conv2d", "conv", _ours, _eager, _reference, _inputs, _configs(device, quick), dtypes,
                       grad_args=(0, 1), flops=_flops, modes=("fwd", "fwd+bwd"),
-                      include_reference_backend=device == "cuda" or not quick)]
+                      include_reference_backend=device == "cuda" or not quick)] + bn_benchmarks(device, quick)
+
+
+# ---- conv + batch norm + ReLU --------------------------------------------------------------------------------------
+
+def _bn_inputs(config, dtype, device):
+    x, w, stride, pad, groups = _inputs(config, dtype, device)
+    k = config["K"]
+    g = torch.Generator(device="cpu").manual_seed(1)
+    gamma, beta = torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g) * 0.1
+    mean, var = torch.randn(k, generator=g) * 0.1, torch.rand(k, generator=g) + 0.5
+    gamma, beta, mean, var = (t.to(device=device, dtype=dtype) for t in (gamma, beta, mean, var))
+    return x, w, gamma, beta, mean, var, stride, pad, groups, config["train"]
+
+
+def _bn_ours(x, w, gamma, beta, mean, var, stride, pad, groups, train):
+    # Training updates the running stats in place: work on copies so every provider sees the same inputs.
+    mean, var = (mean.clone(), var.clone()) if train else (mean, var)
+    return ops.conv2d_bn_act(x, w, None, gamma, beta, mean, var, training=train, activation="relu", stride=stride,
+                             padding=pad, groups=groups)
+
+
+def _bn_eager(x, w, gamma, beta, mean, var, stride, pad, groups, train):
+    mean, var = (mean.clone(), var.clone()) if train else (mean, var)
+    z = F.conv2d(x, w, None, stride, pad, 1, groups)
+    return F.relu(F.batch_norm(z, mean, var, gamma, beta, train, 0.1, 1e-5))
+
+
+def _bn_configs(device, quick):
+    names = ["3x3 64 56x56"] if quick else ["3x3 64 56x56", "3x3 128 28x28", "3x3 256 14x14", "3x3 512 7x7",
+                                              "1x1 256->64 56x56"]
+    layouts = ["channels_last"] if device == "cuda" or quick else ["channels_last", "nchw"]
+    return [{**_config(n, layout), "train": train} for train in (False, True) for layout in layouts for n in names]
+
+
+def _bn_flops(config, dtype, mode):
+    return _flops(config, dtype, "fwd") if not config["train"] else _flops(config, dtype, mode)
+
+
+def bn_benchmarks(device: str, quick: bool):
+    dtypes = [torch.float16] if device == "cuda" else [torch.float32]
+    configs = _bn_configs(device, quick)
+    return [Benchmark("conv2d_bn_relu", "conv", _bn_ours, _bn_eager, _bn_eager, _bn_inputs,
+                      [c for c in configs if not c["train"]], dtypes, flops=_bn_flops, modes=("fwd",)),
+            Benchmark("conv2d_bn_relu", "conv", _bn_ours, _bn_eager, _bn_eager, _bn_inputs,
+                      [c for c in configs if c["train"]], dtypes, grad_args=(0, 1, 2, 3), flops=_bn_flops,
+                      modes=("fwd+bwd",))]

@@ -66,9 +66,33 @@ def batch_norm_call_args(bn: torch.nn.BatchNorm2d) -> dict:
                 running_var=bn.running_var if keep else None, training=use_batch_stats, momentum=factor, eps=bn.eps)
 
 
+def _folded(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> tuple[Tensor, Tensor] | None:
+    """The batch norm folded into the conv's weight and bias, cached on the conv for inference: refolding every
+    call costs a pass over the weights per layer (a few % of a ResNet-50 forward on CPU). Only when nothing needs
+    gradients and outside torch.compile (which folds the constants itself); any in-place change of the weights,
+    buffers or eps invalidates it."""
+    if bn.training or bn.running_mean is None or torch.compiler.is_compiling():
+        return None
+    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return None
+    key = (bn.eps, *((None, None) if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors))
+    cached = conv.__dict__.get("_mltk_folded")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, *ops.fold_batch_norm(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                                                bn.running_var, bn.eps))
+        conv.__dict__["_mltk_folded"] = cached
+    return cached[1], cached[2]
+
+
 def conv_bn_act_forward(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, activation: str, input: Tensor,
                         residual: Tensor | None = None) -> Tensor:
     """activation(bn(conv(input)) + residual) with the modules' own parameters, buffers and train/eval state."""
+    folded = _folded(conv, bn)
+    if folded is not None:
+        return ops.conv2d_act(input, folded[0], folded[1], conv.stride, conv.padding, conv.dilation, conv.groups,
+                              conv.padding_mode, activation=activation, residual=residual)
     return ops.conv2d_bn_act(input, conv.weight, conv.bias, **batch_norm_call_args(bn), activation=activation,
                              residual=residual, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                              groups=conv.groups, padding_mode=conv.padding_mode)

@@ -362,9 +362,7 @@ def conv2d_bn_act(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
     relu, relu6, silu, gelu, gelu_tanh or hardswish.
     """
     _check_tensors("conv2d_bn_act", input, weight, bias, 2)
-    if activation not in reference.ACTIVATIONS:
-        raise ValueError(f"conv2d_bn_act: activation must be one of {', '.join(reference.ACTIVATIONS)}, got "
-                         f"{activation!r}")
+    _check_epilogue("conv2d_bn_act", input, residual, activation)
     k = weight.shape[0]
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
@@ -378,29 +376,54 @@ def conv2d_bn_act(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
             raise ValueError(f"conv2d_bn_act: {name} is on {t.device} but input is on {input.device}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("conv2d_bn_act: running_mean and running_var must be given together")
-    if residual is not None and not isinstance(residual, Tensor):
-        raise TypeError(f"conv2d_bn_act: residual must be a Tensor or None, got {type(residual).__name__}")
-    if residual is not None and (residual.dtype != input.dtype or residual.device != input.device):
-        raise TypeError(f"conv2d_bn_act: residual must have input's dtype and device ({input.dtype}, "
-                        f"{input.device}), got ({residual.dtype}, {residual.device})")
-    unbatched = input.dim() == 3
-    x = _layout_input(input.unsqueeze(0) if unbatched else input)
-    res = None if residual is None else (residual.unsqueeze(0) if unbatched else residual)
-    w = _layout(weight)
     if not training:
         if running_mean is None:
             raise ValueError("conv2d_bn_act: running_mean and running_var are required when training=False")
-        w, b = fold_batch_norm(w, bias, bn_weight, bn_bias, running_mean, running_var, eps)
-        y = _conv("conv2d_bn_act", x, _layout(w), b, stride, padding, dilation, groups, padding_mode, 2,
-                  residual=None if res is None else res.contiguous(memory_format=memory_format(x)),
-                  activation=activation)
-    else:
-        from mltoolkit.ops.batch_norm import batch_norm_act
+        w, b = fold_batch_norm(_layout(weight), bias, bn_weight, bn_bias, running_mean, running_var, eps)
+        return _conv_epilogue("conv2d_bn_act", input, w, b, stride, padding, dilation, groups, padding_mode,
+                              residual, activation)
+    from mltoolkit.ops.batch_norm import batch_norm_act
 
-        z = _conv("conv2d_bn_act", x, w, bias, stride, padding, dilation, groups, padding_mode, 2)
-        if res is not None and res.shape != z.shape:
-            raise ValueError(f"conv2d_bn_act: residual must have the output's shape {list(z.shape)}, got "
-                             f"{list(res.shape)}")
-        y = batch_norm_act(z, bn_weight, bn_bias, running_mean, running_var, training=True, momentum=momentum,
-                           eps=eps, activation=activation, residual=res)
+    unbatched = input.dim() == 3
+    x = _layout_input(input.unsqueeze(0) if unbatched else input)
+    res = None if residual is None else (residual.unsqueeze(0) if unbatched else residual)
+    z = _conv("conv2d_bn_act", x, _layout(weight), bias, stride, padding, dilation, groups, padding_mode, 2)
+    if res is not None and res.shape != z.shape:
+        raise ValueError(f"conv2d_bn_act: residual must have the output's shape {list(z.shape)}, got "
+                         f"{list(res.shape)}")
+    y = batch_norm_act(z, bn_weight, bn_bias, running_mean, running_var, training=True, momentum=momentum,
+                       eps=eps, activation=activation, residual=res)
     return y.squeeze(0) if unbatched else y
+
+
+def _check_epilogue(fn: str, input: Tensor, residual: Optional[Tensor], activation: str) -> None:
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"{fn}: activation must be one of {', '.join(reference.ACTIVATIONS)}, got {activation!r}")
+    if residual is not None and not isinstance(residual, Tensor):
+        raise TypeError(f"{fn}: residual must be a Tensor or None, got {type(residual).__name__}")
+    if residual is not None and (residual.dtype != input.dtype or residual.device != input.device):
+        raise TypeError(f"{fn}: residual must have input's dtype and device ({input.dtype}, {input.device}), got "
+                        f"({residual.dtype}, {residual.device})")
+
+
+def _conv_epilogue(fn, input, weight, bias, stride, padding, dilation, groups, padding_mode, residual, activation):
+    unbatched = input.dim() == 3
+    x = _layout_input(input.unsqueeze(0) if unbatched else input)
+    if residual is not None:
+        residual = (residual.unsqueeze(0) if unbatched else residual).contiguous(memory_format=memory_format(x))
+    y = _conv(fn, x, _layout(weight), bias, stride, padding, dilation, groups, padding_mode, 2, residual=residual,
+              activation=activation)
+    return y.squeeze(0) if unbatched else y
+
+
+def conv2d_act(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+               stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int], str] = 0,
+               dilation: Union[int, Sequence[int]] = 1, groups: int = 1, padding_mode: str = "zeros", *,
+               activation: str = "relu", residual: Optional[Tensor] = None) -> Tensor:
+    """activation(conv2d(input, weight, bias) + residual) in one kernel: the bias, the residual add and the
+    activation (none, relu, relu6, silu, gelu, gelu_tanh, hardswish) run in the convolution's epilogue. The
+    convolution arguments are conv2d's; residual has the output's shape."""
+    _check_tensors("conv2d_act", input, weight, bias, 2)
+    _check_epilogue("conv2d_act", input, residual, activation)
+    return _conv_epilogue("conv2d_act", input, weight, bias, stride, padding, dilation, groups, padding_mode,
+                          residual, activation)

@@ -12,9 +12,10 @@ exact fp32 products, as the contract's tolerance needs; no TF32); no float64 (th
 
 Kernels (implicit GEMM after NVIDIA's cuDNN / CUTLASS formulation; the tile loop after the Triton matmul tutorial):
   _conv_fwd_kernel        rows = N*P*Q output pixels, columns = the K/groups output channels of group
-                          program_id(1), reduction over (r, s, c) as one flat loop (c innermost, BLOCK_K channels
-                          at a time), so that the pipeliner sees a single loop. Channels_last x with C/groups a
+                          program_id(1), reduction over (r, s, c) as one loop (c innermost, BLOCK_K channels at a
+                          time), so that the pipeliner sees a single loop. Channels_last x with C/groups a
                           multiple of BLOCK_K is the fast path: each row of the A tile is one contiguous load.
+                          C/groups < 16 (FLAT): the K blocks run over the flattened (r, s, c) instead.
                           Fused epilogue: bias, residual, activation, one rounding at the store.
   _conv_dx_kernel         dx as the transposed convolution, one launch per stride phase (h % sh, w % sw): within a
                           phase the taps r, s that reach an output pixel are the same for every input pixel, so the
@@ -140,13 +141,13 @@ def _epilogue(acc, n, p, q, row_ok, k, k_ok, BIAS, RES, Y, syn, syk, syp, syq, s
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@triton.heuristics({"EVEN_C": lambda a: a["Cg"] % a["BLOCK_K"] == 0})
+@triton.heuristics({"EVEN_C": lambda a: a["Cg"] % a["BLOCK_K"] == 0, "FLAT": lambda a: a["Cg"] < 16})
 @triton.jit
 def _conv_fwd_kernel(X, Wt, BIAS, RES, Y, H, W, P, Q, Cg, Kg, R, S, M, TUNE_M,
                      sh, sw, ph, pw, dh, dw,
                      sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq, srn, srk, srp, srq,
                      HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
-                     DOT_F32: tl.constexpr, FIX_BF16: tl.constexpr, EVEN_C: tl.constexpr,
+                     DOT_F32: tl.constexpr, FIX_BF16: tl.constexpr, EVEN_C: tl.constexpr, FLAT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # TUNE_M (the power of two of M) is an autotune key only.
     g = tl.program_id(1)
@@ -166,25 +167,42 @@ def _conv_fwd_kernel(X, Wt, BIAS, RES, Y, H, W, P, Q, Cg, Kg, R, S, M, TUNE_M,
     offs_c = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    c_blocks = tl.cdiv(Cg, BLOCK_K)
-    for t in range(0, R * S * c_blocks):
-        rs = t // c_blocks
-        c = (t - rs * c_blocks) * BLOCK_K + offs_c
-        r = rs // S
-        s = rs - r * S
-        h = h0 + r * dh
-        w = w0 + s * dw
-        ok = row_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        a_ptrs = x_rows[:, None] + (r * dh * sxh + s * dw * sxw) + c[None, :] * sxc
-        b_ptrs = w_cols[None, :] + c[:, None] * swc + (r * swr + s * sws)
-        if EVEN_C:
-            a = tl.load(a_ptrs, mask=ok[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            c_ok = c < Cg
-            a = tl.load(a_ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _mma(a, b, acc, PREC, DOT_F32)
+    if FLAT:
+        # C/groups < 16, tl.dot's smallest K block (a network's first layer, small groups): reduce over the
+        # flattened (r, s, c), so that one K block spans several taps instead of padding each tap's channels.
+        for k0 in range(0, R * S * Cg, BLOCK_K):
+            kk = k0 + offs_c
+            kk_ok = kk < R * S * Cg
+            c = kk % Cg
+            r = kk // Cg // S
+            s = kk // Cg % S
+            h = h0[:, None] + (r * dh)[None, :]
+            w = w0[:, None] + (s * dw)[None, :]
+            ok = row_ok[:, None] & kk_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            a = tl.load(x_rows[:, None] + (r * dh * sxh + s * dw * sxw + c * sxc)[None, :], mask=ok, other=0.0)
+            b = tl.load(w_cols[None, :] + (c * swc + r * swr + s * sws)[:, None],
+                        mask=kk_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, PREC, DOT_F32)
+    else:
+        c_blocks = tl.cdiv(Cg, BLOCK_K)
+        for t in range(0, R * S * c_blocks):
+            rs = t // c_blocks
+            c = (t - rs * c_blocks) * BLOCK_K + offs_c
+            r = rs // S
+            s = rs - r * S
+            h = h0 + r * dh
+            w = w0 + s * dw
+            ok = row_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            a_ptrs = x_rows[:, None] + (r * dh * sxh + s * dw * sxw) + c[None, :] * sxc
+            b_ptrs = w_cols[None, :] + c[:, None] * swc + (r * swr + s * sws)
+            if EVEN_C:
+                a = tl.load(a_ptrs, mask=ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                c_ok = c < Cg
+                a = tl.load(a_ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, PREC, DOT_F32)
 
     _epilogue(acc, n, p, q, row_ok, k_abs, col_ok, BIAS, RES, Y, syn, syk, syp, syq, srn, srk, srp, srq,
               HAS_BIAS, HAS_RES, ACT, FIX_BF16)
@@ -413,10 +431,12 @@ def _conv_direct_dw_kernel(DY, X, PART, H, W, P, Q, K, Kg, S, NPQ, TUNE_M,
 # ----------------------------------------------------------------------------------------------------------------
 
 # GEMM kernels: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). 16-bit inputs run on tensor cores (wgmma on
-# sm_90): the usual large Triton matmul tiles, plus small ones for small channel counts. float32 ("ieee") dots run
-# on FMA units with the tiles in registers: small tiles.
+# sm_90): the usual large Triton matmul tiles, plus small ones for small channel counts. Compiled for sm_90 by
+# Triton 3.8 without a GPU, none spills registers except on the FLAT path (C/groups < 16: gathers, 2-D masks),
+# where only the last three stay spill-free; (128, 64, 32, 8, 3) is there for it. float32 ("ieee") dots run on
+# FMA units with the tiles in registers: small tiles.
 _GEMM_CONFIGS = ((128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                 (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (64, 32, 32, 4, 4))
+                 (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 32, 8, 3), (64, 32, 32, 4, 4))
 _GEMM_CONFIGS_FP32 = ((64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (64, 32, 16, 4, 2))
 # dweight: rows are output channels, columns input channels, the reduction N*P*Q pixels.
 _DW_CONFIGS = ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3),

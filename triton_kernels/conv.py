@@ -590,6 +590,7 @@ class _Geometry:
         dot_f32 = _interpreting() and x.dtype == torch.bfloat16
         # float32: exact products (the default TF32 would miss the contract's tolerance); 16-bit: PREC is unused.
         self.consts = dict(PREC="ieee" if x.dtype == torch.float32 or dot_f32 else "tf32", DOT_F32=dot_f32)
+        self.gemm_configs = _GEMM_CONFIGS_FP32 if x.dtype == torch.float32 else _GEMM_CONFIGS
         self.fix_bf16 = _interpreting()
 
     def conv_args(self):
@@ -616,23 +617,24 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, residual,
     y = torch.empty((g.N, g.K, g.P, g.Q), dtype=x.dtype, device=x.device, memory_format=g.fmt)
     if g.N == 0:
         return [y]
-    res = residual if residual is not None else y  # a stand-in pointer: HAS_RES keeps the kernel off it
+    # Stand-ins for absent bias / residual: HAS_BIAS / HAS_RES keep the kernels off them.
+    bias_arg = bias if bias is not None else y
+    res = residual if residual is not None else y
     M = g.N * g.P * g.Q
-    strides = (*x.stride(), *weight.stride(), *y.stride(), *res.stride())
     consts = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=activation, FIX_BF16=g.fix_bf16)
-    bias = bias if bias is not None else y
     with _on_device(x.device):
-        if g.direct:
-            strides = (*x.stride(), weight.stride(0), *weight.stride()[2:], *y.stride(), *res.stride())
+        if g.direct:  # weight (K, 1, R, S): no input-channel stride
             _launch(_conv_direct_fwd_kernel, _DIRECT_CONFIGS,
                     lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(g.K, m["BLOCK_C"])),
-                    (x, weight, bias, res, y, g.H, g.W, g.P, g.Q, g.K, g.Kg, g.R, g.S, M,
-                     triton.next_power_of_2(M), *g.conv_args(), *strides), consts)
+                    (x, weight, bias_arg, res, y, g.H, g.W, g.P, g.Q, g.K, g.Kg, g.R, g.S, M,
+                     triton.next_power_of_2(M), *g.conv_args(), *x.stride(), weight.stride(0),
+                     *weight.stride()[2:], *y.stride(), *res.stride()), consts)
         else:
-            _launch(_conv_fwd_kernel, _GEMM_CONFIGS_FP32 if x.dtype == torch.float32 else _GEMM_CONFIGS,
+            _launch(_conv_fwd_kernel, g.gemm_configs,
                     lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(g.Kg, m["BLOCK_N"]), g.G),
-                    (x, weight, bias, res, y, g.H, g.W, g.P, g.Q, g.Cg, g.Kg, g.R, g.S, M,
-                     triton.next_power_of_2(M), *g.conv_args(), *strides), {**consts, **g.consts})
+                    (x, weight, bias_arg, res, y, g.H, g.W, g.P, g.Q, g.Cg, g.Kg, g.R, g.S, M,
+                     triton.next_power_of_2(M), *g.conv_args(), *x.stride(), *weight.stride(), *y.stride(),
+                     *res.stride()), {**consts, **g.consts})
     return [y]
 
 
@@ -647,7 +649,6 @@ def _phase_taps(phase, pad, dil, stride, taps):
 
 def _input_grad(g, dy, x, weight):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=g.fmt)
-    strides = (*dy.stride(), *weight.stride(), *dx.stride())
     if g.direct:
         M = g.N * g.H * g.W
         _launch(_conv_direct_dx_kernel, _DIRECT_CONFIGS,
@@ -656,16 +657,16 @@ def _input_grad(g, dy, x, weight):
                  *g.conv_args(), *dy.stride(), weight.stride(0), *weight.stride()[2:], *dx.stride()),
                 dict(FIX_BF16=g.fix_bf16))
         return dx
-    configs = _GEMM_CONFIGS_FP32 if x.dtype == torch.float32 else _GEMM_CONFIGS
     for a in range(min(g.sh, g.H)):
         for b in range(min(g.sw, g.W)):
             Hp, Wp = triton.cdiv(g.H - a, g.sh), triton.cdiv(g.W - b, g.sw)
             M = g.N * Hp * Wp
             taps = (*_phase_taps(a, g.ph, g.dh, g.sh, g.R), *_phase_taps(b, g.pw, g.dw, g.sw, g.S))
-            _launch(_conv_dx_kernel, configs,
+            _launch(_conv_dx_kernel, g.gemm_configs,
                     lambda m, M=M: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(g.Cg, m["BLOCK_N"]), g.G),
                     (dy, weight, dx, g.H, g.W, g.P, g.Q, g.Cg, g.Kg, M, Hp, Wp, triton.next_power_of_2(M),
-                     a, b, *taps, *g.conv_args(), *strides), dict(g.consts, FIX_BF16=g.fix_bf16))
+                     a, b, *taps, *g.conv_args(), *dy.stride(), *weight.stride(), *dx.stride()),
+                    dict(g.consts, FIX_BF16=g.fix_bf16))
     return dx
 
 

@@ -7,6 +7,7 @@ reported by the backend table, never a crash at import):
     from mltoolkit.triton_kernels import norm_forward  # same function
     from mltoolkit.triton_kernels import attention     # attention.attention_forward / attention.attention_backward
     from mltoolkit.triton_kernels import rotary        # rotary.rotary (module and function share the op's name)
+    from mltoolkit.triton_kernels import conv          # conv.conv2d_forward / conv.conv2d_backward
 
 Knobs live on the module that reads them (e.g. `norm.LOOP_THRESHOLD`); set them there, not on this package.
 """
@@ -17,8 +18,10 @@ _LAZY_ATTRS = {
     "norm_backward": "norm",
     "attention_forward": "attention",
     "attention_backward": "attention",
+    "conv2d_forward": "conv",
+    "conv2d_backward": "conv",
 }
-_MODULES = ("norm", "attention", "rotary")
+_MODULES = ("norm", "attention", "rotary", "conv")
 
 __all__ = [*_MODULES, *_LAZY_ATTRS]
 

@@ -38,6 +38,19 @@ CONV = table("conv")
 
 # ---- backends -------------------------------------------------------------------------------------------------
 
+def _triton_accepts(x: Tensor, *_) -> Optional[str]:
+    return "no float64 kernel" if x.dtype == torch.float64 else _ext.triton_device(x)
+
+
+def _triton_kernels():
+    from mltoolkit.triton_kernels import conv as triton_conv
+
+    return triton_conv
+
+
+CONV.register("triton", _triton_accepts, _ext.triton_unavailable,
+              forward=lambda *a: _triton_kernels().conv2d_forward(*a),
+              backward=lambda *a: _triton_kernels().conv2d_backward(*a))
 CONV.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
               forward=lambda *a: _ext._C.conv2d_forward_cpu(*a),
               backward=lambda *a: _ext._C.conv2d_backward_cpu(*a))

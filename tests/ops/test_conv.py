@@ -17,18 +17,22 @@ from mltoolkit.backends import table
 from mltoolkit.testing import Sample, assert_close, check_op
 
 CPU_BACKENDS = ["cpp", "reference"]
-CUDA_BACKENDS = ["reference"]  # + "cuda" / "triton" when their kernels land
+CUDA_BACKENDS = ["triton", "reference"]  # + "cuda" when its kernels land
 BACKENDS = [pytest.param("cpu", b, id=f"cpu-{b}") for b in CPU_BACKENDS] + [
     pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.cuda) for b in CUDA_BACKENDS]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def skip_unavailable(backend, device="cpu"):
+def skip_unavailable(backend, device="cpu", dtype=None):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     why = table("conv").get(backend).available()
     if why is not None:
         pytest.skip(f"{backend} backend unavailable: {why}")
+    if dtype is not None:  # a dtype the backend declines (triton: float64)
+        why = table("conv").get(backend).supports(torch.empty(0, dtype=dtype, device=device))
+        if why is not None:
+            pytest.skip(f"{backend} backend declines {dtype}: {why}")
 
 
 # ---- the torch oracle ---------------------------------------------------------------------------------------------
@@ -192,7 +196,7 @@ def test_conv2d_corners(device, backend, case):
 ], ids=_id)
 def test_gradcheck_opcheck_compile(device, backend, case):
     """fp64 gradcheck, opcheck of conv2d_fwd (and, through autograd, conv2d_bwd), compile(fullgraph=True)."""
-    skip_unavailable(backend, device)
+    skip_unavailable(backend, device, torch.float64)
     fn, ref, args = make_case(case, device)
     with mltoolkit.backend(backend):
         check_op(fn, [Sample(args)], ref)
@@ -409,7 +413,7 @@ def test_epilogue_matches_torch(device, backend, act, dtype):
 @pytest.mark.parametrize("groups", [1, 4], ids=["dense-residual", "depthwise"])
 def test_epilogue_gradcheck_opcheck_compile(device, backend, act, groups):
     """fp64 gradcheck (with a residual; a depthwise NHWC case without one), opcheck, compile."""
-    skip_unavailable(backend, device)
+    skip_unavailable(backend, device, torch.float64)
     x, w, b, r = _epilogue_args(device, torch.float64, channels_last=groups == 4, groups=groups,
                                 residual=groups == 1)
     if groups == 4:

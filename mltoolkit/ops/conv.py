@@ -38,6 +38,11 @@ CONV = table("conv")
 
 # ---- backends -------------------------------------------------------------------------------------------------
 
+# Compiled and emulated (tests/ops/test_conv_cuda_emulation.py), not yet run on a GPU: scripts/cuda_conv_selfcheck.py
+# is the first check there.
+CONV.register("cuda", _ext.on_cuda, _ext.cuda_unavailable,
+              forward=lambda *a: _ext._C.conv2d_forward_cuda(*a),
+              backward=lambda *a: _ext._C.conv2d_backward_cuda(*a))
 CONV.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
               forward=lambda *a: _ext._C.conv2d_forward_cpu(*a),
               backward=lambda *a: _ext._C.conv2d_backward_cpu(*a))

@@ -16,6 +16,7 @@ failure. Then times ResNet-50's 3x3 and 1x1 layers (fp16, channels_last; batch 3
 F.conv2d with cudnn.benchmark on, CUDA events, median: TFLOP/s and the ratio.
 
     python scripts/cuda_conv_selfcheck.py [--quick] [--no-bench] [--only SUBSTRING]
+    python scripts/cuda_conv_selfcheck.py --backend cpu --quick   # the same checks on the C++ CPU kernels
 """
 import argparse
 import importlib
@@ -34,6 +35,7 @@ from mltoolkit.ops.reference import conv as ref  # noqa: E402
 
 EPS = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5, torch.float64: 1e-10}
 ACTS = ["none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish"]
+DEV = "cuda"  # --backend cpu runs the same checks on the C++ CPU kernels
 FWD = BWD = None
 ONLY = None
 rows = []  # (case, status, details)
@@ -62,6 +64,11 @@ def torch_forward(x, w, b, stride, padding, dilation, groups, residual, act):
     return ref.activation(y, act)
 
 
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
 def record(name, problems, errs):
     rows.append((name, "FAIL" if problems else "ok", "; ".join(problems) if problems else "  ".join(errs)))
     print(f"{rows[-1][1]:4s}  {name:64s}  {rows[-1][2]}", flush=True)
@@ -72,10 +79,10 @@ def check_case(name, n, c, h, w, k, r, s, dtype, cl=False, stride=(1, 1), paddin
     name = f"{str(dtype)[6:]} {'NHWC' if cl else 'NCHW'} {name}"
     if ONLY and ONLY not in name:
         return
-    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(name.encode()))
+    gen = torch.Generator(device=DEV).manual_seed(zlib.crc32(name.encode()))
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
+        return (torch.randn(*shape, generator=gen, device=DEV) * scale).to(dtype)
 
     try:
         fmt = torch.channels_last if cl else torch.contiguous_format
@@ -88,7 +95,7 @@ def check_case(name, n, c, h, w, k, r, s, dtype, cl=False, stride=(1, 1), paddin
         res = rnd(n, k, p, q).contiguous(memory_format=fmt) if residual else None
         args = (list(stride), list(padding), list(dilation), groups)
         (y,) = FWD(x, wt, b, *args, res, act)
-        torch.cuda.synchronize()
+        sync()
         problems, errs = [], []
         if tuple(y.shape) != (n, k, p, q) or y.dtype != dtype or not y.is_contiguous(memory_format=fmt):
             problems.append(f"y shape/dtype/layout {tuple(y.shape)} {y.dtype} {y.stride()}")
@@ -100,12 +107,12 @@ def check_case(name, n, c, h, w, k, r, s, dtype, cl=False, stride=(1, 1), paddin
             judge("y", y, want, base, dtype, problems, errs)
 
         if dy_kind == "expanded":  # what .sum().backward() hands down
-            dy = torch.ones((), device="cuda", dtype=dtype).expand(n, k, p, q)
+            dy = torch.ones((), device=DEV, dtype=dtype).expand(n, k, p, q)
         else:
             dy = rnd(n, k, p, q).contiguous(memory_format=fmt)
         mask = [True, True, bias]
         dx, dw, db = BWD(dy, x, wt, *args, mask)
-        torch.cuda.synchronize()
+        sync()
         if not problems:
             if tuple(dx.shape) != tuple(x.shape) or not dx.is_contiguous(memory_format=fmt):
                 problems.append(f"dx shape/layout {tuple(dx.shape)} {dx.stride()}")
@@ -187,20 +194,22 @@ def all_cases(quick):
 
 
 def check_bad_inputs():
-    x = torch.randn(2, 8, 6, 6, device="cuda", dtype=torch.float16)
-    w = torch.randn(8, 8, 3, 3, device="cuda", dtype=torch.float16)
-    dy = torch.randn(2, 8, 4, 4, device="cuda", dtype=torch.float16)
+    x = torch.randn(2, 8, 6, 6, device=DEV, dtype=torch.float16)
+    w = torch.randn(8, 8, 3, 3, device=DEV, dtype=torch.float16)
+    dy = torch.randn(2, 8, 4, 4, device=DEV, dtype=torch.float16)
+    other = "meta" if DEV == "cpu" else "cpu"
     a = ([1, 1], [0, 0], [1, 1], 1)
     cases = [
-        ("x on the CPU", lambda: FWD(x.cpu(), w, None, *a, None, "none"), "x must be a CUDA tensor"),
+        ("x on another device", lambda: FWD(x.to(other), w, None, *a, None, "none"),
+         f"x must be a {DEV.upper()} tensor"),
         ("weight dtype", lambda: FWD(x, w.float(), None, *a, None, "none"), "weight"),
         ("weight channels", lambda: FWD(x, w[:, :4], None, *a, None, "none"), "weight"),
-        ("bias shape", lambda: FWD(x, w, torch.zeros(7, device="cuda", dtype=torch.float16), *a, None, "none"),
+        ("bias shape", lambda: FWD(x, w, torch.zeros(7, device=DEV, dtype=torch.float16), *a, None, "none"),
          "bias"),
         ("residual shape", lambda: FWD(x, w, None, *a, torch.zeros_like(x), "none"), "residual"),
         ("activation", lambda: FWD(x, w, None, *a, None, "tanh"), "activation"),
         ("groups", lambda: FWD(x, w, None, [1, 1], [0, 0], [1, 1], 3, None, "none"), "groups"),
-        ("empty output", lambda: FWD(x, torch.zeros(8, 8, 9, 9, device="cuda", dtype=torch.float16), None, *a,
+        ("empty output", lambda: FWD(x, torch.zeros(8, 8, 9, 9, device=DEV, dtype=torch.float16), None, *a,
                                      None, "none"), "output size"),
         ("dy shape", lambda: BWD(dy[:, :4], x, w, *a, [True, True, True]), "dy"),
         ("output_mask", lambda: BWD(dy, x, w, *a, [True, True]), "output_mask"),
@@ -286,32 +295,34 @@ def bench(batch, reps, quick):
 
 
 def main():
-    global FWD, BWD, ONLY
+    global DEV, FWD, BWD, ONLY
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--module", default="mltoolkit._C")
+    ap.add_argument("--backend", choices=("cuda", "cpu"), default="cuda", help="kernels to check (default cuda)")
     ap.add_argument("--quick", action="store_true", help="fewer cases, batch 32 timings")
     ap.add_argument("--no-bench", action="store_true", help="skip the cuDNN comparison")
     ap.add_argument("--only", default=None, help="run the cases whose name contains this")
     args = ap.parse_args()
-    ONLY = args.only
-    if not torch.cuda.is_available():
+    ONLY, DEV = args.only, args.backend
+    if DEV == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 2
     mod = importlib.import_module(args.module)
-    if not hasattr(mod, "conv2d_forward_cuda"):
-        print(f"{args.module} has no conv2d_forward_cuda (built without CUDA?)")
+    if not hasattr(mod, f"conv2d_forward_{DEV}"):
+        print(f"{args.module} has no conv2d_forward_{DEV}" + (" (built without CUDA?)" if DEV == "cuda" else ""))
         return 2
-    FWD, BWD = mod.conv2d_forward_cuda, mod.conv2d_backward_cuda
+    FWD, BWD = getattr(mod, f"conv2d_forward_{DEV}"), getattr(mod, f"conv2d_backward_{DEV}")
     torch.backends.cudnn.allow_tf32 = False  # the float32 baseline in full float32
     torch.backends.cuda.matmul.allow_tf32 = False
     t0 = time.time()
     all_cases(args.quick)
     check_bad_inputs()
     fails = [r for r in rows if r[1] != "ok"]
-    print(f"\n{len(rows)} cases, {len(fails)} failures, {time.time() - t0:.1f} s on {torch.cuda.get_device_name()}")
+    where = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+    print(f"\n{len(rows)} cases, {len(fails)} failures, {time.time() - t0:.1f} s on {where}")
     for r in fails:
         print(f"FAIL  {r[0]}: {r[2]}")
-    if not args.no_bench and not ONLY:
+    if not args.no_bench and not ONLY and DEV == "cuda":
         try:
             bench(32 if args.quick else 256, 10 if args.quick else 20, args.quick)
         except Exception as e:  # noqa: BLE001

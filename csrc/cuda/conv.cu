@@ -654,24 +654,25 @@ struct DwParams {
   int act = 0;
 };
 
-template <typename T>
+// I: the element index type, int when the output has fewer than 2^31 elements (64-bit divisions are subroutine calls).
+template <typename T, typename I>
 __global__ void __launch_bounds__(256) _conv2d_dw_nchw_kernel(const DwParams p) {
   using A = acc_t<T>;
   const idx::Gather& g = p.geo;
   const int C = g.in_c, RS = g.r * g.s;
-  const int64_t total = static_cast<int64_t>(p.n) * C * g.out_h * g.out_w;
+  const I total = static_cast<I>(p.n) * C * g.out_h * g.out_w;
   const T* in = static_cast<const T*>(p.in);
   const T* w = static_cast<const T*>(p.w);
   const T* bias = static_cast<const T*>(p.bias);
   const T* res = static_cast<const T*>(p.residual);
   T* out = static_cast<T*>(p.out);
-  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{gridDim.x} * blockDim.x) {
+  for (I e = blockIdx.x * I(blockDim.x) + threadIdx.x; e < total; e += I(gridDim.x) * blockDim.x) {
     const int ow = static_cast<int>(e % g.out_w);
-    int64_t t = e / g.out_w;
+    I t = e / g.out_w;
     const int oh = static_cast<int>(t % g.out_h);
     t /= g.out_h;  // img * C + c
     const int c = static_cast<int>(t % C);
-    const T* src = in + t * g.in_h * g.in_w;
+    const T* src = in + static_cast<int64_t>(t) * g.in_h * g.in_w;
     const T* wc = w + static_cast<int64_t>(c) * RS;
     const int bh = idx::tap_base(oh, g.sh, g.ph, g.transposed), bw = idx::tap_base(ow, g.sw, g.pw, g.transposed);
     A acc = A(0);
@@ -695,23 +696,23 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
-template <typename T, int V>
+template <typename T, int V, typename I>
 __global__ void __launch_bounds__(256) _conv2d_dw_nhwc_kernel(const DwParams p) {
   using A = acc_t<T>;
   using VT = Vec<T, V>;
   const idx::Gather& g = p.geo;
   const int C = g.in_c, CV = C / V;
-  const int64_t total = static_cast<int64_t>(p.n) * g.out_h * g.out_w * CV;
+  const I total = static_cast<I>(p.n) * g.out_h * g.out_w * CV;
   const T* in = static_cast<const T*>(p.in);
   const T* w = static_cast<const T*>(p.w);
   const T* bias = static_cast<const T*>(p.bias);
   const T* res = static_cast<const T*>(p.residual);
   T* out = static_cast<T*>(p.out);
-  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{gridDim.x} * blockDim.x) {
+  for (I e = blockIdx.x * I(blockDim.x) + threadIdx.x; e < total; e += I(gridDim.x) * blockDim.x) {
     const int c = static_cast<int>(e % CV) * V;
-    const int64_t pix = e / CV;  // img * out_h * out_w + oh * out_w + ow
+    const I pix = e / CV;  // img * out_h * out_w + oh * out_w + ow
     const int ow = static_cast<int>(pix % g.out_w);
-    const int64_t t = pix / g.out_w;
+    const I t = pix / g.out_w;
     const int oh = static_cast<int>(t % g.out_h);
     const int64_t img = t / g.out_h;
     const T* src = in + img * g.in_h * g.in_w * C + c;
@@ -731,7 +732,7 @@ __global__ void __launch_bounds__(256) _conv2d_dw_nhwc_kernel(const DwParams p) 
         for (int v = 0; v < V; ++v) acc[v] += widen(xv.v[v]) * widen(wv.v[v]);
       }
     }
-    const int64_t off = pix * C + c;
+    const int64_t off = static_cast<int64_t>(pix) * C + c;
     if (bias != nullptr) {
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[v] += widen(bias[c + v]);
@@ -971,11 +972,11 @@ LaunchStatus launch_simt(const SimtParams& p, int groups, cudaStream_t stream) {
   return last_error();
 }
 
-template <typename T>
-LaunchStatus launch_depthwise(const DwParams& p, bool nhwc, cudaStream_t stream) {
+template <typename T, typename I>
+LaunchStatus launch_depthwise_as(const DwParams& p, bool nhwc, cudaStream_t stream) {
   if (!nhwc) {
     const int64_t total = static_cast<int64_t>(p.n) * p.geo.in_c * p.geo.out_h * p.geo.out_w;
-    _conv2d_dw_nchw_kernel<T><<<stride_blocks(total), 256, 0, stream>>>(p);
+    _conv2d_dw_nchw_kernel<T, I><<<stride_blocks(total), 256, 0, stream>>>(p);
     return last_error();
   }
   constexpr int V = 16 / sizeof(T);
@@ -983,11 +984,19 @@ LaunchStatus launch_depthwise(const DwParams& p, bool nhwc, cudaStream_t stream)
                    (p.residual == nullptr || aligned16(p.residual));
   const int64_t pixels = static_cast<int64_t>(p.n) * p.geo.out_h * p.geo.out_w;
   if (vec) {
-    _conv2d_dw_nhwc_kernel<T, V><<<stride_blocks(pixels * (p.geo.in_c / V)), 256, 0, stream>>>(p);
+    _conv2d_dw_nhwc_kernel<T, V, I><<<stride_blocks(pixels * (p.geo.in_c / V)), 256, 0, stream>>>(p);
   } else {
-    _conv2d_dw_nhwc_kernel<T, 1><<<stride_blocks(pixels * p.geo.in_c), 256, 0, stream>>>(p);
+    _conv2d_dw_nhwc_kernel<T, 1, I><<<stride_blocks(pixels * p.geo.in_c), 256, 0, stream>>>(p);
   }
   return last_error();
+}
+
+template <typename T>
+LaunchStatus launch_depthwise(const DwParams& p, bool nhwc, cudaStream_t stream) {
+  // Output elements (grid-stride index plus one stride stays below 2^31 for int).
+  const int64_t total = static_cast<int64_t>(p.n) * p.geo.in_c * p.geo.out_h * p.geo.out_w;
+  return total + (int64_t{1} << 28) < (int64_t{1} << 31) ? launch_depthwise_as<T, int>(p, nhwc, stream)
+                                                          : launch_depthwise_as<T, int64_t>(p, nhwc, stream);
 }
 
 // ---- split-K plans (shape only; the workspace size and the launch must agree) ---------------------------------------

@@ -97,7 +97,7 @@ MLTK_HD int64_t nhwc_tap_offset(const Gather& g, const Row& rw, int r, int s, in
   const int ih = tap(rw.bh, r, g.sh, g.dh, g.in_h, g.transposed);
   const int iw = tap(rw.bw, s, g.sw, g.dw, g.in_w, g.transposed);
   if (ih < 0 || iw < 0) return -1;
-  return rw.img + (static_cast<int64_t>(ih) * g.in_w + iw) * g.in_c + ch;
+  return rw.img + ((ih * g.in_w + iw) * g.in_c + ch);  // within an image: int32 (the glue checks C*H*W < 2^31)
 }
 
 // Element offset of (img, ch, h, w) in an (N, C, H, W) tensor of either layout.

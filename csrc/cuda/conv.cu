@@ -249,7 +249,8 @@ __global__ void __launch_bounds__(kThreads, 2) _conv2d_tc_kernel(const TcParams 
       for (int h = 0; h < 2; ++h) {
         const int row = wm * C::kWM + mi * 16 + idx::acc_row(lane, 2 * h);
         const int col = wn * C::kWN + ni * 8 + idx::acc_col(lane, 2 * h);
-        *reinterpret_cast<float2*>(stg + row * C::kEpiLd + col) = make_float2(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+        *reinterpret_cast<float2*>(stg + row * C::kEpiLd + col) =
+            make_float2(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
       }
     }
   }
@@ -291,8 +292,9 @@ __global__ void __launch_bounds__(kThreads, 2) _conv2d_tc_kernel(const TcParams 
 }
 
 // ------------------------------------------------------------------------------------------------------------------
-// Tensor-core wgrad: ws[split][g][i][k] = sum over the split's pixels t of x[gather(t, r, s), g*cg + c] * dy[t, g*kg + k]
-// with i = (r*S + s)*cg + c. GEMM rows i (tiles of kBM), columns k (tiles of BN), reduction over t in steps of kBK.
+// Tensor-core wgrad: ws[split][g][i][k] = sum over the split's pixels t of x[gather(t, r, s), g*cg + c] *
+// dy[t, g*kg + k] with i = (r*S + s)*cg + c. GEMM rows i (tiles of kBM), columns k (tiles of BN), reduction over t
+// in steps of kBK.
 
 struct TcWgradParams {
   const void* x = nullptr;   // (N, H, W, C)
@@ -353,8 +355,8 @@ __global__ void __launch_bounds__(kThreads, 2) _conv2d_bwd_weight_tc_kernel(cons
     for (int j = 0; j < C::kBSlots; ++j) {
       const int row = idx::wide_row(tid, j, kBChunks), t = t0 + row;
       const bool ok = b_ok && t < t_end;
-      cp_async16(smem_u32(sb_st + idx::swz_wide(row, b_chunk, kBChunks)), ok ? dyb + static_cast<int64_t>(t) * p.k_out : dyg,
-                 ok);
+      const T* src = ok ? dyb + static_cast<int64_t>(t) * p.k_out : dyg;
+      cp_async16(smem_u32(sb_st + idx::swz_wide(row, b_chunk, kBChunks)), src, ok);
     }
   };
 
@@ -878,7 +880,8 @@ LaunchStatus prepare(K kernel, int smem) {
 
 int sm_count() {
   int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
     return 132;
   }
   return n;
@@ -943,8 +946,12 @@ idx::Gather dgrad_gather(const Shape& s) {
 template <typename T>
 LaunchStatus launch_tc(const TcParams& p, int groups, cudaStream_t stream) {
   const int64_t m_tiles = cdiv(p.rows, kBM);
-  // 128-wide column tiles when the output has the channels and the grid stays two CTAs per SM deep.
-  const bool wide = p.ng > 64 && m_tiles * cdiv(p.ng, 128) * groups >= 2 * sm_count();
+  // Column tile: the one with fewer waves of CTAs (two per SM), a 64-wide tile costing ~0.6 of a 128-wide one (a
+  // guess, to be measured): 512 channels at 7x7 fill the GPU better with 64, 128-256 channels at 14x14+ run 128.
+  const int64_t slots = 2 * static_cast<int64_t>(sm_count());
+  const int64_t waves128 = cdiv(m_tiles * cdiv(p.ng, 128) * groups, slots);
+  const int64_t waves64 = cdiv(m_tiles * cdiv(p.ng, 64) * groups, slots);
+  const bool wide = p.ng > 64 && 10 * waves128 <= 6 * waves64;
   TcParams q = p;
   q.n_tiles = static_cast<int>(cdiv(p.ng, wide ? 128 : 64));
   const dim3 grid(static_cast<unsigned>(m_tiles * q.n_tiles), static_cast<unsigned>(groups));

@@ -106,7 +106,7 @@ MLTK_HD int64_t act_offset(bool nhwc, int img, int ch, int h, int w, int C, int 
               : ((static_cast<int64_t>(img) * C + ch) * H + h) * W + w;
 }
 
-// ---- SIMT implicit GEMM (any dtype, either layout) -------------------------------------------------------------------
+// ---- SIMT implicit GEMM (any dtype, either layout) ------------------------------------------------------------------
 
 // One GEMM row (output pixel) with its coordinates; rows past the end get invalid tap bases.
 struct RowPix {
@@ -242,7 +242,7 @@ struct TapIter {
 };
 MLTK_HD int tap_iters(int R, int S, int channels) { return R * S * ((channels + kBK - 1) / kBK); }
 
-// ---- tensor-core wgrad: rows = (r, s, c) of the weight, columns = k, reduction over output pixels --------------------
+// ---- tensor-core wgrad: rows = (r, s, c) of the weight, columns = k, reduction over output pixels -------------------
 // Shared-memory tiles are pixel-major ([kBK pixels][128 (r,s,c)] of x and [kBK][BN k] of dy), so both operands come
 // through ldmatrix.trans. Rows of 8 or 16 chunks: chunk ^ (row & 7) gives an ldmatrix phase (8 consecutive pixel rows,
 // one chunk) 8 distinct bank groups.

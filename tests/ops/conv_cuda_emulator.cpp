@@ -268,7 +268,8 @@ std::vector<double> run_tc(const Gather& geo, int rows, int cr, int ng, int grou
           for (int j = 0; j < C::kBSlots; ++j) {
             const int n = n0 + copy_row(tid, j);
             const bool ok = c < cr && n < ng;
-            const int64_t src = (grp * ng + (n < ng ? n : 0)) * b_row_len + chunk * 8 + (ld.r * geo.s + ld.s) * cr + ld.c0;
+            const int64_t src =
+                (grp * ng + (n < ng ? n : 0)) * b_row_len + chunk * 8 + (ld.r * geo.s + ld.s) * cr + ld.c0;
             const int dst = swz32(copy_row(tid, j), chunk);
             for (int e = 0; e < 8; ++e) {
               sb[stage * BN * kBK + dst + e] = ok ? b.at(static_cast<size_t>(src + e)) : 0.f;
@@ -324,7 +325,8 @@ std::vector<double> run_tc(const Gather& geo, int rows, int cr, int ng, int grou
               for (int h = 0; h < 2; ++h) {
                 const int row = wm * C::kWM + mi * 16 + acc_row(l, 2 * h);
                 const int col = wn * C::kWN + ni * 8 + acc_col(l, 2 * h);
-                EXPECT(acc_col(l, 2 * h + 1) == acc_col(l, 2 * h) + 1 && acc_row(l, 2 * h + 1) == acc_row(l, 2 * h), "acc pair");
+                EXPECT(acc_col(l, 2 * h + 1) == acc_col(l, 2 * h) + 1 && acc_row(l, 2 * h + 1) == acc_row(l, 2 * h),
+                       "acc pair");
                 stg[row * C::kEpiLd + col] = acc[warp][l][mi][ni][2 * h];
                 stg[row * C::kEpiLd + col + 1] = acc[warp][l][mi][ni][2 * h + 1];
                 ++ws[row * C::kEpiLd + col];
@@ -384,7 +386,8 @@ void check_tc(const Conv& cv, bool conflicts) {
   for (int k = 0; k < cv.k; ++k)
     for (int c = 0; c < cv.cg(); ++c)
       for (int r = 0; r < cv.r; ++r)
-        for (int s = 0; s < cv.s; ++s) b[((static_cast<size_t>(k) * cv.r + r) * cv.s + s) * cv.cg() + c] = W(cv, d, k, c, r, s);
+        for (int s = 0; s < cv.s; ++s)
+          b[((static_cast<size_t>(k) * cv.r + r) * cv.s + s) * cv.cg() + c] = W(cv, d, k, c, r, s);
   std::vector<float> bias(cv.k);
   for (auto& v : bias) v = val();
   std::vector<double> want = ref_forward(cv, d, true);
@@ -582,8 +585,8 @@ void check_simt(const Conv& cv, bool nhwc) {
             if (off >= 0) acc += a.at(static_cast<size_t>(off)) * b[(static_cast<size_t>(gg) * ng + n) * kr_total + kr];
           }
           if (m < rows) {
-            out.at(static_cast<size_t>(act_offset(nhwc, rp.img, gg * ng + n, rp.oh, rp.ow, out_c, geo.out_h, geo.out_w))) =
-                acc;
+            const int64_t o = act_offset(nhwc, rp.img, gg * ng + n, rp.oh, rp.ow, out_c, geo.out_h, geo.out_w);
+            out.at(static_cast<size_t>(o)) = acc;
           }
         }
       }
@@ -640,7 +643,8 @@ void check_depthwise(Conv cv) {
               if (ih < 0) continue;
               for (int s = 0; s < g.s; ++s) {
                 const int iw = tap(bw, s, g.sw, g.dw, g.in_w, g.transposed);
-                if (iw >= 0) acc += in[((static_cast<size_t>(n) * cv.c + c) * g.in_h + ih) * g.in_w + iw] * W(cv, d, c, 0, r, s);
+                if (iw < 0) continue;
+                acc += in[((static_cast<size_t>(n) * cv.c + c) * g.in_h + ih) * g.in_w + iw] * W(cv, d, c, 0, r, s);
               }
             }
             out[((static_cast<size_t>(n) * cv.c + c) * g.out_h + oh) * g.out_w + ow] = acc;

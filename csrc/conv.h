@@ -36,4 +36,17 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
                                             std::vector<int64_t> dilation, int64_t groups,
                                             std::vector<bool> output_mask);
 
+#ifdef MLTK_WITH_CUDA
+std::vector<at::Tensor> conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                                            std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                                            int64_t groups, const std::optional<at::Tensor>& residual,
+                                            const std::string& activation);
+
+std::vector<at::Tensor> conv2d_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                             std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                             std::vector<int64_t> dilation, int64_t groups,
+                                             std::vector<bool> output_mask);
+#endif
+
 }  // namespace mltoolkit

@@ -37,6 +37,8 @@ if has selfcheck; then
     | tail -8 || status=1
   timeout 150 .venv/bin/python -X faulthandler scripts/cuda_attention_selfcheck.py --quick 2>&1 \
     | tee "$OUT/selfcheck-attention.log" | tail -40 || status=1
+  timeout 120 .venv/bin/python -X faulthandler scripts/cuda_conv_selfcheck.py --quick 2>&1 \
+    | tee "$OUT/selfcheck-conv.log" | tail -60 || status=1
 fi
 
 if has test; then

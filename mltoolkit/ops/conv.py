@@ -51,6 +51,12 @@ def _triton_kernels():
 CONV.register("triton", _triton_accepts, _ext.triton_unavailable,
               forward=lambda *a: _triton_kernels().conv2d_forward(*a),
               backward=lambda *a: _triton_kernels().conv2d_backward(*a))
+# Triton first, then CUDA C++: neither has run on a GPU yet (the CUDA kernels are compiled and their index math
+# emulated in tests/ops/test_conv_cuda_emulation.py); scripts/cuda_conv_selfcheck.py and the benchmarks decide the
+# order on the first GPU run.
+CONV.register("cuda", _ext.on_cuda, _ext.cuda_unavailable,
+              forward=lambda *a: _ext._C.conv2d_forward_cuda(*a),
+              backward=lambda *a: _ext._C.conv2d_backward_cuda(*a))
 CONV.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
               forward=lambda *a: _ext._C.conv2d_forward_cpu(*a),
               backward=lambda *a: _ext._C.conv2d_backward_cpu(*a))

@@ -17,7 +17,7 @@ from mltoolkit.backends import table
 from mltoolkit.testing import Sample, assert_close, check_op
 
 CPU_BACKENDS = ["cpp", "reference"]
-CUDA_BACKENDS = ["triton", "reference"]  # + "cuda" when its kernels land
+CUDA_BACKENDS = ["triton", "cuda", "reference"]
 BACKENDS = [pytest.param("cpu", b, id=f"cpu-{b}") for b in CPU_BACKENDS] + [
     pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.cuda) for b in CUDA_BACKENDS]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

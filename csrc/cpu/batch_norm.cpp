@@ -522,17 +522,23 @@ void forward_kernel(const at::Tensor& x, const std::optional<at::Tensor>& weight
 // Backward.
 
 // Over a tile of len values: xc = x - mean and dz = dy * act'(z), z = xc * scale + shift [+ residual].
+// act'(z) and the product are separate loops: fused, the compiler turns dy * (z > 0 ? 1 : 0) into a branch around
+// the multiply (it may not speculate a floating-point multiply) and the loop stays scalar.
 template <Act kAct, bool kPerValue, typename acc_t>
 inline void tile_dz(const acc_t* __restrict__ xv, const acc_t* __restrict__ dyv, const acc_t* __restrict__ rv,
-                    int64_t len, const ChannelValue<kPerValue, acc_t>& m, const ChannelValue<kPerValue, acc_t>& s,
-                    const ChannelValue<kPerValue, acc_t>& h, acc_t* __restrict__ xc, acc_t* __restrict__ dz) {
+                    int64_t len, const ChannelValue<kPerValue, acc_t> m, const ChannelValue<kPerValue, acc_t> s,
+                    const ChannelValue<kPerValue, acc_t> h, acc_t* __restrict__ xc, acc_t* __restrict__ dz) {
   for (int64_t i = 0; i < len; ++i) xc[i] = xv[i] - m[i];
   if constexpr (kAct == Act::kNone) {
     std::copy(dyv, dyv + len, dz);
-  } else if (rv) {
-    for (int64_t i = 0; i < len; ++i) dz[i] = dyv[i] * activation_grad(kAct, xc[i] * s[i] + h[i] + rv[i]);
   } else {
-    for (int64_t i = 0; i < len; ++i) dz[i] = dyv[i] * activation_grad(kAct, xc[i] * s[i] + h[i]);
+    if (rv) {
+      for (int64_t i = 0; i < len; ++i) dz[i] = xc[i] * s[i] + h[i] + rv[i];
+    } else {
+      for (int64_t i = 0; i < len; ++i) dz[i] = xc[i] * s[i] + h[i];
+    }
+    for (int64_t i = 0; i < len; ++i) dz[i] = activation_grad(kAct, dz[i]);
+    for (int64_t i = 0; i < len; ++i) dz[i] *= dyv[i];
   }
 }
 

@@ -309,6 +309,69 @@ void merge_moments(int64_t& count, acc_t* mean, acc_t* m2, int64_t count_b, cons
   count = total;
 }
 
+// count (<= Vec::size()) values stored as scalar_t, as acc_t lanes (fp16/bf16 widened in registers); lanes past count
+// are zero.
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> load_widened(const scalar_t* p, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return load(p, count);
+  } else {
+    if (count == Vec<acc_t>::size()) {
+      Vec<acc_t> v;
+      at::vec::load_to_float(p, v);
+      return v;
+    }
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, count)));
+  }
+}
+
+// (mean - shift, M2) per channel of the NLC rows [r_begin, r_end), by the corrected two-pass formula (see
+// batch_moments). The channels go in chunks of kChunk vectors (one cache line of float32) whose accumulators stay in
+// registers while the block's rows stream past; the block is in L2 for the second pass.
+template <typename scalar_t, typename acc_t>
+void nlc_block_moments(const scalar_t* x, int64_t C, int64_t r_begin, int64_t r_end, const acc_t* shift,
+                       acc_t* mean, acc_t* m2) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = V::size();
+  constexpr int64_t kChunk = 2;
+  const V rows(acc_t(r_end - r_begin));
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk * W) {
+    int64_t count[kChunk];
+    V sh[kChunk], sum[kChunk], mv[kChunk], dev[kChunk], sq[kChunk];
+    for (int64_t k = 0; k < kChunk; ++k) {
+      count[k] = std::clamp<int64_t>(C - c0 - k * W, 0, W);
+      sh[k] = count[k] ? load(shift + c0 + k * W, count[k]) : V(0);
+      sum[k] = dev[k] = sq[k] = V(0);
+    }
+    const bool full = count[kChunk - 1] == W;
+    // Deviations of the chunk's values in row r from center[k] (the shift, then shift + the first-pass mean).
+    const auto rows_of = [&](const auto& each) {
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const scalar_t* row = x + r * C + c0;
+        if (full) {
+          for (int64_t k = 0; k < kChunk; ++k) each(k, load_widened<acc_t>(row + k * W, W) - sh[k]);
+        } else {
+          for (int64_t k = 0; k < kChunk; ++k) {
+            if (count[k]) each(k, load_widened<acc_t>(row + k * W, count[k]) - sh[k]);
+          }
+        }
+      }
+    };
+    rows_of([&](int64_t k, const V& v) { sum[k] += v; });
+    for (int64_t k = 0; k < kChunk; ++k) mv[k] = sum[k] / rows;
+    rows_of([&](int64_t k, const V& v) {
+      const V d = v - mv[k];
+      dev[k] += d;
+      sq[k] += d * d;
+    });
+    for (int64_t k = 0; k < kChunk; ++k) {
+      if (!count[k]) continue;
+      (mv[k] + dev[k] / rows).store(mean + c0 + k * W, count[k]);
+      at::vec::maximum(sq[k] - dev[k] * dev[k] / rows, V(0)).store(m2 + c0 + k * W, count[k]);
+    }
+  }
+}
+
 // Per-channel (mean, biased var) of x in training mode.
 //
 // Everything is computed on x - shift, shift = the channel's first value: the block means then hold only the spread
@@ -359,37 +422,8 @@ void batch_moments(const scalar_t* x, const Geometry& g, std::vector<acc_t>& mea
       part_m2[j * g.C + c] = m2;
       return;
     }
-    // Rows of C: per-channel sums, then per-channel deviations and squared deviations from the block's means.
-    acc_t* m = part_mean.data() + j * g.C;
-    acc_t* m2 = part_m2.data() + j * g.C;
-    std::fill(m, m + g.C, acc_t(0));
-    std::fill(m2, m2 + g.C, acc_t(0));
     const int64_t r_begin = j * b.rows_per_block, r_end = std::min(g.M(), r_begin + b.rows_per_block);
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      for (int64_t t = 0; t < g.C; t += kTile) {
-        const int64_t len = std::min(kTile, g.C - t);
-        const acc_t* v = widen(x + r * g.C + t, len, buf);
-        for (int64_t i = 0; i < len; ++i) m[t + i] += v[i] - shift[t + i];
-      }
-    }
-    const acc_t rows = acc_t(r_end - r_begin);
-    for (int64_t c2 = 0; c2 < g.C; ++c2) m[c2] /= rows;
-    std::vector<acc_t> dev(g.C, acc_t(0));
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      for (int64_t t = 0; t < g.C; t += kTile) {
-        const int64_t len = std::min(kTile, g.C - t);
-        const acc_t* v = widen(x + r * g.C + t, len, buf);
-        for (int64_t i = 0; i < len; ++i) {
-          const acc_t d = (v[i] - shift[t + i]) - m[t + i];
-          dev[t + i] += d;
-          m2[t + i] += d * d;
-        }
-      }
-    }
-    for (int64_t c2 = 0; c2 < g.C; ++c2) {
-      m[c2] += dev[c2] / rows;
-      m2[c2] = std::max(acc_t(0), m2[c2] - dev[c2] * dev[c2] / rows);
-    }
+    nlc_block_moments(x, g.C, r_begin, r_end, shift.data(), part_mean.data() + j * g.C, part_m2.data() + j * g.C);
   });
   // Merge the blocks in block order, channels in parallel.
   mean.assign(g.C, acc_t(0));
@@ -528,14 +562,13 @@ template <Act kAct, bool kPerValue, typename acc_t>
 inline void tile_dz(const acc_t* __restrict__ xv, const acc_t* __restrict__ dyv, const acc_t* __restrict__ rv,
                     int64_t len, const ChannelValue<kPerValue, acc_t> m, const ChannelValue<kPerValue, acc_t> s,
                     const ChannelValue<kPerValue, acc_t> h, acc_t* __restrict__ xc, acc_t* __restrict__ dz) {
-  for (int64_t i = 0; i < len; ++i) xc[i] = xv[i] - m[i];
   if constexpr (kAct == Act::kNone) {
+    for (int64_t i = 0; i < len; ++i) xc[i] = xv[i] - m[i];
     std::copy(dyv, dyv + len, dz);
   } else {
-    if (rv) {
-      for (int64_t i = 0; i < len; ++i) dz[i] = xc[i] * s[i] + h[i] + rv[i];
-    } else {
-      for (int64_t i = 0; i < len; ++i) dz[i] = xc[i] * s[i] + h[i];
+    for (int64_t i = 0; i < len; ++i) {
+      xc[i] = xv[i] - m[i];
+      dz[i] = xc[i] * s[i] + h[i] + (rv ? rv[i] : acc_t(0));
     }
     for (int64_t i = 0; i < len; ++i) dz[i] = activation_grad(kAct, dz[i]);
     for (int64_t i = 0; i < len; ++i) dz[i] *= dyv[i];

@@ -7,7 +7,8 @@
 // fixed order inside its block; the blocks' partial results are combined in block order. So the results are the
 // same bits for any number of threads.
 //   NCL: a block is (channel c, a run of images n); each (n, c) row of L values is contiguous.
-//   NLC: a block is a run of rows of C channels; per-channel sums are arrays of C, updated a row at a time.
+//   NLC: a block is a run of rows of C channels. The statistics keep a chunk of channels' accumulators in registers
+//   while the block's rows stream past; the backward's sums are arrays of C, updated a row at a time.
 // Forward (training), two passes over x:
 //   1. statistics of x - (the channel's first value): per block, the mean and then the sums of deviations and
 //      squared deviations from it, both over data that is still in L1/L2 (the corrected two-pass variance, so no
@@ -20,7 +21,7 @@
 //      back from dresidual when that holds it exactly (float32 / float64), else recomputed.
 // Elementwise work runs on tiles of kTile values widened to the accumulation type in a stack buffer (fp16/bf16 are
 // widened with vector loads); the activation is a template parameter, so its switch folds away and the simple ones
-// (relu, relu6, hardswish) vectorize.
+// (relu, relu6, hardswish) vectorize. silu, gelu and gelu_tanh call the scalar exp / erf / tanh per value.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -196,6 +196,15 @@ def _check_channel_tensor(fn: str, name: str, t, input: Tensor, dtypes: tuple) -
         raise ValueError(f"{fn}: {name} is on {t.device} but input is on {input.device}")
 
 
+def _finite_float(fn: str, name: str, v):
+    if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{fn}: {name} must be a float, got {type(v).__name__}")
+    # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) v may be a symbolic float.
+    if not -math.inf < v < math.inf:
+        raise ValueError(f"{fn}: {name} must be a finite float, got {v!r}")
+    return v
+
+
 def _param(p: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     # Kernels take parameters in the input's dtype or float32; others are cast (the output keeps the input's dtype).
     if p is None or p.dtype in (dtype, torch.float32):
@@ -237,9 +246,7 @@ def batch_norm_act(input: Tensor, weight: Optional[Tensor] = None, bias: Optiona
         raise TypeError(f"{fn}: training must be a bool, got {type(training).__name__}")
     if not training and running_mean is None:
         raise ValueError(f"{fn}: running_mean and running_var must be given in evaluation mode (training=False)")
-    for name, v in (("momentum", momentum), ("eps", eps)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise ValueError(f"{fn}: {name} must be a finite float, got {v!r}")
+    momentum, eps = _finite_float(fn, "momentum", momentum), _finite_float(fn, "eps", eps)
     if eps < 0:
         raise ValueError(f"{fn}: eps must be >= 0, got {eps}")
     if activation not in ACTIVATIONS:
@@ -258,5 +265,5 @@ def batch_norm_act(input: Tensor, weight: Optional[Tensor] = None, bias: Optiona
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
     y, _mean, _invstd = torch.ops.mltoolkit.batch_norm_act_fwd(
         input, _param(weight, input.dtype), _param(bias, input.dtype), running_mean, running_var, training,
-        float(momentum), float(eps), activation, residual)
+        momentum, eps, activation, residual)
     return y

@@ -268,6 +268,36 @@ def test_compile_training_steps_with_running_stats(device, backend, channels_las
     assert_close(y, ref(x, s), atol=1e-5, name="eval")
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_compile_dynamic_shapes(device, backend):
+    """One dynamic graph serves several batch and image sizes (and a recompile the other layout), running stats
+    included."""
+    skip_unavailable(backend, device)
+    if interpreted(device, backend):
+        pytest.skip("covered by the static compile tests under the interpreter")
+    torch._dynamo.reset()
+    w = torch.randn(4, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    compiled = torch.compile(lambda x, r: ops.batch_norm_act(x, w, b, rm, rv, True, 0.1, EPS, "gelu", r),
+                             fullgraph=True, dynamic=True)
+    for shape, fmt in (((2, 4, 9, 11), None), ((3, 4, 7, 6), torch.channels_last), ((5, 4, 3, 2), None)):
+        x, _, _, r, _, _ = make_inputs(shape, fmt, torch.float32, device, residual=True)
+        x.requires_grad_(True)
+        with mltoolkit.backend(backend):
+            y = compiled(x, r)
+            g = torch.autograd.grad(y.square().sum(), (x, w, b))
+        y_ref = torch_bn_act(x, w, b, rm_ref, rv_ref, True, 0.1, EPS, "gelu", r)
+        g_ref = torch.autograd.grad(y_ref.square().sum(), (x, w, b))
+        assert y.stride() == y_ref.stride()
+        assert_close(y, y_ref, atol=1e-5)
+        for a, e, name in zip(g, g_ref, ("dx", "dw", "db")):
+            assert_close(a, e, atol=1e-4 * max(1.0, e.abs().max().item()), name=name)
+        assert_close(rm, rm_ref, name="running_mean")
+        assert_close(rv, rv_ref, name="running_var")
+
+
 # ---- the registered ops directly ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

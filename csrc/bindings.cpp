@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "attention.h"
+#include "batch_norm.h"
 #include "conv.h"
 #include "norm.h"
 
@@ -18,6 +19,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("rotary_cpu", &mltoolkit::rotary_cpu);
   m.def("conv2d_forward_cpu", &mltoolkit::conv2d_forward_cpu);
   m.def("conv2d_backward_cpu", &mltoolkit::conv2d_backward_cpu);
+  m.def("batch_norm_act_forward_cpu", &mltoolkit::batch_norm_act_forward_cpu);
+  m.def("batch_norm_act_backward_cpu", &mltoolkit::batch_norm_act_backward_cpu);
 #ifdef MLTK_WITH_CUDA
   m.def("norm_forward_cuda", &mltoolkit::norm_forward_cuda);
   m.def("norm_backward_cuda", &mltoolkit::norm_backward_cuda);

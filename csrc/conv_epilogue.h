@@ -56,4 +56,36 @@ MLTK_HOST_DEVICE T apply_activation(Act act, T v) {
   }
 }
 
+// act'(v), as torch's backward kernels compute it, including their values at the kinks: relu' = 1 only for v > 0
+// (threshold_backward), relu6' = 1 only strictly inside (0, 6) (hardtanh_backward), hardswish' = v / 3 + 1/2 on
+// [-3, 3] (hardswish_backward).
+template <typename T>
+MLTK_HOST_DEVICE T activation_grad(Act act, T v) {
+  using std::erf;
+  using std::exp;
+  using std::tanh;
+  switch (act) {
+    case Act::kRelu:
+      return v > T(0) ? T(1) : T(0);
+    case Act::kRelu6:
+      return (v > T(0) && v < T(6)) ? T(1) : T(0);
+    case Act::kSilu: {
+      const T s = T(1) / (T(1) + exp(-v));
+      return s * (T(1) + v * (T(1) - s));
+    }
+    case Act::kGelu:  // cdf + v * pdf
+      return T(0.5) * (T(1) + erf(v * T(0.70710678118654752440))) +
+             v * exp(T(-0.5) * v * v) * T(0.39894228040143267794);
+    case Act::kGeluTanh: {
+      const T k = T(0.79788456080286535588);
+      const T t = tanh(k * (v + T(0.044715) * v * v * v));
+      return T(0.5) * (T(1) + t) + T(0.5) * v * (T(1) - t * t) * k * (T(1) + T(3 * 0.044715) * v * v);
+    }
+    case Act::kHardswish:
+      return v < T(-3) ? T(0) : (v <= T(3) ? v / T(3) + T(0.5) : T(1));
+    default:
+      return T(1);
+  }
+}
+
 }  // namespace mltoolkit

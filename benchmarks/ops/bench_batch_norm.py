@@ -1,0 +1,77 @@
+"""Training-mode batch norm + relu (+ the residual add) on ResNet-50's activation shapes against the eager sequence
+(F.batch_norm, the add, F.relu) and torch.compile of it: forward and forward + backward (input, weight, bias and
+residual gradients), running stats updated on every call. CPU: float32 in NCHW and channels_last; CUDA: float16
+channels_last."""
+import torch
+import torch.nn.functional as F
+
+from mltoolkit import ops
+from mltoolkit.benchmark import Benchmark
+
+# name: (C, H = W); N = 8. The BN outputs of ResNet-50's stem and of its four stages.
+SHAPES = {"64@112x112": (64, 112), "256@56x56": (256, 56), "512@28x28": (512, 28), "1024@14x14": (1024, 14)}
+BATCH = 8
+
+
+def _config(name, layout):
+    c, hw = SHAPES[name]
+    return {"shape": name, "N": BATCH, "C": c, "H": hw, "W": hw, "layout": layout}
+
+
+def _inputs(with_residual):
+    def make(config, dtype, device):
+        shape = (config["N"], config["C"], config["H"], config["W"])
+        fmt = torch.channels_last if config["layout"] == "channels_last" else torch.contiguous_format
+        x = torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+        # Parameters and running stats in float32, as nn.BatchNorm2d keeps them under autocast.
+        w = torch.rand(config["C"], device=device) + 0.5
+        b = torch.randn(config["C"], device=device) * 0.1
+        rm, rv = torch.zeros(config["C"], device=device), torch.ones(config["C"], device=device)
+        args = (x, w, b, rm, rv)
+        if with_residual:
+            args += (torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=fmt),)
+        return args
+    return make
+
+
+def _bytes(with_residual):
+    def count(config, dtype, mode):
+        # Each full-size tensor once: forward reads x (+ residual) and writes y; backward reads dy and x (+ residual)
+        # and writes dx (+ dresidual). Reading x a second time for the statistics is not counted.
+        tensor = config["N"] * config["C"] * config["H"] * config["W"] * torch.finfo(dtype).bits // 8
+        fwd = tensor * (3 if with_residual else 2)
+        bwd = tensor * (5 if with_residual else 3)
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return count
+
+
+def _ours(x, w, b, rm, rv, residual=None):
+    return ops.batch_norm_act(x, w, b, rm, rv, True, 0.1, 1e-5, "relu", residual)
+
+
+def _eager(x, w, b, rm, rv, residual=None):
+    z = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+    return F.relu(z if residual is None else z + residual)
+
+
+_reference = _eager  # in the oracle dtype (float64 for float32)
+
+
+def _configs(device, quick):
+    if device == "cuda":
+        names = ["256@56x56"] if quick else list(SHAPES)
+        return [_config(n, "channels_last") for n in names]
+    if quick:
+        return [_config("256@56x56", "channels_last")]
+    return [_config(n, layout) for layout in ("nchw", "channels_last") for n in SHAPES]
+
+
+def benchmarks(device: str, quick: bool):
+    dtypes = [torch.float16] if device == "cuda" else [torch.float32]
+    configs = _configs(device, quick)
+    return [
+        Benchmark("bn_relu", "batch_norm", _ours, _eager, _reference, _inputs(False), configs, dtypes,
+                  grad_args=(0, 1, 2), bytes=_bytes(False), modes=("fwd", "fwd+bwd")),
+        Benchmark("bn_add_relu", "batch_norm", _ours, _eager, _reference, _inputs(True), configs, dtypes,
+                  grad_args=(0, 1, 2, 5), bytes=_bytes(True), modes=("fwd", "fwd+bwd")),
+    ]

@@ -254,16 +254,20 @@ def test_fuse_models_train(name):
     build, _ = _model(name)
     torch.manual_seed(0)
     model = _randomize_bn(build()).train()
-    original = copy.deepcopy(model)
+    original, original64 = copy.deepcopy(model), copy.deepcopy(model).double()
     fused = mltoolkit.optimize(model)
     x = torch.randn(4, 3, 32, 32)
-    y, y0 = fused(x), original(x)
-    assert_close(y, y0, atol=1e-4, rtol=1e-4)
+    y, y0, y64 = fused(x), original(x), original64(x.double())
     cot = torch.randn_like(y)
-    y.backward(cot), y0.backward(cot)
-    params = dict(fused.named_parameters())
+    y.backward(cot), y0.backward(cot), y64.backward(cot.double())
+    # float32 errors against a float64 run, held to a few times torch's own float32 error (a deep net's gradients
+    # differ from torch's by summation order alone).
+    assert_close_flash(y, y64, y0, factor=4, eps=1e-5 * y64.abs().max().item())
+    params, params64 = dict(fused.named_parameters()), dict(original64.named_parameters())
     for k, p in original.named_parameters():
-        assert_close(params[k].grad, p.grad, atol=2e-4, rtol=2e-3, name=f"grad {k}")
+        ref = params64[k].grad
+        assert_close_flash(params[k].grad, ref, p.grad, factor=4, eps=1e-5 * ref.abs().max().item(),
+                           name=f"grad {k}")
     buffers = dict(fused.named_buffers())
     for k, b in original.named_buffers():
         assert_close(buffers[k].double(), b.double(), atol=1e-5, name=k)

@@ -392,20 +392,24 @@ void fwd_igemm(const Geo& g, const T* x, const T* w, bool w_rsc, const T* bias, 
       // A pointers per block and tap; taps that fall in the padding for every pixel of a block are dropped.
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const T** bp = ptrs.data() + blk * ntaps * MR;
+        // Input row and column of tap (0, 0) and image offset per pixel, stepping through the output pixels
+        // (divisions, one set per block, cost as much as a few taps of the kernel).
         int64_t ih0[MR], iw0[MR], base[MR];
-        for (int64_t r = 0; r < MR; ++r) {
-          const int64_t pix = p0 + blk * MR + r;
-          if (pix >= NPQ) {
-            ih0[r] = -(int64_t{1} << 40), iw0[r] = 0, base[r] = 0;  // past the end: every tap reads zeros
-            continue;
+        {
+          const int64_t pix = p0 + blk * MR;
+          int64_t n = pix / PQ, oh = (pix % PQ) / g.Q, ow = pix % g.Q;
+          for (int64_t r = 0; r < MR; ++r) {
+            if (pix + r >= NPQ) {
+              ih0[r] = -(int64_t{1} << 40), iw0[r] = 0, base[r] = 0;  // past the end: every tap reads zeros
+              continue;
+            }
+            ih0[r] = oh * g.sh - g.ph, iw0[r] = ow * g.sw - g.pw, base[r] = n * g.H * g.W;
+            if (++ow == g.Q) {
+              ow = 0;
+              if (++oh == g.P) oh = 0, ++n;
+            }
           }
-          const int64_t n = pix / PQ, q = pix % PQ;
-          ih0[r] = (q / g.Q) * g.sh - g.ph, iw0[r] = (q % g.Q) * g.sw - g.pw, base[r] = n * g.H * g.W;
         }
-        auto tap_ptr = [&](int64_t r, int64_t rs) -> const T* {
-          const int64_t ih = ih0[r] + (rs / g.S) * g.dh, iw = iw0[r] + (rs % g.S) * g.dw;
-          return ih >= 0 && ih < g.H && iw >= 0 && iw < g.W ? xg + (base[r] + ih * g.W + iw) * g.C : nullptr;
-        };
         if (row_taps) {
           int64_t n_used = 0;
           for (int64_t rr = 0; rr < g.R; ++rr) {
@@ -435,15 +439,17 @@ void fwd_igemm(const Geo& g, const T* x, const T* w, bool w_rsc, const T* bias, 
           continue;
         }
         int64_t n_used = 0;
-        for (int64_t rs = 0; rs < RS; ++rs) {
-          bool any = false;
-          for (int64_t r = 0; r < MR; ++r) {
-            const T* src = tap_ptr(r, rs);
-            any |= src != nullptr;
-            bp[n_used * MR + r] = src ? src : zero.data();
+        for (int64_t rr = 0; rr < g.R; ++rr)
+          for (int64_t ss = 0; ss < g.S; ++ss) {
+            bool any = false;
+            for (int64_t r = 0; r < MR; ++r) {
+              const int64_t ih = ih0[r] + rr * g.dh, iw = iw0[r] + ss * g.dw;
+              const bool in = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+              any |= in;
+              bp[n_used * MR + r] = in ? xg + (base[r] + ih * g.W + iw) * g.C : zero.data();
+            }
+            if (any) boff[blk * ntaps + n_used++] = (rr * g.S + ss) * tap_stride;
           }
-          if (any) boff[blk * ntaps + n_used++] = rs * tap_stride;
-        }
         nt[blk] = n_used;
       }
       const T* panel = bw.get() + (gg * npan + j0 / Pn) * Kc * Pn;

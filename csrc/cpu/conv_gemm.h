@@ -29,7 +29,7 @@ using Vec = at::vec::Vectorized<T>;
 constexpr int kMR = 7;
 constexpr int kMaxNR = 4;
 #else
-constexpr int kMR = 7;
+constexpr int kMR = 6;
 constexpr int kMaxNR = 2;
 #endif
 

@@ -341,6 +341,33 @@ std::unique_ptr<T[]> pack_weight_panels(const Geo& g, const T* w, int64_t Pn) {
   return bw;
 }
 
+// The panels of the dx-as-forward convolution (see dx_as_forward), straight from the weight's rows w (K, Kc) in
+// (r, s, c) order if w_rsc, else (c, r, s): panel (gg, j) row (r, s, k) = w[gg * Kg + k][j * Pn + lane][R-1-r][S-1-s],
+// zero past Cg. From (r, s, c) rows each panel row is a contiguous piece of one weight row.
+template <typename T>
+std::unique_ptr<T[]> pack_dx_panels(const Geo& g, const T* w, bool w_rsc, int64_t Pn) {
+  const int64_t Kc = g.Kc(), RS = g.R * g.S, npan = (g.Cg + Pn - 1) / Pn, rows = RS * g.Kg;
+  std::unique_ptr<T[]> bw(new T[g.G * npan * rows * Pn]);
+  at::parallel_for(0, g.G * npan, grain_for(rows * Pn), [&](int64_t begin, int64_t end) {
+    std::vector<T> tmp(w_rsc ? 0 : RS * Pn);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t gg = u / npan, c0 = (u % npan) * Pn, cl = std::min(Pn, g.Cg - c0);
+      T* panel = bw.get() + u * rows * Pn;
+      for (int64_t k = 0; k < g.Kg; ++k) {
+        const T* wr = w + (gg * g.Kg + k) * Kc;
+        if (!w_rsc) transpose(wr + c0 * RS, RS, tmp.data(), Pn, cl, RS);  // tmp[rs][c]
+        for (int64_t rs = 0; rs < RS; ++rs) {
+          const T* src = w_rsc ? wr + rs * g.Cg + c0 : tmp.data() + rs * Pn;
+          T* dst = panel + ((RS - 1 - rs) * g.Kg + k) * Pn;  // (R-1-r, S-1-s) is tap RS-1-rs
+          std::copy(src, src + cl, dst);
+          std::fill(dst + cl, dst + Pn, T(0));
+        }
+      }
+    }
+  });
+  return bw;
+}
+
 // Forward of every non-depthwise convolution, both layouts: the indirect GEMM of conv_gemm.h over channels-last x
 // (the input itself, or an NHWC copy of an NCHW input), y = act(conv + bias + residual) applied to each tile as it
 // leaves the registers (NHWC y) or as it is transposed into y (NCHW y, through a per-task buffer).
@@ -348,13 +375,14 @@ std::unique_ptr<T[]> pack_weight_panels(const Geo& g, const T* w, int64_t Pn) {
 // Small Cg (the RGB stem, see filter_row_taps): the taps are the filter's rows instead, each a run of S*Cg elements,
 // read in place where the run lies inside x, else copied with its zeros into a per-pixel row (the borders; every
 // pixel for groups or dilation).
-// w: the weight's rows (K, Kc), in (r, s, c) order if w_rsc (always so with filter-row taps), else (c, r, s).
-template <typename T, int NR>
-void fwd_igemm(const Geo& g, const T* x, const T* w, bool w_rsc, const T* bias, const T* res, Act act, T* y) {
+// pack(Pn): the weight in panels of Pn output channels (pack_weight_panels), rows in (r, s, c) order if w_rsc
+// (always so with filter-row taps), else (c, r, s).
+template <typename T, int NR, typename Pack>
+void fwd_igemm(const Geo& g, const T* x, const Pack& pack, bool w_rsc, const T* bias, const T* res, Act act, T* y) {
   constexpr int64_t MR = convk::kMR, Pn = NR * convk::Vec<T>::size();
   const int64_t Kc = g.Kc(), RS = g.R * g.S, PQ = g.PQ(), NPQ = g.N * PQ;
   const int64_t npan = (g.Kg + Pn - 1) / Pn, Kgp = npan * Pn;
-  const std::unique_ptr<T[]> bw = pack_weight_panels(g, w, Pn);
+  const std::unique_ptr<T[]> bw = pack(Pn);
   std::vector<T> bias_p(bias ? g.G * Kgp : 0, T(0));  // zero-padded per group, so that whole panels can be loaded
   for (int64_t k = 0; bias && k < g.K; ++k) bias_p[(k / g.Kg) * Kgp + k % g.Kg] = bias[k];
   const bool row_taps = filter_row_taps(g, sizeof(T));
@@ -550,14 +578,14 @@ void fwd_pointwise_nchw(const Geo& g, const T* x, const T* w, const T* bias, con
   });
 }
 
-template <typename T>
-void fwd_gemm(const Geo& g, const T* x, const T* w, bool w_rsc, const T* bias, const T* res, Act act, T* y) {
+template <typename T, typename Pack>
+void fwd_gemm(const Geo& g, const T* x, const Pack& pack, bool w_rsc, const T* bias, const T* res, Act act, T* y) {
   constexpr int64_t W = convk::Vec<T>::size();
   const int64_t nr = std::min<int64_t>(convk::kMaxNR, (g.Kg + W - 1) / W);  // narrower panels for small groups
-  if (nr >= 4) fwd_igemm<T, std::min(4, convk::kMaxNR)>(g, x, w, w_rsc, bias, res, act, y);
-  else if (nr == 3) fwd_igemm<T, std::min(3, convk::kMaxNR)>(g, x, w, w_rsc, bias, res, act, y);
-  else if (nr == 2) fwd_igemm<T, 2>(g, x, w, w_rsc, bias, res, act, y);
-  else fwd_igemm<T, 1>(g, x, w, w_rsc, bias, res, act, y);
+  if (nr >= 4) fwd_igemm<T, std::min(4, convk::kMaxNR)>(g, x, pack, w_rsc, bias, res, act, y);
+  else if (nr == 3) fwd_igemm<T, std::min(3, convk::kMaxNR)>(g, x, pack, w_rsc, bias, res, act, y);
+  else if (nr == 2) fwd_igemm<T, 2>(g, x, pack, w_rsc, bias, res, act, y);
+  else fwd_igemm<T, 1>(g, x, pack, w_rsc, bias, res, act, y);
 }
 
 // Depthwise forward, direct; the epilogue (residual, activation) runs on each output row (NCHW) or pixel (NHWC) as
@@ -1019,6 +1047,62 @@ void bwd_bias(const Geo& g, const T* dy, T* db) {
   }
 }
 
+// The weight as the GEMM forward takes it: rows (K, Kc) in the weight's own memory order, (r, s, c) or (c, r, s)
+// (no permutation), except that filter-row taps need (r, s, c). Sets w_rsc to the order.
+at::Tensor gemm_weight_rows(const char* fn, const Geo& g, const at::Tensor& weight, at::ScalarType acc, bool& w_rsc) {
+  w_rsc = layout_of(fn, "weight", weight) == at::MemoryFormat::ChannelsLast || g.R * g.S == 1 ||
+          filter_row_taps(g, acc == at::kDouble ? sizeof(double) : sizeof(float));
+  return weight_rows(weight, acc, w_rsc);
+}
+
+bool pointwise_nchw(const Geo& g) {
+  return !g.nhwc && g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+}
+
+// y = act(conv(x) + bias + residual) for a non-depthwise convolution: x (acc type, in y's layout g.nhwc) is read
+// channels-last by the GEMM, so an NCHW x is transposed first, except for the pointwise case that reads it in place
+// (with the weight's rows w, (K, Cg)). pack(Pn): the weight's panels (fwd_igemm).
+template <typename T, typename Pack>
+void forward_gemm(const Geo& g, const at::Tensor& xa, const T* w, const Pack& pack, bool w_rsc, const T* bias,
+                  const T* res, Act act, T* y) {
+  if (g.nhwc) {
+    fwd_gemm<T>(g, xa.data_ptr<T>(), pack, w_rsc, bias, res, act, y);
+  } else if (pointwise_nchw(g)) {
+    fwd_pointwise_nchw<T>(g, xa.data_ptr<T>(), w, bias, res, act, y);
+  } else {
+    at::Tensor xt = at::empty({g.N, g.C, g.H, g.W}, xa.options(), at::MemoryFormat::ChannelsLast);
+    to_channels_last<T>(g, xa.data_ptr<T>(), xt.data_ptr<T>());
+    fwd_gemm<T>(g, xt.data_ptr<T>(), pack, w_rsc, bias, res, act, y);
+  }
+}
+
+// dx of a stride-1 convolution is a forward convolution of dy, with the weight flipped in (r, s) and transposed per
+// group (K and C swapped) and padding d*(R-1) - p: it runs on the forward's kernel. Needs p <= d*(R-1) per dim.
+bool dx_as_forward(const Geo& g) {
+  return g.sh == 1 && g.sw == 1 && g.ph <= g.dh * (g.R - 1) && g.pw <= g.dw * (g.S - 1);
+}
+
+at::Tensor dx_by_forward(const char* fn, const Geo& g, const at::Tensor& dya, const at::Tensor& weight,
+                         at::ScalarType acc) {
+  Geo gd = g;
+  gd.C = g.K, gd.H = g.P, gd.W = g.Q, gd.K = g.C, gd.Cg = g.Kg, gd.Kg = g.Cg;
+  gd.ph = g.dh * (g.R - 1) - g.ph, gd.pw = g.dw * (g.S - 1) - g.pw, gd.P = g.H, gd.Q = g.W;
+  const bool w_rsc = layout_of(fn, "weight", weight) == at::MemoryFormat::ChannelsLast || g.R * g.S == 1;
+  const at::Tensor wa = weight_rows(weight, acc, w_rsc);
+  // The pointwise NCHW kernel reads the weight's rows in place: here the transposed (C, Kg) per group.
+  const at::Tensor wt = pointwise_nchw(gd) ? wa.reshape({g.G, g.Kg, g.Cg}).transpose(1, 2).contiguous() : at::Tensor();
+  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dya.options(), fmt_of(g));
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    auto pack = [&](int64_t Pn) { return pack_dx_panels<T>(g, wa.data_ptr<T>(), w_rsc, Pn); };
+    forward_gemm<T>(gd, dya, wt.defined() ? wt.data_ptr<T>() : nullptr, pack, true, nullptr, nullptr, Act::kNone,
+                    dx.data_ptr<T>());
+  };
+  if (acc == at::kDouble) run(double{});
+  else run(float{});
+  return dx;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -1056,14 +1140,12 @@ std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor
   const at::Tensor ra = has_residual ? residual->to(acc).contiguous(fmt) : at::Tensor();
   at::Tensor y = at::empty({g.N, g.K, g.P, g.Q}, x.options().dtype(acc), fmt);
   if (g.N == 0) return {y.to(x.scalar_type())};
-  // The GEMM takes the weight's rows in their own memory order (no permutation), except with filter-row taps.
-  const bool w_rsc = layout_of(fn, "weight", weight) == at::MemoryFormat::ChannelsLast || g.R * g.S == 1 ||
-                     filter_row_taps(g, acc == at::kDouble ? sizeof(double) : sizeof(float));
+  bool w_rsc = false;
   at::Tensor wa;
   if (depthwise)
     wa = weight.to(acc).contiguous().reshape({g.K, g.R * g.S});
   else
-    wa = weight_rows(weight, acc, w_rsc);
+    wa = gemm_weight_rows(fn, g, weight, acc, w_rsc);
   if (depthwise && g.nhwc) wa = wa.t().contiguous();
   auto run = [&](auto tag) {
     using T = decltype(tag);
@@ -1073,15 +1155,9 @@ std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor
       fwd_depthwise_nhwc<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, rp, act, y.data_ptr<T>());
     else if (depthwise)
       fwd_depthwise_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, rp, act, y.data_ptr<T>());
-    else if (g.nhwc)
-      fwd_gemm<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), w_rsc, bp, rp, act, y.data_ptr<T>());
-    else if (g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0)
-      fwd_pointwise_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, rp, act, y.data_ptr<T>());
-    else {  // the GEMM reads x channels-last whatever y's layout
-      at::Tensor xt = at::empty({g.N, g.C, g.H, g.W}, xa.options(), at::MemoryFormat::ChannelsLast);
-      to_channels_last<T>(g, xa.data_ptr<T>(), xt.data_ptr<T>());
-      fwd_gemm<T>(g, xt.data_ptr<T>(), wa.data_ptr<T>(), w_rsc, bp, rp, act, y.data_ptr<T>());
-    }
+    else
+      forward_gemm<T>(g, xa, wa.data_ptr<T>(), [&](int64_t Pn) { return pack_weight_panels<T>(g, wa.data_ptr<T>(), Pn); },
+                      w_rsc, bp, rp, act, y.data_ptr<T>());
   };
   if (acc == at::kDouble) run(double{});
   else run(float{});
@@ -1141,18 +1217,20 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
       dw.copy_(src);
     }
   } else if (output_mask[0] || output_mask[1]) {
+    const bool dx_fwd = output_mask[0] && dx_as_forward(g);
     const at::Tensor xa = output_mask[1] ? x.to(acc).contiguous(fmt) : at::Tensor();
-    const at::Tensor wa = output_mask[0] ? weight_rows(weight, acc, g.nhwc) : at::Tensor();
+    const at::Tensor wa = output_mask[0] && !dx_fwd ? weight_rows(weight, acc, g.nhwc) : at::Tensor();
     at::Tensor dwa = output_mask[1] ? at::empty({g.K, g.Kc()}, x.options().dtype(acc)) : at::Tensor();
-    if (output_mask[0]) dx = at::empty({g.N, g.C, g.H, g.W}, x.options().dtype(acc), fmt).zero_();
+    if (dx_fwd) dx = dx_by_forward(fn, g, dya, weight, acc);
+    else if (output_mask[0]) dx = at::empty({g.N, g.C, g.H, g.W}, x.options().dtype(acc), fmt).zero_();
     if (acc == at::kDouble) {
       using T = double;
       if (output_mask[1]) (g.nhwc ? bwd_weight_nhwc<T> : bwd_weight<T>)(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
-      if (output_mask[0]) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
+      if (output_mask[0] && !dx_fwd) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
     } else {
       using T = float;
       if (output_mask[1]) (g.nhwc ? bwd_weight_nhwc<T> : bwd_weight<T>)(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
-      if (output_mask[0]) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
+      if (output_mask[0] && !dx_fwd) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
     }
     if (output_mask[0] && x.scalar_type() != acc) dx = dx.to(x.scalar_type());
     if (output_mask[1]) {

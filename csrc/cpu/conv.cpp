@@ -3,24 +3,23 @@
 // Math in acc_t: float, or double for float64. fp16/bf16 inputs are widened to float once up front (x, weight, dy)
 // and the results rounded back at the end; the kernels below only see float or double.
 //
-// Every tile product runs through the register-blocked micro-kernel of attention_gemm.h (B packed in panels), with
-// the GEMM orientation that makes each layout's im2col natural:
-//   NCHW forward:  Y[Kg x pixels] = W[Kg x Kc] * col[Kc x pixels]; col is packed straight into B panels from x, one
-//                  tile of output pixels at a time (the whole im2col matrix is never formed), moving whole runs of an
-//                  output row at a time.
-//   NHWC forward:  Y^T[pixels x Kg] = col^T[pixels x Kc] * W^T[Kc x Kg]; col^T rows are copies of contiguous
-//                  C-vectors of x (or x itself for a 1x1 / stride 1 / no padding conv); W^T is packed once per call.
-//   Kc = C/groups * R * S is cut in chunks of kKcBytes so that the B sub-panel stays in L1 and the A block in L2;
-//   A blocks are laid out per chunk (rows kl apart), since rows Kc apart alias in the cache when Kc*4 is 2^k-ish.
-//   Forward tiles run over the pixels of all images, so 7x7 and 14x14 layers still get full tiles.
+// Forward (non-depthwise): the indirect-GEMM micro-kernel of conv_gemm.h, Y^T[pixels x K] = col^T * W^T, with the rows
+// of col^T read in place from channels-last x (one pointer per output pixel and filter tap, a zero vector in the
+// padding: no im2col copy) and W^T packed in panels of output channels once per call. The epilogue act(conv + bias
+// + residual) is applied to each register tile as it is stored. An NCHW x is transposed to channels-last first (one
+// pass over x against R*S*K multiply-adds per element) and each finished tile transposed into NCHW y with the
+// epilogue; NCHW 1x1 convolutions instead run the kernel the other way round on x's rows in place (no copy at all).
+// Tasks (pixel runs x channel panels) are handed out dynamically (parallel_tasks).
 // Depthwise (C/groups == K/groups == 1) uses direct kernels, forward and backward (vectorized over q in NCHW, over c
-// in NHWC).
+// in NHWC), with the epilogue on each finished output row / pixel.
 //
-// Backward: dW = sum over images and pixels of dy * col^T (NCHW: one task per (group, block of dW columns); NHWC:
-// transposed, one task per (group, block of Kc rows)), each task summing over pixel tiles in a fixed order.
-// dx = col2im(W^T dy), one task per (image, group, block of input channels): a task owns its dx channels, so the
-// scatter-add has no races. db = sum of dy in a fixed order. Results are bitwise the same for any thread count.
-// Work is split with at::parallel_for over these tasks.
+// Backward: dx of a stride-1 convolution is the forward convolution of dy with the flipped, transposed weight, on the
+// forward's kernel (dx_as_forward). Otherwise dx = col2im(W^T dy), one task per (image, group, block of input
+// channels): a task owns its dx channels, so the scatter-add has no races. dW = sum over images and pixels of
+// dy * col^T (NCHW: one task per (group, block of dW columns); NHWC: transposed, one task per (group, block of Kc
+// rows)), each task summing over pixel tiles in a fixed order; these products run on the register-blocked kernel of
+// attention_gemm.h (B packed in panels). db = sum of dy in a fixed order. Results are bitwise the same for any
+// thread count: every output element is computed by one task in a fixed order.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -46,13 +45,14 @@ using attn::gemm;
 using attn::kPanel;
 using attn::round_up_panel;
 
-// Depth (Kc) chunk of one GEMM pass: a B sub-panel of kKcBytes / sizeof(T) rows x one panel is 16 KB (half of L1).
+// Backward (attention_gemm.h kernel). Depth (Kc) chunk of one GEMM pass: a B sub-panel of kKcBytes / sizeof(T) rows
+// x one panel stays in L1.
 constexpr int64_t kKcBytes = 1024;
-// Rows of A per pass in the NCHW forward (A block = rows x Kc chunk, ~120 KB in L2). Multiple of the 6-row kernel.
+// Rows of A per pass (A block = rows x Kc chunk, in L2). Multiple of the 6-row kernel.
 constexpr int64_t kRowsPerBlock = 120;
-// Packed im2col tile of the NCHW forward: at most this many bytes (stays in L2).
+// Pixels per tile of the NCHW dx: at most this many bytes of dy (stays in L2).
 constexpr int64_t kColTileBytes = 512 * 1024;
-// Output pixels per tile in the NHWC forward and dx (rows of A; multiple of the 6-row kernel).
+// Output pixels per tile in the NHWC dx (rows of A; multiple of the 6-row kernel).
 constexpr int64_t kPixRows = 96;
 // Pixels per reduction tile in dW (B panel = that many rows x one panel).
 constexpr int64_t kRedPix = 256;
@@ -315,11 +315,9 @@ template <typename T>
 void to_channels_last(const Geo& g, const T* x, T* xt) {
   constexpr int64_t B = 64;
   const int64_t HW = g.HW(), nb = (HW + B - 1) / B;
-  at::parallel_for(0, g.N * nb, grain_for(B * g.C), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / nb, hw0 = (t % nb) * B;
-      transpose(x + n * g.C * HW + hw0, HW, xt + (n * HW + hw0) * g.C, g.C, g.C, std::min(B, HW - hw0));
-    }
+  parallel_tasks(g.N * nb, [] { return 0; }, [&](int64_t t, int) {
+    const int64_t n = t / nb, hw0 = (t % nb) * B;
+    transpose(x + n * g.C * HW + hw0, HW, xt + (n * HW + hw0) * g.C, g.C, g.C, std::min(B, HW - hw0));
   });
 }
 
@@ -329,14 +327,12 @@ template <typename T>
 std::unique_ptr<T[]> pack_weight_panels(const Geo& g, const T* w, int64_t Pn) {
   const int64_t Kc = g.Kc(), npan = (g.Kg + Pn - 1) / Pn;
   std::unique_ptr<T[]> bw(new T[g.G * npan * Kc * Pn]);  // every element is written below
-  at::parallel_for(0, g.G * npan, grain_for(Kc * Pn), [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t gg = u / npan, j0 = (u % npan) * Pn, jl = std::min(Pn, g.Kg - j0);
-      T* panel = bw.get() + u * Kc * Pn;
-      transpose(w + (gg * g.Kg + j0) * Kc, Kc, panel, Pn, jl, Kc);
-      if (jl < Pn)
-        for (int64_t p = 0; p < Kc; ++p) std::fill(panel + p * Pn + jl, panel + (p + 1) * Pn, T(0));
-    }
+  parallel_tasks(g.G * npan, [] { return 0; }, [&](int64_t u, int) {
+    const int64_t gg = u / npan, j0 = (u % npan) * Pn, jl = std::min(Pn, g.Kg - j0);
+    T* panel = bw.get() + u * Kc * Pn;
+    transpose(w + (gg * g.Kg + j0) * Kc, Kc, panel, Pn, jl, Kc);
+    if (jl < Pn)
+      for (int64_t p = 0; p < Kc; ++p) std::fill(panel + p * Pn + jl, panel + (p + 1) * Pn, T(0));
   });
   return bw;
 }
@@ -348,20 +344,18 @@ template <typename T>
 std::unique_ptr<T[]> pack_dx_panels(const Geo& g, const T* w, bool w_rsc, int64_t Pn) {
   const int64_t Kc = g.Kc(), RS = g.R * g.S, npan = (g.Cg + Pn - 1) / Pn, rows = RS * g.Kg;
   std::unique_ptr<T[]> bw(new T[g.G * npan * rows * Pn]);
-  at::parallel_for(0, g.G * npan, grain_for(rows * Pn), [&](int64_t begin, int64_t end) {
-    std::vector<T> tmp(w_rsc ? 0 : RS * Pn);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t gg = u / npan, c0 = (u % npan) * Pn, cl = std::min(Pn, g.Cg - c0);
-      T* panel = bw.get() + u * rows * Pn;
-      for (int64_t k = 0; k < g.Kg; ++k) {
-        const T* wr = w + (gg * g.Kg + k) * Kc;
-        if (!w_rsc) transpose(wr + c0 * RS, RS, tmp.data(), Pn, cl, RS);  // tmp[rs][c]
-        for (int64_t rs = 0; rs < RS; ++rs) {
-          const T* src = w_rsc ? wr + rs * g.Cg + c0 : tmp.data() + rs * Pn;
-          T* dst = panel + ((RS - 1 - rs) * g.Kg + k) * Pn;  // (R-1-r, S-1-s) is tap RS-1-rs
-          std::copy(src, src + cl, dst);
-          std::fill(dst + cl, dst + Pn, T(0));
-        }
+  auto make_tmp = [&] { return std::vector<T>(w_rsc ? 0 : RS * Pn); };
+  parallel_tasks(g.G * npan, make_tmp, [&](int64_t u, std::vector<T>& tmp) {
+    const int64_t gg = u / npan, c0 = (u % npan) * Pn, cl = std::min(Pn, g.Cg - c0);
+    T* panel = bw.get() + u * rows * Pn;
+    for (int64_t k = 0; k < g.Kg; ++k) {
+      const T* wr = w + (gg * g.Kg + k) * Kc;
+      if (!w_rsc) transpose(wr + c0 * RS, RS, tmp.data(), Pn, cl, RS);  // tmp[rs][c]
+      for (int64_t rs = 0; rs < RS; ++rs) {
+        const T* src = w_rsc ? wr + rs * g.Cg + c0 : tmp.data() + rs * Pn;
+        T* dst = panel + ((RS - 1 - rs) * g.Kg + k) * Pn;  // (R-1-r, S-1-s) is tap RS-1-rs
+        std::copy(src, src + cl, dst);
+        std::fill(dst + cl, dst + Pn, T(0));
       }
     }
   });
@@ -407,111 +401,104 @@ void fwd_igemm(const Geo& g, const T* x, const Pack& pack, bool w_rsc, const T* 
                    std::vector<T>(g.nhwc ? 0 : SB * Pn), std::vector<T>(g.nhwc ? 0 : Pn * SB)};
   };
   parallel_tasks(g.G * nsb * npan, make_scratch, [&](int64_t t, Scratch& sc) {
-    auto& ptrs = sc.ptrs;
-    auto& boff = sc.boff;
-    auto& nt = sc.nt;
-    auto& rows = sc.rows;
-    auto& cb = sc.cb;
-    auto& ct = sc.ct;
-    {
-      const int64_t gg = t / (nsb * npan), p0 = ((t / npan) % nsb) * SB, j0 = (t % npan) * Pn;
-      const int64_t pc = std::min(SB, NPQ - p0), nblk = (pc + MR - 1) / MR, ncols = std::min(Pn, g.Kg - j0);
-      const T* xg = x + gg * g.Cg;
-      // A pointers per block and tap; taps that fall in the padding for every pixel of a block are dropped.
-      for (int64_t blk = 0; blk < nblk; ++blk) {
-        const T** bp = ptrs.data() + blk * ntaps * MR;
-        // Input row and column of tap (0, 0) and image offset per pixel, stepping through the output pixels
-        // (divisions, one set per block, cost as much as a few taps of the kernel).
-        int64_t ih0[MR], iw0[MR], base[MR];
-        {
-          const int64_t pix = p0 + blk * MR;
-          int64_t n = pix / PQ, oh = (pix % PQ) / g.Q, ow = pix % g.Q;
-          for (int64_t r = 0; r < MR; ++r) {
-            if (pix + r >= NPQ) {
-              ih0[r] = -(int64_t{1} << 40), iw0[r] = 0, base[r] = 0;  // past the end: every tap reads zeros
-              continue;
-            }
-            ih0[r] = oh * g.sh - g.ph, iw0[r] = ow * g.sw - g.pw, base[r] = n * g.H * g.W;
-            if (++ow == g.Q) {
-              ow = 0;
-              if (++oh == g.P) oh = 0, ++n;
-            }
+    auto& [ptrs, boff, nt, rows, cb, ct] = sc;
+    const int64_t gg = t / (nsb * npan), p0 = ((t / npan) % nsb) * SB, j0 = (t % npan) * Pn;
+    const int64_t pc = std::min(SB, NPQ - p0), nblk = (pc + MR - 1) / MR, ncols = std::min(Pn, g.Kg - j0);
+    const T* xg = x + gg * g.Cg;
+    // A pointers per block and tap; taps that fall in the padding for every pixel of a block are dropped.
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const T** bp = ptrs.data() + blk * ntaps * MR;
+      // Input row and column of tap (0, 0) and image offset per pixel, stepping through the output pixels
+      // (divisions, one set per block, cost as much as a few taps of the kernel).
+      int64_t ih0[MR], iw0[MR], base[MR];
+      {
+        const int64_t pix = p0 + blk * MR;
+        int64_t n = pix / PQ, oh = (pix % PQ) / g.Q, ow = pix % g.Q;
+        for (int64_t r = 0; r < MR; ++r) {
+          if (pix + r >= NPQ) {
+            ih0[r] = -(int64_t{1} << 40), iw0[r] = 0, base[r] = 0;  // past the end: every tap reads zeros
+            continue;
+          }
+          ih0[r] = oh * g.sh - g.ph, iw0[r] = ow * g.sw - g.pw, base[r] = n * g.H * g.W;
+          if (++ow == g.Q) {
+            ow = 0;
+            if (++oh == g.P) oh = 0, ++n;
           }
         }
-        if (row_taps) {
-          int64_t n_used = 0;
-          for (int64_t rr = 0; rr < g.R; ++rr) {
-            bool any = false;
-            for (int64_t r = 0; r < MR; ++r) {
-              const int64_t ih = ih0[r] + rr * g.dh;
-              const T* src = nullptr;
-              int64_t slo = 0, shi = 0;  // the filter row's taps that land inside x
-              if (ih >= 0 && ih < g.H) q_range(iw0[r], g.dw, g.W, g.S, slo, shi);
-              const int64_t at = (base[r] + ih * g.W + iw0[r]) * g.C;  // x offset of tap (rr, 0)
-              if (shi == slo) {
-              } else if (adjacent && slo == 0 && shi == g.S) {
-                src = xg + at;
-              } else {  // short runs: plain loops, a memcpy call would cost more than the copy
-                T* dst = rows.data() + (blk * MR + r) * Kc + rr * cdim;
-                for (int64_t i = 0; i < cdim; ++i) dst[i] = T(0);
-                for (int64_t s = slo; s < shi; ++s)
-                  for (int64_t c = 0; c < g.Cg; ++c) dst[s * g.Cg + c] = xg[at + s * g.dw * g.C + c];
-                src = dst;
-              }
-              any |= src != nullptr;
-              bp[n_used * MR + r] = src ? src : zero.data();
-            }
-            if (any) boff[blk * ntaps + n_used++] = rr * tap_stride;
-          }
-          nt[blk] = n_used;
-          continue;
-        }
+      }
+      if (row_taps) {
         int64_t n_used = 0;
-        for (int64_t rr = 0; rr < g.R; ++rr)
-          for (int64_t ss = 0; ss < g.S; ++ss) {
-            bool any = false;
-            for (int64_t r = 0; r < MR; ++r) {
-              const int64_t ih = ih0[r] + rr * g.dh, iw = iw0[r] + ss * g.dw;
-              const bool in = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
-              any |= in;
-              bp[n_used * MR + r] = in ? xg + (base[r] + ih * g.W + iw) * g.C : zero.data();
+        for (int64_t rr = 0; rr < g.R; ++rr) {
+          bool any = false;
+          for (int64_t r = 0; r < MR; ++r) {
+            const int64_t ih = ih0[r] + rr * g.dh;
+            const T* src = nullptr;
+            int64_t slo = 0, shi = 0;  // the filter row's taps that land inside x
+            if (ih >= 0 && ih < g.H) q_range(iw0[r], g.dw, g.W, g.S, slo, shi);
+            const int64_t at = (base[r] + ih * g.W + iw0[r]) * g.C;  // x offset of tap (rr, 0)
+            if (shi == slo) {
+            } else if (adjacent && slo == 0 && shi == g.S) {
+              src = xg + at;
+            } else {  // short runs: plain loops, a memcpy call would cost more than the copy
+              T* dst = rows.data() + (blk * MR + r) * Kc + rr * cdim;
+              for (int64_t i = 0; i < cdim; ++i) dst[i] = T(0);
+              for (int64_t s = slo; s < shi; ++s)
+                for (int64_t c = 0; c < g.Cg; ++c) dst[s * g.Cg + c] = xg[at + s * g.dw * g.C + c];
+              src = dst;
             }
-            if (any) boff[blk * ntaps + n_used++] = (rr * g.S + ss) * tap_stride;
+            any |= src != nullptr;
+            bp[n_used * MR + r] = src ? src : zero.data();
           }
+          if (any) boff[blk * ntaps + n_used++] = rr * tap_stride;
+        }
         nt[blk] = n_used;
+        continue;
       }
-      const T* panel = bw.get() + (gg * npan + j0 / Pn) * Kc * Pn;
-      for (int64_t c0 = 0; c0 < cdim; c0 += kc) {
-        const int64_t kl = std::min(kc, cdim - c0);
-        const bool last = c0 + kl >= cdim;
-        for (int64_t blk = 0; blk < nblk; ++blk) {
-          const int64_t i0 = p0 + blk * MR, mvalid = std::min(MR, pc - blk * MR);
-          const T* const* ap = ptrs.data() + blk * ntaps * MR;
-          const int64_t* bo = boff.data() + blk * ntaps;
-          if (g.nhwc) {
-            const int64_t off = i0 * g.K + gg * g.Kg + j0;
-            const convk::Epilogue<T> ep{bias ? bias_p.data() + gg * Kgp + j0 : nullptr, false,
-                                        res ? res + off : nullptr, g.K, act};
-            convk::igemm_tile<T, NR>(nt[blk], ap, c0, bo, kl, panel + c0 * ldb, ldb, y + off, g.K, mvalid, ncols,
-                                     c0 > 0, last ? &ep : nullptr);
-          } else {
-            convk::igemm_tile<T, NR>(nt[blk], ap, c0, bo, kl, panel + c0 * ldb, ldb, cb.data() + blk * MR * Pn,
-                                     Pn, MR, Pn, c0 > 0, nullptr);
+      int64_t n_used = 0;
+      for (int64_t rr = 0; rr < g.R; ++rr)
+        for (int64_t ss = 0; ss < g.S; ++ss) {
+          bool any = false;
+          for (int64_t r = 0; r < MR; ++r) {
+            const int64_t ih = ih0[r] + rr * g.dh, iw = iw0[r] + ss * g.dw;
+            const bool in = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+            any |= in;
+            bp[n_used * MR + r] = in ? xg + (base[r] + ih * g.W + iw) * g.C : zero.data();
           }
+          if (any) boff[blk * ntaps + n_used++] = (rr * g.S + ss) * tap_stride;
+        }
+      nt[blk] = n_used;
+    }
+    const T* panel = bw.get() + (gg * npan + j0 / Pn) * Kc * Pn;
+    for (int64_t c0 = 0; c0 < cdim; c0 += kc) {
+      const int64_t kl = std::min(kc, cdim - c0);
+      const bool last = c0 + kl >= cdim;
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t i0 = p0 + blk * MR, mvalid = std::min(MR, pc - blk * MR);
+        const T* const* ap = ptrs.data() + blk * ntaps * MR;
+        const int64_t* bo = boff.data() + blk * ntaps;
+        if (g.nhwc) {
+          const int64_t off = i0 * g.K + gg * g.Kg + j0;
+          const convk::Epilogue<T> ep{bias ? bias_p.data() + gg * Kgp + j0 : nullptr, false,
+                                      res ? res + off : nullptr, g.K, act};
+          convk::igemm_tile<T, NR>(nt[blk], ap, c0, bo, kl, panel + c0 * ldb, ldb, y + off, g.K, mvalid, ncols,
+                                   c0 > 0, last ? &ep : nullptr);
+        } else {
+          convk::igemm_tile<T, NR>(nt[blk], ap, c0, bo, kl, panel + c0 * ldb, ldb, cb.data() + blk * MR * Pn,
+                                   Pn, MR, Pn, c0 > 0, nullptr);
         }
       }
-      if (g.nhwc) return;
-      // NCHW y: the tile transposed (pixels become contiguous), then one epilogue row per output channel and image.
-      transpose(cb.data(), Pn, ct.data(), SB, pc, ncols);
-      for (int64_t j = 0; j < pc;) {
-        const int64_t n = (p0 + j) / PQ, q0 = (p0 + j) % PQ, len = std::min(pc - j, PQ - q0);
-        for (int64_t k = 0; k < ncols; ++k) {
-          const int64_t kk = gg * g.Kg + j0 + k, off = (n * g.K + kk) * PQ + q0;
-          convk::epilogue_row<T>(y + off, ct.data() + k * SB + j, len, bias ? bias[kk] : T(0),
-                                 res ? res + off : nullptr, act);
-        }
-        j += len;
+    }
+    if (g.nhwc) return;
+    // NCHW y: the tile transposed (pixels become contiguous), then one epilogue row per output channel and image.
+    transpose(cb.data(), Pn, ct.data(), SB, pc, ncols);
+    for (int64_t j = 0; j < pc;) {
+      const int64_t n = (p0 + j) / PQ, q0 = (p0 + j) % PQ, len = std::min(pc - j, PQ - q0);
+      for (int64_t k = 0; k < ncols; ++k) {
+        const int64_t kk = gg * g.Kg + j0 + k, off = (n * g.K + kk) * PQ + q0;
+        convk::epilogue_row<T>(y + off, ct.data() + k * SB + j, len, bias ? bias[kk] : T(0),
+                               res ? res + off : nullptr, act);
       }
+      j += len;
     }
   });
 }
@@ -555,26 +542,24 @@ void fwd_pointwise_nchw(const Geo& g, const T* x, const T* w, const T* bias, con
     for (int64_t k = 0; k < nkb * MR; ++k)
       wrows[gg * nkb * MR + k] = k < g.Kg ? w + (gg * g.Kg + k) * g.Cg : zero.data();
   parallel_tasks(g.N * g.G * np, [] { return std::vector<T>(); }, [&](int64_t t, std::vector<T>& tail) {
-    {
-      const int64_t n = t / (g.G * np), gg = (t / np) % g.G, p0 = (t % np) * Pn, ncols = std::min(Pn, HW - p0);
-      const int64_t k0 = gg * g.Kg, off = (n * g.K + k0) * HW + p0;
-      const T* const* wr = wrows.data() + gg * nkb * MR;
-      const T* b = x + (n * g.C + gg * g.Cg) * HW + p0;
-      const T* bb = bias ? bias + k0 : nullptr;
-      const T* rr = res ? res + off : nullptr;
-      if (ncols == Pn) {
-        pointwise_panel<T, convk::kMaxNR>(g, wr, b, HW, ncols, kc, bb, rr, act, y + off);
-        return;
-      }
-      const int64_t nr = (ncols + W - 1) / W, wide = nr * W;
-      tail.assign(g.Cg * wide, T(0));
-      for (int64_t c = 0; c < g.Cg; ++c) std::copy(b + c * HW, b + c * HW + ncols, tail.data() + c * wide);
-      if (nr == 1) pointwise_panel<T, 1>(g, wr, tail.data(), wide, ncols, kc, bb, rr, act, y + off);
-      else if (nr == 2) pointwise_panel<T, 2>(g, wr, tail.data(), wide, ncols, kc, bb, rr, act, y + off);
-      else if (nr == 3) pointwise_panel<T, std::min(3, convk::kMaxNR)>(g, wr, tail.data(), wide, ncols, kc, bb, rr,
-                                                                       act, y + off);
-      else pointwise_panel<T, convk::kMaxNR>(g, wr, tail.data(), wide, ncols, kc, bb, rr, act, y + off);
+    const int64_t n = t / (g.G * np), gg = (t / np) % g.G, p0 = (t % np) * Pn, ncols = std::min(Pn, HW - p0);
+    const int64_t k0 = gg * g.Kg, off = (n * g.K + k0) * HW + p0;
+    const T* const* wr = wrows.data() + gg * nkb * MR;
+    const T* b = x + (n * g.C + gg * g.Cg) * HW + p0;
+    const T* bb = bias ? bias + k0 : nullptr;
+    const T* rr = res ? res + off : nullptr;
+    if (ncols == Pn) {
+      pointwise_panel<T, convk::kMaxNR>(g, wr, b, HW, ncols, kc, bb, rr, act, y + off);
+      return;
     }
+    const int64_t nr = (ncols + W - 1) / W, wide = nr * W;
+    tail.assign(g.Cg * wide, T(0));
+    for (int64_t c = 0; c < g.Cg; ++c) std::copy(b + c * HW, b + c * HW + ncols, tail.data() + c * wide);
+    if (nr == 1) pointwise_panel<T, 1>(g, wr, tail.data(), wide, ncols, kc, bb, rr, act, y + off);
+    else if (nr == 2) pointwise_panel<T, 2>(g, wr, tail.data(), wide, ncols, kc, bb, rr, act, y + off);
+    else if (nr == 3) pointwise_panel<T, std::min(3, convk::kMaxNR)>(g, wr, tail.data(), wide, ncols, kc, bb, rr,
+                                                                     act, y + off);
+    else pointwise_panel<T, convk::kMaxNR>(g, wr, tail.data(), wide, ncols, kc, bb, rr, act, y + off);
   });
 }
 

@@ -1040,8 +1040,14 @@ at::Tensor gemm_weight_rows(const char* fn, const Geo& g, const at::Tensor& weig
   return weight_rows(weight, acc, w_rsc);
 }
 
+// Whether an NCHW convolution runs on fwd_pointwise_nchw: 1x1, stride 1, no padding, and images large enough for
+// its panels of pixels (which stop at the image's end) to be at least 7/8 full: 7x7 images (49 = 64 - 15 pixels with
+// AVX-512) take the transposing path, whose pixel runs span images.
+template <typename T>
 bool pointwise_nchw(const Geo& g) {
-  return !g.nhwc && g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+  constexpr int64_t W = convk::Vec<T>::size(), Pn = convk::kMaxNR * W;
+  const int64_t HW = g.HW(), width = HW / Pn * Pn + (HW % Pn + W - 1) / W * W;
+  return !g.nhwc && g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && 8 * HW >= 7 * width;
 }
 
 // y = act(conv(x) + bias + residual) for a non-depthwise convolution: x (acc type, in y's layout g.nhwc) is read
@@ -1052,7 +1058,7 @@ void forward_gemm(const Geo& g, const at::Tensor& xa, const T* w, const Pack& pa
                   const T* res, Act act, T* y) {
   if (g.nhwc) {
     fwd_gemm<T>(g, xa.data_ptr<T>(), pack, w_rsc, bias, res, act, y);
-  } else if (pointwise_nchw(g)) {
+  } else if (pointwise_nchw<T>(g)) {
     fwd_pointwise_nchw<T>(g, xa.data_ptr<T>(), w, bias, res, act, y);
   } else {
     at::Tensor xt = at::empty({g.N, g.C, g.H, g.W}, xa.options(), at::MemoryFormat::ChannelsLast);
@@ -1075,7 +1081,8 @@ at::Tensor dx_by_forward(const char* fn, const Geo& g, const at::Tensor& dya, co
   const bool w_rsc = layout_of(fn, "weight", weight) == at::MemoryFormat::ChannelsLast || g.R * g.S == 1;
   const at::Tensor wa = weight_rows(weight, acc, w_rsc);
   // The pointwise NCHW kernel reads the weight's rows in place: here the transposed (C, Kg) per group.
-  const at::Tensor wt = pointwise_nchw(gd) ? wa.reshape({g.G, g.Kg, g.Cg}).transpose(1, 2).contiguous() : at::Tensor();
+  const bool pointwise = acc == at::kDouble ? pointwise_nchw<double>(gd) : pointwise_nchw<float>(gd);
+  const at::Tensor wt = pointwise ? wa.reshape({g.G, g.Kg, g.Cg}).transpose(1, 2).contiguous() : at::Tensor();
   at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dya.options(), fmt_of(g));
   auto run = [&](auto tag) {
     using T = decltype(tag);

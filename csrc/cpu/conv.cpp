@@ -232,7 +232,8 @@ void im2col_rows_nhwc(const Geo& g, const T* x, int64_t gg, int64_t p0, int64_t 
                       T* dst) {
   const int64_t ld = i1 - i0, rs0 = i0 / g.Cg, rs1 = (i1 - 1) / g.Cg;
   for (int64_t j = 0; j < pc; ++j) {
-    const int64_t n = (p0 + j) / g.PQ(), pix = (p0 + j) % g.PQ(), ih0 = (pix / g.Q) * g.sh - g.ph, iw0 = (pix % g.Q) * g.sw - g.pw;
+    const int64_t n = (p0 + j) / g.PQ(), pix = (p0 + j) % g.PQ();
+    const int64_t ih0 = (pix / g.Q) * g.sh - g.ph, iw0 = (pix % g.Q) * g.sw - g.pw;
     T* row = dst + j * ld;
     for (int64_t rs = rs0; rs <= rs1; ++rs) {
       const int64_t r = rs / g.S, s = rs % g.S, ih = ih0 + r * g.dh, iw = iw0 + s * g.dw;
@@ -365,7 +366,7 @@ std::unique_ptr<T[]> pack_dx_panels(const Geo& g, const T* w, bool w_rsc, int64_
 // Forward of every non-depthwise convolution, both layouts: the indirect GEMM of conv_gemm.h over channels-last x
 // (the input itself, or an NHWC copy of an NCHW input), y = act(conv + bias + residual) applied to each tile as it
 // leaves the registers (NHWC y) or as it is transposed into y (NCHW y, through a per-task buffer).
-// Tasks: (group, run of kBlocksPerTask x kMR output pixels counted across images, panel of Pn output channels).
+// Tasks: (group, run of kBlocksPerTask x kMR output pixels counted across images, panels of Pn output channels).
 // Small Cg (the RGB stem, see filter_row_taps): the taps are the filter's rows instead, each a run of S*Cg elements,
 // read in place where the run lies inside x, else copied with its zeros into a per-pixel row (the borders; every
 // pixel for groups or dilation).
@@ -389,6 +390,10 @@ void fwd_igemm(const Geo& g, const T* x, const Pack& pack, bool w_rsc, const T* 
   const int64_t nch = std::max<int64_t>(1, (ntaps * cdim * Pn * int64_t(sizeof(T)) + kBChunkBytes - 1) / kBChunkBytes);
   const int64_t kc = (cdim + nch - 1) / nch;
   const int64_t SB = kBlocksPerTask * MR, nsb = (NPQ + SB - 1) / SB;
+  // Panels per task: all of those whose weights fit the chunk budget together (1x1 layers with few input channels),
+  // so that the task's rows of x are read from memory once, not once per panel.
+  const int64_t ppt = std::clamp<int64_t>(kBChunkBytes / (Kc * Pn * int64_t(sizeof(T))), 1, npan);
+  const int64_t npg = (npan + ppt - 1) / ppt;
   const std::vector<T> zero(cdim, T(0));
   struct Scratch {
     std::vector<const T*> ptrs;
@@ -400,16 +405,16 @@ void fwd_igemm(const Geo& g, const T* x, const Pack& pack, bool w_rsc, const T* 
                    std::vector<int64_t>(kBlocksPerTask), std::vector<T>(row_taps ? SB * Kc : 0),
                    std::vector<T>(g.nhwc ? 0 : SB * Pn), std::vector<T>(g.nhwc ? 0 : Pn * SB)};
   };
-  parallel_tasks(g.G * nsb * npan, make_scratch, [&](int64_t t, Scratch& sc) {
+  parallel_tasks(g.G * nsb * npg, make_scratch, [&](int64_t t, Scratch& sc) {
     auto& [ptrs, boff, nt, rows, cb, ct] = sc;
-    const int64_t gg = t / (nsb * npan), p0 = ((t / npan) % nsb) * SB, j0 = (t % npan) * Pn;
-    const int64_t pc = std::min(SB, NPQ - p0), nblk = (pc + MR - 1) / MR, ncols = std::min(Pn, g.Kg - j0);
+    const int64_t gg = t / (nsb * npg), p0 = ((t / npg) % nsb) * SB, pg = t % npg;
+    const int64_t pc = std::min(SB, NPQ - p0), nblk = (pc + MR - 1) / MR;
     const T* xg = x + gg * g.Cg;
     // A pointers per block and tap; taps that fall in the padding for every pixel of a block are dropped.
     for (int64_t blk = 0; blk < nblk; ++blk) {
       const T** bp = ptrs.data() + blk * ntaps * MR;
-      // Input row and column of tap (0, 0) and image offset per pixel, stepping through the output pixels
-      // (divisions, one set per block, cost as much as a few taps of the kernel).
+      // Input row and column of tap (0, 0) and image offset per pixel, stepping through the output pixels from one
+      // set of divisions per block (divisions per pixel and tap cost a few percent of the whole convolution).
       int64_t ih0[MR], iw0[MR], base[MR];
       {
         const int64_t pix = p0 + blk * MR;
@@ -435,16 +440,17 @@ void fwd_igemm(const Geo& g, const T* x, const Pack& pack, bool w_rsc, const T* 
             const T* src = nullptr;
             int64_t slo = 0, shi = 0;  // the filter row's taps that land inside x
             if (ih >= 0 && ih < g.H) q_range(iw0[r], g.dw, g.W, g.S, slo, shi);
-            const int64_t at = (base[r] + ih * g.W + iw0[r]) * g.C;  // x offset of tap (rr, 0)
-            if (shi == slo) {
-            } else if (adjacent && slo == 0 && shi == g.S) {
-              src = xg + at;
-            } else {  // short runs: plain loops, a memcpy call would cost more than the copy
-              T* dst = rows.data() + (blk * MR + r) * Kc + rr * cdim;
-              for (int64_t i = 0; i < cdim; ++i) dst[i] = T(0);
-              for (int64_t s = slo; s < shi; ++s)
-                for (int64_t c = 0; c < g.Cg; ++c) dst[s * g.Cg + c] = xg[at + s * g.dw * g.C + c];
-              src = dst;
+            if (shi > slo) {
+              const T* xr = xg + (base[r] + ih * g.W) * g.C;  // x's row ih
+              if (adjacent && slo == 0 && shi == g.S) {
+                src = xr + iw0[r] * g.C;
+              } else {  // short runs: plain loops, a memcpy call would cost more than the copy
+                T* dst = rows.data() + (blk * MR + r) * Kc + rr * cdim;
+                for (int64_t i = 0; i < cdim; ++i) dst[i] = T(0);
+                for (int64_t s = slo; s < shi; ++s)
+                  for (int64_t c = 0; c < g.Cg; ++c) dst[s * g.Cg + c] = xr[(iw0[r] + s * g.dw) * g.C + c];
+                src = dst;
+              }
             }
             any |= src != nullptr;
             bp[n_used * MR + r] = src ? src : zero.data();
@@ -468,37 +474,40 @@ void fwd_igemm(const Geo& g, const T* x, const Pack& pack, bool w_rsc, const T* 
         }
       nt[blk] = n_used;
     }
-    const T* panel = bw.get() + (gg * npan + j0 / Pn) * Kc * Pn;
-    for (int64_t c0 = 0; c0 < cdim; c0 += kc) {
-      const int64_t kl = std::min(kc, cdim - c0);
-      const bool last = c0 + kl >= cdim;
-      for (int64_t blk = 0; blk < nblk; ++blk) {
-        const int64_t i0 = p0 + blk * MR, mvalid = std::min(MR, pc - blk * MR);
-        const T* const* ap = ptrs.data() + blk * ntaps * MR;
-        const int64_t* bo = boff.data() + blk * ntaps;
-        if (g.nhwc) {
-          const int64_t off = i0 * g.K + gg * g.Kg + j0;
-          const convk::Epilogue<T> ep{bias ? bias_p.data() + gg * Kgp + j0 : nullptr, false,
-                                      res ? res + off : nullptr, g.K, act};
-          convk::igemm_tile<T, NR>(nt[blk], ap, c0, bo, kl, panel + c0 * ldb, ldb, y + off, g.K, mvalid, ncols,
-                                   c0 > 0, last ? &ep : nullptr);
-        } else {
-          convk::igemm_tile<T, NR>(nt[blk], ap, c0, bo, kl, panel + c0 * ldb, ldb, cb.data() + blk * MR * Pn,
-                                   Pn, MR, Pn, c0 > 0, nullptr);
+    for (int64_t pan = pg * ppt; pan < std::min(npan, (pg + 1) * ppt); ++pan) {
+      const int64_t j0 = pan * Pn, ncols = std::min(Pn, g.Kg - j0);
+      const T* panel = bw.get() + (gg * npan + pan) * Kc * Pn;
+      for (int64_t c0 = 0; c0 < cdim; c0 += kc) {
+        const int64_t kl = std::min(kc, cdim - c0);
+        const bool last = c0 + kl >= cdim;
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          const int64_t i0 = p0 + blk * MR, mvalid = std::min(MR, pc - blk * MR);
+          const T* const* ap = ptrs.data() + blk * ntaps * MR;
+          const int64_t* bo = boff.data() + blk * ntaps;
+          if (g.nhwc) {
+            const int64_t off = i0 * g.K + gg * g.Kg + j0;
+            const convk::Epilogue<T> ep{bias ? bias_p.data() + gg * Kgp + j0 : nullptr, false,
+                                        res ? res + off : nullptr, g.K, act};
+            convk::igemm_tile<T, NR>(nt[blk], ap, c0, bo, kl, panel + c0 * ldb, ldb, y + off, g.K, mvalid, ncols,
+                                     c0 > 0, last ? &ep : nullptr);
+          } else {
+            convk::igemm_tile<T, NR>(nt[blk], ap, c0, bo, kl, panel + c0 * ldb, ldb, cb.data() + blk * MR * Pn,
+                                     Pn, MR, Pn, c0 > 0, nullptr);
+          }
         }
       }
-    }
-    if (g.nhwc) return;
-    // NCHW y: the tile transposed (pixels become contiguous), then one epilogue row per output channel and image.
-    transpose(cb.data(), Pn, ct.data(), SB, pc, ncols);
-    for (int64_t j = 0; j < pc;) {
-      const int64_t n = (p0 + j) / PQ, q0 = (p0 + j) % PQ, len = std::min(pc - j, PQ - q0);
-      for (int64_t k = 0; k < ncols; ++k) {
-        const int64_t kk = gg * g.Kg + j0 + k, off = (n * g.K + kk) * PQ + q0;
-        convk::epilogue_row<T>(y + off, ct.data() + k * SB + j, len, bias ? bias[kk] : T(0),
-                               res ? res + off : nullptr, act);
+      if (g.nhwc) continue;
+      // NCHW y: the tile transposed (pixels become contiguous), then one epilogue row per output channel and image.
+      transpose(cb.data(), Pn, ct.data(), SB, pc, ncols);
+      for (int64_t j = 0; j < pc;) {
+        const int64_t n = (p0 + j) / PQ, q0 = (p0 + j) % PQ, len = std::min(pc - j, PQ - q0);
+        for (int64_t k = 0; k < ncols; ++k) {
+          const int64_t kk = gg * g.Kg + j0 + k, off = (n * g.K + kk) * PQ + q0;
+          convk::epilogue_row<T>(y + off, ct.data() + k * SB + j, len, bias ? bias[kk] : T(0),
+                                 res ? res + off : nullptr, act);
+        }
+        j += len;
       }
-      j += len;
     }
   });
 }
@@ -1148,8 +1157,9 @@ std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor
     else if (depthwise)
       fwd_depthwise_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, rp, act, y.data_ptr<T>());
     else
-      forward_gemm<T>(g, xa, wa.data_ptr<T>(), [&](int64_t Pn) { return pack_weight_panels<T>(g, wa.data_ptr<T>(), Pn); },
-                      w_rsc, bp, rp, act, y.data_ptr<T>());
+      forward_gemm<T>(
+          g, xa, wa.data_ptr<T>(), [&](int64_t Pn) { return pack_weight_panels<T>(g, wa.data_ptr<T>(), Pn); }, w_rsc,
+          bp, rp, act, y.data_ptr<T>());
   };
   if (acc == at::kDouble) run(double{});
   else run(float{});
@@ -1217,11 +1227,13 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
     else if (output_mask[0]) dx = at::empty({g.N, g.C, g.H, g.W}, x.options().dtype(acc), fmt).zero_();
     if (acc == at::kDouble) {
       using T = double;
-      if (output_mask[1]) (g.nhwc ? bwd_weight_nhwc<T> : bwd_weight<T>)(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
+      if (output_mask[1])
+        (g.nhwc ? bwd_weight_nhwc<T> : bwd_weight<T>)(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
       if (output_mask[0] && !dx_fwd) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
     } else {
       using T = float;
-      if (output_mask[1]) (g.nhwc ? bwd_weight_nhwc<T> : bwd_weight<T>)(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
+      if (output_mask[1])
+        (g.nhwc ? bwd_weight_nhwc<T> : bwd_weight<T>)(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
       if (output_mask[0] && !dx_fwd) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
     }
     if (output_mask[0] && x.scalar_type() != acc) dx = dx.to(x.scalar_type());

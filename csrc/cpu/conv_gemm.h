@@ -44,7 +44,6 @@ struct Epilogue {
 };
 
 // act(v) for the activations that are exact as vector selects; the others go through apply_activation per element.
-template <typename T>
 inline bool vector_act(Act act) {
   return act == Act::kNone || act == Act::kRelu || act == Act::kRelu6;
 }
@@ -64,7 +63,7 @@ inline Vec<T> apply_vector_act(Act act, Vec<T> v) {
 template <typename T>
 inline void epilogue_row(T* y, const T* src, int64_t n, T bias, const T* res, Act act) {
   constexpr int64_t W = Vec<T>::size();
-  if (vector_act<T>(act)) {
+  if (vector_act(act)) {
     const Vec<T> vb(bias);
     int64_t i = 0;
     for (; i + W <= n; i += W) {
@@ -93,14 +92,17 @@ void load_tile(T* tile, const T* c, int64_t ldc, int64_t mvalid, int64_t ncols) 
 template <typename T, int Pn>
 void store_tile(const T* tile, T* c, int64_t ldc, int64_t mvalid, int64_t ncols, const Epilogue<T>* ep) {
   constexpr int64_t W = Vec<T>::size();
-  const bool vact = ep && vector_act<T>(ep->act);
+  const bool vact = ep && vector_act(ep->act);
   for (int64_t r = 0; r < mvalid; ++r) {
     for (int64_t j = 0; j < ncols; j += W) {
       const int64_t n = ncols - j < W ? ncols - j : W;
       Vec<T> val = Vec<T>::loadu(tile + r * Pn + j);
       if (ep) {
         if (ep->bias) val = val + (ep->bias_per_row ? Vec<T>(ep->bias[r]) : Vec<T>::loadu(ep->bias + j));
-        if (ep->res) val = val + (n == W ? Vec<T>::loadu(ep->res + r * ep->ldr + j) : Vec<T>::loadu(ep->res + r * ep->ldr + j, n));
+        if (ep->res) {
+          const T* rr = ep->res + r * ep->ldr + j;
+          val = val + (n == W ? Vec<T>::loadu(rr) : Vec<T>::loadu(rr, n));
+        }
         if (vact) val = apply_vector_act<T>(ep->act, val);
       }
       if (n == W) val.store(c + r * ldc + j);

@@ -1,8 +1,8 @@
 """Builds mltoolkit._C: C++ CPU kernels always, CUDA kernels when torch has CUDA and nvcc is found.
 
 Environment: CUDA_HOME (toolkit root), TORCH_CUDA_ARCH_LIST (default "8.0;9.0" when no GPU is visible),
-MAX_JOBS (parallel compile jobs), MLTK_SKIP_CUDA=1 (CPU kernels only), MLTK_CPU_ISA=avx2|none (x86-64 vector ISA
-for the CPU kernels; default: avx2 when the build machine has it).
+MAX_JOBS (parallel compile jobs), MLTK_SKIP_CUDA=1 (CPU kernels only), MLTK_CPU_ISA=avx512|avx2|none (x86-64
+vector ISA for the CPU kernels; default: the widest of those the build machine has).
 """
 import glob
 import os
@@ -56,6 +56,8 @@ def _want_cuda():
 
 def _cpu_isa_flags():
     isa = os.environ.get("MLTK_CPU_ISA")
+    if isa is not None and isa not in ("avx512", "avx2", "none"):
+        raise SystemExit(f"MLTK_CPU_ISA must be avx512, avx2 or none, got {isa!r}")
     if isa is None:
         isa = "none"
         if platform.machine() in ("x86_64", "AMD64"):
@@ -64,8 +66,14 @@ def _cpu_isa_flags():
                     flags = f.read()
                 if re.search(r"\bavx2\b", flags) and re.search(r"\bfma\b", flags):
                     isa = "avx2"
+                    if all(re.search(rf"\b{f}\b", flags) for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
+                        isa = "avx512"
             except OSError:
                 pass
+    if isa == "avx512":
+        # torch's own AVX512 flags; at::vec becomes 512 bits wide (32 registers: the conv kernel's larger blocks).
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX512",
+                "-DCPU_CAPABILITY=AVX512"], "avx512"
     if isa == "avx2":
         # CPU_CAPABILITY=AVX2 puts at::vec in its own inline namespace, as torch does for its per-ISA files.
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"], "avx2"

@@ -3,31 +3,32 @@
 // Math in acc_t: float, or double for float64. fp16/bf16 inputs are widened to float once up front (x, weight, dy)
 // and the results rounded back at the end; the kernels below only see float or double.
 //
-// Every tile product runs through the register-blocked micro-kernel of attention_gemm.h (B packed in panels), with
-// the GEMM orientation that makes each layout's im2col natural:
-//   NCHW forward:  Y[Kg x pixels] = W[Kg x Kc] * col[Kc x pixels]; col is packed straight into B panels from x, one
-//                  tile of output pixels at a time (the whole im2col matrix is never formed), moving whole runs of an
-//                  output row at a time.
-//   NHWC forward:  Y^T[pixels x Kg] = col^T[pixels x Kc] * W^T[Kc x Kg]; col^T rows are copies of contiguous
-//                  C-vectors of x (or x itself for a 1x1 / stride 1 / no padding conv); W^T is packed once per call.
-//   Kc = C/groups * R * S is cut in chunks of kKcBytes so that the B sub-panel stays in L1 and the A block in L2;
-//   A blocks are laid out per chunk (rows kl apart), since rows Kc apart alias in the cache when Kc*4 is 2^k-ish.
-//   Forward tiles run over the pixels of all images, so 7x7 and 14x14 layers still get full tiles.
+// Forward (non-depthwise): the indirect-GEMM micro-kernel of conv_gemm.h, Y^T[pixels x K] = col^T * W^T, with the rows
+// of col^T read in place from channels-last x (one pointer per output pixel and filter tap, a zero vector in the
+// padding: no im2col copy) and W^T packed in panels of output channels once per call. The epilogue act(conv + bias
+// + residual) is applied to each register tile as it is stored. An NCHW x is transposed to channels-last first (one
+// pass over x against R*S*K multiply-adds per element) and each finished tile transposed into NCHW y with the
+// epilogue; NCHW 1x1 convolutions instead run the kernel the other way round on x's rows in place (no copy at all).
+// Tasks (pixel runs x channel panels) are handed out dynamically (parallel_tasks).
 // Depthwise (C/groups == K/groups == 1) uses direct kernels, forward and backward (vectorized over q in NCHW, over c
-// in NHWC).
+// in NHWC), with the epilogue on each finished output row / pixel.
 //
-// Backward: dW = sum over images and pixels of dy * col^T (NCHW: one task per (group, block of dW columns); NHWC:
-// transposed, one task per (group, block of Kc rows)), each task summing over pixel tiles in a fixed order.
-// dx = col2im(W^T dy), one task per (image, group, block of input channels): a task owns its dx channels, so the
-// scatter-add has no races. db = sum of dy in a fixed order. Results are bitwise the same for any thread count.
-// Work is split with at::parallel_for over these tasks.
+// Backward: dx of a stride-1 convolution is the forward convolution of dy with the flipped, transposed weight, on the
+// forward's kernel (dx_as_forward). Otherwise dx = col2im(W^T dy), one task per (image, group, block of input
+// channels): a task owns its dx channels, so the scatter-add has no races. dW = sum over images and pixels of
+// dy * col^T (NCHW: one task per (group, block of dW columns); NHWC: transposed, one task per (group, block of Kc
+// rows)), each task summing over pixel tiles in a fixed order; these products run on the register-blocked kernel of
+// attention_gemm.h (B packed in panels). db = sum of dy in a fixed order. Results are bitwise the same for any
+// thread count: every output element is computed by one task in a fixed order.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -35,6 +36,7 @@
 #include "../conv.h"
 #include "../conv_epilogue.h"
 #include "attention_gemm.h"
+#include "conv_gemm.h"
 
 namespace mltoolkit {
 namespace {
@@ -43,13 +45,14 @@ using attn::gemm;
 using attn::kPanel;
 using attn::round_up_panel;
 
-// Depth (Kc) chunk of one GEMM pass: a B sub-panel of kKcBytes / sizeof(T) rows x one panel is 16 KB (half of L1).
+// Backward (attention_gemm.h kernel). Depth (Kc) chunk of one GEMM pass: a B sub-panel of kKcBytes / sizeof(T) rows
+// x one panel stays in L1.
 constexpr int64_t kKcBytes = 1024;
-// Rows of A per pass in the NCHW forward (A block = rows x Kc chunk, ~120 KB in L2). Multiple of the 6-row kernel.
+// Rows of A per pass (A block = rows x Kc chunk, in L2). Multiple of the 6-row kernel.
 constexpr int64_t kRowsPerBlock = 120;
-// Packed im2col tile of the NCHW forward: at most this many bytes (stays in L2).
+// Pixels per tile of the NCHW dx: at most this many bytes of dy (stays in L2).
 constexpr int64_t kColTileBytes = 512 * 1024;
-// Output pixels per tile in the NHWC forward and dx (rows of A; multiple of the 6-row kernel).
+// Output pixels per tile in the NHWC dx (rows of A; multiple of the 6-row kernel).
 constexpr int64_t kPixRows = 96;
 // Pixels per reduction tile in dW (B panel = that many rows x one panel).
 constexpr int64_t kRedPix = 256;
@@ -149,6 +152,20 @@ int64_t grain_for(int64_t macs_per_task) {
   return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, macs_per_task));
 }
 
+// Runs task(t, scratch) for t in [0, ntasks) on the intra-op threads, each thread taking the next task from a shared
+// counter rather than a fixed share: on a machine shared with other processes a thread that loses its core for a
+// while no longer holds the others up at the end. Each task owns its outputs and runs in a fixed order, so the
+// results do not depend on which thread ran it. make_scratch() builds one thread's buffers.
+template <typename MakeScratch, typename Task>
+void parallel_tasks(int64_t ntasks, const MakeScratch& make_scratch, const Task& task) {
+  std::atomic<int64_t> next{0};
+  const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+  at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) task(t, scratch);
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Forward
 
@@ -215,7 +232,8 @@ void im2col_rows_nhwc(const Geo& g, const T* x, int64_t gg, int64_t p0, int64_t 
                       T* dst) {
   const int64_t ld = i1 - i0, rs0 = i0 / g.Cg, rs1 = (i1 - 1) / g.Cg;
   for (int64_t j = 0; j < pc; ++j) {
-    const int64_t n = (p0 + j) / g.PQ(), pix = (p0 + j) % g.PQ(), ih0 = (pix / g.Q) * g.sh - g.ph, iw0 = (pix % g.Q) * g.sw - g.pw;
+    const int64_t n = (p0 + j) / g.PQ(), pix = (p0 + j) % g.PQ();
+    const int64_t ih0 = (pix / g.Q) * g.sh - g.ph, iw0 = (pix % g.Q) * g.sw - g.pw;
     T* row = dst + j * ld;
     for (int64_t rs = rs0; rs <= rs1; ++rs) {
       const int64_t r = rs / g.S, s = rs % g.S, ih = ih0 + r * g.dh, iw = iw0 + s * g.dw;
@@ -229,140 +247,345 @@ void im2col_rows_nhwc(const Geo& g, const T* x, int64_t gg, int64_t p0, int64_t 
   }
 }
 
-// Splits of the output channels of a group when (group x pixel tile) tasks alone cannot keep every thread busy
-// (7x7 layers: a handful of tiles). Each split is a multiple of `unit` and at least `min_len` long.
-int64_t channel_splits(int64_t tasks, int64_t Kg, int64_t unit, int64_t min_len, int64_t& len) {
-  const int64_t want = 4 * at::get_num_threads();
-  int64_t ks = tasks >= want ? 1 : (want + tasks - 1) / tasks;
-  ks = std::max<int64_t>(1, std::min(ks, Kg / std::max<int64_t>(min_len, 1)));
-  len = ((Kg + ks - 1) / ks + unit - 1) / unit * unit;
-  return (Kg + len - 1) / len;
+// Whether the forward GEMM's taps are the filter's rows (S*Cg elements each) rather than its R*S pixels: when a
+// pixel's channels are less than a cache line, a pass over them would be too short.
+bool filter_row_taps(const Geo& g, size_t elem) { return g.S > 1 && g.Cg * int64_t(elem) < 64; }
+
+// Depth chunk of the forward: the packed weights of one chunk (taps x channels x one panel) stay in L2 while the
+// pixel blocks of a task stream past them.
+constexpr int64_t kBChunkBytes = 256 * 1024;
+// Blocks of convk::kMR output pixels per forward task.
+constexpr int64_t kBlocksPerTask = 8;
+
+// One 16 x 16 block of floats transposed in registers: dst[j * ld_dst + i] = src[i * ld_src + j].
+inline void transpose16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // at::vec's AVX-512 transpose takes the block size at run time (masked loads, loops over it) and is not inlined:
+  // this is its algorithm (from FBGEMM) with the sizes fixed, all in registers.
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+      t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    _mm512_storeu_ps(dst + i * ld_dst, _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88));
+    _mm512_storeu_ps(dst + (i + 8) * ld_dst, _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd));
+  }
+#else
+  at::vec::transpose_mxn<float, 16, 16>(src, ld_src, dst, ld_dst);
+#endif
 }
 
+inline void transpose16(const double* src, int64_t ld_src, double* dst, int64_t ld_dst) {
+  at::vec::transpose_mxn<double, 16, 16>(src, ld_src, dst, ld_dst);
+}
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n, by 16 x 16 blocks in registers; at::vec's generic
+// loop for the edges.
 template <typename T>
-void fwd_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
-  constexpr int64_t Pn = kPanel<T>;
-  const int64_t Kc = g.Kc(), PQ = g.PQ(), HW = g.HW(), RS = g.R * g.S;
-  const int64_t kcb = kKcBytes / int64_t(sizeof(T));
-  int64_t tp = (kColTileBytes / int64_t(sizeof(T))) / Kc / Pn * Pn;
-  // At least 4 panels: with fewer pixels per tile the weight would stream from memory once per 16 pixels. Tiles
-  // run over the pixels of all images, so small late-stage layers (7x7) still get full tiles.
-  tp = std::clamp<int64_t>(tp, 4 * Pn, 16 * Pn);
-  const int64_t NPQ = g.N * PQ;
-  tp = std::min(tp, round_up_panel<T>(NPQ));
-  const int64_t ntiles = (NPQ + tp - 1) / tp;
-  int64_t kspl;
-  const int64_t nks = channel_splits(g.G * ntiles, g.Kg, 6, 48, kspl);
-  const int64_t tasks = g.G * ntiles * nks;
-  // Weight re-laid out depth-chunk-major, (Kc / kcb) x (K x kl), so that the rows of an A block are kl apart.
-  std::vector<T> wk(g.K * Kc);
-  at::parallel_for(0, g.K, grain_for(Kc), [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k)
-      for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
-        const int64_t kl = std::min(kcb, Kc - k0);
-        std::memcpy(wk.data() + k0 * g.K + k * kl, w + k * Kc + k0, kl * sizeof(T));
-      }
+void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t m, int64_t n) {
+  constexpr int64_t B = 16;
+  for (int64_t i = 0; i < m; i += B)
+    for (int64_t j = 0; j < n; j += B) {
+      const T* s = src + i * ld_src + j;
+      T* d = dst + j * ld_dst + i;
+      if (i + B <= m && j + B <= n)
+        transpose16(s, ld_src, d, ld_dst);
+      else
+        at::vec::transpose_mxn<T>(s, ld_src, d, ld_dst, int(std::min(B, m - i)), int(std::min(B, n - j)));
+    }
+}
+
+// An NCHW x as channels-last, so that the forward GEMM reads C-vectors in place: one pass over x against
+// R*S*K multiply-adds per element.
+template <typename T>
+void to_channels_last(const Geo& g, const T* x, T* xt) {
+  constexpr int64_t B = 64;
+  const int64_t HW = g.HW(), nb = (HW + B - 1) / B;
+  parallel_tasks(g.N * nb, [] { return 0; }, [&](int64_t t, int) {
+    const int64_t n = t / nb, hw0 = (t % nb) * B;
+    transpose(x + n * g.C * HW + hw0, HW, xt + (n * HW + hw0) * g.C, g.C, g.C, std::min(B, HW - hw0));
   });
-  at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp / nks), [&](int64_t begin, int64_t end) {
-    std::vector<T> bp(Kc * tp), cb(g.Kg * tp);
-    std::vector<Seg> segs;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t ks = t % nks, gg = (t / nks) % g.G, p0 = (t / (nks * g.G)) * tp;
-      const int64_t pc = std::min(tp, NPQ - p0), klo = ks * kspl, khi = std::min(g.Kg, klo + kspl);
-      make_segs(g, p0, pc, Pn, segs);
-      const int64_t pcp = round_up_panel<T>(pc);
-      for (int64_t p = 0; p < Kc; ++p) {
-        const int64_t c = p / RS, r = (p / g.S) % g.R, s = p % g.S;
-        const T* xc = x + (gg * g.Cg + c) * HW;
-        T* col = bp.data() + p * Pn;
-        for (const Seg& sg : segs)
-          copy_run(g, xc + sg.n * g.C * HW, sg, r, s, col + (sg.j0 / Pn) * Kc * Pn + sg.j0 % Pn, 1);
-        for (int64_t j = pc; j < pcp; ++j) bp[(j / Pn) * Kc * Pn + p * Pn + j % Pn] = T(0);
+}
+
+// W^T in panels of Pn output channels: panel (gg, j) row p = w[gg * Kg + j * Pn + lane][p], zero past Kg, for the
+// weight's rows w (K, Kc) in its own memory order, (r, s, c) or (c, r, s): the kernel's B strides follow that order.
+template <typename T>
+std::unique_ptr<T[]> pack_weight_panels(const Geo& g, const T* w, int64_t Pn) {
+  const int64_t Kc = g.Kc(), npan = (g.Kg + Pn - 1) / Pn;
+  std::unique_ptr<T[]> bw(new T[g.G * npan * Kc * Pn]);  // every element is written below
+  parallel_tasks(g.G * npan, [] { return 0; }, [&](int64_t u, int) {
+    const int64_t gg = u / npan, j0 = (u % npan) * Pn, jl = std::min(Pn, g.Kg - j0);
+    T* panel = bw.get() + u * Kc * Pn;
+    transpose(w + (gg * g.Kg + j0) * Kc, Kc, panel, Pn, jl, Kc);
+    if (jl < Pn)
+      for (int64_t p = 0; p < Kc; ++p) std::fill(panel + p * Pn + jl, panel + (p + 1) * Pn, T(0));
+  });
+  return bw;
+}
+
+// The panels of the dx-as-forward convolution (see dx_as_forward), straight from the weight's rows w (K, Kc) in
+// (r, s, c) order if w_rsc, else (c, r, s): panel (gg, j) row (r, s, k) = w[gg * Kg + k][j * Pn + lane][R-1-r][S-1-s],
+// zero past Cg. From (r, s, c) rows each panel row is a contiguous piece of one weight row.
+template <typename T>
+std::unique_ptr<T[]> pack_dx_panels(const Geo& g, const T* w, bool w_rsc, int64_t Pn) {
+  const int64_t Kc = g.Kc(), RS = g.R * g.S, npan = (g.Cg + Pn - 1) / Pn, rows = RS * g.Kg;
+  std::unique_ptr<T[]> bw(new T[g.G * npan * rows * Pn]);
+  auto make_tmp = [&] { return std::vector<T>(w_rsc ? 0 : RS * Pn); };
+  parallel_tasks(g.G * npan, make_tmp, [&](int64_t u, std::vector<T>& tmp) {
+    const int64_t gg = u / npan, c0 = (u % npan) * Pn, cl = std::min(Pn, g.Cg - c0);
+    T* panel = bw.get() + u * rows * Pn;
+    for (int64_t k = 0; k < g.Kg; ++k) {
+      const T* wr = w + (gg * g.Kg + k) * Kc;
+      if (!w_rsc) transpose(wr + c0 * RS, RS, tmp.data(), Pn, cl, RS);  // tmp[rs][c]
+      for (int64_t rs = 0; rs < RS; ++rs) {
+        const T* src = w_rsc ? wr + rs * g.Cg + c0 : tmp.data() + rs * Pn;
+        T* dst = panel + ((RS - 1 - rs) * g.Kg + k) * Pn;  // (R-1-r, S-1-s) is tap RS-1-rs
+        std::copy(src, src + cl, dst);
+        std::fill(dst + cl, dst + Pn, T(0));
       }
-      for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
-        const int64_t kl = std::min(kcb, Kc - k0);
-        for (int64_t m0 = klo; m0 < khi; m0 += kRowsPerBlock) {
-          const int64_t ml = std::min(kRowsPerBlock, khi - m0);
-          gemm<T>(ml, pc, kl, wk.data() + k0 * g.K + (gg * g.Kg + m0) * kl, kl, 1, bp.data() + k0 * Pn, Kc * Pn,
-                  cb.data() + m0 * tp, tp, k0 > 0);
+    }
+  });
+  return bw;
+}
+
+// Forward of every non-depthwise convolution, both layouts: the indirect GEMM of conv_gemm.h over channels-last x
+// (the input itself, or an NHWC copy of an NCHW input), y = act(conv + bias + residual) applied to each tile as it
+// leaves the registers (NHWC y) or as it is transposed into y (NCHW y, through a per-task buffer).
+// Tasks: (group, run of kBlocksPerTask x kMR output pixels counted across images, panels of Pn output channels).
+// Small Cg (the RGB stem, see filter_row_taps): the taps are the filter's rows instead, each a run of S*Cg elements,
+// read in place where the run lies inside x, else copied with its zeros into a per-pixel row (the borders; every
+// pixel for groups or dilation).
+// pack(Pn): the weight in panels of Pn output channels (pack_weight_panels), rows in (r, s, c) order if w_rsc
+// (always so with filter-row taps), else (c, r, s).
+template <typename T, int NR, typename Pack>
+void fwd_igemm(const Geo& g, const T* x, const Pack& pack, bool w_rsc, const T* bias, const T* res, Act act, T* y) {
+  constexpr int64_t MR = convk::kMR, Pn = NR * convk::Vec<T>::size();
+  const int64_t Kc = g.Kc(), RS = g.R * g.S, PQ = g.PQ(), NPQ = g.N * PQ;
+  const int64_t npan = (g.Kg + Pn - 1) / Pn, Kgp = npan * Pn;
+  const std::unique_ptr<T[]> bw = pack(Pn);
+  std::vector<T> bias_p(bias ? g.G * Kgp : 0, T(0));  // zero-padded per group, so that whole panels can be loaded
+  for (int64_t k = 0; bias && k < g.K; ++k) bias_p[(k / g.Kg) * Kgp + k % g.Kg] = bias[k];
+  const bool row_taps = filter_row_taps(g, sizeof(T));
+  TORCH_INTERNAL_ASSERT(w_rsc || !row_taps);
+  const int64_t ntaps = row_taps ? g.R : RS, cdim = row_taps ? g.S * g.Cg : g.Cg;
+  // A filter row's S taps are one run of x when its pixels are adjacent and their channels are all of x's.
+  const bool adjacent = g.dw == 1 && g.Cg == g.C;
+  // B row of (tap, channel): (r, s, c) order puts a tap's channels Pn apart, (c, r, s) order R*S*Pn apart.
+  const int64_t ldb = w_rsc ? Pn : RS * Pn, tap_stride = w_rsc ? cdim * Pn : Pn;
+  const int64_t nch = std::max<int64_t>(1, (ntaps * cdim * Pn * int64_t(sizeof(T)) + kBChunkBytes - 1) / kBChunkBytes);
+  const int64_t kc = (cdim + nch - 1) / nch;
+  const int64_t SB = kBlocksPerTask * MR, nsb = (NPQ + SB - 1) / SB;
+  // Panels per task: all of those whose weights fit the chunk budget together (1x1 layers with few input channels),
+  // so that the task's rows of x are read from memory once, not once per panel.
+  const int64_t ppt = std::clamp<int64_t>(kBChunkBytes / (Kc * Pn * int64_t(sizeof(T))), 1, npan);
+  const int64_t npg = (npan + ppt - 1) / ppt;
+  const std::vector<T> zero(cdim, T(0));
+  struct Scratch {
+    std::vector<const T*> ptrs;
+    std::vector<int64_t> boff, nt;
+    std::vector<T> rows, cb, ct;
+  };
+  auto make_scratch = [&] {
+    return Scratch{std::vector<const T*>(kBlocksPerTask * ntaps * MR), std::vector<int64_t>(kBlocksPerTask * ntaps),
+                   std::vector<int64_t>(kBlocksPerTask), std::vector<T>(row_taps ? SB * Kc : 0),
+                   std::vector<T>(g.nhwc ? 0 : SB * Pn), std::vector<T>(g.nhwc ? 0 : Pn * SB)};
+  };
+  parallel_tasks(g.G * nsb * npg, make_scratch, [&](int64_t t, Scratch& sc) {
+    auto& [ptrs, boff, nt, rows, cb, ct] = sc;
+    const int64_t gg = t / (nsb * npg), p0 = ((t / npg) % nsb) * SB, pg = t % npg;
+    const int64_t pc = std::min(SB, NPQ - p0), nblk = (pc + MR - 1) / MR;
+    const T* xg = x + gg * g.Cg;
+    // A pointers per block and tap; taps that fall in the padding for every pixel of a block are dropped.
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const T** bp = ptrs.data() + blk * ntaps * MR;
+      // Input row and column of tap (0, 0) and image offset per pixel, stepping through the output pixels from one
+      // set of divisions per block (divisions per pixel and tap cost a few percent of the whole convolution).
+      int64_t ih0[MR], iw0[MR], base[MR];
+      {
+        const int64_t pix = p0 + blk * MR;
+        int64_t n = pix / PQ, oh = (pix % PQ) / g.Q, ow = pix % g.Q;
+        for (int64_t r = 0; r < MR; ++r) {
+          if (pix + r >= NPQ) {
+            ih0[r] = -(int64_t{1} << 40), iw0[r] = 0, base[r] = 0;  // past the end: every tap reads zeros
+            continue;
+          }
+          ih0[r] = oh * g.sh - g.ph, iw0[r] = ow * g.sw - g.pw, base[r] = n * g.H * g.W;
+          if (++ow == g.Q) {
+            ow = 0;
+            if (++oh == g.P) oh = 0, ++n;
+          }
         }
       }
-      for (int64_t k = klo; k < khi; ++k) {
-        const T bv = b ? b[gg * g.Kg + k] : T(0);
-        const T* ck = cb.data() + k * tp;
-        for (const Seg& sg : segs) {
-          T* yk = y + (sg.n * g.K + gg * g.Kg + k) * PQ + sg.pix;
-          for (int64_t j = 0; j < sg.len; ++j) yk[j] = ck[sg.j0 + j] + bv;
+      if (row_taps) {
+        int64_t n_used = 0;
+        for (int64_t rr = 0; rr < g.R; ++rr) {
+          bool any = false;
+          for (int64_t r = 0; r < MR; ++r) {
+            const int64_t ih = ih0[r] + rr * g.dh;
+            const T* src = nullptr;
+            int64_t slo = 0, shi = 0;  // the filter row's taps that land inside x
+            if (ih >= 0 && ih < g.H) q_range(iw0[r], g.dw, g.W, g.S, slo, shi);
+            if (shi > slo) {
+              const T* xr = xg + (base[r] + ih * g.W) * g.C;  // x's row ih
+              if (adjacent && slo == 0 && shi == g.S) {
+                src = xr + iw0[r] * g.C;
+              } else {  // short runs: plain loops, a memcpy call would cost more than the copy
+                T* dst = rows.data() + (blk * MR + r) * Kc + rr * cdim;
+                for (int64_t i = 0; i < cdim; ++i) dst[i] = T(0);
+                for (int64_t s = slo; s < shi; ++s)
+                  for (int64_t c = 0; c < g.Cg; ++c) dst[s * g.Cg + c] = xr[(iw0[r] + s * g.dw) * g.C + c];
+                src = dst;
+              }
+            }
+            any |= src != nullptr;
+            bp[n_used * MR + r] = src ? src : zero.data();
+          }
+          if (any) boff[blk * ntaps + n_used++] = rr * tap_stride;
         }
+        nt[blk] = n_used;
+        continue;
+      }
+      int64_t n_used = 0;
+      for (int64_t rr = 0; rr < g.R; ++rr)
+        for (int64_t ss = 0; ss < g.S; ++ss) {
+          bool any = false;
+          for (int64_t r = 0; r < MR; ++r) {
+            const int64_t ih = ih0[r] + rr * g.dh, iw = iw0[r] + ss * g.dw;
+            const bool in = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+            any |= in;
+            bp[n_used * MR + r] = in ? xg + (base[r] + ih * g.W + iw) * g.C : zero.data();
+          }
+          if (any) boff[blk * ntaps + n_used++] = (rr * g.S + ss) * tap_stride;
+        }
+      nt[blk] = n_used;
+    }
+    for (int64_t pan = pg * ppt; pan < std::min(npan, (pg + 1) * ppt); ++pan) {
+      const int64_t j0 = pan * Pn, ncols = std::min(Pn, g.Kg - j0);
+      const T* panel = bw.get() + (gg * npan + pan) * Kc * Pn;
+      for (int64_t c0 = 0; c0 < cdim; c0 += kc) {
+        const int64_t kl = std::min(kc, cdim - c0);
+        const bool last = c0 + kl >= cdim;
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          const int64_t i0 = p0 + blk * MR, mvalid = std::min(MR, pc - blk * MR);
+          const T* const* ap = ptrs.data() + blk * ntaps * MR;
+          const int64_t* bo = boff.data() + blk * ntaps;
+          if (g.nhwc) {
+            const int64_t off = i0 * g.K + gg * g.Kg + j0;
+            const convk::Epilogue<T> ep{bias ? bias_p.data() + gg * Kgp + j0 : nullptr, false,
+                                        res ? res + off : nullptr, g.K, act};
+            convk::igemm_tile<T, NR>(nt[blk], ap, c0, bo, kl, panel + c0 * ldb, ldb, y + off, g.K, mvalid, ncols,
+                                     c0 > 0, last ? &ep : nullptr);
+          } else {
+            convk::igemm_tile<T, NR>(nt[blk], ap, c0, bo, kl, panel + c0 * ldb, ldb, cb.data() + blk * MR * Pn,
+                                     Pn, MR, Pn, c0 > 0, nullptr);
+          }
+        }
+      }
+      if (g.nhwc) continue;
+      // NCHW y: the tile transposed (pixels become contiguous), then one epilogue row per output channel and image.
+      transpose(cb.data(), Pn, ct.data(), SB, pc, ncols);
+      for (int64_t j = 0; j < pc;) {
+        const int64_t n = (p0 + j) / PQ, q0 = (p0 + j) % PQ, len = std::min(pc - j, PQ - q0);
+        for (int64_t k = 0; k < ncols; ++k) {
+          const int64_t kk = gg * g.Kg + j0 + k, off = (n * g.K + kk) * PQ + q0;
+          convk::epilogue_row<T>(y + off, ct.data() + k * SB + j, len, bias ? bias[kk] : T(0),
+                                 res ? res + off : nullptr, act);
+        }
+        j += len;
       }
     }
   });
 }
 
+// Depth chunk of the NCHW 1x1 forward: a chunk of x's rows for one panel of pixels stays in L2 while the blocks of
+// output channels stream past it.
+constexpr int64_t kPointwiseChunkBytes = 64 * 1024;
+
+// NCHW 1x1 convolution, stride 1, no padding: Y[n] (K x HW) = W (K x C) * X[n] (C x HW) per group, the kernel of
+// conv_gemm.h the other way round: rows of the weight are A, rows of x are read in place as B (a panel of pixels,
+// row stride H*W), rows of y are written in place with the epilogue (bias per row). Nothing is packed or
+// transposed, which matters here: a 1x1 layer does only K multiply-adds per element of x. Tasks: (image, group,
+// panel of kMaxNR vectors of pixels); the last panel of an image is as narrow as its pixels allow (14x14: 196 =
+// 3 x 64 + 4) and is copied into a zero-padded buffer, as it would read past the image.
+template <typename T, int NR>
+void pointwise_panel(const Geo& g, const T* const* wrows, const T* b, int64_t ldb, int64_t ncols, int64_t kc,
+                     const T* bias, const T* res, Act act, T* y) {
+  constexpr int64_t MR = convk::kMR;
+  const int64_t HW = g.HW(), nkb = (g.Kg + MR - 1) / MR, boff = 0;
+  for (int64_t c0 = 0; c0 < g.Cg; c0 += kc) {
+    const int64_t kl = std::min(kc, g.Cg - c0);
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const int64_t off = kb * MR * HW;
+      const convk::Epilogue<T> ep{bias ? bias + kb * MR : nullptr, true, res ? res + off : nullptr, HW, act};
+      convk::igemm_tile<T, NR>(1, wrows + kb * MR, c0, &boff, kl, b + c0 * ldb, ldb, y + off, HW,
+                               std::min(MR, g.Kg - kb * MR), ncols, c0 > 0, c0 + kl >= g.Cg ? &ep : nullptr);
+    }
+  }
+}
+
 template <typename T>
-void fwd_nhwc(const Geo& g, const T* x, const T* w_rsc, const T* b, T* y) {
-  constexpr int64_t Pn = kPanel<T>;
-  const int64_t Kc = g.Kc(), PQ = g.PQ(), Kgp = round_up_panel<T>(g.Kg);
-  const int64_t kcb = kKcBytes / int64_t(sizeof(T));
-  // W^T in panels of Pn output channels, packed in parallel, one panel per task (9 MB for C = K = 512).
-  std::vector<T> bw(g.G * Kc * Kgp);
-  const int64_t npan = Kgp / Pn;
-  at::parallel_for(0, g.G * npan, grain_for(Kc * Pn), [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t gg = u / npan, j0 = (u % npan) * Pn, jl = std::min(Pn, g.Kg - j0);
-      T* panel = bw.data() + gg * Kc * Kgp + (u % npan) * Kc * Pn;
-      const T* src = w_rsc + (gg * g.Kg + j0) * Kc;
-      for (int64_t p = 0; p < Kc; ++p) {
-        T* d = panel + p * Pn;
-        for (int64_t jj = 0; jj < jl; ++jj) d[jj] = src[jj * Kc + p];
-        for (int64_t jj = jl; jj < Pn; ++jj) d[jj] = T(0);
-      }
+void fwd_pointwise_nchw(const Geo& g, const T* x, const T* w, const T* bias, const T* res, Act act, T* y) {
+  constexpr int64_t MR = convk::kMR, W = convk::Vec<T>::size(), Pn = convk::kMaxNR * W;
+  const int64_t HW = g.HW(), np = (HW + Pn - 1) / Pn, nkb = (g.Kg + MR - 1) / MR;
+  const int64_t nch = std::max<int64_t>(1, (g.Cg * Pn * int64_t(sizeof(T)) + kPointwiseChunkBytes - 1) /
+                                               kPointwiseChunkBytes);
+  const int64_t kc = (g.Cg + nch - 1) / nch;
+  const std::vector<T> zero(g.Cg, T(0));
+  std::vector<const T*> wrows(g.G * nkb * MR);  // weight rows per block of output channels, zeros past Kg
+  for (int64_t gg = 0; gg < g.G; ++gg)
+    for (int64_t k = 0; k < nkb * MR; ++k)
+      wrows[gg * nkb * MR + k] = k < g.Kg ? w + (gg * g.Kg + k) * g.Cg : zero.data();
+  parallel_tasks(g.N * g.G * np, [] { return std::vector<T>(); }, [&](int64_t t, std::vector<T>& tail) {
+    const int64_t n = t / (g.G * np), gg = (t / np) % g.G, p0 = (t % np) * Pn, ncols = std::min(Pn, HW - p0);
+    const int64_t k0 = gg * g.Kg, off = (n * g.K + k0) * HW + p0;
+    const T* const* wr = wrows.data() + gg * nkb * MR;
+    const T* b = x + (n * g.C + gg * g.Cg) * HW + p0;
+    const T* bb = bias ? bias + k0 : nullptr;
+    const T* rr = res ? res + off : nullptr;
+    if (ncols == Pn) {
+      pointwise_panel<T, convk::kMaxNR>(g, wr, b, HW, ncols, kc, bb, rr, act, y + off);
+      return;
     }
-  });
-  const bool direct = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
-  // Tiles run over the pixels of all images (rows of x and y are contiguous across images).
-  const int64_t NPQ = g.N * PQ;
-  const int64_t tp = std::min<int64_t>(kPixRows, NPQ);
-  const int64_t ntiles = (NPQ + tp - 1) / tp;
-  int64_t kspl;
-  const int64_t nks = channel_splits(g.G * ntiles, g.Kg, Pn, 4 * Pn, kspl);
-  const int64_t tasks = g.G * ntiles * nks;
-  at::parallel_for(0, tasks, grain_for(g.Kg * Kc * tp / nks), [&](int64_t begin, int64_t end) {
-    std::vector<T> a(direct ? 0 : tp * std::min(kcb, Kc)), cb(tp * Kgp);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t ks = t % nks, gg = (t / nks) % g.G, p0 = (t / (nks * g.G)) * tp;
-      const int64_t pc = std::min(tp, NPQ - p0), klo = ks * kspl, khi = std::min(g.Kg, klo + kspl);
-      // im2col one depth chunk at a time into a contiguous (pc x kl) block: rows Kc apart would fall into a few
-      // cache sets when Kc * sizeof(T) is a multiple of a large power of two (C = 512: 18 KB).
-      for (int64_t k0 = 0; k0 < Kc; k0 += kcb) {
-        const int64_t kl = std::min(kcb, Kc - k0);
-        const T* ap = x + p0 * g.C + gg * g.Cg + k0;
-        int64_t rsa = g.C;
-        if (!direct) {
-          im2col_rows_nhwc(g, x, gg, p0, pc, k0, k0 + kl, a.data());
-          ap = a.data();
-          rsa = kl;
-        }
-        gemm<T>(pc, khi - klo, kl, ap, rsa, 1, bw.data() + gg * Kc * Kgp + (klo / Pn) * Kc * Pn + k0 * Pn, Kc * Pn,
-                cb.data() + klo, Kgp, k0 > 0);
-      }
-      for (int64_t j = 0; j < pc; ++j) {
-        T* yr = y + (p0 + j) * g.K + gg * g.Kg;
-        const T* cr = cb.data() + j * Kgp;
-        if (b) {
-          const T* br = b + gg * g.Kg;
-          for (int64_t k = klo; k < khi; ++k) yr[k] = cr[k] + br[k];
-        } else {
-          for (int64_t k = klo; k < khi; ++k) yr[k] = cr[k];
-        }
-      }
-    }
+    const int64_t nr = (ncols + W - 1) / W, wide = nr * W;
+    tail.assign(g.Cg * wide, T(0));
+    for (int64_t c = 0; c < g.Cg; ++c) std::copy(b + c * HW, b + c * HW + ncols, tail.data() + c * wide);
+    if (nr == 1) pointwise_panel<T, 1>(g, wr, tail.data(), wide, ncols, kc, bb, rr, act, y + off);
+    else if (nr == 2) pointwise_panel<T, 2>(g, wr, tail.data(), wide, ncols, kc, bb, rr, act, y + off);
+    else if (nr == 3) pointwise_panel<T, std::min(3, convk::kMaxNR)>(g, wr, tail.data(), wide, ncols, kc, bb, rr,
+                                                                     act, y + off);
+    else pointwise_panel<T, convk::kMaxNR>(g, wr, tail.data(), wide, ncols, kc, bb, rr, act, y + off);
   });
 }
 
+template <typename T, typename Pack>
+void fwd_gemm(const Geo& g, const T* x, const Pack& pack, bool w_rsc, const T* bias, const T* res, Act act, T* y) {
+  constexpr int64_t W = convk::Vec<T>::size();
+  const int64_t nr = std::min<int64_t>(convk::kMaxNR, (g.Kg + W - 1) / W);  // narrower panels for small groups
+  if (nr >= 4) fwd_igemm<T, std::min(4, convk::kMaxNR)>(g, x, pack, w_rsc, bias, res, act, y);
+  else if (nr == 3) fwd_igemm<T, std::min(3, convk::kMaxNR)>(g, x, pack, w_rsc, bias, res, act, y);
+  else if (nr == 2) fwd_igemm<T, 2>(g, x, pack, w_rsc, bias, res, act, y);
+  else fwd_igemm<T, 1>(g, x, pack, w_rsc, bias, res, act, y);
+}
 
+// Depthwise forward, direct; the epilogue (residual, activation) runs on each output row (NCHW) or pixel (NHWC) as
+// soon as it is complete.
 template <typename T>
-void fwd_depthwise_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) {
+void fwd_depthwise_nchw(const Geo& g, const T* x, const T* w, const T* b, const T* res, Act act, T* y) {
   const int64_t HW = g.HW(), PQ = g.PQ(), RS = g.R * g.S;
   at::parallel_for(0, g.N * g.C, grain_for(PQ * RS), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -390,6 +613,8 @@ void fwd_depthwise_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) 
             }
           }
         }
+        if (res || act != Act::kNone)
+          convk::epilogue_row<T>(yr, yr, g.Q, T(0), res ? res + t * PQ + p * g.Q : nullptr, act);
       }
     }
   });
@@ -397,7 +622,7 @@ void fwd_depthwise_nchw(const Geo& g, const T* x, const T* w, const T* b, T* y) 
 
 // w_t: (R*S, C).
 template <typename T>
-void fwd_depthwise_nhwc(const Geo& g, const T* x, const T* w_t, const T* b, T* y) {
+void fwd_depthwise_nhwc(const Geo& g, const T* x, const T* w_t, const T* b, const T* res, Act act, T* y) {
   const int64_t C = g.C;
   at::parallel_for(0, g.N * g.P, grain_for(g.Q * C * g.R * g.S), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -419,6 +644,8 @@ void fwd_depthwise_nhwc(const Geo& g, const T* x, const T* w_t, const T* b, T* y
             for (int64_t c = 0; c < C; ++c) yv[c] += wv[c] * xv[c];
           }
         }
+        if (res || act != Act::kNone)
+          convk::epilogue_row<T>(yv, yv, C, T(0), res ? res + (t * g.Q + q) * C : nullptr, act);
       }
     }
   });
@@ -814,14 +1041,67 @@ void bwd_bias(const Geo& g, const T* dy, T* db) {
   }
 }
 
-// y = act(y + residual) over the whole output (y and residual in the same layout).
+// The weight as the GEMM forward takes it: rows (K, Kc) in the weight's own memory order, (r, s, c) or (c, r, s)
+// (no permutation), except that filter-row taps need (r, s, c). Sets w_rsc to the order.
+at::Tensor gemm_weight_rows(const char* fn, const Geo& g, const at::Tensor& weight, at::ScalarType acc, bool& w_rsc) {
+  w_rsc = layout_of(fn, "weight", weight) == at::MemoryFormat::ChannelsLast || g.R * g.S == 1 ||
+          filter_row_taps(g, acc == at::kDouble ? sizeof(double) : sizeof(float));
+  return weight_rows(weight, acc, w_rsc);
+}
+
+// Whether an NCHW convolution runs on fwd_pointwise_nchw: 1x1, stride 1, no padding, and images large enough for
+// its panels of pixels (which stop at the image's end) to be at least 7/8 full: 7x7 images (49 = 64 - 15 pixels with
+// AVX-512) take the transposing path, whose pixel runs span images.
 template <typename T>
-void epilogue(at::Tensor& y, const at::Tensor& residual, Act act) {
-  T* __restrict__ yp = y.data_ptr<T>();
-  const T* __restrict__ rp = residual.defined() ? residual.data_ptr<T>() : nullptr;
-  at::parallel_for(0, y.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) yp[i] = apply_activation<T>(act, rp ? yp[i] + rp[i] : yp[i]);
-  });
+bool pointwise_nchw(const Geo& g) {
+  constexpr int64_t W = convk::Vec<T>::size(), Pn = convk::kMaxNR * W;
+  const int64_t HW = g.HW(), width = HW / Pn * Pn + (HW % Pn + W - 1) / W * W;
+  return !g.nhwc && g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && 8 * HW >= 7 * width;
+}
+
+// y = act(conv(x) + bias + residual) for a non-depthwise convolution: x (acc type, in y's layout g.nhwc) is read
+// channels-last by the GEMM, so an NCHW x is transposed first, except for the pointwise case that reads it in place
+// (with the weight's rows w, (K, Cg)). pack(Pn): the weight's panels (fwd_igemm).
+template <typename T, typename Pack>
+void forward_gemm(const Geo& g, const at::Tensor& xa, const T* w, const Pack& pack, bool w_rsc, const T* bias,
+                  const T* res, Act act, T* y) {
+  if (g.nhwc) {
+    fwd_gemm<T>(g, xa.data_ptr<T>(), pack, w_rsc, bias, res, act, y);
+  } else if (pointwise_nchw<T>(g)) {
+    fwd_pointwise_nchw<T>(g, xa.data_ptr<T>(), w, bias, res, act, y);
+  } else {
+    at::Tensor xt = at::empty({g.N, g.C, g.H, g.W}, xa.options(), at::MemoryFormat::ChannelsLast);
+    to_channels_last<T>(g, xa.data_ptr<T>(), xt.data_ptr<T>());
+    fwd_gemm<T>(g, xt.data_ptr<T>(), pack, w_rsc, bias, res, act, y);
+  }
+}
+
+// dx of a stride-1 convolution is a forward convolution of dy, with the weight flipped in (r, s) and transposed per
+// group (K and C swapped) and padding d*(R-1) - p: it runs on the forward's kernel. Needs p <= d*(R-1) per dim.
+bool dx_as_forward(const Geo& g) {
+  return g.sh == 1 && g.sw == 1 && g.ph <= g.dh * (g.R - 1) && g.pw <= g.dw * (g.S - 1);
+}
+
+at::Tensor dx_by_forward(const char* fn, const Geo& g, const at::Tensor& dya, const at::Tensor& weight,
+                         at::ScalarType acc) {
+  Geo gd = g;
+  gd.C = g.K, gd.H = g.P, gd.W = g.Q, gd.K = g.C, gd.Cg = g.Kg, gd.Kg = g.Cg;
+  gd.ph = g.dh * (g.R - 1) - g.ph, gd.pw = g.dw * (g.S - 1) - g.pw, gd.P = g.H, gd.Q = g.W;
+  const bool w_rsc = layout_of(fn, "weight", weight) == at::MemoryFormat::ChannelsLast || g.R * g.S == 1;
+  const at::Tensor wa = weight_rows(weight, acc, w_rsc);
+  // The pointwise NCHW kernel reads the weight's rows in place: here the transposed (C, Kg) per group.
+  const bool pointwise = acc == at::kDouble ? pointwise_nchw<double>(gd) : pointwise_nchw<float>(gd);
+  const at::Tensor wt = pointwise ? wa.reshape({g.G, g.Kg, g.Cg}).transpose(1, 2).contiguous() : at::Tensor();
+  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dya.options(), fmt_of(g));
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    auto pack = [&](int64_t Pn) { return pack_dx_panels<T>(g, wa.data_ptr<T>(), w_rsc, Pn); };
+    forward_gemm<T>(gd, dya, wt.defined() ? wt.data_ptr<T>() : nullptr, pack, true, nullptr, nullptr, Act::kNone,
+                    dx.data_ptr<T>());
+  };
+  if (acc == at::kDouble) run(double{});
+  else run(float{});
+  return dx;
 }
 
 }  // namespace
@@ -855,36 +1135,34 @@ std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor
   }
   const at::ScalarType acc = acc_type(x.scalar_type());
   const at::MemoryFormat fmt = fmt_of(g);
+  const bool depthwise = g.Cg == 1 && g.Kg == 1;
   const at::Tensor xa = x.to(acc).contiguous(fmt);
   const at::Tensor ba = has_bias ? bias->to(acc).contiguous() : at::Tensor();
+  const at::Tensor ra = has_residual ? residual->to(acc).contiguous(fmt) : at::Tensor();
   at::Tensor y = at::empty({g.N, g.K, g.P, g.Q}, x.options().dtype(acc), fmt);
   if (g.N == 0) return {y.to(x.scalar_type())};
-  const bool depthwise = g.Cg == 1 && g.Kg == 1;
+  bool w_rsc = false;
   at::Tensor wa;
-  if (depthwise && g.nhwc)
-    wa = weight.to(acc).contiguous().reshape({g.K, g.R * g.S}).t().contiguous();
+  if (depthwise)
+    wa = weight.to(acc).contiguous().reshape({g.K, g.R * g.S});
   else
-    wa = weight_rows(weight, acc, g.nhwc);
-  if (acc == at::kDouble) {
-    using T = double;
+    wa = gemm_weight_rows(fn, g, weight, acc, w_rsc);
+  if (depthwise && g.nhwc) wa = wa.t().contiguous();
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
     const T* bp = has_bias ? ba.data_ptr<T>() : nullptr;
-    if (depthwise && g.nhwc) fwd_depthwise_nhwc<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
-    else if (depthwise) fwd_depthwise_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
-    else if (g.nhwc) fwd_nhwc<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
-    else fwd_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
-  } else {
-    using T = float;
-    const T* bp = has_bias ? ba.data_ptr<T>() : nullptr;
-    if (depthwise && g.nhwc) fwd_depthwise_nhwc<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
-    else if (depthwise) fwd_depthwise_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
-    else if (g.nhwc) fwd_nhwc<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
-    else fwd_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, y.data_ptr<T>());
-  }
-  if (has_residual || act != Act::kNone) {
-    const at::Tensor ra = has_residual ? residual->to(acc).contiguous(fmt) : at::Tensor();
-    if (acc == at::kDouble) epilogue<double>(y, ra, act);
-    else epilogue<float>(y, ra, act);
-  }
+    const T* rp = has_residual ? ra.data_ptr<T>() : nullptr;
+    if (depthwise && g.nhwc)
+      fwd_depthwise_nhwc<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, rp, act, y.data_ptr<T>());
+    else if (depthwise)
+      fwd_depthwise_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, rp, act, y.data_ptr<T>());
+    else
+      forward_gemm<T>(
+          g, xa, wa.data_ptr<T>(), [&](int64_t Pn) { return pack_weight_panels<T>(g, wa.data_ptr<T>(), Pn); }, w_rsc,
+          bp, rp, act, y.data_ptr<T>());
+  };
+  if (acc == at::kDouble) run(double{});
+  else run(float{});
   if (x.scalar_type() != acc) y = y.to(x.scalar_type());
   return {y};
 }
@@ -941,18 +1219,22 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
       dw.copy_(src);
     }
   } else if (output_mask[0] || output_mask[1]) {
+    const bool dx_fwd = output_mask[0] && dx_as_forward(g);
     const at::Tensor xa = output_mask[1] ? x.to(acc).contiguous(fmt) : at::Tensor();
-    const at::Tensor wa = output_mask[0] ? weight_rows(weight, acc, g.nhwc) : at::Tensor();
+    const at::Tensor wa = output_mask[0] && !dx_fwd ? weight_rows(weight, acc, g.nhwc) : at::Tensor();
     at::Tensor dwa = output_mask[1] ? at::empty({g.K, g.Kc()}, x.options().dtype(acc)) : at::Tensor();
-    if (output_mask[0]) dx = at::empty({g.N, g.C, g.H, g.W}, x.options().dtype(acc), fmt).zero_();
+    if (dx_fwd) dx = dx_by_forward(fn, g, dya, weight, acc);
+    else if (output_mask[0]) dx = at::empty({g.N, g.C, g.H, g.W}, x.options().dtype(acc), fmt).zero_();
     if (acc == at::kDouble) {
       using T = double;
-      if (output_mask[1]) (g.nhwc ? bwd_weight_nhwc<T> : bwd_weight<T>)(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
-      if (output_mask[0]) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
+      if (output_mask[1])
+        (g.nhwc ? bwd_weight_nhwc<T> : bwd_weight<T>)(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
+      if (output_mask[0] && !dx_fwd) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
     } else {
       using T = float;
-      if (output_mask[1]) (g.nhwc ? bwd_weight_nhwc<T> : bwd_weight<T>)(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
-      if (output_mask[0]) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
+      if (output_mask[1])
+        (g.nhwc ? bwd_weight_nhwc<T> : bwd_weight<T>)(g, xa.data_ptr<T>(), dya.data_ptr<T>(), dwa.data_ptr<T>());
+      if (output_mask[0] && !dx_fwd) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
     }
     if (output_mask[0] && x.scalar_type() != acc) dx = dx.to(x.scalar_type());
     if (output_mask[1]) {

@@ -322,6 +322,27 @@ void to_channels_last(const Geo& g, const T* x, T* xt) {
   });
 }
 
+// y (NCHW) = act(yl + res) for yl channels-last (res NCHW, or null), by blocks of pixels transposed in cache.
+template <typename T>
+void to_nchw_epilogue(const Geo& g, const T* yl, const T* res, Act act, T* y) {
+  constexpr int64_t B = 64;
+  const int64_t PQ = g.PQ(), nb = (PQ + B - 1) / B;
+  const bool plain = !res && act == Act::kNone;
+  parallel_tasks(g.N * nb, [&] { return std::vector<T>(plain ? 0 : g.K * B); }, [&](int64_t t, std::vector<T>& tmp) {
+    const int64_t n = t / nb, p0 = (t % nb) * B, len = std::min(B, PQ - p0);
+    const T* src = yl + (n * PQ + p0) * g.K;
+    if (plain) {
+      transpose(src, g.K, y + n * g.K * PQ + p0, PQ, len, g.K);
+      return;
+    }
+    transpose(src, g.K, tmp.data(), B, len, g.K);
+    for (int64_t k = 0; k < g.K; ++k) {
+      const int64_t off = (n * g.K + k) * PQ + p0;
+      convk::epilogue_row<T>(y + off, tmp.data() + k * B, len, T(0), res ? res + off : nullptr, act);
+    }
+  });
+}
+
 // W^T in panels of Pn output channels: panel (gg, j) row p = w[gg * Kg + j * Pn + lane][p], zero past Kg, for the
 // weight's rows w (K, Kc) in its own memory order, (r, s, c) or (c, r, s): the kernel's B strides follow that order.
 template <typename T>
@@ -1243,7 +1264,17 @@ void forward_gemm(const Geo& g, const at::Tensor& xa, const T* w, const Pack& pa
   } else {
     at::Tensor xt = at::empty({g.N, g.C, g.H, g.W}, xa.options(), at::MemoryFormat::ChannelsLast);
     to_channels_last<T>(g, xa.data_ptr<T>(), xt.data_ptr<T>());
-    fwd_gemm<T>(g, xt.data_ptr<T>(), pack, w_rsc, bias, res, act, y);
+    Geo gl = g;
+    gl.nhwc = true;
+    if (!winograd_ok(gl)) {
+      fwd_gemm<T>(g, xt.data_ptr<T>(), pack, w_rsc, bias, res, act, y);
+      return;
+    }
+    // Winograd writes channels-last: conv + bias into a channels-last buffer, then one transposing pass into y that
+    // adds the residual and applies the activation.
+    at::Tensor yt = at::empty({g.N, g.K, g.P, g.Q}, xa.options(), at::MemoryFormat::ChannelsLast);
+    fwd_gemm<T>(gl, xt.data_ptr<T>(), pack, w_rsc, bias, nullptr, Act::kNone, yt.data_ptr<T>());
+    to_nchw_epilogue<T>(g, yt.data_ptr<T>(), res, act, y);
   }
 }
 

@@ -322,6 +322,27 @@ void to_channels_last(const Geo& g, const T* x, T* xt) {
   });
 }
 
+// y (NCHW) = act(yl + res) for yl channels-last (res NCHW, or null), by blocks of pixels transposed in cache.
+template <typename T>
+void to_nchw_epilogue(const Geo& g, const T* yl, const T* res, Act act, T* y) {
+  constexpr int64_t B = 64;
+  const int64_t PQ = g.PQ(), nb = (PQ + B - 1) / B;
+  const bool plain = !res && act == Act::kNone;
+  parallel_tasks(g.N * nb, [&] { return std::vector<T>(plain ? 0 : g.K * B); }, [&](int64_t t, std::vector<T>& tmp) {
+    const int64_t n = t / nb, p0 = (t % nb) * B, len = std::min(B, PQ - p0);
+    const T* src = yl + (n * PQ + p0) * g.K;
+    if (plain) {
+      transpose(src, g.K, y + n * g.K * PQ + p0, PQ, len, g.K);
+      return;
+    }
+    transpose(src, g.K, tmp.data(), B, len, g.K);
+    for (int64_t k = 0; k < g.K; ++k) {
+      const int64_t off = (n * g.K + k) * PQ + p0;
+      convk::epilogue_row<T>(y + off, tmp.data() + k * B, len, T(0), res ? res + off : nullptr, act);
+    }
+  });
+}
+
 // W^T in panels of Pn output channels: panel (gg, j) row p = w[gg * Kg + j * Pn + lane][p], zero past Kg, for the
 // weight's rows w (K, Kc) in its own memory order, (r, s, c) or (c, r, s): the kernel's B strides follow that order.
 template <typename T>
@@ -572,9 +593,180 @@ void fwd_pointwise_nchw(const Geo& g, const T* x, const T* w, const T* bias, con
   });
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Winograd F(2x2, 3x3) forward (Lavin & Gray): for 3x3 stride-1 convolutions, each 2x2 block of output pixels (a
+// tile) comes from the 4x4 input patch under it as Y = A^T [(G g G^T) . (B^T d B)] A, i.e. 16 products per input
+// channel where the direct convolution has 36: the multiply-adds become 16 GEMMs, one per point xi of the 4x4
+// transform, M[xi] (tiles x K) = V[xi] (tiles x C) * U[xi] (C x K), on the kernel of conv_gemm.h, with 4/9 of the
+// direct convolution's flops. The transforms are additions (and halvings in G), vectorized over channels: V is made
+// per task from channels-last x, M is turned into y with the epilogue while it is in cache. Rounding: about twice
+// the direct convolution's error (|U| <= 3/2 |g|, sums of 4x4 instead of 3x3 terms), far inside the fp32 tolerances.
+// Tasks: blocks of tiles counted across images, all output channels (the input transform is made once).
+constexpr int64_t kWinoBlocks = 16;            // at most this many blocks of convk::kMR tiles per task
+constexpr int64_t kWinoMBytes = 512 * 1024;    // M (tiles x 16 x K) per task
+constexpr int64_t kWinoVBytes = 384 * 1024;    // V's chunk (tiles x 16 x channels) per task
+constexpr int64_t kWinoMinChunk = 128;         // input channels per chunk when there are that many
+
+// Whether a convolution takes the Winograd path: 3x3, stride 1, no dilation, one group, enough channels for the
+// GEMMs to dominate the transforms, and tiles that cover the image with at most 1/8 of padding: odd sizes lose a
+// row and a column of outputs per image (7x7: 16 tiles for 49 pixels), which measured slower than the direct path.
+bool winograd_ok(const Geo& g) {
+  const int64_t tiles = ((g.P + 1) / 2) * ((g.Q + 1) / 2);
+  return g.nhwc && g.R == 3 && g.S == 3 && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.G == 1 &&
+         g.C >= 32 && g.K >= 32 && 4 * tiles * 8 <= g.P * g.Q * 9;
+}
+
+// U[xi][pan][c][lane] = (G g G^T)[xi] of the 3x3 filter of output channel pan * Pn + lane, input channel c, from the
+// direct panels bw (pack_weight_panels: row (r, s, c) if w_rsc, else (c, r, s)). G = [1 0 0; 1/2 1/2 1/2;
+// 1/2 -1/2 1/2; 0 0 1].
+template <typename T, int NR>
+std::unique_ptr<T[]> winograd_weights(const Geo& g, const T* bw, bool w_rsc) {
+  using V = convk::Vec<T>;
+  constexpr int64_t W = V::size(), Pn = NR * W;
+  const int64_t C = g.C, npan = (g.K + Pn - 1) / Pn, Kc = g.Kc();
+  std::unique_ptr<T[]> u(new T[16 * npan * C * Pn]);
+  parallel_tasks(npan * C, [] { return 0; }, [&](int64_t t, int) {
+    const int64_t pan = t / C, c = t % C;
+    const T* panel = bw + pan * Kc * Pn;
+    const V half(T(0.5));
+    for (int64_t v = 0; v < NR; ++v) {
+      V gr[3][3], tmp[4][3];
+      for (int64_t r = 0; r < 3; ++r)
+        for (int64_t s = 0; s < 3; ++s)
+          gr[r][s] = V::loadu(panel + (w_rsc ? (r * 3 + s) * C + c : c * 9 + r * 3 + s) * Pn + v * W);
+      for (int64_t s = 0; s < 3; ++s) {
+        tmp[0][s] = gr[0][s];
+        tmp[1][s] = (gr[0][s] + gr[1][s] + gr[2][s]) * half;
+        tmp[2][s] = (gr[0][s] - gr[1][s] + gr[2][s]) * half;
+        tmp[3][s] = gr[2][s];
+      }
+      for (int64_t i = 0; i < 4; ++i) {
+        const V row[4] = {tmp[i][0], (tmp[i][0] + tmp[i][1] + tmp[i][2]) * half,
+                          (tmp[i][0] - tmp[i][1] + tmp[i][2]) * half, tmp[i][2]};
+        for (int64_t j = 0; j < 4; ++j) row[j].store(u.get() + (((i * 4 + j) * npan + pan) * C + c) * Pn + v * W);
+      }
+    }
+  });
+  return u;
+}
+
+template <typename T, int NR>
+void fwd_winograd(const Geo& g, const T* x, const T* bw, bool w_rsc, const T* bias, const T* res, Act act, T* y) {
+  using V = convk::Vec<T>;
+  constexpr int64_t MR = convk::kMR, W = V::size(), Pn = NR * W, pad = 64 / int64_t(sizeof(T));
+  const int64_t C = g.C, K = g.K, npan = (K + Pn - 1) / Pn, Kp = npan * Pn;
+  const int64_t TP = (g.P + 1) / 2, TQ = (g.Q + 1) / 2, NT = g.N * TP * TQ;
+  const std::unique_ptr<T[]> u = winograd_weights<T, NR>(g, bw, w_rsc);
+  std::vector<T> bias_p(Kp, T(0));
+  if (bias) std::copy(bias, bias + K, bias_p.begin());
+  // A task is a block of TB tiles, all output channels: M (TB x 16 x Kp) within kWinoMBytes, then input channels in
+  // chunks whose V (TB x 16 x cc) is within kWinoVBytes. V and M hold a tile's 16 points together, so that its
+  // transforms touch neighbouring rows; the tile stride is padded by a cache line so that the 7 rows of a kernel
+  // block do not fall into one cache set.
+  // TB also leaves room for V chunks of at least kWinoMinChunk channels: shorter kernel passes cost more than the
+  // tiles save.
+  const int64_t ms = 16 * Kp + pad, cmin = std::min<int64_t>(kWinoMinChunk, (C + W - 1) / W * W);
+  const int64_t tb_m = kWinoMBytes / (ms * int64_t(sizeof(T)));
+  const int64_t tb_v = kWinoVBytes / ((16 * cmin + pad) * int64_t(sizeof(T)));
+  const int64_t TB = std::clamp<int64_t>(std::min(tb_m, tb_v) / MR, 1, kWinoBlocks) * MR;
+  const int64_t cmax = std::max<int64_t>(W, (kWinoVBytes / (TB * int64_t(sizeof(T))) - pad) / 16 / W * W);
+  const int64_t nch = (C + cmax - 1) / cmax, cc = ((C + nch - 1) / nch + W - 1) / W * W, vs = 16 * cc + pad;
+  struct Scratch {
+    std::vector<T> v, m;
+    std::vector<const T*> rows;
+  };
+  auto make_scratch = [&] {
+    return Scratch{std::vector<T>(TB * vs), std::vector<T>(TB * ms), std::vector<const T*>(16 * TB)};
+  };
+  const int64_t boff = 0;
+  parallel_tasks((NT + TB - 1) / TB, make_scratch, [&](int64_t task, Scratch& sc) {
+    const int64_t t0 = task * TB, nt = std::min(TB, NT - t0);
+    for (int64_t xi = 0; xi < 16; ++xi)
+      for (int64_t t = 0; t < TB; ++t) sc.rows[xi * TB + t] = sc.v.data() + t * vs + xi * cc;
+    for (int64_t c0 = 0; c0 < C; c0 += cc) {
+      const int64_t cl = std::min(cc, C - c0);
+      // V = B^T d B per tile and channel vector, B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]; zeros past the
+      // tiles and channels, whose rows and columns of the GEMM are discarded.
+      for (int64_t t = 0; t < TB; ++t) {
+        const int64_t tt = t0 + t, n = tt / (TP * TQ), ih0 = ((tt / TQ) % TP) * 2 - g.ph, iw0 = (tt % TQ) * 2 - g.pw;
+        // The patch's pixels, null where it hangs over x's border (or past the last tile).
+        const T* px[4][4];
+        for (int64_t i = 0; i < 4; ++i)
+          for (int64_t j = 0; j < 4; ++j) {
+            const int64_t ih = ih0 + i, iw = iw0 + j;
+            px[i][j] = t < nt && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W
+                           ? x + ((n * g.H + ih) * g.W + iw) * C + c0 : nullptr;
+          }
+        T* vt = sc.v.data() + t * vs;
+        for (int64_t c = 0; c < cc; c += W) {
+          const int64_t len = std::min<int64_t>(W, cl - c);
+          auto load = [&](int64_t i, int64_t j) {
+            if (!px[i][j] || len <= 0) return V(T(0));
+            return len == W ? V::loadu(px[i][j] + c) : V::loadu(px[i][j] + c, len);
+          };
+          V s[4][4];  // B^T d, one column of d at a time
+          for (int64_t j = 0; j < 4; ++j) {
+            const V d0 = load(0, j), d1 = load(1, j), d2 = load(2, j), d3 = load(3, j);
+            s[0][j] = d0 - d2, s[1][j] = d1 + d2, s[2][j] = d2 - d1, s[3][j] = d1 - d3;
+          }
+          for (int64_t i = 0; i < 4; ++i) {
+            (s[i][0] - s[i][2]).store(vt + (i * 4 + 0) * cc + c);
+            (s[i][1] + s[i][2]).store(vt + (i * 4 + 1) * cc + c);
+            (s[i][2] - s[i][1]).store(vt + (i * 4 + 2) * cc + c);
+            (s[i][1] - s[i][3]).store(vt + (i * 4 + 3) * cc + c);
+          }
+        }
+      }
+      for (int64_t pan = 0; pan < npan; ++pan)
+        for (int64_t xi = 0; xi < 16; ++xi) {
+          const T* ub = u.get() + ((xi * npan + pan) * C + c0) * Pn;
+          for (int64_t b = 0; b < (nt + MR - 1) / MR; ++b)
+            convk::igemm_tile<T, NR>(1, sc.rows.data() + xi * TB + b * MR, 0, &boff, cl, ub, Pn,
+                                     sc.m.data() + b * MR * ms + xi * Kp + pan * Pn, ms, MR, Pn, c0 > 0, nullptr);
+        }
+    }
+    // Y = A^T M A per tile, A^T = [1 1 1 0; 0 1 -1 -1], then the epilogue, for the output pixels inside y.
+    const bool vact = convk::vector_act(act);
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t tt = t0 + t, n = tt / (TP * TQ), p0 = ((tt / TQ) % TP) * 2, q0 = (tt % TQ) * 2;
+      const T* mt = sc.m.data() + t * ms;
+      for (int64_t j = 0; j < K; j += W) {
+        const int64_t len = std::min<int64_t>(W, K - j);
+        V s[2][4];  // A^T m, one column of m at a time
+        for (int64_t c = 0; c < 4; ++c) {
+          const V m0 = V::loadu(mt + c * Kp + j), m1 = V::loadu(mt + (4 + c) * Kp + j);
+          const V m2 = V::loadu(mt + (8 + c) * Kp + j), m3 = V::loadu(mt + (12 + c) * Kp + j);
+          s[0][c] = m0 + m1 + m2, s[1][c] = m1 - m2 - m3;
+        }
+        const V vb = V::loadu(bias_p.data() + j);
+        for (int64_t a = 0; a < 2; ++a) {
+          const V o[2] = {s[a][0] + s[a][1] + s[a][2], s[a][1] - s[a][2] - s[a][3]};
+          for (int64_t b = 0; b < 2; ++b) {
+            const int64_t p = p0 + a, q = q0 + b;
+            if (p >= g.P || q >= g.Q) continue;
+            const int64_t off = ((n * g.P + p) * g.Q + q) * K + j;
+            V val = o[b] + vb;
+            if (res) val = val + (len == W ? V::loadu(res + off) : V::loadu(res + off, len));
+            if (vact) val = convk::apply_vector_act<T>(act, val);
+            if (len == W) val.store(y + off);
+            else val.store(y + off, len);
+            if (!vact)
+              for (int64_t e = 0; e < len; ++e) y[off + e] = apply_activation<T>(act, y[off + e]);
+          }
+        }
+      }
+    }
+  });
+}
+
 template <typename T, typename Pack>
 void fwd_gemm(const Geo& g, const T* x, const Pack& pack, bool w_rsc, const T* bias, const T* res, Act act, T* y) {
   constexpr int64_t W = convk::Vec<T>::size();
+  if (winograd_ok(g)) {
+    constexpr int NR = convk::kMaxNR;
+    fwd_winograd<T, NR>(g, x, pack(NR * W).get(), w_rsc, bias, res, act, y);
+    return;
+  }
   const int64_t nr = std::min<int64_t>(convk::kMaxNR, (g.Kg + W - 1) / W);  // narrower panels for small groups
   if (nr >= 4) fwd_igemm<T, std::min(4, convk::kMaxNR)>(g, x, pack, w_rsc, bias, res, act, y);
   else if (nr == 3) fwd_igemm<T, std::min(3, convk::kMaxNR)>(g, x, pack, w_rsc, bias, res, act, y);
@@ -1072,7 +1264,17 @@ void forward_gemm(const Geo& g, const at::Tensor& xa, const T* w, const Pack& pa
   } else {
     at::Tensor xt = at::empty({g.N, g.C, g.H, g.W}, xa.options(), at::MemoryFormat::ChannelsLast);
     to_channels_last<T>(g, xa.data_ptr<T>(), xt.data_ptr<T>());
-    fwd_gemm<T>(g, xt.data_ptr<T>(), pack, w_rsc, bias, res, act, y);
+    Geo gl = g;
+    gl.nhwc = true;
+    if (!winograd_ok(gl)) {
+      fwd_gemm<T>(g, xt.data_ptr<T>(), pack, w_rsc, bias, res, act, y);
+      return;
+    }
+    // Winograd writes channels-last: conv + bias into a channels-last buffer, then one transposing pass into y that
+    // adds the residual and applies the activation.
+    at::Tensor yt = at::empty({g.N, g.K, g.P, g.Q}, xa.options(), at::MemoryFormat::ChannelsLast);
+    fwd_gemm<T>(gl, xt.data_ptr<T>(), pack, w_rsc, bias, nullptr, Act::kNone, yt.data_ptr<T>());
+    to_nchw_epilogue<T>(g, yt.data_ptr<T>(), res, act, y);
   }
 }
 

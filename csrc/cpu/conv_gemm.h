@@ -125,13 +125,17 @@ __attribute__((noinline)) void igemm_tile(int64_t ntaps, const T* const* a, int6
   constexpr int MR = kMR;
   constexpr int W = Vec<T>::size();
   constexpr int Pn = NR * W;
+  // Whole tiles without an epilogue (the Winograd products) go straight between C and the registers.
+  const bool raw = !ep && mvalid == MR && ncols == Pn;
   alignas(64) T tile[MR * Pn];
-  if (accumulate) load_tile<T, Pn>(tile, c, ldc, mvalid, ncols);
+  if (accumulate && !raw) load_tile<T, Pn>(tile, c, ldc, mvalid, ncols);
+  const T* src = raw ? c : tile;
+  const int64_t lds = raw ? ldc : Pn;
   Vec<T> acc[MR][NR];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NR; ++v) acc[r][v] = accumulate ? Vec<T>::loadu(tile + r * Pn + v * W) : Vec<T>(T(0));
+    for (int v = 0; v < NR; ++v) acc[r][v] = accumulate ? Vec<T>::loadu(src + r * lds + v * W) : Vec<T>(T(0));
   for (int64_t t = 0; t < ntaps; ++t) {
     const T* ap[MR];
 #pragma GCC unroll 8
@@ -149,11 +153,12 @@ __attribute__((noinline)) void igemm_tile(int64_t ntaps, const T* const* a, int6
       }
     }
   }
+  T* dst = raw ? c : tile;
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NR; ++v) acc[r][v].store(tile + r * Pn + v * W);
-  store_tile<T, Pn>(tile, c, ldc, mvalid, ncols, ep);
+    for (int v = 0; v < NR; ++v) acc[r][v].store(dst + r * lds + v * W);
+  if (!raw) store_tile<T, Pn>(tile, c, ldc, mvalid, ncols, ep);
 }
 
 }  // namespace mltoolkit::convk

@@ -9,6 +9,8 @@
 // + residual) is applied to each register tile as it is stored. An NCHW x is transposed to channels-last first (one
 // pass over x against R*S*K multiply-adds per element) and each finished tile transposed into NCHW y with the
 // epilogue; NCHW 1x1 convolutions instead run the kernel the other way round on x's rows in place (no copy at all).
+// 3x3 stride-1 convolutions with enough channels take Winograd F(2x2, 3x3) instead (fwd_winograd: 4/9 of the
+// multiply-adds, the 16 transform-domain products on the same kernel).
 // Tasks (pixel runs x channel panels) are handed out dynamically (parallel_tasks).
 // Depthwise (C/groups == K/groups == 1) uses direct kernels, forward and backward (vectorized over q in NCHW, over c
 // in NHWC), with the epilogue on each finished output row / pixel.

@@ -9,6 +9,8 @@
 // + residual) is applied to each register tile as it is stored. An NCHW x is transposed to channels-last first (one
 // pass over x against R*S*K multiply-adds per element) and each finished tile transposed into NCHW y with the
 // epilogue; NCHW 1x1 convolutions instead run the kernel the other way round on x's rows in place (no copy at all).
+// 3x3 stride-1 convolutions with enough channels take Winograd F(2x2, 3x3) instead (fwd_winograd: 4/9 of the
+// multiply-adds, the 16 transform-domain products on the same kernel).
 // Tasks (pixel runs x channel panels) are handed out dynamically (parallel_tasks).
 // Depthwise (C/groups == K/groups == 1) uses direct kernels, forward and backward (vectorized over q in NCHW, over c
 // in NHWC), with the epilogue on each finished output row / pixel.
@@ -343,16 +345,27 @@ void to_nchw_epilogue(const Geo& g, const T* yl, const T* res, Act act, T* y) {
   });
 }
 
-// W^T in panels of Pn output channels: panel (gg, j) row p = w[gg * Kg + j * Pn + lane][p], zero past Kg, for the
-// weight's rows w (K, Kc) in its own memory order, (r, s, c) or (c, r, s): the kernel's B strides follow that order.
+// W^T in panels of Pn output channels: panel (gg, j) row (r, s, c) = w[gg * Kg + j * Pn + lane][(r, s, c)], zero
+// past Kg, from the weight's rows w (K, Kc) in their own memory order, (r, s, c) if w_rsc, else (c, r, s): the latter
+// are reordered per 16 rows in cache on the way (a kernel reading B rows R*S apart ran ~10% slower).
 template <typename T>
-std::unique_ptr<T[]> pack_weight_panels(const Geo& g, const T* w, int64_t Pn) {
-  const int64_t Kc = g.Kc(), npan = (g.Kg + Pn - 1) / Pn;
+std::unique_ptr<T[]> pack_weight_panels(const Geo& g, const T* w, bool w_rsc, int64_t Pn) {
+  constexpr int64_t B = 16;
+  const int64_t Kc = g.Kc(), RS = g.R * g.S, npan = (g.Kg + Pn - 1) / Pn;
   std::unique_ptr<T[]> bw(new T[g.G * npan * Kc * Pn]);  // every element is written below
-  parallel_tasks(g.G * npan, [] { return 0; }, [&](int64_t u, int) {
+  auto make_tmp = [&] { return std::vector<T>(w_rsc ? 0 : B * Kc); };
+  parallel_tasks(g.G * npan, make_tmp, [&](int64_t u, std::vector<T>& tmp) {
     const int64_t gg = u / npan, j0 = (u % npan) * Pn, jl = std::min(Pn, g.Kg - j0);
     T* panel = bw.get() + u * Kc * Pn;
-    transpose(w + (gg * g.Kg + j0) * Kc, Kc, panel, Pn, jl, Kc);
+    for (int64_t k0 = 0; k0 < jl; k0 += B) {
+      const int64_t kl = std::min(B, jl - k0);
+      const T* src = w + (gg * g.Kg + j0 + k0) * Kc;
+      if (!w_rsc) {  // each row (Cg x RS) -> (RS x Cg)
+        for (int64_t k = 0; k < kl; ++k) transpose(src + k * Kc, RS, tmp.data() + k * Kc, g.Cg, g.Cg, RS);
+        src = tmp.data();
+      }
+      transpose(src, Kc, panel + k0, Pn, kl, Kc);
+    }
     if (jl < Pn)
       for (int64_t p = 0; p < Kc; ++p) std::fill(panel + p * Pn + jl, panel + (p + 1) * Pn, T(0));
   });
@@ -391,10 +404,9 @@ std::unique_ptr<T[]> pack_dx_panels(const Geo& g, const T* w, bool w_rsc, int64_
 // Small Cg (the RGB stem, see filter_row_taps): the taps are the filter's rows instead, each a run of S*Cg elements,
 // read in place where the run lies inside x, else copied with its zeros into a per-pixel row (the borders; every
 // pixel for groups or dilation).
-// pack(Pn): the weight in panels of Pn output channels (pack_weight_panels), rows in (r, s, c) order if w_rsc
-// (always so with filter-row taps), else (c, r, s).
+// pack(Pn): the weight in panels of Pn output channels, rows in (r, s, c) order (pack_weight_panels).
 template <typename T, int NR, typename Pack>
-void fwd_igemm(const Geo& g, const T* x, const Pack& pack, bool w_rsc, const T* bias, const T* res, Act act, T* y) {
+void fwd_igemm(const Geo& g, const T* x, const Pack& pack, const T* bias, const T* res, Act act, T* y) {
   constexpr int64_t MR = convk::kMR, Pn = NR * convk::Vec<T>::size();
   const int64_t Kc = g.Kc(), RS = g.R * g.S, PQ = g.PQ(), NPQ = g.N * PQ;
   const int64_t npan = (g.Kg + Pn - 1) / Pn, Kgp = npan * Pn;
@@ -402,12 +414,10 @@ void fwd_igemm(const Geo& g, const T* x, const Pack& pack, bool w_rsc, const T* 
   std::vector<T> bias_p(bias ? g.G * Kgp : 0, T(0));  // zero-padded per group, so that whole panels can be loaded
   for (int64_t k = 0; bias && k < g.K; ++k) bias_p[(k / g.Kg) * Kgp + k % g.Kg] = bias[k];
   const bool row_taps = filter_row_taps(g, sizeof(T));
-  TORCH_INTERNAL_ASSERT(w_rsc || !row_taps);
   const int64_t ntaps = row_taps ? g.R : RS, cdim = row_taps ? g.S * g.Cg : g.Cg;
   // A filter row's S taps are one run of x when its pixels are adjacent and their channels are all of x's.
   const bool adjacent = g.dw == 1 && g.Cg == g.C;
-  // B row of (tap, channel): (r, s, c) order puts a tap's channels Pn apart, (c, r, s) order R*S*Pn apart.
-  const int64_t ldb = w_rsc ? Pn : RS * Pn, tap_stride = w_rsc ? cdim * Pn : Pn;
+  const int64_t ldb = Pn, tap_stride = cdim * Pn;  // B row of (tap, channel)
   const int64_t nch = std::max<int64_t>(1, (ntaps * cdim * Pn * int64_t(sizeof(T)) + kBChunkBytes - 1) / kBChunkBytes);
   const int64_t kc = (cdim + nch - 1) / nch;
   const int64_t SB = kBlocksPerTask * MR, nsb = (NPQ + SB - 1) / SB;
@@ -617,10 +627,10 @@ bool winograd_ok(const Geo& g) {
 }
 
 // U[xi][pan][c][lane] = (G g G^T)[xi] of the 3x3 filter of output channel pan * Pn + lane, input channel c, from the
-// direct panels bw (pack_weight_panels: row (r, s, c) if w_rsc, else (c, r, s)). G = [1 0 0; 1/2 1/2 1/2;
+// direct panels bw (pack_weight_panels: row (r, s, c)). G = [1 0 0; 1/2 1/2 1/2;
 // 1/2 -1/2 1/2; 0 0 1].
 template <typename T, int NR>
-std::unique_ptr<T[]> winograd_weights(const Geo& g, const T* bw, bool w_rsc) {
+std::unique_ptr<T[]> winograd_weights(const Geo& g, const T* bw) {
   using V = convk::Vec<T>;
   constexpr int64_t W = V::size(), Pn = NR * W;
   const int64_t C = g.C, npan = (g.K + Pn - 1) / Pn, Kc = g.Kc();
@@ -633,7 +643,7 @@ std::unique_ptr<T[]> winograd_weights(const Geo& g, const T* bw, bool w_rsc) {
       V gr[3][3], tmp[4][3];
       for (int64_t r = 0; r < 3; ++r)
         for (int64_t s = 0; s < 3; ++s)
-          gr[r][s] = V::loadu(panel + (w_rsc ? (r * 3 + s) * C + c : c * 9 + r * 3 + s) * Pn + v * W);
+          gr[r][s] = V::loadu(panel + ((r * 3 + s) * C + c) * Pn + v * W);
       for (int64_t s = 0; s < 3; ++s) {
         tmp[0][s] = gr[0][s];
         tmp[1][s] = (gr[0][s] + gr[1][s] + gr[2][s]) * half;
@@ -651,12 +661,12 @@ std::unique_ptr<T[]> winograd_weights(const Geo& g, const T* bw, bool w_rsc) {
 }
 
 template <typename T, int NR>
-void fwd_winograd(const Geo& g, const T* x, const T* bw, bool w_rsc, const T* bias, const T* res, Act act, T* y) {
+void fwd_winograd(const Geo& g, const T* x, const T* bw, const T* bias, const T* res, Act act, T* y) {
   using V = convk::Vec<T>;
   constexpr int64_t MR = convk::kMR, W = V::size(), Pn = NR * W, pad = 64 / int64_t(sizeof(T));
   const int64_t C = g.C, K = g.K, npan = (K + Pn - 1) / Pn, Kp = npan * Pn;
   const int64_t TP = (g.P + 1) / 2, TQ = (g.Q + 1) / 2, NT = g.N * TP * TQ;
-  const std::unique_ptr<T[]> u = winograd_weights<T, NR>(g, bw, w_rsc);
+  const std::unique_ptr<T[]> u = winograd_weights<T, NR>(g, bw);
   std::vector<T> bias_p(Kp, T(0));
   if (bias) std::copy(bias, bias + K, bias_p.begin());
   // A task is a block of TB tiles, all output channels: M (TB x 16 x Kp) within kWinoMBytes, then input channels in
@@ -760,18 +770,18 @@ void fwd_winograd(const Geo& g, const T* x, const T* bw, bool w_rsc, const T* bi
 }
 
 template <typename T, typename Pack>
-void fwd_gemm(const Geo& g, const T* x, const Pack& pack, bool w_rsc, const T* bias, const T* res, Act act, T* y) {
+void fwd_gemm(const Geo& g, const T* x, const Pack& pack, const T* bias, const T* res, Act act, T* y) {
   constexpr int64_t W = convk::Vec<T>::size();
   if (winograd_ok(g)) {
     constexpr int NR = convk::kMaxNR;
-    fwd_winograd<T, NR>(g, x, pack(NR * W).get(), w_rsc, bias, res, act, y);
+    fwd_winograd<T, NR>(g, x, pack(NR * W).get(), bias, res, act, y);
     return;
   }
   const int64_t nr = std::min<int64_t>(convk::kMaxNR, (g.Kg + W - 1) / W);  // narrower panels for small groups
-  if (nr >= 4) fwd_igemm<T, std::min(4, convk::kMaxNR)>(g, x, pack, w_rsc, bias, res, act, y);
-  else if (nr == 3) fwd_igemm<T, std::min(3, convk::kMaxNR)>(g, x, pack, w_rsc, bias, res, act, y);
-  else if (nr == 2) fwd_igemm<T, 2>(g, x, pack, w_rsc, bias, res, act, y);
-  else fwd_igemm<T, 1>(g, x, pack, w_rsc, bias, res, act, y);
+  if (nr >= 4) fwd_igemm<T, std::min(4, convk::kMaxNR)>(g, x, pack, bias, res, act, y);
+  else if (nr == 3) fwd_igemm<T, std::min(3, convk::kMaxNR)>(g, x, pack, bias, res, act, y);
+  else if (nr == 2) fwd_igemm<T, 2>(g, x, pack, bias, res, act, y);
+  else fwd_igemm<T, 1>(g, x, pack, bias, res, act, y);
 }
 
 // Depthwise forward, direct; the epilogue (residual, activation) runs on each output row (NCHW) or pixel (NHWC) as
@@ -1233,11 +1243,11 @@ void bwd_bias(const Geo& g, const T* dy, T* db) {
   }
 }
 
-// The weight as the GEMM forward takes it: rows (K, Kc) in the weight's own memory order, (r, s, c) or (c, r, s)
-// (no permutation), except that filter-row taps need (r, s, c). Sets w_rsc to the order.
-at::Tensor gemm_weight_rows(const char* fn, const Geo& g, const at::Tensor& weight, at::ScalarType acc, bool& w_rsc) {
-  w_rsc = layout_of(fn, "weight", weight) == at::MemoryFormat::ChannelsLast || g.R * g.S == 1 ||
-          filter_row_taps(g, acc == at::kDouble ? sizeof(double) : sizeof(float));
+// The weight's rows (K, Kc) in its own memory order, without a permuting copy: (r, s, c) for a channels-last weight
+// (and 1x1, where the orders agree), else (c, r, s). Sets w_rsc to the order.
+at::Tensor natural_weight_rows(const char* fn, const Geo& g, const at::Tensor& weight, at::ScalarType acc,
+                               bool& w_rsc) {
+  w_rsc = layout_of(fn, "weight", weight) == at::MemoryFormat::ChannelsLast || g.R * g.S == 1;
   return weight_rows(weight, acc, w_rsc);
 }
 
@@ -1255,10 +1265,10 @@ bool pointwise_nchw(const Geo& g) {
 // channels-last by the GEMM, so an NCHW x is transposed first, except for the pointwise case that reads it in place
 // (with the weight's rows w, (K, Cg)). pack(Pn): the weight's panels (fwd_igemm).
 template <typename T, typename Pack>
-void forward_gemm(const Geo& g, const at::Tensor& xa, const T* w, const Pack& pack, bool w_rsc, const T* bias,
+void forward_gemm(const Geo& g, const at::Tensor& xa, const T* w, const Pack& pack, const T* bias,
                   const T* res, Act act, T* y) {
   if (g.nhwc) {
-    fwd_gemm<T>(g, xa.data_ptr<T>(), pack, w_rsc, bias, res, act, y);
+    fwd_gemm<T>(g, xa.data_ptr<T>(), pack, bias, res, act, y);
   } else if (pointwise_nchw<T>(g)) {
     fwd_pointwise_nchw<T>(g, xa.data_ptr<T>(), w, bias, res, act, y);
   } else {
@@ -1267,13 +1277,13 @@ void forward_gemm(const Geo& g, const at::Tensor& xa, const T* w, const Pack& pa
     Geo gl = g;
     gl.nhwc = true;
     if (!winograd_ok(gl)) {
-      fwd_gemm<T>(g, xt.data_ptr<T>(), pack, w_rsc, bias, res, act, y);
+      fwd_gemm<T>(g, xt.data_ptr<T>(), pack, bias, res, act, y);
       return;
     }
     // Winograd writes channels-last: conv + bias into a channels-last buffer, then one transposing pass into y that
     // adds the residual and applies the activation.
     at::Tensor yt = at::empty({g.N, g.K, g.P, g.Q}, xa.options(), at::MemoryFormat::ChannelsLast);
-    fwd_gemm<T>(gl, xt.data_ptr<T>(), pack, w_rsc, bias, nullptr, Act::kNone, yt.data_ptr<T>());
+    fwd_gemm<T>(gl, xt.data_ptr<T>(), pack, bias, nullptr, Act::kNone, yt.data_ptr<T>());
     to_nchw_epilogue<T>(g, yt.data_ptr<T>(), res, act, y);
   }
 }
@@ -1289,8 +1299,8 @@ at::Tensor dx_by_forward(const char* fn, const Geo& g, const at::Tensor& dya, co
   Geo gd = g;
   gd.C = g.K, gd.H = g.P, gd.W = g.Q, gd.K = g.C, gd.Cg = g.Kg, gd.Kg = g.Cg;
   gd.ph = g.dh * (g.R - 1) - g.ph, gd.pw = g.dw * (g.S - 1) - g.pw, gd.P = g.H, gd.Q = g.W;
-  const bool w_rsc = layout_of(fn, "weight", weight) == at::MemoryFormat::ChannelsLast || g.R * g.S == 1;
-  const at::Tensor wa = weight_rows(weight, acc, w_rsc);
+  bool w_rsc = false;
+  const at::Tensor wa = natural_weight_rows(fn, g, weight, acc, w_rsc);
   // The pointwise NCHW kernel reads the weight's rows in place: here the transposed (C, Kg) per group.
   const bool pointwise = acc == at::kDouble ? pointwise_nchw<double>(gd) : pointwise_nchw<float>(gd);
   const at::Tensor wt = pointwise ? wa.reshape({g.G, g.Kg, g.Cg}).transpose(1, 2).contiguous() : at::Tensor();
@@ -1298,7 +1308,7 @@ at::Tensor dx_by_forward(const char* fn, const Geo& g, const at::Tensor& dya, co
   auto run = [&](auto tag) {
     using T = decltype(tag);
     auto pack = [&](int64_t Pn) { return pack_dx_panels<T>(g, wa.data_ptr<T>(), w_rsc, Pn); };
-    forward_gemm<T>(gd, dya, wt.defined() ? wt.data_ptr<T>() : nullptr, pack, true, nullptr, nullptr, Act::kNone,
+    forward_gemm<T>(gd, dya, wt.defined() ? wt.data_ptr<T>() : nullptr, pack, nullptr, nullptr, Act::kNone,
                     dx.data_ptr<T>());
   };
   if (acc == at::kDouble) run(double{});
@@ -1348,7 +1358,7 @@ std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor
   if (depthwise)
     wa = weight.to(acc).contiguous().reshape({g.K, g.R * g.S});
   else
-    wa = gemm_weight_rows(fn, g, weight, acc, w_rsc);
+    wa = natural_weight_rows(fn, g, weight, acc, w_rsc);
   if (depthwise && g.nhwc) wa = wa.t().contiguous();
   auto run = [&](auto tag) {
     using T = decltype(tag);
@@ -1360,7 +1370,7 @@ std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor
       fwd_depthwise_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, rp, act, y.data_ptr<T>());
     else
       forward_gemm<T>(
-          g, xa, wa.data_ptr<T>(), [&](int64_t Pn) { return pack_weight_panels<T>(g, wa.data_ptr<T>(), Pn); }, w_rsc,
+          g, xa, wa.data_ptr<T>(), [&](int64_t Pn) { return pack_weight_panels<T>(g, wa.data_ptr<T>(), w_rsc, Pn); },
           bp, rp, act, y.data_ptr<T>());
   };
   if (acc == at::kDouble) run(double{});

@@ -12,7 +12,8 @@
 // Register blocks: with AVX-512 (32 vector registers) 7 rows x 4 vectors = 28 accumulators, 4 loads of B and 7
 // broadcasts of A per 28 FMAs; ResNet's output widths (56, 28, 14, 7) are multiples of 7, so blocks of 7 output
 // pixels rarely straddle rows. With AVX2 (16 registers) 6 x 2 = 12 accumulators. Measured on the 2-core Zen 4 dev VM,
-// one thread, ResNet-50's 3x3 layers channels_last: ~100-105 GFLOP/s with AVX-512 (FMA peak measured ~116).
+// one thread, ResNet-50's 3x3 layers channels_last as direct convolutions: 99-108 GFLOP/s with AVX-512, 87-105 with
+// AVX2 (FMA peak measured ~116 either way; oneDNN 105-118).
 #pragma once
 #include <ATen/cpu/vec/vec.h>
 

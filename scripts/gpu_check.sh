@@ -1,58 +1,104 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with an NVIDIA GPU and torch preinstalled (no package index), build mltoolkit._C,
-# run the CUDA self-checks and the GPU tests, then `bench --quick --device cuda`. Results land in
-# benchmarks/results/<gpu>.{jsonl,md,png}; logs and results are also copied to $OUT when it is set (device tool).
-#   STAGES="build selfcheck test bench" (default: all, in that order; a later call can run only "bench")
-#   PYTEST_K="attention or rotary"      (optional -k filter for the GPU tests)
-# Every stage has its own timeout; the whole run is meant to fit a 10-minute call on an H100/H200. The GPU tests use
-# one Triton config per kernel (MLTK_TRITON_AUTOTUNE=0): autotuning every small test shape would take longer than
-# the tests; the benchmarks autotune.
+# run the CUDA self-checks and the GPU tests, then the quick benchmarks one op per process (a kernel fault in one op
+# cannot take the others' rows with it). Results land in benchmarks/results/<gpu>.{jsonl,md,png}.
+#   STAGES="build selfcheck test bench"   (default: all, in that order)
+#   BUDGET_S=560                          (wall-clock budget of the whole run: each stage's timeout is cut to what
+#                                          is left, and bench ops that no longer fit are skipped and listed)
+#   PYTEST_FILES, PYTEST_K, BENCH_OPS_FIRST, BENCH_OPS_LATE   (what the tests and benchmarks run; defaults below)
+# Order: build, self-checks, benchmarks of the newest kernels, tests, the other benchmarks.
+# The device tool brings back at most 8 files from $OUT: logs go into $OUT/logs.tgz (rewritten after every stage, so
+# a run killed at its limit still returns what it did), results beside it. stdout carries a short summary only.
+# The GPU tests use one Triton config per kernel (MLTK_TRITON_AUTOTUNE=0): autotuning every small test shape would
+# take longer than the tests; the benchmarks autotune.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-check-logs}"
+LOGS=$(mktemp -d /tmp/gpu-check.XXXXXX)
 mkdir -p "$OUT"
+START=$(date +%s)
+BUDGET_S="${BUDGET_S:-560}"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0]}.{p[1]}")')}"
-status=0
 [ -n "${MLTK_GIT_SHA:-}" ] || export MLTK_GIT_SHA=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-step() { echo "=== $1 ($(date +%T))"; }
+PY=.venv/bin/python
+status=0
 
-step "environment"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/env.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
+elapsed() { echo $(( $(date +%s) - START )); }
+# limit N: N seconds, or what is left of the budget less a 10 s reserve for packing, whichever is smaller
+limit() { local left=$(( BUDGET_S - $(elapsed) - 10 )); (( left < $1 )) && echo $left || echo "$1"; }
+step() { echo "=== $1 (t=$(elapsed)s)"; }
+pack() { tar -C "$LOGS" -czf "$OUT/logs.tgz" . 2>/dev/null; }
+# run NAME SECONDS CMD...: CMD's output to $LOGS/NAME.log, its exit status noted there and in $status
+run() {
+  local name=$1 secs; secs=$(limit "$2"); shift 2
+  if (( secs < 20 )); then echo "skipped $name: budget spent"; echo "skipped: budget" >"$LOGS/$name.log"; return 1; fi
+  timeout "$secs" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "[exit $rc after $(elapsed)s, limit ${secs}s]" >>"$LOGS/$name.log"
+  (( rc == 0 )) || status=1
+  pack
+  return $rc
+}
 
 STAGES="${STAGES:-build selfcheck test bench}"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+bench_ops() {  # one process per op, so that a kernel fault in one op cannot take the others' rows with it
+  SLUG=$($PY -c "from mltoolkit.benchmark.harness import device_slug; print(device_slug('cuda'))" 2>/dev/null)
+  for op in "$@"; do
+    if run "bench-$op" 170 $PY -m mltoolkit bench --quick --device cuda --ops "$op"; then echo "bench $op ok"
+    else echo "bench $op: $(tail -3 "$LOGS/bench-$op.log" | tr '\n' ' ')"; fi
+    cp benchmarks/results/"$SLUG".* "$OUT"/ 2>/dev/null
+  done
+}
+
+step "environment"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
+  | tee "$LOGS/env.log"
 
 if has build; then
   step "build (arch $TORCH_CUDA_ARCH_LIST)"
   rm -f .venv/.mltk-built
-  timeout 420 make install PYTHON=python3 >"$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
-  tail -5 "$OUT/build.log"
+  run build 300 make install PYTHON=python3 || { tail -40 "$LOGS/build.log"; echo "BUILD FAILED"; exit 1; }
+  tail -22 "$LOGS/build.log" | grep -v "^\[exit"
 fi
 
 if has selfcheck; then
   step "CUDA kernel self-checks"
-  timeout 60 .venv/bin/python -X faulthandler scripts/cuda_norm_selfcheck.py 2>&1 | tee "$OUT/selfcheck.log" \
-    | tail -8 || status=1
-  timeout 150 .venv/bin/python -X faulthandler scripts/cuda_attention_selfcheck.py --quick 2>&1 \
-    | tee "$OUT/selfcheck-attention.log" | tail -40 || status=1
-  timeout 120 .venv/bin/python -X faulthandler scripts/cuda_conv_selfcheck.py --quick 2>&1 \
-    | tee "$OUT/selfcheck-conv.log" | tail -60 || status=1
+  # Each prints one row per case and a summary; show the failures and the timing tables.
+  run selfcheck-conv 90 $PY -X faulthandler scripts/cuda_conv_selfcheck.py --quick
+  grep -E "FAIL|ERROR|raised|Fatal|passed|failed|TFLOP|cuDNN|ratio|x[0-9]|exit" "$LOGS/selfcheck-conv.log" | head -45
+  run selfcheck-attention 80 $PY -X faulthandler scripts/cuda_attention_selfcheck.py --quick
+  grep -E "FAIL|ERROR|raised|Fatal|passed|failed|exit" "$LOGS/selfcheck-attention.log" | head -30
+  run selfcheck-norm 35 $PY -X faulthandler scripts/cuda_norm_selfcheck.py
+  grep -E "FAIL|ERROR|raised|Fatal|passed|failed|exit" "$LOGS/selfcheck-norm.log" | head -12
+fi
+
+if has bench; then
+  step "benchmarks of the kernels new since the last GPU run"
+  bench_ops ${BENCH_OPS_FIRST:-conv2d conv2d_bn_relu attention}
 fi
 
 if has test; then
   step "GPU tests"
-  xdist=$(.venv/bin/python -c "import xdist" 2>/dev/null && echo "-n 8")
-  MLTK_TRITON_AUTOTUNE=0 timeout 300 .venv/bin/python -m pytest -q -m cuda -p no:cacheprovider $xdist \
-    ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/pytest.log" | tail -40 || status=1
+  files=${PYTEST_FILES:-"tests/ops/test_conv.py tests/ops/test_conv_triton.py tests/ops/test_batch_norm.py
+    tests/ops/test_attention.py tests/ops/test_attention_band.py tests/ops/test_rotary.py tests/ops/test_norm.py
+    tests/nn/test_attention_modules.py"}
+  xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 14")
+  per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")
+  # -v: one line per test in the log, so a run cut off at its limit still says what passed
+  MLTK_TRITON_AUTOTUNE=0 run pytest 160 $PY -m pytest -v -m cuda -p no:cacheprovider $xdist $per_test \
+    -k "${PYTEST_K:-not reference}" -rfE --durations=10 $files
+  grep -cE "PASSED" "$LOGS/pytest.log" | sed 's/^/passed: /'
+  grep -E "^(FAILED|ERROR)|Fatal|worker .* crashed|passed|failed|exit" "$LOGS/pytest.log" | head -60
 fi
 
 if has bench; then
-  step "benchmarks"
-  timeout 300 .venv/bin/python -m mltoolkit bench --quick --device cuda 2>&1 | tee "$OUT/bench.log" || status=1
-  slug=$(.venv/bin/python -c "from mltoolkit.benchmark.harness import device_slug; print(device_slug('cuda'))")
-  cp benchmarks/results/"$slug".* "$OUT"/ 2>/dev/null
+  step "the other benchmarks"
+  bench_ops ${BENCH_OPS_LATE:-resnet50 bn_relu rms_norm layer_norm bn_add_relu rotary}
+  [ -f "benchmarks/results/$SLUG.md" ] && grep -E "^\|" "benchmarks/results/$slug.md" | cut -c1-150 | tail -40
 fi
+pack
 step "done (status $status)"
 exit $status

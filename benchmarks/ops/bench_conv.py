@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mltoolkit import ops
 from mltoolkit.benchmark import Benchmark
 
-# name: (C, K, H = W, kernel, stride, padding, groups); N = 8. The 3x3 convs of each ResNet-50 stage, the 1x1
+# name: (C, K, H = W, kernel, stride, padding, groups). The 3x3 convs of each ResNet-50 stage, the 1x1
 # reduction of stage 1, and a MobileNetV2/EfficientNet-style depthwise 3x3.
 SHAPES = {
     "3x3 64 56x56": (64, 64, 56, 3, 1, 1, 1),
@@ -21,13 +21,14 @@ SHAPES = {
     "1x1 256->64 56x56": (256, 64, 56, 1, 1, 0, 1),
     "dw3x3 144 56x56": (144, 144, 56, 3, 1, 1, 144),
 }
-BATCH = 8
+# Batch: 8 on the CPU; on the GPU 32 (quick) or 128, enough pixels to fill 132 SMs as ResNet training does.
+BATCH = {"cpu": (8, 8), "cuda": (32, 128)}
 
 
-def _config(name, layout):
+def _config(name, layout, device="cpu", quick=True):
     c, k, hw, r, stride, pad, groups = SHAPES[name]
-    return {"shape": name, "N": BATCH, "C": c, "K": k, "H": hw, "W": hw, "R": r, "stride": stride, "pad": pad,
-            "groups": groups, "layout": layout}
+    return {"shape": name, "N": BATCH[device][0 if quick else 1], "C": c, "K": k, "H": hw, "W": hw, "R": r,
+            "stride": stride, "pad": pad, "groups": groups, "layout": layout}
 
 
 def _inputs(config, dtype, device):
@@ -61,7 +62,7 @@ _reference = _eager  # F.conv2d in the oracle dtype (float64 for float32) is the
 def _configs(device, quick):
     if device == "cuda":
         names = ["3x3 64 56x56", "1x1 256->64 56x56"] if quick else list(SHAPES)
-        return [_config(n, "channels_last") for n in names]
+        return [_config(n, "channels_last", device, quick) for n in names]
     if quick:
         return [_config("3x3 128 28x28", "nchw")]
     return [_config(n, layout) for layout in ("nchw", "channels_last") for n in SHAPES]
@@ -103,7 +104,8 @@ def _bn_configs(device, quick):
     names = ["3x3 64 56x56"] if quick else ["3x3 64 56x56", "3x3 128 28x28", "3x3 256 14x14", "3x3 512 7x7",
                                               "1x1 256->64 56x56"]
     layouts = ["channels_last"] if device == "cuda" or quick else ["channels_last", "nchw"]
-    return [{**_config(n, layout), "train": train} for train in (False, True) for layout in layouts for n in names]
+    return [{**_config(n, layout, device, quick), "train": train}
+            for train in (False, True) for layout in layouts for n in names]
 
 
 def _bn_flops(config, dtype, mode):

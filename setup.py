@@ -80,6 +80,13 @@ def _cpu_isa_flags():
     return [], "none"
 
 
+# The shared libstdc++ first, whatever the toolchain adds later: torch runs on the process's shared libstdc++, and a
+# second, static copy inside _C (seen on the GPU machines' image, which links -static-libstdc++) keeps its own locale
+# ids, so the first error message that formats a number (a shape, a size) crashed the process. An archive linked after
+# this finds nothing left to resolve.
+LINK_ARGS = ["-fopenmp", "-Wl,--push-state,--no-as-needed,-Bdynamic", "-lstdc++", "-Wl,--pop-state"]
+
+
 def _extensions():
     with_cuda, why = _want_cuda()
     print(f"mltoolkit: CUDA kernels {'ON' if with_cuda else 'OFF'} ({why})", file=sys.stderr)
@@ -89,7 +96,7 @@ def _extensions():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
         return [CppExtension("mltoolkit._C", sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+                             extra_compile_args={"cxx": cxx}, extra_link_args=LINK_ARGS)]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPU")
@@ -100,7 +107,7 @@ def _extensions():
     defines = ["-DMLTK_WITH_CUDA", f'-DMLTK_CUDA_ARCH_LIST="{arch_list}"']
     nvcc = ["-O3", "--use_fast_math", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"] + defines
     return [CUDAExtension("mltoolkit._C", sources, include_dirs=include_dirs,
-                          extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc}, extra_link_args=["-fopenmp"])]
+                          extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc}, extra_link_args=LINK_ARGS)]
 
 
 setup(

@@ -5,6 +5,8 @@ import importlib.util
 import os
 from typing import Optional
 
+import torch
+
 try:
     from mltoolkit import _C  # type: ignore[attr-defined]
 
@@ -60,3 +62,16 @@ def triton_device(x, *_) -> Optional[str]:
 
         return None if forced_backend() == "triton" else "CPU tensors run through Triton only when forced"
     return "needs a CUDA tensor (or TRITON_INTERPRET=1 and a forced 'triton' backend)"
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(*tensors) -> bool:
+    """True outside every tracer, transform and mode, on plain tensors: there a registered op and its eager
+    autograd.Function twin (which skips the custom-op dispatch) are interchangeable. Anything compiled, exported,
+    faked, vmapped or intercepted takes the registered op."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._C._are_functorch_transforms_active()
+                or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
+                or any(t is not None and type(t) not in _PLAIN for t in tensors))

@@ -5,7 +5,8 @@
 #   STAGES="build selfcheck test bench"   (default: all, in that order)
 #   BUDGET_S=560                          (wall-clock budget of the whole run: each stage's timeout is cut to what
 #                                          is left, and bench ops that no longer fit are skipped and listed)
-#   PYTEST_FILES, PYTEST_K, BENCH_OPS_FIRST, BENCH_OPS_LATE   (what the tests and benchmarks run; defaults below)
+#   PYTEST_FILES, PYTEST_K, BENCH_OPS_FIRST, BENCH_OPS_LATE   (what the tests and benchmarks run; defaults below;
+#                                          an empty BENCH_OPS_* runs none)
 # Order: build, self-checks, benchmarks of the newest kernels, tests, the other benchmarks.
 # The device tool brings back at most 8 files from $OUT: logs go into $OUT/logs.tgz (rewritten after every stage, so
 # a run killed at its limit still returns what it did), results beside it. stdout carries a short summary only.
@@ -62,6 +63,9 @@ if has build; then
   rm -f .venv/.mltk-built
   run build 300 make install PYTHON=python3 || { tail -40 "$LOGS/build.log"; echo "BUILD FAILED"; exit 1; }
   tail -22 "$LOGS/build.log" | grep -v "^\[exit"
+  # The toolchain's flags and what _C links: a static libstdc++ inside _C once crashed every numeric error message.
+  { env | grep -E "^(LDFLAGS|CFLAGS|CXXFLAGS|CPPFLAGS|CXX|CC)=" ; readelf -d mltoolkit/_C*.so | grep NEEDED; } \
+    | tee "$LOGS/link.log"
 fi
 
 if has selfcheck; then
@@ -77,7 +81,7 @@ fi
 
 if has bench; then
   step "benchmarks of the kernels new since the last GPU run"
-  bench_ops ${BENCH_OPS_FIRST:-conv2d conv2d_bn_relu attention}
+  bench_ops ${BENCH_OPS_FIRST-conv2d conv2d_bn_relu attention}
 fi
 
 if has test; then
@@ -96,8 +100,8 @@ fi
 
 if has bench; then
   step "the other benchmarks"
-  bench_ops ${BENCH_OPS_LATE:-resnet50 bn_relu rms_norm layer_norm bn_add_relu rotary}
-  [ -f "benchmarks/results/$SLUG.md" ] && grep -E "^\|" "benchmarks/results/$slug.md" | cut -c1-150 | tail -40
+  bench_ops ${BENCH_OPS_LATE-resnet50 bn_relu rms_norm layer_norm bn_add_relu rotary}
+  [ -f "benchmarks/results/$SLUG.md" ] && grep -E "^\|" "benchmarks/results/$SLUG.md" | cut -c1-150 | tail -40
 fi
 pack
 step "done (status $status)"

@@ -14,6 +14,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+# float32 references on the GPU in full float32: cuDNN convolutions default to TF32 (10-bit mantissa), which is
+# further from the exact result than our float32 kernels are.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")
 
 

@@ -5,6 +5,7 @@ import argparse
 import datetime as _dt
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -19,8 +20,8 @@ from typing import Any, Optional
 import torch
 
 import mltoolkit
+from mltoolkit.backends import NoBackendError, table
 from mltoolkit.backends import backend as force_backend
-from mltoolkit.backends import table
 from mltoolkit.testing import assert_close, oracle_dtype, outputs
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -225,23 +226,39 @@ def _make_step(fn: Callable, args: tuple, grad_idx: Sequence[int], mode: str) ->
 
 
 def _check(fn: Callable, args: tuple, ref_out: list[torch.Tensor], ref_grads: list[torch.Tensor],
-           grad_idx: Sequence[int], cots: list[torch.Tensor], dtype: torch.dtype) -> float:
-    """Compares outputs and gradients with the reference; returns the max abs error, raises on mismatch."""
+           grad_idx: Sequence[int], cots: list[torch.Tensor], dtype: torch.dtype) -> tuple[list[float], Optional[str]]:
+    """Max abs error of each output and gradient against the reference, and the first tolerance-table failure
+    (None when all are within it)."""
     leaves = [args[i].detach().clone().requires_grad_(True) for i in grad_idx]
     call_args = list(args)
     for i, leaf in zip(grad_idx, leaves):
         call_args[i] = leaf
     outs = outputs(fn(*call_args))
-    err = 0.0
+    errs: list[float] = []
+    failure: Optional[str] = None
+
+    def compare(got, want, name, **tol):
+        nonlocal failure
+        errs.append((got.double() - want.double()).abs().nan_to_num(nan=math.inf).max().item() if got.numel() else 0.0)
+        try:
+            assert_close(got, want, dtype=dtype, name=name, **tol)
+        except AssertionError as exc:
+            failure = failure or str(exc)
+
     for k, (o, r) in enumerate(zip(outs, ref_out)):
-        assert_close(o, r, dtype=dtype, name=f"output {k}")
-        err = max(err, (o.double() - r.double()).abs().max().item())
+        compare(o, r, f"output {k}")
     if leaves:
         grads = torch.autograd.grad(outs, leaves, [c.to(o.dtype) for c, o in zip(cots, outs)], allow_unused=True)
         for k, (g, r) in enumerate(zip(grads, ref_grads)):
             atol = max(1e-5, (2e-2 if dtype in (torch.float16, torch.bfloat16) else 2e-5) * r.abs().max().item())
-            assert_close(g, r, dtype=dtype, atol=atol, name=f"grad {k}")
-    return err
+            compare(g, r, f"grad {k}", atol=atol)
+    return errs, failure
+
+
+def _within_twice(errs: list[float], torch_errs: Optional[list[float]]) -> bool:
+    """FlashAttention's rule: no tensor further from the reference than twice torch eager's own result in the same
+    dtype. It decides where torch itself is outside the tolerance table (16-bit gradients at ReLU's kink)."""
+    return torch_errs is not None and all(e <= 2 * t for e, t in zip(errs, torch_errs))
 
 
 def _reference(bench: Benchmark, args: tuple, grad_idx: Sequence[int]):
@@ -360,22 +377,34 @@ def _run_one(bench, config, dtype, device, timer, meta, copy_gbps, peak_gbps, lo
         ref_out, ref_grads, cots = _reference(bench, args, grad_idx)
     else:
         log(f"  {bench.op} {cfg} {dname}: correctness not checked at this size (see the tests)")
-    for pname, fn in list(providers.items()) if bench.check else ():
+    # torch eager first: its own error is the yardstick of the others where it is itself outside the table
+    order = sorted(providers, key=lambda name: name != "torch eager")
+    torch_errs: Optional[list[float]] = None
+    for pname in order if bench.check else ():
         try:
-            errors[pname] = _check(fn, args, ref_out, ref_grads, grad_idx, cots, dtype)
+            errs, failure = _check(providers[pname], args, ref_out, ref_grads, grad_idx, cots, dtype)
         except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if pname.startswith("torch") and not isinstance(exc, AssertionError):  # does not run this case
-                log(f"  {bench.op} {cfg} {dname} {pname}: not applicable: {first}")
+            errs, failure = None, str(exc) or type(exc).__name__
+            # a baseline that does not run this case, or a forced backend that one of the ops inside refuses
+            if pname.startswith("torch") or isinstance(exc, NoBackendError):
+                log(f"  {bench.op} {cfg} {dname} {pname}: not applicable: {failure.splitlines()[0]}")
                 del providers[pname]
                 continue
-            if pname.startswith("torch"):  # a baseline stays the yardstick; its row carries the finding
+        if pname == "torch eager":
+            torch_errs = errs
+        first = failure.splitlines()[0] if failure else ""
+        if failure is None or pname.startswith("torch"):
+            errors[pname] = max(errs) if errs and failure is None else None
+            if failure is not None:  # a baseline stays the yardstick; its row carries the finding
                 log(f"  {bench.op} {cfg} {dname} {pname}: outside tolerance (timed anyway): {first}")
-                errors[pname], baseline_errors[pname] = None, str(exc)[:500]
-                continue
+                baseline_errors[pname] = failure[:500]
+        elif errs is not None and _within_twice(errs, torch_errs):
+            errors[pname] = max(errs)
+            log(f"  {bench.op} {cfg} {dname} {pname}: outside the table but within 2x torch eager's error: {first}")
+        else:
             log(f"  {bench.op} {cfg} {dname} {pname}: FAILED correctness: {first}")  # reported, never timed
             rows.append({**meta, "op": bench.op, "provider": pname, "config": cfg, "dtype": dname,
-                         "error": str(exc)[:500]})
+                         "error": failure[:500]})
             del providers[pname]
     for mode in bench.modes:
         if mode != "fwd" and not grad_idx:

@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from mltoolkit import _ext
 from mltoolkit.backends import backend, forced_backend, table
@@ -112,8 +113,7 @@ def _bump_running_stat_versions(keyset, *args):
 _lib.impl("batch_norm_act_fwd", _bump_running_stat_versions, "ADInplaceOrView", with_keyset=True)
 
 
-@torch.library.custom_op("mltoolkit::batch_norm_act_bwd", mutates_args=())
-def batch_norm_act_bwd(dy: Tensor, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+def _bwd_impl(dy: Tensor, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                        invstd: Tensor, residual: Optional[Tensor], training: bool, activation: str,
                        output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     fmt = memory_format(input)
@@ -127,6 +127,9 @@ def batch_norm_act_bwd(dy: Tensor, input: Tensor, weight: Optional[Tensor], bias
             x.new_empty(0) if dres is None else dres.contiguous(memory_format=fmt))
 
 
+batch_norm_act_bwd = torch.library.custom_op("mltoolkit::batch_norm_act_bwd", mutates_args=())(_bwd_impl)
+
+
 @batch_norm_act_bwd.register_fake
 def _(dy, input, weight, bias, mean, invstd, residual, training, activation, output_mask):
     torch._check(dy.shape == input.shape, lambda: "batch_norm_act_bwd: dy must have input's shape")
@@ -135,6 +138,27 @@ def _(dy, input, weight, bias, mean, invstd, residual, training, activation, out
     param = lambda p: input.new_empty(c, dtype=p.dtype if p is not None else input.dtype)
     return (like() if output_mask[0] else input.new_empty(0), param(weight) if output_mask[1] else input.new_empty(0),
             param(bias) if output_mask[2] else input.new_empty(0), like() if output_mask[3] else input.new_empty(0))
+
+
+def _save(ctx, input, weight, bias, mean, invstd, residual, training, activation):
+    ctx.save_for_backward(input, weight, bias, mean, invstd, residual)
+    ctx.training, ctx.activation = training, activation
+    ctx.mark_non_differentiable(mean, invstd)
+    ctx.set_materialize_grads(False)
+    # Autograd may run backward on another thread, which does not see the forward's forced backend.
+    ctx.forced_backend = forced_backend()
+
+
+def _grads(ctx, dy, bwd):
+    """(dx, dw, db, dresidual) as asked for by ctx.needs_input_grad[-10:] (the op's ten inputs)."""
+    _, needs_x, needs_w, needs_b, _, _, _, _, _, _, needs_r = (False, *ctx.needs_input_grad)[-11:]
+    mask = [needs_x, needs_w, needs_b, needs_r]
+    if dy is None or not any(mask):
+        return None, None, None, None
+    input, weight, bias, mean, invstd, residual = ctx.saved_tensors
+    with backend(ctx.forced_backend) if ctx.forced_backend else contextlib.nullcontext():
+        dx, dw, db, dres = bwd(dy, input, weight, bias, mean, invstd, residual, ctx.training, ctx.activation, mask)
+    return dx if needs_x else None, dw if needs_w else None, db if needs_b else None, dres if needs_r else None
 
 
 class _BatchNormAct(torch.autograd.Function):
@@ -148,26 +172,39 @@ class _BatchNormAct(torch.autograd.Function):
             y, mean, invstd = _FWD.redispatch(keyset & torch._C._after_autograd_keyset, input, weight, bias,
                                               running_mean, running_var, training, momentum, eps, activation,
                                               residual)
-        ctx.save_for_backward(input, weight, bias, mean, invstd, residual)
-        ctx.training, ctx.activation = training, activation
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)
-        # Autograd may run backward on another thread, which does not see the forward's forced backend.
-        ctx.forced_backend = forced_backend()
+        _save(ctx, input, weight, bias, mean, invstd, residual, training, activation)
         return y, mean, invstd
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd):
-        _, needs_x, needs_w, needs_b, _, _, _, _, _, _, needs_r = ctx.needs_input_grad
-        mask = [needs_x, needs_w, needs_b, needs_r]
-        if dy is None or not any(mask):
-            return (None,) * 11
-        input, weight, bias, mean, invstd, residual = ctx.saved_tensors
-        with backend(ctx.forced_backend) if ctx.forced_backend else contextlib.nullcontext():
-            dx, dw, db, dres = torch.ops.mltoolkit.batch_norm_act_bwd(dy, input, weight, bias, mean, invstd, residual,
-                                                                      ctx.training, ctx.activation, mask)
-        return (None, dx if needs_x else None, dw if needs_w else None, db if needs_b else None, None, None, None,
-                None, None, None, dres if needs_r else None)
+        dx, dw, db, dres = _grads(ctx, dy, torch.ops.mltoolkit.batch_norm_act_bwd)
+        return None, dx, dw, db, None, None, None, None, None, None, dres
+
+
+class _EagerBatchNormAct(torch.autograd.Function):
+    """batch_norm_act_fwd's forward and backward without the op dispatch (its host time is a GPU batch norm's at
+    ResNet sizes), for plain eager calls only (see mltoolkit._ext.plain_eager)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, activation, residual):
+        y, mean, invstd = _eager_forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                         activation, residual)
+        _save(ctx, input, weight, bias, mean, invstd, residual, training, activation)
+        return y, mean, invstd
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _dmean, _dinvstd):
+        dx, dw, db, dres = _grads(ctx, dy, _bwd_impl)
+        return dx, dw, db, None, None, None, None, None, None, dres
+
+
+def _eager_forward(*args):
+    # What the registered op's ADInplaceOrView kernel does: running stats updated in place bump their versions.
+    for stat in (args[3], args[4]):
+        if stat is not None:
+            torch.autograd.graph.increment_version(stat)
+    return _fwd_impl(*args)
 
 
 def _autograd_kernel(keyset, input, weight, bias, running_mean, running_var, training, momentum, eps, activation,
@@ -263,7 +300,10 @@ def batch_norm_act(input: Tensor, weight: Optional[Tensor] = None, bias: Optiona
             raise ValueError(f"{fn}: residual is on {residual.device} but input is on {input.device}")
     if training and math.prod([input.shape[0], *input.shape[2:]]) == 1:  # F.batch_norm's check and message
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-    y, _mean, _invstd = torch.ops.mltoolkit.batch_norm_act_fwd(
-        input, _param(weight, input.dtype), _param(bias, input.dtype), running_mean, running_var, training,
-        momentum, eps, activation, residual)
-    return y
+    args = (input, _param(weight, input.dtype), _param(bias, input.dtype), running_mean, running_var, training,
+            momentum, eps, activation, residual)
+    if not _ext.plain_eager(input, weight, bias, running_mean, running_var, residual):
+        return torch.ops.mltoolkit.batch_norm_act_fwd(*args)[0]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)):
+        return _EagerBatchNormAct.apply(*args)[0]
+    return _eager_forward(*args)[0]

@@ -24,6 +24,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from mltoolkit import _ext
 from mltoolkit.backends import backend, forced_backend, table
@@ -48,15 +49,14 @@ def _triton_kernels():
     return triton_conv
 
 
-CONV.register("triton", _triton_accepts, _ext.triton_unavailable,
-              forward=lambda *a: _triton_kernels().conv2d_forward(*a),
-              backward=lambda *a: _triton_kernels().conv2d_backward(*a))
-# Triton first, then CUDA C++: neither has run on a GPU yet (the CUDA kernels are compiled and their index math
-# emulated in tests/ops/test_conv_cuda_emulation.py); scripts/cuda_conv_selfcheck.py and the benchmarks decide the
-# order on the first GPU run.
+# CUDA C++ before Triton: on an H100 (2026-11-26, fp16 channels_last, ResNet-50 layers at batch 32) the CUDA kernels
+# ran 2.4-3x faster than the Triton ones, forward and backward (benchmarks/results/nvidia-h100-80gb-hbm3.md).
 CONV.register("cuda", _ext.on_cuda, _ext.cuda_unavailable,
               forward=lambda *a: _ext._C.conv2d_forward_cuda(*a),
               backward=lambda *a: _ext._C.conv2d_backward_cuda(*a))
+CONV.register("triton", _triton_accepts, _ext.triton_unavailable,
+              forward=lambda *a: _triton_kernels().conv2d_forward(*a),
+              backward=lambda *a: _triton_kernels().conv2d_backward(*a))
 CONV.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
               forward=lambda *a: _ext._C.conv2d_forward_cpu(*a),
               backward=lambda *a: _ext._C.conv2d_backward_cpu(*a))
@@ -70,8 +70,7 @@ def _layout(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=memory_format(t))
 
 
-@torch.library.custom_op("mltoolkit::conv2d_fwd", mutates_args=())
-def conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
+def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
                dilation: list[int], groups: int, residual: Optional[Tensor] = None,
                activation: str = "none") -> Tensor:
     x, weight = _layout(x), _layout(weight)
@@ -80,6 +79,9 @@ def conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[i
     (y,) = CONV.select(x).kernels["forward"](x, weight, bias, list(stride), list(padding), list(dilation), groups,
                                               residual, activation)
     return y.contiguous(memory_format=memory_format(x))
+
+
+conv2d_fwd = torch.library.custom_op("mltoolkit::conv2d_fwd", mutates_args=())(_forward_impl)
 
 
 def _fake_output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple:
@@ -102,8 +104,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, residual=None, activat
     return x.new_empty(shape).contiguous(memory_format=memory_format(x))
 
 
-@torch.library.custom_op("mltoolkit::conv2d_bwd", mutates_args=())
-def conv2d_bwd(dy: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
                groups: int, output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     fmt = memory_format(x)
     x, weight = _layout(x), _layout(weight)
@@ -113,6 +114,9 @@ def conv2d_bwd(dy: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding
     return (x.new_empty(0) if dx is None else dx.contiguous(memory_format=fmt),
             x.new_empty(0) if dw is None else dw.contiguous(memory_format=memory_format(weight)),
             x.new_empty(0) if db is None else db.contiguous())
+
+
+conv2d_bwd = torch.library.custom_op("mltoolkit::conv2d_bwd", mutates_args=())(_backward_impl)
 
 
 @conv2d_bwd.register_fake
@@ -141,30 +145,50 @@ def _setup_context(ctx, inputs, output):
     ctx.forced_backend = forced_backend()
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, eager=False):
+    """The gradients; eager=True (from _EagerConv) calls the kernels' Python bodies instead of the registered ops."""
     stride, padding, dilation, groups = ctx.options
     # Autograd sees only the arguments the caller passed: residual and activation may be left at their defaults.
     needs = tuple(ctx.needs_input_grad) + (False,) * (9 - len(ctx.needs_input_grad))
     mask = [needs[0], needs[1], ctx.has_bias and needs[2]]
     if dy is None or not (any(mask) or needs[7]):
         return (None,) * len(ctx.needs_input_grad)
+    fwd, bwd = (_forward_impl, _backward_impl) if eager else (torch.ops.mltoolkit.conv2d_fwd,
+                                                                torch.ops.mltoolkit.conv2d_bwd)
     with backend(ctx.forced_backend) if ctx.forced_backend else contextlib.nullcontext():
         if ctx.activation in reference.OUTPUT_DERIVABLE:
             x, weight, y = ctx.saved_tensors
             dz = reference.activation_backward(dy, None, y, ctx.activation)
         else:
             x, weight, bias, residual = ctx.saved_tensors
-            z = torch.ops.mltoolkit.conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, residual, "none")
+            z = fwd(x, weight, bias, stride, padding, dilation, groups, residual, "none")
             dz = reference.activation_backward(dy, z, None, ctx.activation)
         dx = dw = db = None
         if any(mask):
-            dx, dw, db = torch.ops.mltoolkit.conv2d_bwd(dz, x, weight, stride, padding, dilation, groups, mask)
+            dx, dw, db = bwd(dz, x, weight, stride, padding, dilation, groups, mask)
     grads = (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
              None, None, None, None, dz if needs[7] else None, None)
     return grads[:len(ctx.needs_input_grad)]
 
 
 conv2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerConv(torch.autograd.Function):
+    """conv2d_fwd's forward and backward without the custom-op dispatch, whose host time (tens of microseconds)
+    exceeds a GPU convolution's at ResNet sizes. Used only in plain eager mode (see mltoolkit._ext.plain_eager):
+    anything compiled, exported or faked takes the registered op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, residual, activation):
+        y = _forward_impl(x, weight, bias, stride, padding, dilation, groups, residual, activation)
+        _setup_context(ctx, (x, weight, bias, stride, padding, dilation, groups, residual, activation), y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        return _backward(ctx, dy, eager=True)
 
 
 # ---- padding ----------------------------------------------------------------------------------------------------
@@ -303,7 +327,12 @@ def _conv(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pa
                                                                    stride, sym, dilation))
         if tuple(residual.shape) != out:
             raise ValueError(f"{fn}: residual must have the output's shape {list(out)}, got {list(residual.shape)}")
-    return torch.ops.mltoolkit.conv2d_fwd(x, weight, bias, stride, sym, dilation, groups, residual, activation)
+    args = (x, weight, bias, stride, sym, dilation, groups, residual, activation)
+    if not _ext.plain_eager(x, weight, bias, residual):
+        return torch.ops.mltoolkit.conv2d_fwd(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        return _EagerConv.apply(*args)
+    return _forward_impl(*args)
 
 
 def _layout_input(x: Tensor) -> Tensor:

@@ -149,7 +149,7 @@ norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerNorm(torch.autograd.Function):
     """The same forward and backward as the registered op, without the custom-op dispatch, which costs about two
-    thirds of a small call's host time. Used only in plain eager mode (see _plain_eager)."""
+    thirds of a small call's host time. Used only in plain eager mode (see mltoolkit._ext.plain_eager)."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, is_rms):
@@ -163,18 +163,6 @@ class _EagerNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy, dresidual_out=None):
         return (*_input_grads(ctx, dy, dresidual_out, _backward_kernels), None, None)
-
-
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def _plain_eager(*tensors: Optional[Tensor]) -> bool:
-    """True outside every tracer, transform and mode, on plain tensors: there the registered op and _EagerNorm
-    are interchangeable. Anything compiled, exported, faked, vmapped or intercepted takes the registered op."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or torch._C._are_functorch_transforms_active()
-                or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
-                or any(t is not None and type(t) not in _PLAIN for t in tensors))
 
 
 # ---- public API -----------------------------------------------------------------------------------------------
@@ -225,7 +213,7 @@ def _run(fn: str, x: Tensor, residual: Optional[Tensor], normalized_shape, weigh
     flat = lambda t: None if t is None else t.reshape(-1, width)
     flat_param = lambda p: None if p is None else _param(p, x.dtype).reshape(width)
     args = (flat(x), flat(residual), flat_param(weight), flat_param(bias), float(eps), is_rms)
-    if _plain_eager(*args[:4]):
+    if _ext.plain_eager(*args[:4]):
         out = _EagerNorm.apply(*args)
         y, residual_out = out if residual is not None else (out, None)
     else:

@@ -20,7 +20,6 @@ from torch import Tensor
 
 from mltoolkit import _ext
 from mltoolkit.backends import backend, forced_backend, table
-from mltoolkit.ops.norm import _plain_eager
 from mltoolkit.ops.reference import attention as reference
 from mltoolkit.ops.reference.norm import stat_dtype
 
@@ -193,7 +192,7 @@ rotary.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerRotary(torch.autograd.Function):
     """The registered op's forward and backward without the custom-op dispatch, for plain eager calls only (see
-    mltoolkit.ops.norm._plain_eager)."""
+    mltoolkit._ext.plain_eager)."""
 
     @staticmethod
     def forward(ctx, x, cos, sin, interleaved, conjugate):
@@ -229,7 +228,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     seqlen = x.shape[1]
     cos, sin = _table_dtype(cos[:seqlen], x.dtype), _table_dtype(sin[:seqlen], x.dtype)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
-    eager = _plain_eager(x, cos, sin)
+    eager = _ext.plain_eager(x, cos, sin)
     if inplace and not needs_grad:
         if eager:
             _rotate_in_place(x, cos, sin, interleaved, False)

@@ -128,6 +128,14 @@ def _grads(fn: Callable, sample: Sample, cotangents: list[Tensor]) -> tuple[list
     return outs, list(grads)
 
 
+class PassThroughMode(TorchFunctionMode):
+    """A mode that changes nothing: inside it the ops take their registered (custom-op) path instead of the plain
+    eager fast path (mltoolkit._ext.plain_eager), so tests can compare the two."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 class _RecordCustomOps(TorchFunctionMode):
     """Records the mltoolkit custom-op calls a function makes, with their arguments, for opcheck."""
 

@@ -39,6 +39,11 @@ def dtypes_for(device, backend):
             "reference": [torch.float32, torch.bfloat16], "triton": [torch.float32, torch.float16]}[backend]
 
 
+def float32_or_half(device, backend):
+    """float32 where the backend takes it, else float16 (the CUDA kernel is 16-bit only)."""
+    return torch.float32 if torch.float32 in dtypes_for(device, backend) else torch.float16
+
+
 def setup(device, backend):
     why = table("attention").get(backend).available()
     if why is not None:
@@ -298,7 +303,7 @@ def _dropout_probe(device, dtype, b, h, lq, lk, p, seed_base):
 def test_dropout_mask_rate_and_replay(device, backend):
     p, lk = 0.17, 64
     b, h, lq = (1, 2, 24) if interpreted(device, backend) else (2, 4, 2048)
-    dtype = torch.float32
+    dtype = float32_or_half(device, backend)
     with setup(device, backend):
         out, seed = _dropout_probe(device, dtype, b, h, lq, lk, p, 1234)
     kept = (out.float() * lk * (1 - p)).round()
@@ -345,12 +350,11 @@ def test_opcheck_gradcheck_compile(device, backend):
     b, h, lq, lk, d = 1, 2, 4, 5, 8  # small: fp64 gradcheck costs one call per input element
     mask = torch.randn(b, 1, lq, lk, device=device)
     fp64 = backend in ("cpp", "reference")
-    samples = [Sample((rand(b, h, lq, d, dtype=torch.float32, device=device),
-                       rand(b, h, lk, d, dtype=torch.float32, device=device),
-                       rand(b, h, lk, d, dtype=torch.float32, device=device), mask)),
-               Sample((rand(b, 4, lq, d, dtype=torch.float32, device=device),
-                       rand(b, 2, lk, d, dtype=torch.float32, device=device),
-                       rand(b, 2, lk, d, dtype=torch.float32, device=device), None), {"causal": True})]
+    dt = float32_or_half(device, backend)
+    samples = [Sample((rand(b, h, lq, d, dtype=dt, device=device), rand(b, h, lk, d, dtype=dt, device=device),
+                       rand(b, h, lk, d, dtype=dt, device=device), mask)),
+               Sample((rand(b, 4, lq, d, dtype=dt, device=device), rand(b, 2, lk, d, dtype=dt, device=device),
+                       rand(b, 2, lk, d, dtype=dt, device=device), None), {"causal": True})]
 
     def fn(q, k, v, m, causal=False):
         return ops.scaled_dot_product_attention(q, k, v, attn_mask=None if m is None else m.to(q.dtype),
@@ -365,7 +369,7 @@ def test_opcheck_gradcheck_compile(device, backend):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_varlen_opcheck_and_compile(device, backend):
-    q, cu = _packed([3, 5], 2, 16, torch.float32, device)
+    q, cu = _packed([3, 5], 2, 16, float32_or_half(device, backend), device)
     k, v = torch.randn_like(q).requires_grad_(), torch.randn_like(q).requires_grad_()
 
     def fn(q, k, v):

@@ -2,6 +2,7 @@
 (float64 for float32 inputs): outputs, all gradients, running statistics, opcheck, compile(fullgraph=True) with the
 running-stat mutation, and bad input. Triton runs under the interpreter on the CPU (tiny shapes, float32 and
 float16)."""
+import contextlib
 import math
 
 import pytest
@@ -11,15 +12,22 @@ import torch.nn.functional as F
 import mltoolkit
 from mltoolkit import _ext, ops
 from mltoolkit.backends import table
-from mltoolkit.testing import Sample, assert_close, assert_close_flash, check_op, oracle_dtype, tolerance
+from mltoolkit.ops.reference.conv import ACTIVATIONS as TORCH_ACT  # torch's functions (hardswish written out)
+from mltoolkit.testing import (
+    PassThroughMode,
+    Sample,
+    assert_close,
+    assert_close_flash,
+    check_op,
+    oracle_dtype,
+    tolerance,
+)
 
 CPU_BACKENDS = ["cpp", "reference", "triton"]
 CUDA_BACKENDS = ["triton", "reference"]
 BACKENDS = [pytest.param("cpu", b, id=f"cpu-{b}") for b in CPU_BACKENDS] + [
     pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.cuda) for b in CUDA_BACKENDS]
-ACTIVATIONS = ["none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish"]
-TORCH_ACT = {"none": lambda z: z, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu,
-             "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "hardswish": F.hardswish}
+ACTIVATIONS = list(TORCH_ACT)
 EPS = 1e-5
 
 
@@ -40,6 +48,10 @@ def skip_unavailable(backend, device="cpu"):
 def torch_bn_act(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=EPS, activation="none",
                  residual=None):
     """What the eager sequence computes: F.batch_norm, the residual add, the activation."""
+    if weight is None and bias is not None and x.is_cuda:
+        # torch's CUDA batch-norm backward fails ("tensor does not have a device") for a bias without a weight;
+        # a weight of ones computes the same thing.
+        weight = torch.ones_like(bias)
     z = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         z = z + residual
@@ -210,6 +222,27 @@ def test_running_stats_version_bump_and_eval_untouched(device, backend):
         ops.batch_norm_act(x, w, b, rm, rv, True)
     assert rm._version > versions[0] and rv._version > versions[1]
     assert not torch.equal(rm, before[0])
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_eager_fast_path_matches_registered_op(device, backend):
+    """Plain eager calls skip the op dispatch (_EagerBatchNormAct); any active mode takes the registered op. Both
+    must agree bit for bit: output, gradients of input, weight, bias and residual, running stats and versions."""
+    skip_unavailable(backend, device)
+    x, w, b, r, rm, rv = make_inputs((4, 3, 5), None, torch.float32, device, residual=True)
+    results = []
+    for mode in (contextlib.nullcontext(), PassThroughMode()):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b, r)]
+        stats = [rm.clone(), rv.clone()]
+        with mltoolkit.backend(backend), mode:
+            y = ops.batch_norm_act(leaves[0], leaves[1], leaves[2], *stats, True, 0.1, EPS, "silu", leaves[3])
+            grads = torch.autograd.grad(y, leaves, torch.ones_like(y) * 0.5)
+        assert all(s._version > 0 for s in stats)
+        results.append((type(y.grad_fn).__name__, [y, *grads, *stats]))
+    (fast_fn, fast), (op_fn, op) = results
+    assert "EagerBatchNormAct" in fast_fn and "EagerBatchNormAct" not in op_fn, (fast_fn, op_fn)
+    for a, b_ in zip(fast, op):
+        assert torch.equal(a, b_)
 
 
 # ---- compile: a BN + residual + relu block trained for a few steps -----------------------------------------------

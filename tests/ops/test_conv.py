@@ -4,6 +4,7 @@ The shape grid is sampled (fixed seed) from the product of kernel, stride, dilat
 mode, odd sizes, batch, layout and dtype, so that the file stays fast on 2 cores with the C++ kernel; the
 hand-picked cases below it pin the corners (1x1, depthwise, batch 1, "same" with even kernels, ...).
 """
+import contextlib
 import random
 import zlib
 
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 import mltoolkit
 from mltoolkit import ops
 from mltoolkit.backends import table
-from mltoolkit.testing import Sample, assert_close, check_op
+from mltoolkit.ops.reference.conv import ACTIVATIONS as TORCH_ACT  # torch's functions (hardswish written out)
+from mltoolkit.testing import PassThroughMode, Sample, assert_close, check_op
 
 CPU_BACKENDS = ["cpp", "reference"]
 CUDA_BACKENDS = ["triton", "cuda", "reference"]
@@ -373,9 +375,7 @@ def test_nn_modules(device, backend):
 
 # ---- the fused epilogue: act(conv + bias + residual) ----------------------------------------------------------
 
-ACTIVATIONS = ["none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish"]
-TORCH_ACT = {"none": lambda z: z, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu,
-             "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "hardswish": F.hardswish}
+ACTIVATIONS = list(TORCH_ACT)
 
 
 def _epilogue_args(device, dtype, channels_last, groups=1, residual=True):
@@ -431,3 +431,35 @@ def test_epilogue_bad_activation():
         torch.ops.mltoolkit.conv2d_fwd(x, w, b, [2, 2], [1, 1], [1, 1], 1, r, "tanh")
     with pytest.raises((ValueError, RuntimeError), match="residual"):
         torch.ops.mltoolkit.conv2d_fwd(x, w, b, [1, 1], [1, 1], [1, 1], 1, r, "relu")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_eager_fast_path_matches_registered_op(device, backend, act):
+    """Plain eager calls skip the custom-op dispatch (_EagerConv); any active mode takes the registered op. Both
+    must agree bit for bit, gradients of x, weight, bias and residual included."""
+    skip_unavailable(backend, device)
+    args = _epilogue_args(device, torch.float32, channels_last=True)
+    results = []
+    for mode in (contextlib.nullcontext(), PassThroughMode()):
+        leaves = [a.detach().clone().requires_grad_(True) for a in args]
+        x, w, b, r = leaves
+        with mltoolkit.backend(backend), mode:
+            y = ops.conv2d_act(x, w, b, stride=2, padding=1, residual=r, activation=act)
+            grads = torch.autograd.grad(y, leaves, torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+                                        .to(device))
+        results.append((type(y.grad_fn).__name__, y, grads))
+    (fast_fn, fast_y, fast_grads), (op_fn, op_y, op_grads) = results
+    assert "EagerConv" in fast_fn and "conv2d_fwd" in op_fn, (fast_fn, op_fn)
+    for a, b in zip([fast_y, *fast_grads], [op_y, *op_grads]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("via_op", [False, True], ids=["eager-fast-path", "registered-op"])
+def test_double_backward_is_an_error(via_op):
+    x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+    with PassThroughMode() if via_op else contextlib.nullcontext():
+        (gx,) = torch.autograd.grad(ops.conv2d(x, w, padding=1).square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(gx.sum(), w)

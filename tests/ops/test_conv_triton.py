@@ -14,11 +14,10 @@ import torch.nn.functional as F
 import mltoolkit
 from mltoolkit import _ext, ops
 from mltoolkit.backends import NoBackendError, table
+from mltoolkit.ops.reference.conv import ACTIVATIONS as TORCH_ACT  # torch's functions (hardswish written out)
 from mltoolkit.testing import Sample, assert_close, check_op
 
-ACTIVATIONS = ["none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish"]
-TORCH_ACT = {"none": lambda z: z, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu,
-             "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "hardswish": F.hardswish}
+ACTIVATIONS = list(TORCH_ACT)
 
 
 @pytest.fixture(params=[pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)])

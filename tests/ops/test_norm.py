@@ -10,7 +10,7 @@ import mltoolkit
 from mltoolkit import _ext, ops
 from mltoolkit.backends import NoBackendError, table
 from mltoolkit.ops.reference import norm as ref
-from mltoolkit.testing import Sample, assert_close, check_op, outputs
+from mltoolkit.testing import PassThroughMode, Sample, assert_close, check_op, outputs
 
 CPU_BACKENDS = ["cpp", "reference", "triton"]
 CUDA_BACKENDS = ["cuda", "triton", "reference"]
@@ -311,11 +311,6 @@ def test_cuda_kernel_rejects_cpu_tensor_without_crashing():
     assert out.returncode == 0 and "raised" in out.stdout, (out.returncode, out.stderr[-2000:])
 
 
-class _PassThrough(torch.overrides.TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_eager_fast_path_matches_registered_op(device, backend, kind):
@@ -324,7 +319,7 @@ def test_eager_fast_path_matches_registered_op(device, backend, kind):
     skip_unavailable(backend, device)
     fn, _, args = make_case(kind, (5, 37), torch.float32, device)
     results = []
-    for mode in (contextlib.nullcontext(), _PassThrough()):
+    for mode in (contextlib.nullcontext(), PassThroughMode()):
         leaves = [a.detach().clone().requires_grad_(True) for a in args]
         with mltoolkit.backend(backend), mode:
             outs = outputs(fn(*leaves))
@@ -341,7 +336,7 @@ def test_eager_fast_path_matches_registered_op(device, backend, kind):
 def test_double_backward_is_an_error(via_op):
     x = torch.randn(3, 8, requires_grad=True)
     w = torch.randn(8, requires_grad=True)
-    with _PassThrough() if via_op else contextlib.nullcontext():
+    with PassThroughMode() if via_op else contextlib.nullcontext():
         y = ops.rms_norm(x, (8,), w)
         (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
         with pytest.raises(RuntimeError):

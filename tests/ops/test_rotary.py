@@ -8,7 +8,7 @@ import mltoolkit
 from mltoolkit import _ext, ops
 from mltoolkit.backends import NoBackendError, table
 from mltoolkit.ops.reference import attention as ref
-from mltoolkit.testing import Sample, assert_close, check_op
+from mltoolkit.testing import PassThroughMode, Sample, assert_close, check_op
 
 CPU_BACKENDS = ["cpp", "reference", "triton"]
 CUDA_BACKENDS = ["cuda", "triton", "reference"]
@@ -223,14 +223,9 @@ def test_double_backward():
         pytest.skip(_ext.cpp_unavailable())
     x = torch.randn(1, 3, 2, 6, dtype=torch.float64, requires_grad=True)
     cos, sin = (t.requires_grad_(True) for t in tables(3, 4, torch.float64, "cpu", extra=0))
-    for mode in (contextlib.nullcontext(), _PassThrough()):
+    for mode in (contextlib.nullcontext(), PassThroughMode()):
         with mode:
             torch.autograd.gradgradcheck(lambda *a: ops.apply_rotary_emb(*a, interleaved=True), (x, cos, sin))
-
-
-class _PassThrough(torch.overrides.TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -242,7 +237,7 @@ def test_eager_fast_path_matches_registered_op(device, backend):
     cos0, sin0 = tables(4, 8, torch.float32, device)
     dy = torch.randn(2, 4, 3, 12, device=device)
     results = []
-    for mode in (contextlib.nullcontext(), _PassThrough()):
+    for mode in (contextlib.nullcontext(), PassThroughMode()):
         x, cos, sin = (t.detach().clone().requires_grad_(True) for t in (x0, cos0, sin0))
         with mltoolkit.backend(backend), mode:
             out = ops.apply_rotary_emb(x, cos, sin)

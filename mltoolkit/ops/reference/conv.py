@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-# The epilogue activations of the kernels (csrc/conv_epilogue.h), torch's functions.
+
+def _hardswish(z: Tensor) -> Tensor:
+    # F.hardswish's formula written out: torch's CUDA kernel multiplies by 1/6 rounded to float32 even for float64
+    # input (a relative error of 3e-8), which would make a float64 reference on the GPU inexact.
+    return z * (z + 3).clamp(0, 6) / 6
+
+
+# The epilogue activations of the kernels (csrc/conv_epilogue.h): torch's functions, hardswish's written out.
 ACTIVATIONS = {
     "none": lambda z: z,
     "relu": F.relu,
@@ -26,7 +33,7 @@ ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "hardswish": F.hardswish,
+    "hardswish": _hardswish,
 }
 # Activations whose derivative can be read off their output (no need to keep or recompute the input).
 OUTPUT_DERIVABLE = ("none", "relu", "relu6")
@@ -65,10 +72,12 @@ def activation_backward(dy: Tensor, z: Optional[Tensor], y: Optional[Tensor], na
 def memory_format(t: Tensor) -> torch.memory_format:
     """channels_last when `t` is dense NHWC, else contiguous_format. Tensors that are both (C = 1, or H = W = 1)
     are told apart by their strides as torch's suggest_memory_format does, so outputs match F.conv2d's."""
-    if (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-            and suggest_memory_format(t) == torch.channels_last):
+    if t.dim() != 4 or not t.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    if not t.is_contiguous():
         return torch.channels_last
-    return torch.contiguous_format
+    # Both layouts at once: torch's rule (slow, Python) decides; only here, as conv calls this on every tensor.
+    return torch.channels_last if suggest_memory_format(t) == torch.channels_last else torch.contiguous_format
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

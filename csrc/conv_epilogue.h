@@ -35,8 +35,8 @@ MLTK_HOST_DEVICE T apply_activation(Act act, T v) {
   using std::exp;
   using std::tanh;
   switch (act) {
-    case Act::kRelu:
-      return v > T(0) ? v : T(0);
+    case Act::kRelu:  // NaN passes through, as in F.relu
+      return v < T(0) ? T(0) : v;
     case Act::kRelu6:
       return v < T(0) ? T(0) : (v > T(6) ? T(6) : v);
     case Act::kSilu:

@@ -60,8 +60,8 @@ def _tanh(u):
 @triton.jit
 def _act(v, ACT: tl.constexpr):
     """The activations of csrc/conv_epilogue.h (apply_activation), torch's formulas."""
-    if ACT == 1:
-        v = tl.where(v > 0.0, v, 0.0)
+    if ACT == 1:  # NaN passes through, as in F.relu
+        v = tl.where(v < 0.0, 0.0, v)
     elif ACT == 2:
         v = tl.where(v < 0.0, 0.0, tl.where(v > 6.0, 6.0, v))
     elif ACT == 3:

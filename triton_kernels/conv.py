@@ -104,8 +104,8 @@ def _tanh(v):
 @triton.jit
 def _activation(v, ACT: tl.constexpr):
     """csrc/conv_epilogue.h's apply_activation, in float32."""
-    if ACT == "relu":
-        v = tl.where(v > 0.0, v, 0.0)
+    if ACT == "relu":  # NaN passes through, as in F.relu
+        v = tl.where(v < 0.0, 0.0, v)
     elif ACT == "relu6":
         v = tl.where(v < 0.0, 0.0, tl.where(v > 6.0, 6.0, v))
     elif ACT == "silu":

@@ -43,6 +43,7 @@
 #endif
 
 #include "../attention.h"
+#include "../check_util.h"
 #include "attention_gemm.h"
 
 namespace mltoolkit {
@@ -74,8 +75,6 @@ int64_t grain_for(int64_t work_per_task) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Input checks: every message names the function and the argument.
-
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 void check_common(const char* fn, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), fn, ": ", name, " must be a tensor, got an undefined one");

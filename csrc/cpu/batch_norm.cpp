@@ -33,12 +33,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "../batch_norm.h"
+#include "../check_util.h"
 #include "../conv_epilogue.h"
 
 namespace mltoolkit {
@@ -52,16 +52,6 @@ constexpr int64_t kTile = 256;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Input checks: every message names the function and the argument.
-
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
-  out << (sizes.size() == 1 ? ",)" : ")");
-  return out.str();
-}
 
 bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;

@@ -31,11 +31,12 @@
 #include <atomic>
 #include <cstring>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
 
+#include "../check_util.h"
 #include "../conv.h"
+#include "../conv_args.h"
 #include "../conv_epilogue.h"
 #include "attention_gemm.h"
 #include "conv_gemm.h"
@@ -59,16 +60,7 @@ constexpr int64_t kPixRows = 96;
 // Pixels per reduction tile in dW (B panel = that many rows x one panel).
 constexpr int64_t kRedPix = 256;
 
-std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
-  out << ")";
-  return out.str();
-}
-
-struct Geo {
-  int64_t N, C, H, W, K, G, Cg, Kg, R, S, P, Q, sh, sw, ph, pw, dh, dw;
+struct Geo : conv_args::Geometry {
   bool nhwc;
   int64_t Kc() const { return Cg * R * S; }
   int64_t PQ() const { return P * Q; }
@@ -101,37 +93,7 @@ Geo check_args(const char* fn, const at::Tensor& x, const at::Tensor& weight, co
               ": x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), fn, ": weight must have x's dtype ", x.scalar_type(),
               ", got ", weight.scalar_type());
-  TORCH_CHECK(x.dim() == 4, fn, ": x must be 4-D (N, C, H, W), got shape ", shape_str(x.sizes()));
-  TORCH_CHECK(weight.dim() == 4, fn, ": weight must be 4-D (K, C / groups, R, S), got shape ",
-              shape_str(weight.sizes()));
-  TORCH_CHECK(stride.size() == 2, fn, ": stride must have 2 elements, got ", stride.size());
-  TORCH_CHECK(padding.size() == 2, fn, ": padding must have 2 elements, got ", padding.size());
-  TORCH_CHECK(dilation.size() == 2, fn, ": dilation must have 2 elements, got ", dilation.size());
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, fn, ": stride must be >= 1, got (", stride[0], ", ", stride[1], ")");
-  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, fn, ": dilation must be >= 1, got (", dilation[0], ", ",
-              dilation[1], ")");
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, fn, ": padding must be >= 0, got (", padding[0], ", ", padding[1],
-              ")");
-  TORCH_CHECK(groups >= 1, fn, ": groups must be >= 1, got ", groups);
-  Geo g{};
-  g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
-  g.K = weight.size(0), g.R = weight.size(2), g.S = weight.size(3), g.G = groups;
-  TORCH_CHECK(g.C % groups == 0, fn, ": x's channels (", g.C, ") must be divisible by groups (", groups, ")");
-  TORCH_CHECK(g.K % groups == 0, fn, ": weight's output channels (", g.K, ") must be divisible by groups (", groups,
-              ")");
-  g.Cg = g.C / groups, g.Kg = g.K / groups;
-  TORCH_CHECK(weight.size(1) == g.Cg, fn, ": weight.size(1) must be C / groups = ", g.Cg, ", got weight of shape ",
-              shape_str(weight.sizes()));
-  TORCH_CHECK(g.K >= 1 && g.R >= 1 && g.S >= 1, fn, ": weight must not be empty, got shape ",
-              shape_str(weight.sizes()));
-  TORCH_CHECK(g.C >= 1, fn, ": x must have at least one channel, got shape ", shape_str(x.sizes()));
-  g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
-  const int64_t hp = g.H + 2 * g.ph - g.dh * (g.R - 1) - 1, wp = g.W + 2 * g.pw - g.dw * (g.S - 1) - 1;
-  g.P = hp < 0 ? 0 : hp / g.sh + 1;
-  g.Q = wp < 0 ? 0 : wp / g.sw + 1;
-  TORCH_CHECK(g.P >= 1 && g.Q >= 1, fn, ": output size must be >= 1, got (", hp < 0 ? hp / g.sh : g.P, ", ",
-              wp < 0 ? wp / g.sw : g.Q, ") for x of shape ", shape_str(x.sizes()), ", weight of shape ",
-              shape_str(weight.sizes()), ", padding (", g.ph, ", ", g.pw, "), dilation (", g.dh, ", ", g.dw, ")");
+  Geo g{conv_args::check(fn, x, weight, stride, padding, dilation, groups), false};
   g.nhwc = layout_of(fn, "x", x) == at::MemoryFormat::ChannelsLast;
   layout_of(fn, "weight", weight);
   return g;

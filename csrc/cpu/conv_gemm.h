@@ -52,7 +52,7 @@ inline bool vector_act(Act act) {
 template <typename T>
 inline Vec<T> apply_vector_act(Act act, Vec<T> v) {
   const Vec<T> zero(T(0));
-  if (act == Act::kRelu) return Vec<T>::blendv(zero, v, v > zero);  // v > 0 ? v : 0, as the scalar form (NaN -> 0)
+  if (act == Act::kRelu) return Vec<T>::blendv(v, zero, v < zero);  // v < 0 ? 0 : v, as the scalar form (NaN stays)
   if (act == Act::kRelu6) {
     const Vec<T> six(T(6));
     return Vec<T>::blendv(Vec<T>::blendv(v, six, v > six), zero, v < zero);

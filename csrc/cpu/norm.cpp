@@ -26,11 +26,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "check_util.h"
 #include "norm.h"
 
 #if defined(__linux__)
@@ -46,16 +46,6 @@ constexpr int64_t kMinElementsPerTask = 32768;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Input checks: every message names the function and the argument.
-
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
-  out << (sizes.size() == 1 ? ",)" : ")");
-  return out.str();
-}
 
 void check_cpu_dense(const char* fn, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), fn, ": ", name, " must be a tensor, got an undefined one");

@@ -14,10 +14,11 @@
 
 #include <cstdint>
 #include <limits>
-#include <sstream>
 #include <string>
 
+#include "../check_util.h"
 #include "../conv.h"
+#include "../conv_args.h"
 #include "../conv_epilogue.h"
 #include "conv_launch.h"
 
@@ -28,14 +29,6 @@ namespace cc = cuda_conv;
 
 constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxGridYZ = 65535;  // groups and taps are grid dimensions
-
-std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
-  out << ")";
-  return out.str();
-}
 
 cc::DType to_dtype(const char* fn, at::ScalarType t) {
   switch (t) {
@@ -73,33 +66,8 @@ cc::Shape check_args(const char* fn, const at::Tensor& x, const at::Tensor& weig
   TORCH_CHECK(x.layout() == at::kStrided, fn, ": x must be a dense (strided) tensor, got layout ", x.layout());
   to_dtype(fn, x.scalar_type());
   check_tensor(fn, "weight", weight, x);
-  TORCH_CHECK(x.dim() == 4, fn, ": x must be 4-D (N, C, H, W), got shape ", shape_str(x.sizes()));
-  TORCH_CHECK(weight.dim() == 4, fn, ": weight must be 4-D (K, C / groups, R, S), got shape ",
-              shape_str(weight.sizes()));
-  TORCH_CHECK(stride.size() == 2, fn, ": stride must have 2 elements, got ", stride.size());
-  TORCH_CHECK(padding.size() == 2, fn, ": padding must have 2 elements, got ", padding.size());
-  TORCH_CHECK(dilation.size() == 2, fn, ": dilation must have 2 elements, got ", dilation.size());
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, fn, ": stride must be >= 1, got (", stride[0], ", ", stride[1], ")");
-  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, fn, ": dilation must be >= 1, got (", dilation[0], ", ",
-              dilation[1], ")");
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, fn, ": padding must be >= 0, got (", padding[0], ", ", padding[1],
-              ")");
-  TORCH_CHECK(groups >= 1, fn, ": groups must be >= 1, got ", groups);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t K = weight.size(0), R = weight.size(2), S = weight.size(3);
-  TORCH_CHECK(C >= 1, fn, ": x must have at least one channel, got shape ", shape_str(x.sizes()));
-  TORCH_CHECK(C % groups == 0, fn, ": x's channels (", C, ") must be divisible by groups (", groups, ")");
-  TORCH_CHECK(K % groups == 0, fn, ": weight's output channels (", K, ") must be divisible by groups (", groups, ")");
-  TORCH_CHECK(weight.size(1) == C / groups, fn, ": weight.size(1) must be C / groups = ", C / groups,
-              ", got weight of shape ", shape_str(weight.sizes()));
-  TORCH_CHECK(K >= 1 && R >= 1 && S >= 1, fn, ": weight must not be empty, got shape ", shape_str(weight.sizes()));
-  const int64_t hp = H + 2 * padding[0] - dilation[0] * (R - 1) - 1;
-  const int64_t wp = W + 2 * padding[1] - dilation[1] * (S - 1) - 1;
-  const int64_t P = hp < 0 ? 0 : hp / stride[0] + 1, Q = wp < 0 ? 0 : wp / stride[1] + 1;
-  TORCH_CHECK(P >= 1 && Q >= 1, fn, ": output size must be >= 1, got (", hp < 0 ? hp / stride[0] : P, ", ",
-              wp < 0 ? wp / stride[1] : Q, ") for x of shape ", shape_str(x.sizes()), ", weight of shape ",
-              shape_str(weight.sizes()), ", padding (", padding[0], ", ", padding[1], "), dilation (", dilation[0],
-              ", ", dilation[1], ")");
+  const conv_args::Geometry g = conv_args::check(fn, x, weight, stride, padding, dilation, groups);
+  const int64_t N = g.N, C = g.C, H = g.H, W = g.W, K = g.K, R = g.R, S = g.S, P = g.P, Q = g.Q;
   // The kernels index within an image and count pixels in int32 (offsets across images are 64-bit).
   TORCH_CHECK(C * H * W <= kIntMax && K * P * Q <= kIntMax && N * H * W <= kIntMax && N * P * Q <= kIntMax &&
                   K * (C / groups) * R * S <= kIntMax,

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from mltoolkit import _ext
 from mltoolkit.backends import backend, forced_backend, table
@@ -110,13 +111,15 @@ def _forward_kernels(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                    window_right, bottom_right, dropout_p, _seed_value(seed))
 
 
-@torch.library.custom_op("mltoolkit::attn_fwd", mutates_args=())
-def attn_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
              cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
              window_right: int, bottom_right: bool, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     out, lse = _forward_kernels(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                 window_left, window_right, bottom_right, dropout_p, seed)
     return out, lse
+
+
+attn_fwd = torch.library.custom_op("mltoolkit::attn_fwd", mutates_args=())(_fwd_impl)
 
 
 @attn_fwd.register_fake
@@ -126,8 +129,7 @@ def _(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sca
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("mltoolkit::attn_bwd", mutates_args=())
-def attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
+def _bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
              cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
              scale: float, window_left: int, window_right: int, bottom_right: bool, dropout_p: float,
              seed: Optional[Tensor], deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -135,6 +137,9 @@ def attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
         dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
         window_right, bottom_right, dropout_p, _seed_value(seed), deterministic)
     return dq, dk, dv
+
+
+attn_bwd = torch.library.custom_op("mltoolkit::attn_bwd", mutates_args=())(_bwd_impl)
 
 
 @attn_bwd.register_fake
@@ -157,7 +162,8 @@ def _setup_context(ctx, inputs, output):
     ctx.forced_backend = forced_backend()
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, eager=False):
+    """The gradients; eager=True (from _EagerAttention) calls the kernels' Python body, not the registered op."""
     if dlse is not None:
         raise RuntimeError("mltoolkit attention: the returned logsumexp is not differentiable; detach it before "
                            "using it in a loss")
@@ -167,13 +173,39 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     dout = _last_dim_contiguous(dout)  # .sum().backward() hands in an expanded, all-stride-0 gradient
     with backend(ctx.forced_backend) if ctx.forced_backend else contextlib.nullcontext():
-        dq, dk, dv = torch.ops.mltoolkit.attn_bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, scale,
-                                                  wl, wr, br, p, seed,
-                                                  torch.are_deterministic_algorithms_enabled())
+        bwd = _bwd_impl if eager else torch.ops.mltoolkit.attn_bwd
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, scale, wl, wr, br, p, seed,
+                         torch.are_deterministic_algorithms_enabled())
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """attn_fwd's forward and backward without the custom-op dispatch (tens of microseconds of host time, as much
+    as a short sequence's kernel), for plain eager calls only (see mltoolkit._ext.plain_eager)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out, lse = _fwd_impl(*args)
+        _setup_context(ctx, args, (out, lse))
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse, eager=True)
+
+
+def _attn_fwd(*args):
+    """torch.ops.mltoolkit.attn_fwd(*args), through _EagerAttention in plain eager mode."""
+    q, k, v, mask, cu_q, cu_k, *_, seed = args
+    if not _ext.plain_eager(q, k, v, mask, cu_q, cu_k, seed):
+        return torch.ops.mltoolkit.attn_fwd(*args)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _EagerAttention.apply(*args)
+    return _fwd_impl(*args)
 
 
 # ---- public API -----------------------------------------------------------------------------------------------
@@ -291,8 +323,7 @@ def _sdpa(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         # No kernel covers these; plain torch does, with autograd (and the attention matrix in memory).
         out = _reference_sdpa(q, k, v, mask, scale, window_right, dropout_p, seed)
     else:
-        out, _lse = torch.ops.mltoolkit.attn_fwd(q, k, v, mask, None, None, lq, lk, scale, -1, window_right, False,
-                                                 dropout_p, seed)
+        out, _lse = _attn_fwd(q, k, v, mask, None, None, lq, lk, scale, -1, window_right, False, dropout_p, seed)
     return out.reshape(*out_lead, lq, dv)
 
 
@@ -305,8 +336,9 @@ def _broadcast_heads(fn: str, query: Tensor, key: Tensor, value: Tensor, enable_
     hq, hk, hv = heads
     if hk != hv:
         raise ValueError(f"{fn}: key has {hk} heads but value has {hv}")
-    try:
-        batch = torch.broadcast_shapes(*(lead[:-1] for lead in leads))
+    try:  # torch.broadcast_shapes costs ~10 us: only where the batch dims differ
+        same = leads[0][:-1] == leads[1][:-1] == leads[2][:-1]
+        batch = tuple(leads[0][:-1]) if same else torch.broadcast_shapes(*(lead[:-1] for lead in leads))
     except RuntimeError:
         raise ValueError(f"{fn}: batch dims of query {list(leads[0][:-1])}, key {list(leads[1][:-1])} and value "
                          f"{list(leads[2][:-1])} do not broadcast") from None
@@ -319,6 +351,8 @@ def _broadcast_heads(fn: str, query: Tensor, key: Tensor, value: Tensor, enable_
     out_heads = max(hq, hk)
 
     def four_d(t: Tensor, h: int) -> Tensor:
+        if t.dim() == 4 and tuple(t.shape[:2]) == (*batch, h):  # already (B, H, L, D)
+            return _last_dim_contiguous(t)
         t = t.reshape(1, *t.shape) if t.dim() == 2 else t
         t = t.expand(*batch, h, *t.shape[-2:]).reshape(-1, h, *t.shape[-2:])
         return _last_dim_contiguous(t)
@@ -394,8 +428,7 @@ def flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_
     as_4d = lambda t: _last_dim_contiguous(t).unsqueeze(0).transpose(1, 2)  # (1, H, total, D) view
     (q, k, v), autocast_off = _autocast(q, k, v)
     with autocast_off:
-        out, lse = torch.ops.mltoolkit.attn_fwd(as_4d(q), as_4d(k), as_4d(v), None, cu_seqlens_q, cu_seqlens_k,
-                                                max_seqlen_q, max_seqlen_k, scale, window_left, window_right, True,
-                                                dropout_p, seed)
+        out, lse = _attn_fwd(as_4d(q), as_4d(k), as_4d(v), None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, scale, window_left, window_right, True, dropout_p, seed)
     out = out.squeeze(0).transpose(0, 1)
     return (out, lse.squeeze(0)) if return_lse else out

@@ -19,7 +19,7 @@ from mltoolkit import _ext, ops
 from mltoolkit.backends import table
 from mltoolkit.ops.attention import draw_seed
 from mltoolkit.ops.reference import attention as ref
-from mltoolkit.testing import Sample, assert_close_flash, check_op, oracle_dtype, tolerance
+from mltoolkit.testing import PassThroughMode, Sample, assert_close_flash, check_op, oracle_dtype, tolerance
 
 CPU_BACKENDS = ["cpp", "reference", "triton"]
 CUDA_BACKENDS = ["cuda", "triton", "reference"]
@@ -550,3 +550,40 @@ def test_autocast_casts_inputs_like_torch():
         plain = ops.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
     assert out.dtype == expected_dtype == torch.bfloat16
     assert torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_eager_fast_path_matches_registered_op(device, backend):
+    """Plain eager calls skip the custom-op dispatch (_EagerAttention); any active mode takes the registered op.
+    Both must agree bit for bit, gradients included; a differentiated logsumexp is an error on both paths."""
+    dtype = float32_or_half(device, backend)
+    q, k, v = (rand(1, 2, 24, 16, dtype=dtype, device=device) for _ in range(3))
+    mask = torch.randn(1, 1, 24, 24, device=device, dtype=dtype)
+    results = []
+    with setup(device, backend):
+        for mode in (contextlib.nullcontext(), PassThroughMode()):
+            leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+            with mode:
+                out = ops.scaled_dot_product_attention(*leaves, attn_mask=mask)
+                grads = torch.autograd.grad(out, leaves, torch.ones_like(out) * 0.5)
+            results.append((_grad_fn_chain(out), [out, *grads]))
+            packed, cu = _packed([5, 7], 2, 16, dtype, device)
+            with mode:
+                _, lse = ops.flash_attn_varlen(packed, packed, packed, cu, cu, 7, 7, return_lse=True)
+                with pytest.raises(RuntimeError, match="logsumexp is not differentiable"):
+                    lse.sum().backward()
+    (fast_fn, fast), (op_fn, op) = results
+    assert "EagerAttention" in fast_fn and "EagerAttention" not in op_fn, (fast_fn, op_fn)
+    for a, b in zip(fast, op):
+        assert torch.equal(a, b)
+
+
+def _grad_fn_chain(t):
+    """Names of the autograd nodes behind t (the attention node sits under reshapes)."""
+    names, stack = [], [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.append(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+    return " ".join(names)

@@ -543,3 +543,14 @@ def test_kernels_reject_bad_raw_input(device, backend):
     for call, name in bad:
         with pytest.raises((RuntimeError, ValueError, TypeError), match=name):
             call()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_relu_keeps_nan(device, backend):
+    """Eval mode: a NaN input element stays NaN through relu (F.relu's semantics), the others are unaffected."""
+    skip_unavailable(backend, device)
+    x, w, b, _, rm, rv = make_inputs((4, 3, 5), None, torch.float32, device)
+    x[1, 2, 3] = float("nan")
+    with mltoolkit.backend(backend):
+        y = ops.batch_norm_act(x, w, b, rm, rv, False, activation="relu")
+    assert torch.equal(torch.isnan(y), torch.isnan(x))

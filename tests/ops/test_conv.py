@@ -463,3 +463,19 @@ def test_double_backward_is_an_error(via_op):
         (gx,) = torch.autograd.grad(ops.conv2d(x, w, padding=1).square().sum(), x, create_graph=True)
         with pytest.raises(RuntimeError):
             torch.autograd.grad(gx.sum(), w)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("act", ["relu", "relu6"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_epilogue_keeps_nan(device, backend, act, channels_last):
+    """A NaN in the input stays NaN through relu / relu6 (F.relu's semantics), in the vector paths too."""
+    skip_unavailable(backend, device)
+    x, w, b, _ = _epilogue_args(device, torch.float32, channels_last, residual=False)
+    x = x.clone()
+    x[0, 1, 3, 2] = float("nan")
+    with mltoolkit.backend(backend):
+        y = ops.conv2d_act(x, w, b, padding=1, activation=act)
+    want = TORCH_ACT[act](F.conv2d(x, w, b, 1, 1))
+    assert torch.isnan(want).any()
+    assert torch.equal(torch.isnan(y), torch.isnan(want))

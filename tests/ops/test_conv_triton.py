@@ -93,6 +93,19 @@ def test_epilogue_matches_torch(device, act):
              opcheck=False, compile=False)
 
 
+@pytest.mark.parametrize("groups", [1, 4], ids=["gemm", "direct"])
+def test_relu_keeps_nan(device, groups):
+    """A NaN stays NaN through the relu epilogue (F.relu's semantics), in the GEMM and the direct kernels."""
+    x, w, b, r = _epilogue_inputs(device, torch.float32, channels_last=True)
+    x = x.clone()
+    x[0, 0, 2, 2] = float("nan")
+    if groups > 1:  # depthwise: one input channel per group
+        w, b = w[:groups, :1].contiguous(), b[:groups]
+    y = torch.ops.mltoolkit.conv2d_fwd(x, w, b, [1, 1], [1, 1], [1, 1], groups, None, "relu")
+    want = F.relu(F.conv2d(x, w, b, 1, 1, 1, groups))
+    assert torch.isnan(want).any() and torch.equal(torch.isnan(y), torch.isnan(want))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_epilogue_half(device, dtype):
     """Residual and gelu in a 16-bit type: accumulated in float32, rounded once (to nearest even) at the store."""

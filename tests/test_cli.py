@@ -66,3 +66,17 @@ def test_bench_writes_rows_table_and_plot(tmp_path):
     assert base and "output 0" in base[0]["baseline_outside_tolerance"]
     assert "baselines outside the tolerance" in md
     assert torch.get_num_threads() == timed[0]["threads"]
+
+
+def test_sqnr_gate():
+    """Quantized ops are judged by SQNR against the reference: a provider below the floor fails the gate."""
+    from mltoolkit.benchmark.harness import _check
+
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    noisy = lambda t: t + 0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1))  # ~40 dB
+    errs, failure, sqnrs = _check(noisy, (x,), [x], [], [], [], torch.float32, sqnr_floor=35.0)
+    assert failure is None and 35 < sqnrs[0] < 45 and errs[0] > 0
+    _, failure, _ = _check(noisy, (x,), [x], [], [], [], torch.float32, sqnr_floor=45.0)
+    assert failure is not None and "below the floor" in failure
+    _, failure, _ = _check(noisy, (x,), [x], [], [], [], torch.float32)  # the tolerance table rejects it
+    assert failure is not None

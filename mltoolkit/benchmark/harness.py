@@ -22,7 +22,7 @@ import torch
 import mltoolkit
 from mltoolkit.backends import NoBackendError, table
 from mltoolkit.backends import backend as force_backend
-from mltoolkit.testing import assert_close, oracle_dtype, outputs
+from mltoolkit.testing import assert_close, oracle_dtype, outputs, sqnr
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +57,9 @@ class Benchmark:
     check: bool = True
     # Cap on timed repetitions (1: one cold call, no warm-up) for cases that take minutes.
     max_reps: Optional[int] = None
+    # Quantized ops: outputs are judged by their signal-to-noise ratio against the (float) reference, in dB, instead
+    # of the tolerance table; a provider below the floor fails the gate. Rows then carry sqnr_db.
+    sqnr_floor: Optional[float] = None
 
 
 @dataclass
@@ -226,20 +229,27 @@ def _make_step(fn: Callable, args: tuple, grad_idx: Sequence[int], mode: str) ->
 
 
 def _check(fn: Callable, args: tuple, ref_out: list[torch.Tensor], ref_grads: list[torch.Tensor],
-           grad_idx: Sequence[int], cots: list[torch.Tensor], dtype: torch.dtype) -> tuple[list[float], Optional[str]]:
-    """Max abs error of each output and gradient against the reference, and the first tolerance-table failure
-    (None when all are within it)."""
+           grad_idx: Sequence[int], cots: list[torch.Tensor], dtype: torch.dtype,
+           sqnr_floor: Optional[float] = None) -> tuple[list[float], Optional[str], list[float]]:
+    """Max abs error of each output and gradient against the reference, the first failure (None when all pass:
+    the tolerance table, or the SQNR floor when one is given), and the SQNR of each tensor in dB."""
     leaves = [args[i].detach().clone().requires_grad_(True) for i in grad_idx]
     call_args = list(args)
     for i, leaf in zip(grad_idx, leaves):
         call_args[i] = leaf
     outs = outputs(fn(*call_args))
     errs: list[float] = []
+    sqnrs: list[float] = []
     failure: Optional[str] = None
 
     def compare(got, want, name, **tol):
         nonlocal failure
         errs.append((got.double() - want.double()).abs().nan_to_num(nan=math.inf).max().item() if got.numel() else 0.0)
+        sqnrs.append(sqnr(want, got))
+        if sqnr_floor is not None:
+            if not sqnrs[-1] >= sqnr_floor:
+                failure = failure or f"{name}: SQNR {sqnrs[-1]:.1f} dB below the floor of {sqnr_floor} dB"
+            return
         try:
             assert_close(got, want, dtype=dtype, name=name, **tol)
         except AssertionError as exc:
@@ -252,7 +262,7 @@ def _check(fn: Callable, args: tuple, ref_out: list[torch.Tensor], ref_grads: li
         for k, (g, r) in enumerate(zip(grads, ref_grads)):
             atol = max(1e-5, (2e-2 if dtype in (torch.float16, torch.bfloat16) else 2e-5) * r.abs().max().item())
             compare(g, r, f"grad {k}", atol=atol)
-    return errs, failure
+    return errs, failure, sqnrs
 
 
 def _within_twice(errs: list[float], torch_errs: Optional[list[float]]) -> bool:
@@ -380,9 +390,13 @@ def _run_one(bench, config, dtype, device, timer, meta, copy_gbps, peak_gbps, lo
     # torch eager first: its own error is the yardstick of the others where it is itself outside the table
     order = sorted(providers, key=lambda name: name != "torch eager")
     torch_errs: Optional[list[float]] = None
+    sqnr_db: dict[str, float] = {}
     for pname in order if bench.check else ():
         try:
-            errs, failure = _check(providers[pname], args, ref_out, ref_grads, grad_idx, cots, dtype)
+            errs, failure, sqnrs = _check(providers[pname], args, ref_out, ref_grads, grad_idx, cots, dtype,
+                                          bench.sqnr_floor)
+            if bench.sqnr_floor is not None and sqnrs:
+                sqnr_db[pname] = min(sqnrs)
         except Exception as exc:
             errs, failure = None, str(exc) or type(exc).__name__
             # a baseline that does not run this case, or a forced backend that one of the ops inside refuses
@@ -428,6 +442,8 @@ def _run_one(bench, config, dtype, device, timer, meta, copy_gbps, peak_gbps, lo
                    "pct_of_peak": None, "pct_of_copy": None}
             if pname in baseline_errors:
                 row["baseline_outside_tolerance"] = baseline_errors[pname]
+            if pname in sqnr_db:
+                row["sqnr_db"] = sqnr_db[pname]
             row["peak_mem_bytes"] = (torch.cuda.max_memory_allocated() - base if device == "cuda"
                                      else _cpu_peak_bytes(base))
             if bench.bytes:
@@ -496,13 +512,15 @@ def markdown_table(rows: list[dict]) -> str:
              f"mltoolkit {head['git_sha']}, {head['threads']} CPU threads. Times are medians; speedups are "
              "torch's time over the provider's.", "",
              "| op | config | dtype | mode | provider | median ms | vs eager | vs compile | GB/s | % of copy | "
-             "% of peak | TFLOP/s | peak MB |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "% of peak | TFLOP/s | peak MB | SQNR dB |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in timed:
         lines.append(f"| {r['op']} | {r['config']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
                      f"{r['median_ms']:.3f} | {_fmt(r['speedup_vs_eager'], '.2f')} | "
                      f"{_fmt(r['speedup_vs_compile'], '.2f')} | {_fmt(r.get('gbps'), '.0f')} | "
                      f"{_fmt(r.get('pct_of_copy'), '.0f')} | {_fmt(r.get('pct_of_peak'), '.0f')} | "
-                     f"{_fmt(r.get('tflops'), '.3g')} | {_fmt(_mb(r.get('peak_mem_bytes')), '.0f')} |")
+                     f"{_fmt(r.get('tflops'), '.3g')} | {_fmt(_mb(r.get('peak_mem_bytes')), '.0f')} | "
+                     f"{_fmt(r.get('sqnr_db'), '.1f')} |")
     failed = [r for r in rows if "error" in r]
     if failed:
         lines += ["", "Failed correctness (not timed):", ""]

@@ -5,6 +5,7 @@
 #include "attention.h"
 #include "batch_norm.h"
 #include "conv.h"
+#include "int4_linear.h"
 #include "norm.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -21,6 +22,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv2d_backward_cpu", &mltoolkit::conv2d_backward_cpu);
   m.def("batch_norm_act_forward_cpu", &mltoolkit::batch_norm_act_forward_cpu);
   m.def("batch_norm_act_backward_cpu", &mltoolkit::batch_norm_act_backward_cpu);
+  m.def("int4_weight_only_linear_cpu", &mltoolkit::int4_weight_only_linear_cpu);
+  m.def("quantize_int4_cpu", &mltoolkit::quantize_int4_cpu);
+  m.def("dequantize_int4_cpu", &mltoolkit::dequantize_int4_cpu);
 #ifdef MLTK_WITH_CUDA
   m.def("norm_forward_cuda", &mltoolkit::norm_forward_cuda);
   m.def("norm_backward_cuda", &mltoolkit::norm_backward_cuda);

@@ -1,0 +1,365 @@
+// CPU int4 weight-only linear, quantize and dequantize; the contract is in csrc/int4_linear.h.
+//
+// Decode path (M <= kDecodeMaxM): the packed weight is streamed once, a few rows (kNB) at a time, each thread owning
+// a range of output features. VL packed bytes widen to VL int32 lanes; `& 15` gives the VL even-k nibbles and `>> 4`
+// the VL odd-k ones, converted to float and dequantized with one FMA (q * scale + (zero - 8 scale)) per group. x is
+// copied once per call to float32 in the matching order (per block of 2 VL values of k: the VL even k, then the VL odd
+// k), so no shuffle runs in the inner loop. Each dequantized vector feeds the FMAs of up to 4 rows of x.
+// Tiled path (larger M): a block of kTileRows weight rows is dequantized into a float buffer (same k order) by all
+// threads, then multiplied by x with at::mm (a GEMM for that tile; the whole float weight is never materialized).
+// ISA by the build's macros: AVX-512 (16 lanes), AVX2 (8 lanes) or scalar (1 lane, which is plain k order).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include "../check_util.h"
+#include "../int4_linear.h"
+
+namespace mltoolkit {
+namespace {
+
+// ---- vector primitives ------------------------------------------------------------------------------------------
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int VL = 16;
+constexpr int kNB = 4;  // weight rows per decode step (32 zmm: 4 x 4 accumulators + temporaries)
+using vf = __m512;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset1(float a) { return _mm512_set1_ps(a); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+// VL packed bytes -> (even-k nibbles, odd-k nibbles) as float.
+inline void unpack(const uint8_t* p, vf& lo, vf& hi) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int VL = 8;
+constexpr int kNB = 2;  // 16 ymm: 4 x 2 accumulators + temporaries
+using vf = __m256;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vset1(float a) { return _mm256_set1_ps(a); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline void unpack(const uint8_t* p, vf& lo, vf& hi) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+#else
+constexpr int VL = 1;
+constexpr int kNB = 4;
+using vf = float;
+inline vf vzero() { return 0.f; }
+inline vf vset1(float a) { return a; }
+inline vf vload(const float* p) { return *p; }
+inline void vstore(float* p, vf v) { *p = v; }
+inline vf vfma(vf a, vf b, vf c) { return std::fma(a, b, c); }
+inline float vsum(vf v) { return v; }
+inline void unpack(const uint8_t* p, vf& lo, vf& hi) {
+  lo = static_cast<float>(*p & 15);
+  hi = static_cast<float>(*p >> 4);
+}
+#endif
+
+constexpr int kBlock = 2 * VL;          // k per unpack step; every group size is a multiple of it
+constexpr int64_t kDecodeMaxM = 16;     // rows of x up to which the register (decode) path runs
+constexpr int64_t kTileRows = 128;      // weight rows dequantized per tile in the tiled path
+
+bool valid_group(int64_t g) { return g == 32 || g == 64 || g == 128 || g == 256; }
+
+void check_group(const char* fn, int64_t group_size) {
+  TORCH_CHECK(valid_group(group_size), fn, ": group_size must be one of 32, 64, 128, 256, got ", group_size);
+}
+
+struct Dims {
+  int64_t N, K, G, groups;
+};
+
+Dims check_weight(const char* fn, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
+                  int64_t group_size) {
+  check_group(fn, group_size);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"packed", &packed}, {"scales", &scales},
+                         {"zeros", &zeros}}) {
+    TORCH_CHECK(t->defined(), fn, ": ", name, " must be a tensor, got an undefined one");
+    TORCH_CHECK(t->device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got device ", t->device());
+    TORCH_CHECK(t->layout() == at::kStrided, fn, ": ", name, " must be a dense (strided) tensor");
+    TORCH_CHECK(t->dim() == 2, fn, ": ", name, " must be 2-D, got shape ", shape_str(t->sizes()));
+  }
+  TORCH_CHECK(packed.scalar_type() == at::kByte, fn, ": packed must be uint8 (two 4-bit values per byte), got ",
+              packed.scalar_type());
+  const int64_t N = packed.size(0), K = 2 * packed.size(1);
+  TORCH_CHECK(K % group_size == 0, fn, ": in_features K = 2 * packed.shape[1] = ", K,
+              " must be a multiple of group_size ", group_size);
+  const int64_t groups = K / group_size;
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"scales", &scales}, {"zeros", &zeros}}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat, fn, ": ", name, " must be float32, got ", t->scalar_type());
+    TORCH_CHECK(t->size(0) == N && t->size(1) == groups, fn, ": ", name, " must have shape (N, K / group_size) = ",
+                shape_str({N, groups}), ", got ", shape_str(t->sizes()));
+  }
+  return {N, K, group_size, groups};
+}
+
+// ---- decode path ------------------------------------------------------------------------------------------------
+
+// out[m * ldo + j] = sum_k xd[m][k] * w'[j][k] for MB rows of x and NB weight rows.
+template <int MB, int NB>
+inline void decode_tile(const float* __restrict__ xd, int64_t K, const uint8_t* __restrict__ pk, int64_t ldp,
+                        const float* __restrict__ sc, const float* __restrict__ ze, int64_t ldg, int64_t G,
+                        float* __restrict__ out, int64_t ldo) {
+  vf acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j] = vzero();
+  const int64_t groups = K / G;
+  for (int64_t g = 0; g < groups; ++g) {
+    vf s[NB], b[NB];
+    for (int j = 0; j < NB; ++j) {
+      const float sj = sc[j * ldg + g];
+      s[j] = vset1(sj);
+      b[j] = vset1(ze[j * ldg + g] - 8.f * sj);
+    }
+    for (int64_t k = g * G; k < (g + 1) * G; k += kBlock) {
+      for (int j = 0; j < NB; ++j) {
+        vf lo, hi;
+        unpack(pk + j * ldp + k / 2, lo, hi);
+        lo = vfma(lo, s[j], b[j]);
+        hi = vfma(hi, s[j], b[j]);
+        for (int m = 0; m < MB; ++m) {
+          acc[m][j] = vfma(vload(xd + m * K + k), lo, acc[m][j]);
+          acc[m][j] = vfma(vload(xd + m * K + k + VL), hi, acc[m][j]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) out[m * ldo + j] = vsum(acc[m][j]);
+}
+
+template <int NB>
+inline void decode_rows(const float* xd, int64_t M, int64_t K, const uint8_t* pk, int64_t ldp, const float* sc,
+                        const float* ze, int64_t ldg, int64_t G, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) decode_tile<4, NB>(xd + m * K, K, pk, ldp, sc, ze, ldg, G, y + m * ldy, ldy);
+  switch (M - m) {
+    case 3: decode_tile<3, NB>(xd + m * K, K, pk, ldp, sc, ze, ldg, G, y + m * ldy, ldy); break;
+    case 2: decode_tile<2, NB>(xd + m * K, K, pk, ldp, sc, ze, ldg, G, y + m * ldy, ldy); break;
+    case 1: decode_tile<1, NB>(xd + m * K, K, pk, ldp, sc, ze, ldg, G, y + m * ldy, ldy); break;
+    default: break;
+  }
+}
+
+void decode(const float* xd, int64_t M, const Dims& d, const uint8_t* pk, const float* sc, const float* ze,
+            float* y) {
+  const int64_t units = (d.N + kNB - 1) / kNB;
+  // ~64K weights per chunk at least, so short calls stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kNB * d.K));
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t n = u * kNB;
+      const uint8_t* p = pk + n * (d.K / 2);
+      const float* s = sc + n * d.groups;
+      const float* z = ze + n * d.groups;
+      if (n + kNB <= d.N) {
+        decode_rows<kNB>(xd, M, d.K, p, d.K / 2, s, z, d.groups, d.G, y + n, d.N);
+      } else {
+        for (int64_t r = n; r < d.N; ++r)
+          decode_rows<1>(xd, M, d.K, pk + r * (d.K / 2), d.K / 2, sc + r * d.groups, ze + r * d.groups, d.groups,
+                         d.G, y + r, d.N);
+      }
+    }
+  });
+}
+
+// ---- tiled path -------------------------------------------------------------------------------------------------
+
+// Rows [r0, r1) of w' into buf (row stride K), k in the kernel's block order (even k, then odd k, per 2 VL).
+void dequantize_rows_blocked(const Dims& d, const uint8_t* pk, const float* sc, const float* ze, int64_t r0,
+                             int64_t r1, float* buf) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* p = pk + r * (d.K / 2);
+    float* out = buf + (r - r0) * d.K;
+    for (int64_t g = 0; g < d.groups; ++g) {
+      const float sg = sc[r * d.groups + g];
+      const vf s = vset1(sg), b = vset1(ze[r * d.groups + g] - 8.f * sg);
+      for (int64_t k = g * d.G; k < (g + 1) * d.G; k += kBlock) {
+        vf lo, hi;
+        unpack(p + k / 2, lo, hi);
+        vstore(out + k, vfma(lo, s, b));
+        vstore(out + k + VL, vfma(hi, s, b));
+      }
+    }
+  }
+}
+
+// x (M, K) float -> xd (M, K) float32 in block order.
+at::Tensor blocked_x(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  if (VL == 1) return xf;
+  at::Tensor xd = at::empty({M, K}, xf.options());
+  const float* src = xf.data_ptr<float>();
+  float* dst = xd.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 4096 / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* s = src + m * K;
+      float* o = dst + m * K;
+      for (int64_t k0 = 0; k0 < K; k0 += kBlock)
+        for (int i = 0; i < VL; ++i) {
+          o[k0 + i] = s[k0 + 2 * i];
+          o[k0 + VL + i] = s[k0 + 2 * i + 1];
+        }
+    }
+  });
+  return xd;
+}
+
+}  // namespace
+
+at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                                       const at::Tensor& zeros, int64_t group_size,
+                                       const std::optional<at::Tensor>& bias) {
+  constexpr const char* fn = "int4_weight_only_linear_cpu";
+  const Dims d = check_weight(fn, packed, scales, zeros, group_size);
+  TORCH_CHECK(x.defined(), fn, ": x must be a tensor, got an undefined one");
+  TORCH_CHECK(x.device().is_cpu(), fn, ": x must be a CPU tensor, got device ", x.device());
+  TORCH_CHECK(x.layout() == at::kStrided, fn, ": x must be a dense (strided) tensor");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, fn,
+              ": x must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == d.K, fn, ": x must be (M, K) with K = 2 * packed.shape[1] = ", d.K,
+              ", got shape ", shape_str(x.sizes()));
+  if (present(bias)) {
+    TORCH_CHECK(bias->device().is_cpu(), fn, ": bias must be a CPU tensor, got device ", bias->device());
+    TORCH_CHECK(bias->scalar_type() == dt, fn, ": bias must have x's dtype ", dt, ", got ", bias->scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d.N, fn, ": bias must have shape (N,) = ", shape_str({d.N}),
+                ", got ", shape_str(bias->sizes()));
+  }
+  const int64_t M = x.size(0);
+  const at::Tensor pk = packed.contiguous(), sc = scales.contiguous(), ze = zeros.contiguous();
+  at::Tensor y;
+  if (M == 0 || d.N == 0) {
+    y = at::zeros({M, d.N}, x.options().dtype(at::kFloat));
+  } else if (M <= kDecodeMaxM) {
+    const at::Tensor xd = blocked_x(x);
+    y = at::empty({M, d.N}, x.options().dtype(at::kFloat));
+    decode(xd.data_ptr<float>(), M, d, pk.data_ptr<uint8_t>(), sc.data_ptr<float>(), ze.data_ptr<float>(),
+           y.data_ptr<float>());
+  } else {
+    const at::Tensor xd = blocked_x(x);
+    at::Tensor yt = at::empty({d.N, M}, x.options().dtype(at::kFloat));
+    const int64_t rows = std::min(kTileRows, d.N);
+    at::Tensor buf = at::empty({rows, d.K}, x.options().dtype(at::kFloat));
+    for (int64_t n0 = 0; n0 < d.N; n0 += rows) {
+      const int64_t nb = std::min(rows, d.N - n0);
+      float* b = buf.data_ptr<float>();
+      at::parallel_for(0, nb, 1, [&](int64_t r0, int64_t r1) {
+        dequantize_rows_blocked(d, pk.data_ptr<uint8_t>(), sc.data_ptr<float>(), ze.data_ptr<float>(), n0 + r0,
+                                n0 + r1, b + r0 * d.K);
+      });
+      at::Tensor out = yt.narrow(0, n0, nb);
+      at::mm_out(out, buf.narrow(0, 0, nb), xd.t());
+    }
+    y = yt.t().contiguous();
+  }
+  if (present(bias)) y.add_(bias->to(at::kFloat));
+  return dt == at::kFloat ? y : y.to(dt);
+}
+
+at::Tensor dequantize_int4_cpu(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
+                               int64_t group_size) {
+  const Dims d = check_weight("dequantize_int4_cpu", packed, scales, zeros, group_size);
+  const at::Tensor pk = packed.contiguous(), sc = scales.contiguous(), ze = zeros.contiguous();
+  at::Tensor w = at::empty({d.N, d.K}, scales.options());
+  const uint8_t* p = pk.data_ptr<uint8_t>();
+  const float* s = sc.data_ptr<float>();
+  const float* z = ze.data_ptr<float>();
+  float* o = w.data_ptr<float>();
+  at::parallel_for(0, d.N, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d.K)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t k = 0; k < d.K; ++k) {
+        const int64_t g = k / d.G;
+        const int q = (p[r * (d.K / 2) + k / 2] >> (4 * (k & 1))) & 15;
+        // The product rounded to float before the add, as the contract says: the exact product in double, then one
+        // rounding to float; the compiler cannot fuse it into an FMA with the add.
+        const float prod = static_cast<float>(static_cast<double>(q - 8) * static_cast<double>(s[r * d.groups + g]));
+        o[r * d.K + k] = prod + z[r * d.groups + g];
+      }
+  });
+  return w;
+}
+
+std::vector<at::Tensor> quantize_int4_cpu(const at::Tensor& w, int64_t group_size) {
+  constexpr const char* fn = "quantize_int4_cpu";
+  check_group(fn, group_size);
+  TORCH_CHECK(w.defined(), fn, ": w must be a tensor, got an undefined one");
+  TORCH_CHECK(w.device().is_cpu(), fn, ": w must be a CPU tensor, got device ", w.device());
+  TORCH_CHECK(w.layout() == at::kStrided, fn, ": w must be a dense (strided) tensor");
+  const auto dt = w.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, fn,
+              ": w must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(w.dim() == 2, fn, ": w must be 2-D (out_features, in_features), got shape ", shape_str(w.sizes()));
+  const int64_t N = w.size(0), K = w.size(1), G = group_size;
+  TORCH_CHECK(K % G == 0, fn, ": in_features K = w.shape[1] = ", K, " must be a multiple of group_size ", G);
+  const int64_t groups = K / G;
+  const at::Tensor wf = w.to(at::kFloat).contiguous();
+  at::Tensor packed = at::empty({N, K / 2}, w.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({N, groups}, w.options().dtype(at::kFloat));
+  at::Tensor zeros = at::empty({N, groups}, w.options().dtype(at::kFloat));
+  const float* src = wf.data_ptr<float>();
+  uint8_t* pk = packed.data_ptr<uint8_t>();
+  float* sc = scales.data_ptr<float>();
+  float* ze = zeros.data_ptr<float>();
+  std::atomic<bool> non_finite{false};
+  at::parallel_for(0, N * groups, std::max<int64_t>(1, 16384 / G), [&](int64_t t0, int64_t t1) {
+    float q[256];
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* v = src + t * G;  // group t = row t / groups, group t % groups: contiguous in w
+      float mn = v[0], mx = v[0];
+      bool finite = true;
+      for (int64_t i = 0; i < G; ++i) {
+        finite &= std::isfinite(v[i]);
+        mn = std::min(mn, v[i]);
+        mx = std::max(mx, v[i]);
+      }
+      if (!finite) non_finite.store(true, std::memory_order_relaxed);
+      float scale = (mx - mn) / 15.f;
+      if (scale == 0.f) {
+        scale = std::fabs(mn) / 8.f;
+        if (scale == 0.f) scale = 1.f;
+      }
+      sc[t] = scale;
+      ze[t] = mn + 8.f * scale;  // 8 * scale is exact: one rounding, FMA or not
+      for (int64_t i = 0; i < G; ++i) {
+        const float r = std::nearbyint((v[i] - mn) / scale);  // round half to even (default rounding mode)
+        q[i] = std::min(std::max(r, 0.f), 15.f);
+      }
+      uint8_t* o = pk + t * (G / 2);
+      for (int64_t i = 0; i < G / 2; ++i)
+        o[i] = static_cast<uint8_t>(static_cast<int>(q[2 * i]) | (static_cast<int>(q[2 * i + 1]) << 4));
+    }
+  });
+  TORCH_CHECK(!non_finite.load(), fn, ": w must be finite (it has inf or nan)");
+  return {packed, scales, zeros};
+}
+
+}  // namespace mltoolkit

@@ -297,7 +297,7 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
   const int64_t M = x.size(0);
   const at::Tensor pk = packed.contiguous(), sc = scales.contiguous(), ze = zeros.contiguous();
   at::Tensor y;
-  if (M == 0 || d.N == 0) {
+  if (M == 0 || d.N == 0 || d.K == 0) {
     y = at::zeros({M, d.N}, x.options().dtype(at::kFloat));
   } else {
     const at::Tensor xd = blocked_x(x);
@@ -320,13 +320,17 @@ at::Tensor dequantize_int4_cpu(const at::Tensor& packed, const at::Tensor& scale
   float* o = w.data_ptr<float>();
   at::parallel_for(0, d.N, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d.K)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t k = 0; k < d.K; ++k) {
-        const int64_t g = k / d.G;
-        const int q = (p[r * (d.K / 2) + k / 2] >> (4 * (k & 1))) & 15;
-        // The product rounded to float before the add, as the contract says: the exact product in double, then one
-        // rounding to float; the compiler cannot fuse it into an FMA with the add.
-        const float prod = static_cast<float>(static_cast<double>(q - 8) * static_cast<double>(s[r * d.groups + g]));
-        o[r * d.K + k] = prod + z[r * d.groups + g];
+      for (int64_t g = 0; g < d.groups; ++g) {
+        const double sg = s[r * d.groups + g];
+        const float zg = z[r * d.groups + g];
+        const uint8_t* pg = p + r * (d.K / 2) + g * (d.G / 2);
+        float* og = o + r * d.K + g * d.G;
+        for (int64_t i = 0; i < d.G / 2; ++i) {
+          // The product rounded to float before the add, as the contract says: the exact product in double, then
+          // one rounding to float, which the compiler cannot fuse into an FMA with the add.
+          og[2 * i] = static_cast<float>(static_cast<double>((pg[i] & 15) - 8) * sg) + zg;
+          og[2 * i + 1] = static_cast<float>(static_cast<double>((pg[i] >> 4) - 8) * sg) + zg;
+        }
       }
   });
   return w;

@@ -88,8 +88,8 @@ def _ref_linear(x, packed, scales, zeros, group, bias=None):
 
 # (M, N, K, group): odd M and N, every group size, one and several blocks of x (the C++ kernel takes 256 KB of x
 # per block: 16 rows at K = 4096), N not a multiple of the kernel's row tile.
-CASES = [(37, 19, 4096, 256), (1, 123, 256, 32), (7, 97, 128, 64), (97, 7, 256, 128), (123, 1, 512, 256), (16, 123, 256, 128),
-         (17, 64, 128, 32), (1, 1, 64, 32), (4, 33, 512, 64), (300, 130, 256, 128)]
+CASES = [(37, 19, 4096, 256), (1, 123, 256, 32), (7, 97, 128, 64), (97, 7, 256, 128), (123, 1, 512, 256),
+         (16, 123, 256, 128), (17, 64, 128, 32), (1, 1, 64, 32), (4, 33, 512, 64), (300, 130, 256, 128)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -23,7 +23,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -44,12 +43,9 @@ constexpr int VL = 16;
 constexpr int kNB = 4;  // weight rows per decode step (32 zmm: 4 x 4 accumulators + temporaries)
 using vf = __m512;
 inline vf vzero() { return _mm512_setzero_ps(); }
-inline vf vset1(float a) { return _mm512_set1_ps(a); }
 inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
-// VL packed bytes -> (even-k nibbles, odd-k nibbles) as float.
 // One group's dequantizer: its 16 possible weights q * scale + (zero - 8 scale) in one register, looked up with a
 // lane permute (which reads only the low 4 bits of each index): no and-mask, no int->float conversion, no FMA per
 // weight. On Zen 4 this took M = 1 from ~14 to ~20 G weights/s on one core (weight in L2).
@@ -71,9 +67,7 @@ constexpr int VL = 8;
 constexpr int kNB = 2;  // 16 ymm: 4 x 2 accumulators + temporaries
 using vf = __m256;
 inline vf vzero() { return _mm256_setzero_ps(); }
-inline vf vset1(float a) { return _mm256_set1_ps(a); }
 inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline float vsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -97,9 +91,7 @@ constexpr int VL = 1;
 constexpr int kNB = 4;
 using vf = float;
 inline vf vzero() { return 0.f; }
-inline vf vset1(float a) { return a; }
 inline vf vload(const float* p) { return *p; }
-inline void vstore(float* p, vf v) { *p = v; }
 inline vf vfma(vf a, vf b, vf c) { return std::fma(a, b, c); }
 inline float vsum(vf v) { return v; }
 struct GroupDQ {

@@ -5,6 +5,7 @@
 #include "attention.h"
 #include "batch_norm.h"
 #include "conv.h"
+#include "int8_linear.h"
 #include "norm.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -21,6 +22,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv2d_backward_cpu", &mltoolkit::conv2d_backward_cpu);
   m.def("batch_norm_act_forward_cpu", &mltoolkit::batch_norm_act_forward_cpu);
   m.def("batch_norm_act_backward_cpu", &mltoolkit::batch_norm_act_backward_cpu);
+  m.def("quantize_rows_cpu", &mltoolkit::quantize_rows_cpu);
+  m.def("int8_linear_cpu", &mltoolkit::int8_linear_cpu);
+  m.def("int8_isa_cpu", &mltoolkit::int8_isa_cpu);
 #ifdef MLTK_WITH_CUDA
   m.def("norm_forward_cuda", &mltoolkit::norm_forward_cuda);
   m.def("norm_backward_cuda", &mltoolkit::norm_backward_cuda);

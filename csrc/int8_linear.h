@@ -21,9 +21,16 @@
 //                                                                   K <= 131071 so that no sum can leave int32
 //     y[m, n]   = out_dtype(((float(acc) * x_scale[m]) * w_scale[n]) + bias[n])
 //   the epilogue in float32, each operation rounded to nearest in that order (no FMA contraction), then one
-//   rounding to out_dtype. xq and wq rows must have a contiguous last dim (any row stride); the kernel reads wq in
-//   its plain (N, K) row-major layout, so there is no packed format: 4 weight rows stream side by side through
-//   full 64-byte loads, which is what a packed layout would buy for these shapes (see csrc/cpu/int8_linear.cpp).
+//   rounding to out_dtype. xq rows must have a contiguous last dim (any row stride; else they are copied).
+//
+// wq comes in one of two layouts (same results):
+//   plain  (N, K) int8, rows with a contiguous last dim;
+//   packed (ceil(N / 4), ceil(K / 64), 4, 64) int8, contiguous, from int8_pack_weight (mltoolkit.ops):
+//          packed[g, c, r, i] = wq[4 g + r, 64 c + i], zero where 4 g + r >= N or 64 c + i >= K.
+//          Groups of 4 output rows interleave in 64-byte chunks of K, so a 4-row tile of the weight is one
+//          sequential stream (the decode shapes read the whole weight once per call). N is then w_scale's length.
+//   The packed format is device-neutral data (a GPU kernel may ignore it and unpack, or use its own format under
+//   another name); zero padding contributes nothing to any sum.
 //
 // CPU paths (chosen per call; all give identical results): "vnni" (AVX-512 VNNI vpdpbusd, when the CPU has it),
 // "avx2" (vpmovsxbw + vpmaddwd), "scalar" (portable C++). MLTK_INT8_ISA=vnni|avx2|scalar|auto forces one (an

@@ -123,14 +123,22 @@ struct Epilogue {
 
 // Problem description shared by the paths. xa: the activations in the path's own form (vnni: uint8 xq ^ 0x80;
 // avx2: int16; scalar: int8), rows of lda elements.
+// The weight is read through row(n) and off(k): plain (N, K) rows (off(k) = k), or the packed layout of
+// int8_pack_weight, where groups of 4 rows interleave in 64-byte chunks (row n at group n / 4, slot n % 4; chunk c of
+// a row 256 bytes after chunk c - 1), so that a 4-row tile is one sequential stream.
 template <typename out_t>
 struct Problem {
   const void* xa;
   int64_t lda;
   const int8_t* w;
-  int64_t ldw;
+  int64_t ldw;  // plain: row stride; packed: group stride (4 * Kp)
+  bool packed;
   int64_t M, N, K;
   Epilogue<out_t> epi;
+
+  inline const int8_t* row(int64_t n) const { return packed ? w + (n >> 2) * ldw + (n & 3) * 64 : w + n * ldw; }
+  inline int64_t chunk_stride() const { return packed ? 256 : 64; }
+  inline int64_t off(int64_t k) const { return packed ? (k >> 6) * 256 + (k & 63) : k; }
 };
 
 // Runs tile(m0, mr, n0, nr, first, scratch) over the whole problem: threads over (64-row M block, chunk of N tiles); within
@@ -165,9 +173,13 @@ void gemm_scalar(const Problem<out_t>& p) {
     for (int64_t i = 0; i < mr; ++i) {
       const int8_t* xr = x + (m0 + i) * p.lda;
       for (int64_t j = 0; j < nr; ++j) {
-        const int8_t* wr = p.w + (n0 + j) * p.ldw;
+        const int8_t* wr = p.row(n0 + j);
         int32_t acc = 0;
-        for (int64_t k = 0; k < p.K; ++k) acc += static_cast<int32_t>(xr[k]) * static_cast<int32_t>(wr[k]);
+        if (p.packed) {
+          for (int64_t k = 0; k < p.K; ++k) acc += static_cast<int32_t>(xr[k]) * static_cast<int32_t>(wr[p.off(k)]);
+        } else {
+          for (int64_t k = 0; k < p.K; ++k) acc += static_cast<int32_t>(xr[k]) * static_cast<int32_t>(wr[k]);
+        }
         p.epi(m0 + i, n0 + j, acc);
       }
     }
@@ -188,12 +200,23 @@ MLTK_VNNI_TARGET inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
   return acc;
 }
 
+// The four horizontal sums of a, b, c, d at once (13 instructions instead of 4 x 9).
+MLTK_VNNI_TARGET inline __m128i reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));  // a b a b
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));  // c d c d
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
 // One MR x NR tile over all of K. FIRST: also sum the weight rows (into wsum) for the activation shift.
 template <int MR, int NR, bool FIRST, typename out_t>
 MLTK_VNNI_TARGET void vnni_tile(const Problem<out_t>& p, int64_t m0, int64_t n0, int32_t* wsum) {
   const uint8_t* x = static_cast<const uint8_t*>(p.xa) + m0 * p.lda;
-  const int8_t* w = p.w + n0 * p.ldw;
-  const int64_t K = p.K, lda = p.lda, ldw = p.ldw;
+  const int8_t* wr[NR];
+#pragma GCC unroll 16
+  for (int j = 0; j < NR; ++j) wr[j] = p.row(n0 + j);
+  const int64_t K = p.K, lda = p.lda, cs = p.chunk_stride();
   __m512i acc[MR * NR];
   __m512i sacc[NR];
 #pragma GCC unroll 16
@@ -202,13 +225,14 @@ MLTK_VNNI_TARGET void vnni_tile(const Problem<out_t>& p, int64_t m0, int64_t n0,
   for (int i = 0; i < MR * NR; ++i) acc[i] = _mm512_setzero_si512();
   const __m512i ones = _mm512_set1_epi8(1);
   const int64_t kmain = K & ~int64_t(63);
-  for (int64_t k = 0; k < kmain; k += 64) {
+  int64_t wo = 0;  // offset of the current 64-byte chunk in each weight row
+  for (int64_t k = 0; k < kmain; k += 64, wo += cs) {
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const __m512i xv = _mm512_loadu_si512(x + i * lda + k);
 #pragma GCC unroll 16
       for (int j = 0; j < NR; ++j) {
-        const __m512i wv = _mm512_loadu_si512(w + j * ldw + k);
+        const __m512i wv = _mm512_loadu_si512(wr[j] + wo);
         if (FIRST && i == 0) sacc[j] = dpbusd(sacc[j], ones, wv);
         acc[i * NR + j] = dpbusd(acc[i * NR + j], xv, wv);
       }
@@ -221,7 +245,7 @@ MLTK_VNNI_TARGET void vnni_tile(const Problem<out_t>& p, int64_t m0, int64_t n0,
       const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + i * lda + kmain);
 #pragma GCC unroll 16
       for (int j = 0; j < NR; ++j) {
-        const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j * ldw + kmain);
+        const __m512i wv = _mm512_maskz_loadu_epi8(mask, wr[j] + wo);
         if (FIRST && i == 0) sacc[j] = dpbusd(sacc[j], ones, wv);
         acc[i * NR + j] = dpbusd(acc[i * NR + j], xv, wv);
       }
@@ -233,11 +257,18 @@ MLTK_VNNI_TARGET void vnni_tile(const Problem<out_t>& p, int64_t m0, int64_t n0,
   }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
+    int32_t sums[4];
+    if constexpr (NR == 4) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(sums), reduce4(acc[i * 4], acc[i * 4 + 1], acc[i * 4 + 2],
+                                                                 acc[i * 4 + 3]));
+    } else {
+#pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j) sums[j] = _mm512_reduce_add_epi32(acc[i * NR + j]);
+    }
 #pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) {
       // Wrapping arithmetic, as vpdpbusd's: exact once the true sum is back in range.
-      const uint32_t a = static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i * NR + j])) -
-                         (static_cast<uint32_t>(wsum[j]) << 7);
+      const uint32_t a = static_cast<uint32_t>(sums[j]) - (static_cast<uint32_t>(wsum[j]) << 7);
       p.epi(m0 + i, n0 + j, static_cast<int32_t>(a));
     }
   }
@@ -287,8 +318,10 @@ MLTK_AVX2_TARGET inline int32_t hsum256(__m256i v) {
 template <int MR, int NR, typename out_t>
 MLTK_AVX2_TARGET void avx2_tile(const Problem<out_t>& p, int64_t m0, int64_t n0) {
   const int16_t* x = static_cast<const int16_t*>(p.xa) + m0 * p.lda;
-  const int8_t* w = p.w + n0 * p.ldw;
-  const int64_t K = p.K, lda = p.lda, ldw = p.ldw;
+  const int8_t* wr[NR];
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j) wr[j] = p.row(n0 + j);
+  const int64_t K = p.K, lda = p.lda;
   __m256i acc[MR][NR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
@@ -300,7 +333,7 @@ MLTK_AVX2_TARGET void avx2_tile(const Problem<out_t>& p, int64_t m0, int64_t n0)
     __m256i wv[NR];
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
-      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * ldw + k)));
+      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + p.off(k))));
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
@@ -314,7 +347,7 @@ MLTK_AVX2_TARGET void avx2_tile(const Problem<out_t>& p, int64_t m0, int64_t n0)
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       int32_t a = hsum256(acc[i][j]);
-      for (int64_t kk = k; kk < K; ++kk) a += static_cast<int32_t>(x[i * lda + kk]) * w[j * ldw + kk];
+      for (int64_t kk = k; kk < K; ++kk) a += static_cast<int32_t>(x[i * lda + kk]) * wr[j][p.off(kk)];
       p.epi(m0 + i, n0 + j, a);
     }
   }
@@ -383,9 +416,10 @@ Isa choose_isa(const char* fn) {
 }
 
 template <typename out_t>
-void run_gemm(Isa isa, const at::Tensor& xq, const at::Tensor& wq, Epilogue<out_t> epi) {
-  const int64_t M = xq.size(0), K = xq.size(1), N = wq.size(0);
-  Problem<out_t> p{nullptr, 0, wq.data_ptr<int8_t>(), wq.stride(0), M, N, K, epi};
+void run_gemm(Isa isa, const at::Tensor& xq, const at::Tensor& wq, int64_t N, Epilogue<out_t> epi) {
+  const int64_t M = xq.size(0), K = xq.size(1);
+  const bool packed = wq.dim() == 4;
+  Problem<out_t> p{nullptr, 0, wq.data_ptr<int8_t>(), wq.stride(0), packed, M, N, K, epi};
   at::Tensor xa;
   if (isa == Isa::kVnni) {
     xa = at::empty({M, K}, xq.options().dtype(at::kByte));
@@ -459,10 +493,20 @@ at::Tensor int8_linear_cpu(const at::Tensor& xq_in, const at::Tensor& x_scale_in
   TORCH_CHECK(xq_in.scalar_type() == at::kChar, fn, ": xq must be int8, got ", xq_in.scalar_type());
   TORCH_CHECK(wq_in.scalar_type() == at::kChar, fn, ": wq must be int8, got ", wq_in.scalar_type());
   TORCH_CHECK(xq_in.dim() == 2, fn, ": xq must be 2-D (M, K), got shape ", shape_str(xq_in.sizes()));
-  TORCH_CHECK(wq_in.dim() == 2, fn, ": wq must be 2-D (N, K), got shape ", shape_str(wq_in.sizes()));
-  const int64_t M = xq_in.size(0), K = xq_in.size(1), N = wq_in.size(0);
-  TORCH_CHECK(wq_in.size(1) == K, fn, ": wq must be (N, K) with K = ", K, " (xq's last dim), got shape ",
-              shape_str(wq_in.sizes()));
+  TORCH_CHECK(wq_in.dim() == 2 || wq_in.dim() == 4, fn, ": wq must be 2-D (N, K) or packed 4-D (ceil(N / 4), "
+              "ceil(K / 64), 4, 64), got shape ", shape_str(wq_in.sizes()));
+  TORCH_CHECK(w_scale_in.dim() == 1, fn, ": w_scale must be 1-D (N,), got shape ", shape_str(w_scale_in.sizes()));
+  const bool packed = wq_in.dim() == 4;
+  const int64_t M = xq_in.size(0), K = xq_in.size(1), N = packed ? w_scale_in.size(0) : wq_in.size(0);
+  if (packed) {
+    const std::vector<int64_t> want{(N + 3) / 4, (K + 63) / 64, 4, 64};
+    TORCH_CHECK(wq_in.sizes() == at::IntArrayRef(want), fn, ": packed wq must have shape (ceil(N / 4), ceil(K / 64), "
+                "4, 64) = ", shape_str(want), " for N = ", N, " (w_scale's length) and K = ", K, " (xq's last dim), "
+                "got ", shape_str(wq_in.sizes()));
+  } else {
+    TORCH_CHECK(wq_in.size(1) == K, fn, ": wq must be (N, K) with K = ", K, " (xq's last dim), got shape ",
+                shape_str(wq_in.sizes()));
+  }
   TORCH_CHECK(K <= kMaxK, fn, ": K must be at most ", kMaxK, " (int32 accumulation), got ", K);
   TORCH_CHECK(x_scale_in.scalar_type() == at::kFloat, fn, ": x_scale must be float32, got ",
               x_scale_in.scalar_type());
@@ -483,7 +527,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& xq_in, const at::Tensor& x_scale_in
     bias = bias_in->contiguous();
   }
   const Isa isa = choose_isa(fn);
-  const at::Tensor xq = rows(xq_in), wq = rows(wq_in);
+  const at::Tensor xq = rows(xq_in), wq = packed ? wq_in.contiguous() : rows(wq_in);
   const at::Tensor x_scale = x_scale_in.contiguous(), w_scale = w_scale_in.contiguous();
   at::Tensor y = at::empty({M, N}, xq.options().dtype(out_dtype));
   if (M == 0 || N == 0) return y;
@@ -491,11 +535,11 @@ at::Tensor int8_linear_cpu(const at::Tensor& xq_in, const at::Tensor& x_scale_in
   const float* xs = x_scale.data_ptr<float>();
   const float* ws = w_scale.data_ptr<float>();
   switch (out_dtype) {
-    case at::kHalf: run_gemm(isa, xq, wq, Epilogue<at::Half>{xs, ws, b, y.data_ptr<at::Half>(), N}); break;
+    case at::kHalf: run_gemm(isa, xq, wq, N, Epilogue<at::Half>{xs, ws, b, y.data_ptr<at::Half>(), N}); break;
     case at::kBFloat16:
-      run_gemm(isa, xq, wq, Epilogue<at::BFloat16>{xs, ws, b, y.data_ptr<at::BFloat16>(), N});
+      run_gemm(isa, xq, wq, N, Epilogue<at::BFloat16>{xs, ws, b, y.data_ptr<at::BFloat16>(), N});
       break;
-    default: run_gemm(isa, xq, wq, Epilogue<float>{xs, ws, b, y.data_ptr<float>(), N}); break;
+    default: run_gemm(isa, xq, wq, N, Epilogue<float>{xs, ws, b, y.data_ptr<float>(), N}); break;
   }
   return y;
 }

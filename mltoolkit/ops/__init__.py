@@ -2,11 +2,18 @@
 from mltoolkit.ops.attention import flash_attn_varlen, scaled_dot_product_attention
 from mltoolkit.ops.batch_norm import batch_norm_act
 from mltoolkit.ops.conv import conv1d, conv2d, conv2d_act, conv2d_bn_act, fold_batch_norm
-from mltoolkit.ops.int8 import int8_linear, int8_linear_dynamic, quantize_per_channel, quantize_per_token
+from mltoolkit.ops.int8 import (
+    int8_linear,
+    int8_linear_dynamic,
+    int8_pack_weight,
+    quantize_per_channel,
+    quantize_per_token,
+)
 from mltoolkit.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from mltoolkit.ops.rotary import apply_rotary_emb
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "scaled_dot_product_attention",
            "flash_attn_varlen", "apply_rotary_emb",
            "conv2d", "conv1d", "conv2d_act", "conv2d_bn_act", "fold_batch_norm", "batch_norm_act",
-           "quantize_per_token", "quantize_per_channel", "int8_linear", "int8_linear_dynamic"]
+           "quantize_per_token", "quantize_per_channel", "int8_linear", "int8_linear_dynamic",
+           "int8_pack_weight"]

@@ -5,15 +5,17 @@ Registered ops (2-D; the public functions below add leading dims and argument ch
 
     torch.ops.mltoolkit.quantize_per_token(x (M, K) float) -> (xq int8 (M, K), scale float32 (M,))
     torch.ops.mltoolkit.quantize_per_channel(w (N, K) float) -> (wq int8 (N, K), scale float32 (N,))
-    torch.ops.mltoolkit.int8_linear(xq int8 (M, K), x_scale f32 (M,), wq int8 (N, K), w_scale f32 (N,),
+    torch.ops.mltoolkit.int8_linear(xq int8 (M, K), x_scale f32 (M,), wq int8 (N, K) or packed, w_scale f32 (N,),
                                     bias (N,)?, out_dtype) -> y (M, N)
+    torch.ops.mltoolkit.int8_pack_weight(wq int8 (N, K)) -> packed int8 (ceil(N / 4), ceil(K / 64), 4, 64)
 
 Both quantizers use one rule per row: scale = absmax / 127 (1 for an all-zero row, or one whose absmax / 127 is
 below FLT_MIN), q = clamp(round_half_to_even(x / scale), -127, 127). int8_linear computes
 y = ((float32(sum_k xq * wq) * x_scale[m]) * w_scale[n]) + bias[n] in float32, then rounds to out_dtype.
 
-The weight stays in its plain (N, K) int8 layout: the CPU kernel needs no packing (csrc/cpu/int8_linear.cpp says
-why). No autograd: the inputs of int8_linear are integers (quantization-aware training uses fake_quantize).
+The weight may stay in its plain (N, K) layout or be packed once (int8_pack_weight: groups of 4 rows interleaved
+in 64-byte chunks, so that the kernel streams a 4-row weight tile sequentially; format in csrc/int8_linear.h).
+No autograd: the inputs of int8_linear are integers (quantization-aware training uses fake_quantize).
 On the CPU, MLTK_INT8_ISA=vnni|avx2|scalar forces one of the kernel's paths (`isa()` names the one in use).
 """
 from __future__ import annotations
@@ -39,8 +41,10 @@ def _cpp_linear(xq, x_scale, wq, w_scale, bias, out_dtype):
 
 
 INT8.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
-              quantize=lambda x: tuple(_ext._C.quantize_rows_cpu(x)), linear=_cpp_linear)
-INT8.register("reference", lambda *_: None, quantize=reference.quantize_rows, linear=reference.int8_linear)
+              quantize=lambda x: tuple(_ext._C.quantize_rows_cpu(x)), linear=_cpp_linear,
+              pack=reference.pack_weight)  # a one-time copy: torch's own ops do it well
+INT8.register("reference", lambda *_: None, quantize=reference.quantize_rows, linear=reference.int8_linear,
+              pack=reference.pack_weight)
 
 
 def isa() -> Optional[str]:
@@ -85,9 +89,23 @@ int8_linear_op = torch.library.custom_op("mltoolkit::int8_linear", mutates_args=
 
 @int8_linear_op.register_fake
 def _(xq, x_scale, wq, w_scale, bias, out_dtype):
-    torch._check(xq.dim() == 2 and wq.dim() == 2, lambda: "int8_linear: xq and wq must be 2-D")
-    torch._check(xq.shape[1] == wq.shape[1], lambda: "int8_linear: xq and wq must have the same K")
-    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
+    torch._check(xq.dim() == 2 and wq.dim() in (2, 4), lambda: "int8_linear: xq must be 2-D, wq 2-D or packed 4-D")
+    if wq.dim() == 2:
+        torch._check(xq.shape[1] == wq.shape[1], lambda: "int8_linear: xq and wq must have the same K")
+    return xq.new_empty((xq.shape[0], w_scale.shape[0]), dtype=out_dtype)
+
+
+def _pack_impl(wq: Tensor) -> Tensor:
+    return INT8.select(wq).kernels["pack"](wq)
+
+
+int8_pack_weight_op = torch.library.custom_op("mltoolkit::int8_pack_weight", mutates_args=())(_pack_impl)
+
+
+@int8_pack_weight_op.register_fake
+def _(wq):
+    torch._check(wq.dim() == 2, lambda: "int8_pack_weight: wq must be 2-D")
+    return wq.new_empty(((wq.shape[0] + 3) // 4, (wq.shape[1] + 63) // 64, 4, 64))
 
 
 # ---- public API -----------------------------------------------------------------------------------------------
@@ -138,17 +156,31 @@ def quantize_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
     return _quantize(w, quantize_per_channel_op)
 
 
+def packed_shape(n: int, k: int) -> tuple[int, int, int, int]:
+    """The shape int8_pack_weight gives an (n, k) weight."""
+    return ((n + 3) // 4, (k + 63) // 64, 4, 64)
+
+
 def _check_linear(fn: str, K: int, lead: tuple, x_scale: Optional[Tensor], wq, w_scale, bias, ref: Tensor,
-                  ref_name: str) -> None:
+                  ref_name: str) -> int:
+    """Checks the arguments; returns N."""
     _tensor(fn, "wq", wq)
+    _tensor(fn, "w_scale", w_scale)
     if wq.dtype != torch.int8:
         raise TypeError(f"{fn}: wq must be int8, got {wq.dtype}")
-    if wq.dim() != 2:
-        raise ValueError(f"{fn}: wq must be 2-D (N, K), got shape {list(wq.shape)}")
-    if wq.shape[1] != K:
+    if wq.dim() == 4:  # packed: N is w_scale's length
+        if w_scale.dim() != 1:
+            raise ValueError(f"{fn}: w_scale must be 1-D (N,), got shape {tuple(w_scale.shape)}")
+        n = w_scale.shape[0]
+        if tuple(wq.shape) != packed_shape(n, K):
+            raise ValueError(f"{fn}: packed wq must have shape (ceil(N / 4), ceil(K / 64), 4, 64) = "
+                             f"{packed_shape(n, K)} for N = {n} (w_scale's length), K = {K}, got {tuple(wq.shape)}")
+    elif wq.dim() != 2:
+        raise ValueError(f"{fn}: wq must be 2-D (N, K) or packed by int8_pack_weight, got shape {list(wq.shape)}")
+    elif wq.shape[1] != K:
         raise ValueError(f"{fn}: wq must be (N, K) with K = {K} ({ref_name}'s last dim), got shape {list(wq.shape)}")
     _same_device(fn, "wq", wq, ref, ref_name)
-    n = wq.shape[0]
+    n = w_scale.shape[0] if wq.dim() == 4 else wq.shape[0]
     for name, s, shape in (("x_scale", x_scale, lead), ("w_scale", w_scale, (n,))):
         if name == "x_scale" and s is None:
             continue
@@ -165,6 +197,7 @@ def _check_linear(fn: str, K: int, lead: tuple, x_scale: Optional[Tensor], wq, w
         if tuple(bias.shape) != (n,):
             raise ValueError(f"{fn}: bias must have shape ({n},), got {tuple(bias.shape)}")
         _same_device(fn, "bias", bias, ref, ref_name)
+    return n
 
 
 def _linear(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor],
@@ -178,8 +211,8 @@ def int8_linear(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, bias: 
                 out_dtype: torch.dtype = torch.float32) -> Tensor:
     """y = (xq . wq^T, exact in int32) * x_scale[..., None] * w_scale + bias, in out_dtype.
 
-    xq int8 (..., K), x_scale float32 (...) (per token), wq int8 (N, K), w_scale float32 (N,) (per output channel),
-    bias (N,) or None, out_dtype float32 / float16 / bfloat16. Returns (..., N)."""
+    xq int8 (..., K), x_scale float32 (...) (per token), wq int8 (N, K) or int8_pack_weight(wq), w_scale float32
+    (N,) (per output channel), bias (N,) or None, out_dtype float32 / float16 / bfloat16. Returns (..., N)."""
     fn = "int8_linear"
     _tensor(fn, "xq", xq)
     if xq.dtype != torch.int8:
@@ -189,21 +222,35 @@ def int8_linear(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, bias: 
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"{fn}: out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {out_dtype}")
     lead, K = tuple(xq.shape[:-1]), xq.shape[-1]
-    _check_linear(fn, K, lead, x_scale, wq, w_scale, bias, xq, "xq")
+    n = _check_linear(fn, K, lead, x_scale, wq, w_scale, bias, xq, "xq")
     y = _linear(xq.reshape(-1, K), x_scale.reshape(-1), wq, w_scale, bias, out_dtype)
-    return y.reshape(*lead, wq.shape[0])
+    return y.reshape(*lead, n)
 
 
 def int8_linear_dynamic(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """F.linear(x, wq * w_scale[:, None], bias) with x quantized to int8 per token on the fly (dynamic
     quantization): y = int8_linear(*quantize_per_token(x), wq, w_scale, bias, out_dtype=x.dtype).
 
-    x (..., K) float32 / float16 / bfloat16, wq int8 (N, K) and w_scale float32 (N,) (from quantize_per_channel),
-    bias (N,) or None. Returns (..., N) in x's dtype."""
+    x (..., K) float32 / float16 / bfloat16, wq int8 (N, K) and w_scale float32 (N,) (from quantize_per_channel;
+    wq may be packed by int8_pack_weight, the fastest form on the CPU), bias (N,) or None. Returns (..., N) in x's
+    dtype."""
     fn = "int8_linear_dynamic"
     _float_input(fn, "x", x)
     lead, K = tuple(x.shape[:-1]), x.shape[-1]
-    _check_linear(fn, K, lead, None, wq, w_scale, bias, x, "x")
+    n = _check_linear(fn, K, lead, None, wq, w_scale, bias, x, "x")
     x2 = x.reshape(-1, K)
     xq, xs = _quantize(x2, quantize_per_token_op)
-    return _linear(xq, xs, wq, w_scale, bias, x.dtype).reshape(*lead, wq.shape[0])
+    return _linear(xq, xs, wq, w_scale, bias, x.dtype).reshape(*lead, n)
+
+
+def int8_pack_weight(wq: Tensor) -> Tensor:
+    """wq int8 (N, K) -> the packed layout (ceil(N / 4), ceil(K / 64), 4, 64) that int8_linear and
+    int8_linear_dynamic also accept: packed[g, c, r, i] = wq[4 g + r, 64 c + i], zero-padded. Pack once (at
+    conversion time); N then travels as w_scale's length."""
+    fn = "int8_pack_weight"
+    _tensor(fn, "wq", wq)
+    if wq.dtype != torch.int8:
+        raise TypeError(f"{fn}: wq must be int8, got {wq.dtype}")
+    if wq.dim() != 2:
+        raise ValueError(f"{fn}: wq must be 2-D (N, K), got shape {list(wq.shape)}")
+    return _pack_impl(wq) if _ext.plain_eager(wq) else int8_pack_weight_op(wq)

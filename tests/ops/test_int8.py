@@ -130,6 +130,23 @@ def test_int8_linear_exact(isa, M, K, N):
     _check_exact(xq, xs, wq, ws, torch.randn(N, generator=g))
 
 
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 97, 123), (16, 1025, 97), (123, 64, 5), (5, 128, 9),
+                                   (1, 4096, 33)])
+def test_int8_linear_packed(isa, M, K, N):
+    g = torch.Generator().manual_seed(M + K * 7 + N * 13)
+    xq, wq = _ints(M, K, gen=g), _ints(N, K, gen=g)
+    xs, ws = torch.rand(M, generator=g), torch.rand(N, generator=g) * 1e-2
+    packed = ops.int8_pack_weight(wq)
+    assert packed.shape == ((N + 3) // 4, (K + 63) // 64, 4, 64)
+    assert torch.equal(reference.unpack_weight(packed, N, K), wq)
+    bias = torch.randn(N, generator=g)
+    want = ops.int8_linear(xq, xs, wq, ws, bias)
+    assert torch.equal(ops.int8_linear(xq, xs, packed, ws, bias), want)
+    assert torch.equal(reference.int8_linear(xq, xs, packed, ws, bias, torch.float32), want)
+    x = torch.randn(M, K, generator=g)
+    assert torch.equal(ops.int8_linear_dynamic(x, packed, ws, bias), ops.int8_linear_dynamic(x, wq, ws, bias))
+
+
 def test_int8_linear_extremes(isa):
     # All -128 (and all 127 against -128): the largest sums; K at the contract's limit stays exact.
     for K in (1025, 131071):
@@ -216,6 +233,9 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.mltoolkit.int8_linear.default,
                               (xq, xs, wq, ws, torch.randn(7, generator=g), dtype))
     torch.library.opcheck(torch.ops.mltoolkit.int8_linear.default, (xq, xs, wq, ws, None, torch.float32))
+    packed = reference.pack_weight(wq)
+    torch.library.opcheck(torch.ops.mltoolkit.int8_linear.default, (xq, xs, packed, ws, None, torch.float32))
+    torch.library.opcheck(torch.ops.mltoolkit.int8_pack_weight.default, (wq,))
 
 
 def test_compile():
@@ -240,6 +260,11 @@ def test_compile():
     x = torch.randn(6, 65, generator=g)
     assert torch.equal(torch.compile(q, fullgraph=True)(x), q(x))
 
+    def packed(x):
+        return ops.int8_linear_dynamic(x, ops.int8_pack_weight(wq), ws, b)
+
+    assert torch.equal(torch.compile(packed, fullgraph=True)(x), f(x))
+
 
 # ---- bad input ----------------------------------------------------------------------------------------------------
 
@@ -260,6 +285,10 @@ def test_bad_input():
         (lambda: ops.int8_linear(xq, xs[:3], wq, ws), ValueError, r"x_scale must have shape \(4,\)"),
         (lambda: ops.int8_linear(xq, xs, wq, ws, out_dtype=torch.int32), TypeError, "out_dtype must be"),
         (lambda: ops.int8_linear(xq, xs, wq.T.contiguous(), ws), ValueError, "K = 8"),
+        (lambda: ops.int8_linear(xq, xs, reference.pack_weight(wq), torch.ones(5)), ValueError,
+         r"packed wq must have shape .* = \(2, 1, 4, 64\) for N = 5"),
+        (lambda: ops.int8_linear(xq, xs, wq[None], ws), ValueError, "wq must be 2-D"),
+        (lambda: ops.int8_pack_weight(wq.float()), TypeError, "int8_pack_weight: wq must be int8"),
     ]
     for call, exc, msg in cases:
         with pytest.raises(exc, match=msg):
@@ -279,6 +308,9 @@ def test_kernel_checks():
         C.int8_linear_cpu(xq, torch.ones(3), wq, torch.ones(3), None, torch.float32)
     with pytest.raises(RuntimeError, match="int8_linear_cpu: bias must be float32"):
         C.int8_linear_cpu(xq, torch.ones(4), wq, torch.ones(3), torch.ones(3).double(), torch.float32)
+    with pytest.raises(RuntimeError, match=r"int8_linear_cpu: packed wq must have shape .* = \(1, 1, 4, 64\)"):
+        C.int8_linear_cpu(xq, torch.ones(4), torch.zeros(2, 1, 4, 64, dtype=torch.int8), torch.ones(3), None,
+                          torch.float32)
     with pytest.raises(RuntimeError, match="quantize_rows_cpu: x must be float32, float16 or bfloat16"):
         C.quantize_rows_cpu(torch.zeros(2, 3, dtype=torch.int32))
 

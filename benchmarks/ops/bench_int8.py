@@ -1,7 +1,8 @@
 """int8 dynamic-quantized linear (activations quantized per token inside the timed call, weights quantized per
-channel beforehand) against float32 F.linear (eager and torch.compile) and torch's own dynamic-quantized linear
-(torch.ao.quantization.quantize_dynamic of an nn.Linear: fbgemm / oneDNN, per-tensor activation scale), on the
-CPU, K = N = 4096 as in a 7B-class model's projections. Outputs are judged by SQNR against the float64 F.linear."""
+channel and packed beforehand; "mltoolkit unpacked wq" is the same call on the plain (N, K) weight) against float32
+F.linear (eager and torch.compile) and torch's own dynamic-quantized linear (torch.ao.quantization.quantize_dynamic
+of an nn.Linear: fbgemm / oneDNN, per-tensor activation scale), on the CPU, K = N = 4096 as in a 7B-class model's
+projections. Outputs are judged by SQNR against the float64 F.linear."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,15 +16,19 @@ def _inputs(config, dtype, device):
     x = torch.randn(M, K, dtype=dtype, device=device)
     w = torch.randn(N, K, dtype=dtype, device=device) * K ** -0.5
     b = torch.randn(N, dtype=dtype, device=device) * 0.1
-    wq, ws = ops.quantize_per_channel(w)  # once, at conversion time
-    return x, w, b, wq, ws
+    wq, ws = ops.quantize_per_channel(w)  # once, at conversion time, as the quantized module does
+    return x, w, b, wq, ops.int8_pack_weight(wq), ws
 
 
-def _ours(x, w, b, wq, ws):
+def _ours(x, w, b, wq, wp, ws):
+    return ops.int8_linear_dynamic(x, wp, ws, b)
+
+
+def _ours_unpacked(x, w, b, wq, wp, ws):
     return ops.int8_linear_dynamic(x, wq, ws, b)
 
 
-def _eager(x, w, b, wq, ws):
+def _eager(x, w, b, wq, wp, ws):
     return F.linear(x, w, b)
 
 
@@ -32,7 +37,7 @@ _reference = _eager  # F.linear in float64 on the float weight: the quantization
 _QUANTIZED: dict = {}  # (weight pointer, shape) -> (weight, quantized module); the weight is kept alive
 
 
-def _torch_dynamic(x, w, b, wq, ws):
+def _torch_dynamic(x, w, b, wq, wp, ws):
     key = (w.data_ptr(), tuple(w.shape), b.data_ptr())
     if key not in _QUANTIZED:
         lin = nn.Linear(w.shape[1], w.shape[0])
@@ -45,7 +50,9 @@ def _torch_dynamic(x, w, b, wq, ws):
 
 
 def _baselines(device):
-    return {"torch quantize_dynamic": _torch_dynamic} if device == "cpu" else {}
+    if device != "cpu":
+        return {}
+    return {"torch quantize_dynamic": _torch_dynamic, "mltoolkit unpacked wq": _ours_unpacked}
 
 
 def _flops(config, dtype, mode):

@@ -4,9 +4,14 @@
 // MR rows of x by NR rows of w; every k-step loads NR weight vectors and MR activation vectors and issues MR * NR
 // dot-product instructions into MR * NR vector accumulators, which are reduced horizontally once, at the end of K.
 // For the decode shapes (M = 1..16, K = N = 4096) the weight matrix (16 MB) streams from memory once per call, four
-// rows side by side with full-width loads, and each weight vector serves every activation row of the tile: no
-// packed layout is needed to get there (a packed (N/16, K/4, 16, 4) layout only pays when the reduction has to be
-// avoided, i.e. K too short to amortize it). Threads split N (and M when there are several 64-row blocks).
+// rows side by side with full-width loads, and each weight vector serves every activation row of the tile. The
+// packed layout (int8_pack_weight: the tile's 4 rows interleaved by 64-byte chunks) turns those 4 streams into one
+// sequential stream, which the hardware prefetchers follow better (M = 1: 0.45-0.6 ms packed vs 0.6-1.0 ms plain on
+// the 2-core EPYC, noisy); the kernel reads either layout through Problem::row / off. Threads split N (and M when
+// there are several 64-row blocks).
+//
+// Measured and rejected (2026-11-26, 1 thread): blocking K (512-2048 bytes, accumulators saved between blocks with
+// 64-row M blocks) was slower at M = 1, 16 and 256; software prefetch of the next weight tile did not help.
 //
 // Paths (run-time choice, identical results):
 //  - vnni: vpdpbusd multiplies unsigned by signed bytes. Activations are shifted to unsigned, xu = xq + 128 (xor 0x80),

@@ -10,8 +10,10 @@
 // the 2-core EPYC, noisy); the kernel reads either layout through Problem::row / off. Threads split N (and M when
 // there are several 64-row blocks).
 //
-// Measured and rejected (2026-11-26, 1 thread): blocking K (512-2048 bytes, accumulators saved between blocks with
-// 64-row M blocks) was slower at M = 1, 16 and 256; software prefetch of the next weight tile did not help.
+// Measured and rejected (2026-11-26, 1 thread): blocking K (512-2048 bytes, vector accumulators saved between
+// blocks, with 64-row or L1-sized 16-row M blocks) was no faster or slower at M = 1, 16 and 256; software prefetch of
+// the next weight tile did not help either. What is left to fbgemm at M >= 16 (it is ~1.2-1.4x faster there) is not
+// cache capacity; a broadcast-activation kernel on a column-packed weight (no horizontal sums) is the next thing to try.
 //
 // Paths (run-time choice, identical results):
 //  - vnni: vpdpbusd multiplies unsigned by signed bytes. Activations are shifted to unsigned, xu = xq + 128 (xor 0x80),
@@ -420,6 +422,14 @@ Isa choose_isa(const char* fn) {
   TORCH_CHECK(false, fn, ": MLTK_INT8_ISA must be auto, vnni, avx2 or scalar, got '", want, "'");
 }
 
+// Row stride (elements) of the activation copy: rows a multiple of 4 KB apart (K = 4096) all map to the same L1
+// sets (8 ways), so 16 activation rows could evict each other; one extra cache line breaks the pattern. (No change
+// was measurable on the shared 2-core VM; it costs nothing.)
+int64_t padded_stride(int64_t K, int64_t elem_bytes) {
+  const int64_t line = 64 / elem_bytes;
+  return (K + line - 1) / line * line + line;
+}
+
 template <typename out_t>
 void run_gemm(Isa isa, const at::Tensor& xq, const at::Tensor& wq, int64_t N, Epilogue<out_t> epi) {
   const int64_t M = xq.size(0), K = xq.size(1);
@@ -427,18 +437,21 @@ void run_gemm(Isa isa, const at::Tensor& xq, const at::Tensor& wq, int64_t N, Ep
   Problem<out_t> p{nullptr, 0, wq.data_ptr<int8_t>(), wq.stride(0), packed, M, N, K, epi};
   at::Tensor xa;
   if (isa == Isa::kVnni) {
-    xa = at::empty({M, K}, xq.options().dtype(at::kByte));
+    const int64_t lda = padded_stride(K, 1);
+    xa = at::empty({M, lda}, xq.options().dtype(at::kByte));
     const int8_t* src = xq.data_ptr<int8_t>();
     uint8_t* dst = xa.data_ptr<uint8_t>();
     for (int64_t m = 0; m < M; ++m) {
-      for (int64_t k = 0; k < K; ++k) dst[m * K + k] = static_cast<uint8_t>(src[m * xq.stride(0) + k]) ^ 0x80u;
+      for (int64_t k = 0; k < K; ++k) dst[m * lda + k] = static_cast<uint8_t>(src[m * xq.stride(0) + k]) ^ 0x80u;
     }
     p.xa = dst;
-    p.lda = K;
+    p.lda = lda;
   } else if (isa == Isa::kAvx2) {
-    xa = xq.to(at::kShort).contiguous();
+    const int64_t lda = padded_stride(K, 2);
+    xa = at::empty({M, lda}, xq.options().dtype(at::kShort));
+    xa.narrow(1, 0, K).copy_(xq);
     p.xa = xa.data_ptr<int16_t>();
-    p.lda = K;
+    p.lda = lda;
   } else {
     p.xa = xq.data_ptr<int8_t>();
     p.lda = xq.stride(0);

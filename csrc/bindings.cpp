@@ -6,6 +6,7 @@
 #include "batch_norm.h"
 #include "conv.h"
 #include "int4_linear.h"
+#include "int8_linear.h"
 #include "norm.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -25,6 +26,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_weight_only_linear_cpu", &mltoolkit::int4_weight_only_linear_cpu);
   m.def("quantize_int4_cpu", &mltoolkit::quantize_int4_cpu);
   m.def("dequantize_int4_cpu", &mltoolkit::dequantize_int4_cpu);
+  m.def("quantize_rows_cpu", &mltoolkit::quantize_rows_cpu);
+  m.def("int8_linear_cpu", &mltoolkit::int8_linear_cpu);
+  m.def("int8_isa_cpu", &mltoolkit::int8_isa_cpu);
 #ifdef MLTK_WITH_CUDA
   m.def("norm_forward_cuda", &mltoolkit::norm_forward_cuda);
   m.def("norm_backward_cuda", &mltoolkit::norm_backward_cuda);

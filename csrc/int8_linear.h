@@ -1,0 +1,53 @@
+// Host entry points of the int8 dynamic-quantized linear: symmetric per-row quantization and an int8 x int8 GEMM with
+// exact int32 accumulation and a fused dequantize epilogue. One contract for every backend (C++ CPU here; Triton and
+// CUDA later); mltoolkit/ops/int8.py is the only caller and mltoolkit/ops/reference/int8.py writes it in plain
+// PyTorch (the oracle, bit-exact with these kernels).
+//
+// quantize_rows(x (R, K) float32 / float16 / bfloat16, rows with a contiguous last dim) -> {q int8 (R, K), scale
+//   float32 (R,)}. Serves both quantize_per_token (activations, one row per token) and quantize_per_channel (weights
+//   (N, K), one row per output channel); the rule is the same, per row r, all arithmetic in float32:
+//     absmax = max_k |float(x[r, k])|,   s = absmax / 127   (one IEEE division, round to nearest)
+//     scale[r] = s if s >= FLT_MIN else 1    (a zero row, or one so small that absmax / 127 is subnormal, gets
+//                                              scale 1 and quantizes to zeros: never a division by zero or a
+//                                              scale that is not a normal float)
+//     q[r, k] = clamp(round_half_to_even(float(x[r, k]) / scale[r]), -127, 127)   (a true division, not a multiply
+//                                              by the reciprocal: ties land exactly where the reference puts them)
+//   q never holds -128 (symmetric range). Non-finite inputs give unspecified (but memory-safe) q and scale. K = 0
+//   gives scale 1.
+//
+// int8_linear(xq int8 (M, K), x_scale float32 (M,), wq int8 (N, K), w_scale float32 (N,), bias float32 (N,) or
+//   None, out_dtype float32 / float16 / bfloat16) -> y (M, N) in out_dtype:
+//     acc[m, n] = sum_k int32(xq[m, k]) * int32(wq[n, k])          exact (any int8 values, -128 included),
+//                                                                   K <= 131071 so that no sum can leave int32
+//     y[m, n]   = out_dtype(((float(acc) * x_scale[m]) * w_scale[n]) + bias[n])
+//   the epilogue in float32, each operation rounded to nearest in that order (no FMA contraction), then one
+//   rounding to out_dtype. xq rows must have a contiguous last dim (any row stride; else they are copied).
+//
+// wq comes in one of two layouts (same results):
+//   plain  (N, K) int8, rows with a contiguous last dim;
+//   packed (ceil(N / 4), ceil(K / 64), 4, 64) int8, contiguous, from int8_pack_weight (mltoolkit.ops):
+//          packed[g, c, r, i] = wq[4 g + r, 64 c + i], zero where 4 g + r >= N or 64 c + i >= K.
+//          Groups of 4 output rows interleave in 64-byte chunks of K, so a 4-row tile of the weight is one
+//          sequential stream (the decode shapes read the whole weight once per call). N is then w_scale's length.
+//   The packed format is device-neutral data (a GPU kernel may ignore it and unpack, or use its own format under
+//   another name); zero padding contributes nothing to any sum.
+//
+// CPU paths (chosen per call; all give identical results): "vnni" (AVX-512 VNNI vpdpbusd, when the CPU has it),
+// "avx2" (vpmovsxbw + vpmaddwd), "scalar" (portable C++). MLTK_INT8_ISA=vnni|avx2|scalar|auto forces one (an
+// unavailable one is an error); int8_isa_cpu() names the path a call would take now.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace mltoolkit {
+
+std::vector<at::Tensor> quantize_rows_cpu(const at::Tensor& x);
+
+at::Tensor int8_linear_cpu(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& wq,
+                           const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype);
+
+std::string int8_isa_cpu();
+
+}  // namespace mltoolkit

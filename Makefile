@@ -42,8 +42,12 @@ $(DEPS_STAMP):
 		$(VPY) -c "import $$mod" 2>/dev/null || missing="$$missing $$mod"; \
 	done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; $(VPY) -m pip install -q $$missing || exit 1; fi
+	@$(VPY) -c "import safetensors" 2>/dev/null || $(VPY) -m pip install -q safetensors \
+		|| echo "safetensors not installed: saving quantized models is unavailable"
 	@$(VPY) -c "import matplotlib" 2>/dev/null || $(VPY) -m pip install -q matplotlib \
 		|| echo "matplotlib not installed: benchmark plots are skipped"
+	@$(VPY) -c "import sklearn" 2>/dev/null || $(VPY) -m pip install -q scikit-learn \
+		|| echo "scikit-learn not installed: the digits accuracy tests are skipped"
 	@# torchvision (CNN fusion tests, ResNet-50 benchmark) must match torch's build: only beside the pinned torch.
 	@$(VPY) -c "import torchvision" 2>/dev/null \
 		|| { $(VPY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_SPEC)'.split('==')[1])" \

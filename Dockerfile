@@ -13,7 +13,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 RUN apt-get update && apt-get install -y --no-install-recommends make git \
     && rm -rf /var/lib/apt/lists/*
-RUN python3 -m pip install --no-cache-dir pybind11 ninja pytest matplotlib
+RUN python3 -m pip install --no-cache-dir pybind11 ninja pytest matplotlib safetensors scikit-learn
 
 WORKDIR /workspace/mltoolkit
 COPY . .

@@ -117,6 +117,9 @@ def bn_benchmarks(device: str, quick: bool):
     configs = _bn_configs(device, quick)
     return [Benchmark("conv2d_bn_relu", "conv", _bn_ours, _bn_eager, _bn_eager, _bn_inputs,
                       [c for c in configs if not c["train"]], dtypes, flops=_bn_flops, modes=("fwd",)),
+            # Training is judged by SQNR (>= 40 dB; a wrong kernel is near 0): one of the ~400k ReLU inputs landing
+            # on the other side of 0 than in the float64 reference flips one dz, which moves the input gradient of a
+            # whole 3x3 x C neighbourhood by |w dz| (~0.02), far outside the tolerance table, for either provider.
             Benchmark("conv2d_bn_relu", "conv", _bn_ours, _bn_eager, _bn_eager, _bn_inputs,
                       [c for c in configs if c["train"]], dtypes, grad_args=(0, 1, 2, 3), flops=_bn_flops,
-                      modes=("fwd+bwd",))]
+                      modes=("fwd+bwd",), sqnr_floor=40.0)]

@@ -28,6 +28,7 @@
 
 #include "attention_launch.h"
 #include "mma_ptx.h"
+#include "smem_limit.h"
 
 namespace mltoolkit::cuda_attention {
 namespace {
@@ -882,20 +883,8 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Raises the kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
 template <typename K>
 LaunchStatus prepare(K kernel, int smem) {
-  LaunchStatus st;
-  int dev = 0, optin = 0;
-  if ((st.cuda = cudaGetDevice(&dev)) != cudaSuccess) return st;
-  if ((st.cuda = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess) {
-    return st;
-  }
-  if (smem > optin) {
-    st.what = "the attention kernel for this head dim needs more shared memory per block than this GPU offers";
-    return st;
-  }
-  if (smem > 48 * 1024) {
-    st.cuda = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  }
-  return st;
+  return cuda_util::raise_smem_limit<LaunchStatus>(
+      kernel, smem, "the attention kernel for this head dim needs more shared memory per block than this GPU offers");
 }
 
 // Grid dimension x: blocks of rows over the longest sequence (the kernels loop past it).

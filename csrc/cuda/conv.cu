@@ -24,6 +24,7 @@
 #include "conv_index.h"
 #include "conv_launch.h"
 #include "mma_ptx.h"
+#include "smem_limit.h"
 
 namespace mltoolkit::cuda_conv {
 namespace {
@@ -805,20 +806,8 @@ unsigned stride_blocks(int64_t total, int per_block = 256) {
 // Raises the kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
 template <typename K>
 LaunchStatus prepare(K kernel, int smem) {
-  LaunchStatus st;
-  int dev = 0, optin = 0;
-  if ((st.cuda = cudaGetDevice(&dev)) != cudaSuccess) return st;
-  if ((st.cuda = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess) {
-    return st;
-  }
-  if (smem > optin) {
-    st.what = "the tensor-core convolution kernel needs more shared memory per block than this GPU offers";
-    return st;
-  }
-  if (smem > 48 * 1024) {
-    st.cuda = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  }
-  return st;
+  return cuda_util::raise_smem_limit<LaunchStatus>(
+      kernel, smem, "the tensor-core convolution kernel needs more shared memory per block than this GPU offers");
 }
 
 int sm_count() {

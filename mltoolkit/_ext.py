@@ -75,3 +75,14 @@ def plain_eager(*tensors) -> bool:
                 or torch._C._are_functorch_transforms_active()
                 or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
                 or any(t is not None and type(t) not in _PLAIN for t in tensors))
+
+
+def call_op(op, eager_function, impl, args: tuple, tensors: tuple, grad_tensors: Optional[tuple] = None):
+    """op(*args) (a registered op) or, when `tensors` are plain eager, its twin without the op dispatch:
+    eager_function.apply (an autograd.Function) when autograd records and one of `grad_tensors` (default: tensors)
+    requires grad, impl(*args) otherwise."""
+    if not plain_eager(*tensors):
+        return op(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (grad_tensors or tensors)):
+        return eager_function.apply(*args)
+    return impl(*args)

@@ -201,11 +201,8 @@ class _EagerAttention(torch.autograd.Function):
 def _attn_fwd(*args):
     """torch.ops.mltoolkit.attn_fwd(*args), through _EagerAttention in plain eager mode."""
     q, k, v, mask, cu_q, cu_k, *_, seed = args
-    if not _ext.plain_eager(q, k, v, mask, cu_q, cu_k, seed):
-        return torch.ops.mltoolkit.attn_fwd(*args)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _EagerAttention.apply(*args)
-    return _fwd_impl(*args)
+    return _ext.call_op(torch.ops.mltoolkit.attn_fwd, _EagerAttention, _fwd_impl, args,
+                        (q, k, v, mask, cu_q, cu_k, seed))
 
 
 # ---- public API -----------------------------------------------------------------------------------------------

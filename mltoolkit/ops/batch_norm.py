@@ -101,12 +101,16 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps, a
             input.new_empty(c, dtype=stat))
 
 
-def _bump_running_stat_versions(keyset, *args):
+def _bump_versions(running_mean, running_var):
     # In-place updates must bump the version counters (as torch's native batch_norm does), so that autograd notices
     # a running stat that was saved for backward elsewhere and then changed.
-    for stat in (args[3], args[4]):
+    for stat in (running_mean, running_var):
         if stat is not None:
             torch.autograd.graph.increment_version(stat)
+
+
+def _bump_running_stat_versions(keyset, *args):
+    _bump_versions(args[3], args[4])
     return _FWD.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
 
 
@@ -201,9 +205,7 @@ class _EagerBatchNormAct(torch.autograd.Function):
 
 def _eager_forward(*args):
     # What the registered op's ADInplaceOrView kernel does: running stats updated in place bump their versions.
-    for stat in (args[3], args[4]):
-        if stat is not None:
-            torch.autograd.graph.increment_version(stat)
+    _bump_versions(args[3], args[4])
     return _fwd_impl(*args)
 
 
@@ -302,8 +304,6 @@ def batch_norm_act(input: Tensor, weight: Optional[Tensor] = None, bias: Optiona
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
     args = (input, _param(weight, input.dtype), _param(bias, input.dtype), running_mean, running_var, training,
             momentum, eps, activation, residual)
-    if not _ext.plain_eager(input, weight, bias, running_mean, running_var, residual):
-        return torch.ops.mltoolkit.batch_norm_act_fwd(*args)[0]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)):
-        return _EagerBatchNormAct.apply(*args)[0]
-    return _eager_forward(*args)[0]
+    return _ext.call_op(torch.ops.mltoolkit.batch_norm_act_fwd, _EagerBatchNormAct, _eager_forward, args,
+                        (input, weight, bias, running_mean, running_var, residual),
+                        grad_tensors=(input, weight, bias, residual))[0]

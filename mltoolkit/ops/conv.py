@@ -327,12 +327,9 @@ def _conv(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pa
                                                                    stride, sym, dilation))
         if tuple(residual.shape) != out:
             raise ValueError(f"{fn}: residual must have the output's shape {list(out)}, got {list(residual.shape)}")
-    args = (x, weight, bias, stride, sym, dilation, groups, residual, activation)
-    if not _ext.plain_eager(x, weight, bias, residual):
-        return torch.ops.mltoolkit.conv2d_fwd(*args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        return _EagerConv.apply(*args)
-    return _forward_impl(*args)
+    return _ext.call_op(torch.ops.mltoolkit.conv2d_fwd, _EagerConv, _forward_impl,
+                        (x, weight, bias, stride, sym, dilation, groups, residual, activation),
+                        (x, weight, bias, residual))
 
 
 def _layout_input(x: Tensor) -> Tensor:

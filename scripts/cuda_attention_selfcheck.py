@@ -20,6 +20,7 @@ exit code 1 on any failure.
     python scripts/cuda_attention_selfcheck.py --backend cpu --quick   # the same checks on the CPU kernels
 """
 import argparse
+import functools
 import importlib
 import math
 import os
@@ -28,6 +29,7 @@ import time
 import traceback
 
 import torch
+from cuda_timing import median_ms  # scripts/ is sys.path[0] when a script runs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mltoolkit.ops.reference import attention as ref  # noqa: E402
@@ -268,20 +270,7 @@ def check_bad_inputs():
 
 def bench():
     """bf16 D=128 non-causal and causal, forward and backward TFLOP/s (4 and 10 B H L^2 D flops; causal halves)."""
-    def timeit(fn, reps=20):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            ts.append(s.elapsed_time(e))
-        ts.sort()
-        return ts[len(ts) // 2]
+    timeit = functools.partial(median_ms, reps=20)
 
     import torch.nn.functional as Fn
     print(f"\nbench on {torch.cuda.get_device_name()}")

@@ -19,6 +19,7 @@ F.conv2d with cudnn.benchmark on, CUDA events, median: TFLOP/s and the ratio.
     python scripts/cuda_conv_selfcheck.py --backend cpu --quick   # the same checks on the C++ CPU kernels
 """
 import argparse
+import functools
 import importlib
 import math
 import os
@@ -29,6 +30,7 @@ import zlib
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import median_ms  # scripts/ is sys.path[0] when a script runs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mltoolkit.ops.reference import conv as ref  # noqa: E402
@@ -244,20 +246,7 @@ QUICK = [0, 1, 2, 3, 8, 9, 15, 17]
 
 
 def bench(batch, reps, quick):
-    def timeit(fn):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            ts.append(s.elapsed_time(e))
-        ts.sort()
-        return ts[len(ts) // 2]
+    timeit = functools.partial(median_ms, reps=reps)
 
     torch.backends.cudnn.benchmark = True
     print(f"\nbench on {torch.cuda.get_device_name()}: ResNet-50 layers, fp16 channels_last, batch {batch}, "

@@ -15,6 +15,7 @@ One line per failure, a summary, exit code 1 on any failure.
     python scripts/cuda_norm_selfcheck.py --backend cpu --quick  # the same checks on the CPU kernels
 """
 import argparse
+import functools
 import importlib
 import itertools
 import math
@@ -23,6 +24,7 @@ import sys
 import time
 
 import torch
+from cuda_timing import median_ms  # scripts/ is sys.path[0] when a script runs
 
 NS = [1, 7, 97, 123, 1025, 4096, 8192, 65536]
 MS = [0, 1, 3, 257]
@@ -284,20 +286,7 @@ def bench(C, use_compile):
     b = torch.randn(N, device=DEV, dtype=dtype) * 0.1
     nbytes = M * N * x.element_size()
 
-    def timeit(fn, reps=30):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        times.sort()
-        return times[len(times) // 2]
+    timeit = functools.partial(median_ms, reps=30)
 
     print(f"\nbench: {torch.cuda.get_device_name()}, bf16 M={M} N={N} (GB/s counts bytes read + written once)")
     for is_rms in (False, True):

@@ -25,13 +25,12 @@
 //
 // wq comes in one of two layouts (same results):
 //   plain  (N, K) int8, rows with a contiguous last dim;
-//   packed (ceil(N / 4), ceil(K / 64), 4, 64) int8, contiguous, from int8_pack_weight (mltoolkit.ops):
-//          packed[g, c, r, i] = wq[4 g + r, 64 c + i], zero where 4 g + r >= N or 64 c + i >= K.
-//          Groups of 4 output rows interleave in 64-byte chunks of K, so a 4-row tile of the weight is one
-//          sequential stream (the decode shapes read the whole weight once per call). N is then w_scale's length.
-//   The packed format is device-neutral data (a GPU kernel may ignore it and unpack, or use its own format under
-//   another name); zero padding contributes nothing to any sum.
-//
+//   packed (ceil(N / 64), ceil(K / 4), 64, 4) int8, contiguous, from int8_pack_weight (mltoolkit.ops):
+//          packed[p, q, j, t] = wq[64 p + j, 4 q + t] ^ 0x80 (the sign bit flipped: the byte read as unsigned is
+//          wq + 128), and 0x80 (a zero weight) where 64 p + j >= N or 4 q + t >= K. Panels of 64 output channels,
+//          4 consecutive k per 256-byte step: the CPU VNNI kernel streams a panel sequentially and feeds each
+//          64-byte row straight to vpdpbusd, whose first operand is unsigned. N is then w_scale's length.
+//   The packed format is CPU-kernel data (derived on use, never saved; a GPU backend may refuse it).
 // CPU paths (chosen per call; all give identical results): "vnni" (AVX-512 VNNI vpdpbusd, when the CPU has it),
 // "avx2" (vpmovsxbw + vpmaddwd), "scalar" (portable C++). MLTK_INT8_ISA=vnni|avx2|scalar|auto forces one (an
 // unavailable one is an error); int8_isa_cpu() names the path a call would take now.

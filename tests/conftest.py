@@ -9,6 +9,10 @@ def _gpu_present() -> bool:
 
 if not _gpu_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Inductor's graph caches key a compiled graph on the graph, not on our ops' fake kernels: after a change to a fake
+# kernel's output shape, a warm cache replays the old shape. (Generated-code caches stay on: keyed on the code.)
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,25 +1,31 @@
 // CPU kernels of the int8 dynamic-quantized linear (contract: csrc/int8_linear.h).
 //
-// GEMM: y = (xq . wq^T) * x_scale * w_scale + bias with xq (M, K), wq (N, K) both row-major. The register tile is
-// MR rows of x by NR rows of w; every k-step loads NR weight vectors and MR activation vectors and issues MR * NR
-// dot-product instructions into MR * NR vector accumulators, which are reduced horizontally once, at the end of K.
-// For the decode shapes (M = 1..16, K = N = 4096) the weight matrix (16 MB) streams from memory once per call, four
-// rows side by side with full-width loads, and each weight vector serves every activation row of the tile. The
-// packed layout (int8_pack_weight: the tile's 4 rows interleaved by 64-byte chunks) turns those 4 streams into one
-// sequential stream, which the hardware prefetchers follow better (M = 1: 0.45-0.6 ms packed vs 0.6-1.0 ms plain on
-// the 2-core EPYC, noisy); the kernel reads either layout through Problem::row / off. Threads split N (and M when
-// there are several 64-row blocks).
+// GEMM: y = (xq . wq^T) * x_scale * w_scale + bias with xq (M, K) row-major and the weight in one of two layouts.
 //
-// Measured and rejected (2026-11-26, 1 thread): blocking K (512-2048 bytes, vector accumulators saved between
-// blocks, with 64-row or L1-sized 16-row M blocks) was no faster or slower at M = 1, 16 and 256; software prefetch of
-// the next weight tile did not help either. What is left to fbgemm at M >= 16 (it is ~1.2-1.4x faster there) is not
-// cache capacity; a broadcast-activation kernel on a column-packed weight (no horizontal sums) is the next thing to try.
+// Packed weight (int8_pack_weight, the layout Int8Linear uses where the VNNI path runs): panels of 64 output
+// channels; within a panel, for every 4 consecutive k, 64 x 4 bytes (channel-major), stored with the sign bit
+// flipped (w ^ 0x80, an unsigned byte w + 128). The panel kernel keeps MR x 4 vector accumulators of 16 channels
+// each; every 4-k step loads the panel's 4 weight vectors once and issues, per activation row, 4 vpdpbusd with the
+// row's 4 activation bytes broadcast from memory ({1to16} operand). No horizontal sums: each accumulator lane is
+// one output. vpdpbusd takes its first source unsigned, so the weights carry the +128 and each row's sum is
+// corrected by 128 * sum_k xq[m, k] (one number per row, computed with the activation copy).
+//
+// Plain (N, K) weight: the register tile is MR rows of x by NR rows of w; every 64-k step loads NR weight vectors and
+// MR activation vectors and issues MR * NR dot-product instructions into MR * NR vector accumulators, reduced
+// horizontally once, at the end of K. A packed weight on the avx2 and scalar paths is unpacked first (one N x K
+// copy per call; Int8Linear packs only where the vnni path runs).
+//
+// Measured and rejected (2026-11-26, 1 thread, row-dot kernel): blocking K (512-2048 bytes, vector accumulators
+// saved between blocks, with 64-row or L1-sized 16-row M blocks) was no faster or slower at M = 1, 16 and 256;
+// software prefetch of the next weight tile did not help either. The row-dot kernel on a 4-row-interleaved layout
+// was 1.2-1.4x slower than fbgemm at M = 16: the panel kernel replaced that layout.
 //
 // Paths (run-time choice, identical results):
-//  - vnni: vpdpbusd multiplies unsigned by signed bytes. Activations are shifted to unsigned, xu = xq + 128 (xor 0x80),
-//    so sum_k xu * w = sum_k xq * w + 128 * sum_k w; the weight row sums come from one more vpdpbusd against a
-//    vector of ones (computed with the first activation tile of each block, then reused). vpdpbusd does not
-//    saturate (it wraps modulo 2^32), so the subtraction gives the exact sum whenever the true sum fits in int32.
+//  - vnni: vpdpbusd multiplies unsigned by signed bytes. Panel kernel: see above. Row-dot kernel (plain weights):
+//    activations are shifted to unsigned, xu = xq + 128 (xor 0x80), so sum_k xu * w = sum_k xq * w + 128 * sum_k w;
+//    the weight row sums come from one more vpdpbusd against a vector of ones (computed with the first activation
+//    tile of each block, then reused). vpdpbusd does not saturate (it wraps modulo 2^32), so the subtraction gives
+//    the exact sum whenever the true sum fits in int32.
 //  - avx2: vpmovsxbw widens bytes to int16 (activations once per call, weights per load), vpmaddwd multiplies int16
 //    pairs into int32 sums. Each product is at most 128 * 128 = 2^14 in magnitude and a pair at most 2^15, far
 //    inside int32: exact for every int8 value, -128 included. (vpmaddubsw would be twice as dense but adds pairs
@@ -128,24 +134,18 @@ struct Epilogue {
   }
 };
 
-// Problem description shared by the paths. xa: the activations in the path's own form (vnni: uint8 xq ^ 0x80;
-// avx2: int16; scalar: int8), rows of lda elements.
-// The weight is read through row(n) and off(k): plain (N, K) rows (off(k) = k), or the packed layout of
-// int8_pack_weight, where groups of 4 rows interleave in 64-byte chunks (row n at group n / 4, slot n % 4; chunk c of
-// a row 256 bytes after chunk c - 1), so that a 4-row tile is one sequential stream.
+// Problem description shared by the row-dot paths (plain weights). xa: the activations in the path's own form
+// (vnni: uint8 xq ^ 0x80; avx2: int16; scalar: int8), rows of lda elements; w: (N, K) rows of ldw bytes.
 template <typename out_t>
 struct Problem {
   const void* xa;
   int64_t lda;
   const int8_t* w;
-  int64_t ldw;  // plain: row stride; packed: group stride (4 * Kp)
-  bool packed;
+  int64_t ldw;
   int64_t M, N, K;
   Epilogue<out_t> epi;
 
-  inline const int8_t* row(int64_t n) const { return packed ? w + (n >> 2) * ldw + (n & 3) * 64 : w + n * ldw; }
-  inline int64_t chunk_stride() const { return packed ? 256 : 64; }
-  inline int64_t off(int64_t k) const { return packed ? (k >> 6) * 256 + (k & 63) : k; }
+  inline const int8_t* row(int64_t n) const { return w + n * ldw; }
 };
 
 // Runs tile(m0, mr, n0, nr, first, scratch) over the whole problem: threads over (64-row M block, chunk of N tiles); within
@@ -182,11 +182,7 @@ void gemm_scalar(const Problem<out_t>& p) {
       for (int64_t j = 0; j < nr; ++j) {
         const int8_t* wr = p.row(n0 + j);
         int32_t acc = 0;
-        if (p.packed) {
-          for (int64_t k = 0; k < p.K; ++k) acc += static_cast<int32_t>(xr[k]) * static_cast<int32_t>(wr[p.off(k)]);
-        } else {
-          for (int64_t k = 0; k < p.K; ++k) acc += static_cast<int32_t>(xr[k]) * static_cast<int32_t>(wr[k]);
-        }
+        for (int64_t k = 0; k < p.K; ++k) acc += static_cast<int32_t>(xr[k]) * static_cast<int32_t>(wr[k]);
         p.epi(m0 + i, n0 + j, acc);
       }
     }
@@ -223,7 +219,7 @@ MLTK_VNNI_TARGET void vnni_tile(const Problem<out_t>& p, int64_t m0, int64_t n0,
   const int8_t* wr[NR];
 #pragma GCC unroll 16
   for (int j = 0; j < NR; ++j) wr[j] = p.row(n0 + j);
-  const int64_t K = p.K, lda = p.lda, cs = p.chunk_stride();
+  const int64_t K = p.K, lda = p.lda;
   __m512i acc[MR * NR];
   __m512i sacc[NR];
 #pragma GCC unroll 16
@@ -232,14 +228,13 @@ MLTK_VNNI_TARGET void vnni_tile(const Problem<out_t>& p, int64_t m0, int64_t n0,
   for (int i = 0; i < MR * NR; ++i) acc[i] = _mm512_setzero_si512();
   const __m512i ones = _mm512_set1_epi8(1);
   const int64_t kmain = K & ~int64_t(63);
-  int64_t wo = 0;  // offset of the current 64-byte chunk in each weight row
-  for (int64_t k = 0; k < kmain; k += 64, wo += cs) {
+  for (int64_t k = 0; k < kmain; k += 64) {
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const __m512i xv = _mm512_loadu_si512(x + i * lda + k);
 #pragma GCC unroll 16
       for (int j = 0; j < NR; ++j) {
-        const __m512i wv = _mm512_loadu_si512(wr[j] + wo);
+        const __m512i wv = _mm512_loadu_si512(wr[j] + k);
         if (FIRST && i == 0) sacc[j] = dpbusd(sacc[j], ones, wv);
         acc[i * NR + j] = dpbusd(acc[i * NR + j], xv, wv);
       }
@@ -252,7 +247,7 @@ MLTK_VNNI_TARGET void vnni_tile(const Problem<out_t>& p, int64_t m0, int64_t n0,
       const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + i * lda + kmain);
 #pragma GCC unroll 16
       for (int j = 0; j < NR; ++j) {
-        const __m512i wv = _mm512_maskz_loadu_epi8(mask, wr[j] + wo);
+        const __m512i wv = _mm512_maskz_loadu_epi8(mask, wr[j] + kmain);
         if (FIRST && i == 0) sacc[j] = dpbusd(sacc[j], ones, wv);
         acc[i * NR + j] = dpbusd(acc[i * NR + j], xv, wv);
       }
@@ -311,6 +306,90 @@ void gemm_vnni(const Problem<out_t>& p) {
   drive<MR, NR>(p.M, p.N, tile);
 }
 
+// ---- AVX-512 VNNI panel path (packed weights) ---------------------------------------------------------------
+
+// The packed weight of int8_pack_weight: panel p, k-quad q: 64 channels x 4 bytes at packed + (p * KQ + q) * 256.
+struct Panels {
+  const int8_t* x;        // activations, int8 rows of lda bytes, zero-padded to 4 * KQ
+  int64_t lda;
+  const int32_t* xsum;    // per row: sum_k xq[m, k] (the +128 weight shift's correction)
+  const uint8_t* w;       // packed weight
+  int64_t KQ;             // k-quads per panel: ceil(K / 4)
+};
+
+// acc += dot4(w as unsigned bytes, the 4 signed bytes at x4 broadcast to every lane).
+MLTK_VNNI_TARGET inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t* x4) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(x4)));
+  return acc;
+}
+
+// Rows m0 .. m0 + MR - 1 against one 64-channel panel, over all of K.
+template <int MR, typename out_t>
+MLTK_VNNI_TARGET void panel_tile(const Panels& pp, const Epilogue<out_t>& epi, int64_t N, int64_t m0,
+                                 int64_t panel) {
+  const int8_t* x = pp.x + m0 * pp.lda;
+  const uint8_t* w = pp.w + panel * pp.KQ * 256;
+  __m512i acc[MR][4];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_si512();
+  }
+  for (int64_t q = 0; q < pp.KQ; ++q, w += 256) {
+    const __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 64);
+    const __m512i w2 = _mm512_loadu_si512(w + 128), w3 = _mm512_loadu_si512(w + 192);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const int8_t* x4 = x + i * pp.lda + 4 * q;
+      acc[i][0] = dpbusd_bcast(acc[i][0], w0, x4);
+      acc[i][1] = dpbusd_bcast(acc[i][1], w1, x4);
+      acc[i][2] = dpbusd_bcast(acc[i][2], w2, x4);
+      acc[i][3] = dpbusd_bcast(acc[i][3], w3, x4);
+    }
+  }
+  const int64_t n0 = panel * 64, nr = std::min<int64_t>(64, N - n0);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    alignas(64) int32_t sums[64];
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) _mm512_store_si512(sums + 16 * v, acc[i][v]);
+    // Wrapping arithmetic, as vpdpbusd's: exact once the true sum is back in range.
+    const uint32_t shift = static_cast<uint32_t>(pp.xsum[m0 + i]) << 7;
+    for (int64_t j = 0; j < nr; ++j) {
+      epi(m0 + i, n0 + j, static_cast<int32_t>(static_cast<uint32_t>(sums[j]) - shift));
+    }
+  }
+}
+
+template <int MR, typename out_t>
+void panel_tile_dispatch(const Panels& pp, const Epilogue<out_t>& epi, int64_t N, int64_t m0, int64_t mr,
+                         int64_t panel) {
+  if constexpr (MR == 0) {
+    (void)pp, (void)epi, (void)N, (void)m0, (void)mr, (void)panel;
+  } else if (mr == MR) {
+    panel_tile<MR>(pp, epi, N, m0, panel);
+  } else {
+    panel_tile_dispatch<MR - 1>(pp, epi, N, m0, mr, panel);
+  }
+}
+
+// Threads over (64-row M block, panel); consecutive tasks are consecutive panels of one M block, so a thread's
+// activation block stays in cache while its panels stream through.
+template <typename out_t>
+void gemm_vnni_panels(const Panels& pp, const Epilogue<out_t>& epi, int64_t M, int64_t N) {
+  constexpr int MR = 6;  // 24 accumulators + 4 weight vectors of the 32 zmm registers
+  const int64_t panels = (N + 63) / 64, mblocks = (M + kMBlock - 1) / kMBlock;
+  at::parallel_for(0, mblocks * panels, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t mb = t / panels, panel = t % panels;
+      const int64_t m_end = std::min(M, (mb + 1) * kMBlock);
+      for (int64_t m0 = mb * kMBlock; m0 < m_end; m0 += MR) {
+        panel_tile_dispatch<MR>(pp, epi, N, m0, std::min<int64_t>(MR, m_end - m0), panel);
+      }
+    }
+  });
+}
+
 // ---- AVX2 path ------------------------------------------------------------------------------------------------
 
 #define MLTK_AVX2_TARGET __attribute__((target("avx2")))
@@ -340,7 +419,7 @@ MLTK_AVX2_TARGET void avx2_tile(const Problem<out_t>& p, int64_t m0, int64_t n0)
     __m256i wv[NR];
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
-      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + p.off(k))));
+      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k)));
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
@@ -354,7 +433,7 @@ MLTK_AVX2_TARGET void avx2_tile(const Problem<out_t>& p, int64_t m0, int64_t n0)
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       int32_t a = hsum256(acc[i][j]);
-      for (int64_t kk = k; kk < K; ++kk) a += static_cast<int32_t>(x[i * lda + kk]) * wr[j][p.off(kk)];
+      for (int64_t kk = k; kk < K; ++kk) a += static_cast<int32_t>(x[i * lda + kk]) * wr[j][kk];
       p.epi(m0 + i, n0 + j, a);
     }
   }
@@ -430,19 +509,51 @@ int64_t padded_stride(int64_t K, int64_t elem_bytes) {
   return (K + line - 1) / line * line + line;
 }
 
+// The plain (N, K) weight a packed one stands for (avx2 and scalar paths).
+at::Tensor unpack_weight(const at::Tensor& packed, int64_t N, int64_t K) {
+  at::Tensor w = at::empty({N, K}, packed.options());
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(packed.data_ptr<int8_t>());
+  int8_t* dst = w.data_ptr<int8_t>();
+  const int64_t KQ = (K + 3) / 4;
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* panel = src + (n / 64) * KQ * 256 + (n % 64) * 4;
+      for (int64_t k = 0; k < K; ++k) dst[n * K + k] = static_cast<int8_t>(panel[(k / 4) * 256 + k % 4] ^ 0x80u);
+    }
+  });
+  return w;
+}
+
 template <typename out_t>
-void run_gemm(Isa isa, const at::Tensor& xq, const at::Tensor& wq, int64_t N, Epilogue<out_t> epi) {
+void run_gemm(Isa isa, const at::Tensor& xq, const at::Tensor& wq_in, int64_t N, Epilogue<out_t> epi) {
   const int64_t M = xq.size(0), K = xq.size(1);
-  const bool packed = wq.dim() == 4;
-  Problem<out_t> p{nullptr, 0, wq.data_ptr<int8_t>(), wq.stride(0), packed, M, N, K, epi};
+  const int8_t* src = xq.data_ptr<int8_t>();
+  const int64_t lds = xq.stride(0);
+#ifdef MLTK_INT8_X86
+  if (isa == Isa::kVnni && wq_in.dim() == 4) {
+    const int64_t KQ = (K + 3) / 4, lda = padded_stride(4 * KQ, 1);
+    at::Tensor xa = at::zeros({M, lda}, xq.options());
+    at::Tensor xsum = at::empty({M}, xq.options().dtype(at::kInt));
+    int8_t* dst = xa.data_ptr<int8_t>();
+    int32_t* sums = xsum.data_ptr<int32_t>();
+    for (int64_t m = 0; m < M; ++m) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < K; ++k) s += (dst[m * lda + k] = src[m * lds + k]);
+      sums[m] = s;
+    }
+    const Panels pp{dst, lda, sums, reinterpret_cast<const uint8_t*>(wq_in.data_ptr<int8_t>()), KQ};
+    return gemm_vnni_panels(pp, epi, M, N);
+  }
+#endif
+  const at::Tensor wq = wq_in.dim() == 4 ? unpack_weight(wq_in, N, K) : wq_in;
+  Problem<out_t> p{nullptr, 0, wq.data_ptr<int8_t>(), wq.stride(0), M, N, K, epi};
   at::Tensor xa;
   if (isa == Isa::kVnni) {
     const int64_t lda = padded_stride(K, 1);
     xa = at::empty({M, lda}, xq.options().dtype(at::kByte));
-    const int8_t* src = xq.data_ptr<int8_t>();
     uint8_t* dst = xa.data_ptr<uint8_t>();
     for (int64_t m = 0; m < M; ++m) {
-      for (int64_t k = 0; k < K; ++k) dst[m * lda + k] = static_cast<uint8_t>(src[m * xq.stride(0) + k]) ^ 0x80u;
+      for (int64_t k = 0; k < K; ++k) dst[m * lda + k] = static_cast<uint8_t>(src[m * lds + k]) ^ 0x80u;
     }
     p.xa = dst;
     p.lda = lda;
@@ -453,8 +564,8 @@ void run_gemm(Isa isa, const at::Tensor& xq, const at::Tensor& wq, int64_t N, Ep
     p.xa = xa.data_ptr<int16_t>();
     p.lda = lda;
   } else {
-    p.xa = xq.data_ptr<int8_t>();
-    p.lda = xq.stride(0);
+    p.xa = src;
+    p.lda = lds;
   }
 #ifdef MLTK_INT8_X86
   if (isa == Isa::kVnni) return gemm_vnni(p);
@@ -511,15 +622,15 @@ at::Tensor int8_linear_cpu(const at::Tensor& xq_in, const at::Tensor& x_scale_in
   TORCH_CHECK(xq_in.scalar_type() == at::kChar, fn, ": xq must be int8, got ", xq_in.scalar_type());
   TORCH_CHECK(wq_in.scalar_type() == at::kChar, fn, ": wq must be int8, got ", wq_in.scalar_type());
   TORCH_CHECK(xq_in.dim() == 2, fn, ": xq must be 2-D (M, K), got shape ", shape_str(xq_in.sizes()));
-  TORCH_CHECK(wq_in.dim() == 2 || wq_in.dim() == 4, fn, ": wq must be 2-D (N, K) or packed 4-D (ceil(N / 4), "
-              "ceil(K / 64), 4, 64), got shape ", shape_str(wq_in.sizes()));
+  TORCH_CHECK(wq_in.dim() == 2 || wq_in.dim() == 4, fn, ": wq must be 2-D (N, K) or packed 4-D (ceil(N / 64), "
+              "ceil(K / 4), 64, 4), got shape ", shape_str(wq_in.sizes()));
   TORCH_CHECK(w_scale_in.dim() == 1, fn, ": w_scale must be 1-D (N,), got shape ", shape_str(w_scale_in.sizes()));
   const bool packed = wq_in.dim() == 4;
   const int64_t M = xq_in.size(0), K = xq_in.size(1), N = packed ? w_scale_in.size(0) : wq_in.size(0);
   if (packed) {
-    const std::vector<int64_t> want{(N + 3) / 4, (K + 63) / 64, 4, 64};
-    TORCH_CHECK(wq_in.sizes() == at::IntArrayRef(want), fn, ": packed wq must have shape (ceil(N / 4), ceil(K / 64), "
-                "4, 64) = ", shape_str(want), " for N = ", N, " (w_scale's length) and K = ", K, " (xq's last dim), "
+    const std::vector<int64_t> want{(N + 63) / 64, (K + 3) / 4, 64, 4};
+    TORCH_CHECK(wq_in.sizes() == at::IntArrayRef(want), fn, ": packed wq must have shape (ceil(N / 64), ceil(K / 4), "
+                "64, 4) = ", shape_str(want), " for N = ", N, " (w_scale's length) and K = ", K, " (xq's last dim), "
                 "got ", shape_str(wq_in.sizes()));
   } else {
     TORCH_CHECK(wq_in.size(1) == K, fn, ": wq must be (N, K) with K = ", K, " (xq's last dim), got shape ",

@@ -7,14 +7,15 @@ Registered ops (2-D; the public functions below add leading dims and argument ch
     torch.ops.mltoolkit.quantize_per_channel(w (N, K) float) -> (wq int8 (N, K), scale float32 (N,))
     torch.ops.mltoolkit.int8_linear(xq int8 (M, K), x_scale f32 (M,), wq int8 (N, K) or packed, w_scale f32 (N,),
                                     bias (N,)?, out_dtype) -> y (M, N)
-    torch.ops.mltoolkit.int8_pack_weight(wq int8 (N, K)) -> packed int8 (ceil(N / 4), ceil(K / 64), 4, 64)
+    torch.ops.mltoolkit.int8_pack_weight(wq int8 (N, K)) -> packed int8 (ceil(N / 64), ceil(K / 4), 64, 4)
 
 Both quantizers use one rule per row: scale = absmax / 127 (1 for an all-zero row, or one whose absmax / 127 is
 below FLT_MIN), q = clamp(round_half_to_even(x / scale), -127, 127). int8_linear computes
 y = ((float32(sum_k xq * wq) * x_scale[m]) * w_scale[n]) + bias[n] in float32, then rounds to out_dtype.
 
-The weight may stay in its plain (N, K) layout or be packed once (int8_pack_weight: groups of 4 rows interleaved
-in 64-byte chunks, so that the kernel streams a 4-row weight tile sequentially; format in csrc/int8_linear.h).
+The weight may stay in its plain (N, K) layout or be packed once (int8_pack_weight: panels of 64 output channels,
+4 consecutive k per 256-byte step, sign bit flipped, the form the CPU VNNI kernel streams; format in
+csrc/int8_linear.h).
 No autograd: the inputs of int8_linear are integers (quantization-aware training uses fake_quantize).
 On the CPU, MLTK_INT8_ISA=vnni|avx2|scalar forces one of the kernel's paths (`isa()` names the one in use).
 """
@@ -105,7 +106,7 @@ int8_pack_weight_op = torch.library.custom_op("mltoolkit::int8_pack_weight", mut
 @int8_pack_weight_op.register_fake
 def _(wq):
     torch._check(wq.dim() == 2, lambda: "int8_pack_weight: wq must be 2-D")
-    return wq.new_empty(((wq.shape[0] + 3) // 4, (wq.shape[1] + 63) // 64, 4, 64))
+    return wq.new_empty(packed_shape(wq.shape[0], wq.shape[1]))
 
 
 # ---- public API -----------------------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def quantize_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
 
 def packed_shape(n: int, k: int) -> tuple[int, int, int, int]:
     """The shape int8_pack_weight gives an (n, k) weight."""
-    return ((n + 3) // 4, (k + 63) // 64, 4, 64)
+    return ((n + 63) // 64, (k + 3) // 4, 64, 4)
 
 
 def _check_linear(fn: str, K: int, lead: tuple, x_scale: Optional[Tensor], wq, w_scale, bias, ref: Tensor,
@@ -173,7 +174,7 @@ def _check_linear(fn: str, K: int, lead: tuple, x_scale: Optional[Tensor], wq, w
             raise ValueError(f"{fn}: w_scale must be 1-D (N,), got shape {tuple(w_scale.shape)}")
         n = w_scale.shape[0]
         if tuple(wq.shape) != packed_shape(n, K):
-            raise ValueError(f"{fn}: packed wq must have shape (ceil(N / 4), ceil(K / 64), 4, 64) = "
+            raise ValueError(f"{fn}: packed wq must have shape (ceil(N / 64), ceil(K / 4), 64, 4) = "
                              f"{packed_shape(n, K)} for N = {n} (w_scale's length), K = {K}, got {tuple(wq.shape)}")
     elif wq.dim() != 2:
         raise ValueError(f"{fn}: wq must be 2-D (N, K) or packed by int8_pack_weight, got shape {list(wq.shape)}")
@@ -244,9 +245,10 @@ def int8_linear_dynamic(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[T
 
 
 def int8_pack_weight(wq: Tensor) -> Tensor:
-    """wq int8 (N, K) -> the packed layout (ceil(N / 4), ceil(K / 64), 4, 64) that int8_linear and
-    int8_linear_dynamic also accept: packed[g, c, r, i] = wq[4 g + r, 64 c + i], zero-padded. Pack once (at
-    conversion time); N then travels as w_scale's length."""
+    """wq int8 (N, K) -> the packed layout (ceil(N / 64), ceil(K / 4), 64, 4) that int8_linear and
+    int8_linear_dynamic also accept: packed[p, q, j, t] = wq[64 p + j, 4 q + t] ^ 0x80, zero weights in the padding.
+    The CPU VNNI kernel's form (elsewhere it is unpacked per call): pack once, at conversion time; N then travels as
+    w_scale's length."""
     fn = "int8_pack_weight"
     _tensor(fn, "wq", wq)
     if wq.dtype != torch.int8:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mltoolkit import _ext, ops
+from mltoolkit.ops import int8 as int8_ops
 from mltoolkit.quantization.config import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig
 
 
@@ -44,10 +45,11 @@ class Int8Linear(nn.Module):
         return q
 
     def _weight(self) -> Tensor:
-        """The CPU kernel's packed layout (packed once per weight version), the plain int8 weight elsewhere."""
+        """The CPU VNNI kernel's packed layout (packed once per weight version), the plain int8 weight elsewhere
+        (other CPU paths would unpack it on every call)."""
         w = self.weight_int8
-        if w.device.type != "cpu" or not _ext.plain_eager(w):  # traced or compiled: no cache, the plain weight
-            return w
+        if w.device.type != "cpu" or not _ext.plain_eager(w) or int8_ops.isa() != "vnni":
+            return w  # traced or compiled: no cache, the plain weight
         key = (w.data_ptr(), w._version, tuple(w.shape))
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, ops.int8_pack_weight(w))

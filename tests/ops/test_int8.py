@@ -131,13 +131,15 @@ def test_int8_linear_exact(isa, M, K, N):
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 97, 123), (16, 1025, 97), (123, 64, 5), (5, 128, 9),
-                                   (1, 4096, 33)])
+                                   (1, 4096, 33), (13, 6, 64), (130, 37, 65), (6, 3, 129)])
 def test_int8_linear_packed(isa, M, K, N):
     g = torch.Generator().manual_seed(M + K * 7 + N * 13)
     xq, wq = _ints(M, K, gen=g), _ints(N, K, gen=g)
     xs, ws = torch.rand(M, generator=g), torch.rand(N, generator=g) * 1e-2
     packed = ops.int8_pack_weight(wq)
-    assert packed.shape == ((N + 3) // 4, (K + 63) // 64, 4, 64)
+    assert packed.shape == ((N + 63) // 64, (K + 3) // 4, 64, 4)
+    assert torch.equal(packed, reference.pack_weight(wq))
+    assert packed[0, 0, 0, 0] == wq[0, 0] ^ -128 and packed[-1, -1, -1, -1] == -128  # sign flipped; zero padding
     assert torch.equal(reference.unpack_weight(packed, N, K), wq)
     bias = torch.randn(N, generator=g)
     want = ops.int8_linear(xq, xs, wq, ws, bias)
@@ -152,8 +154,9 @@ def test_int8_linear_extremes(isa):
     for K in (1025, 131071):
         for a, b in ((-128, -128), (127, -128), (-128, 127)):
             xq, wq = torch.full((2, K), a, dtype=torch.int8), torch.full((5, K), b, dtype=torch.int8)
-            y = ops.int8_linear(xq, torch.ones(2), wq, torch.ones(5))
-            assert (y == float(torch.tensor(a * b * K, dtype=torch.float32))).all()
+            for w in (wq, ops.int8_pack_weight(wq)):
+                y = ops.int8_linear(xq, torch.ones(2), w, torch.ones(5))
+                assert (y == float(torch.tensor(a * b * K, dtype=torch.float32))).all()
     with pytest.raises(RuntimeError, match="K must be at most 131071"):
         ops.int8_linear(torch.zeros(1, 131072, dtype=torch.int8), torch.ones(1),
                         torch.zeros(1, 131072, dtype=torch.int8), torch.ones(1))
@@ -285,8 +288,8 @@ def test_bad_input():
         (lambda: ops.int8_linear(xq, xs[:3], wq, ws), ValueError, r"x_scale must have shape \(4,\)"),
         (lambda: ops.int8_linear(xq, xs, wq, ws, out_dtype=torch.int32), TypeError, "out_dtype must be"),
         (lambda: ops.int8_linear(xq, xs, wq.T.contiguous(), ws), ValueError, "K = 8"),
-        (lambda: ops.int8_linear(xq, xs, reference.pack_weight(wq), torch.ones(5)), ValueError,
-         r"packed wq must have shape .* = \(2, 1, 4, 64\) for N = 5"),
+        (lambda: ops.int8_linear(xq, xs, reference.pack_weight(wq), torch.ones(65)), ValueError,
+         r"packed wq must have shape .* = \(2, 2, 64, 4\) for N = 65"),
         (lambda: ops.int8_linear(xq, xs, wq[None], ws), ValueError, "wq must be 2-D"),
         (lambda: ops.int8_pack_weight(wq.float()), TypeError, "int8_pack_weight: wq must be int8"),
     ]
@@ -308,7 +311,7 @@ def test_kernel_checks():
         C.int8_linear_cpu(xq, torch.ones(3), wq, torch.ones(3), None, torch.float32)
     with pytest.raises(RuntimeError, match="int8_linear_cpu: bias must be float32"):
         C.int8_linear_cpu(xq, torch.ones(4), wq, torch.ones(3), torch.ones(3).double(), torch.float32)
-    with pytest.raises(RuntimeError, match=r"int8_linear_cpu: packed wq must have shape .* = \(1, 1, 4, 64\)"):
+    with pytest.raises(RuntimeError, match=r"int8_linear_cpu: packed wq must have shape .* = \(1, 2, 64, 4\)"):
         C.int8_linear_cpu(xq, torch.ones(4), torch.zeros(2, 1, 4, 64, dtype=torch.int8), torch.ones(3), None,
                           torch.float32)
     with pytest.raises(RuntimeError, match="quantize_rows_cpu: x must be float32, float16 or bfloat16"):

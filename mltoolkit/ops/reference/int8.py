@@ -3,7 +3,8 @@
 
     quantize_rows(x (R, K)):  scale = absmax(row) / 127 (1 where that is below FLT_MIN: zero rows),
                               q = clamp(round_half_to_even(x / scale), -127, 127)          (float32 arithmetic)
-    pack_weight:              (N, K) -> (ceil(N / 4), ceil(K / 64), 4, 64), 4 rows interleaved by 64-byte chunks
+    pack_weight:              (N, K) -> (ceil(N / 64), ceil(K / 4), 64, 4): 64-channel panels, 4 k per step,
+                              sign bit flipped (w ^ 0x80)
     int8_linear:              acc = xq . wq^T exactly (wq plain or packed);
                               y = ((float32(acc) * x_scale[m]) * w_scale[n]) + bias[n]
 
@@ -32,19 +33,19 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def pack_weight(wq: Tensor) -> Tensor:
-    """wq (N, K) int8 -> the packed layout (ceil(N / 4), ceil(K / 64), 4, 64): packed[g, c, r, i] = wq[4g + r, 64c + i],
-    zero-padded (csrc/int8_linear.h)."""
+    """wq (N, K) int8 -> the packed layout (ceil(N / 64), ceil(K / 4), 64, 4): packed[p, q, j, t] =
+    wq[64p + j, 4q + t] ^ 0x80, zero weights (0x80) in the padding (csrc/int8_linear.h)."""
     n, k = wq.shape
-    g, c = (n + 3) // 4, (k + 63) // 64
-    padded = torch.zeros(g * 4, c * 64, dtype=wq.dtype, device=wq.device)
+    p, q = (n + 63) // 64, (k + 3) // 4
+    padded = torch.zeros(p * 64, q * 4, dtype=wq.dtype, device=wq.device)
     padded[:n, :k] = wq
-    return padded.reshape(g, 4, c, 64).permute(0, 2, 1, 3).contiguous()
+    return torch.bitwise_xor(padded.reshape(p, 64, q, 4).permute(0, 2, 1, 3), -128).contiguous()
 
 
 def unpack_weight(packed: Tensor, n: int, k: int) -> Tensor:
     """The inverse of pack_weight: (N, K) from the packed layout."""
-    g, c = packed.shape[:2]
-    return packed.permute(0, 2, 1, 3).reshape(g * 4, c * 64)[:n, :k]
+    p, q = packed.shape[:2]
+    return torch.bitwise_xor(packed.permute(0, 2, 1, 3).reshape(p * 64, q * 4)[:n, :k], -128)
 
 
 def int_matmul(xq: Tensor, wq: Tensor) -> Tensor:

@@ -86,6 +86,30 @@ class UpConv(nn.Module):
         return self.head(F.relu(self.up(F.relu(self.down(x)))))
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt-style: a LayerNorm subclass calling F.layer_norm over channels-last data (traced through by fx)."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class LayerScaleBlock(nn.Module):
+    """A residual block with a layer-scale parameter gamma (16, 1, 1) multiplying the branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.norm = nn.Conv2d(3, 16, 3, padding=1), LayerNorm2d(16)
+        self.expand, self.project = nn.Conv2d(16, 32, 1), nn.Conv2d(32, 16, 1)
+        self.gamma = nn.Parameter(torch.rand(16, 1, 1))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.norm(self.stem(x))
+        x = x + self.gamma * self.project(F.gelu(self.expand(x)))
+        return self.fc(x.mean((2, 3)))
+
+
 class Chunky(nn.Module):
     def __init__(self):
         super().__init__()
@@ -412,6 +436,36 @@ def test_channel_prune_follows_channels_exactly(cls):
     if cls is UpConv:
         assert (small.down.out_channels, small.up.in_channels, small.up.out_channels, small.head.in_channels) == (
             8, 8, 4, 4)
+
+
+def test_channel_prune_functional_layer_norm_and_layer_scale():
+    torch.manual_seed(0)
+    model = LayerScaleBlock().eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(P.channel_prune(model, 0.0, x)(x), model(x))
+    groups = {tuple(g.layers): g for g in P.channel_groups(model, x)}
+    assert groups[("stem", "project")].prunable and "norm.weight" in groups[("stem", "project")].consumers
+    small = P.channel_prune(model, 0.5, x)
+    assert small.norm.normalized_shape == (8,) and small.norm.weight.shape == (8,) and small.gamma.shape == (8, 1, 1)
+    assert (small.expand.in_channels, small.expand.out_channels, small.fc.in_features) == (8, 16, 8)
+    keep = kept_channels(model, small)["stem"]
+    assert torch.equal(small.gamma, model.gamma[keep]) and keep == kept_channels(model, small)["project"]
+    assert small(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_channel_prune_torchvision(arch, one_thread):
+    """Residual stages with downsampling shortcuts; depthwise convs, squeeze-excitation gating and Hardswish."""
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    model = getattr(models, arch)(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(P.channel_prune(model, 0.0, x)(x), model(x))
+    groups = P.channel_groups(model, x)
+    assert [g.layers for g in groups if not g.prunable] == [["fc" if arch == "resnet18" else "classifier.3"]]
+    small = P.channel_prune(model, 0.5, x)
+    assert P.count_parameters(small) < 0.3 * P.count_parameters(model)
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_channel_prune_refuses_what_it_cannot_follow():

@@ -3,10 +3,12 @@
 channel_prune(model, amount, example_inputs) removes the output channels of lowest L1 norm from each nn.Linear /
 nn.ConvNd (the "producers") together with everything indexed by those channels downstream: the input channels of
 the next convolution or linear layer, the per-channel parameters and statistics of BatchNorm / InstanceNorm /
-LayerNorm / RMSNorm / PReLU in between, the channels of depthwise convolutions (whose channels are tied to their
-input), and the matching input features of a Linear after a flatten (channel c of an (N, C, H, W) tensor is the
-H*W features c*H*W ... (c+1)*H*W - 1). The result is the same model (same classes, same forward code) with smaller
-weights: it runs, has fewer parameters and, for amount=0, computes exactly what it did.
+LayerNorm / RMSNorm / PReLU in between (also F.layer_norm with a module's weight and bias, as in ConvNeXt's
+LayerNorm2d), parameters combined elementwise with the channels (a layer scale gamma of shape (C, 1, 1)), the
+channels of depthwise convolutions (whose channels are tied to their input), and the matching input features of a
+Linear after a flatten (channel c of an (N, C, H, W) tensor is the H*W features c*H*W ... (c+1)*H*W - 1). The
+result is the same model (same classes, same forward code) with smaller weights: it runs, has fewer parameters and,
+for amount=0, computes exactly what it did.
 
 How channels are followed (the dependency graph, after Torch-Pruning's idea): torch.fx traces the model and
 torch.fx's ShapeProp runs it once on example_inputs, recording every intermediate shape. Each producer's output
@@ -73,6 +75,8 @@ _ELEMENTWISE_METHODS = {
     "clamp_max", "clip", "square", "sqrt", "rsqrt", "pow", "add", "add_", "sub", "sub_", "mul", "mul_", "div",
     "div_", "maximum", "minimum",
 }
+# torchvision.ops.stochastic_depth (EfficientNet, ConvNeXt): x times per-sample noise of shape (N, 1, ...) in training
+_ELEMENTWISE_BY_NAME = {"stochastic_depth"}
 _SELF_METHODS = {"contiguous", "clone", "detach", "float", "half", "bfloat16", "double", "to", "type_as",
                  "requires_grad_", "cpu", "cuda"}
 _POOL_FUNCTIONS = {  # function -> number of trailing spatial dims it works on
@@ -137,11 +141,13 @@ class ChannelGroup:
 @dataclasses.dataclass
 class _Action:
     kind: str  # "out": weight dim out_dim by a space; "in": weight dim in_dim by a layout; "chan": per-channel
-    #           tensors by a layout; "dw": depthwise conv, in layout -> out layout
+    #           tensors by a layout; "dw": depthwise conv, in layout -> out layout; "param": the parameter or buffer
+    #           named `module` along dimension `dim` by a layout; "shape": set `module`.normalized_shape
     module: str
     layout: Optional[_Layout] = None
     space: Optional[int] = None
     out_layout: Optional[_Layout] = None
+    dim: int = 0
 
 
 def _shape(node: Any) -> Optional[tuple[int, ...]]:
@@ -175,8 +181,8 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 # ------------------------------------------------------------------------------------------------------ the tracer
 
 class _Builder:
-    def __init__(self, gm: fx.GraphModule, layer_types, ignore: set[str], strict: bool):
-        self.gm, self.layer_types, self.ignore, self.strict = gm, layer_types, ignore, strict
+    def __init__(self, root: nn.Module, gm: fx.GraphModule, layer_types, ignore: set[str], strict: bool):
+        self.root, self.gm, self.layer_types, self.ignore, self.strict = root, gm, layer_types, ignore, strict
         self.modules = dict(gm.named_modules())
         self.parent: list[int] = []
         self.n: list[int] = []
@@ -184,9 +190,9 @@ class _Builder:
         self.blocked: list[list[str]] = []
         self.actions: list[_Action] = []
         self.env: dict[fx.Node, _Layout] = {}
-        self.calls: dict[str, int] = {}
+        self.calls: dict[str, int] = {}  # call_module / get_attr target -> number of nodes using it
         for node in gm.graph.nodes:
-            if node.op == "call_module":
+            if node.op in ("call_module", "get_attr"):
                 self.calls[node.target] = self.calls.get(node.target, 0) + 1
 
     # union-find over channel spaces
@@ -380,7 +386,9 @@ class _Builder:
             if aligned < 0 or shape[aligned] == 1 != out_shape[cdim]:
                 continue  # broadcast along the channels: no constraint
             lay = self.env.get(a)
-            if lay is None:
+            if lay is None and self.own_param(a):  # e.g. a layer scale or a learned bias: pruned along
+                self.actions.append(_Action("param", a.target, layout=lay0, dim=aligned))
+            elif lay is None:
                 self.block(lay0.spaces, f"combined by {_describe(node, self.modules)} with a tensor whose channels "
                                         f"cannot be pruned ({a.name!r})")
             elif lay.cdim != aligned or not self.unify(lay0, lay, node):
@@ -388,6 +396,29 @@ class _Builder:
                                              "differently")
                 return None
         return lay0.moved(cdim)
+
+    def own_param(self, a: fx.Node) -> bool:
+        """A parameter / buffer read once in the graph, by one node: it can be pruned along with the channels."""
+        return a.op == "get_attr" and self.calls.get(a.target) == 1 and len(a.users) == 1
+
+    def layer_norm(self, node: fx.Node, lay: _Layout, ndim: int) -> Optional[_Layout]:
+        """F.layer_norm(x, normalized_shape, weight, bias): as LayerNorm, its weight and bias read from the graph."""
+        shape = _arg(node, 1, "normalized_shape")
+        k = len(shape)
+        if lay.cdim < ndim - k:
+            return lay
+        if k != 1:
+            return self.unsupported(node, lay, "it normalizes over the channels together with other dimensions")
+        params = [p for p in (_arg(node, 2, "weight"), _arg(node, 3, "bias")) if p is not None]
+        if not all(isinstance(p, fx.Node) and self.own_param(p) for p in params):
+            return self.unsupported(node, lay, "its weight or bias is not a parameter read only there")
+        owners = {p.target.rpartition(".")[0] for p in params}
+        for p in params:
+            self.actions.append(_Action("param", p.target, layout=lay, dim=0))
+        for owner in owners:  # e.g. a LayerNorm subclass calling F.layer_norm(x, self.normalized_shape, ...)
+            if isinstance(getattr(self.root.get_submodule(owner), "normalized_shape", None), (tuple, list)):
+                self.actions.append(_Action("shape", owner, layout=lay))
+        return lay
 
     def flatten(self, node, lay: _Layout, in_shape, start: int, end: int) -> Optional[_Layout]:
         ndim = len(in_shape)
@@ -477,7 +508,7 @@ class _Builder:
         in_shape = _shape(x)
         if f is getattr and node.args[1] in _META_ATTRS:
             return None
-        if f in _ELEMENTWISE_FUNCTIONS:
+        if f in _ELEMENTWISE_FUNCTIONS or getattr(f, "__name__", None) in _ELEMENTWISE_BY_NAME:
             return self.elementwise(node)
         if f in (torch.cat, torch.concat):
             tensors = list(_arg(node, 0, "tensors"))
@@ -505,6 +536,8 @@ class _Builder:
             return self.transpose(node, lay, _arg(node, 1, "dim0"), _arg(node, 2, "dim1"), ndim)
         if f in _REDUCE_FUNCTIONS:
             return self.reduce(node, lay, ndim, _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False))
+        if f is F.layer_norm:
+            return self.layer_norm(node, lay, ndim)
         if f in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
             return self.softmax(node, lay, _arg(node, 1, "dim"), ndim)
         self.unsupported(node, lay, "an operation channel pruning does not know")
@@ -585,7 +618,7 @@ def _trace(fn: str, model: nn.Module, example_inputs: tuple, layer_types, ignore
     finally:
         for m, t in modes.items():
             m.training = t
-    builder = _Builder(gm, layer_types, ignore, strict)
+    builder = _Builder(model, gm, layer_types, ignore, strict)
     builder.run()
     return builder
 
@@ -651,6 +684,11 @@ def _set_param(mod: nn.Module, attr: str, value: Tensor) -> None:
 def _apply(model: nn.Module, b: _Builder, keep: dict[int, Tensor]) -> None:
     find = b.find
     for a in b.actions:
+        if a.kind == "param":
+            owner_name, _, attr = a.module.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            _set_param(owner, attr, _select(getattr(owner, attr), a.dim, _layout_index(a.layout, keep, find)))
+            continue
         mod = model.get_submodule(a.module)
         if a.kind == "out":
             idx = keep[find(a.space)]
@@ -678,6 +716,9 @@ def _apply(model: nn.Module, b: _Builder, keep: dict[int, Tensor]) -> None:
                 _set_param(mod, "bias", _select(mod.bias, 0, idx_out))
             mod.in_channels = mod.groups = len(idx_in)
             mod.out_channels = len(idx_out)
+        elif a.kind == "shape":
+            mod.normalized_shape = (len(_layout_index(a.layout, keep, find)),)
+            continue
         elif a.kind == "chan":
             idx = _layout_index(a.layout, keep, find)
             for attr in ("weight", "bias", "running_mean", "running_var"):

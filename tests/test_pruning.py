@@ -297,6 +297,17 @@ def test_to_semi_structured_refuses_without_gpu():
         P.to_semi_structured(model)
 
 
+def test_to_semi_structured_skips_layers_it_cannot_convert(monkeypatch):
+    """The per-layer checks, reached on any machine by pretending the GPU check passed."""
+    monkeypatch.setattr(P.semi_structured, "semi_structured_unsupported", lambda device=None: None)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    summary = P.to_semi_structured(model)
+    assert not summary.converted and "not on a CUDA device" in summary.skipped["1"]
+    assert "0 of 2 Linear layers converted" in str(summary)
+    with pytest.raises(ValueError, match="to_semi_structured: layer '0': weight is on cpu"):
+        P.to_semi_structured(model, strict=True)
+
+
 @pytest.mark.cuda
 def test_to_semi_structured_on_gpu():
     why = P.semi_structured_unsupported()

@@ -3,7 +3,7 @@
 
 Needs a CUDA GPU and the built extension. Calls the raw entry points of csrc/int8_linear.h and csrc/int4_linear.h:
     quantize_rows_cuda(x) -> [q, scale]                                  bit-exact
-    int8_linear_cuda(xq, x_scale, wq, w_scale, bias, out_dtype) -> y     bit-exact, paths mma and dp4a, plain / packed
+    int8_linear_cuda(xq, x_scale, wq, w_scale, bias, out_dtype) -> y     bit-exact, paths mma and dp4a
     dequantize_int4_cuda(packed, scales, zeros, group) -> w'             bit-exact
     int4_weight_only_linear_cuda(x, packed, scales, zeros, group, bias)  SQNR vs float64 x @ w'^T, paths gemv and mma
 on odd shapes, with outputs poisoned (NaN) before each call; then bad-input errors. One line per failure, a summary,
@@ -84,21 +84,20 @@ def check_int8(quick):
               (512, 512, 4096)]
     if quick:
         shapes = shapes[:3] + shapes[4:6]
-    for path, (m, n, k), packed in itertools.product(("mma", "dp4a"), shapes, (False, True)):
+    for path, (m, n, k) in itertools.product(("mma", "dp4a"), shapes):
         if path == "mma" and k % 16:
             continue
-        case = f"int8_linear {path} M={m} N={n} K={k} packed={int(packed)}"
+        case = f"int8_linear {path} M={m} N={n} K={k}"
         try:
             xq = torch.randint(-128, 128, (m, k), generator=gen, device="cuda", dtype=torch.int8)
             wq = torch.randint(-128, 128, (n, k), generator=gen, device="cuda", dtype=torch.int8)
             xs = torch.rand(m, generator=gen, device="cuda") * 1e-2
             ws = torch.rand(n, generator=gen, device="cuda") * 1e-2
             b = torch.randn(n, generator=gen, device="cuda")
-            w_arg = ref8.pack_weight(wq) if packed else wq
             for out_dtype, bias in ((torch.float32, b), (torch.bfloat16, None), (torch.float16, b)):
                 poison(m * n * 4)
                 with env_path("MLTK_INT8_CUDA_PATH", path):
-                    y = C.int8_linear_cuda(xq, xs, w_arg, ws, bias, out_dtype)
+                    y = C.int8_linear_cuda(xq, xs, wq, ws, bias, out_dtype)
                 yr = ref8.int8_linear(xq, xs, wq, ws, bias, out_dtype)
                 if not torch.equal(y, yr):
                     bad = (y.float() != yr.float()) | y.isnan()

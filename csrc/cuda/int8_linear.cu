@@ -12,10 +12,10 @@
 // never stored. Two configurations: 128 x 256 (8 warps of 64 x 64, 3 stages, 144 KB) when it fills the GPU, else
 // 64 x 128 (4 warps of 32 x 64, 4 stages, 96 KB, also the one for 99 KB parts such as sm_86 / sm_89).
 // Assumptions (checked by int8_linear_path, which falls back to dp4a otherwise): K % 16 == 0; xq and wq bases
-// 16-byte aligned; row strides ldx, ldw multiples of 16 bytes. The packed weight layout is read in place: a 16-byte
-// chunk at (n, k), k % 16 == 0, lies inside one 64-byte run of the packed layout.
-// dp4a path (sm_61+; any K, stride, alignment, either layout): 64 x 64 tiles, 4 x 4 outputs per thread, k in steps of
-// 32 bytes through padded shared memory, word loads when everything is 4-byte aligned, byte loads otherwise.
+// 16-byte aligned; row strides ldx, ldw multiples of 16 bytes. The weight is plain (N, K) rows (the CPU kernel's
+// packed layout is unpacked by the Python layer before it gets here).
+// dp4a path (sm_61+; any K, stride, alignment): 64 x 64 tiles, 4 x 4 outputs per thread, k in steps of 32 bytes
+// through padded shared memory, word loads when everything is 4-byte aligned, byte loads otherwise.
 // Epilogue (both): y = ((float(acc) * x_scale[m]) * w_scale[n]) + bias[n] with IEEE operations (no FMA, no flush to
 // zero), one rounding to out_dtype: bit-identical with the reference.
 #include <cuda_bf16.h>
@@ -124,10 +124,8 @@ __device__ __forceinline__ void store_pair(const Epi& e, int m, int n, int a0, i
 struct MmaArgs {
   const int8_t* xq;
   const int8_t* wq;
-  int64_t ldx, ldw;  // bytes; ldw unused when packed
+  int64_t ldx, ldw;  // bytes
   int K;
-  int k_chunks64;  // ceil(K / 64): the packed layout's second dim
-  bool packed;
   int n_tiles;
   Epi epi;
 };
@@ -179,9 +177,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) _int8_mma_kernel(const MmaArgs
   for (int j = 0; j < C::kBChunks; ++j) {
     const int n = n0 + (tid + j * C::kThreads) / 8;
     bok[j] = n < N;
-    const int nn = bok[j] ? n : 0;
-    brow[j] = a.packed ? a.wq + (static_cast<int64_t>(nn >> 2) * a.k_chunks64 * 256 + (nn & 3) * 64)
-                       : a.wq + static_cast<int64_t>(nn) * a.ldw;
+    brow[j] = a.wq + (bok[j] ? static_cast<int64_t>(n) * a.ldw : 0);
   }
   const int chunk = tid & 7;  // the same for every slot: kThreads is a multiple of 8
 
@@ -197,12 +193,11 @@ __global__ void __launch_bounds__(C::kThreads, 1) _int8_mma_kernel(const MmaArgs
       const bool ok = kok && aok[j];
       cp_async16(smem_u32(sa + swz(row, chunk)), ok ? arow[j] + k : a.xq, ok);
     }
-    const int64_t bk = a.packed ? static_cast<int64_t>(k >> 6) * 256 + (k & 63) : k;
 #pragma unroll
     for (int j = 0; j < C::kBChunks; ++j) {
       const int row = (tid + j * C::kThreads) / 8;
       const bool ok = kok && bok[j];
-      cp_async16(smem_u32(sb + swz(row, chunk)), ok ? brow[j] + bk : a.wq, ok);
+      cp_async16(smem_u32(sb + swz(row, chunk)), ok ? brow[j] + k : a.wq, ok);
     }
   };
 
@@ -279,19 +274,12 @@ struct Dp4aArgs {
   const int8_t* wq;
   int64_t ldx, ldw;
   int K;
-  int k_chunks64;
-  bool packed;
   int n_tiles;
   Epi epi;
 };
 
 constexpr int kDpTile = 64;
 constexpr int kDpWords = 8;  // 32 bytes of k per step
-
-__device__ __forceinline__ int64_t w_offset(const Dp4aArgs& a, int n, int k) {
-  return a.packed ? (static_cast<int64_t>(n >> 2) * a.k_chunks64 + (k >> 6)) * 256 + (n & 3) * 64 + (k & 63)
-                  : static_cast<int64_t>(n) * a.ldw + k;
-}
 
 // Four int8 at k .. k + 3 of a row as one word (zeros past K). WORDS: 4-byte loads are aligned and whole (K % 4 == 0,
 // 4-byte aligned bases and strides); else byte loads.
@@ -322,7 +310,7 @@ __global__ void __launch_bounds__(256) _int8_dp4a_kernel(const Dp4aArgs a) {
       const int id = tid + j * 256, row = id / kDpWords, w = id % kDpWords, k = k0 + 4 * w;
       const int m = m0 + row, n = n0 + row;
       sa[row][w] = m < M ? load_word<WORDS>(a.xq, static_cast<int64_t>(m) * a.ldx + k, k, K) : 0;
-      sb[row][w] = n < N ? load_word<WORDS>(a.wq, w_offset(a, n, k), k, K) : 0;
+      sb[row][w] = n < N ? load_word<WORDS>(a.wq, static_cast<int64_t>(n) * a.ldw + k, k, K) : 0;
     }
     __syncthreads();
 #pragma unroll
@@ -373,8 +361,6 @@ LaunchStatus launch_mma(const Int8LinearParams& p, const Epi& epi, cudaStream_t 
   a.ldx = p.ldx;
   a.ldw = p.ldw;
   a.K = static_cast<int>(p.K);
-  a.k_chunks64 = static_cast<int>(cdiv(p.K, 64));
-  a.packed = p.packed;
   a.n_tiles = static_cast<int>(cdiv(p.N, C::BN));
   a.epi = epi;
   const int64_t blocks = cdiv(p.M, C::BM) * a.n_tiles;
@@ -391,14 +377,11 @@ LaunchStatus launch_dp4a(const Int8LinearParams& p, const Epi& epi, cudaStream_t
   a.ldx = p.ldx;
   a.ldw = p.ldw;
   a.K = static_cast<int>(p.K);
-  a.k_chunks64 = static_cast<int>(cdiv(p.K, 64));
-  a.packed = p.packed;
   a.n_tiles = static_cast<int>(cdiv(p.N, kDpTile));
   a.epi = epi;
   const int64_t blocks = cdiv(p.M, kDpTile) * a.n_tiles;
   if (blocks > 0x7fffffff) return refuse("int8_linear: too many output tiles for one grid");
-  const bool words = p.K % 4 == 0 && aligned(p.xq, 4) && aligned(p.wq, 4) && p.ldx % 4 == 0 &&
-                     (p.packed || p.ldw % 4 == 0);
+  const bool words = p.K % 4 == 0 && aligned(p.xq, 4) && aligned(p.wq, 4) && p.ldx % 4 == 0 && p.ldw % 4 == 0;
   if (words) {
     _int8_dp4a_kernel<T, true><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(a);
   } else {
@@ -415,7 +398,7 @@ bool mma_shape_ok(const Int8LinearParams& p, const char** why) {
     w = "int8_linear: the tensor-core path needs K to be a multiple of 16";
   } else if (!aligned(p.xq, 16) || p.ldx % 16 != 0) {
     w = "int8_linear: the tensor-core path needs xq's base and row stride 16-byte aligned";
-  } else if (!aligned(p.wq, 16) || (!p.packed && p.ldw % 16 != 0)) {
+  } else if (!aligned(p.wq, 16) || p.ldw % 16 != 0) {
     w = "int8_linear: the tensor-core path needs wq's base and row stride 16-byte aligned";
   } else if (smem_optin() < CfgSmall::kSmem) {
     w = "int8_linear: the tensor-core path needs 96 KB of shared memory per block";

@@ -180,20 +180,14 @@ at::Tensor int8_linear_cuda(const at::Tensor& xq_in, const at::Tensor& x_scale_i
   TORCH_CHECK(xq_in.scalar_type() == at::kChar, fn, ": xq must be int8, got ", xq_in.scalar_type());
   TORCH_CHECK(wq_in.scalar_type() == at::kChar, fn, ": wq must be int8, got ", wq_in.scalar_type());
   TORCH_CHECK(xq_in.dim() == 2, fn, ": xq must be 2-D (M, K), got shape ", shape_str(xq_in.sizes()));
-  TORCH_CHECK(wq_in.dim() == 2 || wq_in.dim() == 4, fn, ": wq must be 2-D (N, K) or packed 4-D (ceil(N / 4), "
-              "ceil(K / 64), 4, 64), got shape ", shape_str(wq_in.sizes()));
+  TORCH_CHECK(wq_in.dim() != 4, fn, ": wq must be 2-D (N, K); the packed layout of int8_pack_weight is the CPU "
+              "kernel's (unpack it first: mltoolkit.ops.reference.int8.unpack_weight), got shape ",
+              shape_str(wq_in.sizes()));
+  TORCH_CHECK(wq_in.dim() == 2, fn, ": wq must be 2-D (N, K), got shape ", shape_str(wq_in.sizes()));
   TORCH_CHECK(w_scale_in.dim() == 1, fn, ": w_scale must be 1-D (N,), got shape ", shape_str(w_scale_in.sizes()));
-  const bool packed = wq_in.dim() == 4;
-  const int64_t M = xq_in.size(0), K = xq_in.size(1), N = packed ? w_scale_in.size(0) : wq_in.size(0);
-  if (packed) {
-    const std::vector<int64_t> want{(N + 3) / 4, (K + 63) / 64, 4, 64};
-    TORCH_CHECK(wq_in.sizes() == at::IntArrayRef(want), fn, ": packed wq must have shape (ceil(N / 4), ceil(K / 64), "
-                "4, 64) = ", shape_str(want), " for N = ", N, " (w_scale's length) and K = ", K, " (xq's last dim), "
-                "got ", shape_str(wq_in.sizes()));
-  } else {
-    TORCH_CHECK(wq_in.size(1) == K, fn, ": wq must be (N, K) with K = ", K, " (xq's last dim), got shape ",
-                shape_str(wq_in.sizes()));
-  }
+  const int64_t M = xq_in.size(0), K = xq_in.size(1), N = wq_in.size(0);
+  TORCH_CHECK(wq_in.size(1) == K, fn, ": wq must be (N, K) with K = ", K, " (xq's last dim), got shape ",
+              shape_str(wq_in.sizes()));
   TORCH_CHECK(K <= kMaxK, fn, ": K must be at most ", kMaxK, " (int32 accumulation), got ", K);
   TORCH_CHECK(M <= kMaxDim && N <= kMaxDim, fn, ": M and N must be below 2^31, got M = ", M, ", N = ", N);
   TORCH_CHECK(x_scale_in.scalar_type() == at::kFloat, fn, ": x_scale must be float32, got ",
@@ -224,7 +218,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& xq_in, const at::Tensor& x_scale_i
     if (bias.defined()) y.add_(bias);
     return y.to(out_dtype);
   }
-  const at::Tensor xq = rows(xq_in), wq = packed ? wq_in.contiguous() : rows(wq_in);
+  const at::Tensor xq = rows(xq_in), wq = rows(wq_in);
   at::Tensor y = at::empty({M, N}, xq.options().dtype(out_dtype));
   cq::Int8LinearParams p;
   p.xq = xq.data_ptr<int8_t>();
@@ -237,8 +231,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& xq_in, const at::Tensor& x_scale_i
   p.N = N;
   p.K = K;
   p.ldx = row_stride(xq);
-  p.ldw = packed ? 0 : row_stride(wq);
-  p.packed = packed;
+  p.ldw = row_stride(wq);
   p.out_dtype = to_dtype(out_dtype);
   p.path = forced;
   compute_capability(xq, &p.cc_major, &p.cc_minor);

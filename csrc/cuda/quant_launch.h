@@ -38,9 +38,9 @@ struct QuantizeParams {
 };
 LaunchStatus quantize_rows(const QuantizeParams& p, cudaStream_t stream);
 
-// int8_linear: y (M, N) out_dtype contiguous = epilogue(xq (M, K) . wq^T). xq rows: element stride ldx, last dim
-// contiguous. wq: plain (N, K) with row stride ldw, or packed (ceil(N/4), ceil(K/64), 4, 64) contiguous (ldw unused).
-// bias float32 (N,) or nullptr. 1 <= K <= 131071, M, N >= 1, M and N < 2^31.
+// int8_linear: y (M, N) out_dtype contiguous = epilogue(xq (M, K) . wq^T). xq, wq (N, K) rows: element strides ldx,
+// ldw, last dim contiguous (the CPU kernel's packed weight layout is not taken here). bias float32 (N,) or nullptr.
+// 1 <= K <= 131071, M, N >= 1, M and N < 2^31.
 enum class Int8Path : int { kAuto = 0, kMma = 1, kDp4a = 2 };
 struct Int8LinearParams {
   const int8_t* xq = nullptr;
@@ -51,7 +51,6 @@ struct Int8LinearParams {
   void* y = nullptr;
   int64_t M = 0, N = 0, K = 0;
   int64_t ldx = 0, ldw = 0;
-  bool packed = false;
   DType out_dtype = DType::kFloat32;
   Int8Path path = Int8Path::kAuto;  // kMma on a device or shape it cannot take is refused (what != nullptr)
   int cc_major = 0, cc_minor = 0;   // the current device's compute capability (the glue reads it)

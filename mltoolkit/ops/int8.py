@@ -44,6 +44,8 @@ def _cuda_accepts(x, *_) -> Optional[str]:
 
 
 def _cuda_linear(xq, x_scale, wq, w_scale, bias, out_dtype):
+    if wq.dim() == 4:  # the packed layout is the CPU kernel's: the CUDA kernels read plain rows (a copy per call)
+        wq = reference.unpack_weight(wq, w_scale.shape[0], xq.shape[1])
     return _ext._C.int8_linear_cuda(xq, x_scale, wq, w_scale, None if bias is None else bias.float(), out_dtype)
 
 
@@ -51,7 +53,7 @@ def _cpp_linear(xq, x_scale, wq, w_scale, bias, out_dtype):
     return _ext._C.int8_linear_cpu(xq, x_scale, wq, w_scale, None if bias is None else bias.float(), out_dtype)
 
 
-# CUDA C++ (csrc/cuda/int8_linear.cu): int8 tensor cores on sm_80+, dp4a otherwise; reads the packed layout in place.
+# CUDA C++ (csrc/cuda/int8_linear.cu): int8 tensor cores on sm_80+, dp4a otherwise.
 INT8.register("cuda", _cuda_accepts, _ext.cuda_unavailable,
               quantize=lambda x: tuple(_ext._C.quantize_rows_cuda(x)), linear=_cuda_linear,
               pack=reference.pack_weight)

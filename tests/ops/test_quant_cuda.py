@@ -1,7 +1,8 @@
 """The CUDA C++ quantization kernels (csrc/cuda/int8_linear.cu, int4_linear.cu) against the reference: int8
 quantizers, int8_linear and dequantize_int4 bit-exact, int4_weight_only_linear by SQNR against the float64 product
 with the dequantized weight. Every kernel path is forced in turn (MLTK_INT8_CUDA_PATH=mma|dp4a,
-MLTK_INT4_CUDA_PATH=gemv|mma), on odd shapes, padded / misaligned / packed layouts, with and without bias.
+MLTK_INT4_CUDA_PATH=gemv|mma), on odd shapes, padded / misaligned layouts, with and without bias (the CPU-only packed
+int8 weight layout goes through the op, which unpacks it).
 Skipped without a GPU (scripts/gpu_check.sh runs them); the backend-table test runs everywhere."""
 import pytest
 import torch
@@ -78,21 +79,19 @@ def int8_path(request, monkeypatch):
 
 @cuda
 @pytest.mark.parametrize("m,n,k", _linear_cases())
-@pytest.mark.parametrize("packed", [False, True])
-def test_int8_linear_bit_exact(int8_path, m, n, k, packed):
+def test_int8_linear_bit_exact(int8_path, m, n, k):
     C = _c()
     g = _gen(m * 7 + n)
     xq, wq = _ints(m, k, gen=g), _ints(n, k, gen=g)
     xs = torch.rand(m, generator=g, device="cuda") * 0.01 + 1e-4
     ws = torch.rand(n, generator=g, device="cuda") * 0.01 + 1e-4
     bias = torch.randn(n, generator=g, device="cuda")
-    w_arg = ref8.pack_weight(wq) if packed else wq
     for out_dtype, b in ((torch.float32, bias), (torch.bfloat16, None), (torch.float16, bias)):
         if int8_path == "mma" and k % 16:
             with pytest.raises(RuntimeError, match="multiple of 16"):
-                C.int8_linear_cuda(xq, xs, w_arg, ws, b, out_dtype)
+                C.int8_linear_cuda(xq, xs, wq, ws, b, out_dtype)
             continue
-        y = C.int8_linear_cuda(xq, xs, w_arg, ws, b, out_dtype)
+        y = C.int8_linear_cuda(xq, xs, wq, ws, b, out_dtype)
         y_ref = ref8.int8_linear(xq, xs, wq, ws, b, out_dtype)
         assert y.dtype == out_dtype and torch.equal(y, y_ref), (out_dtype, (y.float() - y_ref.float()).abs().max())
 

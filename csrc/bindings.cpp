@@ -37,6 +37,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("rotary_cuda", &mltoolkit::rotary_cuda);
   m.def("conv2d_forward_cuda", &mltoolkit::conv2d_forward_cuda);
   m.def("conv2d_backward_cuda", &mltoolkit::conv2d_backward_cuda);
+  m.def("quantize_rows_cuda", &mltoolkit::quantize_rows_cuda);
+  m.def("int8_linear_cuda", &mltoolkit::int8_linear_cuda);
+  m.def("dequantize_int4_cuda", &mltoolkit::dequantize_int4_cuda);
+  m.def("int4_weight_only_linear_cuda", &mltoolkit::int4_weight_only_linear_cuda);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

@@ -42,4 +42,17 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
                                        const at::Tensor& zeros, int64_t group_size,
                                        const std::optional<at::Tensor>& bias);
 
+#ifdef MLTK_WITH_CUDA
+// CUDA (csrc/cuda/int4_linear.cu, glue in csrc/cuda/quant_cuda.cpp): same arguments and results. dequantize is
+// bit-identical; the linear's "gemv" path (M <= 16, and float32 x) accumulates in float32 with the scale and zero
+// folded per 32-value chunk, the "mma" path (M > 16, float16 / bfloat16 x, sm_80+) rounds w' to x's dtype for the
+// tensor cores (float32 accumulation). MLTK_INT4_CUDA_PATH=auto|gemv|mma forces one.
+at::Tensor dequantize_int4_cuda(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
+                                int64_t group_size);
+
+at::Tensor int4_weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                                        const at::Tensor& zeros, int64_t group_size,
+                                        const std::optional<at::Tensor>& bias);
+#endif
+
 }  // namespace mltoolkit

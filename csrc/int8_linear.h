@@ -49,4 +49,15 @@ at::Tensor int8_linear_cpu(const at::Tensor& xq, const at::Tensor& x_scale, cons
 
 std::string int8_isa_cpu();
 
+#ifdef MLTK_WITH_CUDA
+// CUDA (csrc/cuda/int8_linear.cu, glue in csrc/cuda/quant_cuda.cpp): same arguments and results, except that wq must
+// be plain (N, K) rows: the packed layout is refused (mltoolkit/ops/int8.py unpacks it first). Paths: "mma" (sm_80+
+// int8 tensor cores; K % 16 == 0 and 16-byte aligned rows) and "dp4a" (sm_61+, anything else);
+// MLTK_INT8_CUDA_PATH=auto|mma|dp4a forces one.
+std::vector<at::Tensor> quantize_rows_cuda(const at::Tensor& x);
+
+at::Tensor int8_linear_cuda(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& wq,
+                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype);
+#endif
+
 }  // namespace mltoolkit

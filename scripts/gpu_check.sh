@@ -77,6 +77,8 @@ if has selfcheck; then
   grep -E "FAIL|ERROR|raised|Fatal|passed|failed|exit" "$LOGS/selfcheck-attention.log" | head -30
   run selfcheck-norm 35 $PY -X faulthandler scripts/cuda_norm_selfcheck.py
   grep -E "FAIL|ERROR|raised|Fatal|passed|failed|exit" "$LOGS/selfcheck-norm.log" | head -12
+  run selfcheck-quant 70 $PY -X faulthandler scripts/quant_cuda_selfcheck.py --quick --bench
+  grep -E "FAIL|ERROR|raised|Fatal|failures|ratio|int8 M|int4 M|exit" "$LOGS/selfcheck-quant.log" | head -24
 fi
 
 if has bench; then
@@ -88,7 +90,7 @@ if has test; then
   step "GPU tests"
   files=${PYTEST_FILES:-"tests/ops/test_conv.py tests/ops/test_conv_triton.py tests/ops/test_batch_norm.py
     tests/ops/test_attention.py tests/ops/test_attention_band.py tests/ops/test_rotary.py tests/ops/test_norm.py
-    tests/nn/test_attention_modules.py"}
+    tests/nn/test_attention_modules.py tests/ops/test_quant_cuda.py"}
   xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 14")
   per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")
   # -v: one line per test in the log, so a run cut off at its limit still says what passed

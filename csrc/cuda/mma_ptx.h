@@ -1,5 +1,6 @@
-// PTX wrappers shared by the sm_80+ tensor-core kernels (attention.cu, conv.cu): shared-memory addresses,
-// cp.async, ldmatrix and mma.sync m16n8k16 with fp32 accumulation, for __half and __nv_bfloat16.
+// PTX wrappers shared by the sm_80+ tensor-core kernels (attention.cu, conv.cu, int8_linear.cu, int4_linear.cu):
+// shared-memory addresses, cp.async, ldmatrix, mma.sync m16n8k16 with fp32 accumulation for __half and
+// __nv_bfloat16, and mma.sync m16n8k32 for int8 with int32 accumulation.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -52,6 +53,15 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+}
+
+// c += a * b for one m16n8k32 int8 tile (int32 accumulation, exact): a = 4 registers (16x32 row-major int8 fragment:
+// the same bytes as an m16k16 16-bit fragment, so ldmatrix loads it unchanged), b = 2 registers (32x8, "col").
+__device__ __forceinline__ void mma16832_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Two floats as one register of two 16-bit values, a in the low half (the lower column).

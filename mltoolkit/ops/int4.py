@@ -27,6 +27,12 @@ X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 INT4 = table("int4")
 
+# CUDA C++ (csrc/cuda/int4_linear.cu): a weight-streaming kernel for M <= 16, tensor cores for larger fp16 / bf16
+# batches; quantize_int4 (a one-time conversion) runs the reference's torch ops on the GPU.
+INT4.register("cuda", _ext.on_cuda, _ext.cuda_unavailable,
+              linear=lambda *a: _ext._C.int4_weight_only_linear_cuda(*a),
+              quantize=reference.quantize_int4,
+              dequantize=lambda *a: _ext._C.dequantize_int4_cuda(*a))
 INT4.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
               linear=lambda *a: _ext._C.int4_weight_only_linear_cpu(*a),
               quantize=lambda *a: tuple(_ext._C.quantize_int4_cpu(*a)),

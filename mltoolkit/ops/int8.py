@@ -37,10 +37,27 @@ INT8 = table("int8")
 
 # ---- backends -------------------------------------------------------------------------------------------------
 
+def _cuda_accepts(x, *_) -> Optional[str]:
+    if not x.is_cuda:
+        return _ext.on_cuda(x)
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return None if (major, minor) >= (6, 1) else f"needs compute capability 6.1+ (dp4a), device has {major}.{minor}"
+
+
+def _cuda_linear(xq, x_scale, wq, w_scale, bias, out_dtype):
+    if wq.dim() == 4:  # the packed layout is the CPU kernel's: the CUDA kernels read plain rows (a copy per call)
+        wq = reference.unpack_weight(wq, w_scale.shape[0], xq.shape[1])
+    return _ext._C.int8_linear_cuda(xq, x_scale, wq, w_scale, None if bias is None else bias.float(), out_dtype)
+
+
 def _cpp_linear(xq, x_scale, wq, w_scale, bias, out_dtype):
     return _ext._C.int8_linear_cpu(xq, x_scale, wq, w_scale, None if bias is None else bias.float(), out_dtype)
 
 
+# CUDA C++ (csrc/cuda/int8_linear.cu): int8 tensor cores on sm_80+, dp4a otherwise.
+INT8.register("cuda", _cuda_accepts, _ext.cuda_unavailable,
+              quantize=lambda x: tuple(_ext._C.quantize_rows_cuda(x)), linear=_cuda_linear,
+              pack=reference.pack_weight)
 INT8.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
               quantize=lambda x: tuple(_ext._C.quantize_rows_cpu(x)), linear=_cpp_linear,
               pack=reference.pack_weight)  # a one-time copy: torch's own ops do it well

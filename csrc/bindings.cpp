@@ -5,6 +5,7 @@
 #include "attention.h"
 #include "batch_norm.h"
 #include "conv.h"
+#include "fake_quantize.h"
 #include "int4_linear.h"
 #include "int8_linear.h"
 #include "norm.h"
@@ -29,6 +30,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_rows_cpu", &mltoolkit::quantize_rows_cpu);
   m.def("int8_linear_cpu", &mltoolkit::int8_linear_cpu);
   m.def("int8_isa_cpu", &mltoolkit::int8_isa_cpu);
+  m.def("fake_quantize_cpu", &mltoolkit::fake_quantize_cpu);
+  m.def("fake_quantize_backward_cpu", &mltoolkit::fake_quantize_backward_cpu);
 #ifdef MLTK_WITH_CUDA
   m.def("norm_forward_cuda", &mltoolkit::norm_forward_cuda);
   m.def("norm_backward_cuda", &mltoolkit::norm_backward_cuda);

@@ -2,6 +2,7 @@
 from mltoolkit.ops.attention import flash_attn_varlen, scaled_dot_product_attention
 from mltoolkit.ops.batch_norm import batch_norm_act
 from mltoolkit.ops.conv import conv1d, conv2d, conv2d_act, conv2d_bn_act, fold_batch_norm
+from mltoolkit.ops.fake_quantize import fake_quantize
 from mltoolkit.ops.int4 import dequantize_int4, int4_weight_only_linear, quantize_int4
 from mltoolkit.ops.int8 import (
     int8_linear,
@@ -18,4 +19,4 @@ __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "scaled_d
            "conv2d", "conv1d", "conv2d_act", "conv2d_bn_act", "fold_batch_norm", "batch_norm_act",
            "int4_weight_only_linear", "quantize_int4", "dequantize_int4",
            "quantize_per_token", "quantize_per_channel", "int8_linear", "int8_linear_dynamic",
-           "int8_pack_weight"]
+           "int8_pack_weight", "fake_quantize"]

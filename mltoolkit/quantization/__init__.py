@@ -16,7 +16,8 @@ from mltoolkit.quantization.config import (
     config_from_dict,
 )
 from mltoolkit.quantization.modules import Int4Linear, Int8Linear
+from mltoolkit.quantization.qat import QATLinear, convert, prepare_qat
 
 __all__ = ["quantize_", "save_quantized", "load_quantized", "quantization_report", "model_bytes", "QuantizeSummary",
            "QuantizationReport", "QuantConfig", "Int8DynamicActivationInt8WeightConfig", "Int4WeightOnlyConfig",
-           "config_from_dict", "Int8Linear", "Int4Linear"]
+           "config_from_dict", "Int8Linear", "Int4Linear", "prepare_qat", "convert", "QATLinear"]

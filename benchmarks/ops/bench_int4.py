@@ -1,7 +1,10 @@
 """int4 weight-only linear (group 128) against the float F.linear it replaces (fp32 on the CPU, bf16 on a GPU), its
 torch.compile, and on the CPU torch's dynamic-quantized int8 linear (torch.ao.quantization.quantize_dynamic).
 K = N = 4096 on the CPU (8192 on a GPU), M in {1, 16, 256, 2048} (quick: {1, 16}). Outputs are judged by SQNR
-against the float linear (floor 18 dB); bytes = the packed weight + scales and zeros + x + y."""
+against the float linear (floor 18 dB); bytes = the packed weight + scales and zeros + x + y. The providers are the
+int4 table's backends that accept the input: on a GPU the Triton kernels (triton_kernels/quant.py: GEMV at M <= 2,
+split-K dot to M = 16, autotuned tiles beyond), on the CPU the C++ kernel (Triton runs there only when forced, under
+TRITON_INTERPRET=1)."""
 import warnings
 
 import torch

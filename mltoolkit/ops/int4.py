@@ -33,6 +33,21 @@ INT4.register("cuda", _ext.on_cuda, _ext.cuda_unavailable,
               linear=lambda *a: _ext._C.int4_weight_only_linear_cuda(*a),
               quantize=reference.quantize_int4,
               dequantize=lambda *a: _ext._C.dequantize_int4_cuda(*a))
+def _triton_kernels():
+    from mltoolkit.triton_kernels import quant
+
+    return quant
+
+
+def _triton_accepts(t: Tensor, *_) -> Optional[str]:
+    # t: x (linear), w (quantize) or packed (dequantize). float64 is the reference's oracle dtype only.
+    return "no float64 kernel" if t.dtype == torch.float64 else _ext.triton_device(t)
+
+
+INT4.register("triton", _triton_accepts, _ext.triton_unavailable,
+              linear=lambda *a: _triton_kernels().int4_weight_only_linear(*a),
+              quantize=lambda *a: _triton_kernels().quantize_int4(*a),
+              dequantize=lambda *a: _triton_kernels().dequantize_int4(*a))
 INT4.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
               linear=lambda *a: _ext._C.int4_weight_only_linear_cpu(*a),
               quantize=lambda *a: tuple(_ext._C.quantize_int4_cpu(*a)),

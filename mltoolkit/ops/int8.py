@@ -58,6 +58,19 @@ def _cpp_linear(xq, x_scale, wq, w_scale, bias, out_dtype):
 INT8.register("cuda", _cuda_accepts, _ext.cuda_unavailable,
               quantize=lambda x: tuple(_ext._C.quantize_rows_cuda(x)), linear=_cuda_linear,
               pack=reference.pack_weight)
+
+
+def _triton_kernels():
+    from mltoolkit.triton_kernels import quant
+
+    return quant
+
+
+# Triton reads both weight layouts in the kernel (a 64-channel panel of int8_pack_weight's layout is one contiguous
+# run of bytes per 4 k, so a 64-aligned tile needs no copy); pack stays a one-time torch copy.
+INT8.register("triton", _ext.triton_device, _ext.triton_unavailable,
+              quantize=lambda x: _triton_kernels().quantize_rows(x),
+              linear=lambda *a: _triton_kernels().int8_linear(*a), pack=reference.pack_weight)
 INT8.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
               quantize=lambda x: tuple(_ext._C.quantize_rows_cpu(x)), linear=_cpp_linear,
               pack=reference.pack_weight)  # a one-time copy: torch's own ops do it well

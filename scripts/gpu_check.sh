@@ -83,14 +83,15 @@ fi
 
 if has bench; then
   step "benchmarks of the kernels new since the last GPU run"
-  bench_ops ${BENCH_OPS_FIRST-conv2d conv2d_bn_relu attention}
+  bench_ops ${BENCH_OPS_FIRST-int8_linear_dynamic int4_weight_only_linear attention conv2d}
 fi
 
 if has test; then
   step "GPU tests"
   files=${PYTEST_FILES:-"tests/ops/test_conv.py tests/ops/test_conv_triton.py tests/ops/test_batch_norm.py
     tests/ops/test_attention.py tests/ops/test_attention_band.py tests/ops/test_rotary.py tests/ops/test_norm.py
-    tests/nn/test_attention_modules.py tests/ops/test_quant_cuda.py"}
+    tests/nn/test_attention_modules.py tests/ops/test_quant_cuda.py tests/ops/test_quant_triton.py
+    tests/test_pruning.py tests/test_distill.py"}
   xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 14")
   per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")
   # -v: one line per test in the log, so a run cut off at its limit still says what passed
@@ -102,7 +103,7 @@ fi
 
 if has bench; then
   step "the other benchmarks"
-  bench_ops ${BENCH_OPS_LATE-resnet50 bn_relu rms_norm layer_norm bn_add_relu rotary}
+  bench_ops ${BENCH_OPS_LATE-conv2d_bn_relu resnet50 bn_relu rms_norm layer_norm bn_add_relu rotary}
   [ -f "benchmarks/results/$SLUG.md" ] && grep -E "^\|" "benchmarks/results/$SLUG.md" | cut -c1-150 | tail -40
 fi
 pack

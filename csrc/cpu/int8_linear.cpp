@@ -536,11 +536,13 @@ void run_gemm(Isa isa, const at::Tensor& xq, const at::Tensor& wq_in, int64_t N,
     at::Tensor xsum = at::empty({M}, xq.options().dtype(at::kInt));
     int8_t* dst = xa.data_ptr<int8_t>();
     int32_t* sums = xsum.data_ptr<int32_t>();
-    for (int64_t m = 0; m < M; ++m) {
-      int32_t s = 0;
-      for (int64_t k = 0; k < K; ++k) s += (dst[m * lda + k] = src[m * lds + k]);
-      sums[m] = s;
-    }
+    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; ++k) s += (dst[m * lda + k] = src[m * lds + k]);
+        sums[m] = s;
+      }
+    });
     const Panels pp{dst, lda, sums, reinterpret_cast<const uint8_t*>(wq_in.data_ptr<int8_t>()), KQ};
     return gemm_vnni_panels(pp, epi, M, N);
   }

@@ -217,5 +217,6 @@ def int4_weight_only_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Te
     n, k = _check_weight(fn, packed, scales, zeros, group_size)
     _check_x(fn, x, k, n, packed.device, bias)
     lead = x.shape[:-1]
-    y = torch.ops.mltoolkit.int4_weight_only_linear(x.reshape(-1, k), packed, scales, zeros, group_size, bias)
+    x2 = x.reshape(lead.numel(), k)
+    y = torch.ops.mltoolkit.int4_weight_only_linear(x2, packed, scales, zeros, group_size, bias)
     return y.reshape(*lead, n)

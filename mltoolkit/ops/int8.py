@@ -21,6 +21,7 @@ On the CPU, MLTK_INT8_ISA=vnni|avx2|scalar forces one of the kernel's paths (`is
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -173,7 +174,7 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     fn = "quantize_per_token"
     _float_input(fn, "x", x)
     lead = x.shape[:-1]
-    xq, scale = _quantize(x.reshape(-1, x.shape[-1]), quantize_per_token_op)
+    xq, scale = _quantize(x.reshape(lead.numel(), x.shape[-1]), quantize_per_token_op)
     return xq.reshape(x.shape), scale.reshape(lead)
 
 
@@ -254,7 +255,7 @@ def int8_linear(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, bias: 
         raise TypeError(f"{fn}: out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {out_dtype}")
     lead, K = tuple(xq.shape[:-1]), xq.shape[-1]
     n = _check_linear(fn, K, lead, x_scale, wq, w_scale, bias, xq, "xq")
-    y = _linear(xq.reshape(-1, K), x_scale.reshape(-1), wq, w_scale, bias, out_dtype)
+    y = _linear(xq.reshape(math.prod(lead), K), x_scale.reshape(-1), wq, w_scale, bias, out_dtype)
     return y.reshape(*lead, n)
 
 
@@ -269,7 +270,7 @@ def int8_linear_dynamic(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[T
     _float_input(fn, "x", x)
     lead, K = tuple(x.shape[:-1]), x.shape[-1]
     n = _check_linear(fn, K, lead, None, wq, w_scale, bias, x, "x")
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(math.prod(lead), K)
     xq, xs = _quantize(x2, quantize_per_token_op)
     return _linear(xq, xs, wq, w_scale, bias, x.dtype).reshape(*lead, n)
 

@@ -324,3 +324,14 @@ def test_isa_env(monkeypatch):
     with pytest.raises(RuntimeError, match="MLTK_INT8_ISA must be auto, vnni, avx2 or scalar"):
         ops.int8_linear(torch.zeros(1, 4, dtype=torch.int8), torch.ones(1), torch.zeros(2, 4, dtype=torch.int8),
                         torch.ones(2))
+
+
+def test_empty_shapes():
+    # K = 0: scale 1 and empty rows; zero tokens: empty outputs (reshape must not infer -1 from a zero-size dim).
+    xq, scale = ops.quantize_per_token(torch.zeros(2, 3, 0))
+    assert xq.shape == (2, 3, 0) and torch.equal(scale, torch.ones(2, 3))
+    wq, ws = ops.quantize_per_channel(torch.randn(5, 8))
+    y = ops.int8_linear_dynamic(torch.zeros(0, 4, 8), wq, ws)
+    assert y.shape == (0, 4, 5)
+    y = ops.int8_linear(torch.zeros(2, 0, 8, dtype=torch.int8), torch.ones(2, 0), wq, ws)
+    assert y.shape == (2, 0, 5)

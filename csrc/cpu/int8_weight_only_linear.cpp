@@ -1,19 +1,24 @@
 // CPU int8 weight-only linear (contract: csrc/int8_weight_only_linear.h).
 //
-// Decode shapes (M <= kSmallM) are memory bound: the kernel must read the int8 weight once, at a quarter of the bytes
-// of a float32 weight, and convert it in registers. Each task owns a run of NB-row weight units; for each unit it
-// walks the (few) rows of x in blocks of MB, loading one vector of bytes per weight row per k step, widening it to
-// float (AVX-512: vpmovsxbd + vcvtdq2ps, 16 lanes; AVX2: 8 lanes) and feeding the MB x NB FMA accumulators. The NB
-// rows of the unit (NB x K bytes, 32 KB at K = 4096) stay in L1/L2 while the M blocks reuse them. w_scale is applied
-// once per output, after the sum.
-// Larger M is compute bound: the weight is dequantized (q * scale) a tile of rows at a time into a float buffer that
-// fits in L2 and each tile goes through at::addmm (BLAS) into its columns of y (bias folded in there).
+// Main path, every M: a register-blocked kernel that widens int8 weights to float in registers. Decode shapes (small
+// M) are memory bound: the int8 weight is read once, a quarter of the bytes of a float32 weight. Tasks pair a block of
+// kMBlock rows of x (kept in L2) with a chunk of NB-row weight units; for each unit the kernel walks the block's rows
+// 4 at a time, loading one vector of bytes per weight row per k step, widening it to float (AVX-512: vpmovsxbd +
+// vcvtdq2ps, 16 lanes; AVX2: 8 lanes) and feeding the MB x NB FMA accumulators. The NB rows of the unit (NB x K
+// bytes, 16-32 KB at K = 4096) stay in L1 while the rows of x reuse them. w_scale is applied once per output.
+// Second path (MLTK_INT8_WO_PATH=tiled): the weight dequantized (q * scale) a tile of rows at a time into a float
+// buffer, each tile through at::addmm (BLAS) into its columns of y. Measured slower than the main path at every M on
+// the 2-core Zen 4 VM (2026-11-26, K = N = 4096, loaded machine, 1 thread: M = 16 10 vs 24 ms, M = 256 87 vs 102 ms,
+// M = 1024 334 vs 389 ms; 2 threads M = 1024 340 vs 754 ms; fp32 F.linear 109 / 418 ms at M = 256 / 1024), so it is
+// not the default; it stays as the cross-check of the main path and for BLAS libraries that do better.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -25,8 +30,9 @@
 namespace mltoolkit {
 namespace {
 
-constexpr int64_t kSmallM = 16;               // up to this many rows of x: the streaming GEMV path
-constexpr int64_t kTileBytes = 1024 * 1024;  // float32 bytes of one dequantized weight tile (large-M path)
+constexpr int64_t kTileBytes = 4096 * 1024;   // float32 bytes of one dequantized weight tile (large-M path)
+constexpr int64_t kMBlock = 32;                // rows of x per GEMV task (32 x K float32 stay in L2)
+constexpr int64_t kChunkBytes = 256 * 1024;    // at most this much int8 weight per GEMV task
 
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int VL = 16;
@@ -110,20 +116,31 @@ inline void gemv_unit(const float* x, int64_t ldx, int64_t M, int64_t K, const i
 
 // NB weight rows per unit: 8 when x has at most 2 rows (more independent accumulators to hide the FMA latency),
 // else as many as the registers allow with 4 rows of x (AVX-512: 4 x 4 accumulators of 32 zmm; AVX2: 4 x 2 of 16).
+// Tasks pair a block of kMBlock rows of x (kept in L2) with a chunk of weight units, block-major, so that the
+// threads share one block of x while each streams its own part of the weight.
 template <int NB>
 void gemv(const float* x, int64_t ldx, int64_t M, int64_t N, int64_t K, const int8_t* w, int64_t ldw,
           const float* s, const float* b, float* y) {
   const int64_t units = (N + NB - 1) / NB;
-  // ~64K multiply-adds per task at least; parallel_for splits the units evenly over the threads.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, NB * K * M));
-  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t n = u * NB;
-      if (n + NB <= N) {
-        gemv_unit<NB>(x, ldx, M, K, w + n * ldw, ldw, s + n, b != nullptr ? b + n : nullptr, y + n, N);
-      } else {
-        for (int64_t r = n; r < N; ++r)
-          gemv_unit<1>(x, ldx, M, K, w + r * ldw, ldw, s + r, b != nullptr ? b + r : nullptr, y + r, N);
+  const int64_t mblocks = (M + kMBlock - 1) / kMBlock;
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t max_units = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, NB * K));
+  const int64_t per_task = std::clamp<int64_t>(units / (8 * nth), 1, max_units);
+  const int64_t chunks = (units + per_task - 1) / per_task;
+  at::parallel_for(0, mblocks * chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = (t / chunks) * kMBlock, mb = std::min(kMBlock, M - m0);
+      const int64_t u0 = (t % chunks) * per_task, u1 = std::min(units, u0 + per_task);
+      const float* xb = x + m0 * ldx;
+      float* yb = y + m0 * N;
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t n = u * NB;
+        if (n + NB <= N) {
+          gemv_unit<NB>(xb, ldx, mb, K, w + n * ldw, ldw, s + n, b != nullptr ? b + n : nullptr, yb + n, N);
+        } else {
+          for (int64_t r = n; r < N; ++r)
+            gemv_unit<1>(xb, ldx, mb, K, w + r * ldw, ldw, s + r, b != nullptr ? b + r : nullptr, yb + r, N);
+        }
       }
     }
   });
@@ -132,7 +149,7 @@ void gemv(const float* x, int64_t ldx, int64_t M, int64_t N, int64_t K, const in
 // y (M, N) float32 = x (M, K) float32 @ (wq * s)^T + b, by dequantized tiles of rows through at::addmm.
 void tiled(const at::Tensor& xf, const at::Tensor& wq, const at::Tensor& s, const at::Tensor& bias, at::Tensor& y) {
   const int64_t N = wq.size(0), K = wq.size(1);
-  const int64_t rows = std::clamp<int64_t>(kTileBytes / (4 * std::max<int64_t>(K, 1)) / 16 * 16, 16, 512);
+  const int64_t rows = std::clamp<int64_t>(kTileBytes / (4 * std::max<int64_t>(K, 1)) / 16 * 16, 16, 1024);
   at::Tensor tile = at::empty({std::min(rows, N), K}, xf.options());
   const int8_t* wp = wq.data_ptr<int8_t>();
   const float* sp = s.data_ptr<float>();
@@ -203,7 +220,13 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& wq
     return y.to(dt);
   }
   const at::Tensor xf = rows(x.to(at::kFloat)), wq = rows(wq_in), s = w_scale.contiguous();
-  if (M <= kSmallM) {
+  // MLTK_INT8_WO_PATH=gemv|tiled forces a path (tests and benchmarks); default (auto): gemv.
+  const char* env = std::getenv("MLTK_INT8_WO_PATH");
+  const std::string want = env == nullptr ? "" : env;
+  TORCH_CHECK(want.empty() || want == "auto" || want == "gemv" || want == "tiled", fn,
+              ": MLTK_INT8_WO_PATH must be auto, gemv or tiled, got '", want, "'");
+  const bool use_gemv = want != "tiled";
+  if (use_gemv) {
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     if (M <= 2 && VL > 1) {
       gemv<8>(xf.data_ptr<float>(), xf.stride(0), M, N, K, wq.data_ptr<int8_t>(), wq.stride(0), s.data_ptr<float>(),

@@ -5,9 +5,10 @@ mltoolkit/ops/reference/int8.py).
     torch.ops.mltoolkit.int8_weight_only_linear(x (M, K) float, wq int8 (N, K), w_scale f32 (N,), bias (N,)?) -> y (M, N)
 
 y = x @ (wq * w_scale[:, None])^T + bias in x's dtype, accumulated in float32. Only x and bias are differentiable
-(frozen quantized weights): dx = (dy * w_scale) @ wq, dbias = dy summed over rows. For decode shapes (M <= 16) the
-CPU kernel streams the int8 weight once (a quarter of float32's bytes: that is the point of weight-only int8); larger
-M dequantizes tiles of rows and multiplies them with BLAS.
+(frozen quantized weights): dx = (dy * w_scale) @ wq, dbias = dy summed over rows. The CPU kernel widens the int8
+weight to float in registers; for decode shapes it streams the int8 weight once (a quarter of float32's bytes: that is
+the point of weight-only int8). MLTK_INT8_WO_PATH=tiled selects its second path (dequantized tiles of rows through
+BLAS), measured slower here.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def _tol(dtype, k):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 97, 123), (2, 123, 7), (3, 1025, 97), (7, 64, 33), (16, 4096, 9),
-                                   (17, 97, 123), (97, 123, 7), (123, 1025, 97), (300, 7, 1025)])
+                                   (17, 97, 123), (33, 15, 5), (97, 123, 7), (123, 1025, 97), (300, 7, 1025)])
 def test_matches_reference(backend, M, K, N):
     skip_unavailable(backend)
     _, wq, ws = weights(N, K, M + K + N)
@@ -91,14 +91,25 @@ def test_noncontiguous():
                                reference.int8_weight_only_linear(xt.contiguous(), wq, ws), rtol=1e-5, atol=1e-5)
 
 
-def test_paths_agree():
-    # the GEMV path (M <= 16) and the tiled path (M > 16) on the same rows
+def test_paths_agree(monkeypatch):
+    # the register-blocked path (default) and the dequantized-tiles-through-BLAS path on the same rows
+    skip_unavailable("cpp")
     _, wq, ws = weights(100, 515, 9)
     x = torch.randn(40, 515, generator=gen(10))
     b = torch.randn(100, generator=gen(11))
-    big = ops.int8_weight_only_linear(x, wq, ws, b)
-    small = torch.cat([ops.int8_weight_only_linear(x[i:i + 8], wq, ws, b) for i in range(0, 40, 8)])
-    torch.testing.assert_close(big, small, rtol=1e-5, atol=1e-5)
+    want = reference.int8_weight_only_linear(x, wq, ws, b)
+    got = {}
+    for path in ("gemv", "tiled"):
+        monkeypatch.setenv("MLTK_INT8_WO_PATH", path)
+        got[path] = ops.int8_weight_only_linear(x, wq, ws, b)
+        torch.testing.assert_close(got[path], want, rtol=1e-5, atol=1e-5)
+        for M in (1, 3, 17):
+            torch.testing.assert_close(ops.int8_weight_only_linear(x[:M], wq, ws, None),
+                                       reference.int8_weight_only_linear(x[:M], wq, ws), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["gemv"], got["tiled"], rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("MLTK_INT8_WO_PATH", "fast")
+    with pytest.raises(RuntimeError, match="MLTK_INT8_WO_PATH must be auto, gemv or tiled"):
+        ops.int8_weight_only_linear(x, wq, ws, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

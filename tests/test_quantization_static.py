@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mltoolkit import ops
 from mltoolkit.ops.reference import int8 as reference
 from mltoolkit.quantization import (
     Int8Conv2d,

@@ -2,7 +2,8 @@
 activations, the weight converted to float inside the kernel (contract in csrc/int8_weight_only_linear.h, reference in
 mltoolkit/ops/reference/int8.py).
 
-    torch.ops.mltoolkit.int8_weight_only_linear(x (M, K) float, wq int8 (N, K), w_scale f32 (N,), bias (N,)?) -> y (M, N)
+    torch.ops.mltoolkit.int8_weight_only_linear(x (M, K) float, wq int8 (N, K), w_scale f32 (N,), bias (N,)?)
+        -> y (M, N)
 
 y = x @ (wq * w_scale[:, None])^T + bias in x's dtype, accumulated in float32. Only x and bias are differentiable
 (frozen quantized weights): dx = (dy * w_scale) @ wq, dbias = dy summed over rows. The CPU kernel widens the int8

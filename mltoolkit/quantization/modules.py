@@ -1,6 +1,6 @@
-"""Quantized drop-in replacements of nn.Linear (and of nn.Conv2d for the static int8 config). Their state_dicts hold the quantized tensors in a device-neutral form
-(what `save_quantized` writes); kernel-specific layouts (the CPU int8 kernel's packed weight) are derived on use and
-cached, never saved."""
+"""Quantized drop-in replacements of nn.Linear (and of nn.Conv2d for the static int8 config). Their state_dicts hold
+the quantized tensors in a device-neutral form (what `save_quantized` writes); kernel-specific layouts (the CPU int8
+kernel's packed weight) are derived on use and cached, never saved."""
 from __future__ import annotations
 
 from typing import Optional
@@ -228,7 +228,7 @@ class Int8Conv2d(nn.Module):
         return _padding_pair(conv)
 
     @classmethod
-    def empty_like(cls, conv: nn.Conv2d) -> "Int8Conv2d":
+    def empty_like(cls, conv: nn.Conv2d) -> Int8Conv2d:
         """An Int8Conv2d of conv's shape, its tensors to be filled by load_state_dict."""
         padding = cls._check(conv)
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,

@@ -86,7 +86,8 @@ def test_im2col_exact(backend, geometry):
     xq = torch.randint(-128, 128, (2, C, H, W), generator=gen(C * H), dtype=torch.int8)
     want = reference.im2col_int8(xq, k, s, p, d)
     with mltoolkit.backend(backend):
-        for x in (xq, xq.contiguous(memory_format=torch.channels_last), xq.transpose(2, 3).contiguous().transpose(2, 3)):
+        cl = xq.contiguous(memory_format=torch.channels_last)
+        for x in (xq, cl, xq.transpose(2, 3).contiguous().transpose(2, 3)):
             got = ops.im2col_int8(x, k, s, p, d)
             assert got.shape == want.shape and torch.equal(got, want)
     # against float unfold directly, in its own column order

@@ -8,6 +8,8 @@
 #include "fake_quantize.h"
 #include "int4_linear.h"
 #include "int8_linear.h"
+#include "int8_static.h"
+#include "int8_weight_only_linear.h"
 #include "norm.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -32,6 +34,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_isa_cpu", &mltoolkit::int8_isa_cpu);
   m.def("fake_quantize_cpu", &mltoolkit::fake_quantize_cpu);
   m.def("fake_quantize_backward_cpu", &mltoolkit::fake_quantize_backward_cpu);
+  m.def("int8_weight_only_linear_cpu", &mltoolkit::int8_weight_only_linear_cpu);
+  m.def("quantize_static_cpu", &mltoolkit::quantize_static_cpu);
+  m.def("im2col_int8_cpu", &mltoolkit::im2col_int8_cpu);
 #ifdef MLTK_WITH_CUDA
   m.def("norm_forward_cuda", &mltoolkit::norm_forward_cuda);
   m.def("norm_backward_cuda", &mltoolkit::norm_backward_cuda);

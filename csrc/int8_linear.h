@@ -21,7 +21,8 @@
 //                                                                   K <= 131071 so that no sum can leave int32
 //     y[m, n]   = out_dtype(((float(acc) * x_scale[m]) * w_scale[n]) + bias[n])
 //   the epilogue in float32, each operation rounded to nearest in that order (no FMA contraction), then one
-//   rounding to out_dtype. xq rows must have a contiguous last dim (any row stride; else they are copied).
+//   rounding to out_dtype. xq rows must have a contiguous last dim (any row stride; else they are copied). x_scale is
+//   read with its stride: an expanded scalar (stride 0, a static per-tensor scale) costs no copy.
 //
 // wq comes in one of two layouts (same results):
 //   plain  (N, K) int8, rows with a contiguous last dim;

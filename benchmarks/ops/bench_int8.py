@@ -6,7 +6,10 @@ projections. Outputs are judged by SQNR against the float64 F.linear.
 
 On a GPU (bfloat16 activations, against bfloat16 F.linear) the providers are the table's GPU backends (the Triton
 kernels of triton_kernels/quant.py: per-token quantize + int8 tl.dot GEMM) with the plain (N, K) int8 weight, as
-Int8Linear keeps it off the CPU; M up to 4096 (the issue's int8 x int8 target: >= 1.5x bf16 at M = 4096)."""
+Int8Linear keeps it off the CPU; M up to 4096 (the issue's int8 x int8 target: >= 1.5x bf16 at M = 4096).
+
+Also: the int8 weight-only linear (float activations, int8 weight streamed and converted in the kernel) and the
+static int8 linear (activations quantized with a fixed, calibrated per-tensor scale), against the same yardsticks."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,9 +73,54 @@ def _bytes(config, dtype, mode):
     return N * K + 4 * N + (M * K + M * N) * torch.finfo(dtype).bits // 8
 
 
+# ---- int8 weight-only linear (float activations, the int8 weight converted inside the kernel) ----------------------
+# and the static int8 linear (activations quantized with a calibrated per-tensor scale, no absmax pass)
+
+def _wo_inputs(config, dtype, device):
+    M, K, N = config["M"], config["K"], config["N"]
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    w = torch.randn(N, K, dtype=dtype, device=device) * K ** -0.5
+    b = torch.randn(N, dtype=dtype, device=device) * 0.1
+    wq, ws = ops.quantize_per_channel(w)
+    xs = (x.abs().amax().float() / 127).reshape(())  # what a calibration observer gives on this data (min-max)
+    return x, w, b, wq, ops.int8_pack_weight(wq), ws, xs
+
+
+def _wo_ours(x, w, b, wq, wp, ws, xs):
+    return ops.int8_weight_only_linear(x, wq, ws, b)
+
+
+def _static_ours(x, w, b, wq, wp, ws, xs):
+    return ops.int8_linear_static(x, xs, wp, ws, b)
+
+
+def _wo_eager(x, w, b, wq, wp, ws, xs):
+    return F.linear(x, w, b)
+
+
+def _wo_baselines(device):
+    if device != "cpu":
+        return {}
+    return {"torch quantize_dynamic": lambda x, w, b, wq, wp, ws, xs: _torch_dynamic(x, w, b, wq, wp, ws)}
+
+
+def _wo_bytes(config, dtype, mode):
+    return _bytes(config, dtype, mode)
+
+
 def benchmarks(device: str, quick: bool):
     ms = (1, 16) if quick else (1, 16, 256, 2048) + (() if device == "cpu" else (4096,))
     configs = [{"M": m, "K": 4096, "N": 4096} for m in ms]
     dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16]
-    return [Benchmark("int8_linear_dynamic", "int8", _ours, _eager, _reference, _inputs, configs, dtypes,
+    rows = [Benchmark("int8_linear_dynamic", "int8", _ours, _eager, _reference, _inputs, configs, dtypes,
                       flops=_flops, bytes=_bytes, modes=("fwd",), baselines=_baselines, sqnr_floor=35.0)]
+    if device != "cpu":  # the weight-only and static ops have CPU kernels only (the reference elsewhere)
+        return rows
+    wo_configs = [{"M": m, "K": 4096, "N": 4096} for m in ((1, 16, 256) if quick else (1, 16, 256, 2048))]
+    return rows + [
+        Benchmark("int8_weight_only_linear", "int8_weight_only", _wo_ours, _wo_eager, _wo_eager, _wo_inputs,
+                  wo_configs, [torch.float32], flops=_flops, bytes=_wo_bytes, modes=("fwd",),
+                  baselines=_wo_baselines, sqnr_floor=38.0),
+        Benchmark("int8_linear_static", "int8", _static_ours, _wo_eager, _wo_eager, _wo_inputs, wo_configs,
+                  [torch.float32], flops=_flops, bytes=_wo_bytes, modes=("fwd",), baselines=_wo_baselines,
+                  sqnr_floor=30.0)]

@@ -118,13 +118,15 @@ void quantize_rows_kernel(const scalar_t* x, int64_t rows, int64_t K, int64_t ld
 template <typename out_t>
 struct Epilogue {
   const float* xs;
+  int64_t xs_stride;  // 0: one scale for every row (a static per-tensor scale expanded, read without a copy)
   const float* ws;
   const float* bias;
   out_t* y;
   int64_t ldy;
 
   inline void operator()(int64_t m, int64_t n, int32_t acc) const {
-    volatile float t = static_cast<float>(acc) * xs[m];  // volatile: no FMA contraction with what follows
+    // volatile: no FMA contraction with what follows
+    volatile float t = static_cast<float>(acc) * xs[m * xs_stride];
     float v = t * ws[n];
     if (bias != nullptr) {
       volatile float u = v;
@@ -659,18 +661,19 @@ at::Tensor int8_linear_cpu(const at::Tensor& xq_in, const at::Tensor& x_scale_in
   }
   const Isa isa = choose_isa(fn);
   const at::Tensor xq = rows(xq_in), wq = packed ? wq_in.contiguous() : rows(wq_in);
-  const at::Tensor x_scale = x_scale_in.contiguous(), w_scale = w_scale_in.contiguous();
+  const at::Tensor w_scale = w_scale_in.contiguous();  // x_scale is read with its stride (0 when expanded)
   at::Tensor y = at::empty({M, N}, xq.options().dtype(out_dtype));
   if (M == 0 || N == 0) return y;
   const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  const float* xs = x_scale.data_ptr<float>();
+  const float* xs = x_scale_in.data_ptr<float>();
+  const int64_t xss = x_scale_in.stride(0);
   const float* ws = w_scale.data_ptr<float>();
   switch (out_dtype) {
-    case at::kHalf: run_gemm(isa, xq, wq, N, Epilogue<at::Half>{xs, ws, b, y.data_ptr<at::Half>(), N}); break;
+    case at::kHalf: run_gemm(isa, xq, wq, N, Epilogue<at::Half>{xs, xss, ws, b, y.data_ptr<at::Half>(), N}); break;
     case at::kBFloat16:
-      run_gemm(isa, xq, wq, N, Epilogue<at::BFloat16>{xs, ws, b, y.data_ptr<at::BFloat16>(), N});
+      run_gemm(isa, xq, wq, N, Epilogue<at::BFloat16>{xs, xss, ws, b, y.data_ptr<at::BFloat16>(), N});
       break;
-    default: run_gemm(isa, xq, wq, N, Epilogue<float>{xs, ws, b, y.data_ptr<float>(), N}); break;
+    default: run_gemm(isa, xq, wq, N, Epilogue<float>{xs, xss, ws, b, y.data_ptr<float>(), N}); break;
   }
   return y;
 }

@@ -11,6 +11,13 @@ from mltoolkit.ops.int8 import (
     quantize_per_channel,
     quantize_per_token,
 )
+from mltoolkit.ops.int8_static import (
+    im2col_int8,
+    int8_conv2d_static,
+    int8_linear_static,
+    quantize_static,
+)
+from mltoolkit.ops.int8_weight_only import int8_weight_only_linear
 from mltoolkit.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from mltoolkit.ops.rotary import apply_rotary_emb
 
@@ -19,4 +26,5 @@ __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "scaled_d
            "conv2d", "conv1d", "conv2d_act", "conv2d_bn_act", "fold_batch_norm", "batch_norm_act",
            "int4_weight_only_linear", "quantize_int4", "dequantize_int4",
            "quantize_per_token", "quantize_per_channel", "int8_linear", "int8_linear_dynamic",
-           "int8_pack_weight", "fake_quantize"]
+           "int8_pack_weight", "fake_quantize", "int8_weight_only_linear", "quantize_static", "im2col_int8",
+           "int8_linear_static", "int8_conv2d_static"]

@@ -1,4 +1,5 @@
-"""quantize_(model, config): swap a model's nn.Linear layers for quantized ones in place; save_quantized /
+"""quantize_(model, config): swap a model's nn.Linear layers (and nn.Conv2d for the static int8 config) for
+quantized ones in place; prepare / calibrate / convert: the static int8 flow step by step; save_quantized /
 load_quantized: a quantized model's tensors and configs in one safetensors file, restored exactly;
 quantization_report: what quantization did to each layer's output and to the model's size."""
 from __future__ import annotations
@@ -7,14 +8,15 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from mltoolkit.quantization.config import QuantConfig, config_from_dict
-from mltoolkit.quantization.modules import MODULE_FOR_CONFIG, empty_module
+from mltoolkit.quantization.modules import CONV_MODULE_FOR_CONFIG, MODULE_FOR_CONFIG, empty_module, module_for
+from mltoolkit.quantization.static import ObservedModule, calibrate
 from mltoolkit.testing import sqnr
 
 _ATTR = "_mltk_quantization"  # {module name: config dict} on the root module
@@ -27,9 +29,10 @@ class QuantizeSummary:
     skipped: dict[str, str]  # module name -> why
     bytes_before: int
     bytes_after: int
+    kinds: str = "Linear"  # the layer types considered
 
     def __str__(self) -> str:
-        lines = [f"quantize_: {len(self.quantized)} of {len(self.quantized) + len(self.skipped)} Linear layers "
+        lines = [f"quantize_: {len(self.quantized)} of {len(self.quantized) + len(self.skipped)} {self.kinds} layers "
                  f"quantized; parameters and buffers {self.bytes_before / 2**20:.2f} MiB -> "
                  f"{self.bytes_after / 2**20:.2f} MiB"]
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
@@ -51,32 +54,41 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-def quantize_(model: nn.Module, config: QuantConfig,
-              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *,
-              overrides: Optional[Mapping[str, Optional[QuantConfig]]] = None, verbose: bool = True
-              ) -> QuantizeSummary:
-    """Replaces, in place, every nn.Linear of `model` (filter_fn(module, name) True, or no filter_fn) by the
-    quantized module of `config`: Int8Linear for Int8DynamicActivationInt8WeightConfig, Int4Linear for
-    Int4WeightOnlyConfig. overrides: module name -> another config, or None to leave that layer in float.
-    Layers the config cannot take (e.g. in_features not a multiple of the int4 group size) stay float and are
-    listed. Prints (verbose) and returns a summary; model_bytes gives the sizes."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"quantize_: model must be an nn.Module, got {type(model).__name__}")
+def _layer_types(configs) -> tuple[type, ...]:
+    types: list[type] = []
+    for cfg in configs:
+        for t in getattr(cfg, "MODULE_TYPES", (nn.Linear,)):
+            if t not in types:
+                types.append(t)
+    return tuple(types)
+
+
+def _check_config(fn: str, config) -> None:
     if not isinstance(config, QuantConfig) or type(config) not in MODULE_FOR_CONFIG:
-        raise TypeError(f"quantize_: config must be one of {', '.join(c.__name__ for c in MODULE_FOR_CONFIG)}, got "
+        raise TypeError(f"{fn}: config must be one of {', '.join(c.__name__ for c in MODULE_FOR_CONFIG)}, got "
                         f"{type(config).__name__}")
+
+
+def _plan(fn: str, model: nn.Module, config: QuantConfig, filter_fn, overrides) -> tuple[dict, dict, str]:
+    """{name: config} of the layers to quantize, {name: why} of those left in float, and the layer kinds considered."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
+    _check_config(fn, config)
     overrides = dict(overrides or {})
-    names = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for name, cfg in overrides.items():
+        if cfg is not None:
+            _check_config(f"{fn}: overrides[{name!r}]", cfg)
+    types = _layer_types([config, *[c for c in overrides.values() if c is not None]])
+    names = {name for name, m in model.named_modules() if isinstance(m, types)}
     unknown = set(overrides) - names
     if unknown:
-        raise ValueError(f"quantize_: overrides name modules that are not nn.Linear layers of the model: "
-                         f"{sorted(unknown)}")
-    before = model_bytes(model)
-    done: dict[str, str] = {}
+        kinds = " or ".join("nn." + t.__name__ for t in types)
+        raise ValueError(f"{fn}: overrides name modules that are not {kinds} layers of the model: {sorted(unknown)}")
+    todo: dict[str, QuantConfig] = {}
     skipped: dict[str, str] = {}
-    record = getattr(model, _ATTR, {})
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
+    observed = [n + "." for n, m in model.named_modules() if isinstance(m, ObservedModule)]
+    for name, module in model.named_modules():
+        if not isinstance(module, types) or any(name.startswith(o) for o in observed):
             continue
         cfg = overrides.get(name, config)
         if cfg is None:
@@ -89,14 +101,132 @@ def quantize_(model: nn.Module, config: QuantConfig,
         if why is not None:
             skipped[name] = why
             continue
-        _set_submodule(model, name, MODULE_FOR_CONFIG[type(cfg)].from_float(module, cfg))
+        todo[name] = cfg
+    return todo, skipped, "/".join(t.__name__ for t in types)
+
+
+def _record(model: nn.Module) -> dict:
+    return getattr(model, _ATTR, {})
+
+
+def quantize_(model: nn.Module, config: QuantConfig,
+              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *,
+              overrides: Optional[Mapping[str, Optional[QuantConfig]]] = None, verbose: bool = True,
+              calibration_data: Optional[Iterable] = None, num_batches: Optional[int] = None,
+              forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None) -> QuantizeSummary:
+    """Replaces, in place, every nn.Linear of `model` (filter_fn(module, name) True, or no filter_fn) by the
+    quantized module of `config`: Int8Linear for Int8DynamicActivationInt8WeightConfig, Int4Linear for
+    Int4WeightOnlyConfig, Int8WeightOnlyLinear for Int8WeightOnlyConfig, Int8StaticLinear (and Int8Conv2d for every
+    nn.Conv2d) for Int8StaticActivationInt8WeightConfig. overrides: module name -> another config, or None to leave
+    that layer in float. Layers the config cannot take (e.g. in_features not a multiple of the int4 group size, a
+    grouped convolution) stay float and are listed. Prints (verbose) and returns a summary; model_bytes gives the sizes.
+
+    The static config needs calibration_data: an iterable of batches (a DataLoader) that quantize_ runs through the
+    model with observers on the static layers' inputs (prepare, calibrate(model, calibration_data, num_batches,
+    forward_fn), convert; see calibrate for how a batch is fed). The other layers are quantized first, so the
+    observers see the activations the quantized model will produce."""
+    fn = "quantize_"
+    todo, skipped, kinds = _plan(fn, model, config, filter_fn, overrides)
+    static = {n: c for n, c in todo.items() if c.STATIC}
+    if static and calibration_data is None:
+        raise ValueError(f"{fn}: {type(next(iter(static.values()))).__name__} calibrates activation scales: pass "
+                         "calibration_data= (an iterable of batches, e.g. a DataLoader), or use prepare(model, "
+                         "config), calibrate(model, data) and convert(model)")
+    before = model_bytes(model)
+    record = _record(model)
+    done: dict[str, str] = {}
+    for name, cfg in todo.items():
+        if cfg.STATIC:
+            continue
+        _set_submodule(model, name, module_for(model.get_submodule(name), cfg).from_float(
+            model.get_submodule(name), cfg))
         done[name] = type(cfg).__name__
         record[name] = cfg.to_dict()
     object.__setattr__(model, _ATTR, record)  # a plain attribute, not a submodule or buffer
-    summary = QuantizeSummary(done, skipped, before, model_bytes(model))
+    if static:
+        _insert_observers(model, static)
+        try:
+            calibrate(model, calibration_data, num_batches, forward_fn)
+        except BaseException:
+            _remove_observers(model, static)
+            raise
+        done.update(_convert(model, static))
+    summary = QuantizeSummary(done, skipped, before, model_bytes(model), kinds)
     if verbose:
         print(summary)
     return summary
+
+
+def _insert_observers(model: nn.Module, plan: Mapping[str, QuantConfig]) -> None:
+    for name, cfg in plan.items():
+        _set_submodule(model, name, ObservedModule(model.get_submodule(name), cfg))
+
+
+def _remove_observers(model: nn.Module, names) -> None:
+    for name in names:
+        m = model.get_submodule(name)
+        if isinstance(m, ObservedModule):
+            _set_submodule(model, name, m.module)
+
+
+def _convert(model: nn.Module, names) -> dict[str, str]:
+    record = _record(model)
+    done = {}
+    for name in names:
+        quantized, cfg = model.get_submodule(name)._mltk_convert()
+        _set_submodule(model, name, quantized)
+        done[name] = type(cfg).__name__
+        record[name] = cfg.to_dict()
+    object.__setattr__(model, _ATTR, record)
+    return done
+
+
+def prepare(model: nn.Module, config: QuantConfig, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *,
+            overrides: Optional[Mapping[str, Optional[QuantConfig]]] = None, verbose: bool = False) -> nn.Module:
+    """First step of static quantization: wraps every layer that `config` (or its override) quantizes with static
+    activation scales (Int8StaticActivationInt8WeightConfig: nn.Linear and nn.Conv2d) in an ObservedModule, an
+    observer on its input; the model still computes in float. Then run calibration batches (calibrate(model, loader,
+    num_batches=...) or plain forward calls) and convert(model). Layers under a non-static config are left for
+    quantize_. Returns the model (changed in place)."""
+    todo, skipped, _ = _plan("prepare", model, config, filter_fn, overrides)
+    static = {n: c for n, c in todo.items() if c.STATIC}
+    if not static:
+        raise ValueError("prepare: no layer would be observed; prepare is for configs with calibrated activation "
+                         "scales (Int8StaticActivationInt8WeightConfig); use quantize_ for the others")
+    _insert_observers(model, static)
+    if verbose:
+        print(f"prepare: observers on {len(static)} layers" + "".join(f"\n  skipped {n}: {w}"
+                                                                       for n, w in skipped.items()))
+    return model
+
+
+def convert(model: nn.Module, verbose: bool = False) -> nn.Module:
+    """Last step of both flows that prepare layers before quantizing them, in place:
+
+    - static PTQ: every prepared layer (a submodule with a `_mltk_convert()` method returning (quantized module,
+      config), as prepare's ObservedModule has) becomes its quantized module with the scale its observer calibrated
+      (an observer that saw no data raises);
+    - QAT: every QATLinear (prepare_qat) becomes the quantized module of its config (mltoolkit.quantization.qat).
+
+    The configs are recorded for save_quantized and quantization_report. Returns the model."""
+    from mltoolkit.quantization import qat  # qat imports this module
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
+    names = [name for name, m in model.named_modules() if name and hasattr(m, "_mltk_convert")]
+    names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]  # outermost only
+    has_qat = any(isinstance(m, qat.QATLinear) for m in model.modules())
+    if not names and not has_qat:
+        raise ValueError("convert: the model has no QATLinear layers and no prepared (observed) layers; call "
+                         "prepare_qat(model, config) and train, or prepare(model, config) and calibrate, first")
+    if has_qat:
+        qat.convert(model, verbose=verbose)
+    if names:
+        before = model_bytes(model)
+        summary = QuantizeSummary(_convert(model, names), {}, before, model_bytes(model), "prepared")
+        if verbose:
+            print(summary)
+    return model
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
@@ -138,9 +268,12 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             linear = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"load_quantized: the file quantizes {name!r}, which the model does not have") from None
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"load_quantized: {name!r} is a {type(linear).__name__}, expected nn.Linear")
-        _set_submodule(model, name, empty_module(linear, config_from_dict(cfg_dict)))
+        cfg = config_from_dict(cfg_dict)
+        kinds = (nn.Linear, nn.Conv2d) if type(cfg) in CONV_MODULE_FOR_CONFIG else (nn.Linear,)
+        if not isinstance(linear, kinds):
+            raise ValueError(f"load_quantized: {name!r} is a {type(linear).__name__}, expected "
+                             f"{' or '.join('nn.' + k.__name__ for k in kinds)}")
+        _set_submodule(model, name, empty_module(linear, cfg))
     state = load_file(str(path), device=str(next(iter(model.state_dict().values())).device))
     model.load_state_dict(state, strict=True)
     object.__setattr__(model, _ATTR, record)

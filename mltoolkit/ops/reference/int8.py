@@ -70,3 +70,42 @@ def int8_linear_dynamic(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[T
     xq, xs = quantize_rows(x.reshape(-1, x.shape[-1]))
     y = int8_linear(xq, xs, wq, w_scale, bias, x.dtype)
     return y.reshape(*x.shape[:-1], w_scale.shape[0])
+
+
+# ---- weight-only int8 (contract: csrc/int8_weight_only_linear.h) ----------------------------------------------------
+
+def dequantize_int8(wq: Tensor, w_scale: Tensor) -> Tensor:
+    """The float32 weight (N, K) an int8 one stands for: wq * w_scale[:, None]."""
+    return wq.float() * w_scale.float().unsqueeze(1)
+
+
+def int8_weight_only_linear(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """y = x @ (wq * w_scale)^T + bias accumulated in float32, in x's dtype. x (M, K)."""
+    y = x.float() @ dequantize_int8(wq, w_scale).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# ---- static activation quantization and int8 im2col (contract: csrc/int8_static.h) --------------------------------
+
+def quantize_static(x: Tensor, scale: Tensor) -> Tensor:
+    """q = clamp(round_half_to_even(float32(x) / scale), -127, 127) as int8, x's shape (one float32 scale)."""
+    return torch.round(x.float() / scale.float().reshape(())).clamp_(-127, 127).to(torch.int8)
+
+
+def im2col_int8(xq: Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                dilation: tuple[int, int]) -> Tensor:
+    """xq (B, C, H, W) int8 -> cols (B * OH * OW, KH * KW * C), column order (kh, kw, c), zeros outside the image.
+    Exact integer gathering through float64 unfold (every int8 value is exact there)."""
+    B, C = xq.shape[:2]
+    cols = torch.nn.functional.unfold(xq.double(), kernel, dilation=dilation, padding=padding, stride=stride)
+    L = cols.shape[-1]
+    kh, kw = kernel
+    cols = cols.reshape(B, C, kh * kw, L).permute(0, 3, 2, 1).reshape(B * L, kh * kw * C)
+    return cols.to(torch.int8)
+
+
+def conv_weight_2d(w: Tensor) -> Tensor:
+    """A conv weight (OC, C, KH, KW) as the (OC, KH * KW * C) matrix that multiplies im2col_int8's columns."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)

@@ -9,7 +9,8 @@ kernels of triton_kernels/quant.py: per-token quantize + int8 tl.dot GEMM) with 
 Int8Linear keeps it off the CPU; M up to 4096 (the issue's int8 x int8 target: >= 1.5x bf16 at M = 4096).
 
 Also: the int8 weight-only linear (float activations, int8 weight streamed and converted in the kernel) and the
-static int8 linear (activations quantized with a fixed, calibrated per-tensor scale), against the same yardsticks."""
+static int8 linear (activations quantized with a fixed, calibrated per-tensor scale), against the same yardsticks; on a
+GPU both in bfloat16 (the Triton kernels of triton_kernels/int8_extra.py, M up to 4096), the CPU rows in float32."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,7 +84,8 @@ def _wo_inputs(config, dtype, device):
     b = torch.randn(N, dtype=dtype, device=device) * 0.1
     wq, ws = ops.quantize_per_channel(w)
     xs = (x.abs().amax().float() / 127).reshape(())  # what a calibration observer gives on this data (min-max)
-    return x, w, b, wq, ops.int8_pack_weight(wq), ws, xs
+    # The CPU kernel streams the packed weight; the GPU (Triton) kernels read the plain one.
+    return x, w, b, wq, ops.int8_pack_weight(wq) if device == "cpu" else wq, ws, xs
 
 
 def _wo_ours(x, w, b, wq, wp, ws, xs):
@@ -114,8 +116,17 @@ def benchmarks(device: str, quick: bool):
     dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16]
     rows = [Benchmark("int8_linear_dynamic", "int8", _ours, _eager, _reference, _inputs, configs, dtypes,
                       flops=_flops, bytes=_bytes, modes=("fwd",), baselines=_baselines, sqnr_floor=35.0)]
-    if device != "cpu":  # the weight-only and static ops have CPU kernels only (the reference elsewhere)
-        return rows
+    if device != "cpu":
+        # GPU: the Triton kernels of triton_kernels/int8_extra.py (weight-only GEMV / split-K / tiled dot, static
+        # quantize) with bfloat16 activations, against bfloat16 F.linear on the float weight.
+        gpu_configs = [{"M": m, "K": 4096, "N": 4096} for m in ((1, 16, 256) if quick else (1, 16, 256, 2048, 4096))]
+        return rows + [
+            Benchmark("int8_weight_only_linear", "int8_weight_only", _wo_ours, _wo_eager, _wo_eager, _wo_inputs,
+                      gpu_configs, [torch.bfloat16], flops=_flops, bytes=_wo_bytes, modes=("fwd",),
+                      baselines=_wo_baselines, sqnr_floor=35.0),
+            Benchmark("int8_linear_static", "int8", _static_ours, _wo_eager, _wo_eager, _wo_inputs, gpu_configs,
+                      [torch.bfloat16], flops=_flops, bytes=_wo_bytes, modes=("fwd",), baselines=_wo_baselines,
+                      sqnr_floor=30.0)]
     wo_configs = [{"M": m, "K": 4096, "N": 4096} for m in ((1, 16, 256) if quick else (1, 16, 256, 2048))]
     return rows + [
         Benchmark("int8_weight_only_linear", "int8_weight_only", _wo_ours, _wo_eager, _wo_eager, _wo_inputs,

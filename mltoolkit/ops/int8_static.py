@@ -8,7 +8,8 @@ csrc/int8_static.h, reference in mltoolkit/ops/reference/int8.py (bit-exact).
 
 q = clamp(round_half_to_even(x / scale), -127, 127): symmetric, so the code 0 is exactly 0.0 and the zero padding of a
 quantized image is exact. int8_linear_static and int8_conv2d_static compose them with int8_linear, whose per-token
-x_scale is the static scale expanded (stride 0: no copy).
+x_scale is the static scale expanded (stride 0: no copy). Backends: Triton (GPU; triton_kernels/int8_extra.py), C++
+(CPU), reference; all bit-exact.
 """
 from __future__ import annotations
 
@@ -38,6 +39,16 @@ def _reference_quantize(x: Tensor, scale: Tensor) -> Tensor:
     return reference.quantize_static(x, scale).contiguous(memory_format=_out_format(x))
 
 
+def _triton_kernels():
+    from mltoolkit.triton_kernels import int8_extra
+
+    return int8_extra
+
+
+# Triton (triton_kernels/int8_extra.py): both bit-exact with the reference.
+INT8_STATIC.register("triton", _ext.triton_device, _ext.triton_unavailable,
+                     quantize=lambda x, s: _triton_kernels().quantize_static(x, s),
+                     im2col=lambda *a: _triton_kernels().im2col_int8(*a))
 INT8_STATIC.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
                      quantize=lambda x, s: _ext._C.quantize_static_cpu(x, s),
                      im2col=lambda *a: _ext._C.im2col_int8_cpu(*a))

@@ -9,7 +9,9 @@ y = x @ (wq * w_scale[:, None])^T + bias in x's dtype, accumulated in float32. O
 (frozen quantized weights): dx = (dy * w_scale) @ wq, dbias = dy summed over rows. The CPU kernel widens the int8
 weight to float in registers; for decode shapes it streams the int8 weight once (a quarter of float32's bytes: that is
 the point of weight-only int8). MLTK_INT8_WO_PATH=tiled selects its second path (dequantized tiles of rows through
-BLAS), measured slower here.
+BLAS), measured slower here. On a GPU the Triton backend (triton_kernels/int8_extra.py) runs: a weight-streaming
+GEMV / split-K kernel for decode M, tiled tl.dot (int8 converted to x's dtype in registers, exact) beyond; its dx is
+the same kernel on the transposed problem.
 """
 from __future__ import annotations
 
@@ -26,9 +28,27 @@ from mltoolkit.ops.reference import int8 as reference
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 INT8_WO = table("int8_weight_only")
+
+
+def _triton_kernels():
+    from mltoolkit.triton_kernels import int8_extra
+
+    return int8_extra
+
+
+def _dx(dy: Tensor, wq: Tensor, w_scale: Tensor, x_dtype: torch.dtype) -> Tensor:
+    # The scale moves onto dy (M x N multiplies instead of N x K); the float weight exists only here.
+    return ((dy.to(torch.float32) * w_scale) @ wq.to(torch.float32)).to(x_dtype)
+
+
+# Triton (triton_kernels/int8_extra.py): a weight-streaming GEMV / split-K kernel for decode M, tiled tl.dot beyond;
+# dx is the same kernel on the transposed problem (wq^T through strides: no float weight).
+INT8_WO.register("triton", _ext.triton_device, _ext.triton_unavailable,
+                 linear=lambda *a: _triton_kernels().int8_weight_only_linear(*a),
+                 dx=lambda *a: _triton_kernels().int8_weight_only_dx(*a))
 INT8_WO.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
-                 linear=lambda *a: _ext._C.int8_weight_only_linear_cpu(*a))
-INT8_WO.register("reference", lambda *_: None, linear=reference.int8_weight_only_linear)
+                 linear=lambda *a: _ext._C.int8_weight_only_linear_cpu(*a), dx=_dx)
+INT8_WO.register("reference", lambda *_: None, linear=reference.int8_weight_only_linear, dx=_dx)
 
 
 @torch.library.custom_op("mltoolkit::int8_weight_only_linear", mutates_args=())
@@ -57,8 +77,7 @@ def _backward(ctx, dy):
     dx = db = None
     with backend(ctx.forced_backend) if ctx.forced_backend else contextlib.nullcontext():
         if needs[0]:
-            # The scale moves onto dy (M x N multiplies instead of N x K); the float weight exists only here.
-            dx = ((dy.to(torch.float32) * w_scale) @ wq.to(torch.float32)).to(ctx.x_dtype)
+            dx = INT8_WO.select(dy).kernels["dx"](dy, wq, w_scale, ctx.x_dtype)
         if ctx.has_bias and needs[3]:
             db = dy.to(torch.float32).sum(0).to(ctx.x_dtype)
     return dx, None, None, db
@@ -104,5 +123,5 @@ def int8_weight_only_linear(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Option
         if bias.device != x.device:
             raise ValueError(f"{fn}: bias is on {bias.device} but x is on {x.device}")
     lead = x.shape[:-1]
-    y = torch.ops.mltoolkit.int8_weight_only_linear(x.reshape(-1, k), wq, w_scale, bias)
+    y = torch.ops.mltoolkit.int8_weight_only_linear(x.reshape(lead.numel(), k), wq, w_scale, bias)  # K = 0 too
     return y.reshape(*lead, n)

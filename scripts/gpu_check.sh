@@ -83,14 +83,14 @@ fi
 
 if has bench; then
   step "benchmarks of the kernels new since the last GPU run"
-  bench_ops ${BENCH_OPS_FIRST-int8_linear_dynamic int4_weight_only_linear attention conv2d}
+  bench_ops ${BENCH_OPS_FIRST-int8_linear_dynamic int4_weight_only_linear int8_weight_only_linear attention conv2d}
 fi
 
 if has test; then
   step "GPU tests"
   files=${PYTEST_FILES:-"tests/ops/test_conv.py tests/ops/test_conv_triton.py tests/ops/test_batch_norm.py
     tests/ops/test_attention.py tests/ops/test_attention_band.py tests/ops/test_rotary.py tests/ops/test_norm.py
-    tests/nn/test_attention_modules.py tests/ops/test_quant_cuda.py tests/ops/test_quant_triton.py
+    tests/nn/test_attention_modules.py tests/ops/test_quant_cuda.py tests/ops/test_quant_triton.py tests/ops/test_int8_triton_extra.py
     tests/test_pruning.py tests/test_distill.py"}
   xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 14")
   per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")

@@ -33,7 +33,6 @@ bfloat16 stores rounded to nearest even (the interpreter truncates).
 Knobs (module attributes, read at every call): AUTOTUNE (MLTK_TRITON_AUTOTUNE=0 at import: first config only),
 GEMV_MAX_M, SPLITK_MAX_M, INTERPRET_BLOCK_M / _N / _K.
 """
-import functools
 import os
 
 import torch
@@ -41,7 +40,8 @@ import triton
 import triton.language as tl
 
 from .conv import _tile_of
-from .norm import _cuda_sm_count, _interpreting, _round_to
+from .norm import _interpreting, _round_to
+from .quant import _GROUP_M, _TL, _rint, _splits, _tuned
 
 __all__ = ["int8_weight_only_linear", "int8_weight_only_dx", "quantize_static", "im2col_int8",
            "AUTOTUNE", "GEMV_MAX_M", "SPLITK_MAX_M"]
@@ -53,11 +53,6 @@ INTERPRET_BLOCK_M = 16
 INTERPRET_BLOCK_N = 16
 INTERPRET_BLOCK_K = 32
 
-_RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: v + magic - magic rounds |v| < 2^22 to an integer, half to even
-_MAX_SPLIT = 16
-_INTERPRET_SM_COUNT = 4
-_GROUP_M = 8
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,7 +162,7 @@ def _quantize_static_kernel(X, S, Q, numel, BLOCK: tl.constexpr):
     x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
     v = tl.math.div_rn(x, s)
     v = tl.minimum(tl.maximum(v, -127.0), 127.0)  # clamp first: the rounding trick needs |v| < 2^22
-    v = (v + _RINT_MAGIC) - _RINT_MAGIC
+    v = _rint(v)
     tl.store(Q + offs, v.to(tl.int8), mask=ok)
 
 
@@ -205,26 +200,6 @@ _WO_LARGE_16 = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
                 (64, 64, 128, 4, 3))
 _WO_LARGE_32 = ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (32, 64, 64, 4, 3))
 _WO_KEY = ["N", "K", "TUNE_M", "HAS_BIAS", "PREC"]
-
-
-@functools.cache
-def _tuned(kernel, configs, key):
-    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": _GROUP_M}, num_warps=w,
-                          num_stages=st) for bm, bn, bk, w, st in configs]
-    return triton.autotune(configs=cfgs, key=list(key))(kernel)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda" or _interpreting():
-        return _INTERPRET_SM_COUNT
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _splits(tiles: int, k_blocks: int, device, per_sm: int) -> tuple[int, int]:
-    """(splits, k blocks per split): about `per_sm` programs per SM, at most _MAX_SPLIT, never an empty split."""
-    want = max(1, min(_MAX_SPLIT, k_blocks, triton.cdiv(per_sm * _sm_count(device), max(1, tiles))))
-    per = triton.cdiv(k_blocks, want)
-    return triton.cdiv(k_blocks, per), per
 
 
 def _linear(x, w, swn, swk, N, scale, bias, out_dtype):

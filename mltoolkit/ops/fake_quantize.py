@@ -48,6 +48,16 @@ def _cpp_backward(dy, x, scale, zero_point, qmin, qmax, axis, group_size, float_
     return dx, ds, dz
 
 
+def _triton_kernels():
+    from mltoolkit.triton_kernels import fake_quantize as kernels
+
+    return kernels
+
+
+# Triton (triton_kernels/fake_quantize.py): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 when forced.
+FAKE_QUANTIZE.register("triton", _ext.triton_device, _ext.triton_unavailable,
+                       forward=lambda *a: _triton_kernels().fake_quantize(*a),
+                       backward=lambda *a: _triton_kernels().fake_quantize_backward(*a))
 FAKE_QUANTIZE.register("cpp", _ext.on_cpu, _ext.cpp_unavailable, forward=_cpp_forward, backward=_cpp_backward)
 FAKE_QUANTIZE.register("reference", lambda *_: None, forward=reference.fake_quantize,
                        backward=reference.fake_quantize_backward)

@@ -3,14 +3,35 @@ SQNR, and `check_op`, which runs the reference comparison, gradients, gradcheck,
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+
+
+@contextlib.contextmanager
+def triton_forced(op_table: str, device: str) -> Iterator[str]:
+    """Runs a test body with the triton backend of `op_table` forced on `device` ("cpu": the interpreter, "cuda"), or
+    skips the test (pytest.skip) where that backend cannot run: triton missing, or CPU tensors without
+    TRITON_INTERPRET=1 (tests/conftest.py sets it when there is no GPU)."""
+    import pytest
+
+    from mltoolkit import _ext
+    from mltoolkit.backends import backend, table
+
+    why = table(op_table).get("triton").available()
+    if why is not None:
+        pytest.skip(f"triton backend unavailable: {why}")
+    if device == "cpu" and not _ext.triton_interpreted():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest when no GPU is present)")
+    with backend("triton"):
+        yield device
+
 
 # (atol, rtol) for an op's output in the given dtype against the float32 (float64) reference.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import mltoolkit
-from mltoolkit import _ext, ops
+from mltoolkit import ops
 from mltoolkit.backends import NoBackendError, table
 from mltoolkit.ops.reference.conv import ACTIVATIONS as TORCH_ACT  # torch's functions (hardswish written out)
-from mltoolkit.testing import Sample, assert_close, check_op
+from mltoolkit.testing import Sample, assert_close, check_op, triton_forced
 
 ACTIVATIONS = list(TORCH_ACT)
 
@@ -23,12 +23,7 @@ ACTIVATIONS = list(TORCH_ACT)
 @pytest.fixture(params=[pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)])
 def device(request):
     """Every test runs forced to the triton backend: on the CPU under the interpreter, or on a GPU."""
-    why = table("conv").get("triton").available()
-    if why is not None:
-        pytest.skip(f"triton backend unavailable: {why}")
-    if request.param == "cpu" and not _ext.triton_interpreted():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest when no GPU is present)")
-    with mltoolkit.backend("triton"):
+    with triton_forced("conv", request.param):
         yield request.param
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import mltoolkit
-from mltoolkit import _ext, ops
+from mltoolkit import ops
 from mltoolkit.backends import table
 from mltoolkit.ops.reference import fake_quantize as ref
-from mltoolkit.testing import assert_close
+from mltoolkit.testing import assert_close, triton_forced
 
 # (name, x shape, axis, group_size, qmin, qmax, domain)
 CASES = [
@@ -36,15 +36,10 @@ IDS = [c[0] for c in CASES]
 
 @pytest.fixture(params=[pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)])
 def device(request):
-    why = table("fake_quantize").get("triton").available()
-    if why is not None:
-        pytest.skip(f"triton backend unavailable: {why}")
-    if request.param == "cpu" and not _ext.triton_interpreted():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest when no GPU is present)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with mltoolkit.backend("triton"):
+        with triton_forced("fake_quantize", request.param):
             yield request.param
     finally:
         torch.set_num_threads(threads)

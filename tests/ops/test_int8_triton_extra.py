@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import mltoolkit
-from mltoolkit import _ext, ops
+from mltoolkit import ops
 from mltoolkit.backends import table
 from mltoolkit.ops.reference import int8 as ref8
+from mltoolkit.testing import triton_forced
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -29,12 +30,7 @@ def _one_thread():
 
 @pytest.fixture(params=[pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)])
 def device(request):
-    why = table("int8_weight_only").get("triton").available()
-    if why is not None:
-        pytest.skip(f"triton backend unavailable: {why}")
-    if request.param == "cpu" and not _ext.triton_interpreted():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest when no GPU is present)")
-    with mltoolkit.backend("triton"):
+    with triton_forced("int8_weight_only", request.param):
         yield request.param
 
 

@@ -17,7 +17,7 @@ from mltoolkit import _ext, ops
 from mltoolkit.backends import NoBackendError, table
 from mltoolkit.ops.reference import int4 as ref4
 from mltoolkit.ops.reference import int8 as ref8
-from mltoolkit.testing import Sample, assert_close, check_op, sqnr
+from mltoolkit.testing import Sample, assert_close, check_op, sqnr, triton_forced
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 GROUPS = [32, 64, 128, 256]
@@ -25,12 +25,7 @@ GROUPS = [32, 64, 128, 256]
 
 @pytest.fixture(params=[pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)])
 def device(request):
-    why = table("int8").get("triton").available()
-    if why is not None:
-        pytest.skip(f"triton backend unavailable: {why}")
-    if request.param == "cpu" and not _ext.triton_interpreted():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest when no GPU is present)")
-    with mltoolkit.backend("triton"):
+    with triton_forced("int8", request.param):
         yield request.param
 
 

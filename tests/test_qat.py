@@ -403,10 +403,34 @@ def test_static_qat_frozen_under_compile():
     assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
-def test_digits_cnn_static_int8_qat_within_one_point_of_float():
+@pytest.mark.cuda
+@pytest.mark.parametrize("learn", [False, True], ids=["observed", "lsq"])
+def test_static_qat_on_cuda(learn):
+    """Static int8 QAT of the CNN on the GPU: observers, freezing, a few training steps, and convert's modules
+    computing what the QAT forward computed."""
+    model = prepare_qat(small_cnn().cuda(), STATIC_MA, learn_scales=learn, freeze_observers_after=2)
+    x = images(32, 0).cuda()
+    target = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(0)).cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), target).backward()
+        opt.step()
+    assert all(model[i].observer_frozen and model[i].input_scale.is_cuda for i in CNN_LAYERS)
+    y_qat = model.eval()(x).detach()
+    convert(model)
+    assert isinstance(model[0], Int8Conv2d) and model[0].weight_int8.is_cuda
+    assert_close(model(x), y_qat, atol=1e-3, rtol=1e-3, name="QAT forward vs converted on CUDA")
+
+
+@pytest.mark.parametrize("observer,learn,freeze_after", [("moving_average", True, 4), ("minmax", False, None)],
+                         ids=["ma_frozen_then_lsq", "minmax_tracking"])
+def test_digits_cnn_static_int8_qat_within_one_point_of_float(observer, learn, freeze_after):
     """The digits CNN of tests/test_quantization_static.py trained in float, then fine-tuned with static int8 QAT
-    (moving-average observers frozen after 4 steps, then learned input scales) and converted to Int8Conv2d /
-    Int8StaticLinear: within 1 point of the float model's test accuracy."""
+    and converted to Int8Conv2d / Int8StaticLinear: within 1 point of the float model's test accuracy. Input scales
+    either from moving-average observers frozen after 4 steps, then learned (LSQ), or from min-max observers that
+    track the inputs for the whole fine-tuning."""
     datasets = pytest.importorskip("sklearn.datasets")
     digits = datasets.load_digits()
     x = (torch.tensor(digits.data, dtype=torch.float32) / 16.0).reshape(-1, 1, 8, 8)
@@ -433,15 +457,15 @@ def test_digits_cnn_static_int8_qat_within_one_point_of_float():
     ptq = copy.deepcopy(model)
     quantize_(ptq, Int8StaticActivationInt8WeightConfig(), calibration_data=[x[idx] for idx in train.split(128)[:4]],
               verbose=False)
-    qat = prepare_qat(copy.deepcopy(model), Int8StaticActivationInt8WeightConfig("moving_average", 0.1),
-                      learn_scales=True, freeze_observers_after=4)
+    qat = prepare_qat(copy.deepcopy(model), Int8StaticActivationInt8WeightConfig(observer, 0.1),
+                      learn_scales=learn, freeze_observers_after=freeze_after)
     fit(qat, 3, 5e-4)
-    assert all(qat[i].observer_frozen for i in CNN_LAYERS)
+    assert all(qat[i].observer_frozen == learn for i in CNN_LAYERS)
     qat_acc_fake = accuracy(qat)
     convert(qat)
     assert isinstance(qat[0], Int8Conv2d) and isinstance(qat[2], Int8Conv2d) and isinstance(qat[6], Int8StaticLinear)
     base, ptq_acc, qat_acc = accuracy(model), accuracy(ptq), accuracy(qat)
-    msg = (f"float {base:.2f}%, static int8 PTQ (min-max) {ptq_acc:.2f}%, static int8 QAT {qat_acc:.2f}% "
+    msg = (f"float {base:.2f}%, static int8 PTQ (min-max) {ptq_acc:.2f}%, static int8 QAT ({observer}) {qat_acc:.2f}% "
            f"(fake-quantized {qat_acc_fake:.2f}%)")
     print(msg)
     assert base > 94, msg

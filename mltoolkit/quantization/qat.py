@@ -75,7 +75,7 @@ class _QATLayer(nn.Module):
         self._frozen = False  # mirrors the `frozen` buffer (saved in state_dict), read without a device sync
         self.freeze_observer_after = freeze_observer_after
         if config.STATIC:
-            self.observer = config.make_observer()
+            self.observer = config.make_observer().to(self.weight.device)
             self.register_buffer("frozen", torch.zeros((), dtype=torch.bool, device=self.weight.device))
             scale = torch.ones((), dtype=torch.float32, device=self.weight.device)
             if learn_scales:

@@ -28,7 +28,7 @@ from mltoolkit.quantization.observers import (
     Observer,
     PercentileObserver,
 )
-from mltoolkit.quantization.qat import QATLinear, prepare_qat
+from mltoolkit.quantization.qat import QATConv2d, QATLinear, freeze_observers, prepare_qat
 from mltoolkit.quantization.static import ObservedModule, calibrate
 
 __all__ = ["quantize_", "save_quantized", "load_quantized", "quantization_report", "model_bytes", "QuantizeSummary",
@@ -36,4 +36,5 @@ __all__ = ["quantize_", "save_quantized", "load_quantized", "quantization_report
            "config_from_dict", "Int8Linear", "Int4Linear",
            "Int8WeightOnlyConfig", "Int8StaticActivationInt8WeightConfig", "Int8WeightOnlyLinear", "Int8StaticLinear",
            "Int8Conv2d", "prepare", "calibrate", "convert", "ObservedModule", "Observer", "MinMaxObserver",
-           "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver", "prepare_qat", "QATLinear"]
+           "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver", "prepare_qat", "QATLinear",
+           "QATConv2d", "freeze_observers"]

@@ -206,7 +206,8 @@ def convert(model: nn.Module, verbose: bool = False) -> nn.Module:
     - static PTQ: every prepared layer (a submodule with a `_mltk_convert()` method returning (quantized module,
       config), as prepare's ObservedModule has) becomes its quantized module with the scale its observer calibrated
       (an observer that saw no data raises);
-    - QAT: every QATLinear (prepare_qat) becomes the quantized module of its config (mltoolkit.quantization.qat).
+    - QAT: every QATLinear / QATConv2d (prepare_qat) becomes the quantized module of its config, with its observed
+      or learned input scale under the static config (mltoolkit.quantization.qat).
 
     The configs are recorded for save_quantized and quantization_report. Returns the model."""
     from mltoolkit.quantization import qat  # qat imports this module
@@ -215,10 +216,10 @@ def convert(model: nn.Module, verbose: bool = False) -> nn.Module:
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
     names = [name for name, m in model.named_modules() if name and hasattr(m, "_mltk_convert")]
     names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]  # outermost only
-    has_qat = any(isinstance(m, qat.QATLinear) for m in model.modules())
+    has_qat = any(isinstance(m, qat.QAT_MODULES) for m in model.modules())
     if not names and not has_qat:
-        raise ValueError("convert: the model has no QATLinear layers and no prepared (observed) layers; call "
-                         "prepare_qat(model, config) and train, or prepare(model, config) and calibrate, first")
+        raise ValueError("convert: the model has no QATLinear / QATConv2d layers and no prepared (observed) layers; "
+                         "call prepare_qat(model, config) and train, or prepare(model, config) and calibrate, first")
     if has_qat:
         qat.convert(model, verbose=verbose)
     if names:

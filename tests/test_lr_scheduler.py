@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from mltoolkit.optim.lr_scheduler import (SCHEDULERS, WarmupCosineLR, WarmupDecayLR, WarmupLR, get_scheduler)
+from mltoolkit.optim.lr_scheduler import SCHEDULERS, WarmupCosineLR, WarmupDecayLR, WarmupLR, get_scheduler
 
 BASES = (0.1, 0.03)  # two param groups with different base lrs
 

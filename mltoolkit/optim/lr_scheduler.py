@@ -18,8 +18,9 @@ and for ``t >= W``, with ``p = min(1, (t - W) / max(1, T - W))``::
     constant     base
     inverse_sqrt max(floor, base * sqrt(tau / (t - W + tau)))   # tau = timescale, default max(W, 1): sqrt(W / t)
 
-so the lr reaches ``base`` at ``t = W`` and ``floor`` at ``t = T`` (``W + 1`` if ``T = W``), and stays at ``floor`` after ``T``. The values
-are a closed form of ``t`` and the base lrs (not recursive), so resuming from ``state_dict`` is exact.
+so the lr reaches ``base`` at ``t = W`` and ``floor`` at ``t = T`` (``W + 1`` if ``T = W``), and stays at
+``floor`` after ``T``. The values are a closed form of ``t`` and the base lrs (not recursive), so resuming from
+``state_dict`` is exact.
 
 One-cycle is torch's ``OneCycleLR`` (it already is an LRScheduler with state_dict, and also cycles momentum);
 ``get_scheduler("one_cycle", opt, warmup_steps=W, total_steps=T)`` builds it with ``max_lr`` = the groups' current

@@ -91,7 +91,7 @@ if has test; then
   files=${PYTEST_FILES:-"tests/ops/test_conv.py tests/ops/test_conv_triton.py tests/ops/test_batch_norm.py
     tests/ops/test_attention.py tests/ops/test_attention_band.py tests/ops/test_rotary.py tests/ops/test_norm.py
     tests/nn/test_attention_modules.py tests/ops/test_quant_cuda.py tests/ops/test_quant_triton.py tests/ops/test_int8_triton_extra.py
-    tests/ops/test_fake_quantize_triton.py tests/test_qat.py
+    tests/ops/test_fake_quantize_triton.py tests/test_qat.py tests/test_train_aids.py tests/test_checkpoint.py
     tests/test_pruning.py tests/test_distill.py"}
   xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 14")
   per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")

@@ -244,3 +244,20 @@ def test_bad_input():
     with pytest.raises(RuntimeError, match=r"grads\[0\] must have params\[0\]'s shape"):
         _ext._C.fused_adamw_cpu(y, [torch.randn(4)], y, y, [], [torch.tensor(0.0)], 1e-3, 0.9, 0.999, 0.0, 1e-8,
                                 False, False)
+
+
+def test_op_under_torch_compile_fullgraph():
+    ps = [torch.randn(7), torch.randn(3, 5)]
+    gs = [torch.randn_like(p) for p in ps]
+    state = [[torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps], [torch.tensor(0.0) for _ in ps]]
+    twin = [[t.clone() for t in ps]] + [[t.clone() for t in lst] for lst in state]
+
+    @torch.compile(fullgraph=True)
+    def step(ps, gs, m, v, s):
+        torch.ops.mltoolkit.fused_adamw_(ps, gs, m, v, [], s, 1e-3, 0.9, 0.999, 0.01, 1e-8, False, False)
+
+    for _ in range(3):
+        step(ps, gs, *state)
+        reference_adamw_(twin[0], gs, twin[1], twin[2], [], twin[3], 1e-3, 0.9, 0.999, 0.01, 1e-8, False, False)
+    for a, b in zip(ps + sum(state, []), sum(twin, [])):
+        _same(a, b, False)

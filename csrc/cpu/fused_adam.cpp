@@ -1,0 +1,217 @@
+// CPU fused multi-tensor AdamW step; the contract is in csrc/fused_adam.h.
+//
+// All tensors of the call are cut into chunks of kChunk elements (a tensor's last chunk may be shorter) and one
+// at::parallel_for shares the chunks of all tensors: a step over 200 tensors is one parallel region, not 200, and
+// small tensors do not leave threads idle. Each element is read once and written once per state tensor (p, g, m, v
+// read; p, m, v written), the memory-bound minimum. The arithmetic copies torch's own kernels op for op (mul_, lerp_
+// with its fma, mul_ then addcmul_, sqrt, div, add, addcdiv_): float32 results equal torch.optim.AdamW's except where
+// torch's CPU sqrt is 1 ulp off the correctly rounded one this kernel uses (measured: ~20% of elements, torch 2.14.1).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "../check_util.h"
+#include "../fused_adam.h"
+
+namespace mltoolkit {
+namespace {
+
+constexpr int64_t kChunk = 16384;  // elements per task (a multiple of 2 vectors: tails fall where torch's do)
+
+struct Coeffs {
+  float decay, neg_step_size, bc2_sqrt;
+};
+
+struct Chunk {
+  int32_t tensor;
+  int64_t begin, end;
+};
+
+struct Ptrs {
+  float *p, *m, *v, *vmax;
+  const float* g;
+};
+
+// Where torch's kernels round a product on its own (mul_ is one kernel, addcmul_ the next), these barriers keep the
+// compiler from fusing it into an fma here; where torch's build fuses (addcmul_'s value * t1 * t2 + self, lerp's
+// fma), the fma is written out. Checked bit for bit against torch.optim.AdamW in tests/test_optim_adamw.py.
+using Vec = at::vec::Vectorized<float>;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+inline float opaque(float x) {
+  asm("" : "+x"(x));
+  return x;
+}
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+inline Vec opaque(Vec x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 r = x;
+#else
+  __m256 r = x;
+#endif
+  asm("" : "+v"(r));
+  return Vec(r);
+}
+#else
+inline Vec opaque(Vec x) { return x; }
+#endif
+#else
+inline float opaque(float x) {
+  volatile float r = x;
+  return r;
+}
+inline Vec opaque(Vec x) { return x; }
+#endif
+
+// Elements are taken two vectors at a time and the rest one by one, as torch's cpu_kernel_vec loops do.
+template <bool kDecay, bool kAmsgrad, bool kMaximize>
+void update(const Ptrs& t, const Coeffs& c, float w1, float beta2, float c2, float eps, int64_t begin, int64_t end) {
+  const bool small_w = std::abs(w1) < 0.5f;
+  const float coeff = small_w ? w1 : w1 - 1.0f;  // torch's lerp: fma(coeff, end - start, small ? start : end)
+  const Vec vdecay(c.decay), vcoeff(coeff), vbeta2(beta2), vc2(c2), vbc2(c.bc2_sqrt), veps(eps),
+      vstep(c.neg_step_size);
+  int64_t i = begin;
+  const auto one = [&](int64_t i) {
+    Vec g = Vec::loadu(t.g + i);
+    if (kMaximize) g = g.neg();
+    Vec p = Vec::loadu(t.p + i);
+    Vec m = Vec::loadu(t.m + i);
+    Vec v = Vec::loadu(t.v + i);
+    if (kDecay) p = opaque(p * vdecay);
+    m = at::vec::fmadd(vcoeff, g - m, small_w ? m : g);
+    v = at::vec::fmadd(opaque(vc2 * g), g, opaque(v * vbeta2));  // mul_, then addcmul_ (an fma in torch's build)
+    Vec denom_src = v;
+    if (kAmsgrad) {
+      Vec vmax = at::vec::maximum(Vec::loadu(t.vmax + i), v);
+      vmax.store(t.vmax + i);
+      denom_src = vmax;
+    }
+    Vec d = denom_src.sqrt() / vbc2 + veps;
+    p = p + vstep * m / d;
+    p.store(t.p + i);
+    m.store(t.m + i);
+    v.store(t.v + i);
+  };
+  for (; i + 2 * Vec::size() <= end; i += 2 * Vec::size()) {
+    one(i);
+    one(i + Vec::size());
+  }
+  for (; i < end; ++i) {
+    float g = kMaximize ? -t.g[i] : t.g[i];
+    float p = t.p[i], m = t.m[i], v = t.v[i];
+    if (kDecay) p = opaque(p * c.decay);
+    m = std::fma(coeff, g - m, small_w ? m : g);
+    v = std::fma(opaque(c2 * g), g, opaque(v * beta2));
+    float denom_src = v;
+    if (kAmsgrad) {
+      float mx = t.vmax[i];
+      mx = (std::isnan(mx) || std::isnan(v)) ? NAN : std::max(mx, v);
+      t.vmax[i] = mx;
+      denom_src = mx;
+    }
+    float d = std::sqrt(denom_src) / c.bc2_sqrt + eps;
+    p = p + c.neg_step_size * m / d;
+    t.p[i] = p;
+    t.m[i] = m;
+    t.v[i] = v;
+  }
+}
+
+using UpdateFn = void (*)(const Ptrs&, const Coeffs&, float, float, float, float, int64_t, int64_t);
+
+template <bool kDecay, bool kAmsgrad>
+UpdateFn pick2(bool maximize) {
+  return maximize ? &update<kDecay, kAmsgrad, true> : &update<kDecay, kAmsgrad, false>;
+}
+
+UpdateFn pick(bool decay, bool amsgrad, bool maximize) {
+  if (decay) return amsgrad ? pick2<true, true>(maximize) : pick2<true, false>(maximize);
+  return amsgrad ? pick2<false, true>(maximize) : pick2<false, false>(maximize);
+}
+
+void check_state(const char* fn, const char* name, size_t i, const at::Tensor& t, const at::Tensor& p) {
+  TORCH_CHECK(t.defined(), fn, ": ", name, "[", i, "] must be a tensor, got an undefined one");
+  TORCH_CHECK(t.layout() == at::kStrided, fn, ": ", name, "[", i, "] must be a dense (strided) tensor, got layout ",
+              t.layout());
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, "[", i, "] must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, fn, ": ", name, "[", i, "] must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == p.sizes(), fn, ": ", name, "[", i, "] must have params[", i, "]'s shape ",
+              shape_str(p.sizes()), ", got ", shape_str(t.sizes()));
+  TORCH_CHECK(t.numel() <= 1 || t.strides() == p.strides(), fn, ": ", name, "[", i, "] must have params[", i,
+              "]'s strides ", shape_str(p.strides()), ", got ", shape_str(t.strides()));
+}
+
+}  // namespace
+
+void fused_adamw_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                     const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                     const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& state_steps,
+                     double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
+                     bool maximize) {
+  const char* fn = "fused_adamw_cpu";
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n, fn,
+              ": params, grads, exp_avgs, exp_avg_sqs and state_steps must have one length, got ", n, ", ",
+              grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", state_steps.size());
+  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n, fn, ": amsgrad needs max_exp_avg_sqs of params' length ", n,
+              ", got ", max_exp_avg_sqs.size());
+  TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), fn, ": max_exp_avg_sqs must be empty without amsgrad, got ",
+              max_exp_avg_sqs.size(), " tensors");
+  TORCH_CHECK(n < (size_t(1) << 31), fn, ": too many tensors (", n, ")");
+  std::vector<Ptrs> ptrs(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    check_state(fn, "params", i, p, p);
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), fn, ": params[", i,
+                "] must be non-overlapping and dense (contiguous or a permutation of it), got strides ",
+                shape_str(p.strides()), " for shape ", shape_str(p.sizes()));
+    check_state(fn, "grads", i, grads[i], p);
+    check_state(fn, "exp_avgs", i, exp_avgs[i], p);
+    check_state(fn, "exp_avg_sqs", i, exp_avg_sqs[i], p);
+    if (amsgrad) check_state(fn, "max_exp_avg_sqs", i, max_exp_avg_sqs[i], p);
+    const at::Tensor& s = state_steps[i];
+    TORCH_CHECK(s.defined() && s.numel() == 1 && at::isFloatingType(s.scalar_type()) && s.device().is_cpu(), fn,
+                ": state_steps[", i, "] must be a one-element float CPU tensor");
+    ptrs[i] = {p.data_ptr<float>(), exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(),
+               amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() : nullptr, grads[i].data_ptr<float>()};
+  }
+
+  // Host scalars, each computed in double and rounded to float where torch rounds its Python scalars.
+  std::vector<Coeffs> coeffs(n);
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& s = state_steps[i];
+    double step;
+    if (s.scalar_type() == at::kFloat && s.is_contiguous()) {
+      float* sp = s.data_ptr<float>();
+      *sp += 1.0f;
+      step = *sp;
+    } else {
+      at::Tensor st = s;
+      st.add_(1);
+      step = st.item<double>();
+    }
+    const double bc1 = 1.0 - std::pow(beta1, step);
+    const double bc2 = 1.0 - std::pow(beta2, step);
+    coeffs[i] = {static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(-(lr / bc1)),
+                 static_cast<float>(std::pow(bc2, 0.5))};
+    const int64_t numel = params[i].numel();
+    for (int64_t b = 0; b < numel; b += kChunk) chunks.push_back({static_cast<int32_t>(i), b, std::min(numel, b + kChunk)});
+  }
+  const UpdateFn run = pick(weight_decay != 0, amsgrad, maximize);
+  const float w1 = static_cast<float>(1.0 - beta1), fbeta2 = static_cast<float>(beta2),
+              c2 = static_cast<float>(1.0 - beta2), feps = static_cast<float>(eps);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Chunk& c = chunks[k];
+      run(ptrs[c.tensor], coeffs[c.tensor], w1, fbeta2, c2, feps, c.begin, c.end);
+    }
+  });
+}
+
+}  // namespace mltoolkit

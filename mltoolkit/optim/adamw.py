@@ -1,0 +1,120 @@
+"""AdamW whose step is one fused multi-tensor kernel call (torch.ops.mltoolkit.fused_adamw_) per group of
+parameters sharing a device, dtype and layout, instead of a loop of elementwise ops per parameter.
+
+Same hyperparameters, defaults, param-group keys and state (step: a 0-dim float32 CPU tensor, exp_avg, exp_avg_sq,
+max_exp_avg_sq with amsgrad) as torch.optim.AdamW, so the two load each other's state_dicts; on float32 CPU
+parameters the updates equal torch.optim.AdamW(foreach=False)'s bit for bit (see tests/test_optim_adamw.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from mltoolkit.ops.fused_adam import dense  # importing it registers torch.ops.mltoolkit.fused_adamw_
+
+__all__ = ["AdamW"]
+
+
+def _check_hyper(lr, betas, eps, weight_decay) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"AdamW: lr as a Tensor must have one element, got shape {tuple(lr.shape)}")
+    elif not isinstance(lr, (int, float)) or not 0.0 <= lr:
+        raise ValueError(f"AdamW: invalid lr {lr!r}: must be a non-negative number or a one-element tensor")
+    if not isinstance(eps, (int, float)) or not 0.0 <= eps:
+        raise ValueError(f"AdamW: invalid eps {eps!r}: must be a non-negative number")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"AdamW: betas must be a pair (beta1, beta2), got {betas!r}")
+    for k, b in enumerate(betas):
+        if isinstance(b, Tensor) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"AdamW: invalid beta at index {k}: {b!r} (a float in [0, 1))")
+    if not isinstance(weight_decay, (int, float)) or not 0.0 <= weight_decay:
+        raise ValueError(f"AdamW: invalid weight_decay {weight_decay!r}: must be a non-negative number")
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter 2019) with torch.optim.AdamW's arithmetic, one fused kernel per step.
+
+    Args: params (iterable of tensors or param-group dicts), lr (float or one-element tensor, default 1e-3),
+    betas (default (0.9, 0.999)), eps (default 1e-8), weight_decay (decoupled, default 1e-2), amsgrad (default
+    False), maximize (default False). No foreach / fused / capturable / differentiable switches: the step is always
+    the fused op. Parameters without a gradient are skipped; sparse gradients are refused.
+    """
+
+    def __init__(self, params: Iterable[Union[Tensor, dict[str, Any]]], lr: Union[float, Tensor] = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, maximize: bool = False):
+        _check_hyper(lr, betas, eps, weight_decay)
+        # torch.optim.AdamW's group keys, so that each optimizer loads the other's state_dict unchanged.
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=None, capturable=False, differentiable=False, fused=None,
+                        decoupled_weight_decay=True)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", True)
+
+    def _state_of(self, p: Tensor, amsgrad: bool) -> dict[str, Tensor]:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        step = state["step"]
+        if step.device.type != "cpu" or step.dtype != torch.float32 or step.dim() != 0:
+            # a state_dict from a fused / capturable torch run keeps step on the parameter's device
+            state["step"] = step.detach().reshape(()).to("cpu", torch.float32)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """One AdamW step over every parameter that has a gradient; returns closure()'s loss when given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            amsgrad = bool(group["amsgrad"])
+            beta1, beta2 = group["betas"]
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                lr = lr.item()
+            buckets: dict[tuple, list[list[Tensor]]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse or grad.layout != torch.strided:
+                    raise RuntimeError(f"mltoolkit.optim.AdamW does not support sparse gradients (got a {grad.layout}"
+                                       " gradient); use torch.optim.SparseAdam for those parameters")
+                state = self._state_of(p, amsgrad)
+                tensors = [p, grad, state["exp_avg"], state["exp_avg_sq"],
+                           state["max_exp_avg_sq"] if amsgrad else None, state["step"]]
+                if torch.is_complex(p):
+                    tensors[:5] = [None if t is None else torch.view_as_real(t) for t in tensors[:5]]
+                pr = tensors[0]
+                if dense(pr) and tensors[1].stride() != pr.stride() and pr.numel() > 1:
+                    tensors[1] = torch.empty_like(pr).copy_(tensors[1])  # the kernels walk one memory order
+                key = (pr.device, pr.dtype, dense(pr))
+                lists = buckets.setdefault(key, [[] for _ in range(6)])
+                for lst, t in zip(lists, tensors):
+                    if t is not None:
+                        lst.append(t)
+            for params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps in buckets.values():
+                torch.ops.mltoolkit.fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, float(lr),
+                                                 float(beta1), float(beta2), float(group["weight_decay"]),
+                                                 float(group["eps"]), amsgrad, bool(group["maximize"]))
+        return loss

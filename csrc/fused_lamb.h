@@ -16,8 +16,9 @@
 //   ||.|| are L2 norms over the whole tensor, accumulated in float64 over fixed-size chunks in a fixed order, so
 //   the result does not depend on the thread count. ||p|| is taken before the update. No gradient clipping here
 //   (apex clips by the global grad norm inside its step; use fused_clip_grad_norm_cpu before the step instead).
-//   Two passes: pass 1 updates m, v and sums ||p||^2, ||u||^2 per chunk; pass 2 recomputes u from the new m, v
-//   (same code, same result) and applies the update, so no scratch buffer of the parameters' size is needed.
+//   Two passes per wave of tensors (~1M elements): pass 1 updates m, v, sums ||p||^2, ||u||^2 per chunk and keeps
+//   u in a wave-sized scratch buffer; pass 2 applies the update while the wave is still in the cache. A tensor over
+//   the wave size recomputes u in pass 2 from the new m, v (same code, same result): no parameter-sized scratch.
 //
 // fused_clip_grad_norm_cpu(grads, max_norm, norm_type, error_if_nonfinite) -> total_norm (0-dim, grads' dtype)
 //   norm_type 2 or inf. total = (sum_i ||g_i||^2)^(1/2) (inf: max |g|), accumulated in float64; then, as

@@ -27,8 +27,8 @@ def lamb_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
             u.add_(p, alpha=weight_decay)
         trust = 1.0
         if use_trust_ratio:
-            w_norm = p.double().norm()
-            u_norm = u.double().norm()
+            w_norm = torch.linalg.vector_norm(p, dtype=torch.float64)
+            u_norm = torch.linalg.vector_norm(u, dtype=torch.float64)
             trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
             if max_trust_ratio > 0.0:
                 trust = trust.clamp(max=max_trust_ratio)

@@ -176,7 +176,12 @@ void fused_lamb_impl(const std::vector<at::Tensor>& params, const std::vector<at
   std::vector<int64_t> offset(nc, 0);
   int64_t largest_wave = 0;  // scratch only as large as needed: the sum of all tensors when below kWave
   for (const auto& t : params) largest_wave += t.numel();
-  std::vector<T> scratch_buf(static_cast<size_t>(std::min(largest_wave, kWave)));
+  // Kept between calls (per calling thread, at most kWave elements): a fresh 4 MiB buffer each step costs page faults
+  // where malloc maps large blocks anew each time.
+  static thread_local std::vector<T> scratch_buf;
+  if (scratch_buf.size() < static_cast<size_t>(std::min(largest_wave, kWave))) {
+    scratch_buf.resize(static_cast<size_t>(std::min(largest_wave, kWave)));
+  }
   // Waves of whole tensors, about kWave elements each (a larger tensor is a wave of its own): pass 2 of a wave runs
   // right after its pass 1, while p, m and v are still in the cache.
   int64_t c_begin = 0;

@@ -26,10 +26,22 @@ def _bias_buffer(linear: Optional[nn.Linear], out_features: int, device, dtype) 
     return torch.zeros(out_features, device=device, dtype=dtype)
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W in int8 (one float32 scale per output channel) and x quantized to int8 per token at run
-    time; the int8 x int8 products are summed exactly in int32 and dequantized in the kernel's epilogue
-    (ops.int8_linear_dynamic). Output in x's dtype."""
+def _cpu_packed(module: nn.Module, plain) -> Tensor:
+    """module.weight_int8 as the int8 kernel takes it: plain(weight_int8) (an (N, K) int8 matrix), packed for the CPU
+    VNNI kernel and cached per weight version there; plain elsewhere (traced or compiled calls, GPUs, and CPU paths
+    that would unpack the packed layout on every call)."""
+    w = module.weight_int8
+    if w.device.type != "cpu" or not _ext.plain_eager(w) or int8_ops.isa() != "vnni":
+        return plain(w)
+    key = (w.data_ptr(), w._version, tuple(w.shape))
+    if module._packed is None or module._packed[0] != key:
+        module._packed = (key, ops.int8_pack_weight(plain(w)))
+    return module._packed[1]
+
+
+class _Int8WeightLinear(nn.Module):
+    """What the int8-weight linears share: buffers weight_int8 (N, K), weight_scale (N,) float32 (symmetric, per
+    output channel, from ops.quantize_per_channel) and bias, and from_float."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  dtype: torch.dtype = torch.float32):
@@ -41,7 +53,7 @@ class Int8Linear(nn.Module):
         self._packed: Optional[tuple[tuple, Tensor]] = None
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, config: Optional[Int8DynamicActivationInt8WeightConfig] = None):
+    def from_float(cls, linear: nn.Linear, config=None):
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
                 linear.weight.dtype)
         wq, scale = ops.quantize_per_channel(linear.weight.detach())
@@ -51,23 +63,21 @@ class Int8Linear(nn.Module):
             q.bias = linear.bias.detach().clone()
         return q
 
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(_Int8WeightLinear):
+    """y = x W^T + b with W in int8 (one float32 scale per output channel) and x quantized to int8 per token at run
+    time; the int8 x int8 products are summed exactly in int32 and dequantized in the kernel's epilogue
+    (ops.int8_linear_dynamic). Output in x's dtype."""
+
     def _weight(self) -> Tensor:
-        """The CPU VNNI kernel's packed layout (packed once per weight version), the plain int8 weight elsewhere
-        (other CPU paths would unpack it on every call)."""
-        w = self.weight_int8
-        if w.device.type != "cpu" or not _ext.plain_eager(w) or int8_ops.isa() != "vnni":
-            return w  # traced or compiled: no cache, the plain weight
-        key = (w.data_ptr(), w._version, tuple(w.shape))
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, ops.int8_pack_weight(w))
-        return self._packed[1]
+        return _cpu_packed(self, lambda w: w)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return ops.int8_linear_dynamic(x, self._weight(), self.weight_scale, bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class Int4Linear(nn.Module):
@@ -111,36 +121,14 @@ class Int4Linear(nn.Module):
                 f"group_size={self.group_size}")
 
 
-class Int8WeightOnlyLinear(nn.Module):
+class Int8WeightOnlyLinear(_Int8WeightLinear):
     """y = x W'^T + b with W' = weight_int8 * weight_scale[:, None] (int8, one float32 scale per output channel)
     converted to float inside the kernel (ops.int8_weight_only_linear, contract in csrc/int8_weight_only_linear.h);
     x stays in its float dtype. Differentiable in x; the quantized weight is frozen."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        self.register_buffer("bias", _bias_buffer(None, out_features, device, dtype) if bias else None)
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, config: Optional[Int8WeightOnlyConfig] = None):
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
-                linear.weight.dtype)
-        wq, scale = ops.quantize_per_channel(linear.weight.detach())
-        q.weight_int8.copy_(wq)
-        q.weight_scale.copy_(scale)
-        if linear.bias is not None:
-            q.bias = linear.bias.detach().clone()
-        return q
-
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return ops.int8_weight_only_linear(x, self.weight_int8, self.weight_scale, bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 def _static_scale(fn: str, input_scale) -> Tensor:
@@ -154,36 +142,26 @@ def _static_scale(fn: str, input_scale) -> Tensor:
     return s
 
 
-class Int8StaticLinear(nn.Module):
+class Int8StaticLinear(_Int8WeightLinear):
     """y = x W^T + b with W in int8 (one float32 scale per output channel) and x quantized to int8 with a fixed
     per-tensor scale `input_scale` calibrated ahead of time (ops.int8_linear_static: quantize_static, then the int8 x
     int8 GEMM with exact int32 sums and the dequantize epilogue). Output in x's dtype."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        super().__init__(in_features, out_features, bias, device, dtype)
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
-        self.register_buffer("bias", _bias_buffer(None, out_features, device, dtype) if bias else None)
-        self._packed: Optional[tuple[tuple, Tensor]] = None
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: Optional[Int8StaticActivationInt8WeightConfig] = None,
                    input_scale=None):
         scale = _static_scale("Int8StaticLinear.from_float", input_scale)
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
-                linear.weight.dtype)
-        wq, ws = ops.quantize_per_channel(linear.weight.detach())
-        q.weight_int8.copy_(wq)
-        q.weight_scale.copy_(ws)
+        q = super().from_float(linear, config)
         q.input_scale.copy_(scale)
-        if linear.bias is not None:
-            q.bias = linear.bias.detach().clone()
         return q
 
-    _weight = Int8Linear._weight  # the packed CPU layout, cached per weight version
+    def _weight(self) -> Tensor:
+        return _cpu_packed(self, lambda w: w)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -249,14 +227,8 @@ class Int8Conv2d(nn.Module):
         return q
 
     def _weight(self) -> Tensor:
-        """(OC, KH * KW * C) in im2col's column order: packed for the CPU kernel (cached per weight version)."""
-        w = self.weight_int8
-        if w.device.type != "cpu" or not _ext.plain_eager(w) or int8_ops.isa() != "vnni":
-            return conv_weight_2d(w).contiguous()  # traced, compiled, or a path that would unpack per call
-        key = (w.data_ptr(), w._version, tuple(w.shape))
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, ops.int8_pack_weight(conv_weight_2d(w).contiguous()))
-        return self._packed[1]
+        """(OC, KH * KW * C) in im2col's column order (packed for the CPU VNNI kernel, cached per weight version)."""
+        return _cpu_packed(self, lambda w: conv_weight_2d(w).contiguous())
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

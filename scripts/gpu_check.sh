@@ -97,7 +97,7 @@ if has test; then
   xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 14")
   per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")
   # -v: one line per test in the log, so a run cut off at its limit still says what passed
-  MLTK_TRITON_AUTOTUNE=0 run pytest 160 $PY -m pytest -v -m cuda -p no:cacheprovider $xdist $per_test \
+  MLTK_TRITON_AUTOTUNE=0 run pytest 240 $PY -m pytest -v -m cuda -p no:cacheprovider $xdist $per_test \
     -k "${PYTEST_K:-not reference}" -rfE --durations=10 $files
   grep -cE "PASSED" "$LOGS/pytest.log" | sed 's/^/passed: /'
   grep -E "^(FAILED|ERROR)|Fatal|worker .* crashed|passed|failed|exit" "$LOGS/pytest.log" | head -60

@@ -69,15 +69,32 @@ def _check_config(fn: str, config) -> None:
                         f"{type(config).__name__}")
 
 
-def _plan(fn: str, model: nn.Module, config: QuantConfig, filter_fn, overrides) -> tuple[dict, dict, str]:
-    """{name: config} of the layers to quantize, {name: why} of those left in float, and the layer kinds considered."""
+def _in_observed(model: nn.Module) -> Callable[[str, nn.Module], bool]:
+    """Whether a layer sits inside a layer that prepare already wrapped in an observer."""
+    observed = [n + "." for n, m in model.named_modules() if isinstance(m, ObservedModule)]
+    return lambda name, _module: any(name.startswith(o) for o in observed)
+
+
+def _plan(fn: str, model: nn.Module, config: QuantConfig, filter_fn, overrides, *,
+          check_config: Optional[Callable[[str, QuantConfig], None]] = None,
+          skip: Optional[Callable[[str, nn.Module], bool]] = None,
+          strict_overrides: bool = False) -> tuple[dict, dict, str]:
+    """{name: config} of the layers to quantize, {name: why} of those left in float, and the layer kinds considered.
+    check_config(what, cfg) refuses a config ("config" or "overrides[name]"; default: any quantize_ config); skip:
+    layers not to consider (default: those inside observed layers); strict_overrides: a layer named in overrides
+    that its config cannot take raises instead of being skipped."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
-    _check_config(fn, config)
+    if check_config is None:
+        def check_config(what, cfg):
+            _check_config(fn if what == "config" else f"{fn}: {what}", cfg)
+    if skip is None:
+        skip = _in_observed(model)
+    check_config("config", config)
     overrides = dict(overrides or {})
     for name, cfg in overrides.items():
         if cfg is not None:
-            _check_config(f"{fn}: overrides[{name!r}]", cfg)
+            check_config(f"overrides[{name!r}]", cfg)
     types = _layer_types([config, *[c for c in overrides.values() if c is not None]])
     names = {name for name, m in model.named_modules() if isinstance(m, types)}
     unknown = set(overrides) - names
@@ -86,9 +103,8 @@ def _plan(fn: str, model: nn.Module, config: QuantConfig, filter_fn, overrides) 
         raise ValueError(f"{fn}: overrides name modules that are not {kinds} layers of the model: {sorted(unknown)}")
     todo: dict[str, QuantConfig] = {}
     skipped: dict[str, str] = {}
-    observed = [n + "." for n, m in model.named_modules() if isinstance(m, ObservedModule)]
     for name, module in model.named_modules():
-        if not isinstance(module, types) or any(name.startswith(o) for o in observed):
+        if not isinstance(module, types) or skip(name, module):
             continue
         cfg = overrides.get(name, config)
         if cfg is None:
@@ -99,6 +115,9 @@ def _plan(fn: str, model: nn.Module, config: QuantConfig, filter_fn, overrides) 
             continue
         why = cfg.unsupported(module)
         if why is not None:
+            if strict_overrides and name in overrides:
+                raise ValueError(f"{fn}: overrides[{name!r}] = {type(cfg).__name__} cannot take layer {name!r} "
+                                 f"({type(module).__name__}): {why}")
             skipped[name] = why
             continue
         todo[name] = cfg

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from mltoolkit import ops
 from mltoolkit.ops.reference.int4 import group_params, pack_int4
-from mltoolkit.quantization.api import _ATTR, _layer_types, model_bytes
+from mltoolkit.quantization.api import _ATTR, _plan, _set_submodule, model_bytes
 from mltoolkit.quantization.config import (
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt8WeightConfig,
@@ -331,11 +331,6 @@ def _check_config(fn: str, what: str, cfg) -> None:
                         f"QAT supports {', '.join(c.__name__ for c in QAT_CONFIGS)}")
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
 def prepare_qat(model: nn.Module, config: QuantConfig, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
                 overrides: Optional[Mapping[str, Optional[QuantConfig]]] = None, *, learn_scales: bool = False,
                 lsq_grad_scale: bool = True, freeze_observers_after: Optional[int] = None,
@@ -356,50 +351,19 @@ def prepare_qat(model: nn.Module, config: QuantConfig, filter_fn: Optional[Calla
     until the layer has observed freeze_observers_after batches. Train as usual, then convert(model). Returns the
     model."""
     fn = "prepare_qat"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
-    _check_config(fn, "config", config)
+    todo, skipped, kinds = _plan(fn, model, config, filter_fn, overrides,
+                                 check_config=lambda what, cfg: _check_config(fn, what, cfg),
+                                 skip=lambda _name, module: isinstance(module, QAT_MODULES), strict_overrides=True)
     if freeze_observers_after is not None and (isinstance(freeze_observers_after, bool)
                                                or not isinstance(freeze_observers_after, int)
                                                or freeze_observers_after < 1):
         raise ValueError(f"{fn}: freeze_observers_after must be a positive int or None, got "
                          f"{freeze_observers_after!r}")
-    overrides = dict(overrides or {})
-    for name, cfg in overrides.items():
-        if cfg is not None:
-            _check_config(fn, f"overrides[{name!r}]", cfg)
-    types = _layer_types([config, *[c for c in overrides.values() if c is not None]])
-    names = {name for name, m in model.named_modules() if isinstance(m, types)}
-    unknown = set(overrides) - names
-    if unknown:
-        kinds = " or ".join("nn." + t.__name__ for t in types)
-        raise ValueError(f"{fn}: overrides name modules that are not {kinds} layers of the model: {sorted(unknown)}")
-    skipped: dict[str, str] = {}
-    todo: dict[str, QuantConfig] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, types) or isinstance(module, QAT_MODULES):
-            continue
-        cfg = overrides.get(name, config)
-        if cfg is None:
-            skipped[name] = "override: kept in float"
-            continue
-        if filter_fn is not None and not filter_fn(module, name):
-            skipped[name] = "filter_fn"
-            continue
-        why = cfg.unsupported(module)
-        if why is not None:
-            if name in overrides:
-                raise ValueError(f"{fn}: overrides[{name!r}] = {type(cfg).__name__} cannot take layer {name!r} "
-                                 f"({type(module).__name__}): {why}")
-            skipped[name] = why
-            continue
-        todo[name] = cfg
     for name, cfg in todo.items():
         module = model.get_submodule(name)
         cls = QATConv2d if isinstance(module, nn.Conv2d) else QATLinear
         _set_submodule(model, name, cls(module, cfg, learn_scales, lsq_grad_scale, freeze_observers_after))
     if verbose:
-        kinds = "/".join(t.__name__ for t in types)
         print(f"prepare_qat: {len(todo)} of {len(todo) + len(skipped)} {kinds} layers prepared")
         for name, why in skipped.items():
             print(f"  skipped {name}: {why}")

@@ -90,6 +90,20 @@ def _check_weight(fn: str, packed, scales, zeros, group_size) -> tuple[int, int]
     return n, k
 
 
+def check_linear_bias(fn: str, bias, x: Tensor, n: int) -> None:
+    """A linear's bias: None, or an (N,) tensor of x's dtype on x's device (also int8_weight_only_linear's rule)."""
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"{fn}: bias must be a Tensor or None, got {type(bias).__name__}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"{fn}: bias dtype {bias.dtype} must match x's dtype {x.dtype}")
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"{fn}: bias must have shape (N,) = ({n},), got {tuple(bias.shape)}")
+    if bias.device != x.device:
+        raise ValueError(f"{fn}: bias is on {bias.device} but x is on {x.device}")
+
+
 def _check_x(fn: str, x, k: int, n: int, device, bias) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{fn}: x must be a Tensor, got {type(x).__name__}")
@@ -100,15 +114,7 @@ def _check_x(fn: str, x, k: int, n: int, device, bias) -> None:
                          f"{tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{fn}: x is on {x.device} but packed is on {device}")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"{fn}: bias must be a Tensor or None, got {type(bias).__name__}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{fn}: bias dtype {bias.dtype} must match x's dtype {x.dtype}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"{fn}: bias must have shape (N,) = ({n},), got {tuple(bias.shape)}")
-        if bias.device != x.device:
-            raise ValueError(f"{fn}: bias is on {bias.device} but x is on {x.device}")
+    check_linear_bias(fn, bias, x, n)
 
 
 # ---- registered ops ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from mltoolkit import _ext
 from mltoolkit.backends import backend, forced_backend, table
+from mltoolkit.ops.int4 import check_linear_bias
 from mltoolkit.ops.reference import int8 as reference
 
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -113,15 +114,7 @@ def int8_weight_only_linear(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Option
     for name, t in (("wq", wq), ("w_scale", w_scale)):
         if t.device != x.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"{fn}: bias must be a Tensor or None, got {type(bias).__name__}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{fn}: bias dtype {bias.dtype} must match x's dtype {x.dtype}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"{fn}: bias must have shape (N,) = ({n},), got {tuple(bias.shape)}")
-        if bias.device != x.device:
-            raise ValueError(f"{fn}: bias is on {bias.device} but x is on {x.device}")
+    check_linear_bias(fn, bias, x, n)
     lead = x.shape[:-1]
     y = torch.ops.mltoolkit.int8_weight_only_linear(x.reshape(lead.numel(), k), wq, w_scale, bias)  # K = 0 too
     return y.reshape(*lead, n)

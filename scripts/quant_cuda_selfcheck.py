@@ -23,7 +23,7 @@ import sys
 import time
 
 import torch
-from cuda_timing import median_ms  # scripts/ is sys.path[0] when a script runs
+from cuda_timing import expect_named_errors, median_ms  # scripts/ is sys.path[0] when a script runs
 
 failures = []
 C = None
@@ -172,17 +172,7 @@ def check_bad_inputs():
         ("int4 bias dtype", lambda: C.int4_weight_only_linear_cuda(torch.zeros(2, 64, device="cuda"), pk, sc, sc, 32,
                                                                    torch.zeros(8, device="cuda").half()), "bias"),
     ]
-    for name, fn, arg in cases:
-        try:
-            fn()
-        except RuntimeError as e:
-            if arg not in str(e):
-                fail(f"bad input: {name}", f"error does not name '{arg}': {str(e).splitlines()[0]}")
-        except Exception as e:  # noqa: BLE001
-            fail(f"bad input: {name}", f"raised {type(e).__name__} instead of RuntimeError")
-        else:
-            fail(f"bad input: {name}", "no error raised")
-    return len(cases)
+    return expect_named_errors(cases, fail)
 
 
 def bench():

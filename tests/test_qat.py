@@ -149,6 +149,36 @@ def test_qat_model_under_compile():
     assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+def _digits(images: bool = False):
+    """scikit-learn's 8x8 digits scaled to [0, 1] (as 1x8x8 images when asked): x, y, train and test indices."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    if images:
+        x = x.reshape(-1, 1, 8, 8)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x, torch.tensor(digits.target), perm[:1400], perm[1400:]
+
+
+def _fit(model, data, epochs, lr, seed=0):
+    x, y, train, _ = data
+    torch.manual_seed(seed)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        for idx in train.split(128):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def _accuracy(model, data):
+    x, y, _, test = data
+    with torch.no_grad():
+        return (model(x[test]).argmax(1) == y[test]).float().mean().item() * 100
+
+
 DEAD_PIXELS = [0, 32, 39]  # blank in every one of the 1797 digits images
 
 
@@ -161,42 +191,23 @@ def test_digits_int4_qat_recovers_ptq_loss():
     unaffected, but with group_size 64 (a whole row per group) they stretch every row's min-max range and PTQ loses
     accuracy. QAT (10 epochs from the float model, min-max quantizers recomputed at every step) teaches the other
     weights to live on that coarse grid."""
-    datasets = pytest.importorskip("sklearn.datasets")
-    digits = datasets.load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, test = perm[:1400], perm[1400:]
+    data = _digits()
+    x = data[0]
     assert bool((x[:, DEAD_PIXELS] == 0).all())
-
-    def fit(model, epochs, lr, seed):
-        torch.manual_seed(seed)
-        model.train()
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-        for _ in range(epochs):
-            for idx in train.split(128):
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
-        return model.eval()
-
-    def accuracy(model):
-        with torch.no_grad():
-            return (model(x[test]).argmax(1) == y[test]).float().mean().item() * 100
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     with torch.no_grad():
         model[0].weight[:, DEAD_PIXELS] = 6.0 * torch.randn(64, len(DEAD_PIXELS)).sign()
-    fit(model, 60, 3e-3, 0)
+    _fit(model, data, 60, 3e-3, 0)
     config = Int4WeightOnlyConfig(group_size=64)
     ptq = copy.deepcopy(model)
     quantize_(ptq, config, verbose=False)
     qat = prepare_qat(copy.deepcopy(model), config)
-    fit(qat, 10, 1e-3, 1)
+    _fit(qat, data, 10, 1e-3, 1)
     convert(qat)
     assert isinstance(qat[0], Int4Linear) and isinstance(qat[2], Int4Linear)
-    base, ptq_acc, qat_acc = accuracy(model), accuracy(ptq), accuracy(qat)
+    base, ptq_acc, qat_acc = _accuracy(model, data), _accuracy(ptq, data), _accuracy(qat, data)
     msg = f"float {base:.2f}%, int4 g64 PTQ {ptq_acc:.2f}%, int4 g64 QAT {qat_acc:.2f}%"
     print(msg)
     assert base > 94, msg
@@ -431,40 +442,21 @@ def test_digits_cnn_static_int8_qat_within_one_point_of_float(observer, learn, f
     and converted to Int8Conv2d / Int8StaticLinear: within 1 point of the float model's test accuracy. Input scales
     either from moving-average observers frozen after 4 steps, then learned (LSQ), or from min-max observers that
     track the inputs for the whole fine-tuning."""
-    datasets = pytest.importorskip("sklearn.datasets")
-    digits = datasets.load_digits()
-    x = (torch.tensor(digits.data, dtype=torch.float32) / 16.0).reshape(-1, 1, 8, 8)
-    y = torch.tensor(digits.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, test = perm[:1400], perm[1400:]
+    data = _digits(images=True)
+    x, train = data[0], data[2]
 
-    def fit(model, epochs, lr, params=None):
-        torch.manual_seed(0)
-        model.train()
-        opt = torch.optim.Adam(params or model.parameters(), lr=lr)
-        for _ in range(epochs):
-            for idx in train.split(128):
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
-        return model.eval()
-
-    def accuracy(model):
-        with torch.no_grad():
-            return (model(x[test]).argmax(1) == y[test]).float().mean().item() * 100
-
-    model = fit(small_cnn(), 15, 3e-3)
+    model = _fit(small_cnn(), data, 15, 3e-3)
     ptq = copy.deepcopy(model)
     quantize_(ptq, Int8StaticActivationInt8WeightConfig(), calibration_data=[x[idx] for idx in train.split(128)[:4]],
               verbose=False)
     qat = prepare_qat(copy.deepcopy(model), Int8StaticActivationInt8WeightConfig(observer, 0.1),
                       learn_scales=learn, freeze_observers_after=freeze_after)
-    fit(qat, 3, 5e-4)
+    _fit(qat, data, 3, 5e-4)
     assert all(qat[i].observer_frozen == learn for i in CNN_LAYERS)
-    qat_acc_fake = accuracy(qat)
+    qat_acc_fake = _accuracy(qat, data)
     convert(qat)
     assert isinstance(qat[0], Int8Conv2d) and isinstance(qat[2], Int8Conv2d) and isinstance(qat[6], Int8StaticLinear)
-    base, ptq_acc, qat_acc = accuracy(model), accuracy(ptq), accuracy(qat)
+    base, ptq_acc, qat_acc = _accuracy(model, data), _accuracy(ptq, data), _accuracy(qat, data)
     msg = (f"float {base:.2f}%, static int8 PTQ (min-max) {ptq_acc:.2f}%, static int8 QAT ({observer}) {qat_acc:.2f}% "
            f"(fake-quantized {qat_acc_fake:.2f}%)")
     print(msg)

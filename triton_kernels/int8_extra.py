@@ -10,8 +10,9 @@ in registers loses nothing: the 16-bit dots multiply exactly the numbers the ref
 order differs (the contract allows it).
   _wo_gemv_kernel   M <= GEMV_MAX_M (decode): one row of x per program column, a [BLOCK_N, BLOCK_K] int8 weight tile
                     per step (row-contiguous loads), widened to float32 and multiplied by the x chunk; split-K over
-                    program_id(1) when the N tiles alone cannot fill the GPU (float32 partials of the unscaled sums,
-                    _wo_reduce_kernel adds them in a fixed order, then scale and bias: deterministic, no atomics).
+                    program_id(1) when the N tiles alone cannot fill the GPU (float32 partials of the unscaled sums;
+                    quant.py's _splitk_reduce_kernel adds them in a fixed order, then scale and bias: deterministic,
+                    no atomics).
   _wo_mm_kernel     M > GEMV_MAX_M: [BLOCK_M, BLOCK_N] tiles, the int8 tile converted to x's dtype (bf16 / fp16 dots
                     on tensor cores; float32 x uses "ieee" dots: TF32 would round x), float32 accumulator, scale and
                     bias in the epilogue. M <= SPLITK_MAX_M (decode batches): one 16-row tile streams the weight once,
@@ -41,7 +42,7 @@ import triton.language as tl
 
 from .conv import _tile_of
 from .norm import _interpreting, _round_to
-from .quant import _GROUP_M, _TL, _rint, _splits, _tuned
+from .quant import _GROUP_M, _TL, _rint, _splitk_reduce_kernel, _splits, _tuned
 
 __all__ = ["int8_weight_only_linear", "int8_weight_only_dx", "quantize_static", "im2col_int8",
            "AUTOTUNE", "GEMV_MAX_M", "SPLITK_MAX_M"]
@@ -133,22 +134,6 @@ def _wo_mm_kernel(X, W, S, BIAS, Y, PART, M, N, K, k_per_split, TUNE_M, sxm, sxk
         tl.store(y_ptrs, _round_to(y, Y.dtype.element_ty, FIX_BF16), mask=mask)
 
 
-@triton.jit
-def _wo_reduce_kernel(PART, S, BIAS, Y, M, N, splits, sym, syn,
-                      HAS_BIAS: tl.constexpr, FIX_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    """y[m, n] = (sum over splits, in order, of PART[s, m, n]) * scale[n] + bias[n]."""
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = idx < M * N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, splits):
-        acc += tl.load(PART + s * M * N + idx, mask=ok, other=0.0)
-    n = idx % N
-    acc = acc * tl.load(S + n, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + n, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + (idx // N) * sym + n * syn, _round_to(acc, Y.dtype.element_ty, FIX_BF16), mask=ok)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # static quantization and im2col
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,8 +202,8 @@ def _linear(x, w, swn, swk, N, scale, bias, out_dtype):
 
     def finish(part, splits):
         block = 1024
-        _wo_reduce_kernel[(triton.cdiv(M * N, block),)](part, scale, b, y, M, N, splits, y.stride(0), y.stride(1),
-                                                         BLOCK=block, **common)
+        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](part, scale, b, y, M, N, splits, y.stride(0),
+                                                             y.stride(1), HAS_SCALE=True, BLOCK=block, **common)
 
     if M <= GEMV_MAX_M:
         # 8 KiB of int8 weight per program and step (64 bytes per thread at 4 warps).

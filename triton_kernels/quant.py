@@ -243,15 +243,17 @@ def _int4_mm_kernel(X, P, SC, ZE, BIAS, Y, PART, M, N, K, G, ngroups, blocks_per
 
 
 @triton.jit
-def _splitk_reduce_kernel(PART, BIAS, Y, M, N, splits, sym, syn,
+def _splitk_reduce_kernel(PART, S, BIAS, Y, M, N, splits, sym, syn, HAS_SCALE: tl.constexpr,
                           HAS_BIAS: tl.constexpr, FIX_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    """y[m, n] = sum over splits (in order) of PART[s, m, n] + bias[n]."""
+    """y[m, n] = (sum over splits, in order, of PART[s, m, n]) (* scale[n] with HAS_SCALE) + bias[n]."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < M * N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(0, splits):
         acc += tl.load(PART + s * M * N + idx, mask=ok, other=0.0)
     n = idx % N
+    if HAS_SCALE:
+        acc = acc * tl.load(S + n, mask=ok, other=0.0)
     if HAS_BIAS:
         acc += tl.load(BIAS + n, mask=ok, other=0.0).to(tl.float32)
     tl.store(Y + (idx // N) * sym + n * syn, _round_to(acc, Y.dtype.element_ty, FIX_BF16), mask=ok)
@@ -443,8 +445,8 @@ def int4_weight_only_linear(x, packed, scales, zeros, group_size, bias):
 
     def finish(part, splits):
         block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](part, b, y, M, N, splits, y.stride(0), y.stride(1),
-                                                             BLOCK=block, **common)
+        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](part, b, b, y, M, N, splits, y.stride(0), y.stride(1),
+                                                             HAS_SCALE=False, BLOCK=block, **common)
 
     if M <= GEMV_MAX_M:
         # 4 KiB of packed weight per program and step (32 bytes per thread at 4 warps), 3 steps in flight.

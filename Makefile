@@ -48,6 +48,9 @@ $(DEPS_STAMP):
 		|| echo "matplotlib not installed: benchmark plots are skipped"
 	@$(VPY) -c "import sklearn" 2>/dev/null || $(VPY) -m pip install -q scikit-learn \
 		|| echo "scikit-learn not installed: the digits accuracy tests are skipped"
+	@# Trainer progress bars and loggers (each optional: the Trainer says which to install when asked for it).
+	@$(VPY) -c "import tqdm, rich, tensorboard, mlflow, wandb" 2>/dev/null || $(VPY) -m pip install -q tqdm rich \
+		tensorboard mlflow-skinny wandb || echo "logger libraries not installed: their Trainer tests are skipped"
 	@# torchvision (CNN fusion tests, ResNet-50 benchmark) must match torch's build: only beside the pinned torch.
 	@$(VPY) -c "import torchvision" 2>/dev/null \
 		|| { $(VPY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_SPEC)'.split('==')[1])" \

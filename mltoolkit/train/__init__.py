@@ -10,6 +10,7 @@ from mltoolkit.train.aids import (
     move_to_device,
     uncheckpoint_modules,
 )
+from mltoolkit.train.callbacks import BestCheckpoint, Callback, EarlyStopping, LambdaCallback, LearningRateMonitor
 from mltoolkit.train.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
@@ -23,7 +24,6 @@ from mltoolkit.train.checkpoint import (
     model_fingerprint,
     restore_rng_state,
 )
-from mltoolkit.train.callbacks import BestCheckpoint, Callback, EarlyStopping, LambdaCallback, LearningRateMonitor
 from mltoolkit.train.loggers import CSVLogger, Logger, MLflowLogger, TensorBoardLogger, WandbLogger
 from mltoolkit.train.trainer import Trainer, accuracy, default_loss
 

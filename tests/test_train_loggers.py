@@ -29,6 +29,8 @@ def fit(log_dir, loggers, steps=8, **kw):
     x = torch.randn(64, 6, generator=g)
     ds = TensorDataset(x, (x[:, 0] > 0).long())
     kw.setdefault("progress_bar", None)
+    if "strategy" not in kw:
+        kw.setdefault("device", "cpu")
     tr = Trainer(nn.Linear(6, 2), lambda p: torch.optim.SGD(p, lr=0.1), DataLoader(ds, batch_size=16),
                  eval_loader=DataLoader(ds, batch_size=32), max_steps=steps, log_every=2, loggers=loggers,
                  log_dir=log_dir, hparams={"note": "test", "nested": {"a": 1}}, **kw)

@@ -71,7 +71,10 @@ def params_equal(a, b):
 
 
 def quiet(**kw):
+    """No progress bar; on the CPU even where a GPU is present (the bit-exact comparisons are CPU runs)."""
     kw.setdefault("progress_bar", None)
+    if "strategy" not in kw:
+        kw.setdefault("device", "cpu")
     return kw
 
 
@@ -340,7 +343,7 @@ class Killed(Exception):
     pass
 
 
-def resume_run(ckdir, loader_kind, kill_at=None, resume=True):
+def resume_run(ckdir, loader_kind, kill_at=None, resume=True, device="cpu", precision="fp32"):
     """20 steps with dropout, AdamW, warmup-cosine, accumulation over 2 (7 batches an epoch: a short last group),
     gradient noise, evaluation, early-stopping counters, checkpoints every 3 steps."""
     ds = dataset(100)
@@ -362,7 +365,8 @@ def resume_run(ckdir, loader_kind, kill_at=None, resume=True):
                  eval_loader=DataLoader(ds, batch_size=50), eval_every=4, max_steps=20, grad_accum_steps=2,
                  max_grad_norm=0.5, scheduler=lambda o: WarmupCosineLR(o, 3, 20), gradient_noise=0.01,
                  checkpoint_dir=ckdir, checkpoint_every=3, keep_last=2, log_every=2, seed=0, resume=resume,
-                 callbacks=[es, LambdaCallback(on_train_batch_end=kill)], **quiet())
+                 callbacks=[es, LambdaCallback(on_train_batch_end=kill)], precision=precision, device=device,
+                 progress_bar=None)
     return tr, tr.fit(), es
 
 
@@ -421,7 +425,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
 
         tr = Trainer(model, lambda p: AdamW(p, lr=1e-2), loader, max_steps=25, grad_accum_steps=2,
                      scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 4, 0.8), gradient_noise=0.01,
-                     checkpoint_dir=ckpt_dir, checkpoint_every=4, seed=0, progress_bar=None,
+                     checkpoint_dir=ckpt_dir, checkpoint_every=4, seed=0, progress_bar=None, device="cpu",
                      callbacks=[LambdaCallback(on_train_batch_end=kill)])
         tr.fit()
         return {k: v.clone() for k, v in model.state_dict().items()}
@@ -454,6 +458,21 @@ def test_sigkill_and_resume_bit_exact(tmp_path):
         assert torch.equal(v, resumed[k]), f"{k} differs (killed after step {kill_at})"
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_kill_and_resume(precision, tmp_path):
+    """On a GPU: autocast, the fp16 grad scaler's state and the CUDA RNG (dropout) survive a kill; the resumed run
+    ends where the uninterrupted one does."""
+    ref, ref_hist, _ = resume_run(tmp_path / "ref", "resumable", device="cuda", precision=precision)
+    assert next(ref.model.parameters()).is_cuda
+    with pytest.raises(Killed):
+        resume_run(tmp_path / "run", "resumable", kill_at=10, device="cuda", precision=precision)
+    saved = torch.load(CheckpointManager(tmp_path / "run").latest_path(), weights_only=True)
+    assert "cuda" in saved["rng"] and (saved["scaler"] is not None) == (precision == "fp16")
+    tr, hist, _ = resume_run(tmp_path / "run", "resumable", device="cuda", precision=precision)
+    assert params_equal(ref.model, tr.model) and hist == ref_hist
+
+
 # ---- bad input ----------------------------------------------------------------------------------------------------
 def test_bad_input_clear_errors(tmp_path):
     ds = dataset(16)
@@ -463,6 +482,8 @@ def test_bad_input_clear_errors(tmp_path):
     def make(**kw):
         args = dict(max_steps=1, progress_bar=None)
         args.update(kw)
+        if "strategy" not in args:
+            args.setdefault("device", "cpu")
         return Trainer(args.pop("model", model), args.pop("optimizer", lambda p: AdamW(p)),
                        args.pop("train_loader", loader), **args)
 

@@ -343,7 +343,7 @@ class Killed(Exception):
     pass
 
 
-def resume_run(ckdir, loader_kind, kill_at=None, resume=True, device="cpu", precision="fp32"):
+def resume_run(ckdir, loader_kind, kill_at=None, resume=True, device="cpu", precision="fp32", checkpoint_every=3):
     """20 steps with dropout, AdamW, warmup-cosine, accumulation over 2 (7 batches an epoch: a short last group),
     gradient noise, evaluation, early-stopping counters, checkpoints every 3 steps."""
     ds = dataset(100)
@@ -354,7 +354,10 @@ def resume_run(ckdir, loader_kind, kill_at=None, resume=True, device="cpu", prec
     else:  # its own generator
         loader = DataLoader(ds, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(5))
 
+    ran = []
+
     def kill(trainer, step, loss):
+        ran.append(step)
         if step == kill_at:
             raise Killed(f"simulated kill after step {step}")
 
@@ -364,42 +367,51 @@ def resume_run(ckdir, loader_kind, kill_at=None, resume=True, device="cpu", prec
     tr = Trainer(model, lambda p: AdamW(p, lr=1e-2, weight_decay=0.01), loader,
                  eval_loader=DataLoader(ds, batch_size=50), eval_every=4, max_steps=20, grad_accum_steps=2,
                  max_grad_norm=0.5, scheduler=lambda o: WarmupCosineLR(o, 3, 20), gradient_noise=0.01,
-                 checkpoint_dir=ckdir, checkpoint_every=3, keep_last=2, log_every=2, seed=0, resume=resume,
+                 checkpoint_dir=ckdir, checkpoint_every=checkpoint_every, keep_last=2, log_every=2, seed=0,
+                 resume=resume,
                  callbacks=[es, LambdaCallback(on_train_batch_end=kill)], precision=precision, device=device,
                  progress_bar=None)
+    tr.steps_run = ran  # the steps this run did itself (a resumed run starts after the checkpoint)
     return tr, tr.fit(), es
 
 
-@pytest.mark.parametrize("loader_kind", ["resumable", "shuffle", "generator"])
-def test_kill_and_resume_bit_exact(loader_kind, tmp_path):
-    ref, ref_hist, ref_es = resume_run(tmp_path / "ref", loader_kind)
-    kill_at = 10  # mid-epoch 2 (4 steps an epoch); the last checkpoint is step 9, mid-accumulation-free
+@pytest.mark.parametrize("loader_kind,precision,every", [("resumable", "fp32", 3), ("shuffle", "fp32", 3),
+                                                         ("generator", "fp32", 3), ("resumable", "fp16", 3),
+                                                         ("shuffle", "bf16", None)],
+                         ids=["resumable-sampler", "global-shuffle", "own-generator", "fp16-scaler", "epoch-ckpt"])
+def test_kill_and_resume_bit_exact(loader_kind, precision, every, tmp_path):
+    kw = dict(precision=precision, checkpoint_every=every)
+    ref, ref_hist, ref_es = resume_run(tmp_path / "ref", loader_kind, **kw)
+    kill_at = 10  # mid-epoch 2 (4 steps an epoch)
     with pytest.raises(Killed):
-        resume_run(tmp_path / "run", loader_kind, kill_at=kill_at)
-    assert CheckpointManager(tmp_path / "run").latest_path().endswith("ckpt-00000009.pt")
-    if loader_kind == "resumable":
-        tr, hist, es = resume_run(tmp_path / "run", loader_kind)
-    else:
+        resume_run(tmp_path / "run", loader_kind, kill_at=kill_at, **kw)
+    last = 9 if every == 3 else 8  # every 3 steps, or at each epoch's end
+    assert CheckpointManager(tmp_path / "run").latest_path().endswith(f"ckpt-{last:08d}.pt")
+    if loader_kind == "resumable" or every is None:
+        tr, hist, es = resume_run(tmp_path / "run", loader_kind, **kw)
+    else:  # step 9 is the 2nd of epoch 2's 4 steps: 2 batches of 2 to re-read
         with pytest.warns(UserWarning, match="re-reading and skipping the 2 batches"):
-            tr, hist, es = resume_run(tmp_path / "run", loader_kind)
-    assert tr.step == ref.step == 20
+            tr, hist, es = resume_run(tmp_path / "run", loader_kind, **kw)
+    assert tr.step == ref.step == 20 and tr.steps_run == list(range(last + 1, 21))
     assert params_equal(ref.model, tr.model)
     sa, sb = ref.optimizer.state_dict(), tr.optimizer.state_dict()
     assert all(torch.equal(sa["state"][i][k], sb["state"][i][k]) for i in sa["state"] for k in sa["state"][i])
     assert hist == ref_hist and es.state_dict() == ref_es.state_dict()
     assert tr.grad_noise.state_dict()["t"] == 20
     assert tr.scheduler.state_dict() == ref.scheduler.state_dict()
+    if precision == "fp16":
+        assert tr.amp.scaler.state_dict() == ref.amp.scaler.state_dict()
 
 
 def test_resume_from_path_and_resume_false(tmp_path):
     ref, _, _ = resume_run(tmp_path / "ref", "resumable")
     mgr = CheckpointManager(tmp_path / "ref")
-    first = mgr.checkpoints()[0]  # step 18
+    first = mgr.checkpoints()[0]  # step 18 (kept: 18 and the final 20)
     tr, _, _ = resume_run(tmp_path / "other", "resumable", resume=first)
-    assert params_equal(ref.model, tr.model)
+    assert params_equal(ref.model, tr.model) and tr.steps_run == [19, 20]
     with pytest.warns(UserWarning, match="resume=False"):
         tr2, _, _ = resume_run(tmp_path / "ref", "resumable", resume=False)
-    assert params_equal(ref.model, tr2.model)  # a fresh run, same seed: the same result
+    assert params_equal(ref.model, tr2.model) and len(tr2.steps_run) == 20  # a fresh run, same seed: same result
 
 
 TRAIN_SCRIPT = textwrap.dedent("""
@@ -419,7 +431,10 @@ TRAIN_SCRIPT = textwrap.dedent("""
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
 
+        ran = []
+
         def kill(trainer, step, loss):
+            ran.append(step)
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
@@ -428,11 +443,11 @@ TRAIN_SCRIPT = textwrap.dedent("""
                      checkpoint_dir=ckpt_dir, checkpoint_every=4, seed=0, progress_bar=None, device="cpu",
                      callbacks=[LambdaCallback(on_train_batch_end=kill)])
         tr.fit()
-        return {k: v.clone() for k, v in model.state_dict().items()}
+        return {k: v.clone() for k, v in model.state_dict().items()}, ran
 
     if __name__ == "__main__":
         ckpt_dir, out, kill_at = sys.argv[1:4]
-        torch.save(train(ckpt_dir, int(kill_at) if kill_at != "-" else None), out)
+        torch.save(train(ckpt_dir, int(kill_at) if kill_at != "-" else None)[0], out)
 """)
 
 
@@ -441,7 +456,8 @@ def test_sigkill_and_resume_bit_exact(tmp_path):
     script.write_text(TRAIN_SCRIPT)
     ns = {"__name__": "train_script"}
     exec(compile(TRAIN_SCRIPT, str(script), "exec"), ns)
-    reference = ns["train"](str(tmp_path / "ref"))
+    reference, ran = ns["train"](str(tmp_path / "ref"))
+    assert ran == list(range(1, 26))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     kill_at = random.SystemRandom().randint(5, 22)
     out = tmp_path / "out.pt"
@@ -453,7 +469,9 @@ def test_sigkill_and_resume_bit_exact(tmp_path):
     p = run(kill_at)  # a real process, SIGKILLed after a random step
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert CheckpointManager(tmp_path / "ck").latest_path() is not None
-    resumed = ns["train"](str(tmp_path / "ck"))  # resumed here (one subprocess is enough: torch imports slowly)
+    resumed, ran = ns["train"](str(tmp_path / "ck"))  # resumed here (one subprocess is enough: torch imports slowly)
+    last_saved = (kill_at - 1) // 4 * 4  # on_train_batch_end runs before that step's checkpoint is written
+    assert ran == list(range(last_saved + 1, 26)), kill_at  # it continued from the checkpoint, not from scratch
     for k, v in reference.items():
         assert torch.equal(v, resumed[k]), f"{k} differs (killed after step {kill_at})"
 

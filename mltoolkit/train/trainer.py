@@ -48,7 +48,11 @@ two ways:
     skips the batches already done (reading them again: slow for large epochs — use a ResumableSampler).
 Either way, with the same code, data and thread count, a run killed at any point and resumed ends, on CPU, with
 parameters bit-identical to the uninterrupted run (the loop itself draws nothing from the global RNG, and evaluation
-runs under a forked RNG so it never changes training's random numbers).
+runs under a forked RNG so it never changes training's random numbers); ``fit()`` also returns the same history.
+A resumed run's loggers append: rows logged between the last checkpoint and the kill appear again (same steps) in
+the CSV / TensorBoard / MLflow logs. ``fit()`` over a directory whose latest checkpoint is already at max_steps /
+max_epochs returns at once (``resume=False`` or another directory trains again). The history is stored in every
+checkpoint; with a very small ``log_every`` over a very long run, raise ``log_every``.
 
 Distribution. Everything that differs between one process and many goes through the Strategy
 (mltoolkit.distributed): ``prepare`` (device, wrapping, the optimizer over the wrapped parameters), ``prepare_loader``,
@@ -517,13 +521,11 @@ class Trainer:
         if manager is None:
             raise ValueError("save_checkpoint: no checkpoint_dir was given to the Trainer and no manager passed")
         self._setup()
-        gens = _loader_generators(self.train_loader)
         extra = {"trainer": {
             "version": _STATE_VERSION, "step": self.step, "epoch": self.epoch, "batch_in_epoch": self._batch_in_epoch,
             "epoch_rng": self._epoch_rng, "history": self.history, "last_eval_step": self._last_eval_step,
             "grad_noise": None if self.grad_noise is None else self.grad_noise.state_dict(),
             "callbacks": {k: cb.state_dict() for k, cb in zip(self._callback_keys(), self.callbacks)},
-            "loader_generators": len(gens),
             "window": {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in self._window.items()}}}
         path = self.strategy.save_checkpoint(manager, self.step, model=self.model, optimizer=self.optimizer,
                                              scheduler=self.scheduler, scaler=self.amp.scaler,

@@ -77,7 +77,7 @@ def _write_config(folder, **config):
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
-# -- checkpoint folders -------------------------------------------------------------------------------------------------
+# -- checkpoint folders ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bert_dirs(tmp_path_factory):
     """vocab.txt (uncased and cased) + tokenizer_config.json, as BERT checkpoints ship."""
@@ -236,7 +236,7 @@ def test_tokenizer_json_round_trip_with_transformers(name, bert_dirs, gpt2_dir, 
     _compare_sample(from_hf, original, f"{name} tokenizer.json")
 
 
-# -- padding / truncation / max_length semantics ------------------------------------------------------------------------
+# -- padding / truncation / max_length semantics -----------------------------------------------------------------------
 _OPTIONS = [
     dict(padding=True),
     dict(padding="longest", truncation=True, max_length=12),

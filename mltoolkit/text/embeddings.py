@@ -206,8 +206,11 @@ def _read_text(f, path, *, dim, count, header_lines, glove, lowercase, limit, er
         where = f"{path}: line {number}"
         if glove:
             fields = stripped.rstrip().split(b" ")
-            if dim is None:
-                dim = len(fields) - 1
+            if dim is None:  # the trailing fields that are numbers (a GloVe word may contain spaces)
+                numbers = 0
+                while numbers < len(fields) - 1 and _is_float(fields[-1 - numbers]):
+                    numbers += 1
+                dim = numbers
                 out.dim = dim
                 if dim < 1:
                     raise ValueError(f"{where}: expected a word and its vector, got {stripped[:60]!r}")
@@ -376,9 +379,13 @@ def build_embedding(vocab, vectors, *, format: str = "auto", seed: int = 0, init
     if case_insensitive:
         for i, w in enumerate(src_words):
             index.setdefault(w.lower(), i)
-    std = init_std if init_std is not None else (float(matrix.std()) if matrix.numel() > 1 else 1.0)
-    if not std > 0:
-        std = 1.0
+    if init_std is None:
+        std = float(matrix.std()) if matrix.numel() > 1 else 1.0
+        std = std if std > 0 else 1.0
+    elif isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std >= 0:
+        raise ValueError(f"build_embedding: init_std must be a non-negative number or None, got {init_std!r}")
+    else:
+        std = float(init_std)
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(len(words), matrix.shape[1], generator=gen) * std
     missing = []

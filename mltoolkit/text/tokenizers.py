@@ -268,7 +268,8 @@ class Tokenizer:
             raise ValueError(f"Tokenizer: max_length must be a non-negative int or None, got {max_length!r}")
         if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool)
                                                or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
-            raise ValueError(f"Tokenizer: pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
+            raise ValueError("Tokenizer: pad_to_multiple_of must be a positive int or None, got "
+                             f"{pad_to_multiple_of!r}")
         if max_length is not None and padding is False and truncation is None:
             truncation = "longest_first"
         if padding is True:

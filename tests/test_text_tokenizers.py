@@ -59,7 +59,9 @@ SAMPLE = [
     "tabs\tand\nnewlines\r\n", "numbers 3.14159 1,000,000 42", "UPPER lower MiXeD ÉCOLE über",
     "punctuation!?... (parens) [brackets] {braces} \"quotes\" 'single'", " ".join(CORPUS[:30]), "a", "z" * 120,
     "e\u0301 combining accent", "ﬁ ligature ＦＵＬＬ width", "control\x00\x07 chars", " ",
+    "specials <s> x</s> [CLS] y [SEP]<|endoftext|> z",
 ]
+PLAIN = [t for t in SAMPLE if "<s>" not in t]  # SentencePiece itself has no atomic special tokens in text
 PAIRS = ["second part", "", "Ωμέγα!", " ".join(CORPUS[30:40])]
 
 
@@ -153,6 +155,9 @@ def _assert_same(ours: BatchEncoding, theirs, what):
 def _compare_sample(ours, theirs, name):
     for text in SAMPLE:
         _assert_same(ours(text, return_tensors=None), _quiet_hf(theirs, text), f"{name} {text[:40]!r}")
+        ids = theirs.encode(text)
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip), text
         for pair in PAIRS[:2]:  # as a batch of one: transformers drops an empty text_pair given as a single string
             _assert_same(ours([text], text_pair=[pair], return_tensors=None),
                          _quiet_hf(theirs, [text], text_pair=[pair]), f"{name} pair {text[:40]!r}")
@@ -188,7 +193,7 @@ def test_t5_sentencepiece_matches_transformers_and_sentencepiece(t5_dir):
     assert ours.eos_token == "</s>" and ours.pad_token_id == 0 and ours.unk_token_id == 2 and ours.bos_token is None
     assert len(ours) == ours.vocab_size + 100 and ours.token_to_id("<extra_id_0>") == ours.vocab_size
     sp = spm.SentencePieceProcessor(model_proto=(t5_dir / "tokenizer.model").read_bytes())
-    for text in SAMPLE:  # the pipeline follows the model's own normaliser: same pieces as sentencepiece itself
+    for text in PLAIN:  # the pipeline follows the model's own normaliser: same pieces as sentencepiece itself
         assert ours.encode(text, add_special_tokens=False) == sp.encode(text), text
         assert ours.encode(text)[-1] == 1
 
@@ -199,7 +204,7 @@ def test_llama_sentencepiece_matches_transformers(llama_dir):
     _compare_sample(ours, theirs, "llama")
     assert ours.padding_side == "left" and ours.encode("x")[0] == ours.bos_token_id == 1
     sp = spm.SentencePieceProcessor(model_proto=(llama_dir / "tokenizer.model").read_bytes())
-    for text in SAMPLE:
+    for text in PLAIN:
         if text.startswith(" "):
             continue  # transformers' Llama (legacy=False) drops SentencePiece's extra "▁" before a leading space
         assert ours.encode(text, add_special_tokens=False) == sp.encode(text), text
@@ -210,8 +215,25 @@ def test_sentencepiece_without_config_follows_sentencepiece(llama_dir, tmp_path)
     (tmp_path / "tokenizer.model").write_bytes((llama_dir / "tokenizer.model").read_bytes())
     ours = load_tokenizer(tmp_path)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
-    for text in SAMPLE:  # no config: the model's own rules, leading spaces included; no bos/eos added
+    for text in PLAIN:  # no config: the model's own rules, leading spaces included; no bos/eos added
         assert ours.encode(text) == sp.encode(text), text
+
+
+@pytest.mark.parametrize("name,config", [
+    ("gpt2", {"add_prefix_space": True}),
+    ("llama", {"tokenizer_class": "LlamaTokenizer", "add_prefix_space": False, "add_bos_token": True}),
+    ("llama", {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": True}),
+    ("t5", {"tokenizer_class": "T5Tokenizer", "extra_ids": 3}),
+    ("bert", {"tokenizer_class": "BertTokenizer", "do_lower_case": False, "strip_accents": True}),
+])
+def test_config_options_match_transformers(name, config, bert_dirs, gpt2_dir, t5_dir, llama_dir, tmp_path):
+    folder = {"bert": bert_dirs[True], "gpt2": gpt2_dir, "t5": t5_dir, "llama": llama_dir}[name]
+    for f in folder.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    _write_config(tmp_path, **config)
+    ours, theirs = load_tokenizer(tmp_path), _hf_tokenizers(name, tmp_path)
+    assert len(ours) == len(theirs)
+    _compare_sample(ours, theirs, f"{name} {config}")
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "t5", "llama"])
@@ -223,8 +245,10 @@ def test_tokenizer_json_round_trip_with_transformers(name, bert_dirs, gpt2_dir, 
     ours.save(tmp_path / "ours")
     assert (tmp_path / "ours" / "tokenizer.json").is_file()
     theirs = _quiet_hf(hf.PreTrainedTokenizerFast, tokenizer_file=str(tmp_path / "ours" / "tokenizer.json"))
+    auto = _quiet_hf(hf.AutoTokenizer.from_pretrained, str(tmp_path / "ours"))  # with our tokenizer_config.json
+    assert auto.model_input_names == ours.model_input_names
     for text in SAMPLE:
-        assert ours.encode(text) == theirs.encode(text), text
+        assert ours.encode(text) == theirs.encode(text) == auto.encode(text), text
     reloaded = load_tokenizer(tmp_path / "ours")
     assert reloaded.all_special_tokens == ours.all_special_tokens
     for text in SAMPLE:
@@ -314,12 +338,17 @@ def test_train_tokenizer_kinds(kind, tmp_path):
         assert decoded.replace(" ", "").startswith("Hellonaïvecafé123")
     tok.save(tmp_path)
     again = load_tokenizer(tmp_path)
-    for t in SAMPLE[:8]:
-        assert again.encode(t) == tok.encode(t)
+    try:  # transformers reads the saved folder too (when installed)
+        import transformers
+        auto = _quiet_hf(transformers.AutoTokenizer.from_pretrained, str(tmp_path)).encode
+    except ImportError:
+        auto = tok.encode
+    for t in SAMPLE:
+        assert again.encode(t) == tok.encode(t) == auto(t), t
     if kind == "sentencepiece":
         assert (tmp_path / "tokenizer.model").is_file()
         sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
-        for t in SAMPLE:
+        for t in PLAIN:
             assert tok.encode(t, add_special_tokens=False) == sp.encode(t), t
 
 

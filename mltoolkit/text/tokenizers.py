@@ -674,7 +674,7 @@ def _spm_proto(data: bytes, where: str):
 _NORMAL, _UNKNOWN, _CONTROL, _USER, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
-def _spm_backend(proto, *, add_prefix_space: bool | None = None, prefix_first_only: bool = False):
+def _spm_backend(proto, *, add_prefix_space: bool | None = None, metaspace: str | None = None):
     """A tokenizers pipeline that encodes like `SentencePieceProcessor.encode` for the model `proto`: its normalizer
     spec (precompiled NFKC rules, extra-whitespace removal, whitespace escaping, dummy prefix), its Unigram scores or
     BPE merges (ranked by the merged piece's score) and byte fallback. Control pieces become special added tokens and
@@ -709,11 +709,12 @@ def _spm_backend(proto, *, add_prefix_space: bool | None = None, prefix_first_on
     if norm.remove_extra_whitespaces:
         steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
     dummy_prefix = norm.add_dummy_prefix if add_prefix_space is None else add_prefix_space
-    if prefix_first_only:
-        # transformers' Llama tokenizer (legacy=False): the dummy prefix only at the start of the text, not after a
-        # special token, and not when the text already starts with a space (SentencePiece would add it)
+    if metaspace is not None:
+        # transformers' Llama tokenizer: the dummy prefix by a Metaspace pre-tokenizer, which adds none when the text
+        # already starts with a space (SentencePiece would) and, with legacy=False ("first"), none after a special
+        # token either
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPIECE, split=False,
-                                                         prepend_scheme="first" if dummy_prefix else "never")
+                                                         prepend_scheme=metaspace if dummy_prefix else "never")
     else:
         if norm.escape_whitespaces:
             steps.append(normalizers.Replace(" ", _SPIECE))
@@ -742,8 +743,8 @@ def _spm_tokenizer(data: bytes, config: dict, where: str) -> Tokenizer:
     trainer = proto.trainer_spec
     cls = str(config.get("tokenizer_class") or "")
     llama = cls.startswith("Llama")
-    backend = _spm_backend(proto, add_prefix_space=config.get("add_prefix_space"),
-                           prefix_first_only=llama and not config.get("legacy", False))
+    metaspace = ("always" if config.get("legacy", False) else "first") if llama else None
+    backend = _spm_backend(proto, add_prefix_space=config.get("add_prefix_space"), metaspace=metaspace)
     _add_config_tokens(backend, config)
     defaults: dict[str, Any] = {}
     for name, index, piece in (("unk_token", trainer.unk_id, trainer.unk_piece),

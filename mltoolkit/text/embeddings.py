@@ -172,7 +172,7 @@ class _Collector:
 
 def _parse_row(fields: Sequence[bytes], where: str) -> np.ndarray:
     try:
-        row = np.array([float(x) for x in fields], dtype=np.float32)
+        row = np.array(fields, dtype=np.float32)  # numpy parses the decimal text straight to float32
     except ValueError:
         bad = next(x for x in fields if not _is_float(x))
         raise ValueError(f"{where}: {bad[:40]!r} is not a number") from None
@@ -205,8 +205,9 @@ def _read_text(f, path, *, dim, count, header_lines, glove, lowercase, limit, er
             raise ValueError(f"{path}: line {number}: empty line where a word and its vector were expected")
         where = f"{path}: line {number}"
         if glove:
-            fields = stripped.rstrip().split(b" ")
+            stripped = stripped.rstrip()
             if dim is None:  # the trailing fields that are numbers (a GloVe word may contain spaces)
+                fields = stripped.split(b" ")
                 numbers = 0
                 while numbers < len(fields) - 1 and _is_float(fields[-1 - numbers]):
                     numbers += 1
@@ -214,10 +215,11 @@ def _read_text(f, path, *, dim, count, header_lines, glove, lowercase, limit, er
                 out.dim = dim
                 if dim < 1:
                     raise ValueError(f"{where}: expected a word and its vector, got {stripped[:60]!r}")
-            if len(fields) < dim + 1:
+            fields = stripped.rsplit(b" ", dim)
+            if len(fields) < dim + 1 or not fields[0]:
                 raise ValueError(f"{where}: expected a word and {dim} numbers, got {len(fields) - 1} field(s) after "
                                  "the first")
-            word_raw, values = b" ".join(fields[:-dim]), fields[-dim:]
+            word_raw, values = fields[0], fields[1:]
         else:
             fields = stripped.split()
             if len(fields) != dim + 1:
@@ -237,33 +239,53 @@ def _chain_first(first, rest):
     yield from rest
 
 
+class _Buffer:
+    """Chunked reads over a binary file: word2vec binary files are gigabytes; one read() per byte is too slow."""
+
+    def __init__(self, f, chunk=1 << 20):
+        self.f, self.chunk, self.buf, self.pos, self.eof = f, chunk, b"", 0, False
+
+    def fill(self, n: int) -> bool:
+        """At least n bytes available after pos (False at the end of the file)."""
+        while len(self.buf) - self.pos < n and not self.eof:
+            more = self.f.read(max(self.chunk, n))
+            if not more:
+                self.eof = True
+                break
+            self.buf = self.buf[self.pos:] + more
+            self.pos = 0
+        return len(self.buf) - self.pos >= n
+
+
 def _read_binary(f, path, *, dim, count, lowercase, limit, errors):
     out = _Collector(dim, lowercase, limit)
     size = 4 * dim
     total = count if limit is None else min(count, limit)
+    buf = _Buffer(f)
     for entry in range(1, total + 1):
         where = f"{path}: entry {entry} (of {count})"
-        word = bytearray()
+        while buf.fill(1) and buf.buf[buf.pos] == 0x0A:
+            buf.pos += 1  # the newline that ends the previous entry (optional, as in word2vec.c's reader)
         while True:
-            ch = f.read(1)
-            if not ch:
-                raise ValueError(f"{where}: the file ends inside a word; it is truncated or not word2vec binary")
-            if ch == b" ":
+            space = buf.buf.find(b" ", buf.pos)
+            if space >= 0:
                 break
-            if ch == b"\n" and not word:
-                continue  # the newline that ends the previous entry
-            word += ch
-            if len(word) > 100_000:
+            if len(buf.buf) - buf.pos > 100_000:
                 raise ValueError(f"{where}: no space after the word within 100000 bytes; not word2vec binary?")
+            if not buf.fill(len(buf.buf) - buf.pos + 1):
+                raise ValueError(f"{where}: the file ends inside a word; it is truncated or not word2vec binary")
+        word = buf.buf[buf.pos:space]
         if b"\n" in word:
-            raise ValueError(f"{where}: a newline inside the word {bytes(word[:40])!r}; not word2vec binary?")
-        data = f.read(size)
-        if len(data) != size:
-            raise ValueError(f"{where}: the file ends inside the vector ({len(data)} of {size} bytes); truncated?")
-        row = np.frombuffer(data, dtype="<f4").astype(np.float32)
+            raise ValueError(f"{where}: a newline inside the word {word[:40]!r}; not word2vec binary?")
+        buf.pos = space + 1
+        if not buf.fill(size):
+            raise ValueError(f"{where}: the file ends inside the vector ({len(buf.buf) - buf.pos} of {size} bytes); "
+                             "truncated?")
+        row = np.frombuffer(buf.buf, dtype="<f4", count=dim, offset=buf.pos).astype(np.float32)
+        buf.pos += size
         if not np.isfinite(row).all():
             raise ValueError(f"{where}: the vector has a non-finite value; not word2vec binary or wrong dimension?")
-        out.add(_decode(bytes(word), errors, where), row)
+        out.add(_decode(word, errors, where), row)
     return out.result(path, torch.float32)
 
 

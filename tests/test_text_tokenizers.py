@@ -187,11 +187,19 @@ def test_gpt2_vocab_merges_matches_transformers(gpt2_dir):
         assert ours.decode(ours.encode(text)) == text == theirs.decode(theirs.encode(text))
 
 
-def test_t5_sentencepiece_matches_transformers_and_sentencepiece(t5_dir):
+def test_t5_sentencepiece_matches_transformers_and_sentencepiece(t5_dir, tmp_path):
     ours = load_tokenizer(t5_dir)
     _compare_sample(ours, _hf_tokenizers("t5", t5_dir), "t5")
     assert ours.eos_token == "</s>" and ours.pad_token_id == 0 and ours.unk_token_id == 2 and ours.bos_token is None
-    assert len(ours) == ours.vocab_size + 100 and ours.token_to_id("<extra_id_0>") == ours.vocab_size
+    theirs = _hf_tokenizers("t5", t5_dir)
+    assert len(ours) == len(theirs) == 600 and ours.vocab_size == theirs.vocab_size
+    sentinels = [f"<extra_id_{i}>" for i in (0, 1, 99)]
+    assert ours.convert_tokens_to_ids(sentinels) == theirs.convert_tokens_to_ids(sentinels) == [599, 598, 500]
+    text = "a <extra_id_0> b<extra_id_7>c"
+    assert ours.encode(text) == theirs.encode(text)
+    (tmp_path / "spiece.model").write_bytes((t5_dir / "tokenizer.model").read_bytes())  # T5's own file name
+    (tmp_path / "tokenizer_config.json").write_bytes((t5_dir / "tokenizer_config.json").read_bytes())
+    assert load_tokenizer(tmp_path).encode(text) == ours.encode(text)
     sp = spm.SentencePieceProcessor(model_proto=(t5_dir / "tokenizer.model").read_bytes())
     for text in PLAIN:  # the pipeline follows the model's own normaliser: same pieces as sentencepiece itself
         assert ours.encode(text, add_special_tokens=False) == sp.encode(text), text
@@ -224,6 +232,7 @@ def test_sentencepiece_without_config_follows_sentencepiece(llama_dir, tmp_path)
     ("llama", {"tokenizer_class": "LlamaTokenizer", "add_prefix_space": False, "add_bos_token": True}),
     ("llama", {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": True}),
     ("t5", {"tokenizer_class": "T5Tokenizer", "extra_ids": 3}),
+    ("t5", {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "additional_special_tokens": ["<sep>", "<cls>"]}),
     ("bert", {"tokenizer_class": "BertTokenizer", "do_lower_case": False, "strip_accents": True}),
 ])
 def test_config_options_match_transformers(name, config, bert_dirs, gpt2_dir, t5_dir, llama_dir, tmp_path):

@@ -33,7 +33,9 @@ except ImportError:  # pragma: no cover - exercised only without the library
 __all__ = ["Tokenizer", "BatchEncoding", "load_tokenizer", "train_tokenizer", "TOKENIZER_FILES"]
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json + merges.txt", "vocab.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model (or spiece.model, sentencepiece.bpe.model)",
+                   "vocab.json + merges.txt", "vocab.txt")
+_SPM_NAMES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "sentencepiece.model")
 _LARGE = int(1e12)  # transformers writes model_max_length = 1e30 for "no limit"
 _PADDING = {"longest", "max_length", "do_not_pad"}
 _TRUNCATION = {"longest_first", "only_first", "only_second", "do_not_truncate"}
@@ -94,12 +96,11 @@ class Tokenizer:
         self.spm_model = spm_model
         self.config = dict(config or {})
         self._special: dict[str, str | None] = {name: None for name in SPECIAL_TOKEN_NAMES}
-        self.extra_special_tokens: list[str] = []
         for name, value in special_tokens.items():
             self._special[name] = _token_str(value)
-        self._register_special([t for t in self._special.values() if t is not None] + [str(t) for t in
-                                                                                       extra_special_tokens])
-        self.extra_special_tokens = [_token_str(t) for t in extra_special_tokens]
+        extra = [_token_str(t) for t in extra_special_tokens]
+        self._register_special([t for t in self._special.values() if t is not None] + extra)
+        self.extra_special_tokens = extra
         self._backend.no_padding()
         self._backend.no_truncation()
 
@@ -124,7 +125,6 @@ class Tokenizer:
     def _get_id(self, name):
         token = self._special[name]
         return None if token is None else self._backend.token_to_id(token)
-
 
     @property
     def all_special_tokens(self) -> list[str]:
@@ -222,6 +222,8 @@ class Tokenizer:
         """
         single = isinstance(texts, str)
         batch = _check_texts("texts", texts)
+        if not batch:
+            raise ValueError("Tokenizer: texts is an empty list")
         pairs = None
         if text_pair is not None:
             if isinstance(text_pair, str) != single:
@@ -536,8 +538,6 @@ def _load_tokenizer_json(path: Path, config: dict) -> Tokenizer:
         else {}
     if "model_input_names" not in config and _uses_token_type_ids(backend, config):
         defaults["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
-    if backend.truncation and "model_max_length" not in config:
-        config = {**config, "model_max_length": backend.truncation["max_length"]}
     if backend.padding:
         defaults.setdefault("pad_token", backend.padding["pad_token"])
         defaults["padding_side"] = backend.padding["direction"]
@@ -556,7 +556,7 @@ def _uses_token_type_ids(backend, config) -> bool:
     post-processor marks the second text of a pair with type id 1 around special tokens ([CLS] A [SEP] B [SEP])."""
     cls = str(config.get("tokenizer_class") or "")
     if cls:
-        return cls.startswith(_TYPE_ID_CLASSES) and not cls.startswith("DistilBert")
+        return cls.startswith(_TYPE_ID_CLASSES)
     if backend.post_processor is None:
         return False
     spec = json.loads(backend.to_str()).get("post_processor") or {}
@@ -674,7 +674,8 @@ def _spm_proto(data: bytes, where: str):
 _NORMAL, _UNKNOWN, _CONTROL, _USER, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
-def _spm_backend(proto, *, add_prefix_space: bool | None = None, metaspace: str | None = None):
+def _spm_backend(proto, *, add_prefix_space: bool | None = None, metaspace: str | None = None,
+                 extra_pieces: Sequence[str] = ()):
     """A tokenizers pipeline that encodes like `SentencePieceProcessor.encode` for the model `proto`: its normalizer
     spec (precompiled NFKC rules, extra-whitespace removal, whitespace escaping, dummy prefix), its Unigram scores or
     BPE merges (ranked by the merged piece's score) and byte fallback. Control pieces become special added tokens and
@@ -685,7 +686,7 @@ def _spm_backend(proto, *, add_prefix_space: bool | None = None, metaspace: str 
                          "(Unigram and BPE are)")
     if trainer.treat_whitespace_as_suffix:
         raise ValueError("load_tokenizer: SentencePiece models with treat_whitespace_as_suffix are not supported")
-    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    pieces = [(p.piece, p.score, p.type) for p in proto.pieces] + [(p, 0.0, _CONTROL) for p in extra_pieces]
     byte_fallback = bool(trainer.byte_fallback)
     if trainer.model_type == 1:
         model = _models.Unigram([(piece, score) for piece, score, _ in pieces], unk_id=trainer.unk_id,
@@ -744,7 +745,13 @@ def _spm_tokenizer(data: bytes, config: dict, where: str) -> Tokenizer:
     cls = str(config.get("tokenizer_class") or "")
     llama = cls.startswith("Llama")
     metaspace = ("always" if config.get("legacy", False) else "first") if llama else None
-    backend = _spm_backend(proto, add_prefix_space=config.get("add_prefix_space"), metaspace=metaspace)
+    sentinels = []
+    if cls.startswith(("T5", "MT5", "UMT5")) and not any("<extra_id_" in t for t in _extra_tokens(config)):
+        # T5's sentinels, appended to the vocabulary from <extra_id_{n-1}> down to <extra_id_0>, as transformers does
+        sentinels = [f"<extra_id_{i}>" for i in range(int(config.get("extra_ids", 100)) - 1, -1, -1)]
+        config = {**config, "extra_special_tokens": _extra_tokens(config) + sentinels}
+    backend = _spm_backend(proto, add_prefix_space=config.get("add_prefix_space"), metaspace=metaspace,
+                           extra_pieces=sentinels)
     _add_config_tokens(backend, config)
     defaults: dict[str, Any] = {}
     for name, index, piece in (("unk_token", trainer.unk_id, trainer.unk_piece),
@@ -760,9 +767,6 @@ def _spm_tokenizer(data: bytes, config: dict, where: str) -> Tokenizer:
         template = (False, True)  # T5: text </s>
     else:
         template = (_bool(config, "add_bos_token", False), _bool(config, "add_eos_token", False))
-    if cls.startswith(("T5", "MT5", "UMT5")) and not _extra_tokens(config):
-        extra_ids = int(config.get("extra_ids", 100))
-        config = {**config, "extra_special_tokens": [f"<extra_id_{i}>" for i in range(extra_ids)]}
     tok = Tokenizer(backend, spm_model=data, **_common_kwargs(config, backend, defaults))
     _apply_bos_eos(tok, config, default_template=template)
     return tok
@@ -771,8 +775,9 @@ def _spm_tokenizer(data: bytes, config: dict, where: str) -> Tokenizer:
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     """Load the tokenizer that ships with a checkpoint folder.
 
-    Reads, in this order of preference: tokenizer.json (any `tokenizers` pipeline), tokenizer.model (SentencePiece
-    Unigram or BPE), vocab.json + merges.txt (GPT-2 byte-level BPE), vocab.txt (BERT WordPiece); with
+    Reads, in this order of preference: tokenizer.json (any `tokenizers` pipeline), tokenizer.model / spiece.model /
+    sentencepiece.bpe.model (SentencePiece Unigram or BPE), vocab.json + merges.txt (GPT-2 byte-level BPE),
+    vocab.txt (BERT WordPiece); with
     tokenizer_config.json / special_tokens_map.json for the special tokens, do_lower_case, add_prefix_space,
     add_bos_token / add_eos_token, model_max_length and padding_side.
     """
@@ -781,15 +786,16 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
         raise TypeError(f"load_tokenizer: folder must be a path, got {type(folder).__name__}")
     path = Path(folder)
     if not path.is_dir():
-        if path.is_file() and path.name in ("tokenizer.json", "tokenizer.model", "vocab.txt"):
+        if path.is_file() and path.name in ("tokenizer.json", "vocab.txt") + _SPM_NAMES:
             path = path.parent
         else:
             raise FileNotFoundError(f"load_tokenizer: {folder} is not a folder")
     config = _read_config(path)
     if (path / "tokenizer.json").is_file():
         return _load_tokenizer_json(path / "tokenizer.json", config)
-    if (path / "tokenizer.model").is_file():
-        return _spm_tokenizer((path / "tokenizer.model").read_bytes(), config, str(path / "tokenizer.model"))
+    for name in _SPM_NAMES:
+        if (path / name).is_file():
+            return _spm_tokenizer((path / name).read_bytes(), config, str(path / name))
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         return _load_bpe_files(path / "vocab.json", path / "merges.txt", config)
     if (path / "vocab.txt").is_file():
@@ -904,6 +910,9 @@ def train_tokenizer(texts_or_files, kind: str = "wordpiece", vocab_size: int = 8
         backend.train(files, trainer=trainer)
     else:
         backend.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    # through its serialised form, so the tokenizer encodes exactly as it will once saved and loaded (a Unigram
+    # model's scores otherwise keep more precision than tokenizer.json holds, which can flip a tie)
+    backend = _tk.Tokenizer.from_str(backend.to_str())
     model_input_names = None
     if kind == "wordpiece":
         model_input_names = ["input_ids", "token_type_ids", "attention_mask"]

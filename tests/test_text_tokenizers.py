@@ -134,9 +134,29 @@ def llama_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def albert_dir(tmp_path_factory):
+    """An ALBERT-style SentencePiece Unigram model (lowercased text, [CLS] [SEP] [MASK] control pieces), as
+    spiece.model + ALBERT config."""
+    folder = tmp_path_factory.mktemp("albert")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([c.lower() for c in CORPUS]), model_writer=model,
+                                   minloglevel=2, num_threads=1, vocab_size=500, model_type="unigram", pad_id=0,
+                                   unk_id=1, bos_id=-1, eos_id=-1, control_symbols=["[CLS]", "[SEP]", "[MASK]"])
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    _write_config(folder, tokenizer_class="AlbertTokenizer", model_max_length=48)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dirs(bert_dirs, gpt2_dir, t5_dir, llama_dir, albert_dir):
+    return {"bert": bert_dirs[True], "gpt2": gpt2_dir, "t5": t5_dir, "llama": llama_dir, "albert": albert_dir}
+
+
 def _hf_tokenizers(name, folder):
     hf = _hf()
-    cls = {"bert": hf.BertTokenizer, "gpt2": hf.GPT2Tokenizer, "t5": hf.T5Tokenizer, "llama": hf.LlamaTokenizer}[name]
+    cls = {"bert": hf.BertTokenizer, "gpt2": hf.GPT2Tokenizer, "t5": hf.T5Tokenizer, "llama": hf.LlamaTokenizer,
+           "albert": hf.AlbertTokenizer}[name]
     return _quiet_hf(cls.from_pretrained, str(folder))
 
 
@@ -219,6 +239,12 @@ def test_llama_sentencepiece_matches_transformers(llama_dir):
         assert ours.decode(ours.encode(text), skip_special_tokens=True) == sp.decode(sp.encode(text)), text
 
 
+def test_albert_sentencepiece_matches_transformers(albert_dir):
+    ours = load_tokenizer(albert_dir)
+    assert ours.cls_token == "[CLS]" and ours.sep_token == "[SEP]" and ours.pad_token_id == 0
+    _compare_sample(ours, _hf_tokenizers("albert", albert_dir), "albert")
+
+
 def test_sentencepiece_without_config_follows_sentencepiece(llama_dir, tmp_path):
     (tmp_path / "tokenizer.model").write_bytes((llama_dir / "tokenizer.model").read_bytes())
     ours = load_tokenizer(tmp_path)
@@ -234,9 +260,10 @@ def test_sentencepiece_without_config_follows_sentencepiece(llama_dir, tmp_path)
     ("t5", {"tokenizer_class": "T5Tokenizer", "extra_ids": 3}),
     ("t5", {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "additional_special_tokens": ["<sep>", "<cls>"]}),
     ("bert", {"tokenizer_class": "BertTokenizer", "do_lower_case": False, "strip_accents": True}),
+    ("albert", {"tokenizer_class": "AlbertTokenizer", "do_lower_case": False, "keep_accents": True}),
 ])
-def test_config_options_match_transformers(name, config, bert_dirs, gpt2_dir, t5_dir, llama_dir, tmp_path):
-    folder = {"bert": bert_dirs[True], "gpt2": gpt2_dir, "t5": t5_dir, "llama": llama_dir}[name]
+def test_config_options_match_transformers(name, config, dirs, tmp_path):
+    folder = dirs[name]
     for f in folder.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     _write_config(tmp_path, **config)
@@ -245,11 +272,11 @@ def test_config_options_match_transformers(name, config, bert_dirs, gpt2_dir, t5
     _compare_sample(ours, theirs, f"{name} {config}")
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "t5", "llama"])
-def test_tokenizer_json_round_trip_with_transformers(name, bert_dirs, gpt2_dir, t5_dir, llama_dir, tmp_path):
+@pytest.mark.parametrize("name", ["bert", "gpt2", "t5", "llama", "albert"])
+def test_tokenizer_json_round_trip_with_transformers(name, dirs, tmp_path):
     """Ours saved -> transformers loads tokenizer.json; transformers saved -> ours loads tokenizer.json."""
     hf = _hf()
-    folder = {"bert": bert_dirs[True], "gpt2": gpt2_dir, "t5": t5_dir, "llama": llama_dir}[name]
+    folder = dirs[name]
     ours = load_tokenizer(folder)
     ours.save(tmp_path / "ours")
     assert (tmp_path / "ours" / "tokenizer.json").is_file()
@@ -284,9 +311,9 @@ _OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "t5", "llama"])
-def test_padding_truncation_match_transformers(name, bert_dirs, gpt2_dir, t5_dir, llama_dir):
-    folder = {"bert": bert_dirs[True], "gpt2": gpt2_dir, "t5": t5_dir, "llama": llama_dir}[name]
+@pytest.mark.parametrize("name", ["bert", "gpt2", "t5", "llama", "albert"])
+def test_padding_truncation_match_transformers(name, dirs):
+    folder = dirs[name]
     ours, theirs = load_tokenizer(folder), _hf_tokenizers(name, folder)
     if ours.pad_token is None:  # GPT-2 / Llama have none: the usual fix, on both
         ours.pad_token = ours.eos_token
@@ -422,3 +449,18 @@ def test_errors(tmp_path, bert_dirs, gpt2_dir):
         train_tokenizer(CORPUS[:10], kind="bpe", vocab_size=0)
     with pytest.raises(ValueError, match="empty"):
         train_tokenizer([], kind="bpe")
+
+
+def test_add_special_tokens_and_pad_token(gpt2_dir):
+    tok = load_tokenizer(gpt2_dir)
+    n = len(tok)
+    assert tok.add_special_tokens({"pad_token": "<pad>"}) == 1 and len(tok) == n + 1 and tok.pad_token_id == n
+    batch = tok(["kalo", "kalo mi ne ru"], padding=True)
+    assert batch["input_ids"][0, -1].item() == n and batch["attention_mask"][0, -1].item() == 0
+    assert tok.decode(batch["input_ids"][0], skip_special_tokens=True) == "kalo"
+    assert tok.add_special_tokens(["<sep>"]) == 1 and tok.encode("a<sep>b") == [
+        *tok.encode("a"), tok.token_to_id("<sep>"), *tok.encode("b")]
+    with pytest.raises(ValueError, match="unknown key"):
+        tok.add_special_tokens({"padding": "<pad>"})
+    with pytest.raises(ValueError, match="empty list"):
+        tok([])

@@ -547,7 +547,7 @@ def _load_tokenizer_json(path: Path, config: dict) -> Tokenizer:
 
 
 # transformers' tokenizer classes whose model_input_names include token_type_ids
-_TYPE_ID_CLASSES = ("Bert", "Albert", "Electra", "MobileBert", "ConvBert", "Funnel", "Splinter", "SqueezeBert",
+_TYPE_ID_CLASSES = ("Bert", "Electra", "MobileBert", "ConvBert", "Funnel", "Splinter", "SqueezeBert",
                     "RoFormer", "XLNet", "LayoutLM", "MegatronBert", "Ernie", "Nezha", "Tapas", "Canine")
 
 
@@ -675,7 +675,7 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
 def _spm_backend(proto, *, add_prefix_space: bool | None = None, metaspace: str | None = None,
-                 extra_pieces: Sequence[str] = ()):
+                 extra_pieces: Sequence[str] = (), pre_normalizers: Sequence = ()):
     """A tokenizers pipeline that encodes like `SentencePieceProcessor.encode` for the model `proto`: its normalizer
     spec (precompiled NFKC rules, extra-whitespace removal, whitespace escaping, dummy prefix), its Unigram scores or
     BPE merges (ranked by the merged piece's score) and byte fallback. Control pieces become special added tokens and
@@ -704,7 +704,7 @@ def _spm_backend(proto, *, add_prefix_space: bool | None = None, metaspace: str 
         model = _models.BPE(vocab, merges, unk_token=trainer.unk_piece, fuse_unk=True, byte_fallback=byte_fallback,
                             dropout=None)
     backend = _tk.Tokenizer(model)
-    steps = []
+    steps = list(pre_normalizers)
     if norm.precompiled_charsmap:
         steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
     if norm.remove_extra_whitespaces:
@@ -750,8 +750,16 @@ def _spm_tokenizer(data: bytes, config: dict, where: str) -> Tokenizer:
         # T5's sentinels, appended to the vocabulary from <extra_id_{n-1}> down to <extra_id_0>, as transformers does
         sentinels = [f"<extra_id_{i}>" for i in range(int(config.get("extra_ids", 100)) - 1, -1, -1)]
         config = {**config, "extra_special_tokens": _extra_tokens(config) + sentinels}
+    albert = cls.startswith("Albert")
+    pre = []
+    if albert:  # transformers' ALBERT: quotes, accents and case normalised before SentencePiece's own rules
+        pre = [normalizers.Replace("``", '"'), normalizers.Replace("''", '"')]
+        if not _bool(config, "keep_accents", False):
+            pre += [normalizers.NFKD(), normalizers.StripAccents()]
+        if _bool(config, "do_lower_case", True):
+            pre.append(normalizers.Lowercase())
     backend = _spm_backend(proto, add_prefix_space=config.get("add_prefix_space"), metaspace=metaspace,
-                           extra_pieces=sentinels)
+                           extra_pieces=sentinels, pre_normalizers=pre)
     _add_config_tokens(backend, config)
     defaults: dict[str, Any] = {}
     for name, index, piece in (("unk_token", trainer.unk_id, trainer.unk_piece),
@@ -767,8 +775,14 @@ def _spm_tokenizer(data: bytes, config: dict, where: str) -> Tokenizer:
         template = (False, True)  # T5: text </s>
     else:
         template = (_bool(config, "add_bos_token", False), _bool(config, "add_eos_token", False))
+    if albert:
+        defaults.update(bos_token="[CLS]", eos_token="[SEP]", cls_token="[CLS]", sep_token="[SEP]",
+                        mask_token="[MASK]")
     tok = Tokenizer(backend, spm_model=data, **_common_kwargs(config, backend, defaults))
-    _apply_bos_eos(tok, config, default_template=template)
+    if albert:
+        _bert_post_processor(tok)
+    else:
+        _apply_bos_eos(tok, config, default_template=template)
     return tok
 
 

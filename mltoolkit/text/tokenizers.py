@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 try:  # the library is optional for the rest of mltoolkit: import errors surface when a tokenizer is made
@@ -260,8 +261,9 @@ class Tokenizer:
             raise ValueError(f"Tokenizer: the sequences have different lengths ({min(lengths)} to {max(lengths)}), so "
                              "they do not make one tensor: pass padding=True (or padding='max_length'), or "
                              "return_tensors=None for lists")
-        return BatchEncoding({k: torch.tensor(v, dtype=torch.long).reshape(len(v), -1) if k != "offset_mapping"
-                              else torch.tensor(v, dtype=torch.long).reshape(len(v), -1, 2) for k, v in fields.items()})
+        shape = {"offset_mapping": (len(batch), -1, 2)}
+        return BatchEncoding({k: torch.from_numpy(np.asarray(v, dtype=np.int64).reshape(shape.get(k, (len(batch), -1))))
+                              for k, v in fields.items()})
 
     def _strategies(self, padding, truncation, max_length, pad_to_multiple_of):
         """transformers' `_get_padding_truncation_strategies`: returns (padding, truncation, max_length)."""

@@ -51,6 +51,11 @@ $(DEPS_STAMP):
 	@# Trainer progress bars and loggers (each optional: the Trainer says which to install when asked for it).
 	@$(VPY) -c "import tqdm, rich, tensorboard, mlflow, wandb" 2>/dev/null || $(VPY) -m pip install -q tqdm rich \
 		tensorboard mlflow-skinny wandb || echo "logger libraries not installed: their Trainer tests are skipped"
+	@# Model zoo and text: tokenizers / sentencepiece do the tokenizing; transformers, timm and keras (torch backend)
+	@# are only the references the model tests compare against and the checkpoint formats they read.
+	@$(VPY) -c "import tokenizers, sentencepiece, google.protobuf, transformers, timm, keras, h5py" 2>/dev/null \
+		|| $(VPY) -m pip install -q tokenizers sentencepiece protobuf transformers timm keras h5py \
+		|| echo "text / model-zoo libraries not installed: their tests are skipped"
 	@# torchvision (CNN fusion tests, ResNet-50 benchmark) must match torch's build: only beside the pinned torch.
 	@$(VPY) -c "import torchvision" 2>/dev/null \
 		|| { $(VPY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_SPEC)'.split('==')[1])" \

@@ -53,9 +53,12 @@ $(DEPS_STAMP):
 		tensorboard mlflow-skinny wandb || echo "logger libraries not installed: their Trainer tests are skipped"
 	@# Model zoo and text: tokenizers / sentencepiece do the tokenizing; transformers, timm and keras (torch backend)
 	@# are only the references the model tests compare against and the checkpoint formats they read.
-	@$(VPY) -c "import tokenizers, sentencepiece, google.protobuf, transformers, timm, keras, h5py" 2>/dev/null \
-		|| $(VPY) -m pip install -q tokenizers sentencepiece protobuf transformers timm keras h5py \
+	@$(VPY) -c "import tokenizers, sentencepiece, google.protobuf, transformers, keras, h5py" 2>/dev/null \
+		|| $(VPY) -m pip install -q tokenizers sentencepiece protobuf transformers keras h5py \
 		|| echo "text / model-zoo libraries not installed: their tests are skipped"
+	@# timm without its dependencies: they are torch and torchvision, which must not be replaced.
+	@$(VPY) -c "import timm" 2>/dev/null || { $(VPY) -c "import torchvision, huggingface_hub, yaml" 2>/dev/null \
+		&& $(VPY) -m pip install -q --no-deps timm; } || echo "timm not installed: the timm mapping tests are skipped"
 	@# torchvision (CNN fusion tests, ResNet-50 benchmark) must match torch's build: only beside the pinned torch.
 	@$(VPY) -c "import torchvision" 2>/dev/null \
 		|| { $(VPY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_SPEC)'.split('==')[1])" \

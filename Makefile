@@ -56,14 +56,14 @@ $(DEPS_STAMP):
 	@$(VPY) -c "import tokenizers, sentencepiece, google.protobuf, transformers, keras, h5py" 2>/dev/null \
 		|| $(VPY) -m pip install -q tokenizers sentencepiece protobuf transformers keras h5py \
 		|| echo "text / model-zoo libraries not installed: their tests are skipped"
-	@# timm without its dependencies: they are torch and torchvision, which must not be replaced.
-	@$(VPY) -c "import timm" 2>/dev/null || { $(VPY) -c "import torchvision, huggingface_hub, yaml" 2>/dev/null \
-		&& $(VPY) -m pip install -q --no-deps timm; } || echo "timm not installed: the timm mapping tests are skipped"
 	@# torchvision (CNN fusion tests, ResNet-50 benchmark) must match torch's build: only beside the pinned torch.
 	@$(VPY) -c "import torchvision" 2>/dev/null \
 		|| { $(VPY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_SPEC)'.split('==')[1])" \
 			&& $(VPY) -m pip install -q --no-deps $(TORCHVISION_SPEC); } \
 		|| echo "torchvision not installed: model tests and the ResNet benchmark are skipped"
+	@# timm without its dependencies: they are torch and torchvision, which must not be replaced.
+	@$(VPY) -c "import timm" 2>/dev/null || { $(VPY) -c "import torchvision, huggingface_hub, yaml" 2>/dev/null \
+		&& $(VPY) -m pip install -q --no-deps timm; } || echo "timm not installed: the timm mapping tests are skipped"
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)

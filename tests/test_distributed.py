@@ -159,3 +159,53 @@ def test_shard_loader_keeps_batch_size_and_loader_settings():
     assert shard_loader(shuffled, 1, 2) is shuffled
     with pytest.raises(ValueError, match="batch_sampler"):
         shard_loader(DataLoader(ds, batch_sampler=[[0, 1], [2, 3]]), 0, 2)
+
+
+def test_sharded_checkpointer_atomic_keep_last_and_fallback(tmp_path, monkeypatch):
+    """ShardedCheckpointer without a process group (one process, plain tensors): rotation, a failed save that
+    publishes nothing, fallback past an incomplete checkpoint, and a clear error for another model."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+
+    from mltoolkit.distributed import ShardedCheckpointer
+    from mltoolkit.optim import AdamW
+    from mltoolkit.train import CheckpointMismatchError
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 3)
+        return m, AdamW(m.parameters(), lr=0.1)
+
+    model, opt = make()
+    ck = ShardedCheckpointer(str(tmp_path), keep_last=2)
+    saved = {}
+    for step in (1, 2, 3):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        ck.save(step, model=model, optimizer=opt, sampler={"epoch": 0, "index": step}, extra={"s": step})
+        saved[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    assert sorted(p for p in os.listdir(tmp_path) if p.endswith(".dcp")) == ["ckpt-00000002.dcp", "ckpt-00000003.dcp"]
+    pointer = open(ck.pointer_path).read()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(dcp, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save(4, model=model, optimizer=opt)
+    monkeypatch.undo()
+    assert open(ck.pointer_path).read() == pointer
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000002.dcp", "ckpt-00000003.dcp", "ckpt-dcp-latest.json"]
+
+    fresh, fresh_opt = make()
+    got = ck.load_latest(model=fresh, optimizer=fresh_opt)
+    assert got.step == 3 and got.extra == {"s": 3} and got.state["sampler"] == {"epoch": 0, "index": 3}
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved[3].items())
+    assert fresh_opt.state[fresh.weight]["step"].item() == 3
+    os.unlink(os.path.join(ck.path_for(3), ".metadata"))          # newest incomplete: fall back to step 2
+    with pytest.warns(UserWarning, match="incomplete"):
+        got = ck.load_latest(model=fresh, optimizer=fresh_opt)
+    assert got.step == 2 and all(torch.equal(fresh.state_dict()[k], v) for k, v in saved[2].items())
+    with pytest.raises(CheckpointMismatchError, match="different model"), pytest.warns(UserWarning, match="incomplete"):
+        ck.load_latest(model=torch.nn.Linear(4, 5))

@@ -129,7 +129,7 @@ class ShardedCheckpointer:
                 state = {"model": msd, "optimizer": osd}
             else:
                 state = {"model": get_model_state_dict(model)}
-            dcp.save(state, checkpoint_id=tmp)
+            dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
             torch.save(capture_rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
             fingerprint = model_fingerprint(state["model"])
             if rank == 0:
@@ -252,7 +252,7 @@ class ShardedCheckpointer:
             raise CheckpointMismatchError(f"{path}: checkpoint holds no {' / '.join(absent)} state; pass None for "
                                           "them to load the rest")
         rng_file = os.path.join(path, f"rng-{dist.get_rank() if dist.is_initialized() else 0}.pt")
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
         if optimizer is not None:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         else:

@@ -13,6 +13,7 @@ sharded (torch.distributed.checkpoint, see mltoolkit.distributed.checkpoint); cl
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, Optional, Union
 
@@ -33,7 +34,8 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 
 
 class ShardedCheckpointMixin:
-    """save / load through torch.distributed.checkpoint into the manager's directory (collective: all ranks)."""
+    """save / load through torch.distributed.checkpoint into the manager's directory. Both are collective: every
+    rank must call them (each writes / reads its own shards)."""
 
     def save_checkpoint(self, manager: Any, step: int, *, model: nn.Module, optimizer: Any = None,
                         scheduler: Any = None, scaler: Any = None, sampler: Any = None, epoch: Optional[int] = None,
@@ -44,8 +46,13 @@ class ShardedCheckpointMixin:
 
     def load_checkpoint(self, manager: Any, *, model: nn.Module, optimizer: Any = None, scheduler: Any = None,
                         scaler: Any = None, sampler: Any = None) -> Optional[Checkpoint]:
-        return ShardedCheckpointer.of(manager).load_latest(model=model, optimizer=optimizer, scheduler=scheduler,
-                                                           scaler=scaler, sampler=sampler)
+        ckpt = ShardedCheckpointer.of(manager)
+        path = getattr(manager, "path", None)   # a manager for one named checkpoint (Trainer(resume="...dcp"))
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+            return ckpt.load(os.fspath(path), model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                             sampler=sampler)
+        return ckpt.load_latest(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                sampler=sampler)
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Global 2-norm over the full (sharded) gradients: squared local norms all-reduced."""

@@ -18,6 +18,7 @@ CheckpointMismatchError before anything is loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -56,6 +57,14 @@ def _broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes a single process when there is no process group: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _barrier() -> None:
@@ -129,7 +138,8 @@ class ShardedCheckpointer:
                 state = {"model": msd, "optimizer": osd}
             else:
                 state = {"model": get_model_state_dict(model)}
-            dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+            with _quiet_single_process():
+                dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
             torch.save(capture_rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
             fingerprint = model_fingerprint(state["model"])
             if rank == 0:
@@ -252,7 +262,8 @@ class ShardedCheckpointer:
             raise CheckpointMismatchError(f"{path}: checkpoint holds no {' / '.join(absent)} state; pass None for "
                                           "them to load the rest")
         rng_file = os.path.join(path, f"rng-{dist.get_rank() if dist.is_initialized() else 0}.pt")
-        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
         if optimizer is not None:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         else:

@@ -21,25 +21,32 @@ __all__ = ["Strategy", "SingleProcess", "get_strategy", "register_strategy", "re
            "DDPStrategy", "FSDPStrategy", "TensorParallelStrategy", "DistributedResumableSampler",
            "ShardedCheckpointer", "init_process_group", "TinyTransformer", "TransformerBlock", "DEFAULT_PLAN"]
 
-try:
-    import torch.distributed as _dist
-    _AVAILABLE = _dist.is_available()
-except ImportError:  # pragma: no cover
-    _AVAILABLE = False
+# The strategies load on first use (get_strategy("ddp") or an attribute below), so that importing the light parts of
+# this package (mltoolkit.optim uses mltoolkit.distributed._dtensor) does not import torch.distributed.fsdp & co.
+_EXPORTS = {
+    "DDPStrategy": "ddp", "FSDPStrategy": "fsdp", "TensorParallelStrategy": "tensor_parallel",
+    "DistributedResumableSampler": "sampler", "ShardedCheckpointer": "checkpoint", "init_process_group": "_env",
+    "TinyTransformer": "tensor_parallel", "TransformerBlock": "tensor_parallel", "DEFAULT_PLAN": "tensor_parallel",
+}
 
-if _AVAILABLE:
-    from mltoolkit.distributed._env import init_process_group
-    from mltoolkit.distributed.checkpoint import ShardedCheckpointer
-    from mltoolkit.distributed.ddp import DDPStrategy
-    from mltoolkit.distributed.fsdp import FSDPStrategy
-    from mltoolkit.distributed.sampler import DistributedResumableSampler
-    from mltoolkit.distributed.tensor_parallel import (
-        DEFAULT_PLAN,
-        TensorParallelStrategy,
-        TinyTransformer,
-        TransformerBlock,
-    )
 
-    register_strategy("ddp", DDPStrategy)
-    register_strategy("fsdp", FSDPStrategy)
-    register_strategy("tp", TensorParallelStrategy)
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mltoolkit.distributed' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"mltoolkit.distributed.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def _lazy(name: str):
+    def factory(*args, **kwargs):
+        return __getattr__(name)(*args, **kwargs)
+    factory.__name__ = name
+    return factory
+
+
+register_strategy("ddp", _lazy("DDPStrategy"))
+register_strategy("fsdp", _lazy("FSDPStrategy"))
+register_strategy("tp", _lazy("TensorParallelStrategy"))

@@ -85,9 +85,9 @@ class DistributedBase:
         if not dist.is_initialized():
             self._owns_group = True
         self.backend = init_process_group(self.backend)
-        if self._device is None:
-            self._device = default_device(self.backend)
-        elif self._device.type == "cuda" and self._device.index is not None:
+        if self._device is None or (self._device.type == "cuda" and self._device.index is None):
+            self._device = default_device(self.backend)   # "cuda" alone: this process's GPU, cuda:LOCAL_RANK
+        if self._device.type == "cuda":
             torch.cuda.set_device(self._device)
 
     def teardown(self) -> None:

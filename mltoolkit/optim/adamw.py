@@ -86,6 +86,7 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        from mltoolkit.distributed._dtensor import local_shards
         for group in self.param_groups:
             amsgrad = bool(group["amsgrad"])
             beta1, beta2 = group["betas"]
@@ -103,6 +104,7 @@ class AdamW(torch.optim.Optimizer):
                 state = self._state_of(p, amsgrad)
                 tensors = [p, grad, state["exp_avg"], state["exp_avg_sq"],
                            state["max_exp_avg_sq"] if amsgrad else None, state["step"]]
+                tensors[:5] = local_shards(tensors[:5])  # DTensor (FSDP2 / TP): elementwise, runs on the local shard
                 if torch.is_complex(p):
                     tensors[:5] = [None if t is None else torch.view_as_real(t) for t in tensors[:5]]
                 pr = tensors[0]

@@ -33,6 +33,9 @@ def clip_grad_norm_(parameters: _Params, max_norm: float, norm_type: float = 2.0
         max_norm = float(max_norm.item())
     max_norm, norm_type = float(max_norm), float(norm_type)
     grads = [p.grad for p in parameters if p.grad is not None]
+    from mltoolkit.distributed._dtensor import any_dtensor, clip_grad_norm_sharded
+    if any_dtensor(grads):  # FSDP2 / tensor parallel: the norm over the full tensors, all-reduced across ranks
+        return clip_grad_norm_sharded(parameters, max_norm, norm_type, error_if_nonfinite)
     fused = norm_type == 2.0 or (math.isinf(norm_type) and norm_type > 0)
     if not grads or not fused or foreach is False or len({g.device for g in grads}) > 1 \
             or any(g.is_sparse or not g.is_floating_point() for g in grads):

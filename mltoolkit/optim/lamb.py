@@ -62,6 +62,7 @@ class LAMB(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        from mltoolkit.distributed._dtensor import is_dtensor, lamb_step_sharded
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             # One fused call per (device, dtype, step count): tensors of a group normally share all three.
@@ -77,16 +78,18 @@ class LAMB(Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                key = (p.device, p.dtype, int(state["step"].item()))
+                key = (p.device, p.dtype, int(state["step"].item()), is_dtensor(p))
                 lists = buckets[key]
                 lists[0].append(p)
                 lists[1].append(p.grad)
                 lists[2].append(state["exp_avg"])
                 lists[3].append(state["exp_avg_sq"])
-            for (_device, _dtype, step), (ps, gs, ms, vs) in buckets.items():
-                fused_lamb_(ps, gs, ms, vs, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                            weight_decay=group["weight_decay"], step=step,
-                            bias_correction=group["bias_correction"], grad_averaging=group["grad_averaging"],
-                            use_trust_ratio=not group["exclude_from_layer_adaptation"],
-                            max_trust_ratio=group["max_trust_ratio"])
+            for (_device, _dtype, step, sharded), (ps, gs, ms, vs) in buckets.items():
+                # DTensor parameters (FSDP2 / TP): trust-ratio norms over the whole tensor, across ranks
+                step_fn = lamb_step_sharded if sharded else fused_lamb_
+                step_fn(ps, gs, ms, vs, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                        weight_decay=group["weight_decay"], step=step,
+                        bias_correction=group["bias_correction"], grad_averaging=group["grad_averaging"],
+                        use_trust_ratio=not group["exclude_from_layer_adaptation"],
+                        max_trust_ratio=group["max_trust_ratio"])
         return loss

@@ -526,7 +526,7 @@ __device__ __forceinline__ A norm_acc(A acc, A x, double p) {
   if constexpr (K == NormKind::kL2) {
     return fma_rn(x, x, acc);
   } else if constexpr (K == NormKind::kInf) {
-    return nan_max(acc, x < A(0) ? -x : x);  // |x| (keeps nan)
+    return nan_max(acc, static_cast<A>(fabs(x)));  // |x| (+0 for -0; keeps nan)
   } else {
     const double ax = fabs(static_cast<double>(x));
     return acc + static_cast<A>(p == 1.0 ? ax : pow(ax, p));

@@ -33,6 +33,7 @@ constexpr size_t kParamLimit = 4096;  // bytes of kernel parameters every driver
 // ---- argument structs (by value, one per launch) ---------------------------------------------------------------
 
 struct Entries {
+  int64_t chunk_size;  // elements per chunk of this call (pick_chunk)
   int32_t chunk[kMaxEntries];
   uint8_t slot[kMaxEntries];
   int32_t n_entries;
@@ -80,7 +81,7 @@ static_assert(sizeof(AdamArgs<5>) <= kParamLimit - 64, "AdamW table over the ker
 static_assert(sizeof(LambArgs) + 2 * sizeof(void*) <= kParamLimit - 64, "LAMB table over the kernel-parameter limit");
 static_assert(sizeof(ReduceArgs) + 2 * sizeof(void*) <= kParamLimit - 64, "reduce table over the limit");
 static_assert(sizeof(ClipArgs) + 2 * sizeof(void*) <= kParamLimit - 64, "clip table over the kernel-parameter limit");
-static_assert(kChunk % (kThreads * 8) == 0, "a chunk is whole vectors of every dtype");
+static_assert(kMinChunk % 8 == 0 && kChunk % kMinChunk == 0, "chunk starts keep 16-byte alignment");
 static_assert(kThreads % 32 == 0 && kWarps <= 32, "block reduction takes at most 32 warps");
 
 // ---- element access ------------------------------------------------------------------------------------------
@@ -246,8 +247,8 @@ __global__ void __launch_bounds__(kThreads, 2) adamw_kernel(const __grid_constan
   constexpr int V = kVec<T>;
   for (int e = blockIdx.x; e < a.e.n_entries; e += gridDim.x) {
     const int s = a.e.slot[e];
-    const int64_t begin = static_cast<int64_t>(a.e.chunk[e]) * kChunk;
-    const int64_t n = chunk_len(a.numel[s], begin);
+    const int64_t begin = static_cast<int64_t>(a.e.chunk[e]) * a.e.chunk_size;
+    const int64_t n = chunk_len(a.numel[s], begin, a.e.chunk_size);
     T* p = static_cast<T*>(a.ptr[0][s]) + begin;
     const T* g = static_cast<const T*>(a.ptr[1][s]) + begin;
     T* m = static_cast<T*>(a.ptr[2][s]) + begin;
@@ -284,7 +285,8 @@ __global__ void __launch_bounds__(kThreads, 2) adamw_kernel(const __grid_constan
   }
 }
 
-void fill_entries(Entries& e, const PlanLaunch& L) {
+void fill_entries(Entries& e, const PlanLaunch& L, int64_t chunk) {
+  e.chunk_size = chunk;
   for (size_t k = 0; k < L.entries.size(); ++k) {
     e.chunk[k] = L.entries[k].chunk;
     e.slot[k] = static_cast<uint8_t>(L.entries[k].slot);
@@ -303,8 +305,8 @@ const char* check_plan(const std::vector<PlanLaunch>& plan, int max_tensors) {
 }
 
 template <typename T, bool AMS>
-LaunchStatus launch_adam(const std::vector<AdamTensor>& ts, const std::vector<PlanLaunch>& plan, const AdamParams& a,
-                         cudaStream_t stream) {
+LaunchStatus launch_adam(const std::vector<AdamTensor>& ts, const std::vector<PlanLaunch>& plan, int64_t chunk,
+                         const AdamParams& a, cudaStream_t stream) {
   constexpr int D = AMS ? 5 : 4;
   AdamArgs<D> args{};
   const bool small_w = std::fabs(a.w1) < 0.5f;
@@ -327,7 +329,7 @@ LaunchStatus launch_adam(const std::vector<AdamTensor>& ts, const std::vector<Pl
       args.coef[1][k] = t.neg_step_size;
       args.coef[2][k] = t.bc2_sqrt;
     }
-    fill_entries(args.e, L);
+    fill_entries(args.e, L, chunk);
     adamw_kernel<T, AMS><<<args.e.n_entries, kThreads, 0, stream>>>(args);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return {err, nullptr};
@@ -336,9 +338,10 @@ LaunchStatus launch_adam(const std::vector<AdamTensor>& ts, const std::vector<Pl
 }
 
 template <typename T>
-LaunchStatus adam_dispatch(const std::vector<AdamTensor>& ts, const std::vector<PlanLaunch>& plan,
+LaunchStatus adam_dispatch(const std::vector<AdamTensor>& ts, const std::vector<PlanLaunch>& plan, int64_t chunk,
                            const AdamParams& a, cudaStream_t stream) {
-  return a.amsgrad ? launch_adam<T, true>(ts, plan, a, stream) : launch_adam<T, false>(ts, plan, a, stream);
+  return a.amsgrad ? launch_adam<T, true>(ts, plan, chunk, a, stream)
+                   : launch_adam<T, false>(ts, plan, chunk, a, stream);
 }
 
 // ---- LAMB --------------------------------------------------------------------------------------------------
@@ -373,8 +376,8 @@ __global__ void __launch_bounds__(kThreads, 2) lamb_kernel(const __grid_constant
   const LambScalars<A> c(a);
   for (int e = blockIdx.x; e < a.e.n_entries; e += gridDim.x) {
     const int s = a.e.slot[e];
-    const int64_t begin = static_cast<int64_t>(a.e.chunk[e]) * kChunk;
-    const int64_t n = chunk_len(a.numel[s], begin);
+    const int64_t begin = static_cast<int64_t>(a.e.chunk[e]) * a.e.chunk_size;
+    const int64_t n = chunk_len(a.numel[s], begin, a.e.chunk_size);
     T* p = static_cast<T*>(a.ptr[0][s]) + begin;
     const T* g = static_cast<const T*>(a.ptr[1][s]) + begin;
     T* m = static_cast<T*>(a.ptr[2][s]) + begin;
@@ -454,7 +457,7 @@ __global__ void __launch_bounds__(kReduceThreads) lamb_trust_kernel(const __grid
 }
 
 void fill_lamb(LambArgs& args, const std::vector<LambTensor>& ts, const std::vector<int64_t>& offsets,
-               const PlanLaunch& L) {
+               const PlanLaunch& L, int64_t chunk) {
   for (size_t k = 0; k < L.tensors.size(); ++k) {
     const int32_t t = L.tensors[k];
     args.ptr[0][k] = ts[t].p;
@@ -465,7 +468,7 @@ void fill_lamb(LambArgs& args, const std::vector<LambTensor>& ts, const std::vec
     args.part_base[k] = static_cast<int32_t>(offsets[t]);
     args.id[k] = t;
   }
-  fill_entries(args.e, L);
+  fill_entries(args.e, L, chunk);
 }
 
 template <typename T>
@@ -473,9 +476,10 @@ LaunchStatus launch_lamb(const std::vector<LambTensor>& ts, const LambParams& a,
                          cudaStream_t stream) {
   std::vector<int64_t> numel(ts.size());
   for (size_t i = 0; i < ts.size(); ++i) numel[i] = ts[i].numel;
-  const std::vector<int64_t> offsets = chunk_offsets(numel);
+  const int64_t chunk = pick_chunk(numel);
+  const std::vector<int64_t> offsets = chunk_offsets(numel, chunk);
   if (offsets.back() >= std::numeric_limits<int32_t>::max()) return {cudaSuccess, "too many chunks for one call"};
-  const std::vector<PlanLaunch> plan = plan_chunks(numel, kLambMaxTensors, kMaxEntries);
+  const std::vector<PlanLaunch> plan = plan_chunks(numel, kLambMaxTensors, kMaxEntries, chunk);
   if (const char* why = check_plan(plan, kLambMaxTensors)) return {cudaSuccess, why};
   double2* parts = reinterpret_cast<double2*>(partials);
   LambArgs args{};
@@ -488,7 +492,7 @@ LaunchStatus launch_lamb(const std::vector<LambTensor>& ts, const LambParams& a,
   args.eps = a.eps;
   args.wd = a.weight_decay;
   for (const PlanLaunch& L : plan) {
-    fill_lamb(args, ts, offsets, L);
+    fill_lamb(args, ts, offsets, L, chunk);
     lamb_kernel<T, false><<<args.e.n_entries, kThreads, 0, stream>>>(args, parts, scales);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return {err, nullptr};
@@ -511,7 +515,7 @@ LaunchStatus launch_lamb(const std::vector<LambTensor>& ts, const LambParams& a,
     if (err != cudaSuccess) return {err, nullptr};
   }
   for (const PlanLaunch& L : plan) {
-    fill_lamb(args, ts, offsets, L);
+    fill_lamb(args, ts, offsets, L, chunk);
     lamb_kernel<T, true><<<args.e.n_entries, kThreads, 0, stream>>>(args, parts, scales);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return {err, nullptr};
@@ -541,8 +545,8 @@ __global__ void __launch_bounds__(kThreads) clip_norm_kernel(const __grid_consta
   __shared__ double red[kWarps];
   for (int e = blockIdx.x; e < a.e.n_entries; e += gridDim.x) {
     const int s = a.e.slot[e];
-    const int64_t begin = static_cast<int64_t>(a.e.chunk[e]) * kChunk;
-    const int64_t n = chunk_len(a.numel[s], begin);
+    const int64_t begin = static_cast<int64_t>(a.e.chunk[e]) * a.e.chunk_size;
+    const int64_t n = chunk_len(a.numel[s], begin, a.e.chunk_size);
     const T* g = static_cast<const T*>(a.ptr[s]) + begin;
     A acc = A(0);
     walk_chunk<V>(
@@ -596,8 +600,8 @@ __global__ void __launch_bounds__(kThreads) clip_scale_kernel(const __grid_const
   const T c = *coef;
   for (int e = blockIdx.x; e < a.e.n_entries; e += gridDim.x) {
     const int s = a.e.slot[e];
-    const int64_t begin = static_cast<int64_t>(a.e.chunk[e]) * kChunk;
-    const int64_t n = chunk_len(a.numel[s], begin);
+    const int64_t begin = static_cast<int64_t>(a.e.chunk[e]) * a.e.chunk_size;
+    const int64_t n = chunk_len(a.numel[s], begin, a.e.chunk_size);
     T* g = static_cast<T*>(a.ptr[s]) + begin;
     walk_chunk<V>(
         n, aligned16(g), threadIdx.x,
@@ -613,14 +617,14 @@ __global__ void __launch_bounds__(kThreads) clip_scale_kernel(const __grid_const
 }
 
 void fill_clip(ClipArgs& args, const std::vector<ClipTensor>& ts, const std::vector<int64_t>& offsets,
-               const PlanLaunch& L) {
+               const PlanLaunch& L, int64_t chunk) {
   for (size_t k = 0; k < L.tensors.size(); ++k) {
     const int32_t t = L.tensors[k];
     args.ptr[k] = ts[t].g;
     args.numel[k] = ts[t].numel;
     args.part_base[k] = static_cast<int32_t>(offsets[t]);
   }
-  fill_entries(args.e, L);
+  fill_entries(args.e, L, chunk);
 }
 
 template <typename T, NormKind K>
@@ -628,14 +632,15 @@ LaunchStatus launch_clip_norm(const std::vector<ClipTensor>& ts, const ClipParam
                               void* coef, cudaStream_t stream) {
   std::vector<int64_t> numel(ts.size());
   for (size_t i = 0; i < ts.size(); ++i) numel[i] = ts[i].numel;
-  const std::vector<int64_t> offsets = chunk_offsets(numel);
+  const int64_t chunk = pick_chunk(numel);
+  const std::vector<int64_t> offsets = chunk_offsets(numel, chunk);
   if (offsets.back() >= std::numeric_limits<int32_t>::max()) return {cudaSuccess, "too many chunks for one call"};
-  const std::vector<PlanLaunch> plan = plan_chunks(numel, kClipMaxTensors, kMaxEntries);
+  const std::vector<PlanLaunch> plan = plan_chunks(numel, kClipMaxTensors, kMaxEntries, chunk);
   if (const char* why = check_plan(plan, kClipMaxTensors)) return {cudaSuccess, why};
   ClipArgs args{};
   args.p = a.p;
   for (const PlanLaunch& L : plan) {
-    fill_clip(args, ts, offsets, L);
+    fill_clip(args, ts, offsets, L, chunk);
     clip_norm_kernel<T, K><<<args.e.n_entries, kThreads, 0, stream>>>(args, partials);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return {err, nullptr};
@@ -660,12 +665,13 @@ template <typename T>
 LaunchStatus launch_clip_scale(const std::vector<ClipTensor>& ts, const void* coef, cudaStream_t stream) {
   std::vector<int64_t> numel(ts.size());
   for (size_t i = 0; i < ts.size(); ++i) numel[i] = ts[i].numel;
-  const std::vector<int64_t> offsets = chunk_offsets(numel);
-  const std::vector<PlanLaunch> plan = plan_chunks(numel, kClipMaxTensors, kMaxEntries);
+  const int64_t chunk = pick_chunk(numel);
+  const std::vector<int64_t> offsets = chunk_offsets(numel, chunk);
+  const std::vector<PlanLaunch> plan = plan_chunks(numel, kClipMaxTensors, kMaxEntries, chunk);
   if (const char* why = check_plan(plan, kClipMaxTensors)) return {cudaSuccess, why};
   ClipArgs args{};
   for (const PlanLaunch& L : plan) {
-    fill_clip(args, ts, offsets, L);
+    fill_clip(args, ts, offsets, L, chunk);
     clip_scale_kernel<T><<<args.e.n_entries, kThreads, 0, stream>>>(args, static_cast<const T*>(coef));
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return {err, nullptr};
@@ -678,15 +684,16 @@ LaunchStatus launch_clip_scale(const std::vector<ClipTensor>& ts, const void* co
 LaunchStatus adamw_step(const std::vector<AdamTensor>& tensors, const AdamParams& a, cudaStream_t stream) {
   std::vector<int64_t> numel(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) numel[i] = tensors[i].numel;
-  if (chunk_offsets(numel).back() >= std::numeric_limits<int32_t>::max()) {
+  const int64_t chunk = pick_chunk(numel);
+  if (chunk_offsets(numel, chunk).back() >= std::numeric_limits<int32_t>::max()) {
     return {cudaSuccess, "too many chunks for one call"};
   }
-  const std::vector<PlanLaunch> plan = plan_chunks(numel, kAdamMaxTensors, kMaxEntries);
+  const std::vector<PlanLaunch> plan = plan_chunks(numel, kAdamMaxTensors, kMaxEntries, chunk);
   if (const char* why = check_plan(plan, kAdamMaxTensors)) return {cudaSuccess, why};
   switch (a.dtype) {
-    case DType::kFloat32: return adam_dispatch<float>(tensors, plan, a, stream);
-    case DType::kFloat16: return adam_dispatch<__half>(tensors, plan, a, stream);
-    case DType::kBFloat16: return adam_dispatch<__nv_bfloat16>(tensors, plan, a, stream);
+    case DType::kFloat32: return adam_dispatch<float>(tensors, plan, chunk, a, stream);
+    case DType::kFloat16: return adam_dispatch<__half>(tensors, plan, chunk, a, stream);
+    case DType::kBFloat16: return adam_dispatch<__nv_bfloat16>(tensors, plan, chunk, a, stream);
     default: return {cudaSuccess, "AdamW takes float32, float16 or bfloat16 tensors"};
   }
 }

@@ -221,12 +221,13 @@ void fused_lamb_cuda(const std::vector<at::Tensor>& params, const std::vector<at
     }
   }
   std::vector<co::LambTensor> ts(n);
-  int64_t chunks = 0;
+  std::vector<int64_t> numel(n);
   for (size_t i = 0; i < n; ++i) {
     ts[i] = {params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
              params[i].numel()};
-    chunks += co::num_chunks(params[i].numel());
+    numel[i] = params[i].numel();
   }
+  const int64_t chunks = co::chunk_offsets(numel, co::pick_chunk(numel)).back();  // as lamb_step cuts them
   const c10::cuda::CUDAGuard guard(ref.device());
   const bool f32 = ref.scalar_type() == at::kFloat;
   const co::LambParams a =
@@ -262,11 +263,12 @@ at::Tensor fused_clip_grad_norm_cuda(const std::vector<at::Tensor>& grads, doubl
   check_list(fn, "grads", grads, ref);
   a.dtype = to_dtype(ref.scalar_type());
   std::vector<co::ClipTensor> ts(grads.size());
-  int64_t chunks = 0;
+  std::vector<int64_t> numel(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
     ts[i] = {grads[i].data_ptr(), grads[i].numel()};
-    chunks += co::num_chunks(grads[i].numel());
+    numel[i] = grads[i].numel();
   }
+  const int64_t chunks = co::chunk_offsets(numel, co::pick_chunk(numel)).back();  // as clip_norm cuts them
   const c10::cuda::CUDAGuard guard(ref.device());
   at::Tensor total = at::empty({}, ref.options());
   at::Tensor coef = at::empty({1}, ref.options());

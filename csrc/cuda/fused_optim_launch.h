@@ -4,7 +4,7 @@
 // csrc/fused_adam.h and csrc/fused_lamb.h.
 //
 // Multi-tensor layout (in the style of apex's multi_tensor_apply): every tensor of a list is cut into chunks of
-// kChunk elements (its last chunk may be shorter); a launch takes a table of up to MaxTensors tensors (addresses,
+// pick_chunk(sizes) elements (kMinChunk..kChunk; a tensor's last chunk may be shorter); a launch takes a table of up to MaxTensors tensors (addresses,
 // sizes, per-tensor values) and up to MaxEntries (tensor slot, chunk index) entries, passed by value as the kernel's
 // argument struct (under the 4 KB kernel-parameter limit; no host-to-device copy). A CTA of kThreads threads takes
 // entries blockIdx.x, blockIdx.x + gridDim.x, ... Longer lists take several launches; a tensor may continue in the
@@ -12,7 +12,7 @@
 // (tests/ops/test_fused_optim_cuda.py) checks it with the system compiler (define MLTK_OPTIM_PLAN_ONLY there).
 //
 // Per-chunk partial results (LAMB's sums of p^2 and u^2, the clip's sum of |g|^p or max |g|) go to slot
-// chunk_offsets(numel)[t] + chunk of a scratch buffer; a second kernel adds a tensor's slots in chunk order with a
+// chunk_offsets(numel, chunk)[t] + chunk of a scratch buffer; a second kernel adds a tensor's slots in chunk order with a
 // fixed reduction tree, so the norms are deterministic (no atomics) and do not depend on the launch split.
 #pragma once
 #include <cstddef>
@@ -30,7 +30,8 @@ enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3
 
 inline int dtype_size(DType t) { return t == DType::kFloat64 ? 8 : t == DType::kFloat32 ? 4 : 2; }
 
-constexpr int64_t kChunk = 65536;  // elements per chunk: a multiple of every vector width times kThreads
+constexpr int64_t kChunk = 65536;    // elements per chunk (the largest; see pick_chunk)
+constexpr int64_t kMinChunk = 4096;  // the smallest; every chunk size is a multiple of it (16-byte aligned starts)
 constexpr int kThreads = 512;      // threads per CTA of the chunk kernels
 constexpr int kMaxEntries = 320;   // chunks per launch (apex's 320)
 // Tensors per launch, by kernel (bounded by the 4 KB parameter space; static_asserts in fused_optim.cu).
@@ -58,6 +59,23 @@ inline std::vector<int64_t> chunk_offsets(const std::vector<int64_t>& numel, int
   std::vector<int64_t> off(numel.size() + 1, 0);
   for (size_t t = 0; t < numel.size(); ++t) off[t + 1] = off[t] + num_chunks(numel[t], chunk);
   return off;
+}
+
+// The chunk size of a call: kChunk for large tensors, smaller (a multiple of kMinChunk) when the mean tensor is
+// small, so that a launch (at most max_tensors tensors: the parameter space bounds it) still holds about 8 chunks
+// per tensor, i.e. enough CTAs to fill the GPU (200 tensors of 50K elements: 8192-element chunks, 224 CTAs a launch
+// instead of 32). Depends only on the sizes: the same list always gets the same chunks (deterministic norms).
+inline int64_t pick_chunk(const std::vector<int64_t>& numel) {
+  int64_t total = 0, count = 0;
+  for (int64_t n : numel) {
+    if (n > 0) {
+      total += n;
+      ++count;
+    }
+  }
+  if (count == 0) return kChunk;
+  const int64_t c = (total / count / 8 + kMinChunk - 1) / kMinChunk * kMinChunk;
+  return c < kMinChunk ? kMinChunk : c > kChunk ? kChunk : c;
 }
 
 // Cuts the chunks of all tensors (in list order, empty tensors skipped) into launches of at most max_tensors tensors
@@ -98,9 +116,9 @@ inline std::vector<PlanLaunch> plan_chunks(const std::vector<int64_t>& numel, in
 #define MLTK_OPTIM_HD inline
 #endif
 
-// Elements of the chunk that starts at element begin (< numel): kChunk, or what is left of the tensor.
-MLTK_OPTIM_HD int64_t chunk_len(int64_t numel, int64_t begin) {
-  return numel - begin < kChunk ? numel - begin : kChunk;
+// Elements of the chunk that starts at element begin (< numel): chunk, or what is left of the tensor.
+MLTK_OPTIM_HD int64_t chunk_len(int64_t numel, int64_t begin, int64_t chunk) {
+  return numel - begin < chunk ? numel - begin : chunk;
 }
 
 // Thread tid (of kThreads) of the CTA that walks a chunk of n elements: with vec_ok (every pointer 16-byte aligned at
@@ -177,7 +195,7 @@ struct LambParams {
   double max_trust_ratio = 0.0;   // > 0: clamp
 };
 
-// Scratch: partials of 2 * chunk_offsets(numel).back() doubles, scales of tensors.size() doubles (device memory).
+// Scratch: partials of 2 * chunk_offsets(numel, pick_chunk(numel)).back() doubles, scales of tensors.size() doubles (device memory).
 LaunchStatus lamb_step(const std::vector<LambTensor>& tensors, const LambParams& a, double* partials,
                        double* scales, cudaStream_t stream);
 
@@ -196,7 +214,7 @@ struct ClipParams {
   double max_norm = 1.0;
 };
 
-// Phase 1: per-chunk partials (chunk_offsets(numel).back() doubles) and then, in one CTA, total (a 0-dim tensor of
+// Phase 1: per-chunk partials (chunk_offsets(numel, pick_chunk(numel)).back() doubles) and then, in one CTA, total (a 0-dim tensor of
 // dtype) and coef (one element of dtype) = min(1, max_norm / (total + 1e-6)) computed in dtype (nan when total is).
 LaunchStatus clip_norm(const std::vector<ClipTensor>& tensors, const ClipParams& a, double* partials, void* total,
                        void* coef, cudaStream_t stream);

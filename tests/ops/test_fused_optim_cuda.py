@@ -26,7 +26,7 @@ from mltoolkit.ops.reference.fused_lamb import lamb_step as reference_lamb
 from mltoolkit.optim import AdamW
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CHUNK = 65536
+CHUNK = 65536  # the largest chunk (kChunk); calls on smaller tensors use smaller chunks (pick_chunk)
 needs_cuda_build = pytest.mark.skipif(_ext.cuda_unavailable() is not None, reason=str(_ext.cuda_unavailable()))
 
 
@@ -113,7 +113,14 @@ static void check_walk(int64_t n, bool vec_ok) {
 int main() {
   static_assert(kChunk % (kThreads * 8) == 0, "chunk of whole vectors");
   // chunk_len: full chunks, then the rest
-  EXPECT(chunk_len(kChunk * 3 + 5, kChunk * 3) == 5 && chunk_len(kChunk * 3, kChunk * 2) == kChunk, "chunk_len");
+  EXPECT(chunk_len(kChunk * 3 + 5, kChunk * 3, kChunk) == 5 && chunk_len(kChunk * 3, kChunk * 2, kChunk) == kChunk,
+         "chunk_len");
+  // pick_chunk: kChunk for large tensors, ~8 chunks a tensor for mid-size ones, never below kMinChunk
+  EXPECT(pick_chunk({}) == kChunk && pick_chunk({0, 0}) == kChunk, "pick_chunk of nothing");
+  EXPECT(pick_chunk(std::vector<int64_t>(200, 500000)) == kChunk, "pick_chunk 100M / 200");
+  EXPECT(pick_chunk(std::vector<int64_t>(200, 50000)) == 8192, "pick_chunk 10M / 200: %lld",
+         (long long)pick_chunk(std::vector<int64_t>(200, 50000)));
+  EXPECT(pick_chunk({1, 7, 0}) == kMinChunk, "pick_chunk of tiny tensors");
   EXPECT(num_chunks(0) == 0 && num_chunks(1) == 1 && num_chunks(kChunk) == 1 && num_chunks(kChunk + 1) == 2, "nc");
   // The kernels' real capacities and tiny ones (every boundary case is reached quickly).
   const int caps[][2] = {{kAdamMaxTensors, kMaxEntries}, {kLambMaxTensors, kMaxEntries},
@@ -131,7 +138,10 @@ int main() {
       }
       if (x < 0) x = 0;
     }
-    for (const auto& cap : caps) check_plan(numel, cap[0], cap[1], trial % 2 ? kChunk : 1000);
+    const int64_t picked = pick_chunk(numel);
+    EXPECT(picked % kMinChunk == 0 && picked >= kMinChunk && picked <= kChunk, "pick_chunk %lld", (long long)picked);
+    for (const auto& cap : caps) check_plan(numel, cap[0], cap[1], trial % 3 == 0 ? kChunk : trial % 3 == 1 ? 1000
+                                                                                                           : picked);
   }
   // Over one table: 200 tensors (> every tensor capacity), one tensor of 1000 chunks (> kMaxEntries).
   check_plan(std::vector<int64_t>(200, 12345), kAdamMaxTensors, kMaxEntries, kChunk);

@@ -14,6 +14,22 @@
 #include "int8_weight_only_linear.h"
 #include "norm.h"
 
+#ifdef MLTK_WITH_CUDA
+namespace mltoolkit {  // csrc/cuda/fused_optim_cuda.cpp (contracts: fused_adam.h, fused_lamb.h)
+void fused_adamw_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                      const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                      const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& state_steps,
+                      double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
+                      bool maximize);
+void fused_lamb_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                     const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs, double lr,
+                     double beta1, double beta2, double eps, double weight_decay, int64_t step, bool bias_correction,
+                     bool grad_averaging, bool use_trust_ratio, double max_trust_ratio);
+at::Tensor fused_clip_grad_norm_cuda(const std::vector<at::Tensor>& grads, double max_norm, double norm_type,
+                                     bool error_if_nonfinite);
+}  // namespace mltoolkit
+#endif
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mltoolkit C++/CUDA kernels";
   // The GIL stays held: the calls are short (GPU launches are asynchronous, CPU kernels use their own threads).
@@ -54,6 +70,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_linear_cuda", &mltoolkit::int8_linear_cuda);
   m.def("dequantize_int4_cuda", &mltoolkit::dequantize_int4_cuda);
   m.def("int4_weight_only_linear_cuda", &mltoolkit::int4_weight_only_linear_cuda);
+  m.def("fused_adamw_cuda", &mltoolkit::fused_adamw_cuda);
+  m.def("fused_lamb_cuda", &mltoolkit::fused_lamb_cuda);
+  m.def("fused_clip_grad_norm_cuda", &mltoolkit::fused_clip_grad_norm_cuda);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

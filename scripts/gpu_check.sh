@@ -79,6 +79,8 @@ if has selfcheck; then
   grep -E "FAIL|ERROR|raised|Fatal|passed|failed|exit" "$LOGS/selfcheck-norm.log" | head -12
   run selfcheck-quant 70 $PY -X faulthandler scripts/quant_cuda_selfcheck.py --quick --bench
   grep -E "FAIL|ERROR|raised|Fatal|failures|ratio|int8 M|int4 M|exit" "$LOGS/selfcheck-quant.log" | head -24
+  run selfcheck-optim 90 $PY -X faulthandler scripts/optim_cuda_selfcheck.py
+  grep -E "FAIL|ERROR|raised|Fatal|passed|failed|---| ms |exit" "$LOGS/selfcheck-optim.log" | head -30
 fi
 
 if has bench; then
@@ -92,7 +94,7 @@ if has test; then
     tests/ops/test_attention.py tests/ops/test_attention_band.py tests/ops/test_rotary.py tests/ops/test_norm.py
     tests/nn/test_attention_modules.py tests/ops/test_quant_cuda.py tests/ops/test_quant_triton.py tests/ops/test_int8_triton_extra.py
     tests/ops/test_fake_quantize_triton.py tests/test_qat.py tests/test_train_aids.py tests/test_checkpoint.py
-    tests/test_optim_adamw.py tests/test_optim_lamb.py
+    tests/test_optim_adamw.py tests/test_optim_lamb.py tests/ops/test_fused_optim_cuda.py
     tests/test_pruning.py tests/test_distill.py"}
   xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 14")
   per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")

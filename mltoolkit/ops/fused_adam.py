@@ -5,7 +5,8 @@
 
 Mutates params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs (used only when amsgrad; else pass []) and state_steps
 (each += 1 first), with torch.optim.AdamW(foreach=False)'s arithmetic; the contract is csrc/fused_adam.h. Backends:
-C++ CPU (float32, dense tensors), Triton (CUDA; CPU only when forced under TRITON_INTERPRET=1; float32 / bf16 /
+C++ CPU (float32, dense tensors), CUDA C++ (csrc/cuda/fused_optim.cu: float32 / bf16 / fp16 with float32
+math, dense tensors; ahead of Triton), Triton (CUDA; CPU only when forced under TRITON_INTERPRET=1; float32 / bf16 /
 fp16 with float32 math), and the plain-PyTorch reference (anything else). mltoolkit.optim.AdamW is the user-facing
 optimizer.
 """
@@ -85,7 +86,35 @@ def _cpp_unavailable() -> Optional[str]:
     return None if hasattr(_ext._C, "fused_adamw_cpu") else "mltoolkit._C predates fused_adamw_cpu; rebuild it"
 
 
+def _cuda_supports(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg_sqs=None, *_) -> Optional[str]:
+    """csrc/cuda/fused_optim.cu: CUDA tensors of one device, float32 / float16 / bfloat16 params, grads and state in
+    the param's dtype and strides, dense (state lists may be left out, as for _cpp_supports)."""
+    for i, p in enumerate(params):
+        if not p.is_cuda:
+            return f"needs CUDA tensors, got params[{i}] on {p.device.type}"
+        if p.device != params[0].device:
+            return f"params on several devices ({params[0].device}, {p.device})"
+        if p.dtype not in TRITON_DTYPES:
+            return f"float32 / float16 / bfloat16 only, got params[{i}] of {p.dtype}"
+        if not dense(p):
+            return f"params[{i}] is not dense (strides {tuple(p.stride())})"
+        states = [grads[i]] + ([exp_avgs[i], exp_avg_sqs[i]] if exp_avgs is not None else [])
+        states += [max_exp_avg_sqs[i]] if max_exp_avg_sqs else []
+        if any(t.dtype != p.dtype or t.layout != torch.strided or t.device != p.device or not _same_layout(p, t)
+               for t in states):
+            return f"grads / state of params[{i}] are not in its dtype, device and strides"
+    return None
+
+
+def _cuda_unavailable() -> Optional[str]:
+    if _ext.cuda_unavailable():
+        return _ext.cuda_unavailable()
+    return None if hasattr(_ext._C, "fused_adamw_cuda") else "mltoolkit._C predates fused_adamw_cuda; rebuild it"
+
+
 FUSED_ADAMW.register("cpp", _cpp_supports, _cpp_unavailable, step=lambda *a: _ext._C.fused_adamw_cpu(*a))
+# CUDA C++ ahead of Triton for CUDA tensors (the order is the default; to be settled by an H100 measurement).
+FUSED_ADAMW.register("cuda", _cuda_supports, _cuda_unavailable, step=lambda *a: _ext._C.fused_adamw_cuda(*a))
 FUSED_ADAMW.register("triton", _triton_supports, _ext.triton_unavailable,
                      step=lambda *a: _triton_kernels().fused_adamw_step(*a))
 FUSED_ADAMW.register("reference", lambda *_: None, step=reference.fused_adamw_)

@@ -13,7 +13,8 @@ param group with exclude_from_layer_adaptation). The clip computes what torch.nn
 norm_type 2 and inf. The LAMB optimizer (mltoolkit.optim.LAMB) and clip_grad_norm_ (mltoolkit.optim.clip) are the
 user-facing layer.
 
-Backends: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 when forced), "cpp" (CPU; float32 or
+Backends: "cuda" (csrc/cuda/fused_optim.cu; CUDA tensors, float32 or float64, one dtype, contiguous; ahead of
+Triton), "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 when forced), "cpp" (CPU; float32 or
 float64, one dtype, contiguous), "reference" (plain PyTorch, anything).
 """
 from __future__ import annotations
@@ -75,11 +76,34 @@ def _cpp_lamb(*args):
     _ext._C.fused_lamb_cpu(*args)
 
 
+def _cuda_supports(*lists) -> Optional[str]:
+    """csrc/cuda/fused_optim.cu: contiguous float32 or float64 CUDA tensors of one dtype and device."""
+    tensors = [t for ts in lists for t in ts]
+    if not tensors:
+        return "nothing to do"
+    if not tensors[0].is_cuda:
+        return f"needs CUDA tensors, got {tensors[0].device.type}"
+    if any(t.device != tensors[0].device or not t.is_contiguous() for t in tensors):
+        return "needs contiguous tensors on one device"
+    if any(t.dtype not in _CPP_DTYPES or t.dtype != tensors[0].dtype for t in tensors):
+        return "needs float32 or float64 tensors of one dtype"
+    return None
+
+
+def _cuda_unavailable() -> Optional[str]:
+    if _ext.cuda_unavailable():
+        return _ext.cuda_unavailable()
+    return None if hasattr(_ext._C, "fused_lamb_cuda") else "mltoolkit._C predates fused_lamb_cuda; rebuild it"
+
+
+# CUDA C++ ahead of Triton for CUDA tensors (the order is the default; to be settled by an H100 measurement).
+LAMB.register("cuda", _cuda_supports, _cuda_unavailable, step=lambda *a: _ext._C.fused_lamb_cuda(*a))
 LAMB.register("triton", _triton_supports, _ext.triton_unavailable,
               step=lambda *a: _triton_kernels().fused_lamb_step(*a))
 LAMB.register("cpp", _cpp_supports, _ext.cpp_unavailable, step=_cpp_lamb)
 LAMB.register("reference", lambda *_: None, step=reference.lamb_step)
 
+CLIP.register("cuda", _cuda_supports, _cuda_unavailable, clip=lambda *a: _ext._C.fused_clip_grad_norm_cuda(*a))
 CLIP.register("triton", _triton_supports, _ext.triton_unavailable,
               clip=lambda *a: _triton_kernels().fused_clip_grad_norm(*a))
 CLIP.register("cpp", _cpp_supports, _ext.cpp_unavailable, clip=lambda *a: _ext._C.fused_clip_grad_norm_cpu(*a))

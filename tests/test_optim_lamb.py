@@ -343,3 +343,14 @@ def test_cpp_kernel_checks():
         C.fused_clip_grad_norm_cpu([p], 1.0, 1.0, False)
     with pytest.raises(RuntimeError, match=r"fused_clip_grad_norm_cpu: grads\[0\] must be float32"):
         C.fused_clip_grad_norm_cpu([torch.zeros(3, dtype=torch.int32)], 1.0, 2.0, False)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_clip_empty_gradient(name, norm_type):
+    """An empty gradient among others contributes nothing to the total (inf norm: max() of it would raise)."""
+    empty, p = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(2))
+    empty.grad, p.grad = torch.zeros(0), torch.tensor([3.0, -4.0])
+    with backend(name):
+        total = clip_grad_norm_([empty, p], 1.0, norm_type)
+    assert float(total) == (5.0 if norm_type == 2.0 else 4.0)

@@ -67,8 +67,9 @@ def _triton_supports(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg
             return f"params[{i}] is not contiguous"
         states = ([exp_avgs[i], exp_avg_sqs[i]] if exp_avgs is not None else [])
         states += [max_exp_avg_sqs[i]] if max_exp_avg_sqs else []
-        if grads[i].layout != torch.strided or not grads[i].is_contiguous() or grads[i].shape != p.shape:
-            return f"grads[{i}] is not a contiguous dense tensor of params[{i}]'s shape"
+        g = grads[i]
+        if g.layout != torch.strided or not g.is_contiguous() or g.shape != p.shape or g.dtype != p.dtype:
+            return f"grads[{i}] is not a contiguous dense tensor of params[{i}]'s shape and dtype"
         if any(t.dtype != p.dtype or not t.is_contiguous() or t.shape != p.shape for t in states):
             return f"state of params[{i}] is not contiguous in its dtype"
     return None

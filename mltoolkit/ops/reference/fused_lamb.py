@@ -41,7 +41,9 @@ def lamb_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
 def clip_grad_norm(grads: list[Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool) -> Tensor:
     """torch.nn.utils.clip_grad_norm_ on a list of gradients (norm_type 2 or inf), with the total in float64."""
     if math.isinf(norm_type):
-        total = torch.stack([g.detach().abs().max().double() for g in grads]).max()
+        # (an empty gradient contributes 0: max() of an empty tensor raises)
+        total = torch.stack([g.detach().abs().max().double() if g.numel() else g.new_zeros((), dtype=torch.float64)
+                             for g in grads]).max()
     else:
         total = torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum().sqrt()
     total = total.to(grads[0].dtype)

@@ -176,7 +176,8 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
-        h = self.dropout(linear_act(hidden, self.dense.weight, self.dense.bias))
+        # under autocast the GEMM gives bf16/fp16 while the residual stream stays float32, as in transformers
+        h = self.dropout(linear_act(hidden, self.dense.weight, self.dense.bias)).to(residual.dtype)
         return norm_ops.add_layer_norm(h, residual, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)[0]
 
 

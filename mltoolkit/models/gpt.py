@@ -184,7 +184,8 @@ class GPT2Block(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor], cache: Optional[KVCache]) -> Tensor:
         a = self.attn(self.ln_1(x), mask, cache)
-        h, x = norm_ops.add_layer_norm(a, x, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
+        # under autocast the attention output is bf16/fp16 while the residual stream stays float32
+        h, x = norm_ops.add_layer_norm(a.to(x.dtype), x, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
         return x + self.mlp(h)
 
 
@@ -409,7 +410,7 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x: Tensor, rope, mask: Optional[Tensor], cache: Optional[KVCache]) -> Tensor:
         a = self.self_attn(self.input_layernorm(x), rope, mask, cache)
         n = self.post_attention_layernorm
-        h, x = norm_ops.add_rms_norm(a, x, n.weight, n.eps)
+        h, x = norm_ops.add_rms_norm(a.to(x.dtype), x, n.weight, n.eps)
         return x + self.mlp(h)
 
 

@@ -226,6 +226,24 @@ def test_pytorch_model_bin_and_old_keys(tmp_path):
         close(ours(ids).logits, ref(ids).logits)
 
 
+def test_sharded_safetensors_and_legacy_layer_norm_names(tmp_path):
+    ref = hf_model(transformers.BertModel, bert_config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ids, mask, types = inputs()
+    with torch.no_grad():
+        expected = ref(ids, attention_mask=mask, token_type_ids=types).pooler_output
+        close(hf.from_pretrained(tmp_path / "sharded")(ids, mask, types).pooler_output, expected)
+    state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+             for k, v in ref.state_dict().items()}
+    ours = bert.BertModel(bert.BertConfig.from_dict(ref.config.to_dict())).eval()
+    assert hf.load_weights(ours, state, strict=True) == {"missing_keys": [], "unexpected_keys": []}
+    with torch.no_grad():
+        close(ours(ids, mask, types).pooler_output, expected)
+
+
 def test_config_round_trip_and_overrides(tmp_path):
     cfg = bert.BertConfig(vocab_size=50, hidden_size=16, num_attention_heads=2, num_labels=4)
     again = bert.BertConfig.from_dict(cfg.to_dict())

@@ -241,11 +241,13 @@ class _CausalLM(GenerationMixin, PreTrainedModel):
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, past_key_values: Optional[KVCache] = None,
                 use_cache: bool = False, labels: Optional[Tensor] = None, output_hidden_states: bool = False,
-                logits_to_keep: int = 0) -> CausalLMOutputWithPast:
+                logits_to_keep: int = 0, cache: Optional[KVCache] = None) -> CausalLMOutputWithPast:
         """input_ids (B, L); attention_mask (B, past + L), 1 = token, 0 = padding (left padding for generation);
-        position_ids (B, L) (default past..past+L-1); past_key_values: a KVCache (updated in place and returned);
-        labels (B, L): next-token loss (shifted inside, -100 ignored); logits_to_keep > 0: logits of the last
-        positions only."""
+        position_ids (B, L) (default past..past+L-1); past_key_values (or cache, transformers 5's name): a KVCache
+        (updated in place and returned); labels (B, L): next-token loss (shifted inside, -100 ignored);
+        logits_to_keep > 0: logits of the last positions only."""
+        if past_key_values is None:
+            past_key_values = cache
         out = getattr(self, self.trunk_name)(input_ids, attention_mask, position_ids, past_key_values, use_cache,
                                              output_hidden_states)
         h = out.last_hidden_state
@@ -483,15 +485,15 @@ def _builder(cls, config_cls, **defaults):
     return build
 
 
+# Sizes stop at ~350M parameters so that building every registered model (registry-wide tests) stays affordable;
+# larger checkpoints load through from_pretrained, which takes the sizes from config.json.
 _GPT2 = {"gpt2": {}, "gpt2_medium": dict(n_embd=1024, n_layer=24, n_head=16),
-         "gpt2_large": dict(n_embd=1280, n_layer=36, n_head=20), "gpt2_xl": dict(n_embd=1600, n_layer=48, n_head=25),
          "gpt2_tiny": dict(vocab_size=1024, n_positions=256, n_embd=128, n_layer=2, n_head=2)}
 _LLAMA = {
     "llama_tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
     "llama_small": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                         num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
-    "llama2_7b": dict(),
 }
 
 MODELS = {name: _builder(GPT2LMHeadModel, GPT2Config, **cfg) for name, cfg in _GPT2.items()}

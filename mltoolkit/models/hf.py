@@ -224,13 +224,24 @@ def _align_prefix(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dic
     return state
 
 
+def _rename_legacy(state: dict[str, torch.Tensor], own: dict) -> dict[str, torch.Tensor]:
+    """LayerNorm.gamma / .beta of checkpoints converted from TensorFlow -> .weight / .bias (as transformers does)."""
+    renamed = {}
+    for k, v in state.items():
+        for old, new in ((".gamma", ".weight"), (".beta", ".bias")):
+            if k.endswith(old) and k not in own and k[: -len(old)] + new in own:
+                k = k[: -len(old)] + new
+        renamed[k] = v
+    return renamed
+
+
 def load_weights(model: PreTrainedModel, state: dict[str, torch.Tensor], strict: bool = False) -> dict:
     """Copy `state` (transformers' keys) into `model`; returns {"missing_keys", "unexpected_keys"}.
 
     Shape mismatches raise ValueError naming every mismatching key. Missing and unexpected keys raise with
     strict=True, else warn (missing weights keep their random init, as in transformers)."""
-    state = _align_prefix(model, state)
     own = model.state_dict()
+    state = _rename_legacy(_align_prefix(model, state), own)
     tied = model.active_tied_keys()
     mismatched = [f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}"
                   for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]

@@ -69,8 +69,10 @@ def _check_ids(fn: str, input_ids, max_positions: Optional[int], past: int) -> N
 
 
 def _lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Next-token cross-entropy: logits[:, i] predicts labels[:, i + 1]; -100 is ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    """Next-token cross-entropy: logits[:, i] predicts labels[:, i + 1]; -100 is ignored. The labels are shifted
+    (padded with -100) rather than the logits sliced, so the (tokens, vocab) logits are not copied."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
 
 
 def _linear(x: Tensor, module: nn.Linear, act: str = "none") -> Tensor:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mltoolkit.models import create_model
+from tests.test_models_registry import fill_
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -30,39 +31,6 @@ def _one_thread():
 
 def _kwargs(name: str) -> dict:
     return {"image_size": IMAGE_SIZE.get(name, 64)} if name.startswith("vit") else {}
-
-
-def fill_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter and buffer set from one random vector of prime length (cheap, and rows differ): weights with
-    variance 1 / fan_in, batch-norm affine and running stats around (1, 0), so the logits stay O(1)..O(1e3)."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(1_000_003, generator=g)
-    offset = 0
-
-    def take(n: int) -> torch.Tensor:
-        nonlocal offset
-        reps = (offset + n) // base.numel() + 1
-        out = base.repeat(reps)[offset:offset + n] if reps > 1 else base[offset:offset + n]
-        offset = (offset + 7919 * n + 1) % base.numel()
-        return out
-
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point():
-                t.fill_(3)
-                continue
-            r = take(t.numel()).view_as(t)
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "running_var":
-                t.copy_(r.abs() * 0.5 + 0.5)
-            elif leaf == "running_mean" or (t.dim() == 1 and leaf == "bias"):
-                t.copy_(r * 0.1)
-            elif t.dim() == 1:  # norm weights
-                t.copy_(1 + 0.2 * r)
-            else:
-                fan_in = t[0].numel() if t.dim() > 1 else 1
-                t.copy_(r).mul_((1.0 / fan_in) ** 0.5 if leaf != "pos_embedding" and "token" not in leaf else 0.02)
-    return model
 
 
 def _build_pair(name: str, **extra):

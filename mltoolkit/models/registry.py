@@ -71,7 +71,12 @@ def register_alias(alias: str, name: str) -> None:
 
 def list_models(pattern: str | Iterable[str] = "*") -> list[str]:
     """The registered model names matching an fnmatch pattern ("resnet*", "vit_?_16") or any of several, sorted."""
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    if isinstance(pattern, str):
+        patterns = [pattern]
+    elif isinstance(pattern, (list, tuple, set)):
+        patterns = list(pattern)
+    else:
+        raise TypeError(f"list_models: pattern must be a str or a list of str, got {type(pattern).__name__}")
     for p in patterns:
         if not isinstance(p, str):
             raise TypeError(f"list_models: pattern must be a str or a list of str, got {type(p).__name__}")

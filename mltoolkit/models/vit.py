@@ -161,11 +161,14 @@ def _register(name: str):
     patch, layers, heads, hidden, mlp = _CONFIGS[name]
 
     def build(image_size: int = 224, **kwargs) -> VisionTransformer:
-        return VisionTransformer(image_size, patch, layers, heads, hidden, mlp, **kwargs)
+        cfg = dict(patch_size=patch, num_layers=layers, num_heads=heads, hidden_dim=hidden, mlp_dim=mlp)
+        cfg.update(kwargs)  # any of the architecture's numbers can be overridden too (e.g. num_layers=6)
+        return VisionTransformer(image_size, **cfg)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = (f"{name}: patch {patch}, {layers} layers, {heads} heads, width {hidden}, MLP {mlp}; kwargs: "
-                     "image_size, num_classes, dropout, attention_dropout, representation_size.")
+                     "image_size, num_classes, dropout, attention_dropout, representation_size, or any of patch_size, "
+                     "num_layers, num_heads, hidden_dim, mlp_dim to override the architecture.")
     register_model(build, name=name, family="vit")
     return build
 

@@ -18,6 +18,7 @@ from mltoolkit import nn as mnn
 from mltoolkit import ops
 from mltoolkit.models.registry import register_model
 from mltoolkit.nn.conv import conv_bn_act_forward
+from mltoolkit.ops.reference.conv import memory_format
 
 
 def _make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -63,7 +64,9 @@ class SqueezeExcitation(nn.Module):
         scale = self.avgpool(x)
         scale = ops.conv2d_act(scale, self.fc1.weight, self.fc1.bias, activation="silu")
         scale = torch.sigmoid(self.fc2(scale))
-        return scale * x
+        # In x's memory format: the fused convs return channels_last, and a broadcast multiply across layouts takes
+        # torch's slow path (3x slower).
+        return x * scale.contiguous(memory_format=memory_format(x))
 
 
 class StochasticDepth(nn.Module):

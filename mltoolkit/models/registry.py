@@ -1,0 +1,209 @@
+"""The model registry: `@register_model`, `create_model(name, pretrained_path=None, **kwargs)`, `list_models(pattern)`,
+and loading a local checkpoint file into a model (`load_pretrained`).
+
+A checkpoint is a state_dict saved with torch.save (or a .safetensors file), possibly wrapped in a dict under
+"state_dict", "model", "model_state_dict" or "module", possibly with DDP's "module." prefix. Its key format is
+detected: our own keys (which are torchvision's for the models torchvision has) load as they are; other formats
+(timm) go through the converters registered for the model's family (mltoolkit.models._timm). Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+# A converter takes a state_dict in some foreign format and returns it in our keys (or None if it is not its format).
+Converter = Callable[[Mapping[str, torch.Tensor]], "dict[str, torch.Tensor] | None"]
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    fn: Callable[..., torch.nn.Module]
+    family: str
+    aliases: tuple[str, ...] = ()
+    converters: dict[str, Converter] = field(default_factory=dict)
+
+
+_MODELS: dict[str, ModelEntry] = {}
+_ALIASES: dict[str, str] = {}
+# family -> {format name: converter}; filled by the family modules and _timm.
+_CONVERTERS: dict[str, dict[str, Converter]] = {}
+
+
+def register_model(fn: Callable[..., torch.nn.Module] | None = None, *, name: str | None = None,
+                   family: str | None = None, aliases: Iterable[str] = ()):
+    """Register a model builder under `name` (default: the function's name). Usable as `@register_model` or
+    `@register_model(name=..., family=..., aliases=(...))`. `family` selects the checkpoint converters (default:
+    the builder's module name, e.g. "resnet"); aliases (e.g. timm's names) resolve in create_model but are not
+    listed by list_models."""
+
+    def wrap(f):
+        key = name or f.__name__
+        if key in _MODELS or key in _ALIASES:
+            raise ValueError(f"register_model: a model named {key!r} is already registered")
+        fam = family or f.__module__.rsplit(".", 1)[-1]
+        _MODELS[key] = ModelEntry(key, f, fam, tuple(aliases))
+        for alias in aliases:
+            if alias in _MODELS or alias in _ALIASES:
+                raise ValueError(f"register_model: alias {alias!r} of {key!r} is already taken")
+            _ALIASES[alias] = key
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def register_converter(family: str, format_name: str, converter: Converter) -> None:
+    """Add a checkpoint key converter for every model of `family` (e.g. "timm" for "resnet")."""
+    _CONVERTERS.setdefault(family, {})[format_name] = converter
+
+
+def register_alias(alias: str, name: str) -> None:
+    if alias in _MODELS or alias in _ALIASES:
+        raise ValueError(f"register_alias: {alias!r} is already taken")
+    _ALIASES[alias] = name
+
+
+def list_models(pattern: str | Iterable[str] = "*") -> list[str]:
+    """The registered model names matching an fnmatch pattern ("resnet*", "vit_?_16") or any of several, sorted."""
+    if isinstance(pattern, str):
+        patterns = [pattern]
+    elif isinstance(pattern, (list, tuple, set)):
+        patterns = list(pattern)
+    else:
+        raise TypeError(f"list_models: pattern must be a str or a list of str, got {type(pattern).__name__}")
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"list_models: pattern must be a str or a list of str, got {type(p).__name__}")
+    return sorted(n for n in _MODELS if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+
+
+def resolve_name(name: str) -> ModelEntry:
+    """The registry entry of `name` or of an alias; an unknown name raises ValueError with close matches."""
+    if not isinstance(name, str):
+        raise TypeError(f"create_model: name must be a str, got {type(name).__name__}")
+    if name in _MODELS:
+        return _MODELS[name]
+    if name in _ALIASES:
+        return _MODELS[_ALIASES[name]]
+    candidates = list(_MODELS) + list(_ALIASES)
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"create_model: unknown model name {name!r}{hint} (list_models() gives the {len(_MODELS)} "
+                     "registered names)")
+
+
+def create_model(name: str, pretrained_path: str | os.PathLike | None = None, *, strict: bool = True,
+                 **kwargs) -> torch.nn.Module:
+    """Build the registered model `name` (or a timm alias such as "vit_base_patch16_224") with `kwargs` (e.g.
+    num_classes=10), then, with `pretrained_path`, load that local checkpoint file (see load_pretrained)."""
+    entry = resolve_name(name)
+    model = entry.fn(**kwargs)
+    if pretrained_path is not None:
+        load_pretrained(model, pretrained_path, family=entry.family, strict=strict)
+    return model
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "state_dict_ema", "model_ema")
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state_dict from a local file: torch.save'd (weights_only) or .safetensors; unwraps {"state_dict": ...}."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained_path: no such file {path!r} (only local files are read)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        obj = load_file(path, device="cpu")
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    return unwrap_state_dict(obj, path)
+
+
+def unwrap_state_dict(obj, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) for k in obj):
+        raise ValueError(f"pretrained_path: {where} does not hold a state_dict (a mapping of names to tensors)")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    for prefix in _PREFIXES:  # DDP / torch.compile / Lightning wrappers
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _match_score(keys: Iterable[str], expected: set[str]) -> float:
+    keys = set(keys)
+    return len(keys & expected) / max(1, len(keys | expected))
+
+
+def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module,
+                       family: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """`state_dict` in `model`'s keys and the name of the format it was in ("mltoolkit" — our keys, which are
+    torchvision's where torchvision has the model — or a converter's name such as "timm"): the format whose
+    converted keys match the model's best."""
+    expected = set(model.state_dict().keys())
+    best = (dict(state_dict), "mltoolkit", _match_score(state_dict.keys(), expected))
+    if best[2] == 1.0:
+        return best[0], best[1]
+    for fmt, conv in _CONVERTERS.get(family or "", {}).items():
+        try:
+            converted = conv(state_dict)
+        except Exception:  # noqa: BLE001 - a converter that chokes is simply not this format
+            converted = None
+        if converted is not None:
+            score = _match_score(converted.keys(), expected)
+            if score > best[2]:
+                best = (converted, fmt, score)
+    return best[0], best[1]
+
+
+def _list(keys: list[str], limit: int = 8) -> str:
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_pretrained(model: torch.nn.Module, path_or_state_dict, *, family: str | None = None,
+                    strict: bool = True) -> torch.nn.modules.module._IncompatibleKeys:
+    """Load a local checkpoint file (or a state_dict) into `model`, converting foreign key formats.
+
+    A tensor whose shape differs from the model's raises ValueError naming the key and both shapes (always, also
+    with strict=False). Missing or unexpected keys raise KeyError listing them when strict, else warn. Returns
+    load_state_dict's (missing_keys, unexpected_keys)."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        sd, where = read_state_dict(path_or_state_dict), os.fspath(path_or_state_dict)
+    else:
+        sd, where = unwrap_state_dict(path_or_state_dict), "state_dict"
+    if family is None:
+        family = getattr(model, "_mltk_family", None)
+    sd, fmt = convert_state_dict(sd, model, family)
+    own = model.state_dict()
+    for key, value in sd.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise ValueError(f"load_pretrained: {where} ({fmt} format): {key!r} has shape {list(value.shape)} but "
+                             f"the model's {key!r} has shape {list(own[key].shape)} (different num_classes, "
+                             "image_size or model size?)")
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        msg = (f"load_pretrained: {where} ({fmt} format) does not match {type(model).__name__}: "
+               f"{len(missing)} missing key(s) [{_list(missing)}], {len(unexpected)} unexpected key(s) "
+               f"[{_list(unexpected)}]")
+        if strict:
+            raise KeyError(msg + "; pass strict=False to load the rest")
+        warnings.warn(msg, stacklevel=2)
+    return model.load_state_dict(sd, strict=False)

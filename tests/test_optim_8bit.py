@@ -27,13 +27,13 @@ def _data(seed=0, n=512, d=32, classes=4):
     return x, y
 
 
-def _mlp(seed=0, d=32, h=256, classes=4):
+def _mlp(seed=0, d=32, h=128, classes=4):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.GELU(), torch.nn.Linear(h, h), torch.nn.GELU(),
                                torch.nn.Linear(h, classes))
 
 
-def _train(model, opt, steps=150, batch=64):
+def _train(model, opt, steps=120, batch=64):
     x, y = _data()
     losses = []
     for k in range(steps):
@@ -51,12 +51,13 @@ def test_tracks_32bit_adamw():
     l32 = _train(m32, AdamW(m32.parameters(), lr=3e-3))
     opt8 = AdamW(m8.parameters(), lr=3e-3, state_bits=8, min_8bit_size=4096)
     l8 = _train(m8, opt8)
-    # the two 256 x 256 / 32 x 256 weights use 8-bit state, the rest float32
+    # the 128 x 128 and 128 x 32 weights use 8-bit state, the rest (biases, the 4 x 128 head) float32
     kinds = {tuple(p.shape): ("exp_avg_codes" in opt8.state[p]) for p in m8.parameters()}
-    assert kinds[(256, 256)] and kinds[(256, 32)] and not kinds[(256,)] and not kinds[(4, 256)]
+    assert kinds[(128, 128)] and kinds[(128, 32)] and not kinds[(128,)] and not kinds[(4, 128)]
     avg = lambda ls: sum(ls) / len(ls)  # noqa: E731
     assert l8[-1] < 0.5 * l8[0]
     for a, b in ((l32[-20:], l8[-20:]), (l32[40:60], l8[40:60])):
+        print(f"32-bit {avg(a):.4f}  8-bit {avg(b):.4f}")
         assert abs(avg(a) - avg(b)) <= 0.15 * avg(a) + 0.02, (avg(a), avg(b))
 
 

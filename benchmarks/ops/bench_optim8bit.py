@@ -1,7 +1,8 @@
 """8-bit AdamW step: mltoolkit.optim.AdamW(state_bits=8) (one fused_adamw8bit_ call: dequantize, update,
 requantize) against mltoolkit's 32-bit AdamW (fused_adamw_) and torch.optim.AdamW's for-loop and fused=True, on N
 parameters in 200 tensors (10M / 100M); "torch eager" is torch.optim.AdamW's for-loop. The peak-memory column
-holds each provider's optimizer state (created by the warm-up call): 8-bit state is 2 * (1 + 4/256) bytes a parameter, 32-bit state 8 bytes (25.4%).
+holds each provider's optimizer state (created by the warm-up call): 8-bit state is 2 * (1 + 4/256) bytes a
+parameter, 32-bit state 8 bytes (25.4%).
 
 Mode "fwd" is one optimizer step; gradients are fixed, parameters and state change from step to step as in
 training. Correctness is not checked here (a step mutates its inputs and 8-bit state is not torch's):

@@ -57,7 +57,6 @@ def test_tracks_32bit_adamw():
     avg = lambda ls: sum(ls) / len(ls)  # noqa: E731
     assert l8[-1] < 0.5 * l8[0]
     for a, b in ((l32[-20:], l8[-20:]), (l32[40:60], l8[40:60])):
-        print(f"32-bit {avg(a):.4f}  8-bit {avg(b):.4f}")
         assert abs(avg(a) - avg(b)) <= 0.15 * avg(a) + 0.02, (avg(a), avg(b))
 
 

@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from mltoolkit.ops import fused_adam8bit as _adam8bit  # registers torch.ops.mltoolkit.fused_adamw8bit_
 from mltoolkit.ops.fused_adam import dense  # importing it registers torch.ops.mltoolkit.fused_adamw_
 
 __all__ = ["AdamW"]
@@ -40,19 +41,34 @@ class AdamW(torch.optim.Optimizer):
 
     Args: params (iterable of tensors or param-group dicts), lr (float or one-element tensor, default 1e-3),
     betas (default (0.9, 0.999)), eps (default 1e-8), weight_decay (decoupled, default 1e-2), amsgrad (default
-    False), maximize (default False). No foreach / fused / capturable / differentiable switches: the step is always
-    the fused op. Parameters without a gradient are skipped; sparse gradients are refused.
+    False), maximize (default False), state_bits (32, or 8: block-wise quantized 8-bit moments, about a quarter of
+    the state memory; tensors smaller than min_8bit_size (default 4096) keep float32 moments; no amsgrad; see
+    mltoolkit/ops/fused_adam8bit.py. An 8-bit state_dict loads into an 8-bit AdamW; a 32-bit AdamW refuses it
+    with a clear error at its first step: convert it with mltoolkit.ops.fused_adam8bit.state_to_32bit for a 32-bit
+    AdamW or torch.optim.AdamW; 32-bit state loaded into an 8-bit AdamW is quantized on its first step).
+    No foreach / fused / capturable / differentiable switches: the step is always the fused op. Parameters without
+    a gradient are skipped; sparse gradients are refused.
     """
 
     def __init__(self, params: Iterable[Union[Tensor, dict[str, Any]]], lr: Union[float, Tensor] = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, maximize: bool = False):
+                 amsgrad: bool = False, *, maximize: bool = False, state_bits: int = 32, min_8bit_size: int = 4096):
         _check_hyper(lr, betas, eps, weight_decay)
+        if state_bits not in (8, 32) or isinstance(state_bits, bool):
+            raise ValueError(f"AdamW: state_bits must be 32 or 8, got {state_bits!r}")
+        if state_bits == 8 and amsgrad:
+            raise ValueError("AdamW: amsgrad is not supported with state_bits=8")
+        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"AdamW: min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
+        eight_bit = dict(state_bits=8, min_8bit_size=min_8bit_size) if state_bits == 8 else {}
         # torch.optim.AdamW's group keys, so that each optimizer loads the other's state_dict unchanged.
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=None, capturable=False, differentiable=False, fused=None,
-                        decoupled_weight_decay=True)
+                        decoupled_weight_decay=True, **eight_bit)
         super().__init__(params, defaults)
+        # 8-bit state must not go through load_state_dict's cast to the parameter's dtype
+        self.register_load_state_dict_pre_hook(_adam8bit.load_state_dict_pre_hook)
+        self.register_load_state_dict_post_hook(_adam8bit.load_state_dict_post_hook)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -67,6 +83,10 @@ class AdamW(torch.optim.Optimizer):
 
     def _state_of(self, p: Tensor, amsgrad: bool) -> dict[str, Tensor]:
         state = self.state[p]
+        if "exp_avg_codes" in state:
+            raise RuntimeError("mltoolkit.optim.AdamW: this parameter has 8-bit state (a state_dict of "
+                               "AdamW(state_bits=8)); build this optimizer with state_bits=8 or convert the "
+                               "state_dict with mltoolkit.ops.fused_adam8bit.state_to_32bit")
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -94,6 +114,7 @@ class AdamW(torch.optim.Optimizer):
             if isinstance(lr, Tensor):
                 lr = lr.item()
             buckets: dict[tuple, list[list[Tensor]]] = {}
+            eight_bit: list[Tensor] = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -101,6 +122,9 @@ class AdamW(torch.optim.Optimizer):
                 if grad.is_sparse or grad.layout != torch.strided:
                     raise RuntimeError(f"mltoolkit.optim.AdamW does not support sparse gradients (got a {grad.layout}"
                                        " gradient); use torch.optim.SparseAdam for those parameters")
+                if _adam8bit.uses_8bit_state(p, group):
+                    eight_bit.append(p)
+                    continue
                 state = self._state_of(p, amsgrad)
                 tensors = [p, grad, state["exp_avg"], state["exp_avg_sq"],
                            state["max_exp_avg_sq"] if amsgrad else None, state["step"]]
@@ -119,4 +143,6 @@ class AdamW(torch.optim.Optimizer):
                 torch.ops.mltoolkit.fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, float(lr),
                                                  float(beta1), float(beta2), float(group["weight_decay"]),
                                                  float(group["eps"]), amsgrad, bool(group["maximize"]))
+            if eight_bit:
+                _adam8bit.adamw8bit_step(self.state, group, eight_bit, lr)
         return loss

@@ -41,8 +41,11 @@ RNG states at the start of the current epoch (global and the loader's own genera
 ``resume="path/to/ckpt.pt"`` from that file, ``resume=False`` starts fresh. The data position is restored in one of
 two ways:
   * the loader's sampler has ``state_dict``/``load_state_dict`` (``mltoolkit.train.ResumableSampler``:
-    ``DataLoader(ds, batch_size=B, sampler=ResumableSampler(ds, seed=0))``): the position is loaded into it and the
-    loader continues with the next batch, without reading the ones already done;
+    ``DataLoader(ds, batch_size=B, sampler=ResumableSampler(ds, seed=0))``, and the per-rank
+    DistributedResumableSampler a distributed strategy's prepare_loader puts in its place): the position is loaded
+    into it and the loader continues with the next batch, without reading the ones already done. The position saved
+    is the Trainer's own count of the batches done in the epoch, so it is exact also with loader workers (which fetch
+    ahead of the loop, and at an epoch's end have already moved the sampler on);
   * otherwise the Trainer warns, rebuilds the epoch's iterator from the epoch-start RNG states (so a
     ``shuffle=True`` loader, seeded from the global RNG or from its own ``generator``, produces the same order) and
     skips the batches already done (reading them again: slow for large epochs — use a ResumableSampler).
@@ -58,7 +61,11 @@ Distribution. Everything that differs between one process and many goes through 
 (mltoolkit.distributed): ``prepare`` (device, wrapping, the optimizer over the wrapped parameters), ``prepare_loader``,
 ``no_sync`` for the accumulation micro-batches, ``clip_grad_norm_``, ``reduce_mean`` for metrics,
 ``save_checkpoint``/``load_checkpoint``, ``is_main``. Only rank 0 logs, prints and shows the progress bar. Under
-torchrun, ``strategy="auto"`` picks DDP.
+torchrun, ``strategy="auto"`` picks DDP. DDP and FSDP give each rank ``batch_size`` samples of its shard (global batch
+world_size x batch_size), tensor parallelism gives every rank the same batches: a loader over a ResumableSampler gets
+a DistributedResumableSampler (same order, resumable), a ``shuffle=True`` or sequential one a DistributedSampler,
+whose ``set_epoch`` the Trainer calls at each epoch's start (it resumes by re-reading, as above). The logged losses
+and the final parameters match a single-process run with the global batch (tests/test_trainer_distributed.py).
 """
 from __future__ import annotations
 
@@ -180,6 +187,12 @@ def _sampler_with_state(loader: Any) -> Any:
     return None
 
 
+def _is_distributed_resumable(sampler: Any) -> bool:
+    """mltoolkit.distributed.DistributedResumableSampler (checked by name: importing it loads torch.distributed)."""
+    return any(c.__name__ == "DistributedResumableSampler" and c.__module__.startswith("mltoolkit.distributed")
+               for c in type(sampler).__mro__)
+
+
 def _loader_generators(loader: Any) -> list[torch.Generator]:
     """The torch.Generators a loader draws its order / worker seeds from (its own, its samplers')."""
     gens: list[torch.Generator] = []
@@ -297,8 +310,11 @@ class Trainer:
         grad_accum_steps: batches per optimizer step.
         max_grad_norm: clip the global gradient 2-norm (through the strategy, after unscaling and gradient noise).
         precision: "fp32", "bf16" (autocast) or "fp16" (autocast + GradScaler).
-        scheduler: an LR scheduler, or a factory ``optimizer -> scheduler``; ``scheduler_interval``: "step" (after
-            each optimizer step that was not skipped) or "epoch".
+        scheduler: an LR scheduler, a factory ``optimizer -> scheduler``, or a name of mltoolkit.optim.SCHEDULERS
+            ("cosine", "linear", "polynomial", "inverse_sqrt", "constant", "one_cycle") built by
+            mltoolkit.optim.get_scheduler with ``scheduler_kwargs`` (warmup_steps, min_lr_ratio, ...; total_steps
+            defaults to the run's length: max_steps, or max_epochs x steps an epoch); ``scheduler_interval``: "step"
+            (after each optimizer step that was not skipped) or "epoch".
         gradient_noise: annealed Gaussian gradient noise: a GradientNoise, eta as a float, or a dict of its
             arguments (eta, gamma, seed).
         callbacks: Callback objects. loggers: Logger objects or names "csv", "tensorboard", "mlflow", "wandb",
@@ -316,7 +332,8 @@ class Trainer:
                  metrics: Union[Mapping[str, Callable[..., Any]], Sequence[Callable[..., Any]], None] = None,
                  max_epochs: Optional[int] = None, max_steps: Optional[int] = None, grad_accum_steps: int = 1,
                  max_grad_norm: Optional[float] = None, precision: str = "fp32", scheduler: Any = None,
-                 scheduler_interval: str = "step", gradient_noise: Any = None, callbacks: Iterable[Callback] = (),
+                 scheduler_interval: str = "step", scheduler_kwargs: Optional[Mapping[str, Any]] = None,
+                 gradient_noise: Any = None, callbacks: Iterable[Callback] = (),
                  loggers: Iterable[Any] = (), log_dir: Union[str, os.PathLike] = "runs", log_every: int = 50,
                  eval_every: Optional[int] = None, checkpoint_dir: Union[str, os.PathLike, None] = None,
                  checkpoint_every: Optional[int] = None, keep_last: Optional[int] = 3,
@@ -347,9 +364,20 @@ class Trainer:
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
-        if scheduler is not None and not callable(getattr(scheduler, "step", None)) and not callable(scheduler):
-            raise TypeError(f"scheduler must be an LR scheduler or a callable optimizer -> scheduler, got "
+        if isinstance(scheduler, str):
+            from mltoolkit.optim import SCHEDULERS
+            if scheduler.lower().replace("-", "_") not in SCHEDULERS:
+                raise ValueError(f"unknown scheduler {scheduler!r}; known schedulers: {', '.join(sorted(SCHEDULERS))}"
+                                 " (or pass an LR scheduler, or a callable optimizer -> scheduler)")
+        elif scheduler is not None and not callable(getattr(scheduler, "step", None)) and not callable(scheduler):
+            raise TypeError(f"scheduler must be a name, an LR scheduler or a callable optimizer -> scheduler, got "
                             f"{type(scheduler).__name__}")
+        if scheduler_kwargs is not None:
+            if not isinstance(scheduler, str):
+                raise ValueError("scheduler_kwargs is for a scheduler given by name (scheduler='cosine', ...)")
+            if not isinstance(scheduler_kwargs, Mapping) or not all(isinstance(k, str) for k in scheduler_kwargs):
+                raise TypeError(f"scheduler_kwargs must be a dict of keyword arguments, got "
+                                f"{type(scheduler_kwargs).__name__}")
         if gradient_noise is not None and not isinstance(gradient_noise, (GradientNoise, int, float, Mapping)):
             raise TypeError(f"gradient_noise must be a GradientNoise, an eta (float) or a dict of GradientNoise "
                             f"arguments, got {type(gradient_noise).__name__}")
@@ -388,6 +416,7 @@ class Trainer:
         self.loss_fn, self.max_grad_norm = loss_fn, (None if max_grad_norm is None else float(max_grad_norm))
         self.precision = _PRECISIONS[key] or "fp32"
         self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
+        self.scheduler_kwargs = dict(scheduler_kwargs or {})
         self._noise_arg = gradient_noise
         self.grad_noise: Optional[GradientNoise] = None
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
@@ -468,8 +497,17 @@ class Trainer:
         self.model, self.optimizer = self.strategy.prepare(self.model, self.optimizer)
         self.device = self.strategy.device
         self.amp = Amp(None if self.precision == "fp32" else self.precision, self.device)
+        self.train_loader = self.strategy.prepare_loader(self.train_loader)
+        if self.eval_loader is not None:
+            self.eval_loader = self.strategy.prepare_loader(self.eval_loader)
         sched = self.scheduler
-        if sched is not None and not callable(getattr(sched, "step", None)):
+        if isinstance(sched, str):
+            from mltoolkit.optim import get_scheduler
+            kw = dict(self.scheduler_kwargs)
+            if kw.get("total_steps") is None:
+                kw["total_steps"] = self._schedule_length()
+            sched = get_scheduler(sched, self.optimizer, **kw)
+        elif sched is not None and not callable(getattr(sched, "step", None)):
             sched = sched(self.optimizer)
             if not callable(getattr(sched, "step", None)):
                 raise TypeError(f"the scheduler factory returned {type(sched).__name__}, not an LR scheduler")
@@ -484,10 +522,21 @@ class Trainer:
             self.grad_noise = GradientNoise(self.model, **noise)
         elif noise is not None:
             self.grad_noise = GradientNoise(self.model, eta=float(noise))
-        self.train_loader = self.strategy.prepare_loader(self.train_loader)
-        if self.eval_loader is not None:
-            self.eval_loader = self.strategy.prepare_loader(self.eval_loader)
         self._prepared = True
+
+    def _schedule_length(self) -> Optional[int]:
+        """A named scheduler's default total_steps: max_steps, else max_epochs x optimizer steps an epoch (epochs with
+        scheduler_interval="epoch"); None when neither is known."""
+        if self.scheduler_interval == "epoch":
+            return self.max_epochs
+        try:
+            per_epoch = -(-len(self.train_loader) // self.grad_accum_steps)  # type: ignore[arg-type]
+        except TypeError:
+            per_epoch = None
+        by_epochs = None if self.max_epochs is None or per_epoch is None else self.max_epochs * per_epoch
+        if self.max_steps is None:
+            return by_epochs
+        return self.max_steps if by_epochs is None else min(self.max_steps, by_epochs)
 
     def _callback_keys(self) -> list[str]:
         keys, seen = [], {}
@@ -506,12 +555,17 @@ class Trainer:
         sampler = _sampler_with_state(self.train_loader)
         if sampler is None:
             return None
+        bs = getattr(self.train_loader, "batch_size", None) or 0
         if isinstance(sampler, ResumableSampler):
             # The trainer's own count: exact with loader workers (which fetch ahead) and at epoch boundaries.
-            bs = getattr(self.train_loader, "batch_size", None) or 0
             state = sampler.state_dict()
             index = min(self._batch_in_epoch * bs, sampler.num_samples) if bs else state["index"]
             return {**state, "epoch": self.epoch, "index": index}
+        if _is_distributed_resumable(sampler) and bs:
+            # The same for the per-rank sampler strategy.prepare_loader installs: this rank consumed batch_in_epoch
+            # batches of its shard (its iterator may have run ahead, or on to the next epoch, with workers).
+            consumed = min(self._batch_in_epoch * bs, sampler.num_samples)
+            return {**sampler.state_dict(consumed=consumed), "epoch": self.epoch}
         return sampler.state_dict()
 
     def save_checkpoint(self, manager: Any = None, notify: bool = True) -> Optional[str]:

@@ -100,7 +100,9 @@ def test_train_mode_matches_keras(keras_model):
     """Batch statistics in training mode: Keras' BatchNormalization(training=True) and our fused ops agree (to 1e-3
     of the output scale: conv5's batch statistics come from 2 x 2 x 2 values, which magnifies fp32 rounding)."""
     model = create_model("resnet50_keras", pretrained_path=keras_model["new"], num_classes=10).train()
+    saved = keras_model["model"].get_weights()
     ref = keras_model["model"](keras_model["x"], training=True)
+    keras_model["model"].set_weights(saved)  # training=True moved Keras' moving statistics
     ref = ref.detach().cpu() if torch.is_tensor(ref) else torch.from_numpy(np.asarray(ref))
     with torch.no_grad():
         ours = model(_nchw(keras_model["x"]))
@@ -147,6 +149,23 @@ def test_missing_layer_named(keras_model, fmt, tmp_path):
     with pytest.warns(UserWarning) as record:
         create_model("resnet50_keras", pretrained_path=path, num_classes=10, strict=False)
     assert any("no 'predictions' layer (saved with include_top=False?)" in str(w.message) for w in record)
+
+
+def test_headless_file_gives_keras_features(keras_model, tmp_path):
+    """A file without the top (include_top=False): the backbone loads and forward_features equals Keras'
+    conv5_block3_out (NHWC there)."""
+    keras = pytest.importorskip("keras")
+    path = tmp_path / "notop.weights.h5"
+    shutil.copy(keras_model["new"], path)
+    _delete_layer(path, "predictions")
+    with pytest.warns(UserWarning, match="no 'predictions' layer"):
+        model = create_model("resnet50_keras", pretrained_path=path, num_classes=10, strict=False).eval()
+    kmodel = keras_model["model"]
+    backbone = keras.Model(kmodel.inputs[0], kmodel.get_layer("conv5_block3_out").output)
+    ref = backbone(keras_model["x"], training=False)
+    ref = (ref.detach().cpu() if torch.is_tensor(ref) else torch.from_numpy(np.asarray(ref))).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        _close(model.forward_features(_nchw(keras_model["x"])), ref)
 
 
 def test_bad_files(keras_model, tmp_path):

@@ -20,6 +20,7 @@ from mltoolkit import _ext
 from mltoolkit import nn as mnn
 from mltoolkit.models.hf import Config, PreTrainedModel, architecture
 from mltoolkit.models.outputs import BaseModelOutputWithPooling, MaskedLMOutput, SequenceClassifierOutput
+from mltoolkit.models.registry import register_model
 from mltoolkit.ops import attention as attention_ops
 from mltoolkit.ops import norm as norm_ops
 
@@ -408,6 +409,7 @@ def _builder(cls, **defaults):
         cfg = config if config is not None else BertConfig(**defaults)
         return cls(cfg.replace(**kwargs) if kwargs else cfg)
     build.__name__ = f"{cls.__name__}_builder"
+    build.model_class = cls  # what a Hugging Face folder loads as (create_model(name, pretrained_path=folder))
     build.__doc__ = f"{cls.__name__} with config {defaults or 'bert-base'}; keyword arguments override config fields."
     return build
 
@@ -426,3 +428,6 @@ MODELS = {
     "bert_tiny_mlm": _builder(BertForMaskedLM, **_TINY),
     "bert_tiny_classifier": _builder(BertForSequenceClassification, **_TINY),
 }
+
+for _name, _build in MODELS.items():
+    register_model(_build, name=_name, family="bert", input_kind="tokens", hf_class=_build.model_class)

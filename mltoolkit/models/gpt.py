@@ -25,6 +25,7 @@ from mltoolkit.models.bert import activation, linear_act
 from mltoolkit.models.generation import GenerationMixin, KVCache
 from mltoolkit.models.hf import Config, PreTrainedModel, architecture
 from mltoolkit.models.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from mltoolkit.models.registry import register_model
 from mltoolkit.ops import attention as attention_ops
 from mltoolkit.ops import norm as norm_ops
 from mltoolkit.ops.rotary import apply_rotary_emb
@@ -483,6 +484,7 @@ def _builder(cls, config_cls, **defaults):
         cfg = config if config is not None else config_cls(**defaults)
         return cls(cfg.replace(**kwargs) if kwargs else cfg)
     build.__name__ = f"{cls.__name__}_builder"
+    build.model_class = cls  # what a Hugging Face folder loads as (create_model(name, pretrained_path=folder))
     build.__doc__ = f"{cls.__name__} with config {defaults}; keyword arguments override config fields."
     return build
 
@@ -500,3 +502,7 @@ _LLAMA = {
 
 MODELS = {name: _builder(GPT2LMHeadModel, GPT2Config, **cfg) for name, cfg in _GPT2.items()}
 MODELS.update({name: _builder(LlamaForCausalLM, LlamaConfig, **cfg) for name, cfg in _LLAMA.items()})
+
+for _name, _build in MODELS.items():
+    register_model(_build, name=_name, family="llama" if _name.startswith("llama") else "gpt2", input_kind="tokens",
+                   hf_class=_build.model_class)

@@ -10,43 +10,19 @@ import torch
 
 from mltoolkit.backends import forced_backend
 from mltoolkit.benchmark import Benchmark
+from mltoolkit.benchmark.optim import ADAMW_HYPER, optimizer_for, params_with_grads, torch_adamw_step
 from mltoolkit.ops.reference.fused_adam import fused_adamw_ as reference_step
 from mltoolkit.optim import AdamW
 
-TENSORS = 200
-HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
-_OPTIMIZERS: dict = {}  # provider -> (id of its params list, optimizer): one live state per provider
-
-
-def _optimizer(name, params, make):
-    cached = _OPTIMIZERS.get(name)
-    if cached is None or cached[0] != id(params):
-        _OPTIMIZERS[name] = None  # free the previous config's state first
-        _OPTIMIZERS[name] = (id(params), make(params))
-    return _OPTIMIZERS[name][1]
+HYPER = ADAMW_HYPER
 
 
 def _inputs(config, dtype, device):
-    n = config["params"]
-    # 200 tensors of uneven sizes (as a model's layers are) summing to n
-    weights = [1 + (i % 5) for i in range(TENSORS)]
-    sizes = [n * w // sum(weights) for w in weights]
-    sizes[0] += n - sum(sizes)
-    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype, device=device) * 0.02) for s in sizes]
-    grads = [torch.randn_like(p) * 1e-3 for p in params]
-    for p, g in zip(params, grads):
-        p.grad = g
-    return params, grads
+    return params_with_grads(config["params"], dtype, device)
 
 
 def _mltoolkit_step(params, grads):
-    _optimizer(f"mltoolkit[{forced_backend()}]", params, lambda ps: AdamW(ps, **HYPER)).step()
-
-
-def _torch(name, **kw):
-    def step(params, grads):
-        _optimizer(name, params, lambda ps: torch.optim.AdamW(ps, **HYPER, **kw)).step()
-    return step
+    optimizer_for(f"mltoolkit[{forced_backend()}]", params, lambda ps: AdamW(ps, **HYPER)).step()
 
 
 def _reference(params, grads):  # not called (check=False); the oracle the tests use
@@ -63,8 +39,8 @@ def _bytes(config, dtype, mode):
 def benchmarks(device: str, quick: bool):
     configs = [{"params": 10_000_000}] if quick else [{"params": 10_000_000}, {"params": 100_000_000}]
     dtypes = [torch.float32] if device == "cpu" or quick else [torch.float32, torch.bfloat16]
-    return [Benchmark("adamw_step", "fused_adamw", _mltoolkit_step, _torch("torch for-loop", foreach=False),
+    return [Benchmark("adamw_step", "fused_adamw", _mltoolkit_step, torch_adamw_step("torch for-loop", foreach=False),
                       _reference, _inputs, configs, dtypes, bytes=_bytes, modes=("fwd",), check=False,
                       compile_baseline=False,
-                      baselines=lambda dev: {"torch foreach": _torch("torch foreach", foreach=True),
-                                             "torch fused": _torch("torch fused", fused=True)})]
+                      baselines=lambda dev: {"torch foreach": torch_adamw_step("torch foreach", foreach=True),
+                                             "torch fused": torch_adamw_step("torch fused", fused=True)})]

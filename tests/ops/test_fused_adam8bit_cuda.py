@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mltoolkit import _ext
-from mltoolkit.backends import backend, table
+from mltoolkit.backends import table
 from mltoolkit.ops.fused_adam8bit import STATE_KEYS, new_state, quantization_maps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -262,13 +262,12 @@ def test_cuda_optimizer_trains():
     x = torch.randn(256, 64, device="cuda")
     y = x[:, :1] * 2
     first = None
-    with backend("cuda"):
-        for _ in range(50):
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            first = first if first is not None else loss.item()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    for _ in range(50):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     assert loss.item() < 0.2 * first
 
 

@@ -137,6 +137,21 @@ def test_registered_after_cpp():
     assert table("fused_adamw8bit").select([torch.randn(10)], [torch.randn(10)]).name in ("cpp", "reference")
 
 
+def test_glue_checks_without_gpu():
+    """The glue's first checks run before any CUDA call, so they work on a CUDA build without a GPU."""
+    if _ext.cuda_unavailable() is not None or not hasattr(_ext._C, "fused_adamw8bit_cuda"):
+        pytest.skip(str(_ext.cuda_unavailable() or "mltoolkit._C predates fused_adamw8bit_cuda"))
+    params, states, steps = _setup([(300,)], torch.float32)
+    lists = [[s[k] for s in states] for k in STATE_KEYS]
+    qs, qu = quantization_maps()
+    hp = (1e-3, 0.9, 0.999, 0.0, 1e-8, False)
+    with pytest.raises(RuntimeError, match="fused_adamw8bit_cuda: params\\[0\\] must be a CUDA tensor"):
+        _ext._C.fused_adamw8bit_cuda(params, [torch.randn(300)], *lists, steps, qs, qu, *hp)
+    with pytest.raises(RuntimeError, match="fused_adamw8bit_cuda: params, grads, .* must have one length"):
+        _ext._C.fused_adamw8bit_cuda(params, [], *lists, steps, qs, qu, *hp)
+    assert steps[0].item() == 0.0  # nothing was stepped
+
+
 # ---- on a GPU ----------------------------------------------------------------------------------------------------
 
 def _need_cuda_kernel():

@@ -28,6 +28,13 @@ void fused_lamb_cuda(const std::vector<at::Tensor>& params, const std::vector<at
                      bool grad_averaging, bool use_trust_ratio, double max_trust_ratio);
 at::Tensor fused_clip_grad_norm_cuda(const std::vector<at::Tensor>& grads, double max_norm, double norm_type,
                                      bool error_if_nonfinite);
+// csrc/cuda/fused_adam8bit_cuda.cpp (contract: fused_adam8bit.h)
+void fused_adamw8bit_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                          const std::vector<at::Tensor>& exp_avg_codes, const std::vector<at::Tensor>& exp_avg_absmax,
+                          const std::vector<at::Tensor>& exp_avg_sq_codes,
+                          const std::vector<at::Tensor>& exp_avg_sq_absmax, const std::vector<at::Tensor>& state_steps,
+                          const at::Tensor& qmap_signed, const at::Tensor& qmap_unsigned, double lr, double beta1,
+                          double beta2, double weight_decay, double eps, bool maximize);
 }  // namespace mltoolkit
 #endif
 
@@ -75,6 +82,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("fused_adamw_cuda", &mltoolkit::fused_adamw_cuda);
   m.def("fused_lamb_cuda", &mltoolkit::fused_lamb_cuda);
   m.def("fused_clip_grad_norm_cuda", &mltoolkit::fused_clip_grad_norm_cuda);
+  m.def("fused_adamw8bit_cuda", &mltoolkit::fused_adamw8bit_cuda);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

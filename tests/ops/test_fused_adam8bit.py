@@ -241,3 +241,114 @@ def test_state_helpers():
     assert back["exp_avg"].shape == p.shape
     assert (back["exp_avg"] - m).abs().max() <= 0.05 * m.abs().max()
     assert (back["exp_avg_sq"] - v).abs().max() <= 0.05 * v.abs().max()
+
+
+# ---- the C++ kernel's search-free quantizer (candidate by arithmetic + one midpoint check) ----
+
+def _next(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x moved by k float32 ulps (towards +inf for k > 0)."""
+    out = x.clone()
+    for _ in range(abs(k)):
+        out = torch.nextafter(out, torch.full_like(out, float("inf") if k > 0 else float("-inf")))
+    return out
+
+
+def _kernel_codes(values: torch.Tensor, qs=None, qu=None):
+    """The C++ kernel's codes for exp_avg = values and exp_avg_sq = values**2 (one step from zero state with
+    beta1 = beta2 = 0, so m = g and v = g * g exactly; every block starts with 1.0, so both absmax are 1 and
+    x = m (resp. v) exactly). Returns (m codes, v codes) of the values."""
+    from mltoolkit import _ext
+
+    n = values.numel()
+    per = BLOCK - 1
+    nb = (n + 3 + per - 1) // per
+    g = torch.zeros(nb, BLOCK)
+    g[:, 0] = 1.0
+    flat = torch.zeros(nb * per)
+    flat[:n] = values
+    g[:, 1:] = flat.view(nb, per)
+    g = g.reshape(-1)[: nb * BLOCK - 3].contiguous()  # an odd length: the last block's tail takes the scalar path
+    p = torch.zeros_like(g)
+    st = new_state(p)
+    dq_s, dq_u = quantization_maps()
+    qs = dq_s if qs is None else qs
+    qu = dq_u if qu is None else qu
+    _ext._C.fused_adamw8bit_cpu([p], [g], [st["exp_avg_codes"]], [st["exp_avg_absmax"]], [st["exp_avg_sq_codes"]],
+                                [st["exp_avg_sq_absmax"]], [torch.tensor(0.0)], qs, qu, 0.0, 0.0, 0.0, 0.0, 1e-8,
+                                False)
+    assert torch.equal(st["exp_avg_absmax"], torch.ones(nb)) and torch.equal(st["exp_avg_sq_absmax"], torch.ones(nb))
+    keep = torch.ones(nb * BLOCK, dtype=torch.bool)
+    keep[::BLOCK] = False
+    keep = keep[: nb * BLOCK - 3]
+    return st["exp_avg_codes"][keep][:n], st["exp_avg_sq_codes"][keep][:n], g[keep][:n]
+
+
+def _expected(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """#{k : mid_k < x} (the contract; 0 for NaN)."""
+    c = torch.searchsorted(midpoints(q), x.contiguous(), side="left")
+    return torch.where(torch.isnan(x), torch.zeros_like(c), c)
+
+
+def _probe_points(q: torch.Tensor) -> torch.Tensor:
+    mid = midpoints(q)
+    pts = [q, mid, -mid, -q]
+    for k in (-3, -2, -1, 1, 2, 3):
+        pts += [_next(mid, k), _next(-mid, k), _next(q, k)]
+    g = torch.Generator().manual_seed(0)
+    pts += [torch.rand(200_000, generator=g) * 2 - 1,
+            torch.sign(torch.randn(200_000, generator=g)) * torch.exp(torch.empty(200_000).uniform_(-21, 0,
+                                                                                                   generator=g)),
+            torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 1e-45, -1e-45, 2.0**-30, 2.0**-31, 0.5, -0.5])]
+    x = torch.cat(pts)
+    return x[x.abs() <= 1]
+
+
+def test_cpp_fast_quantizer_signed():
+    _cpp_or_skip()
+    qs, _ = quantization_maps()
+    x = _probe_points(qs)
+    mc, _, g = _kernel_codes(x)
+    assert torch.equal(g, x)
+    exp = _expected(x, qs)
+    bad = (mc.long() != exp).nonzero()
+    assert bad.numel() == 0, f"{bad.numel()} codes differ, e.g. x={x[bad[:5, 0]].tolist()}"
+
+
+def test_cpp_fast_quantizer_unsigned():
+    _cpp_or_skip()
+    _, qu = quantization_maps()
+    # g with g * g on both sides of every unsigned midpoint / map value, plus random magnitudes
+    targets = torch.cat([midpoints(qu), qu]).double().clamp_min(0).sqrt().float()
+    x = torch.cat([_next(targets, k) for k in range(-4, 5)] + [_probe_points(qu)])
+    x = x[x.abs() <= 1]
+    _, vc, g = _kernel_codes(x)
+    v = g * g
+    exp = _expected(v, qu)
+    bad = (vc.long() != exp).nonzero()
+    assert bad.numel() == 0, f"{bad.numel()} codes differ, e.g. v={v[bad[:5, 0]].tolist()}"
+
+
+def test_cpp_quantizer_nan_inf_and_other_maps():
+    """A block with a NaN gets a NaN absmax and scale 1, so x may leave [-1, 1]: codes still follow the contract
+    (NaN -> 0, beyond the map -> 0 or 255); a map that is not piecewise linear takes the binary search."""
+    _cpp_or_skip()
+    from mltoolkit import _ext
+
+    g = torch.tensor([float("nan"), 3e38, -3e38, 5.0, -7.0, 0.3, -0.2, 1e-3, 0.0] * 3)  # m = g (beta1 = 0)
+    p = torch.zeros_like(g)
+    st = new_state(p)
+    qs, qu = quantization_maps()
+    _ext._C.fused_adamw8bit_cpu([p], [g], [st["exp_avg_codes"]], [st["exp_avg_absmax"]], [st["exp_avg_sq_codes"]],
+                                [st["exp_avg_sq_absmax"]], [torch.tensor(0.0)], qs, qu, 0.0, 0.0, 0.0, 0.0, 1e-8,
+                                False)
+    assert torch.isnan(st["exp_avg_absmax"]).all()
+    assert torch.equal(st["exp_avg_codes"].long(), _expected(g, qs))
+    # other maps: sorted random values (no linear runs) and a uniform map (one run per side)
+    gen = torch.Generator().manual_seed(3)
+    rnd = torch.sort(torch.cat([torch.rand(254, generator=gen) * 2 - 1, torch.tensor([0.0, 1.0])])).values
+    uni = torch.linspace(-1, 1, 256)
+    for q in (rnd, uni):
+        x = _probe_points(q)[:100_000]
+        mc, vc, gx = _kernel_codes(x, qs=q, qu=q)
+        assert torch.equal(mc.long(), _expected(gx, q))
+        assert torch.equal(vc.long(), _expected(gx * gx, q))

@@ -6,13 +6,9 @@
 // over memory: the codes are dequantized into two 256-float stack buffers (a gather from the 256-entry map), the
 // AdamW update runs on the buffers with fused_adam.cpp's float32 arithmetic (the same fma / rounding barriers, so
 // the new moments equal torch's lerp_ / mul_ + addcmul_ bit for bit), p is written, and the new moments are
-// requantized: absmax, an IEEE division, and the nearest code: for the piecewise-linear dynamic maps a candidate
-// computed by arithmetic and one exact midpoint check (FastMap below; proved per map at run time, else the
-// branchless binary search over the 255 sorted midpoints). AVX-512: 16 elements at once, every table lookup (map,
-// search levels, FastMap tables) a register permute (vpermps / vpermt2ps + blends), no memory gathers; AVX2: 8 at
-// once with the binary search on vector gathers; scalar elsewhere (FastMap when it holds).
-// Measured (10M params, 1 thread, this AVX-512 VM): the FastMap quantizer runs at the binary search's speed
-// (~0.8 ns an element each, both bound by the 512-bit shuffle port), so the step time did not change (~30 ms CPU).
+// requantized: absmax, an IEEE division, and the nearest code found by a branchless binary search over the 255
+// sorted midpoints. AVX-512: 16 elements at once, every table lookup (map, search levels) a register permute
+// (vpermps / vpermt2ps + blends), no memory gathers; AVX2: 8 at once with vector gathers; scalar elsewhere.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -23,7 +19,6 @@
 #endif
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 #include <cmath>
 #include <cstdint>
@@ -72,8 +67,6 @@ struct Coeffs {
   float decay, neg_step_size, bc2_sqrt;
 };
 
-struct FastMap;
-
 struct Consts {
   float coeff, beta2, c2, eps;
   bool small_w;
@@ -81,8 +74,6 @@ struct Consts {
   const float* qu;     // unsigned map (256)
   const float* mid_s;  // 255 midpoints (+ 1 pad)
   const float* mid_u;
-  const FastMap* fast_s;  // the search-free tables (used when ok)
-  const FastMap* fast_u;
 };
 
 struct Ptrs {
@@ -97,148 +88,6 @@ struct Task {
   int32_t tensor;
   int64_t block_begin, block_end;
 };
-
-// ---- nearest code without a search: candidate by arithmetic, one exact midpoint check -------------------------
-// The dynamic tree maps are piecewise linear: on each side of 0, the magnitudes form runs of equally spaced values
-// (one run per decade, plus 0 and 1). For x (clamped to [-1, 1]; a NaN gets code 0) the kernel finds the run of |x|
-// from its float exponent (a 32-bucket table per side: the runs entered before the bucket and the one threshold
-// inside it), computes an index in the run with one fma and a floor, biased so that the candidate c' is the code
-// t = #{k : mid_k < x} or one below it, and returns c' + (x > mid[c']): exactly t, with one table lookup instead of
-// an 8-level dependent search. build_fast_map() derives the tables from the map it is given and proves the
-// property for every float in [-1, 1]: c' is monotone in x on each side, so checking both ends of every interval
-// on which t is constant (each midpoint and the float after it, and +-0, +-1) covers all of them; a map for which
-// the proof fails (not piecewise linear, too many runs) leaves ok = false and the kernel keeps the binary search.
-// tests/ops/test_fused_adam8bit.py compares both against the reference for millions of floats around every
-// midpoint; an exhaustive run over all 2^31 floats in [-1, 1] and NaN agreed for both maps.
-constexpr int kFastEmin = 127 - 30;  // bucket = clamp(biased exponent - kFastEmin, 0, 31)
-
-struct FastMap {
-  bool ok = false;
-  alignas(64) float thr[2][32];  // [side][bucket]: the threshold inside the bucket (+inf if none)
-  alignas(64) int32_t dlo[2][32];  // [side][bucket]: runs entered below the bucket
-  alignas(64) float A[32], B[32];  // [side * 16 + run]: index = floor(|x| * A - B)
-  alignas(64) int32_t cd[32], hi[32];  // the run's first code; the largest index
-  alignas(64) float mid[256];  // midpoints, [255] = +inf
-};
-
-inline uint32_t bits_of(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return u;
-}
-inline float float_of(uint32_t u) {
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-
-// The candidate c' (before the midpoint check) for x in [-1, 1], not NaN: the vector code's arithmetic, lane by lane.
-inline int fast_candidate(const FastMap& f, float x) {
-  const uint32_t u = bits_of(x);
-  const int s = static_cast<int>(u >> 31);
-  const float y = float_of(u & 0x7fffffffu);
-  int b = static_cast<int>(u >> 23 & 0xffu) - kFastEmin;
-  b = b < 0 ? 0 : b > 31 ? 31 : b;
-  const int k = s * 16 + f.dlo[s][b] + (y > f.thr[s][b] ? 1 : 0);
-  int jj = static_cast<int>(std::floor(std::fma(y, f.A[k], -f.B[k])));
-  jj = std::min(std::max(jj, s ? 0 : -1), f.hi[k]);
-  const int c = s ? f.cd[k] - jj : f.cd[k] + jj;
-  return std::min(std::max(c, 0), 254);
-}
-
-inline int fast_code(const FastMap& f, float x) {
-  if (std::isnan(x)) return 0;
-  x = std::min(std::max(x, -1.0f), 1.0f);
-  const int c = fast_candidate(f, x);
-  return c + (x > f.mid[c] ? 1 : 0);
-}
-
-inline int search_code(const float* mid, float x) {
-  int idx = 0;
-  for (int step = 128; step >= 1; step >>= 1) idx += (x > mid[idx + step - 1]) ? step : 0;
-  return idx;
-}
-
-FastMap build_fast_map(const float* q, const float* mid) {
-  FastMap f;
-  std::memcpy(f.mid, mid, sizeof(f.mid));
-  f.mid[255] = INFINITY;
-  for (int k = 0; k < 255; ++k) {
-    if (!(q[k] < q[k + 1])) return f;
-  }
-  if (!(f.mid[0] >= -1.0f && f.mid[254] < 1.0f)) return f;  // clamping x to [-1, 1] keeps its code
-  for (int s = 0; s < 2; ++s) {
-    std::vector<double> w;  // the side's magnitudes, ascending, and their codes
-    std::vector<int> code;
-    for (int k = 0; k < 256; ++k) {
-      const int kk = s ? 255 - k : k;
-      if (s ? q[kk] <= 0.0f : q[kk] >= 0.0f) {
-        w.push_back(s ? -static_cast<double>(q[kk]) : static_cast<double>(q[kk]));
-        code.push_back(kk);
-      }
-    }
-    if (w.empty()) return f;
-    std::vector<int> start;  // runs: greedy, equal spacing within 1e-3
-    for (size_t i = 0; i < w.size();) {
-      start.push_back(static_cast<int>(i));
-      size_t e = i;
-      if (i + 1 < w.size()) {
-        const double h = w[i + 1] - w[i];
-        e = i + 1;
-        while (e + 1 < w.size() && std::fabs((w[e + 1] - w[e]) - h) <= 1e-3 * h) ++e;
-      }
-      i = e + 1;
-    }
-    if (start.size() > 16) return f;
-    std::vector<float> T(start.size(), 0.0f);  // T[d]: |x| above it is in run d or later
-    for (size_t d = 0; d < 16; ++d) {
-      const int k = s * 16 + static_cast<int>(d);
-      f.A[k] = f.B[k] = 0.0f;
-      f.cd[k] = f.hi[k] = 0;
-      if (d >= start.size()) continue;
-      const int i0 = start[d];
-      const int i1 = d + 1 < start.size() ? start[d + 1] - 1 : static_cast<int>(w.size()) - 1;
-      const double h = i1 > i0 ? (w[i1] - w[i0]) / (i1 - i0) : 0.0;
-      // positive side: floor(z - 0.25) with z = (|x| - w0) / h + 0.5 the nearest index + 1/2: index or one below;
-      // negative side (codes go down as |x| grows): floor(z + 0.25): index or one above
-      f.A[k] = h > 0 ? static_cast<float>(1.0 / h) : 0.0f;
-      f.B[k] = h > 0 ? static_cast<float>(w[i0] / h - 0.5 + (s ? -0.25 : 0.25)) : 0.0f;
-      f.cd[k] = code[i0];
-      f.hi[k] = (i1 - i0) + s;
-      if (d >= 1) T[d] = (static_cast<float>(w[i0 - 1]) + static_cast<float>(w[i0])) * 0.5f;
-    }
-    for (int b = 0; b < 32; ++b) {
-      const double lo = b == 0 ? 0.0 : std::ldexp(1.0, b + kFastEmin - 127);
-      const double hi = b == 31 ? INFINITY : std::ldexp(1.0, b + kFastEmin - 127 + 1);
-      int below = 0, inside = 0;
-      float t_in = INFINITY;
-      for (size_t d = 1; d < start.size(); ++d) {
-        if (T[d] < lo) {
-          ++below;
-        } else if (T[d] < hi) {
-          ++inside;
-          t_in = T[d];
-        }
-      }
-      if (inside > 1) return f;
-      f.dlo[s][b] = below;
-      f.thr[s][b] = t_in;
-    }
-  }
-  // the proof: t - c' in {0, 1} at both ends of every interval on which t is constant
-  std::vector<float> pts = {-1.0f, 1.0f, 0.0f, -0.0f};
-  for (int k = 0; k < 255; ++k) {
-    pts.push_back(f.mid[k]);
-    pts.push_back(std::nextafter(f.mid[k], INFINITY));
-  }
-  for (float x : pts) {
-    if (!(x >= -1.0f && x <= 1.0f)) continue;
-    const int diff = search_code(f.mid, x) - fast_candidate(f, x);
-    if (diff != 0 && diff != 1) return f;
-  }
-  f.ok = true;
-  return f;
-}
 
 #if defined(CPU_CAPABILITY_AVX512)
 // Register-resident tables: an AVX-512 gather is slow (~1 element a cycle at best, far slower under the Gather Data
@@ -258,69 +107,12 @@ inline __m512 lut(const __m512* t, __m512i j) {
 
 // The maps and the per-level probe tables of the binary search: at level L (step 128 >> L) the probe is
 // mid[idx + step - 1] with idx a multiple of 2 step, so it is level_L[idx >> (8 - L)] over 2^L entries.
-// FastMap's tables in registers
-struct FastRegs {
-  __m512 thr[2][2], A[2], B[2], mid[16];
-  __m512i dlo[2][2], cd[2], hi[2];
-};
-
-inline void load_fast(FastRegs& r, const FastMap* f) {
-  if (f == nullptr || !f->ok) return;
-  for (int h = 0; h < 2; ++h) {
-    for (int s = 0; s < 2; ++s) {
-      r.thr[s][h] = _mm512_load_ps(f->thr[s] + 16 * h);
-      r.dlo[s][h] = _mm512_load_si512(f->dlo[s] + 16 * h);
-    }
-    r.A[h] = _mm512_load_ps(f->A + 16 * h);
-    r.B[h] = _mm512_load_ps(f->B + 16 * h);
-    r.cd[h] = _mm512_load_si512(f->cd + 16 * h);
-    r.hi[h] = _mm512_load_si512(f->hi + 16 * h);
-  }
-  for (int k = 0; k < 16; ++k) r.mid[k] = _mm512_load_ps(f->mid + 16 * k);
-}
-
-// fast_code for 16 lanes (the same operations as fast_candidate: fma, floor, integer clamps)
-inline __m512i fast16(__m512 x, const FastRegs& r) {
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(1.0f)), _mm512_set1_ps(-1.0f));
-  const __m512i u = _mm512_castps_si512(x);
-  const __mmask16 neg = _mm512_movepi32_mask(u);
-  const __m512i ua = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-  const __m512 y = _mm512_castsi512_ps(ua);
-  __m512i b = _mm512_sub_epi32(_mm512_srli_epi32(ua, 23), _mm512_set1_epi32(kFastEmin));
-  b = _mm512_min_epi32(_mm512_max_epi32(b, _mm512_setzero_si512()), _mm512_set1_epi32(31));
-  const __m512 thr = _mm512_mask_blend_ps(neg, _mm512_permutex2var_ps(r.thr[0][0], b, r.thr[0][1]),
-                                          _mm512_permutex2var_ps(r.thr[1][0], b, r.thr[1][1]));
-  __m512i k = _mm512_mask_blend_epi32(neg, _mm512_permutex2var_epi32(r.dlo[0][0], b, r.dlo[0][1]),
-                                      _mm512_permutex2var_epi32(r.dlo[1][0], b, r.dlo[1][1]));
-  k = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(y, thr, _CMP_GT_OQ), k, _mm512_set1_epi32(1));
-  k = _mm512_mask_add_epi32(k, neg, k, _mm512_set1_epi32(16));
-  const __m512 z = _mm512_fmsub_ps(y, _mm512_permutex2var_ps(r.A[0], k, r.A[1]),
-                                   _mm512_permutex2var_ps(r.B[0], k, r.B[1]));
-  __m512i jj = _mm512_cvt_roundps_epi32(z, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  jj = _mm512_max_epi32(jj, _mm512_mask_blend_epi32(neg, _mm512_set1_epi32(-1), _mm512_setzero_si512()));
-  jj = _mm512_min_epi32(jj, _mm512_permutex2var_epi32(r.hi[0], k, r.hi[1]));
-  const __m512i cd = _mm512_permutex2var_epi32(r.cd[0], k, r.cd[1]);
-  __m512i c = _mm512_mask_sub_epi32(_mm512_add_epi32(cd, jj), neg, cd, jj);
-  c = _mm512_min_epi32(_mm512_max_epi32(c, _mm512_setzero_si512()), _mm512_set1_epi32(254));
-  const __m512 m = lut<16>(r.mid, c);
-  c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(x, m, _CMP_GT_OQ), c, _mm512_set1_epi32(1));
-  return _mm512_maskz_mov_epi32(static_cast<__mmask16>(~nan), c);
-}
-
 struct Tables {
   __m512 qs[16], qu[16];
   __m512 ls[8][8], lu[8][8];  // level L holds max(2^L, 16) floats in ceil(2^L / 16) registers (level 0..7)
-  FastRegs fs, fu;
-  bool fast_s = false, fast_u = false;
 };
 
-inline void load_tables(Tables& tb, const float* qs, const float* qu, const float* mid_s, const float* mid_u,
-                        const FastMap* fast_s, const FastMap* fast_u) {
-  load_fast(tb.fs, fast_s);
-  load_fast(tb.fu, fast_u);
-  tb.fast_s = fast_s != nullptr && fast_s->ok;
-  tb.fast_u = fast_u != nullptr && fast_u->ok;
+inline void load_tables(Tables& tb, const float* qs, const float* qu, const float* mid_s, const float* mid_u) {
   for (int r = 0; r < 16; ++r) {
     tb.qs[r] = _mm512_loadu_ps(qs + 16 * r);
     tb.qu[r] = _mm512_loadu_ps(qu + 16 * r);
@@ -362,8 +154,7 @@ inline __m512i search16(__m512 xn, const __m512 (*lv)[8]) {
 }
 #else
 struct Tables {};
-inline void load_tables(Tables&, const float*, const float*, const float*, const float*, const FastMap*,
-                        const FastMap*) {}
+inline void load_tables(Tables&, const float*, const float*, const float*, const float*) {}
 #endif
 
 // out[j] = map[codes[j]] * scale
@@ -393,20 +184,13 @@ inline void dequant(const uint8_t* codes, const float* map, const Tables& tb, bo
 }
 
 // codes[j] = #{k < 255 : mid[k] < x[j] / scale}, scale = absmax > 0 ? absmax : 1
-inline void quant(const float* x, float absmax, const float* mid, const FastMap* fast, const Tables& tb,
-                  bool is_signed, uint8_t* codes, int64_t n) {
+inline void quant(const float* x, float absmax, const float* mid, const Tables& tb, bool is_signed, uint8_t* codes,
+                  int64_t n) {
   const float scale = absmax > 0.0f ? absmax : 1.0f;
   int64_t j = 0;
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 vs = _mm512_set1_ps(scale);
   const auto* lv = is_signed ? tb.ls : tb.lu;
-  if (is_signed ? tb.fast_s : tb.fast_u) {
-    const FastRegs& r = is_signed ? tb.fs : tb.fu;
-    for (; j + 16 <= n; j += 16) {
-      const __m512i idx = fast16(_mm512_div_ps(_mm512_loadu_ps(x + j), vs), r);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + j), _mm512_cvtepi32_epi8(idx));
-    }
-  }
   for (; j + 16 <= n; j += 16) {
     const __m512i idx = search16(_mm512_div_ps(_mm512_loadu_ps(x + j), vs), lv);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + j), _mm512_cvtepi32_epi8(idx));
@@ -431,10 +215,11 @@ inline void quant(const float* x, float absmax, const float* mid, const FastMap*
   (void)tb;
   (void)is_signed;
 #endif
-  const bool use_fast = fast != nullptr && fast->ok;
   for (; j < n; ++j) {
     const float xn = x[j] / scale;
-    codes[j] = static_cast<uint8_t>(use_fast ? fast_code(*fast, xn) : search_code(mid, xn));
+    int idx = 0;
+    for (int step = 128; step >= 1; step >>= 1) idx += (xn > mid[idx + step - 1]) ? step : 0;
+    codes[j] = static_cast<uint8_t>(idx);
   }
 }
 
@@ -496,8 +281,8 @@ void update_block(const Ptrs& t, const Coeffs& c, const Consts& k, const Tables&
     am = nan_max(am, std::abs(ms));
     av = nan_max(av, std::abs(vs));
   }
-  quant(m, am, k.mid_s, k.fast_s, tb, true, t.mc + begin, len);
-  quant(v, av, k.mid_u, k.fast_u, tb, false, t.vc + begin, len);
+  quant(m, am, k.mid_s, tb, true, t.mc + begin, len);
+  quant(v, av, k.mid_u, tb, false, t.vc + begin, len);
   t.ma[block] = am;
   t.va[block] = av;
 }
@@ -551,18 +336,6 @@ void fused_adamw8bit_cpu(const std::vector<at::Tensor>& params, const std::vecto
     mid_u[k] = (qu[k] + qu[k + 1]) * 0.5f;
   }
   mid_s[255] = mid_u[255] = INFINITY;  // never read: the search probes indices 0..254
-  static thread_local std::vector<float> last_qs, last_qu;  // the tables depend on the maps only: built once
-  static thread_local FastMap cached_s, cached_u;
-  if (last_qs != qs) {
-    cached_s = build_fast_map(qs.data(), mid_s.data());
-    last_qs = qs;
-  }
-  if (last_qu != qu) {
-    cached_u = build_fast_map(qu.data(), mid_u.data());
-    last_qu = qu;
-  }
-  const FastMap& fast_s = cached_s;
-  const FastMap& fast_u = cached_u;
 
   std::vector<Ptrs> ptrs(n);
   std::vector<Coeffs> coeffs(n);
@@ -620,13 +393,11 @@ void fused_adamw8bit_cpu(const std::vector<at::Tensor>& params, const std::vecto
                  qs.data(),
                  qu.data(),
                  mid_s.data(),
-                 mid_u.data(),
-                 fast_s.ok ? &fast_s : nullptr,
-                 fast_u.ok ? &fast_u : nullptr};
+                 mid_u.data()};
   const UpdateFn run = pick(weight_decay != 0, maximize);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
     Tables tb;
-    load_tables(tb, k.qs, k.qu, k.mid_s, k.mid_u, k.fast_s, k.fast_u);
+    load_tables(tb, k.qs, k.qu, k.mid_s, k.mid_u);
     for (int64_t q = lo; q < hi; ++q) {
       const Task& task = tasks[q];
       for (int64_t b = task.block_begin; b < task.block_end; ++b)

@@ -12,6 +12,7 @@
 #include "int8_linear.h"
 #include "int8_static.h"
 #include "int8_weight_only_linear.h"
+#include "lstm.h"
 #include "norm.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -42,6 +43,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("fused_adamw_cpu", &mltoolkit::fused_adamw_cpu);
   m.def("fused_lamb_cpu", &mltoolkit::fused_lamb_cpu);
   m.def("fused_clip_grad_norm_cpu", &mltoolkit::fused_clip_grad_norm_cpu);
+  m.def("lstm_cell_forward_cpu", &mltoolkit::lstm_cell_forward_cpu);
+  m.def("lstm_cell_backward_cpu", &mltoolkit::lstm_cell_backward_cpu);
+  m.def("gru_cell_forward_cpu", &mltoolkit::gru_cell_forward_cpu);
+  m.def("gru_cell_backward_cpu", &mltoolkit::gru_cell_backward_cpu);
+  m.def("lstm_layer_forward_cpu", &mltoolkit::lstm_layer_forward_cpu);
+  m.def("lstm_layer_backward_cpu", &mltoolkit::lstm_layer_backward_cpu);
+  m.def("gru_layer_forward_cpu", &mltoolkit::gru_layer_forward_cpu);
+  m.def("gru_layer_backward_cpu", &mltoolkit::gru_layer_backward_cpu);
 #ifdef MLTK_WITH_CUDA
   m.def("norm_forward_cuda", &mltoolkit::norm_forward_cuda);
   m.def("norm_backward_cuda", &mltoolkit::norm_backward_cuda);
@@ -54,6 +63,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_linear_cuda", &mltoolkit::int8_linear_cuda);
   m.def("dequantize_int4_cuda", &mltoolkit::dequantize_int4_cuda);
   m.def("int4_weight_only_linear_cuda", &mltoolkit::int4_weight_only_linear_cuda);
+  m.def("lstm_cell_forward_cuda", &mltoolkit::lstm_cell_forward_cuda);
+  m.def("lstm_cell_backward_cuda", &mltoolkit::lstm_cell_backward_cuda);
+  m.def("gru_cell_forward_cuda", &mltoolkit::gru_cell_forward_cuda);
+  m.def("gru_cell_backward_cuda", &mltoolkit::gru_cell_backward_cuda);
+  m.def("lstm_layer_forward_cuda", &mltoolkit::lstm_layer_forward_cuda);
+  m.def("lstm_layer_backward_cuda", &mltoolkit::lstm_layer_backward_cuda);
+  m.def("gru_layer_forward_cuda", &mltoolkit::gru_layer_forward_cuda);
+  m.def("gru_layer_backward_cuda", &mltoolkit::gru_layer_backward_cuda);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

@@ -1,5 +1,6 @@
-"""Stacked LSTM / GRU over a sequence (mltoolkit.ops.lstm_sequence / gru_sequence, what mltoolkit.nn.LSTM / GRU run) against torch's
-own (_VF.lstm / _VF.gru, what torch.nn.LSTM / GRU run: oneDNN on CPU, cuDNN on GPU) in eager and torch.compile."""
+"""Stacked LSTM / GRU over a sequence (mltoolkit.ops.lstm_sequence / gru_sequence, what mltoolkit.nn.LSTM / GRU
+run) against torch's own (_VF.lstm / _VF.gru, what torch.nn.LSTM / GRU run: oneDNN on CPU, cuDNN on GPU) in eager
+and torch.compile."""
 import torch
 from torch import _VF
 
@@ -72,7 +73,8 @@ def benchmarks(device: str, quick: bool):
             n_states = 2 if mode == "lstm" else 1
             grad_args = (0, *range(n_states + 1, n_states + 1 + 4 * layers))
             benches.append(Benchmark(
-                mode, "lstm", _call(mode, getattr(ops, f"{mode}_sequence"), layers), _call(mode, getattr(_VF, mode), layers),
+                mode, "lstm", _call(mode, getattr(ops, f"{mode}_sequence"), layers),
+                _call(mode, getattr(_VF, mode), layers),
                 _reference(mode, layers), _inputs(mode), [config], dtypes, grad_args=grad_args,
                 flops=_flops(mode), modes=("fwd", "fwd+bwd") if quick else ("fwd", "bwd", "fwd+bwd"),
                 max_reps=10 if device == "cpu" else None))

@@ -1,6 +1,7 @@
 """LSTM and GRU as subclasses of torch's modules: same constructor, parameters, state_dict keys, inputs and outputs
-(PackedSequence, batch_first, unbatched input, initial states); the sequence runs through mltoolkit.ops.lstm_sequence / gru_sequence
-(one input-projection GEMM per layer and direction, then per step the recurrent GEMM and the fused gate kernel)."""
+(PackedSequence, batch_first, unbatched input, initial states); the sequence runs through
+mltoolkit.ops.lstm_sequence / gru_sequence (one input-projection GEMM per layer and direction, then per step the
+recurrent GEMM and the fused gate kernel)."""
 from __future__ import annotations
 
 from typing import Optional

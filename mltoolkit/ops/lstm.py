@@ -18,8 +18,9 @@ x_proj = x @ W_ih^T + b_ih (+ b_hh for the LSTM layer) is one GEMM over every ti
 torch (its autograd gives the W_ih / b_ih / input gradients); a layer op then runs, per step, the recurrent GEMM
 straight into the fused gate math. The rows of a layer are laid out like a PackedSequence's data (batch_sizes), so
 packed input runs without padding; a padded sequence is the case of equal batch sizes (batch_sizes None).
-The public functions `lstm_sequence`, `gru_sequence` take torch's _VF.lstm / _VF.gru arguments, `lstm_cell` / `gru_cell` those of
-torch.nn.LSTMCell / GRUCell's functional form.
+The public functions `lstm_sequence`, `gru_sequence` take torch's _VF.lstm / _VF.gru arguments, `lstm_cell` /
+`gru_cell` those of torch.nn.LSTMCell / GRUCell's functional form. (mltoolkit.ops exports these names; this module
+stays reachable as mltoolkit.ops.lstm.)
 """
 from __future__ import annotations
 

@@ -104,12 +104,28 @@ std::vector<at::Tensor> gru_layer_backward_cuda(const at::Tensor& dout, const at
 // ---------------------------------------------------------------------------------------------------------------
 // Step loops shared by the backends. A Pointwise policy P provides, on row blocks given as tensors (contiguous rows;
 // `rows` leading rows of each):
-//   lstm_fwd(rows, gates, bias?, h_state, c_state, out, cells?, write_activated)
+//   lstm_fwd(rows, pre, bias?, h_state, c_state, out, cells?, act?)   (act: activated gates out; may alias pre)
 //   lstm_bwd(rows, dout?, dh_state?, dc_in?, gates, cells, c_prev, dgates, dc_out)
 //   gru_fwd(rows, x_proj, gh, h_state, out, saved?)
 //   gru_bwd(rows, dout?, dh_state (in: dh from later steps; out: dh'*z), saved, h_prev, dx_proj, dgh)
 // where an absent optional is an undefined tensor. Pointer-level semantics: see csrc/cpu/lstm.cpp.
+// A Gemm G computes a step's recurrent product: G(add, x_rows, into) -> add + x_rows @ W^T, where add is a (rows, n)
+// tensor, a bias (n,) or undefined; AtenGemm writes it into `into` (a (rows, n) buffer, which may be add itself), a
+// backend's own GEMM (the CPU's oneDNN path) may return a fresh tensor instead. The forward's W is W_hh (x = h), the
+// backward's W_hh^T (x = the gate gradients, giving dh).
 namespace lstm_loop {
+
+struct AtenGemm {
+  at::Tensor w_t;  // W_hh^T, a transposed view (the BLAS reads it in place)
+  at::Tensor operator()(const at::Tensor& add, const at::Tensor& h_rows, at::Tensor into) const {
+    if (add.defined()) {
+      at::addmm_out(into, add, h_rows, w_t);
+    } else {
+      at::mm_out(into, h_rows, w_t);
+    }
+    return into;
+  }
+};
 
 // Row offset and row count of each time step.
 struct Steps {
@@ -122,8 +138,8 @@ inline Steps make_steps(const char* fn, const std::optional<at::Tensor>& batch_s
   Steps s;
   if (!(batch_sizes.has_value() && batch_sizes->defined())) {
     TORCH_CHECK(batch > 0 || x_rows == 0, fn, ": h0 must have a batch B >= 1");
-    TORCH_CHECK(batch == 0 || x_rows % batch == 0, fn, ": x_proj rows (", x_rows, ") must be a multiple of the batch B (",
-                batch, ") without batch_sizes");
+    TORCH_CHECK(batch == 0 || x_rows % batch == 0, fn, ": x_proj rows (", x_rows,
+                ") must be a multiple of the batch B (", batch, ") without batch_sizes");
     const int64_t steps = batch == 0 ? 0 : x_rows / batch;
     for (int64_t t = 0; t < steps; ++t) {
       s.offset.push_back(t * batch);
@@ -173,26 +189,25 @@ inline at::Tensor gather_prev(const Steps& s, const at::Tensor& src, const at::T
 inline int64_t step_at(const Steps& s, int64_t k, bool reverse) { return reverse ? s.count() - 1 - k : k; }
 
 // out, h_n, c_n, gates, cells are preallocated; h_n / c_n hold h0 / c0 on entry (they are the running state).
-template <class P>
-void lstm_forward(const P& pw, const Steps& s, const at::Tensor& x_proj, const at::Tensor& w_hh, bool reverse,
-                  bool save, at::Tensor& out, at::Tensor& h_n, at::Tensor& c_n, at::Tensor& gates,
+template <class P, class G>
+void lstm_forward(const P& pw, const G& gemm, const Steps& s, const at::Tensor& x_proj, int64_t gate_width,
+                  bool reverse, bool save, at::Tensor& out, at::Tensor& h_n, at::Tensor& c_n, at::Tensor& gates,
                   at::Tensor& cells) {
-  const at::Tensor w_t = w_hh.t();  // the GEMM reads W_hh transposed in place (no copy)
-  at::Tensor scratch = save ? gates : at::empty({h_n.size(0), w_hh.size(0)}, x_proj.options());
+  at::Tensor scratch = save ? gates : at::empty({h_n.size(0), gate_width}, x_proj.options());
   for (int64_t k = 0; k < s.count(); ++k) {
     const int64_t t = step_at(s, k, reverse), off = s.offset[t], rows = s.size[t];
     at::Tensor g = scratch.narrow(0, save ? off : 0, rows);
-    at::addmm_out(g, x_proj.narrow(0, off, rows), h_n.narrow(0, 0, rows), w_t);
-    pw.lstm_fwd(rows, g, at::Tensor(), h_n, c_n, out.narrow(0, off, rows),
-                save ? cells.narrow(0, off, rows) : at::Tensor(), save);
+    const at::Tensor pre = gemm(x_proj.narrow(0, off, rows), h_n.narrow(0, 0, rows), g);
+    pw.lstm_fwd(rows, pre, at::Tensor(), h_n, c_n, out.narrow(0, off, rows),
+                save ? cells.narrow(0, off, rows) : at::Tensor(), save ? g : at::Tensor());
   }
 }
 
 // dh_n / dc_n are the running gradients on entry (consumed: they end as dh0 / dc0). dx_proj is preallocated.
-template <class P>
-at::Tensor lstm_backward(const P& pw, const Steps& s, const at::Tensor& dout, const at::Tensor& gates,
+template <class P, class G>
+at::Tensor lstm_backward(const P& pw, const G& gemm, const Steps& s, const at::Tensor& dout, const at::Tensor& gates,
                          const at::Tensor& cells, const at::Tensor& out, const at::Tensor& h0, const at::Tensor& c0,
-                         const at::Tensor& w_hh, bool reverse, at::Tensor& dh, at::Tensor& dc, at::Tensor& dx_proj) {
+                         bool reverse, at::Tensor& dh, at::Tensor& dc, at::Tensor& dx_proj) {
   const at::Tensor c_prev = gather_prev(s, cells, c0, reverse);
   for (int64_t k = s.count() - 1; k >= 0; --k) {
     const int64_t t = step_at(s, k, reverse), off = s.offset[t], rows = s.size[t];
@@ -200,37 +215,32 @@ at::Tensor lstm_backward(const P& pw, const Steps& s, const at::Tensor& dout, co
     pw.lstm_bwd(rows, dout.narrow(0, off, rows), dh, dc, gates.narrow(0, off, rows), cells.narrow(0, off, rows),
                 c_prev.narrow(0, off, rows), dg, dc);
     at::Tensor dh_rows = dh.narrow(0, 0, rows);
-    at::mm_out(dh_rows, dg, w_hh);
+    const at::Tensor r = gemm(at::Tensor(), dg, dh_rows);
+    if (!r.is_same(dh_rows)) dh_rows.copy_(r);
   }
   const at::Tensor h_prev = gather_prev(s, out, h0, reverse);
   return at::mm(dx_proj.t(), h_prev);  // dw_hh: one GEMM over every row
 }
 
-template <class P>
-void gru_forward(const P& pw, const Steps& s, const at::Tensor& x_proj, const at::Tensor& w_hh,
+template <class P, class G>
+void gru_forward(const P& pw, const G& gemm, const Steps& s, const at::Tensor& x_proj, int64_t gate_width,
                  const std::optional<at::Tensor>& b_hh, bool reverse, bool save, at::Tensor& out, at::Tensor& h_n,
                  at::Tensor& saved) {
-  const at::Tensor w_t = w_hh.t();
-  const bool has_bias = b_hh.has_value() && b_hh->defined();
-  at::Tensor gh = at::empty({h_n.size(0), w_hh.size(0)}, x_proj.options());
+  const at::Tensor bias = b_hh.has_value() && b_hh->defined() ? *b_hh : at::Tensor();
+  at::Tensor gh = at::empty({h_n.size(0), gate_width}, x_proj.options());
   for (int64_t k = 0; k < s.count(); ++k) {
     const int64_t t = step_at(s, k, reverse), off = s.offset[t], rows = s.size[t];
-    at::Tensor g = gh.narrow(0, 0, rows);
-    if (has_bias) {
-      at::addmm_out(g, *b_hh, h_n.narrow(0, 0, rows), w_t);
-    } else {
-      at::mm_out(g, h_n.narrow(0, 0, rows), w_t);
-    }
+    const at::Tensor g = gemm(bias, h_n.narrow(0, 0, rows), gh.narrow(0, 0, rows));
     pw.gru_fwd(rows, x_proj.narrow(0, off, rows), g, h_n, out.narrow(0, off, rows),
                save ? saved.narrow(0, off, rows) : at::Tensor());
   }
 }
 
 // Returns {dw_hh, db_hh (undefined without bias)}; dh is the running gradient (ends as dh0).
-template <class P>
-std::vector<at::Tensor> gru_backward(const P& pw, const Steps& s, const at::Tensor& dout, const at::Tensor& saved,
-                                     const at::Tensor& out, const at::Tensor& h0, const at::Tensor& w_hh,
-                                     bool reverse, bool has_bias, at::Tensor& dh, at::Tensor& dx_proj) {
+template <class P, class G>
+std::vector<at::Tensor> gru_backward(const P& pw, const G& gemm, const Steps& s, const at::Tensor& dout,
+                                     const at::Tensor& saved, const at::Tensor& out, const at::Tensor& h0, bool reverse,
+                                     bool has_bias, at::Tensor& dh, at::Tensor& dx_proj) {
   const at::Tensor h_prev = gather_prev(s, out, h0, reverse);
   at::Tensor dgh = at::empty_like(dx_proj);
   for (int64_t k = s.count() - 1; k >= 0; --k) {
@@ -239,7 +249,8 @@ std::vector<at::Tensor> gru_backward(const P& pw, const Steps& s, const at::Tens
     pw.gru_bwd(rows, dout.narrow(0, off, rows), dh, saved.narrow(0, off, rows), h_prev.narrow(0, off, rows),
                dx_proj.narrow(0, off, rows), dg);
     at::Tensor dh_rows = dh.narrow(0, 0, rows);
-    at::addmm_out(dh_rows, dh_rows, dg, w_hh);
+    const at::Tensor r = gemm(dh_rows, dg, dh_rows);
+    if (!r.is_same(dh_rows)) dh_rows.copy_(r);
   }
   at::Tensor dw = at::mm(dgh.t(), h_prev);
   at::Tensor db = has_bias ? at::sum(dgh, {0}) : at::Tensor();

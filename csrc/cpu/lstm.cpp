@@ -12,6 +12,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <cmath>
@@ -41,10 +43,18 @@ inline void store(const Vec<T>& v, T* p, int64_t count) {
   }
 }
 
+// sigmoid and tanh from one exponential and one division each: exp_u20 (ATen's polynomial exp, <= 20 ulp, float;
+// exact exp for double) is several times cheaper than Sleef's tanh, and the gate math is ~10% of a step.
 template <typename T>
 inline Vec<T> sigmoid(const Vec<T>& x) {
   const Vec<T> one(T(1));
-  return one / (one + x.neg().exp());
+  return one / (one + x.neg().exp_u20());
+}
+
+template <typename T>
+inline Vec<T> tanh_(const Vec<T>& x) {
+  const Vec<T> one(T(1)), two(T(2));
+  return two / (one + (x * Vec<T>(T(-2))).exp_u20()) - one;
 }
 
 // Calls body(row, j, count) over the (rows x width) block in vector pieces, threads splitting the rows (and the
@@ -79,12 +89,13 @@ T* mut_or_null(const at::Tensor& t) {
 // ---------------------------------------------------------------------------------------------------------------
 // Pointwise gate math on raw rows (row strides: 4H for gates / saved, 3H for GRU x_proj / gh, H otherwise).
 
-// gates: pre-activations in, activated (i, f, g, o) out when write_act; c_state: c in, c' out; h_state, out: h'.
+// pre: pre-activations (+ bias when given); act (may alias pre, or be null): activated (i, f, g, o) out;
+// c_state: c in, c' out; h_state, out: h'; cells (or null): c'.
 template <typename T>
-void lstm_fwd_rows(int64_t rows, int64_t H, T* gates, const T* bias, T* h_state, T* c_state, T* out, T* cells,
-                   bool write_act) {
+void lstm_fwd_rows(int64_t rows, int64_t H, const T* pre, const T* bias, T* h_state, T* c_state, T* out, T* cells,
+                   T* act) {
   for_block<T>(rows, H, [&](int64_t r, int64_t j, int64_t n) {
-    T* g = gates + r * 4 * H + j;
+    const T* g = pre + r * 4 * H + j;
     Vec<T> pi = load(g, n), pf = load(g + H, n), pg = load(g + 2 * H, n), po = load(g + 3 * H, n);
     if (bias) {
       pi = pi + load(bias + j, n);
@@ -92,18 +103,19 @@ void lstm_fwd_rows(int64_t rows, int64_t H, T* gates, const T* bias, T* h_state,
       pg = pg + load(bias + 2 * H + j, n);
       po = po + load(bias + 3 * H + j, n);
     }
-    const Vec<T> i = sigmoid(pi), f = sigmoid(pf), gg = pg.tanh(), o = sigmoid(po);
+    const Vec<T> i = sigmoid(pi), f = sigmoid(pf), gg = tanh_(pg), o = sigmoid(po);
     const Vec<T> c = f * load(c_state + r * H + j, n) + i * gg;
-    const Vec<T> h = o * c.tanh();
+    const Vec<T> h = o * tanh_(c);
     store(c, c_state + r * H + j, n);
     store(h, h_state + r * H + j, n);
     store(h, out + r * H + j, n);
     if (cells) store(c, cells + r * H + j, n);
-    if (write_act) {
-      store(i, g, n);
-      store(f, g + H, n);
-      store(gg, g + 2 * H, n);
-      store(o, g + 3 * H, n);
+    if (act) {
+      T* a = act + r * 4 * H + j;
+      store(i, a, n);
+      store(f, a + H, n);
+      store(gg, a + 2 * H, n);
+      store(o, a + 3 * H, n);
     }
   });
 }
@@ -119,7 +131,7 @@ void lstm_bwd_rows(int64_t rows, int64_t H, const T* dout, const T* dh_state, co
     if (dh_state) dh = dh + load(dh_state + k, n);
     const T* g = gates + r * 4 * H + j;
     const Vec<T> i = load(g, n), f = load(g + H, n), gg = load(g + 2 * H, n), o = load(g + 3 * H, n);
-    const Vec<T> tc = load(cells + k, n).tanh();
+    const Vec<T> tc = tanh_(load(cells + k, n));
     Vec<T> dc = o * dh * (one - tc * tc);
     if (dc_in) dc = dc + load(dc_in + k, n);
     T* d = dgates + r * 4 * H + j;
@@ -141,7 +153,7 @@ void gru_fwd_rows(int64_t rows, int64_t H, const T* x_proj, const T* gh, T* h_st
     const Vec<T> rr = sigmoid(load(x, n) + load(g, n));
     const Vec<T> z = sigmoid(load(x + H, n) + load(g + H, n));
     const Vec<T> ghn = load(g + 2 * H, n);
-    const Vec<T> nn = (load(x + 2 * H, n) + rr * ghn).tanh();
+    const Vec<T> nn = tanh_(load(x + 2 * H, n) + rr * ghn);
     const int64_t k = r * H + j;
     const Vec<T> h = (one - z) * nn + z * load(h_state + k, n);
     store(h, h_state + k, n);
@@ -185,12 +197,14 @@ void gru_bwd_rows(int64_t rows, int64_t H, const T* dout, T* dh_state, const T* 
 
 // The Pointwise policy of lstm_loop (lstm.h) on CPU tensors.
 struct CpuPointwise {
-  void lstm_fwd(int64_t rows, const at::Tensor& gates, const at::Tensor& bias, const at::Tensor& h_state,
-                const at::Tensor& c_state, const at::Tensor& out, const at::Tensor& cells, bool write_act) const {
-    AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_fwd", [&] {
-      lstm_fwd_rows<scalar_t>(rows, h_state.size(1), gates.mutable_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias),
+  void lstm_fwd(int64_t rows, const at::Tensor& pre, const at::Tensor& bias, const at::Tensor& h_state,
+                const at::Tensor& c_state, const at::Tensor& out, const at::Tensor& cells,
+                const at::Tensor& act) const {
+    AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "lstm_fwd", [&] {
+      lstm_fwd_rows<scalar_t>(rows, h_state.size(1), pre.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias),
                               h_state.mutable_data_ptr<scalar_t>(), c_state.mutable_data_ptr<scalar_t>(),
-                              out.mutable_data_ptr<scalar_t>(), mut_or_null<scalar_t>(cells), write_act);
+                              out.mutable_data_ptr<scalar_t>(), mut_or_null<scalar_t>(cells),
+                              mut_or_null<scalar_t>(act));
     });
   }
   void lstm_bwd(int64_t rows, const at::Tensor& dout, const at::Tensor& dh_state, const at::Tensor& dc_in,
@@ -219,6 +233,50 @@ struct CpuPointwise {
                              dx_proj.mutable_data_ptr<scalar_t>(), dgh.mutable_data_ptr<scalar_t>());
     });
   }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// The recurrent GEMM of a float32 forward step through oneDNN's matmul with W_hh reordered once per layer call into
+// its blocked layout (mkldnn::_reorder_linear_weight / _linear_pointwise, the ops Inductor's CPU freezing path uses):
+// measured on the dev VM, 1 thread, (32 x 512) @ (512 x 2048): 3.2 ms against MKL sgemm's 5.8 ms, which repacks the
+// 4 MB of W_hh on every call. float64, a torch without oneDNN, or any failure of those ops: ATen's GEMM (MKL).
+
+// The ops are called boxed: their C++ signatures are internal to torch.
+class RecurrentGemm {
+ public:
+  // x @ w^T (+ addend) for x of up to `batch` rows: w is W_hh (forward) or W_hh^T made contiguous (backward).
+  // bias: the GRU forward's b_hh (n,) or undefined; the LSTM forward adds x_proj's rows instead, the GRU backward dh's
+  // (passed to operator()).
+  RecurrentGemm(const at::Tensor& w_hh, int64_t batch, const at::Tensor& bias = at::Tensor()) : aten_{w_hh.t()} {
+    if (w_hh.scalar_type() != at::kFloat || !at::hasMKLDNN() || batch == 0) return;
+    static const auto reorder = c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_linear_weight", ""});
+    static const auto linear_add = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", "binary"});
+    if (!reorder || !linear_add) return;
+    try {
+      std::vector<c10::IValue> stack{w_hh, c10::IValue(batch)};
+      reorder->callBoxed(stack);
+      packed_ = stack.at(0).toTensor();
+      linear_add_ = &*linear_add;
+      // The GRU step's addend: b_hh on every row (or zeros), since the fused post-op adds a (rows, G) tensor.
+      addend_ = bias.defined() ? bias.expand({batch, w_hh.size(0)}).contiguous()
+                               : at::zeros({batch, w_hh.size(0)}, w_hh.options());
+    } catch (const std::exception&) {
+      packed_ = at::Tensor();
+    }
+  }
+
+  at::Tensor operator()(const at::Tensor& add, const at::Tensor& h_rows, at::Tensor into) const {
+    if (!packed_.defined()) return aten_(add, h_rows, into);
+    const at::Tensor addend = add.defined() && add.dim() == 2 ? add : addend_.narrow(0, 0, h_rows.size(0));
+    std::vector<c10::IValue> stack{h_rows, addend, packed_, c10::IValue(), c10::IValue(std::string("add"))};
+    linear_add_->callBoxed(stack);
+    return stack.at(0).toTensor();
+  }
+
+ private:
+  lstm_loop::AtenGemm aten_;
+  at::Tensor packed_, addend_;
+  const c10::OperatorHandle* linear_add_ = nullptr;
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -275,7 +333,8 @@ std::vector<at::Tensor> lstm_layer_forward_impl(const char* fn, const at::Tensor
   at::Tensor h_n = h0.clone(), c_n = c0.clone();
   at::Tensor gates = save ? at::empty({N, 4 * H}, x_proj.options()) : at::empty({0}, x_proj.options());
   at::Tensor cells = save ? at::empty({N, H}, x_proj.options()) : at::empty({0}, x_proj.options());
-  lstm_loop::lstm_forward(CpuPointwise{}, steps, x_proj, w_hh, reverse, save, out, h_n, c_n, gates, cells);
+  lstm_loop::lstm_forward(CpuPointwise{}, RecurrentGemm(w_hh, h0.size(0)), steps, x_proj, 4 * H, reverse, save, out,
+                          h_n, c_n, gates, cells);
   return {out, h_n, c_n, gates, cells};
 }
 
@@ -302,7 +361,7 @@ std::vector<at::Tensor> lstm_cell_forward_cpu(const at::Tensor& x_proj, const at
   at::Tensor h_new = at::empty({B, H}, x_proj.options());
   at::Tensor c_new = c.clone();
   at::Tensor h_state = at::empty({B, H}, x_proj.options());
-  CpuPointwise{}.lstm_fwd(B, gates, present(b_hh) ? *b_hh : at::Tensor(), h_state, c_new, h_new, at::Tensor(), true);
+  CpuPointwise{}.lstm_fwd(B, gates, present(b_hh) ? *b_hh : at::Tensor(), h_state, c_new, h_new, at::Tensor(), gates);
   return {h_new, c_new, gates};
 }
 
@@ -400,8 +459,8 @@ std::vector<at::Tensor> lstm_layer_backward_cpu(const at::Tensor& dout, const at
   const lstm_loop::Steps steps = lstm_loop::make_steps(fn, batch_sizes, N, B);
   at::Tensor dh = dh_n.clone(), dc = dc_n.clone();
   at::Tensor dx_proj = at::empty({N, 4 * H}, dout.options());
-  at::Tensor dw = lstm_loop::lstm_backward(CpuPointwise{}, steps, dout, gates, cells, out, h0, c0, w_hh, reverse, dh,
-                                           dc, dx_proj);
+  at::Tensor dw = lstm_loop::lstm_backward(CpuPointwise{}, RecurrentGemm(w_hh.t().contiguous(), B), steps, dout, gates,
+                                           cells, out, h0, c0, reverse, dh, dc, dx_proj);
   return {dx_proj, dh, dc, dw};
 }
 
@@ -424,7 +483,8 @@ std::vector<at::Tensor> gru_layer_forward_cpu(const at::Tensor& x_proj, const at
   at::Tensor out = at::empty({N, H}, x_proj.options());
   at::Tensor h_n = h0.clone();
   at::Tensor saved = save ? at::empty({N, 4 * H}, x_proj.options()) : at::empty({0}, x_proj.options());
-  lstm_loop::gru_forward(CpuPointwise{}, steps, x_proj, w_hh, b_hh, reverse, save, out, h_n, saved);
+  const RecurrentGemm gemm(w_hh, h0.size(0), present(b_hh) ? *b_hh : at::Tensor());
+  lstm_loop::gru_forward(CpuPointwise{}, gemm, steps, x_proj, 3 * H, b_hh, reverse, save, out, h_n, saved);
   return {out, h_n, saved};
 }
 
@@ -450,8 +510,8 @@ std::vector<at::Tensor> gru_layer_backward_cpu(const at::Tensor& dout, const at:
   const lstm_loop::Steps steps = lstm_loop::make_steps(fn, batch_sizes, N, B);
   at::Tensor dh = dh_n.clone();
   at::Tensor dx_proj = at::empty({N, 3 * H}, dout.options());
-  auto grads = lstm_loop::gru_backward(CpuPointwise{}, steps, dout, saved, out, h0, w_hh, reverse, has_bias, dh,
-                                       dx_proj);
+  auto grads = lstm_loop::gru_backward(CpuPointwise{}, RecurrentGemm(w_hh.t().contiguous(), B), steps, dout, saved,
+                                       out, h0, reverse, has_bias, dh, dx_proj);
   return {dx_proj, dh, grads[0], grads[1]};
 }
 

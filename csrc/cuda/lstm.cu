@@ -25,7 +25,7 @@ __global__ void lstm_fwd_kernel(LstmFwd p, int64_t rows, int64_t H) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * H) return;
   const int64_t r = idx / H, j = idx - r * H;
-  T* g = static_cast<T*>(p.gates) + r * 4 * H + j;
+  const T* g = static_cast<const T*>(p.pre) + r * 4 * H + j;
   const T* b = static_cast<const T*>(p.bias);
   T pi = g[0], pf = g[H], pg = g[2 * H], po = g[3 * H];
   if (b) {
@@ -42,11 +42,12 @@ __global__ void lstm_fwd_kernel(LstmFwd p, int64_t rows, int64_t H) {
   static_cast<T*>(p.h_state)[idx] = h;
   static_cast<T*>(p.out)[idx] = h;
   if (p.cells) static_cast<T*>(p.cells)[idx] = c;
-  if (p.write_act) {
-    g[0] = i;
-    g[H] = f;
-    g[2 * H] = gg;
-    g[3 * H] = o;
+  if (p.act) {
+    T* a = static_cast<T*>(p.act) + r * 4 * H + j;
+    a[0] = i;
+    a[H] = f;
+    a[2 * H] = gg;
+    a[3 * H] = o;
   }
 }
 

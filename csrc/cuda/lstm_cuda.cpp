@@ -32,10 +32,11 @@ void check_status(cudaError_t err, const char* what) {
 
 struct CudaPointwise {
   cudaStream_t stream;
-  void lstm_fwd(int64_t rows, const at::Tensor& gates, const at::Tensor& bias, const at::Tensor& h_state,
-                const at::Tensor& c_state, const at::Tensor& out, const at::Tensor& cells, bool write_act) const {
-    cl::LstmFwd p{mut(gates), cst(bias), mut(h_state), mut(c_state), mut(out), mut(cells), write_act};
-    check_status(cl::lstm_forward(p, rows, h_state.size(1), to_dtype(gates.scalar_type()), stream), "lstm forward");
+  void lstm_fwd(int64_t rows, const at::Tensor& pre, const at::Tensor& bias, const at::Tensor& h_state,
+                const at::Tensor& c_state, const at::Tensor& out, const at::Tensor& cells,
+                const at::Tensor& act) const {
+    cl::LstmFwd p{cst(pre), cst(bias), mut(h_state), mut(c_state), mut(out), mut(cells), mut(act)};
+    check_status(cl::lstm_forward(p, rows, h_state.size(1), to_dtype(pre.scalar_type()), stream), "lstm forward");
   }
   void lstm_bwd(int64_t rows, const at::Tensor& dout, const at::Tensor& dh_state, const at::Tensor& dc_in,
                 const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& c_prev, const at::Tensor& dgates,
@@ -115,7 +116,7 @@ std::vector<at::Tensor> lstm_cell_forward_cuda(const at::Tensor& x_proj, const a
   at::Tensor h_new = at::empty({B, H}, x_proj.options()), h_state = at::empty({B, H}, x_proj.options());
   at::Tensor c_new = c.clone();
   pointwise(x_proj).lstm_fwd(B, gates, present(b_hh) ? *b_hh : at::Tensor(), h_state, c_new, h_new, at::Tensor(),
-                             true);
+                             gates);
   return {h_new, c_new, gates};
 }
 
@@ -178,7 +179,8 @@ std::vector<at::Tensor> lstm_layer_forward_cuda(const at::Tensor& x_proj, const 
   at::Tensor out = at::empty({N, H}, x_proj.options()), h_n = h0.clone(), c_n = c0.clone();
   at::Tensor gates = at::empty(save ? at::IntArrayRef{N, 4 * H} : at::IntArrayRef{0}, x_proj.options());
   at::Tensor cells = at::empty(save ? at::IntArrayRef{N, H} : at::IntArrayRef{0}, x_proj.options());
-  lstm_loop::lstm_forward(pointwise(x_proj), steps, x_proj, w_hh, reverse, save, out, h_n, c_n, gates, cells);
+  lstm_loop::lstm_forward(pointwise(x_proj), lstm_loop::AtenGemm{w_hh.t()}, steps, x_proj, 4 * H, reverse, save, out,
+                          h_n, c_n, gates, cells);
   return {out, h_n, c_n, gates, cells};
 }
 
@@ -202,8 +204,8 @@ std::vector<at::Tensor> lstm_layer_backward_cuda(const at::Tensor& dout, const a
   const auto steps = lstm_loop::make_steps(fn, batch_sizes, N, B);
   const c10::cuda::CUDAGuard guard(dout.device());
   at::Tensor dh = dh_n.clone(), dc = dc_n.clone(), dx = at::empty({N, 4 * H}, dout.options());
-  at::Tensor dw = lstm_loop::lstm_backward(pointwise(dout), steps, dout, gates, cells, out, h0, c0, w_hh, reverse, dh,
-                                           dc, dx);
+  at::Tensor dw = lstm_loop::lstm_backward(pointwise(dout), lstm_loop::AtenGemm{w_hh}, steps, dout, gates, cells, out,
+                                           h0, c0, reverse, dh, dc, dx);
   return {dx, dh, dc, dw};
 }
 
@@ -221,7 +223,8 @@ std::vector<at::Tensor> gru_layer_forward_cuda(const at::Tensor& x_proj, const a
   const c10::cuda::CUDAGuard guard(x_proj.device());
   at::Tensor out = at::empty({N, H}, x_proj.options()), h_n = h0.clone();
   at::Tensor saved = at::empty(save ? at::IntArrayRef{N, 4 * H} : at::IntArrayRef{0}, x_proj.options());
-  lstm_loop::gru_forward(pointwise(x_proj), steps, x_proj, w_hh, b_hh, reverse, save, out, h_n, saved);
+  lstm_loop::gru_forward(pointwise(x_proj), lstm_loop::AtenGemm{w_hh.t()}, steps, x_proj, 3 * H, b_hh, reverse, save,
+                         out, h_n, saved);
   return {out, h_n, saved};
 }
 
@@ -241,7 +244,8 @@ std::vector<at::Tensor> gru_layer_backward_cuda(const at::Tensor& dout, const at
   const auto steps = lstm_loop::make_steps(fn, batch_sizes, N, B);
   const c10::cuda::CUDAGuard guard(dout.device());
   at::Tensor dh = dh_n.clone(), dx = at::empty({N, 3 * H}, dout.options());
-  auto grads = lstm_loop::gru_backward(pointwise(dout), steps, dout, saved, out, h0, w_hh, reverse, has_bias, dh, dx);
+  auto grads = lstm_loop::gru_backward(pointwise(dout), lstm_loop::AtenGemm{w_hh}, steps, dout, saved, out, h0, reverse,
+                                       has_bias, dh, dx);
   return {dx, dh, grads[0], grads[1]};
 }
 

@@ -12,15 +12,15 @@ namespace mltoolkit::cuda_lstm {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1 };
 
-// gates: pre-activations in, activated (i, f, g, o) out when write_act; c_state: c in, c' out; h_state, out: h'.
+// pre: pre-activations (+ bias); act (may alias pre): activated (i, f, g, o); c_state: c in, c' out; h_state, out: h'.
 struct LstmFwd {
-  void* gates = nullptr;
+  const void* pre = nullptr;
   const void* bias = nullptr;
   void* h_state = nullptr;
   void* c_state = nullptr;
   void* out = nullptr;
   void* cells = nullptr;
-  bool write_act = true;
+  void* act = nullptr;
 };
 
 // dh = dout + dh_state; dc = dh*o*(1-tanh(c)^2) + dc_in; dgates: d(pre-activations); dc_out = dc*f (may be dc_in).

@@ -363,6 +363,22 @@ def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     return torch.ops.mltoolkit.gru_cell_fwd(F.linear(input, w_ih, b_ih), hx, w_hh, b_hh)[0]
 
 
+def _project(x: Tensor, w_ih: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x @ w_ih^T + bias over every time step at once. Forward-only float32 CPU calls that the C++ backend serves go
+    through oneDNN's matmul with w_ih reordered to its blocked layout (the same path the C++ kernel takes for the
+    recurrent GEMM; ~15% faster than F.linear's MKL sgemm at (4096 x 512) @ (512 x 2048) on the dev VM); everything
+    else (autograd, compile, other devices and dtypes) takes F.linear."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and not _needs_grad(x, w_ih, bias) and x.shape[0] > 0
+            and torch.backends.mkldnn.is_available() and _ext.plain_eager(x, w_ih, bias)
+            and LSTM.select(x).name == "cpp"):
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w_ih, x.shape[0])
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+        except (RuntimeError, AttributeError):
+            pass
+    return F.linear(x, w_ih, bias)
+
+
 def _layers(mode: str, x: Tensor, batch_sizes: Optional[Tensor], hx: Sequence[Tensor], params: Sequence[Tensor],
             has_biases: bool, num_layers: int, dropout: float, train: bool, bidirectional: bool):
     """Runs the stacked layers on rows x (N, I) laid out as a PackedSequence's data (or a flattened (T, B, I));
@@ -379,13 +395,13 @@ def _layers(mode: str, x: Tensor, batch_sizes: Optional[Tensor], hx: Sequence[Te
             reverse = d == 1
             if mode == "lstm":
                 bias = b_ih + b_hh if has_biases else None
-                x_proj = F.linear(x, w_ih, bias)
+                x_proj = _project(x, w_ih, bias)
                 save = _needs_grad(x_proj, hx[0], hx[1], w_hh)
                 out, h, c, _, _ = torch.ops.mltoolkit.lstm_layer_fwd(x_proj, hx[0][k], hx[1][k], w_hh, batch_sizes,
                                                                      reverse, save)
                 c_n.append(c)
             else:
-                x_proj = F.linear(x, w_ih, b_ih)
+                x_proj = _project(x, w_ih, b_ih)
                 save = _needs_grad(x_proj, hx[0], w_hh, b_hh)
                 out, h, _ = torch.ops.mltoolkit.gru_layer_fwd(x_proj, hx[0][k], w_hh, b_hh, batch_sizes, reverse,
                                                               save)

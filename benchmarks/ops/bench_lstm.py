@@ -77,5 +77,5 @@ def benchmarks(device: str, quick: bool):
                 _call(mode, getattr(_VF, mode), layers),
                 _reference(mode, layers), _inputs(mode), [config], dtypes, grad_args=grad_args,
                 flops=_flops(mode), modes=("fwd", "fwd+bwd") if quick else ("fwd", "bwd", "fwd+bwd"),
-                max_reps=10 if device == "cpu" else None))
+                max_reps=(3 if quick else 10) if device == "cpu" else None))
     return benches

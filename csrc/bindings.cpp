@@ -13,6 +13,7 @@
 #include "int8_linear.h"
 #include "int8_static.h"
 #include "int8_weight_only_linear.h"
+#include "lstm.h"
 #include "norm.h"
 
 #ifdef MLTK_WITH_CUDA
@@ -67,6 +68,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("fused_adamw8bit_cpu", &mltoolkit::fused_adamw8bit_cpu);
   m.def("fused_lamb_cpu", &mltoolkit::fused_lamb_cpu);
   m.def("fused_clip_grad_norm_cpu", &mltoolkit::fused_clip_grad_norm_cpu);
+  m.def("lstm_cell_forward_cpu", &mltoolkit::lstm_cell_forward_cpu);
+  m.def("lstm_cell_backward_cpu", &mltoolkit::lstm_cell_backward_cpu);
+  m.def("gru_cell_forward_cpu", &mltoolkit::gru_cell_forward_cpu);
+  m.def("gru_cell_backward_cpu", &mltoolkit::gru_cell_backward_cpu);
+  m.def("lstm_layer_forward_cpu", &mltoolkit::lstm_layer_forward_cpu);
+  m.def("lstm_layer_backward_cpu", &mltoolkit::lstm_layer_backward_cpu);
+  m.def("gru_layer_forward_cpu", &mltoolkit::gru_layer_forward_cpu);
+  m.def("gru_layer_backward_cpu", &mltoolkit::gru_layer_backward_cpu);
 #ifdef MLTK_WITH_CUDA
   m.def("norm_forward_cuda", &mltoolkit::norm_forward_cuda);
   m.def("norm_backward_cuda", &mltoolkit::norm_backward_cuda);
@@ -83,6 +92,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("fused_lamb_cuda", &mltoolkit::fused_lamb_cuda);
   m.def("fused_clip_grad_norm_cuda", &mltoolkit::fused_clip_grad_norm_cuda);
   m.def("fused_adamw8bit_cuda", &mltoolkit::fused_adamw8bit_cuda);
+  m.def("lstm_cell_forward_cuda", &mltoolkit::lstm_cell_forward_cuda);
+  m.def("lstm_cell_backward_cuda", &mltoolkit::lstm_cell_backward_cuda);
+  m.def("gru_cell_forward_cuda", &mltoolkit::gru_cell_forward_cuda);
+  m.def("gru_cell_backward_cuda", &mltoolkit::gru_cell_backward_cuda);
+  m.def("lstm_layer_forward_cuda", &mltoolkit::lstm_layer_forward_cuda);
+  m.def("lstm_layer_backward_cuda", &mltoolkit::lstm_layer_backward_cuda);
+  m.def("gru_layer_forward_cuda", &mltoolkit::gru_layer_forward_cuda);
+  m.def("gru_layer_backward_cuda", &mltoolkit::gru_layer_backward_cuda);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

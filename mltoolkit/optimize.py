@@ -24,6 +24,8 @@ def register_swap(torch_cls: type, build: Callable[[torch.nn.Module], torch.nn.M
 register_swap(torch.nn.LayerNorm, mnn.LayerNorm.from_torch)
 register_swap(torch.nn.RMSNorm, mnn.RMSNorm.from_torch)
 register_swap(torch.nn.MultiheadAttention, mnn.MultiheadAttention.from_torch)
+register_swap(torch.nn.LSTM, mnn.LSTM.from_torch)
+register_swap(torch.nn.GRU, mnn.GRU.from_torch)
 
 
 def optimize(model: torch.nn.Module) -> torch.nn.Module:

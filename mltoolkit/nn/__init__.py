@@ -2,5 +2,6 @@
 from mltoolkit.nn.attention import MultiheadAttention
 from mltoolkit.nn.conv import Conv1d, Conv2d, Conv2dBNAct
 from mltoolkit.nn.norm import LayerNorm, RMSNorm
+from mltoolkit.nn.rnn import GRU, LSTM
 
-__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention", "Conv1d", "Conv2d", "Conv2dBNAct"]
+__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention", "Conv1d", "Conv2d", "Conv2dBNAct", "LSTM", "GRU"]

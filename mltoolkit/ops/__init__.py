@@ -18,6 +18,7 @@ from mltoolkit.ops.int8_static import (
     quantize_static,
 )
 from mltoolkit.ops.int8_weight_only import int8_weight_only_linear
+from mltoolkit.ops.lstm import gru_cell, gru_sequence, lstm_cell, lstm_sequence
 from mltoolkit.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from mltoolkit.ops.rotary import apply_rotary_emb
 
@@ -27,4 +28,5 @@ __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "scaled_d
            "int4_weight_only_linear", "quantize_int4", "dequantize_int4",
            "quantize_per_token", "quantize_per_channel", "int8_linear", "int8_linear_dynamic",
            "int8_pack_weight", "fake_quantize", "int8_weight_only_linear", "quantize_static", "im2col_int8",
-           "int8_linear_static", "int8_conv2d_static"]
+           "int8_linear_static", "int8_conv2d_static", "lstm_sequence", "gru_sequence",
+           "lstm_cell", "gru_cell"]

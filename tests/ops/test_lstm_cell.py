@@ -1,0 +1,190 @@
+"""The fused LSTM / GRU ops (mltoolkit/ops/lstm.py): cells against the written-out math and torch's cells (outputs
+and every gradient, odd sizes, float32 and float64 gradcheck), layer ops (packed batch sizes, both directions)
+against the reference backend's step loop, opcheck, torch.compile(fullgraph=True), and bad input.
+
+The C++ backend is the one under test on CPU tensors; the CUDA-marked cases run the CUDA backend on a GPU."""
+import pytest
+import torch
+
+import mltoolkit
+from mltoolkit import ops
+from mltoolkit.backends import table
+from mltoolkit.ops.reference import lstm as ref
+from mltoolkit.testing import Sample, assert_close, check_op
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+
+
+def _cell_inputs(kind, batch, inp, hidden, device="cpu", dtype=torch.float32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gates = 4 if kind == "lstm" else 3
+    mk = lambda *s: (torch.randn(*s, generator=g) * 0.5).to(device, dtype).requires_grad_(True)
+    x, h = mk(batch, inp), mk(batch, hidden)
+    c = mk(batch, hidden) if kind == "lstm" else None
+    w_ih, w_hh = mk(gates * hidden, inp), mk(gates * hidden, hidden)
+    b_ih, b_hh = (mk(gates * hidden), mk(gates * hidden)) if bias else (None, None)
+    return x, h, c, w_ih, w_hh, b_ih, b_hh
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,inp,hidden", [(1, 1, 1), (7, 5, 3), (3, 17, 97), (2, 4, 123)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lstm_cell_matches_math_and_torch(device, batch, inp, hidden, bias):
+    x, h, c, w_ih, w_hh, b_ih, b_hh = _cell_inputs("lstm", batch, inp, hidden, device, bias=bias)
+    ours = lambda x, h, c, w_ih, w_hh, b_ih=None, b_hh=None: ops.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+    oracle = lambda x, h, c, w_ih, w_hh, b_ih=None, b_hh=None: ref.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+    args = tuple(t for t in (x, h, c, w_ih, w_hh, b_ih, b_hh) if t is not None)
+    small = batch * hidden <= 64
+    check_op(ours, [Sample(args)], oracle, gradcheck=small, compile=small)
+    want = torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+    for got, exp in zip(ours(*args), want):
+        assert_close(got, exp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,inp,hidden", [(1, 1, 1), (7, 5, 3), (3, 17, 97), (2, 4, 123)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gru_cell_matches_math_and_torch(device, batch, inp, hidden, bias):
+    x, h, _, w_ih, w_hh, b_ih, b_hh = _cell_inputs("gru", batch, inp, hidden, device, bias=bias)
+    args = tuple(t for t in (x, h, w_ih, w_hh, b_ih, b_hh) if t is not None)
+    small = batch * hidden <= 64
+    check_op(ops.gru_cell, [Sample(args)], ref.gru_cell, gradcheck=small, compile=small)
+    assert_close(ops.gru_cell(*args), torch.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh))
+
+
+def test_cell_pointwise_backward_ops_match_reference():
+    g = torch.Generator().manual_seed(3)
+    B, H = 5, 33
+    rnd = lambda *s: torch.randn(*s, generator=g)
+    gates = torch.cat([rnd(B, H).sigmoid(), rnd(B, H).sigmoid(), rnd(B, H).tanh(), rnd(B, H).sigmoid()], 1)
+    dh, dc, c, c_new = rnd(B, H), rnd(B, H), rnd(B, H), rnd(B, H)
+    for dc_arg in (dc, None):
+        got = torch.ops.mltoolkit.lstm_cell_bwd(dh, dc_arg, gates, c, c_new)
+        want = ref.lstm_pointwise_backward(dh, dc_arg, gates, c, c_new)
+        for a, b in zip(got, want):
+            assert_close(a, b)
+    saved = torch.cat([rnd(B, H).sigmoid(), rnd(B, H).sigmoid(), rnd(B, H).tanh(), rnd(B, H)], 1)
+    h = rnd(B, H)
+    for a, b in zip(torch.ops.mltoolkit.gru_cell_bwd(dh, saved, h), ref.gru_pointwise_backward(dh, saved, h)):
+        assert_close(a, b)
+    torch.library.opcheck(torch.ops.mltoolkit.lstm_cell_bwd, (dh, dc, gates, c, c_new))
+    torch.library.opcheck(torch.ops.mltoolkit.gru_cell_bwd, (dh, saved, h))
+
+
+# ---- layer ops --------------------------------------------------------------------------------------------------
+
+def _layer_inputs(kind, batch_sizes, batch, hidden, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gates = 4 if kind == "lstm" else 3
+    rows = sum(batch_sizes) if batch_sizes is not None else 6 * batch
+    mk = lambda *s: (torch.randn(*s, generator=g) * 0.5).to(device, dtype).requires_grad_(True)
+    x_proj, h0, c0, w_hh, b_hh = mk(rows, gates * hidden), mk(batch, hidden), mk(batch, hidden), \
+        mk(gates * hidden, hidden), mk(gates * hidden)
+    bs = torch.tensor(batch_sizes, dtype=torch.int64) if batch_sizes is not None else None
+    return x_proj, h0, c0, w_hh, b_hh, bs
+
+
+def _call_layer(kind, x_proj, h0, c0, w_hh, b_hh, bs, reverse):
+    if kind == "lstm":
+        return torch.ops.mltoolkit.lstm_layer_fwd(x_proj, h0, c0, w_hh, bs, reverse, True)[:3]
+    return torch.ops.mltoolkit.gru_layer_fwd(x_proj, h0, w_hh, b_hh, bs, reverse, True)[:2]
+
+
+LAYER_CASES = {"uniform": (None, 3, 7), "packed": ([4, 4, 3, 1, 1], 4, 5), "packed-one": ([1, 1, 1], 1, 2),
+               "packed-odd-h": ([5, 3, 2], 5, 97)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_layer_op_matches_reference_loop(device, kind, case, reverse):
+    batch_sizes, batch, hidden = LAYER_CASES[case]
+    inputs = _layer_inputs(kind, batch_sizes, batch, hidden, device=device)
+    leaves = [t for t in inputs if t is not None and t.requires_grad and (kind == "lstm" or t is not inputs[2])]
+    outs = _call_layer(kind, *inputs, reverse)
+    cots = [torch.randn_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, leaves, cots, allow_unused=True)
+    with mltoolkit.backend("reference"):
+        ref_outs = _call_layer(kind, *inputs, reverse)
+        ref_grads = torch.autograd.grad(ref_outs, leaves, cots, allow_unused=True)
+    for a, b in zip(outs, ref_outs):
+        assert_close(a, b)
+    for a, b in zip(grads, ref_grads):
+        if b is None:
+            assert a is None
+            continue
+        assert_close(a, b, atol=2e-5 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_layer_op_gradcheck_opcheck_and_compile(kind):
+    x_proj, h0, c0, w_hh, b_hh, bs = _layer_inputs(kind, [3, 2, 2, 1], 3, 2, dtype=torch.float64)
+    if kind == "lstm":
+        fn = lambda x, h, c, w: torch.ops.mltoolkit.lstm_layer_fwd(x, h, c, w, bs, True, True)[:3]
+        args = (x_proj, h0, c0, w_hh)
+    else:
+        fn = lambda x, h, w, b: torch.ops.mltoolkit.gru_layer_fwd(x, h, w, b, bs, True, True)[:2]
+        args = (x_proj, h0, w_hh, b_hh)
+    torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6, rtol=1e-5)
+    op = torch.ops.mltoolkit.lstm_layer_fwd if kind == "lstm" else torch.ops.mltoolkit.gru_layer_fwd
+    full = (*args, bs, True, True)
+    torch.library.opcheck(op, full)
+    torch.library.opcheck(op, (*(a.detach() for a in args), bs, False, False))
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    for a, b in zip(compiled(*args), fn(*args)):
+        assert_close(a, b)
+
+
+def test_save_false_forward_only_matches_and_refuses_backward():
+    x_proj, h0, c0, w_hh, _, _ = _layer_inputs("lstm", None, 2, 3)
+    with torch.no_grad():
+        out_saved = torch.ops.mltoolkit.lstm_layer_fwd(x_proj, h0, c0, w_hh, None, False, True)
+        out_plain = torch.ops.mltoolkit.lstm_layer_fwd(x_proj, h0, c0, w_hh, None, False, False)
+    for a, b in zip(out_saved[:3], out_plain[:3]):
+        assert torch.equal(a, b)
+    assert out_plain[3].numel() == 0 and out_plain[4].numel() == 0
+    out = torch.ops.mltoolkit.lstm_layer_fwd(x_proj, h0, c0, w_hh, None, False, False)[0]
+    with pytest.raises(RuntimeError, match="save=False"):
+        out.sum().backward()
+
+
+def test_cpp_backend_is_chosen_for_float32_cpu_and_reference_for_bfloat16():
+    x = torch.randn(2, 8)
+    assert table("lstm").select(x).name == "cpp"
+    assert table("lstm").select(x.bfloat16()).name == "reference"
+    out = ops.lstm_cell(x.bfloat16(), (torch.zeros(2, 2, dtype=torch.bfloat16),) * 2,
+                        torch.randn(8, 8, dtype=torch.bfloat16), torch.randn(8, 2, dtype=torch.bfloat16))
+    assert out[0].dtype == torch.bfloat16
+
+
+def test_bad_input_names_the_argument():
+    x, h, c, w_ih, w_hh, b_ih, b_hh = (t.detach() for t in _cell_inputs("lstm", 2, 3, 4))
+    with pytest.raises(ValueError, match="input.size"):
+        ops.lstm_cell(torch.randn(2, 5), (h, c), w_ih, w_hh)
+    with pytest.raises(ValueError, match="h must have shape"):
+        ops.lstm_cell(x, (torch.randn(3, 4), c), w_ih, w_hh)
+    with pytest.raises(TypeError, match="c must have input's dtype"):
+        ops.lstm_cell(x, (h, c.double()), w_ih, w_hh)
+    with pytest.raises(TypeError, match="input must be a Tensor"):
+        ops.gru_cell([1.0], h, w_ih[:12], w_hh[:12])
+    # the C++ kernels check their own arguments too
+    with pytest.raises(RuntimeError, match="lstm_layer_forward_cpu: h0 must have shape"):
+        mltoolkit._ext._C.lstm_layer_forward_cpu(torch.randn(6, 16), torch.randn(2, 3), torch.randn(2, 3),
+                                                 torch.randn(16, 4), None, False, False)
+    with pytest.raises(RuntimeError, match="batch_sizes must be non-increasing"):
+        mltoolkit._ext._C.lstm_layer_forward_cpu(torch.randn(3, 16), torch.randn(2, 4), torch.randn(2, 4),
+                                                 torch.randn(16, 4), torch.tensor([1, 2]), False, False)
+    with pytest.raises(RuntimeError, match="w_hh must have dtype"):
+        mltoolkit._ext._C.gru_cell_forward_cpu(torch.randn(2, 12), torch.randn(2, 4), torch.randn(12, 4).double(),
+                                               None)

@@ -1,6 +1,7 @@
 """2-D convolution on ResNet-50's shapes against torch eager (F.conv2d: oneDNN on CPU, cuDNN on GPU) and
 torch.compile: time and TFLOP/s, forward and forward + backward (input and weight gradients; ResNet convs have no
-bias, batch norm follows them). CPU: float32 in NCHW and channels_last; CUDA: float16 channels_last.
+bias, batch norm follows them), and EfficientNet-B0's depthwise layers (3x3 / 5x5, stride 1 / 2).
+CPU: float32 in NCHW and channels_last; CUDA: float16 channels_last.
 
 conv2d_bn_relu: the same layers followed by batch norm and ReLU, as ResNet runs them, against the eager three-op
 sequence (F.conv2d, F.batch_norm, F.relu) and its torch.compile: inference (batch norm folded, epilogue fused) in
@@ -20,6 +21,14 @@ SHAPES = {
     "3x3 512 7x7": (512, 512, 7, 3, 1, 1, 1),
     "1x1 256->64 56x56": (256, 64, 56, 1, 1, 0, 1),
     "dw3x3 144 56x56": (144, 144, 56, 3, 1, 1, 144),
+    # EfficientNet-B0's depthwise layers (kernel, stride, channels, size as torchvision's efficientnet_b0 runs them).
+    "dw3x3 96 112x112 s2": (96, 96, 112, 3, 2, 1, 96),
+    "dw3x3 144 56x56 s2": (144, 144, 56, 3, 2, 1, 144),
+    "dw5x5 240 28x28": (240, 240, 28, 5, 1, 2, 240),
+    "dw5x5 672 14x14": (672, 672, 14, 5, 1, 2, 672),
+    "dw5x5 672 14x14 s2": (672, 672, 14, 5, 2, 2, 672),
+    "dw3x3 1152 7x7": (1152, 1152, 7, 3, 1, 1, 1152),
+    "dw5x5 1152 7x7": (1152, 1152, 7, 5, 1, 2, 1152),
 }
 # Batch: 8 on the CPU; on the GPU 32 (quick) or 128, enough pixels to fill 132 SMs as ResNet training does.
 BATCH = {"cpu": (8, 8), "cuda": (32, 128)}
@@ -64,7 +73,7 @@ def _configs(device, quick):
         names = ["3x3 64 56x56", "1x1 256->64 56x56"] if quick else list(SHAPES)
         return [_config(n, "channels_last", device, quick) for n in names]
     if quick:
-        return [_config("3x3 128 28x28", "nchw")]
+        return [_config("3x3 128 28x28", "nchw"), _config("dw5x5 672 14x14", "channels_last")]
     return [_config(n, layout) for layout in ("nchw", "channels_last") for n in SHAPES]
 
 

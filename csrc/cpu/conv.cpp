@@ -12,8 +12,8 @@
 // 3x3 stride-1 convolutions with enough channels take Winograd F(2x2, 3x3) instead (fwd_winograd: 4/9 of the
 // multiply-adds, the 16 transform-domain products on the same kernel).
 // Tasks (pixel runs x channel panels) are handed out dynamically (parallel_tasks).
-// Depthwise (C/groups == K/groups == 1) uses direct kernels, forward and backward (vectorized over q in NCHW, over c
-// in NHWC), with the epilogue on each finished output row / pixel.
+// Depthwise (C/groups == K/groups == 1) uses direct channels-last kernels, forward and backward (vectorized over c,
+// blocks of pixels in registers; NCHW transposed around them), with the epilogue on each finished block.
 //
 // Backward: dx of a stride-1 convolution is the forward convolution of dy with the flipped, transposed weight, on the
 // forward's kernel (dx_as_forward). Otherwise dx = col2im(W^T dy), one task per (image, group, block of input
@@ -746,73 +746,278 @@ void fwd_gemm(const Geo& g, const T* x, const Pack& pack, const T* bias, const T
   else fwd_igemm<T, 1>(g, x, pack, bias, res, act, y);
 }
 
-// Depthwise forward, direct; the epilogue (residual, activation) runs on each output row (NCHW) or pixel (NHWC) as
-// soon as it is complete.
+// Depthwise (C/groups == K/groups == 1), direct, channels-last: vectorized over c, each kernel tap's weight vector
+// loaded once per block of kDwB pixels and the block's accumulators kept in registers over all taps (dw_block). The
+// same block kernel runs the forward (a block = kDwB consecutive output pixels of one row whose taps all fall inside
+// x; the others, at the borders, go one by one with their valid taps only) and dx (a block = kDwB input pixels of one
+// row and one phase mod the stride, which share their taps). NCHW tensors are transposed to channels-last around it
+// (one pass over x and y against R*S multiply-adds per element).
+constexpr int kDwB = 8;
+
+// act(v) on a vector: the selects of convk::apply_vector_act, and the others with at::vec's exp / erf / tanh in
+// the formulas of apply_activation (silu as torch's own CPU kernel computes it, x / (1 + exp(-x))).
 template <typename T>
-void fwd_depthwise_nchw(const Geo& g, const T* x, const T* w, const T* b, const T* res, Act act, T* y) {
-  const int64_t HW = g.HW(), PQ = g.PQ(), RS = g.R * g.S;
-  at::parallel_for(0, g.N * g.C, grain_for(PQ * RS), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t c = t % g.C;
-      const T* xp = x + t * HW;
-      const T* wc = w + c * RS;
-      const T bv = b ? b[c] : T(0);
+inline convk::Vec<T> dw_act(Act act, convk::Vec<T> v) {
+  using V = convk::Vec<T>;
+  switch (act) {
+    case Act::kSilu:
+      return v / (V(T(1)) + v.neg().exp());
+    case Act::kGelu:
+      return V(T(0.5)) * v * (V(T(1)) + (v * V(T(0.70710678118654752440))).erf());
+    case Act::kGeluTanh: {
+      const V inner = V(T(0.79788456080286535588)) * (v + V(T(0.044715)) * v * v * v);
+      return V(T(0.5)) * v * (V(T(1)) + inner.tanh());
+    }
+    case Act::kHardswish: {
+      const V t = at::vec::clamp(v + V(T(3)), V(T(0)), V(T(6)));
+      return v * t / V(T(6));
+    }
+    default:
+      return convk::apply_vector_act<T>(act, v);
+  }
+}
+
+template <typename T>
+__attribute__((noinline)) void dw_act_pass(Act act, T* out, int64_t ld, int64_t B, int64_t C) {
+  using V = convk::Vec<T>;
+  constexpr int64_t L = V::size();
+  for (int64_t j = 0; j < B; ++j)
+    for (int64_t c = 0; c < C; c += L) {
+      const int64_t n = std::min(L, C - c);
+      T* o = out + j * ld + c;
+      dw_act<T>(act, V::loadu(o, n)).store(o, n);
+    }
+}
+
+// One channel vector (n lanes; Full: n == L) of dw_block, its B accumulators in registers.
+template <typename T, int B, bool Full>
+inline __attribute__((always_inline)) void dw_vec(int64_t c, int64_t n, int64_t nt, const T* const* sp,
+                                                  const T* const* wp, int64_t sld, const T* init, T* out, int64_t ld,
+                                                  const T* res, bool vact, Act act, int64_t shift) {
+  using V = convk::Vec<T>;
+  const V v0 = init ? (Full ? V::loadu(init + c) : V::loadu(init + c, n)) : V(T(0));
+  V acc[B];
+#pragma GCC unroll 16
+  for (int j = 0; j < B; ++j) acc[j] = v0;
+  for (int64_t t = 0; t < nt; ++t) {
+    const V wv = Full ? V::loadu(wp[t] + c) : V::loadu(wp[t] + c, n);
+    const T* s = sp[t] + shift + c;
+#pragma GCC unroll 16
+    for (int j = 0; j < B; ++j)
+      acc[j] = at::vec::fmadd(wv, Full ? V::loadu(s + j * sld) : V::loadu(s + j * sld, n), acc[j]);
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < B; ++j) {
+    T* o = out + j * ld + c;
+    V v = acc[j];
+    if (res) v = v + (Full ? V::loadu(res + j * ld + c) : V::loadu(res + j * ld + c, n));
+    if (vact) v = convk::apply_vector_act<T>(act, v);
+    if (Full) v.store(o);
+    else v.store(o, n);
+  }
+}
+
+// out[j * ld + c] = epilogue(init[c] + sum over taps t of wp[t][c] * sp[t][shift + j * sld + c]) for j < B, c < C;
+// init may be null (zero); res (same strides as out) and act as in the forward's epilogue.
+template <typename T, int B>
+void dw_block(int64_t C, int64_t nt, const T* const* sp, const T* const* wp, int64_t sld, const T* init, T* out,
+              int64_t ld, const T* res, Act act, int64_t shift = 0) {
+  constexpr int64_t L = convk::Vec<T>::size();
+  const bool vact = convk::vector_act(act);
+  int64_t c = 0;
+  for (; c + L <= C; c += L) dw_vec<T, B, true>(c, L, nt, sp, wp, sld, init, out, ld, res, vact, act, shift);
+  if (c < C) dw_vec<T, B, false>(c, C - c, nt, sp, wp, sld, init, out, ld, res, vact, act, shift);
+  // The activations with exp / erf / tanh in a second pass over the stored block: calls inside the loops above
+  // would keep the accumulators out of registers.
+  if (!vact) dw_act_pass<T>(act, out, ld, B, C);
+}
+
+// Channels per block (a multiple of the vector width) such that `pixels` pixels of a block take about kDwBlockBytes:
+// a quarter of the 1 MB L2 of the dev machine (Zen 4) was fastest on EfficientNet's depthwise layers (16 KB, L1-sized,
+// was 2-3x slower: too little work per block of pixels).
+constexpr int64_t kDwBlockBytes = 256 * 1024;
+template <typename T>
+int64_t dw_channel_block(int64_t C, int64_t pixels) {
+  constexpr int64_t L = convk::Vec<T>::size();
+  const int64_t fit = (kDwBlockBytes / int64_t(sizeof(T)) / std::max<int64_t>(1, pixels)) / L * L;
+  return std::min(std::max(fit, L), (C + L - 1) / L * L);
+}
+
+// dw_block<T, b>(args...) for a run-time b in [1, kDwB].
+template <typename T, typename... Args>
+void dw_block_n(int64_t b, Args... args) {
+  switch (b) {
+    case 1: return dw_block<T, 1>(args...);
+    case 2: return dw_block<T, 2>(args...);
+    case 3: return dw_block<T, 3>(args...);
+    case 4: return dw_block<T, 4>(args...);
+    case 5: return dw_block<T, 5>(args...);
+    case 6: return dw_block<T, 6>(args...);
+    case 7: return dw_block<T, 7>(args...);
+    default: return dw_block<T, kDwB>(args...);
+  }
+}
+
+// The forward's block for S taps per kernel row at stride SW (dilation 1), kernel rows rows[i] (pointers into the
+// padded ring: column k of the block at rows[i][shift + k * cb]): each input column vector is loaded once per kernel
+// row and used by every output of the block that reads it, the row's S weight vectors in registers.
+template <typename T, int B, int S, int SW, bool Full>
+inline __attribute__((always_inline)) void dw_vec_rows(int64_t c, int64_t n, int64_t nr, const T* const* rows,
+                                                       const T* const* wrows, int64_t cb, const T* init, T* out,
+                                                       int64_t ld, const T* res, bool vact, Act act, int64_t shift) {
+  using V = convk::Vec<T>;
+  auto load = [&](const T* p) { return Full ? V::loadu(p) : V::loadu(p, n); };
+  const V v0 = init ? load(init + c) : V(T(0));
+  V acc[B];
+#pragma GCC unroll 16
+  for (int j = 0; j < B; ++j) acc[j] = v0;
+  for (int64_t i = 0; i < nr; ++i) {
+    V wv[S];
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) wv[s] = load(wrows[i] + s * ld + c);  // w_t rows are ld (= C) apart
+    const T* xr = rows[i] + shift + c;
+#pragma GCC unroll 64
+    for (int k = 0; k < (B - 1) * SW + S; ++k) {
+      const V xv = load(xr + k * cb);
+#pragma GCC unroll 16
+      for (int j = 0; j < B; ++j) {
+        const int s = k - j * SW;
+        if (s >= 0 && s < S) acc[j] = at::vec::fmadd(wv[s], xv, acc[j]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < B; ++j) {
+    T* o = out + j * ld + c;
+    V v = acc[j];
+    if (res) v = v + load(res + j * ld + c);
+    if (vact) v = convk::apply_vector_act<T>(act, v);
+    if (Full) v.store(o);
+    else v.store(o, n);
+  }
+}
+
+template <typename T, int B, int S, int SW>
+void dw_block_rows(int64_t C, int64_t nr, const T* const* rows, const T* const* wrows, int64_t cb, const T* init,
+                   T* out, int64_t ld, const T* res, Act act, int64_t shift) {
+  constexpr int64_t L = convk::Vec<T>::size();
+  const bool vact = convk::vector_act(act);
+  int64_t c = 0;
+  for (; c + L <= C; c += L)
+    dw_vec_rows<T, B, S, SW, true>(c, L, nr, rows, wrows, cb, init, out, ld, res, vact, act, shift);
+  if (c < C) dw_vec_rows<T, B, S, SW, false>(c, C - c, nr, rows, wrows, cb, init, out, ld, res, vact, act, shift);
+  if (!vact) dw_act_pass<T>(act, out, ld, B, C);
+}
+
+template <typename T, int S, int SW, typename... Args>
+void dw_block_rows_n(int64_t b, Args... args) {
+  switch (b) {
+    case 1: return dw_block_rows<T, 1, S, SW>(args...);
+    case 2: return dw_block_rows<T, 2, S, SW>(args...);
+    case 3: return dw_block_rows<T, 3, S, SW>(args...);
+    case 4: return dw_block_rows<T, 4, S, SW>(args...);
+    case 5: return dw_block_rows<T, 5, S, SW>(args...);
+    case 6: return dw_block_rows<T, 6, S, SW>(args...);
+    case 7: return dw_block_rows<T, 7, S, SW>(args...);
+    default: return dw_block_rows<T, kDwB, S, SW>(args...);
+  }
+}
+
+// Which specialised row kernel serves (S, sw, dw): 0 = none (the generic dw_block).
+inline int dw_row_kind(const Geo& g) {
+  if (g.dw != 1) return 0;
+  if (g.S == 3) return g.sw == 1 ? 1 : g.sw == 2 ? 2 : 0;
+  if (g.S == 5) return g.sw == 1 ? 3 : g.sw == 2 ? 4 : 0;
+  return 0;
+}
+
+// w_t: (R*S, C). Tasks: (image, block of cb channels), all output rows. The input rows a row of outputs reads are
+// copied (cb channels wide, zero-padded to the left and right) into a small ring of rows that stays in L2 and is
+// refilled sh rows per output row; every output pixel then runs in register blocks of kDwB, padding included.
+template <typename T>
+void fwd_depthwise_nhwc(const Geo& g, const T* x, const T* w_t, const T* b, const T* res, Act act, T* y) {
+  const int64_t C = g.C, RS = g.R * g.S;
+  const int64_t Wp = (g.Q - 1) * g.sw + (g.S - 1) * g.dw + 1;  // padded row: columns -pw .. Wp - pw - 1
+  const int64_t span = (g.R - 1) * g.dh + 1;                    // input rows one output row reads
+  const int64_t cb = dw_channel_block<T>(C, span * Wp), ncb = (C + cb - 1) / cb;
+  const int kind = dw_row_kind(g);
+  at::parallel_for(0, g.N * ncb, grain_for(g.PQ() * cb * RS), [&](int64_t begin, int64_t end) {
+    std::vector<const T*> sp(RS), wp(RS), rp_(g.R), wr_(g.R);
+    std::unique_ptr<T[]> ring(new T[span * Wp * cb]);
+    std::vector<int64_t> tag(span);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / ncb, c0 = task % ncb * cb, nc = std::min(cb, C - c0);
+      const T* bc = b ? b + c0 : nullptr;
+      std::fill(tag.begin(), tag.end(), INT64_MIN);
       for (int64_t p = 0; p < g.P; ++p) {
-        T* __restrict__ yr = y + t * PQ + p * g.Q;
-        for (int64_t q = 0; q < g.Q; ++q) yr[q] = bv;
+        int64_t nt = 0;
         for (int64_t r = 0; r < g.R; ++r) {
           const int64_t ih = p * g.sh - g.ph + r * g.dh;
           if (ih < 0 || ih >= g.H) continue;
-          const T* xr = xp + ih * g.W;
-          for (int64_t s = 0; s < g.S; ++s) {
-            const T wv = wc[r * g.S + s];
-            const int64_t off = s * g.dw - g.pw;
-            int64_t qlo, qhi;
-            q_range(off, g.sw, g.W, g.Q, qlo, qhi);
-            if (g.sw == 1) {
-              const T* __restrict__ xs = xr + off;
-              for (int64_t q = qlo; q < qhi; ++q) yr[q] += wv * xs[q];
-            } else {
-              for (int64_t q = qlo; q < qhi; ++q) yr[q] += wv * xr[q * g.sw + off];
+          const int64_t slot = ih % span;
+          T* rr = ring.get() + slot * Wp * cb;
+          if (tag[slot] != ih) {
+            tag[slot] = ih;
+            const T* xr = x + ((n * g.H + ih) * g.W) * C + c0;
+            using V = convk::Vec<T>;
+            constexpr int64_t L = V::size();
+            for (int64_t j = 0; j < Wp; ++j) {
+              const int64_t iw = j - g.pw;
+              T* d = rr + j * cb;
+              if (iw >= 0 && iw < g.W) {
+                const T* src = xr + iw * C;
+                int64_t c = 0;
+                for (; c + L <= nc; c += L) V::loadu(src + c).store(d + c);
+                if (c < nc) V::loadu(src + c, nc - c).store(d + c, nc - c);
+              } else {
+                for (int64_t c = 0; c < nc; c += L) V(T(0)).store(d + c, std::min(L, nc - c));
+              }
             }
           }
+          for (int64_t s = 0; s < g.S; ++s) {
+            sp[nt] = rr + s * g.dw * cb;
+            wp[nt++] = w_t + (r * g.S + s) * C + c0;
+          }
         }
-        if (res || act != Act::kNone)
-          convk::epilogue_row<T>(yr, yr, g.Q, T(0), res ? res + t * PQ + p * g.Q : nullptr, act);
+        const int64_t row = ((n * g.P + p) * g.Q) * C + c0;
+        // Kernel rows for the row kernels: every S-th tap.
+        const int64_t nr = nt / g.S;
+        for (int64_t i = 0; i < nr; ++i) rp_[i] = sp[i * g.S], wr_[i] = wp[i * g.S];
+        for (int64_t q = 0; q < g.Q; q += kDwB) {
+          const int64_t bq = std::min<int64_t>(kDwB, g.Q - q);
+          T* out = y + row + q * C;
+          const T* rsd = res ? res + row + q * C : nullptr;
+          const int64_t shift = q * g.sw * cb;
+          switch (kind) {
+            case 1: dw_block_rows_n<T, 3, 1>(bq, nc, nr, rp_.data(), wr_.data(), cb, bc, out, C, rsd, act, shift); break;
+            case 2: dw_block_rows_n<T, 3, 2>(bq, nc, nr, rp_.data(), wr_.data(), cb, bc, out, C, rsd, act, shift); break;
+            case 3: dw_block_rows_n<T, 5, 1>(bq, nc, nr, rp_.data(), wr_.data(), cb, bc, out, C, rsd, act, shift); break;
+            case 4: dw_block_rows_n<T, 5, 2>(bq, nc, nr, rp_.data(), wr_.data(), cb, bc, out, C, rsd, act, shift); break;
+            default:
+              dw_block_n<T>(bq, nc, nt, sp.data(), wp.data(), g.sw * cb, bc, out, C, rsd, act, shift);
+          }
+        }
       }
     }
   });
 }
 
-// w_t: (R*S, C).
+bool dx_as_forward(const Geo& g);
+
+// Swapped geometry for the channels-last copies of an NCHW dy / dx (C = K, H = P, W = Q), for the transposes.
+Geo out_geo(const Geo& g) {
+  Geo o = g;
+  o.C = g.K, o.H = g.P, o.W = g.Q, o.K = g.C, o.P = g.H, o.Q = g.W;
+  return o;
+}
+
+// NCHW: transposed to channels-last, the kernel above with the bias, then transposed back with residual and act.
 template <typename T>
-void fwd_depthwise_nhwc(const Geo& g, const T* x, const T* w_t, const T* b, const T* res, Act act, T* y) {
-  const int64_t C = g.C;
-  at::parallel_for(0, g.N * g.P, grain_for(g.Q * C * g.R * g.S), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / g.P, p = t % g.P;
-      for (int64_t q = 0; q < g.Q; ++q) {
-        T* __restrict__ yv = y + (t * g.Q + q) * C;
-        if (b)
-          for (int64_t c = 0; c < C; ++c) yv[c] = b[c];
-        else
-          for (int64_t c = 0; c < C; ++c) yv[c] = T(0);
-        for (int64_t r = 0; r < g.R; ++r) {
-          const int64_t ih = p * g.sh - g.ph + r * g.dh;
-          if (ih < 0 || ih >= g.H) continue;
-          for (int64_t s = 0; s < g.S; ++s) {
-            const int64_t iw = q * g.sw - g.pw + s * g.dw;
-            if (iw < 0 || iw >= g.W) continue;
-            const T* __restrict__ xv = x + ((n * g.H + ih) * g.W + iw) * C;
-            const T* __restrict__ wv = w_t + (r * g.S + s) * C;
-            for (int64_t c = 0; c < C; ++c) yv[c] += wv[c] * xv[c];
-          }
-        }
-        if (res || act != Act::kNone)
-          convk::epilogue_row<T>(yv, yv, C, T(0), res ? res + (t * g.Q + q) * C : nullptr, act);
-      }
-    }
-  });
+void fwd_depthwise_nchw(const Geo& g, const T* x, const T* w_t, const T* b, const T* res, Act act, T* y) {
+  std::unique_ptr<T[]> xt(new T[g.N * g.C * g.HW()]), yt(new T[g.N * g.K * g.PQ()]);
+  to_channels_last<T>(g, x, xt.get());
+  fwd_depthwise_nhwc<T>(g, xt.get(), w_t, b, nullptr, Act::kNone, yt.get());
+  to_nchw_epilogue<T>(g, yt.get(), res, act, y);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1048,135 +1253,181 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
   }
 }
 
-// Depthwise (C/groups == K/groups == 1) backward, direct. NCHW: one task per (image, channel) plane for dx
-// (scatter-add inside the plane the task owns), one task per channel for dW (batch and pixels summed in order).
-// NHWC: dx gathered per input row (each task owns its rows), dW from fixed row chunks whose partial sums are added
-// in chunk order. Fixed orders everywhere: deterministic for any thread count.
-// w: (C, R*S) for NCHW, (R*S, C) for NHWC; dw in the same layout.
+// Depthwise (C/groups == K/groups == 1) backward, direct, channels-last (an NCHW dy / x is transposed to channels-last
+// first and dx transposed back). w and dw: (R*S, C).
+// dx: one task per input row (it owns its pixels); a pixel gathers dy * w over the taps that reach it; pixels of one
+// phase mod the stride share their taps, so blocks of kDwB of them run on dw_block.
+// dW: the rows (image, output row) cut into a fixed number of chunks, each summed in order into its own partial (per
+// tap row r: S accumulators per channel vector in registers over the row's pixels), the partials added in chunk
+// order. Fixed orders everywhere: deterministic for any thread count.
 template <typename T>
-void bwd_depthwise(const Geo& g, const T* x, const T* dy, const T* w, T* dx, T* dw) {
-  const int64_t HW = g.HW(), PQ = g.PQ(), RS = g.R * g.S, C = g.C;
-  if (!g.nhwc) {
-    if (dx)
-      at::parallel_for(0, g.N * C, grain_for(PQ * RS), [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t c = t % C;
-          T* dxp = dx + t * HW;
-          const T* wc = w + c * RS;
-          for (int64_t p = 0; p < g.P; ++p) {
-            const T* __restrict__ dyr = dy + t * PQ + p * g.Q;
-            for (int64_t r = 0; r < g.R; ++r) {
-              const int64_t ih = p * g.sh - g.ph + r * g.dh;
-              if (ih < 0 || ih >= g.H) continue;
-              T* dxr = dxp + ih * g.W;
-              for (int64_t s = 0; s < g.S; ++s) {
-                const T wv = wc[r * g.S + s];
-                const int64_t off = s * g.dw - g.pw;
-                int64_t qlo, qhi;
-                q_range(off, g.sw, g.W, g.Q, qlo, qhi);
-                if (g.sw == 1) {
-                  T* __restrict__ d = dxr + off;
-                  for (int64_t q = qlo; q < qhi; ++q) d[q] += wv * dyr[q];
-                } else {
-                  for (int64_t q = qlo; q < qhi; ++q) dxr[q * g.sw + off] += wv * dyr[q];
-                }
-              }
-            }
-          }
-        }
-      });
-    if (dw)
-      at::parallel_for(0, C, grain_for(g.N * PQ * RS), [&](int64_t begin, int64_t end) {
-        // One row of Q partial products per tap: the inner loops are element-wise (they vectorize), and the rows
-        // are reduced once per channel in a fixed order.
-        std::vector<T> acc(RS * g.Q);
-        for (int64_t c = begin; c < end; ++c) {
-          std::fill(acc.begin(), acc.end(), T(0));
-          for (int64_t n = 0; n < g.N; ++n) {
-            const T* xp = x + (n * C + c) * HW;
-            for (int64_t p = 0; p < g.P; ++p) {
-              const T* __restrict__ dyr = dy + (n * C + c) * PQ + p * g.Q;
-              for (int64_t r = 0; r < g.R; ++r) {
-                const int64_t ih = p * g.sh - g.ph + r * g.dh;
-                if (ih < 0 || ih >= g.H) continue;
-                const T* xr = xp + ih * g.W;
-                for (int64_t s = 0; s < g.S; ++s) {
-                  const int64_t off = s * g.dw - g.pw;
-                  int64_t qlo, qhi;
-                  q_range(off, g.sw, g.W, g.Q, qlo, qhi);
-                  T* __restrict__ ar = acc.data() + (r * g.S + s) * g.Q;
-                  if (g.sw == 1) {
-                    const T* __restrict__ xs = xr + off;
-                    for (int64_t q = qlo; q < qhi; ++q) ar[q] += dyr[q] * xs[q];
-                  } else {
-                    for (int64_t q = qlo; q < qhi; ++q) ar[q] += dyr[q] * xr[q * g.sw + off];
-                  }
-                }
-              }
-            }
-          }
-          for (int64_t i = 0; i < RS; ++i) {
-            T sum = 0;
-            for (int64_t q = 0; q < g.Q; ++q) sum += acc[i * g.Q + q];
-            dw[c * RS + i] = sum;
-          }
-        }
-      });
-    return;
-  }
-  if (dx)
-    at::parallel_for(0, g.N * g.H, grain_for(g.W * C * RS), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / g.H, ih = t % g.H;
-        for (int64_t iw = 0; iw < g.W; ++iw) {
-          T* __restrict__ d = dx + (t * g.W + iw) * C;
-          for (int64_t c = 0; c < C; ++c) d[c] = T(0);
+void bwd_depthwise_dx_nhwc(const Geo& g, const T* dy, const T* w, T* dx) {
+  const int64_t C = g.C, RS = g.R * g.S;
+  auto floordiv = [](int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };
+  // Tasks: (image, block of cb channels), all input rows (dy's rows stay in L1 between them).
+  const int64_t cb = dw_channel_block<T>(C, (g.R + g.sh - 1) / g.sh * g.Q), ncb = (C + cb - 1) / cb;
+  at::parallel_for(0, g.N * ncb, grain_for(g.HW() * cb * RS / (g.sh * g.sw)), [&](int64_t begin, int64_t end) {
+    std::vector<const T*> sp(RS), wp(RS);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / ncb, c0 = task % ncb * cb, nc = std::min(cb, C - c0);
+      for (int64_t ih = 0; ih < g.H; ++ih) {
+      const int64_t t = n * g.H + ih;
+      for (int64_t ph = 0; ph < g.sw; ++ph) {
+        for (int64_t iw = ph; iw < g.W;) {
+          // Block of kDwB pixels iw + j * sw: interior when every phase-matching tap is in range for its first and
+          // last pixel.
+          const int64_t last = iw + (kDwB - 1) * g.sw;
+          bool block = last < g.W;
+          int64_t nt = 0;
           for (int64_t r = 0; r < g.R; ++r) {
-            const int64_t ph = ih + g.ph - r * g.dh;
-            if (ph < 0 || ph % g.sh != 0 || ph / g.sh >= g.P) continue;
-            const int64_t p = ph / g.sh;
+            const int64_t hh = ih + g.ph - r * g.dh;
+            if (hh < 0 || hh % g.sh != 0 || hh / g.sh >= g.P) continue;
+            const int64_t p = hh / g.sh;
             for (int64_t s = 0; s < g.S; ++s) {
-              const int64_t qw = iw + g.pw - s * g.dw;
-              if (qw < 0 || qw % g.sw != 0 || qw / g.sw >= g.Q) continue;
-              const T* __restrict__ dv = dy + ((n * g.P + p) * g.Q + qw / g.sw) * C;
-              const T* __restrict__ wv = w + (r * g.S + s) * C;
-              for (int64_t c = 0; c < C; ++c) d[c] += wv[c] * dv[c];
+              const int64_t ww = iw + g.pw - s * g.dw;
+              if (((ww % g.sw) + g.sw) % g.sw != 0) continue;
+              const int64_t q0 = floordiv(ww, g.sw);
+              const bool ok0 = q0 >= 0 && q0 < g.Q;
+              if (block && !(ok0 && q0 + kDwB - 1 < g.Q)) block = false;
+              if (!block && !ok0) continue;
+              sp[nt] = dy + ((n * g.P + p) * g.Q + q0) * C + c0;
+              wp[nt++] = w + (r * g.S + s) * C + c0;
             }
+          }
+          T* o = dx + (t * g.W + iw) * C + c0;
+          if (block) {
+            dw_block<T, kDwB>(nc, nt, sp.data(), wp.data(), C, nullptr, o, g.sw * C, nullptr, Act::kNone);
+            iw += kDwB * g.sw;
+          } else {
+            dw_block<T, 1>(nc, nt, sp.data(), wp.data(), 0, nullptr, o, 0, nullptr, Act::kNone);
+            iw += g.sw;
           }
         }
       }
-    });
-  if (dw) {
-    const int64_t rows = g.N * g.P, nchunks = std::min<int64_t>(rows, 32);
-    std::vector<T> part(nchunks * RS * C, T(0));
-    at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t ch = begin; ch < end; ++ch) {
-        T* acc = part.data() + ch * RS * C;
-        for (int64_t t = ch * rows / nchunks; t < (ch + 1) * rows / nchunks; ++t) {
-          const int64_t n = t / g.P, p = t % g.P;
-          for (int64_t q = 0; q < g.Q; ++q) {
-            const T* __restrict__ dv = dy + (t * g.Q + q) * C;
-            for (int64_t r = 0; r < g.R; ++r) {
-              const int64_t ih = p * g.sh - g.ph + r * g.dh;
-              if (ih < 0 || ih >= g.H) continue;
-              for (int64_t s = 0; s < g.S; ++s) {
-                const int64_t iw = q * g.sw - g.pw + s * g.dw;
-                if (iw < 0 || iw >= g.W) continue;
-                const T* __restrict__ xv = x + ((n * g.H + ih) * g.W + iw) * C;
-                T* __restrict__ a = acc + (r * g.S + s) * C;
-                for (int64_t c = 0; c < C; ++c) a[c] += dv[c] * xv[c];
+      }
+    }
+  });
+}
+
+// acc[s] (s < NS) += dy[q][c..] * x[row][q * sw + off + s * dw][c..] over the row's output pixels q, for taps s0..s0+NS
+// of one kernel row, channel vector c (n valid lanes); pixels whose tap leaves x are skipped per tap.
+template <typename T, int NS>
+void dw_wgrad_row(const Geo& g, const T* dyr, const T* xr, int64_t s0, int64_t c, int64_t n, T* part) {
+  using V = convk::Vec<T>;
+  const int64_t C = g.C;
+  int64_t qa = 0, qb = g.Q;
+  int64_t lo[NS], hi[NS];
+  for (int k = 0; k < NS; ++k) {
+    q_range((s0 + k) * g.dw - g.pw, g.sw, g.W, g.Q, lo[k], hi[k]);
+    qa = std::max(qa, lo[k]), qb = std::min(qb, hi[k]);
+  }
+  if (qb < qa) qb = qa;
+  V acc[NS];
+  for (int k = 0; k < NS; ++k) acc[k] = V(T(0));
+  const int64_t xs = g.sw * C, off0 = (s0 * g.dw - g.pw) * C + c, xd = g.dw * C;
+  auto edge = [&](int64_t q) {
+    const V d = V::loadu(dyr + q * C + c, n);
+    for (int k = 0; k < NS; ++k)
+      if (q >= lo[k] && q < hi[k]) acc[k] = at::vec::fmadd(d, V::loadu(xr + q * xs + off0 + k * xd, n), acc[k]);
+  };
+  for (int64_t q = 0; q < qa; ++q) edge(q);
+  if (n == V::size()) {
+    for (int64_t q = qa; q < qb; ++q) {
+      const V d = V::loadu(dyr + q * C + c);
+      const T* xp = xr + q * xs + off0;
+      for (int k = 0; k < NS; ++k) acc[k] = at::vec::fmadd(d, V::loadu(xp + k * xd), acc[k]);
+    }
+  } else {
+    for (int64_t q = qa; q < qb; ++q) edge(q);
+  }
+  for (int64_t q = qb; q < g.Q; ++q) edge(q);
+  for (int k = 0; k < NS; ++k) {
+    T* a = part + k * C + c;
+    (V::loadu(a, n) + acc[k]).store(a, n);
+  }
+}
+
+template <typename T>
+void bwd_depthwise_dw_nhwc(const Geo& g, const T* x, const T* dy, T* dw) {
+  constexpr int64_t L = convk::Vec<T>::size();
+  const int64_t C = g.C, RS = g.R * g.S, rows = g.N * g.P;
+  const int64_t nchunks = std::min<int64_t>(rows, 8);  // a function of the shape only: the same for any thread count
+  std::vector<T> part(nchunks * RS * C, T(0));
+  // Tasks: (chunk of rows, block of cb channels); each writes its own part of its chunk's partial.
+  const int64_t cb = dw_channel_block<T>(C, g.R * g.W), ncb = (C + cb - 1) / cb;
+  at::parallel_for(0, nchunks * ncb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ch = task / ncb, c1 = task % ncb * cb, c2 = std::min(C, c1 + cb);
+      T* acc = part.data() + ch * RS * C;
+      for (int64_t t = ch * rows / nchunks; t < (ch + 1) * rows / nchunks; ++t) {
+        const int64_t n = t / g.P, p = t % g.P;
+        const T* dyr = dy + t * g.Q * C;
+        for (int64_t r = 0; r < g.R; ++r) {
+          const int64_t ih = p * g.sh - g.ph + r * g.dh;
+          if (ih < 0 || ih >= g.H) continue;
+          const T* xr = x + (n * g.H + ih) * g.W * C;
+          for (int64_t c = c1; c < c2; c += L) {
+            const int64_t nl = std::min(L, c2 - c);
+            for (int64_t s0 = 0; s0 < g.S;) {
+              T* a = acc + (r * g.S + s0) * C;
+              switch (std::min<int64_t>(g.S - s0, 7)) {
+                case 1: dw_wgrad_row<T, 1>(g, dyr, xr, s0, c, nl, a); s0 += 1; break;
+                case 2: dw_wgrad_row<T, 2>(g, dyr, xr, s0, c, nl, a); s0 += 2; break;
+                case 3: dw_wgrad_row<T, 3>(g, dyr, xr, s0, c, nl, a); s0 += 3; break;
+                case 4: dw_wgrad_row<T, 4>(g, dyr, xr, s0, c, nl, a); s0 += 4; break;
+                case 5: dw_wgrad_row<T, 5>(g, dyr, xr, s0, c, nl, a); s0 += 5; break;
+                case 6: dw_wgrad_row<T, 6>(g, dyr, xr, s0, c, nl, a); s0 += 6; break;
+                default: dw_wgrad_row<T, 7>(g, dyr, xr, s0, c, nl, a); s0 += 7; break;
               }
             }
           }
         }
       }
-    });
-    for (int64_t i = 0; i < RS * C; ++i) {
+    }
+  });
+  at::parallel_for(0, RS * C, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
       T sum = 0;
       for (int64_t ch = 0; ch < nchunks; ++ch) sum += part[ch * RS * C + i];
       dw[i] = sum;
     }
+  });
+}
+
+// x may be null (no dW), dx / dw null when not wanted; NCHW tensors go through channels-last copies.
+template <typename T>
+void bwd_depthwise(const Geo& g, const T* x, const T* dy, const T* w, T* dx, T* dw) {
+  std::unique_ptr<T[]> xt, dyt, dxt;
+  const T* xl = x;
+  const T* dyl = dy;
+  T* dxl = dx;
+  if (!g.nhwc) {
+    dyt.reset(new T[g.N * g.K * g.PQ()]);
+    to_channels_last<T>(out_geo(g), dy, dyt.get());
+    dyl = dyt.get();
+    if (x) {
+      xt.reset(new T[g.N * g.C * g.HW()]);
+      to_channels_last<T>(g, x, xt.get());
+      xl = xt.get();
+    }
+    if (dx) {
+      dxt.reset(new T[g.N * g.C * g.HW()]);
+      dxl = dxt.get();
+    }
   }
+  if (dx && dx_as_forward(g)) {
+    // Stride 1: dx is the forward depthwise convolution of dy with the kernel flipped in (r, s), padding d*(R-1) - p.
+    Geo gd = out_geo(g);
+    gd.ph = g.dh * (g.R - 1) - g.ph, gd.pw = g.dw * (g.S - 1) - g.pw;
+    const int64_t RS = g.R * g.S;
+    std::unique_ptr<T[]> wf(new T[RS * g.C]);
+    for (int64_t i = 0; i < RS; ++i) std::memcpy(wf.get() + (RS - 1 - i) * g.C, w + i * g.C, g.C * sizeof(T));
+    fwd_depthwise_nhwc<T>(gd, dyl, wf.get(), nullptr, nullptr, Act::kNone, dxl);
+  } else if (dx) {
+    bwd_depthwise_dx_nhwc<T>(g, dyl, w, dxl);
+  }
+  if (dw) bwd_depthwise_dw_nhwc<T>(g, xl, dyl, dw);
+  if (dx && !g.nhwc) to_nchw_epilogue<T>(out_geo(g), dxl, nullptr, Act::kNone, dx);
 }
 
 template <typename T>
@@ -1321,7 +1572,7 @@ std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor
     wa = weight.to(acc).contiguous().reshape({g.K, g.R * g.S});
   else
     wa = natural_weight_rows(fn, g, weight, acc, w_rsc);
-  if (depthwise && g.nhwc) wa = wa.t().contiguous();
+  if (depthwise) wa = wa.t().contiguous();  // (R*S, C)
   auto run = [&](auto tag) {
     using T = decltype(tag);
     const T* bp = has_bias ? ba.data_ptr<T>() : nullptr;
@@ -1373,10 +1624,9 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
   if (depthwise && (output_mask[0] || output_mask[1])) {
     const at::Tensor xa = output_mask[1] ? x.to(acc).contiguous(fmt) : at::Tensor();
     at::Tensor wa = weight.to(acc).contiguous().reshape({g.K, g.R * g.S});
-    if (g.nhwc) wa = wa.t().contiguous();
+    wa = wa.t().contiguous();  // (R*S, C)
     at::Tensor dwa = output_mask[1] ? at::empty_like(wa) : at::Tensor();
     if (output_mask[0]) dx = at::empty({g.N, g.C, g.H, g.W}, x.options().dtype(acc), fmt);
-    if (!g.nhwc && output_mask[0]) dx.zero_();
     if (acc == at::kDouble) {
       using T = double;
       bwd_depthwise<T>(g, output_mask[1] ? xa.data_ptr<T>() : nullptr, dya.data_ptr<T>(), wa.data_ptr<T>(),
@@ -1388,7 +1638,7 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
     }
     if (output_mask[0] && x.scalar_type() != acc) dx = dx.to(x.scalar_type());
     if (output_mask[1]) {
-      const at::Tensor src = (g.nhwc ? dwa.t() : dwa).reshape({g.K, 1, g.R, g.S});
+      const at::Tensor src = dwa.t().reshape({g.K, 1, g.R, g.S});
       dw = at::empty(weight.sizes(), weight.options(), layout_of(fn, "weight", weight));
       dw.copy_(src);
     }

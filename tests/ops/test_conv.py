@@ -479,3 +479,81 @@ def test_epilogue_keeps_nan(device, backend, act, channels_last):
     want = TORCH_ACT[act](F.conv2d(x, w, b, 1, 1))
     assert torch.isnan(want).any()
     assert torch.equal(torch.isnan(y), torch.isnan(want))
+
+
+# ---- depthwise: the direct channels-last kernels (blocks of pixels, border pixels, channel tails, strides) ----------
+
+DEPTHWISE = [
+    _case(n=2, c=37, k=37, groups=37, size=[23, 21], kernel=[5, 5], padding=2),                  # tail channels
+    _case(n=2, c=37, k=37, groups=37, size=[23, 21], kernel=[5, 5], padding=2, channels_last=True),
+    _case(n=3, c=20, k=20, groups=20, size=[19, 25], kernel=[3, 3], stride=2, padding=1, channels_last=True),
+    _case(n=1, c=16, k=16, groups=16, size=[30, 33], kernel=[5, 5], stride=2, padding=2, bias=False),
+    _case(n=2, c=17, k=17, groups=17, size=[15, 29], kernel=[3, 3], dilation=2, padding=2, channels_last=True),
+    _case(n=2, c=33, k=33, groups=33, size=[13, 27], kernel=[3, 5], stride=(1, 2), dilation=(2, 1), padding=(1, 0)),
+    _case(n=1, c=32, k=32, groups=32, size=[7, 7], kernel=[5, 5], padding=2, channels_last=True),
+    _case(n=2, c=9, k=9, groups=9, size=[11, 26], kernel=[3, 3], padding="same", mode="reflect",
+          channels_last=True),
+    _case(n=2, c=9, k=9, groups=9, size=[12, 20], kernel=[4, 3], stride=3, padding=0, mode="zeros"),
+    _case(n=1, c=5, k=5, groups=5, size=[3, 2], kernel=[5, 5], padding=3),                      # all border
+    _case(n=2, c=24, k=24, groups=24, size=[17, 18], kernel=[3, 3], padding=1, mode="circular",
+          dtype=torch.float64, channels_last=True),
+    _case(n=2, c=24, k=24, groups=24, size=[9, 19], kernel=[3, 3], stride=2, padding=1, dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE, ids=_id)
+def test_depthwise_matches_torch(case):
+    """Forward and all gradients of depthwise convolutions (odd sizes, strides, dilation, padding modes, layouts)."""
+    skip_unavailable("cpp")
+    fn, ref, args = make_case(case, "cpu")
+    with mltoolkit.backend("cpp"):
+        check_op(fn, [Sample(args)], ref, gradcheck=False, opcheck=False, compile=False)
+        y = fn(*args)
+    expected = torch.channels_last if case["channels_last"] else torch.contiguous_format
+    assert y.is_contiguous(memory_format=expected)
+
+
+@pytest.mark.parametrize("act", ["relu6", "silu"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_depthwise_epilogue(act, stride, channels_last):
+    """act(conv + bias + residual) of the depthwise kernels and its gradients against the eager sequence."""
+    skip_unavailable("cpp")
+    g = torch.Generator().manual_seed(3)
+    c = 35
+    x = torch.randn(2, c, 17, 22, generator=g)
+    w = torch.randn(c, 1, 5, 5, generator=g) * 0.3
+    b = torch.randn(c, generator=g)
+    r = torch.randn(F.conv2d(x, w, None, stride, 2, 1, c).shape, generator=g)
+    if channels_last:
+        x, r = x.to(memory_format=torch.channels_last), r.to(memory_format=torch.channels_last)
+    fwd = lambda x, w, b, r: torch.ops.mltoolkit.conv2d_fwd(x, w, b, [stride] * 2, [2, 2], [1, 1], c, r, act)
+    ref = lambda x, w, b, r: TORCH_ACT[act](F.conv2d(x, w, b, stride, 2, 1, c) + r)
+    leaves = tuple(t.requires_grad_(True) for t in (x, w, b, r))
+    with mltoolkit.backend("cpp"):
+        check_op(fwd, [Sample(leaves)], ref, gradcheck=False, opcheck=False, compile=False)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_depthwise_same_for_any_thread_count(stride, channels_last):
+    """Depthwise y, dx and dw are bitwise the same with 1 and 2 threads (fixed reduction order)."""
+    skip_unavailable("cpp")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 48, 21, 19, generator=g)
+    w = torch.randn(48, 1, 3, 3, generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            with mltoolkit.backend("cpp"):
+                y = ops.conv2d(xl, wl, None, stride, 1, 1, 48)
+                grads = torch.autograd.grad(y, (xl, wl), torch.ones_like(y))
+            results.append((y, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -25,10 +25,17 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <string>
 #include <vector>
 
 namespace mltoolkit {
 
+// Why fused_adamw_cpu cannot take these tensors, "" when it can (the backend table's question: asked in C++ because
+// a Python loop over hundreds of tensors took longer than a 10M-parameter step). The state lists may be empty.
+std::string fused_adamw_cpu_unsupported(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                                        const std::vector<at::Tensor>& exp_avgs,
+                                        const std::vector<at::Tensor>& exp_avg_sqs,
+                                        const std::vector<at::Tensor>& max_exp_avg_sqs);
 void fused_adamw_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                      const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                      const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& state_steps,

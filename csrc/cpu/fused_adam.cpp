@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "../check_util.h"
@@ -147,6 +148,31 @@ void check_state(const char* fn, const char* name, size_t i, const at::Tensor& t
 }
 
 }  // namespace
+
+std::string fused_adamw_cpu_unsupported(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                                        const std::vector<at::Tensor>& exp_avgs,
+                                        const std::vector<at::Tensor>& exp_avg_sqs,
+                                        const std::vector<at::Tensor>& max_exp_avg_sqs) {
+  const size_t n = params.size();
+  if (grads.size() != n || (!exp_avgs.empty() && (exp_avgs.size() != n || exp_avg_sqs.size() != n)) ||
+      (!max_exp_avg_sqs.empty() && max_exp_avg_sqs.size() != n))
+    return "the tensor lists differ in length";
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const std::string at_i = "params[" + std::to_string(i) + "]";
+    if (!p.defined() || !p.device().is_cpu()) return "needs CPU tensors, got " + at_i + " elsewhere";
+    if (p.scalar_type() != at::kFloat) return "float32 only, got " + at_i + " of another dtype";
+    if (p.layout() != at::kStrided || !p.is_non_overlapping_and_dense()) return at_i + " is not dense";
+    const auto unlike_p = [&](const at::Tensor& t) {
+      return !t.defined() || t.scalar_type() != at::kFloat || t.layout() != at::kStrided || !t.device().is_cpu() ||
+             t.sizes() != p.sizes() || (t.numel() > 1 && t.strides() != p.strides());
+    };
+    if (unlike_p(grads[i]) || (!exp_avgs.empty() && (unlike_p(exp_avgs[i]) || unlike_p(exp_avg_sqs[i]))) ||
+        (!max_exp_avg_sqs.empty() && unlike_p(max_exp_avg_sqs[i])))
+      return "grads / state of " + at_i + " are not float32 CPU tensors with its strides";
+  }
+  return "";
+}
 
 void fused_adamw_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                      const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,

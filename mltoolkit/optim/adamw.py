@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from mltoolkit.ops import fused_adam8bit as _adam8bit  # registers torch.ops.mltoolkit.fused_adamw8bit_
-from mltoolkit.ops.fused_adam import dense  # importing it registers torch.ops.mltoolkit.fused_adamw_
+from mltoolkit.ops.fused_adam import dense, fused_adamw_eager_  # registers torch.ops.mltoolkit.fused_adamw_
 
 __all__ = ["AdamW"]
 
@@ -140,9 +140,9 @@ class AdamW(torch.optim.Optimizer):
                     if t is not None:
                         lst.append(t)
             for params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps in buckets.values():
-                torch.ops.mltoolkit.fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, float(lr),
-                                                 float(beta1), float(beta2), float(group["weight_decay"]),
-                                                 float(group["eps"]), amsgrad, bool(group["maximize"]))
+                fused_adamw_eager_(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, float(lr), float(beta1),
+                                   float(beta2), float(group["weight_decay"]), float(group["eps"]), amsgrad,
+                                   bool(group["maximize"]))
             if eight_bit:
                 _adam8bit.adamw8bit_step(self.state, group, eight_bit, lr)
         return loss

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../check_util.h"
+#include "rounding_barrier.h"
 #include "../fused_adam.h"
 
 namespace mltoolkit {
@@ -41,33 +42,9 @@ struct Ptrs {
 
 // Where torch's kernels round a product on its own (mul_ is one kernel, addcmul_ the next), these barriers keep the
 // compiler from fusing it into an fma here; where torch's build fuses (addcmul_'s value * t1 * t2 + self, lerp's
-// fma), the fma is written out. Checked bit for bit against torch.optim.AdamW in tests/test_optim_adamw.py.
+// fma), the fma is written out (opaque: rounding_barrier.h). Checked bit for bit against torch.optim.AdamW in
+// tests/test_optim_adamw.py.
 using Vec = at::vec::Vectorized<float>;
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-inline float opaque(float x) {
-  asm("" : "+x"(x));
-  return x;
-}
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-inline Vec opaque(Vec x) {
-#if defined(CPU_CAPABILITY_AVX512)
-  __m512 r = x;
-#else
-  __m256 r = x;
-#endif
-  asm("" : "+v"(r));
-  return Vec(r);
-}
-#else
-inline Vec opaque(Vec x) { return x; }
-#endif
-#else
-inline float opaque(float x) {
-  volatile float r = x;
-  return r;
-}
-inline Vec opaque(Vec x) { return x; }
-#endif
 
 // Elements are taken two vectors at a time and the rest one by one, as torch's cpu_kernel_vec loops do.
 template <bool kDecay, bool kAmsgrad, bool kMaximize>

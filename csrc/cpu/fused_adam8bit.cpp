@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../check_util.h"
+#include "rounding_barrier.h"
 #include "../fused_adam8bit.h"
 
 namespace mltoolkit {
@@ -35,33 +36,6 @@ constexpr int64_t kBlocksPerTask = 64;
 
 using Vec = at::vec::Vectorized<float>;
 
-// Rounding barriers: keep the compiler from contracting a product torch rounds on its own into an fma (see
-// fused_adam.cpp, which this arithmetic copies).
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-inline float opaque(float x) {
-  asm("" : "+x"(x));
-  return x;
-}
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-inline Vec opaque(Vec x) {
-#if defined(CPU_CAPABILITY_AVX512)
-  __m512 r = x;
-#else
-  __m256 r = x;
-#endif
-  asm("" : "+v"(r));
-  return Vec(r);
-}
-#else
-inline Vec opaque(Vec x) { return x; }
-#endif
-#else
-inline float opaque(float x) {
-  volatile float r = x;
-  return r;
-}
-inline Vec opaque(Vec x) { return x; }
-#endif
 
 struct Coeffs {
   float decay, neg_step_size, bc2_sqrt;

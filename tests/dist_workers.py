@@ -2,6 +2,7 @@
 against a single-process reference computed in the same process (same seed, same global batch)."""
 from __future__ import annotations
 
+import gc
 import os
 import time
 import traceback
@@ -310,6 +311,16 @@ def check_tp(rank: int, world: int) -> None:
 CHECKS = {"ddp": check_ddp, "fsdp": check_fsdp, "fsdp_resume": check_fsdp_resume, "tp": check_tp}
 
 
+def quiesce() -> None:
+    """Before the group is destroyed: free the checks' Trainers (DDP / FSDP state, reference cycles through callbacks)
+    while the interpreter is fully alive, then wait for the other rank. Left to interpreter finalization, gloo's worker
+    threads release the last collectives' tensors, take the GIL during shutdown and abort the process (SIGABRT,
+    "terminate called without an active exception"; seen once in CI)."""
+    import torch.distributed as dist
+    gc.collect()
+    dist.barrier()
+
+
 def worker(rank: int, world: int, ports: list[int], tmp: str, groups: list[list[str]]) -> None:
     """Runs each list of checks of `groups` in its own process group (a fresh group on the next port: the resume
     check loads, in a new group with newly built objects, the checkpoint the previous group wrote)."""
@@ -330,5 +341,6 @@ def worker(rank: int, world: int, ports: list[int], tmp: str, groups: list[list[
                                          f"{traceback.format_exc()}") from None
                 if rank == 0 and os.environ.get("MLTK_DIST_TIMES"):
                     print(f"check {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+            quiesce()
         finally:
             dist.destroy_process_group()

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.dist_workers import quiesce
+
 N, B = 40, 4          # 40 samples; per-rank batch 4, global 8: 5 batches an epoch, 3 steps with accumulation over 2
 
 
@@ -258,5 +260,6 @@ def worker(rank: int, world: int, port: int, tmp: str, names: list[str]) -> None
                                      f"{traceback.format_exc()}") from None
             if rank == 0 and os.environ.get("MLTK_DIST_TIMES"):
                 print(f"check {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        quiesce()
     finally:
         dist.destroy_process_group()

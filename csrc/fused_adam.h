@@ -6,6 +6,7 @@
 //   step_i = state_steps[i] += 1                                                  (0-dim float tensor)
 //   host, in double, as Python does: decay = 1 - lr * wd, step_size = lr / (1 - beta1^step_i),
 //     bc2_sqrt = pow(1 - beta2^step_i, 0.5); each then rounded to float32 (as torch's scalar arguments are)
+//     (every backend's host code: advance_step, adamw_coeffs and adamw_scalars in csrc/optim_common.h)
 //   per element, float32:
 //     g = maximize ? -grad : grad
 //     p = p * decay                                                            (only when wd != 0)

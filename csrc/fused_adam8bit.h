@@ -9,7 +9,8 @@
 //   the moment's value of element j is qmap[code_j] * absmax[j / 256], with qmap_signed (256 sorted float32, the
 //   dynamic signed map) for exp_avg and qmap_unsigned (the dynamic unsigned map) for exp_avg_sq.
 // One call, for every i, in place:
-//   step_i = state_steps[i] += 1; host scalars decay, step_size, bc2_sqrt exactly as csrc/fused_adam.h
+//   step_i = state_steps[i] += 1; host scalars decay, step_size, bc2_sqrt exactly as csrc/fused_adam.h (the same
+//     functions of csrc/optim_common.h)
 //   per element, float32: m = dequant(exp_avg), v = dequant(exp_avg_sq), g = maximize ? -grad : grad
 //     p = p * decay (only when wd != 0); m = lerp(m, g, 1 - beta1) (torch's lerp fma);
 //     v = fma((1 - beta2) * g, g, v * beta2); d = sqrt(v) / bc2_sqrt + eps; p = p + (-step_size * m) / d

@@ -9,6 +9,7 @@
 //     beta3 = grad_averaging ? 1 - beta1 : 1
 //     m = beta1*m + beta3*g;  v = beta2*v + (1-beta2)*g*g
 //     bc1 = bias_correction ? 1 - beta1^step : 1;  bc2 = bias_correction ? 1 - beta2^step : 1
+//       (in double; 1/bc1, 1/bc2 and the other scalars rounded to the dtype: lamb_coeffs in csrc/optim_common.h)
 //     u = (m/bc1) / (sqrt(v/bc2) + eps) + weight_decay*p
 //     trust = use_trust_ratio && ||p|| > 0 && ||u|| > 0 ? ||p|| / ||u|| : 1;  trust = min(trust, max_trust_ratio)
 //       when max_trust_ratio > 0

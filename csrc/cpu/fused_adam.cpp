@@ -18,17 +18,14 @@
 #include <vector>
 
 #include "../check_util.h"
-#include "rounding_barrier.h"
 #include "../fused_adam.h"
+#include "../optim_common.h"
+#include "rounding_barrier.h"
 
 namespace mltoolkit {
 namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per task (a multiple of 2 vectors: tails fall where torch's do)
-
-struct Coeffs {
-  float decay, neg_step_size, bc2_sqrt;
-};
 
 struct Chunk {
   int32_t tensor;
@@ -48,9 +45,10 @@ using Vec = at::vec::Vectorized<float>;
 
 // Elements are taken two vectors at a time and the rest one by one, as torch's cpu_kernel_vec loops do.
 template <bool kDecay, bool kAmsgrad, bool kMaximize>
-void update(const Ptrs& t, const Coeffs& c, float w1, float beta2, float c2, float eps, int64_t begin, int64_t end) {
-  const bool small_w = std::abs(w1) < 0.5f;
-  const float coeff = small_w ? w1 : w1 - 1.0f;  // torch's lerp: fma(coeff, end - start, small ? start : end)
+void update(const Ptrs& t, const AdamWCoeffs& c, const AdamWScalars& k, int64_t begin, int64_t end) {
+  const bool small_w = k.small_w;
+  const float coeff = k.lerp_coeff;  // torch's lerp: fma(coeff, end - start, small ? start : end)
+  const float beta2 = k.beta2, c2 = k.c2, eps = k.eps;
   const Vec vdecay(c.decay), vcoeff(coeff), vbeta2(beta2), vc2(c2), vbc2(c.bc2_sqrt), veps(eps),
       vstep(c.neg_step_size);
   int64_t i = begin;
@@ -100,7 +98,7 @@ void update(const Ptrs& t, const Coeffs& c, float w1, float beta2, float c2, flo
   }
 }
 
-using UpdateFn = void (*)(const Ptrs&, const Coeffs&, float, float, float, float, int64_t, int64_t);
+using UpdateFn = void (*)(const Ptrs&, const AdamWCoeffs&, const AdamWScalars&, int64_t, int64_t);
 
 template <bool kDecay, bool kAmsgrad>
 UpdateFn pick2(bool maximize) {
@@ -110,18 +108,6 @@ UpdateFn pick2(bool maximize) {
 UpdateFn pick(bool decay, bool amsgrad, bool maximize) {
   if (decay) return amsgrad ? pick2<true, true>(maximize) : pick2<true, false>(maximize);
   return amsgrad ? pick2<false, true>(maximize) : pick2<false, false>(maximize);
-}
-
-void check_state(const char* fn, const char* name, size_t i, const at::Tensor& t, const at::Tensor& p) {
-  TORCH_CHECK(t.defined(), fn, ": ", name, "[", i, "] must be a tensor, got an undefined one");
-  TORCH_CHECK(t.layout() == at::kStrided, fn, ": ", name, "[", i, "] must be a dense (strided) tensor, got layout ",
-              t.layout());
-  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, "[", i, "] must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, fn, ": ", name, "[", i, "] must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == p.sizes(), fn, ": ", name, "[", i, "] must have params[", i, "]'s shape ",
-              shape_str(p.sizes()), ", got ", shape_str(t.sizes()));
-  TORCH_CHECK(t.numel() <= 1 || t.strides() == p.strides(), fn, ": ", name, "[", i, "] must have params[", i,
-              "]'s strides ", shape_str(p.strides()), ", got ", shape_str(t.strides()));
 }
 
 }  // namespace
@@ -158,61 +144,29 @@ void fused_adamw_cpu(const std::vector<at::Tensor>& params, const std::vector<at
                      bool maximize) {
   const char* fn = "fused_adamw_cpu";
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n, fn,
-              ": params, grads, exp_avgs, exp_avg_sqs and state_steps must have one length, got ", n, ", ",
-              grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", state_steps.size());
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n, fn, ": amsgrad needs max_exp_avg_sqs of params' length ", n,
-              ", got ", max_exp_avg_sqs.size());
-  TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), fn, ": max_exp_avg_sqs must be empty without amsgrad, got ",
-              max_exp_avg_sqs.size(), " tensors");
+  check_adamw_lengths(fn, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad);
   TORCH_CHECK(n < (size_t(1) << 31), fn, ": too many tensors (", n, ")");
   std::vector<Ptrs> ptrs(n);
   for (size_t i = 0; i < n; ++i) {
+    check_adamw_tensor(fn, i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad, nullptr);
     const at::Tensor& p = params[i];
-    check_state(fn, "params", i, p, p);
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), fn, ": params[", i,
-                "] must be non-overlapping and dense (contiguous or a permutation of it), got strides ",
-                shape_str(p.strides()), " for shape ", shape_str(p.sizes()));
-    check_state(fn, "grads", i, grads[i], p);
-    check_state(fn, "exp_avgs", i, exp_avgs[i], p);
-    check_state(fn, "exp_avg_sqs", i, exp_avg_sqs[i], p);
-    if (amsgrad) check_state(fn, "max_exp_avg_sqs", i, max_exp_avg_sqs[i], p);
-    const at::Tensor& s = state_steps[i];
-    TORCH_CHECK(s.defined() && s.numel() == 1 && at::isFloatingType(s.scalar_type()) && s.device().is_cpu(), fn,
-                ": state_steps[", i, "] must be a one-element float CPU tensor");
     ptrs[i] = {p.data_ptr<float>(), exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(),
                amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() : nullptr, grads[i].data_ptr<float>()};
   }
 
   // Host scalars, each computed in double and rounded to float where torch rounds its Python scalars.
-  std::vector<Coeffs> coeffs(n);
+  const std::vector<AdamWCoeffs> coeffs = adamw_step_coeffs(state_steps, lr, beta1, beta2, weight_decay);
+  const AdamWScalars k = adamw_scalars(beta1, beta2, eps);
   std::vector<Chunk> chunks;
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& s = state_steps[i];
-    double step;
-    if (s.scalar_type() == at::kFloat && s.is_contiguous()) {
-      float* sp = s.data_ptr<float>();
-      *sp += 1.0f;
-      step = *sp;
-    } else {
-      at::Tensor st = s;
-      st.add_(1);
-      step = st.item<double>();
-    }
-    const double bc1 = 1.0 - std::pow(beta1, step);
-    const double bc2 = 1.0 - std::pow(beta2, step);
-    coeffs[i] = {static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(-(lr / bc1)),
-                 static_cast<float>(std::pow(bc2, 0.5))};
     const int64_t numel = params[i].numel();
     for (int64_t b = 0; b < numel; b += kChunk) chunks.push_back({static_cast<int32_t>(i), b, std::min(numel, b + kChunk)});
   }
   const UpdateFn run = pick(weight_decay != 0, amsgrad, maximize);
-  const float w1 = static_cast<float>(1.0 - beta1), fbeta2 = static_cast<float>(beta2),
-              c2 = static_cast<float>(1.0 - beta2), feps = static_cast<float>(eps);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const Chunk& c = chunks[k];
-      run(ptrs[c.tensor], coeffs[c.tensor], w1, fbeta2, c2, feps, c.begin, c.end);
+    for (int64_t q = lo; q < hi; ++q) {
+      const Chunk& c = chunks[q];
+      run(ptrs[c.tensor], coeffs[c.tensor], k, c.begin, c.end);
     }
   });
 }

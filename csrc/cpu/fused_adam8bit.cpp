@@ -24,9 +24,9 @@
 #include <cstdint>
 #include <vector>
 
-#include "../check_util.h"
-#include "rounding_barrier.h"
 #include "../fused_adam8bit.h"
+#include "../optim_common.h"
+#include "rounding_barrier.h"
 
 namespace mltoolkit {
 namespace {
@@ -35,11 +35,6 @@ constexpr int64_t kBlock = kAdam8bitBlock;
 constexpr int64_t kBlocksPerTask = 64;
 
 using Vec = at::vec::Vectorized<float>;
-
-
-struct Coeffs {
-  float decay, neg_step_size, bc2_sqrt;
-};
 
 struct Consts {
   float coeff, beta2, c2, eps;
@@ -200,7 +195,7 @@ inline void quant(const float* x, float absmax, const float* mid, const Tables& 
 inline float nan_max(float r, float x) { return (x > r || std::isnan(x)) ? x : r; }
 
 template <bool kDecay, bool kMaximize>
-void update_block(const Ptrs& t, const Coeffs& c, const Consts& k, const Tables& tb, int64_t block) {
+void update_block(const Ptrs& t, const AdamWCoeffs& c, const Consts& k, const Tables& tb, int64_t block) {
   const int64_t begin = block * kBlock;
   const int64_t len = std::min(kBlock, t.numel - begin);
   alignas(64) float m[kBlock];
@@ -261,22 +256,11 @@ void update_block(const Ptrs& t, const Coeffs& c, const Consts& k, const Tables&
   t.va[block] = av;
 }
 
-using UpdateFn = void (*)(const Ptrs&, const Coeffs&, const Consts&, const Tables&, int64_t);
+using UpdateFn = void (*)(const Ptrs&, const AdamWCoeffs&, const Consts&, const Tables&, int64_t);
 
 UpdateFn pick(bool decay, bool maximize) {
   if (decay) return maximize ? &update_block<true, true> : &update_block<true, false>;
   return maximize ? &update_block<false, true> : &update_block<false, false>;
-}
-
-void check_tensor(const char* fn, const char* name, size_t i, const at::Tensor& t, at::ScalarType dtype,
-                  int64_t numel) {
-  TORCH_CHECK(t.defined(), fn, ": ", name, "[", i, "] must be a tensor, got an undefined one");
-  TORCH_CHECK(t.layout() == at::kStrided, fn, ": ", name, "[", i, "] must be a dense (strided) tensor, got layout ",
-              t.layout());
-  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, "[", i, "] must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", name, "[", i, "] must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), fn, ": ", name, "[", i, "] must be contiguous, got strides ", shape_str(t.strides()));
-  TORCH_CHECK(t.numel() == numel, fn, ": ", name, "[", i, "] must have ", numel, " elements, got ", t.numel());
 }
 
 std::vector<float> map_of(const char* fn, const char* name, const at::Tensor& q) {
@@ -297,10 +281,8 @@ void fused_adamw8bit_cpu(const std::vector<at::Tensor>& params, const std::vecto
                          double beta2, double weight_decay, double eps, bool maximize) {
   const char* fn = "fused_adamw8bit_cpu";
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avg_codes.size() == n && exp_avg_absmax.size() == n &&
-                  exp_avg_sq_codes.size() == n && exp_avg_sq_absmax.size() == n && state_steps.size() == n,
-              fn, ": params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax and ",
-              "state_steps must have one length");
+  check_adamw8bit_lengths(fn, params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
+                          state_steps);
   TORCH_CHECK(n < (size_t(1) << 31), fn, ": too many tensors (", n, ")");
   const std::vector<float> qs = map_of(fn, "qmap_signed", qmap_signed);
   const std::vector<float> qu = map_of(fn, "qmap_unsigned", qmap_unsigned);
@@ -312,23 +294,11 @@ void fused_adamw8bit_cpu(const std::vector<at::Tensor>& params, const std::vecto
   mid_s[255] = mid_u[255] = INFINITY;  // never read: the search probes indices 0..254
 
   std::vector<Ptrs> ptrs(n);
-  std::vector<Coeffs> coeffs(n);
   std::vector<Task> tasks;
   for (size_t i = 0; i < n; ++i) {
+    const int64_t numel = check_adamw8bit_tensor(fn, i, params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
+                                                 exp_avg_sq_absmax, state_steps, kBlock, nullptr);
     const at::Tensor& p = params[i];
-    const int64_t numel = p.defined() ? p.numel() : 0;
-    const int64_t nb = (numel + kBlock - 1) / kBlock;
-    check_tensor(fn, "params", i, p, at::kFloat, numel);
-    check_tensor(fn, "grads", i, grads[i], at::kFloat, numel);
-    TORCH_CHECK(grads[i].sizes() == p.sizes(), fn, ": grads[", i, "] must have params[", i, "]'s shape ",
-                shape_str(p.sizes()), ", got ", shape_str(grads[i].sizes()));
-    check_tensor(fn, "exp_avg_codes", i, exp_avg_codes[i], at::kByte, numel);
-    check_tensor(fn, "exp_avg_sq_codes", i, exp_avg_sq_codes[i], at::kByte, numel);
-    check_tensor(fn, "exp_avg_absmax", i, exp_avg_absmax[i], at::kFloat, nb);
-    check_tensor(fn, "exp_avg_sq_absmax", i, exp_avg_sq_absmax[i], at::kFloat, nb);
-    const at::Tensor& s = state_steps[i];
-    TORCH_CHECK(s.defined() && s.numel() == 1 && at::isFloatingType(s.scalar_type()) && s.device().is_cpu(), fn,
-                ": state_steps[", i, "] must be a one-element float CPU tensor");
     ptrs[i] = {p.data_ptr<float>(),
                grads[i].data_ptr<float>(),
                exp_avg_codes[i].data_ptr<uint8_t>(),
@@ -337,33 +307,18 @@ void fused_adamw8bit_cpu(const std::vector<at::Tensor>& params, const std::vecto
                exp_avg_sq_absmax[i].data_ptr<float>(),
                numel};
   }
+  const std::vector<AdamWCoeffs> coeffs = adamw_step_coeffs(state_steps, lr, beta1, beta2, weight_decay);
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& s = state_steps[i];
-    double step;
-    if (s.scalar_type() == at::kFloat && s.is_contiguous()) {
-      float* sp = s.data_ptr<float>();
-      *sp += 1.0f;
-      step = *sp;
-    } else {
-      at::Tensor st = s;
-      st.add_(1);
-      step = st.item<double>();
-    }
-    const double bc1 = 1.0 - std::pow(beta1, step);
-    const double bc2 = 1.0 - std::pow(beta2, step);
-    coeffs[i] = {static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(-(lr / bc1)),
-                 static_cast<float>(std::pow(bc2, 0.5))};
     const int64_t nb = (ptrs[i].numel + kBlock - 1) / kBlock;
     for (int64_t b = 0; b < nb; b += kBlocksPerTask)
       tasks.push_back({static_cast<int32_t>(i), b, std::min(nb, b + kBlocksPerTask)});
   }
-  const float w1 = static_cast<float>(1.0 - beta1);
-  const bool small_w = std::abs(w1) < 0.5f;
-  const Consts k{small_w ? w1 : w1 - 1.0f,
-                 static_cast<float>(beta2),
-                 static_cast<float>(1.0 - beta2),
-                 static_cast<float>(eps),
-                 small_w,
+  const AdamWScalars sc = adamw_scalars(beta1, beta2, eps);
+  const Consts k{sc.lerp_coeff,
+                 sc.beta2,
+                 sc.c2,
+                 sc.eps,
+                 sc.small_w,
                  qs.data(),
                  qu.data(),
                  mid_s.data(),

@@ -19,7 +19,7 @@
 #include <cmath>
 #include <limits>
 
-#include "check_util.h"
+#include "optim_common.h"
 
 namespace mltoolkit {
 namespace {
@@ -41,21 +41,6 @@ std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& ts) {
     for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({i, b, std::min(n, b + kChunk)});
   }
   return chunks;
-}
-
-void check_list(const char* fn, const char* name, const std::vector<at::Tensor>& ts, const at::Tensor* like_dtype) {
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const auto& t = ts[i];
-    TORCH_CHECK(t.defined(), fn, ": ", name, "[", i, "] is undefined");
-    TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, "[", i, "] must be a CPU tensor, got ", t.device());
-    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, fn, ": ", name, "[", i,
-                "] must be float32 or float64, got ", t.scalar_type());
-    if (like_dtype) {
-      TORCH_CHECK(t.scalar_type() == like_dtype->scalar_type(), fn, ": ", name, "[", i, "] has dtype ",
-                  t.scalar_type(), " but the first tensor has ", like_dtype->scalar_type());
-    }
-    TORCH_CHECK(t.is_contiguous(), fn, ": ", name, "[", i, "] must be contiguous");
-  }
 }
 
 // Horizontal sum / max of a vector's lanes, in lane order.
@@ -164,11 +149,9 @@ void fused_lamb_impl(const std::vector<at::Tensor>& params, const std::vector<at
                      const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs, double lr,
                      double beta1, double beta2, double eps, double weight_decay, int64_t step, bool bias_correction,
                      bool grad_averaging, bool use_trust_ratio, double max_trust_ratio) {
-  const double bc1 = bias_correction ? 1.0 - std::pow(beta1, static_cast<double>(step)) : 1.0;
-  const double bc2 = bias_correction ? 1.0 - std::pow(beta2, static_cast<double>(step)) : 1.0;
-  const Direction<T> dir{static_cast<T>(1.0 / bc1), static_cast<T>(1.0 / bc2), static_cast<T>(eps),
-                         static_cast<T>(weight_decay)};
-  const T b1 = static_cast<T>(beta1), b2 = static_cast<T>(beta2), b3 = static_cast<T>(grad_averaging ? 1.0 - beta1 : 1.0);
+  const LambCoeffs<T> co = lamb_coeffs<T>(beta1, beta2, eps, weight_decay, step, bias_correction, grad_averaging);
+  const Direction<T> dir{co.inv_bc1, co.inv_bc2, co.eps, co.weight_decay};
+  const T b1 = co.beta1, b2 = co.beta2, b3 = co.beta3;
   const auto chunks = make_chunks(params);
   const int64_t nc = static_cast<int64_t>(chunks.size());
   std::vector<double> sums(2 * nc, 0.0);
@@ -324,22 +307,8 @@ void fused_lamb_cpu(const std::vector<at::Tensor>& params, const std::vector<at:
                     double beta1, double beta2, double eps, double weight_decay, int64_t step, bool bias_correction,
                     bool grad_averaging, bool use_trust_ratio, double max_trust_ratio) {
   const char* fn = "fused_lamb_cpu";
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n, fn,
-              ": params, grads, exp_avgs and exp_avg_sqs must have the same length, got ", n, ", ", grads.size(),
-              ", ", exp_avgs.size(), ", ", exp_avg_sqs.size());
-  TORCH_CHECK(step >= 1, fn, ": step must be >= 1, got ", step);
-  if (n == 0) return;
-  check_list(fn, "params", params, &params[0]);
-  check_list(fn, "grads", grads, &params[0]);
-  check_list(fn, "exp_avgs", exp_avgs, &params[0]);
-  check_list(fn, "exp_avg_sqs", exp_avg_sqs, &params[0]);
-  for (size_t i = 0; i < n; ++i) {
-    for (auto* other : {&grads[i], &exp_avgs[i], &exp_avg_sqs[i]}) {
-      TORCH_CHECK(other->sizes() == params[i].sizes(), fn, ": tensor ", i, " of grads/exp_avgs/exp_avg_sqs has shape ",
-                  shape_str(other->sizes()), " but params[", i, "] has ", shape_str(params[i].sizes()));
-    }
-  }
+  check_lamb_args(fn, params, grads, exp_avgs, exp_avg_sqs, step, /*cuda=*/false);
+  if (params.empty()) return;
   if (params[0].scalar_type() == at::kFloat) {
     fused_lamb_impl<float>(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step,
                            bias_correction, grad_averaging, use_trust_ratio, max_trust_ratio);
@@ -355,7 +324,7 @@ at::Tensor fused_clip_grad_norm_cpu(const std::vector<at::Tensor>& grads, double
   TORCH_CHECK(!grads.empty(), fn, ": grads must not be empty");
   const bool inf_norm = std::isinf(norm_type) && norm_type > 0;
   TORCH_CHECK(inf_norm || norm_type == 2.0, fn, ": norm_type must be 2 or inf, got ", norm_type);
-  check_list(fn, "grads", grads, &grads[0]);
+  check_float_list(fn, "grads", grads, grads[0], nullptr);
   if (grads[0].scalar_type() == at::kFloat) return clip_impl<float>(grads, max_norm, inf_norm, error_if_nonfinite,
                                                                     norm_type);
   return clip_impl<double>(grads, max_norm, inf_norm, error_if_nonfinite, norm_type);

@@ -9,6 +9,7 @@
 #include "fused_adam.h"
 #include "fused_adam8bit.h"
 #include "fused_lamb.h"
+#include "fused_lamb8bit.h"
 #include "int4_linear.h"
 #include "int8_linear.h"
 #include "int8_static.h"
@@ -68,6 +69,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("fused_adamw_cpu_unsupported", &mltoolkit::fused_adamw_cpu_unsupported);
   m.def("fused_adamw8bit_cpu", &mltoolkit::fused_adamw8bit_cpu);
   m.def("fused_lamb_cpu", &mltoolkit::fused_lamb_cpu);
+  m.def("fused_lamb8bit_cpu", &mltoolkit::fused_lamb8bit_cpu);
   m.def("fused_clip_grad_norm_cpu", &mltoolkit::fused_clip_grad_norm_cpu);
   m.def("lstm_cell_forward_cpu", &mltoolkit::lstm_cell_forward_cpu);
   m.def("lstm_cell_backward_cpu", &mltoolkit::lstm_cell_backward_cpu);

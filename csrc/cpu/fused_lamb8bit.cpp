@@ -1,0 +1,473 @@
+// CPU fused multi-tensor 8-bit LAMB step; the contract is in csrc/fused_lamb8bit.h.
+//
+// Work unit: one block of 256 elements of one tensor (its two absmax values are its own). Blocks are listed in
+// tasks of up to kBlocksPerTask blocks of one tensor, shared by at::parallel_for; each task writes its partial sums
+// of p^2 and u^2 to its own slot and a tensor's slots are added in task order: the norms, hence the trust ratios,
+// do not depend on the thread count.
+// Two passes (the trust ratio needs ||u|| of the whole tensor before any p changes), over waves of whole tensors of
+// about kWave elements: pass 1 dequantizes a block into two 256-float stack buffers, updates m and v, computes u,
+// accumulates the norms, requantizes m and v right away and stores u in a wave-sized scratch; pass 2 reads u back
+// (still in the cache) and updates p. A tensor larger than kWave is a wave of its own that is not stored: pass 1
+// only sums the norms (codes untouched), pass 2 dequantizes again, recomputes m, v, u with the same code (same
+// bits), updates p and requantizes. So no scratch of the parameters' size is ever allocated: the point of 8-bit
+// state is memory. Recomputing costs a second dequantize + update per element; storing would cost 4 bytes per
+// element of a tensor-sized buffer (an embedding of 30M parameters: 120 MB, more than its 8-bit state).
+//
+// The block-wise quantization helpers below (register lookup tables, dequant, quant, nan_max, check_tensor, map_of)
+// are copies of the file-local ones of csrc/cpu/fused_adam8bit.cpp (identical arithmetic, so the codes follow the
+// same contract); they belong in a shared header (csrc/cpu/blockwise_quant.h) once that file's refactor lands.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../check_util.h"
+#include "../fused_adam8bit.h"
+#include "../fused_lamb8bit.h"
+#include "rounding_barrier.h"
+
+namespace mltoolkit {
+namespace {
+
+constexpr int64_t kBlock = kAdam8bitBlock;
+constexpr int64_t kBlocksPerTask = 64;
+// Elements per wave: p, g, codes and the stored u of a wave (~14 MiB) stay in the cache between the passes.
+// (MLTK_LAMB8BIT_WAVE overrides it for measurements: 1 makes every tensor take the recompute path.)
+#ifdef MLTK_LAMB8BIT_WAVE
+constexpr int64_t kWave = MLTK_LAMB8BIT_WAVE;
+#else
+constexpr int64_t kWave = 1 << 20;
+#endif
+
+using Vec = at::vec::Vectorized<float>;
+
+// ---- block-wise quantization (copied from csrc/cpu/fused_adam8bit.cpp) ----------------------------------------
+#if defined(CPU_CAPABILITY_AVX512)
+// Register-resident tables: an AVX-512 gather is slow (~1 element a cycle at best, far slower under the Gather Data
+// Sampling microcode mitigation), so 16-lane lookups into tables of up to 256 floats are permutes: vpermps for 16
+// entries, vpermt2ps for 32, and blends on the index's higher bits above that.
+template <int N>  // N registers of 16 floats
+inline __m512 lut(const __m512* t, __m512i j) {
+  if constexpr (N == 1) {
+    return _mm512_permutexvar_ps(j, t[0]);
+  } else if constexpr (N == 2) {
+    return _mm512_permutex2var_ps(t[0], j, t[1]);
+  } else {
+    const __mmask16 hi = _mm512_test_epi32_mask(j, _mm512_set1_epi32(16 * N / 2));
+    return _mm512_mask_blend_ps(hi, lut<N / 2>(t, j), lut<N / 2>(t + N / 2, j));
+  }
+}
+
+// The maps and the per-level probe tables of the binary search: at level L (step 128 >> L) the probe is
+// mid[idx + step - 1] with idx a multiple of 2 step, so it is level_L[idx >> (8 - L)] over 2^L entries.
+struct Tables {
+  __m512 qs[16], qu[16];
+  __m512 ls[8][8], lu[8][8];  // level L holds max(2^L, 16) floats in ceil(2^L / 16) registers (level 0..7)
+};
+
+inline void load_tables(Tables& tb, const float* qs, const float* qu, const float* mid_s, const float* mid_u) {
+  for (int r = 0; r < 16; ++r) {
+    tb.qs[r] = _mm512_loadu_ps(qs + 16 * r);
+    tb.qu[r] = _mm512_loadu_ps(qu + 16 * r);
+  }
+  for (int L = 0; L < 8; ++L) {
+    const int step = 128 >> L, count = 1 << L;
+    alignas(64) float bs[128], bu[128];
+    for (int j = 0; j < 128; ++j) {
+      bs[j] = j < count ? mid_s[j * 2 * step + step - 1] : 0.0f;
+      bu[j] = j < count ? mid_u[j * 2 * step + step - 1] : 0.0f;
+    }
+    for (int r = 0; r < 8; ++r) {
+      tb.ls[L][r] = _mm512_load_ps(bs + 16 * r);
+      tb.lu[L][r] = _mm512_load_ps(bu + 16 * r);
+    }
+  }
+}
+
+inline __m512i search16(__m512 xn, const __m512 (*lv)[8]) {
+  __m512i idx = _mm512_setzero_si512();
+  const auto level = [&](auto L_const) {
+    constexpr int L = decltype(L_const)::value;
+    constexpr int step = 128 >> L;
+    constexpr int regs = (1 << L) <= 16 ? 1 : (1 << L) / 16;
+    const __m512i j = _mm512_srli_epi32(idx, 8 - L);
+    const __m512 mid = lut<regs>(lv[L], j);
+    const __mmask16 gt = _mm512_cmp_ps_mask(xn, mid, _CMP_GT_OQ);
+    idx = _mm512_mask_add_epi32(idx, gt, idx, _mm512_set1_epi32(step));
+  };
+  level(std::integral_constant<int, 0>{});
+  level(std::integral_constant<int, 1>{});
+  level(std::integral_constant<int, 2>{});
+  level(std::integral_constant<int, 3>{});
+  level(std::integral_constant<int, 4>{});
+  level(std::integral_constant<int, 5>{});
+  level(std::integral_constant<int, 6>{});
+  level(std::integral_constant<int, 7>{});
+  return idx;
+}
+#else
+struct Tables {};
+inline void load_tables(Tables&, const float*, const float*, const float*, const float*) {}
+#endif
+
+// out[j] = map[codes[j]] * scale
+inline void dequant(const uint8_t* codes, const float* map, const Tables& tb, bool is_signed, float scale, float* out,
+                    int64_t n) {
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 vs = _mm512_set1_ps(scale);
+  const __m512* t = is_signed ? tb.qs : tb.qu;
+  for (; j + 16 <= n; j += 16) {
+    __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j)));
+    _mm512_storeu_ps(out + j, _mm512_mul_ps(lut<16>(t, idx), vs));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  (void)tb;
+  (void)is_signed;
+  const __m256 vs = _mm256_set1_ps(scale);
+  for (; j + 8 <= n; j += 8) {
+    __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j)));
+    _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_i32gather_ps(map, idx, 4), vs));
+  }
+#else
+  (void)tb;
+  (void)is_signed;
+#endif
+  for (; j < n; ++j) out[j] = map[codes[j]] * scale;
+}
+
+// codes[j] = #{k < 255 : mid[k] < x[j] / scale}, scale = absmax > 0 ? absmax : 1
+inline void quant(const float* x, float absmax, const float* mid, const Tables& tb, bool is_signed, uint8_t* codes,
+                  int64_t n) {
+  const float scale = absmax > 0.0f ? absmax : 1.0f;
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 vs = _mm512_set1_ps(scale);
+  const auto* lv = is_signed ? tb.ls : tb.lu;
+  for (; j + 16 <= n; j += 16) {
+    const __m512i idx = search16(_mm512_div_ps(_mm512_loadu_ps(x + j), vs), lv);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + j), _mm512_cvtepi32_epi8(idx));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  (void)tb;
+  (void)is_signed;
+  const __m256 vs = _mm256_set1_ps(scale);
+  alignas(32) int32_t tmp[8];
+  for (; j + 8 <= n; j += 8) {
+    const __m256 xn = _mm256_div_ps(_mm256_loadu_ps(x + j), vs);
+    __m256i idx = _mm256_setzero_si256();
+    for (int step = 128; step >= 1; step >>= 1) {
+      const __m256i probe = _mm256_add_epi32(idx, _mm256_set1_epi32(step - 1));
+      const __m256 gt = _mm256_cmp_ps(xn, _mm256_i32gather_ps(mid, probe, 4), _CMP_GT_OQ);
+      idx = _mm256_add_epi32(idx, _mm256_and_si256(_mm256_castps_si256(gt), _mm256_set1_epi32(step)));
+    }
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), idx);
+    for (int k = 0; k < 8; ++k) codes[j + k] = static_cast<uint8_t>(tmp[k]);
+  }
+#else
+  (void)tb;
+  (void)is_signed;
+#endif
+  for (; j < n; ++j) {
+    const float xn = x[j] / scale;
+    int idx = 0;
+    for (int step = 128; step >= 1; step >>= 1) idx += (xn > mid[idx + step - 1]) ? step : 0;
+    codes[j] = static_cast<uint8_t>(idx);
+  }
+}
+
+inline float nan_max(float r, float x) { return (x > r || std::isnan(x)) ? x : r; }
+
+void check_tensor(const char* fn, const char* name, size_t i, const at::Tensor& t, at::ScalarType dtype,
+                  int64_t numel) {
+  TORCH_CHECK(t.defined(), fn, ": ", name, "[", i, "] must be a tensor, got an undefined one");
+  TORCH_CHECK(t.layout() == at::kStrided, fn, ": ", name, "[", i, "] must be a dense (strided) tensor, got layout ",
+              t.layout());
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, "[", i, "] must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", name, "[", i, "] must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), fn, ": ", name, "[", i, "] must be contiguous, got strides ", shape_str(t.strides()));
+  TORCH_CHECK(t.numel() == numel, fn, ": ", name, "[", i, "] must have ", numel, " elements, got ", t.numel());
+}
+
+std::vector<float> map_of(const char* fn, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(q.defined() && q.device().is_cpu() && q.scalar_type() == at::kFloat && q.numel() == 256, fn, ": ",
+              name, " must be a float32 CPU tensor of 256 values");
+  at::Tensor c = q.contiguous();
+  const float* d = c.data_ptr<float>();
+  return std::vector<float>(d, d + 256);
+}
+
+
+// ---- the 8-bit LAMB step ------------------------------------------------------------------------------------------
+
+struct Consts {
+  float b1, b3, b2, c2, ibc1, ibc2, eps, wd;
+  const float* qs;     // signed map (256)
+  const float* qu;     // unsigned map (256)
+  const float* mid_s;  // 255 midpoints (+ 1 pad)
+  const float* mid_u;
+};
+
+struct Ptrs {
+  float* p;
+  const float* g;
+  uint8_t *mc, *vc;
+  float *ma, *va;
+  int64_t numel;
+};
+
+struct Task {
+  int32_t tensor;
+  int64_t block_begin, block_end;
+};
+
+enum class Mode {
+  kStore,     // pass 1 of a stored wave: u -> scratch, m, v requantized
+  kNorms,     // pass 1 of a large tensor: norms only, state untouched
+  kRecompute  // pass 2 of a large tensor: m, v, u again, p updated, m, v requantized
+};
+
+// p = p - (u * scale), the product rounded on its own
+inline void apply(float* p, const float* u, int64_t n, float scale) {
+  const Vec vs(scale);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(p + j) - opaque(Vec::loadu(u + j) * vs)).store(p + j);
+  for (; j < n; ++j) p[j] = p[j] - opaque(u[j] * scale);
+}
+
+template <Mode kMode, bool kDecay>
+void lamb_block(const Ptrs& t, const Consts& k, const Tables& tb, int64_t block, float* u_store, float scale,
+                double& pp, double& uu) {
+  const int64_t begin = block * kBlock;
+  const int64_t len = std::min(kBlock, t.numel - begin);
+  alignas(64) float m[kBlock];
+  alignas(64) float v[kBlock];
+  alignas(64) float ubuf[kBlock];
+  float* u = kMode == Mode::kStore ? u_store : ubuf;
+  dequant(t.mc + begin, k.qs, tb, true, t.ma[block], m, len);
+  dequant(t.vc + begin, k.qu, tb, false, t.va[block], v, len);
+  const float* p = t.p + begin;
+  const float* g = t.g + begin;
+  const Vec vb1(k.b1), vb3(k.b3), vb2(k.b2), vc2(k.c2), vibc1(k.ibc1), vibc2(k.ibc2), veps(k.eps), vwd(k.wd);
+  Vec acc_p(0.0f), acc_u(0.0f), amax_m(0.0f), amax_v(0.0f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= len; j += Vec::size()) {
+    const Vec gv = Vec::loadu(g + j), pv = Vec::loadu(p + j);
+    const Vec mv = opaque(Vec::loadu(m + j) * vb1) + opaque(gv * vb3);
+    const Vec vv = opaque(Vec::loadu(v + j) * vb2) + opaque(opaque(gv * gv) * vc2);
+    Vec uv = opaque(mv * vibc1) / (opaque(vv * vibc2).sqrt() + veps);
+    if (kDecay) uv = uv + opaque(pv * vwd);
+    uv.store(u + j);
+    acc_p = at::vec::fmadd(pv, pv, acc_p);
+    acc_u = at::vec::fmadd(uv, uv, acc_u);
+    if (kMode != Mode::kNorms) {
+      mv.store(m + j);
+      vv.store(v + j);
+      amax_m = at::vec::maximum(amax_m, mv.abs());
+      amax_v = at::vec::maximum(amax_v, vv.abs());
+    }
+  }
+  float sp = 0.0f, su = 0.0f, am = 0.0f, av = 0.0f;
+  {
+    alignas(64) float b[4][Vec::size()];
+    acc_p.store(b[0]);
+    acc_u.store(b[1]);
+    amax_m.store(b[2]);
+    amax_v.store(b[3]);
+    for (int q = 0; q < Vec::size(); ++q) {
+      sp += b[0][q];
+      su += b[1][q];
+      am = nan_max(am, b[2][q]);
+      av = nan_max(av, b[3][q]);
+    }
+  }
+  for (; j < len; ++j) {
+    const float gs = g[j], ps = p[j];
+    const float ms = opaque(m[j] * k.b1) + opaque(gs * k.b3);
+    const float vs = opaque(v[j] * k.b2) + opaque(opaque(gs * gs) * k.c2);
+    float us = opaque(ms * k.ibc1) / (std::sqrt(opaque(vs * k.ibc2)) + k.eps);
+    if (kDecay) us = us + opaque(ps * k.wd);
+    u[j] = us;
+    sp += ps * ps;
+    su += us * us;
+    m[j] = ms;
+    v[j] = vs;
+    am = nan_max(am, std::abs(ms));
+    av = nan_max(av, std::abs(vs));
+  }
+  pp += sp;
+  uu += su;
+  if (kMode == Mode::kNorms) return;
+  if (kMode == Mode::kRecompute) apply(t.p + begin, u, len, scale);
+  quant(m, am, k.mid_s, tb, true, t.mc + begin, len);
+  quant(v, av, k.mid_u, tb, false, t.vc + begin, len);
+  t.ma[block] = am;
+  t.va[block] = av;
+}
+
+using BlockFn = void (*)(const Ptrs&, const Consts&, const Tables&, int64_t, float*, float, double&, double&);
+
+template <Mode kMode>
+BlockFn pick(bool decay) {
+  return decay ? &lamb_block<kMode, true> : &lamb_block<kMode, false>;
+}
+
+}  // namespace
+
+void fused_lamb8bit_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                        const std::vector<at::Tensor>& exp_avg_codes, const std::vector<at::Tensor>& exp_avg_absmax,
+                        const std::vector<at::Tensor>& exp_avg_sq_codes,
+                        const std::vector<at::Tensor>& exp_avg_sq_absmax, const at::Tensor& qmap_signed,
+                        const at::Tensor& qmap_unsigned, double lr, double beta1, double beta2, double eps,
+                        double weight_decay, int64_t step, bool bias_correction, bool grad_averaging,
+                        bool use_trust_ratio, double max_trust_ratio) {
+  const char* fn = "fused_lamb8bit_cpu";
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avg_codes.size() == n && exp_avg_absmax.size() == n &&
+                  exp_avg_sq_codes.size() == n && exp_avg_sq_absmax.size() == n,
+              fn, ": params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes and exp_avg_sq_absmax must ",
+              "have one length");
+  TORCH_CHECK(n < (size_t(1) << 31), fn, ": too many tensors (", n, ")");
+  TORCH_CHECK(step >= 1, fn, ": step must be >= 1, got ", step);
+  const std::vector<float> qs = map_of(fn, "qmap_signed", qmap_signed);
+  const std::vector<float> qu = map_of(fn, "qmap_unsigned", qmap_unsigned);
+  std::vector<float> mid_s(256), mid_u(256);
+  for (int q = 0; q < 255; ++q) {
+    mid_s[q] = (qs[q] + qs[q + 1]) * 0.5f;
+    mid_u[q] = (qu[q] + qu[q + 1]) * 0.5f;
+  }
+  mid_s[255] = mid_u[255] = INFINITY;  // never read: the search probes indices 0..254
+
+  std::vector<Ptrs> ptrs(n);
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const int64_t numel = p.defined() ? p.numel() : 0;
+    const int64_t nb = (numel + kBlock - 1) / kBlock;
+    check_tensor(fn, "params", i, p, at::kFloat, numel);
+    check_tensor(fn, "grads", i, grads[i], at::kFloat, numel);
+    TORCH_CHECK(grads[i].sizes() == p.sizes(), fn, ": grads[", i, "] must have params[", i, "]'s shape ",
+                shape_str(p.sizes()), ", got ", shape_str(grads[i].sizes()));
+    check_tensor(fn, "exp_avg_codes", i, exp_avg_codes[i], at::kByte, numel);
+    check_tensor(fn, "exp_avg_sq_codes", i, exp_avg_sq_codes[i], at::kByte, numel);
+    check_tensor(fn, "exp_avg_absmax", i, exp_avg_absmax[i], at::kFloat, nb);
+    check_tensor(fn, "exp_avg_sq_absmax", i, exp_avg_sq_absmax[i], at::kFloat, nb);
+    ptrs[i] = {p.data_ptr<float>(),
+               grads[i].data_ptr<float>(),
+               exp_avg_codes[i].data_ptr<uint8_t>(),
+               exp_avg_sq_codes[i].data_ptr<uint8_t>(),
+               exp_avg_absmax[i].data_ptr<float>(),
+               exp_avg_sq_absmax[i].data_ptr<float>(),
+               numel};
+    for (int64_t b = 0; b < nb; b += kBlocksPerTask)
+      tasks.push_back({static_cast<int32_t>(i), b, std::min(nb, b + kBlocksPerTask)});
+  }
+  const double s = static_cast<double>(step);
+  const double bc1 = bias_correction ? 1.0 - std::pow(beta1, s) : 1.0;
+  const double bc2 = bias_correction ? 1.0 - std::pow(beta2, s) : 1.0;
+  const Consts k{static_cast<float>(beta1),
+                 static_cast<float>(grad_averaging ? 1.0 - beta1 : 1.0),
+                 static_cast<float>(beta2),
+                 static_cast<float>(1.0 - beta2),
+                 static_cast<float>(1.0 / bc1),
+                 static_cast<float>(1.0 / bc2),
+                 static_cast<float>(eps),
+                 static_cast<float>(weight_decay),
+                 qs.data(),
+                 qu.data(),
+                 mid_s.data(),
+                 mid_u.data()};
+  const bool decay = weight_decay != 0.0;
+  const BlockFn store_fn = pick<Mode::kStore>(decay), norms_fn = pick<Mode::kNorms>(decay),
+                recompute_fn = pick<Mode::kRecompute>(decay);
+
+  const int64_t nt = static_cast<int64_t>(tasks.size());
+  std::vector<double> sums(2 * nt, 0.0);
+  std::vector<int64_t> offset(nt, 0);  // a stored task's first element in the wave's scratch
+  std::vector<float> scale(n, 0.0f);
+  int64_t total = 0;
+  for (const Ptrs& t : ptrs) total += t.numel;
+  // Kept between calls (per calling thread, at most kWave floats): a fresh 4 MiB buffer each step costs page
+  // faults where malloc maps large blocks anew each time (as csrc/cpu/fused_lamb.cpp).
+  static thread_local std::vector<float> scratch_buf;
+  if (scratch_buf.size() < static_cast<size_t>(std::min(total, kWave)))
+    scratch_buf.resize(static_cast<size_t>(std::min(total, kWave)));
+
+  int64_t t_begin = 0;
+  while (t_begin < nt) {
+    int64_t t_end = t_begin, elems = 0;
+    while (t_end < nt) {
+      const int32_t ti = tasks[t_end].tensor;
+      const int64_t tn = ptrs[ti].numel;
+      if (elems > 0 && elems + tn > kWave) break;
+      elems += tn;
+      while (t_end < nt && tasks[t_end].tensor == ti) ++t_end;
+    }
+    const bool stored = elems <= kWave;
+    float* scratch = scratch_buf.data();
+    for (int64_t q = t_begin, off = 0; q < t_end; ++q) {
+      offset[q] = off;
+      off += std::min(tasks[q].block_end * kBlock, ptrs[tasks[q].tensor].numel) - tasks[q].block_begin * kBlock;
+    }
+    at::parallel_for(t_begin, t_end, 1, [&](int64_t lo, int64_t hi) {
+      Tables tb;
+      load_tables(tb, k.qs, k.qu, k.mid_s, k.mid_u);
+      for (int64_t q = lo; q < hi; ++q) {
+        const Task& task = tasks[q];
+        const Ptrs& t = ptrs[task.tensor];
+        double pp = 0.0, uu = 0.0;
+        for (int64_t b = task.block_begin; b < task.block_end; ++b) {
+          if (stored) {
+            store_fn(t, k, tb, b, scratch + offset[q] + (b - task.block_begin) * kBlock, 0.0f, pp, uu);
+          } else {
+            norms_fn(t, k, tb, b, nullptr, 0.0f, pp, uu);
+          }
+        }
+        sums[2 * q] = pp;
+        sums[2 * q + 1] = uu;
+      }
+    });
+    // per-tensor norms (tasks added in order), then the step scale float32(lr * trust)
+    for (int64_t q = t_begin; q < t_end;) {
+      const int32_t ti = tasks[q].tensor;
+      double pn = 0.0, un = 0.0;
+      for (; q < t_end && tasks[q].tensor == ti; ++q) {
+        pn += sums[2 * q];
+        un += sums[2 * q + 1];
+      }
+      const double w = std::sqrt(pn), u = std::sqrt(un);
+      double trust = (use_trust_ratio && w > 0.0 && u > 0.0) ? w / u : 1.0;
+      if (max_trust_ratio > 0.0) trust = std::min(trust, max_trust_ratio);
+      scale[ti] = static_cast<float>(lr * trust);
+    }
+    at::parallel_for(t_begin, t_end, 1, [&](int64_t lo, int64_t hi) {
+      Tables tb;
+      if (!stored) load_tables(tb, k.qs, k.qu, k.mid_s, k.mid_u);
+      for (int64_t q = lo; q < hi; ++q) {
+        const Task& task = tasks[q];
+        const Ptrs& t = ptrs[task.tensor];
+        const float sc = scale[task.tensor];
+        if (stored) {
+          const int64_t b0 = task.block_begin * kBlock;
+          apply(t.p + b0, scratch + offset[q], std::min(task.block_end * kBlock, t.numel) - b0, sc);
+        } else {
+          double pp = 0.0, uu = 0.0;
+          for (int64_t b = task.block_begin; b < task.block_end; ++b) recompute_fn(t, k, tb, b, nullptr, sc, pp, uu);
+        }
+      }
+    });
+    t_begin = t_end;
+  }
+}
+
+}  // namespace mltoolkit

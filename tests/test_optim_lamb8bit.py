@@ -193,3 +193,15 @@ def test_bad_input():
     q.grad = torch.randn(5000).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         LAMB([q], state_bits=8).step()
+
+
+def test_dtensor_params_refused(monkeypatch):
+    """FSDP2 / TP parameters (DTensor) need norms across ranks and blocks of the local shard: not supported with
+    8-bit state (a clear error, not a wrong step). A real DTensor needs a process group: is_dtensor is faked."""
+    from mltoolkit.distributed import _dtensor
+
+    monkeypatch.setattr(_dtensor, "is_dtensor", lambda p: True)
+    q = torch.nn.Parameter(torch.randn(5000))
+    q.grad = torch.randn(5000)
+    with pytest.raises(RuntimeError, match="state_bits=8\\) does not support DTensor"):
+        LAMB([q], state_bits=8).step()

@@ -97,7 +97,7 @@ if has test; then
     tests/test_optim_adamw.py tests/test_optim_lamb.py tests/ops/test_fused_optim_cuda.py
     tests/test_pruning.py tests/test_distill.py tests/test_trainer.py tests/ops/test_fused_adam8bit.py
     tests/test_optim_8bit.py tests/ops/test_fused_adam8bit_cuda.py tests/ops/test_lstm_cell.py
-    tests/ops/test_lstm_cell_triton.py tests/nn/test_rnn.py"}
+    tests/ops/test_lstm_cell_triton.py tests/nn/test_rnn.py tests/ops/test_fused_lamb8bit.py tests/test_optim_lamb8bit.py"}
   xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 14")
   per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")
   # -v: one line per test in the log, so a run cut off at its limit still says what passed
@@ -109,7 +109,7 @@ fi
 
 if has bench; then
   step "the other benchmarks"
-  bench_ops ${BENCH_OPS_LATE-conv2d_bn_relu fake_quantize fake_quantize_lsq adamw_step fused_lamb adamw8bit_step train_step_transformer gpt2_train_step lstm gru resnet50 bn_relu rms_norm layer_norm bn_add_relu rotary}
+  bench_ops ${BENCH_OPS_LATE-conv2d_bn_relu fake_quantize fake_quantize_lsq adamw_step fused_lamb adamw8bit_step lamb8bit_step train_step_transformer gpt2_train_step lstm gru resnet50 bn_relu rms_norm layer_norm bn_add_relu rotary}
   [ -f "benchmarks/results/$SLUG.md" ] && grep -E "^\|" "benchmarks/results/$SLUG.md" | cut -c1-150 | tail -40
 fi
 pack

@@ -4,12 +4,14 @@
 // Dtypes: float32 or float64 throughout (the CPU and CUDA kernels); every tensor contiguous, one dtype.
 // Gate order is torch's: LSTM (i, f, g, o), GRU (r, z, n). H = hidden size, B = batch, N = rows of a layer.
 //
-// LSTM cell.   x_proj (B, 4H) = x @ W_ih^T + b_ih [+ b_hh]; h, c (B, H); w_hh (4H, H); b_hh (4H) optional.
+// LSTM cell.   x_proj (B, 4H) = x @ W_ih^T + b_ih [+ b_hh]; h (B, K); c (B, H); w_hh (4H, K); b_hh (4H) optional.
+//   K = H for a plain LSTM; K = P (proj_size) for an LSTM with projections, whose caller then computes the next
+//   state h = h' @ W_hr^T (P, from the cell's (B, H) h') itself (mltoolkit/ops/lstm.py).
 //   pre = x_proj + h @ w_hh^T [+ b_hh]; i, f, o = sigmoid(pre_i, pre_f, pre_o), g = tanh(pre_g)
-//   c' = f*c + i*g; h' = o*tanh(c')
+//   c' = f*c + i*g; h' = o*tanh(c')  (h', c' are (B, H))
 //   lstm_cell_forward -> {h', c', gates = (i, f, g, o) activated, (B, 4H)}
-//   lstm_cell_backward(dh', dc' (optional), gates, c, c') -> {dpre (B, 4H), dc}: the pointwise part only;
-//     the caller does dx_proj = dpre, dh = dpre @ w_hh, dw_hh = dpre^T @ h, db_hh = sum_rows(dpre).
+//   lstm_cell_backward(dh' (B, H), dc' (optional), gates, c, c') -> {dpre (B, 4H), dc}: the pointwise part only;
+//     the caller does dx_proj = dpre, dh = dpre @ w_hh (B, K), dw_hh = dpre^T @ h, db_hh = sum_rows(dpre).
 // GRU cell.    x_proj (B, 3H) = x @ W_ih^T + b_ih; h (B, H); w_hh (3H, H); b_hh (3H) optional.
 //   gh = h @ w_hh^T + b_hh; r = sigmoid(x_r + gh_r), z = sigmoid(x_z + gh_z), n = tanh(x_n + r*gh_n)
 //   h' = (1-z)*n + z*h
@@ -17,7 +19,8 @@
 //   gru_cell_backward(dh', saved, h) -> {dx_proj (B, 3H), dgh (B, 3H), dh_direct = dh'*z (B, H)};
 //     the caller does dh = dh_direct + dgh @ w_hh, dw_hh = dgh^T @ h, db_hh = sum_rows(dgh).
 //
-// Layers. A layer-direction runs T steps over rows laid out as a PackedSequence's data: step t owns the rows
+// Layers (no projection: w_hh is (4H, H) / (3H, H); an LSTM with projections runs the cell op step by step instead).
+// A layer-direction runs T steps over rows laid out as a PackedSequence's data: step t owns the rows
 // [off_t, off_t + bs_t) of x_proj (N, G*H) and of every per-row output, where bs = batch_sizes (T,), int64, on the
 // CPU, non-increasing, bs_0 <= B, off_t = bs_0 + ... + bs_{t-1}, N = sum(bs). Without batch_sizes every step has B
 // rows (T = N / B): a padded (T, B, *) sequence flattened. Row i of step t is sequence i of the batch; the rows of

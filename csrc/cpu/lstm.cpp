@@ -315,6 +315,16 @@ int64_t check_w_hh(const char* fn, const at::Tensor& w, int64_t gates, at::Scala
   return w.size(1);
 }
 
+// The LSTM cell's w_hh (4H, K): K = H for a plain LSTM, the projection size P for an LSTM with projections (the
+// state h then has width K, c width H). Returns H.
+int64_t check_lstm_cell_w_hh(const char* fn, const at::Tensor& w, at::ScalarType dtype) {
+  check_cpu(fn, "w_hh", w, dtype);
+  TORCH_CHECK(w.dim() == 2 && w.size(0) >= 4 && w.size(0) % 4 == 0 && w.size(1) >= 1, fn,
+              ": w_hh must have shape (4*H, K) with H, K >= 1 (K = H, or the projection size), got ",
+              shape_str(w.sizes()));
+  return w.size(0) / 4;
+}
+
 std::vector<at::Tensor> lstm_layer_forward_impl(const char* fn, const at::Tensor& x_proj, const at::Tensor& h0,
                                                 const at::Tensor& c0, const at::Tensor& w_hh,
                                                 const std::optional<at::Tensor>& batch_sizes, bool reverse,
@@ -346,11 +356,11 @@ std::vector<at::Tensor> lstm_cell_forward_cpu(const at::Tensor& x_proj, const at
                                               const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh) {
   constexpr const char* fn = "lstm_cell_forward_cpu";
   const auto dtype = check_first(fn, "x_proj", x_proj);
-  const int64_t H = check_w_hh(fn, w_hh, 4, dtype);
+  const int64_t H = check_lstm_cell_w_hh(fn, w_hh, dtype), K = w_hh.size(1);
   const int64_t B = x_proj.size(0);
   check_shape(fn, "x_proj", x_proj, {B, 4 * H});
   check_cpu(fn, "h", h, dtype);
-  check_shape(fn, "h", h, {B, H});
+  check_shape(fn, "h", h, {B, K});
   check_cpu(fn, "c", c, dtype);
   check_shape(fn, "c", c, {B, H});
   if (present(b_hh)) {

@@ -106,9 +106,14 @@ std::vector<at::Tensor> lstm_cell_forward_cuda(const at::Tensor& x_proj, const a
                                                const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh) {
   constexpr const char* fn = "lstm_cell_forward_cuda";
   check_first(fn, "x_proj", x_proj);
-  const int64_t H = hidden_of(fn, w_hh, x_proj, 4), B = x_proj.size(0);
+  // w_hh (4H, K): K = H, or the projection size P of an LSTM with projections (h is then (B, P), c (B, H)).
+  check(fn, "w_hh", w_hh, x_proj, {-1, -1});
+  TORCH_CHECK(w_hh.size(0) >= 4 && w_hh.size(0) % 4 == 0 && w_hh.size(1) >= 1, fn,
+              ": w_hh must have shape (4*H, K) with H, K >= 1 (K = H, or the projection size), got ",
+              shape_str(w_hh.sizes()));
+  const int64_t H = w_hh.size(0) / 4, K = w_hh.size(1), B = x_proj.size(0);
   check(fn, "x_proj", x_proj, x_proj, {B, 4 * H});
-  check(fn, "h", h, x_proj, {B, H});
+  check(fn, "h", h, x_proj, {B, K});
   check(fn, "c", c, x_proj, {B, H});
   if (present(b_hh)) check(fn, "b_hh", *b_hh, x_proj, {4 * H});
   const c10::cuda::CUDAGuard guard(x_proj.device());

@@ -1,7 +1,8 @@
 """LSTM and GRU as subclasses of torch's modules: same constructor, parameters, state_dict keys, inputs and outputs
-(PackedSequence, batch_first, unbatched input, initial states); the sequence runs through
+(PackedSequence, batch_first, unbatched input, initial states, LSTM projections); the sequence runs through
 mltoolkit.ops.lstm_sequence / gru_sequence (one input-projection GEMM per layer and direction, then per step the
-recurrent GEMM and the fused gate kernel)."""
+recurrent GEMM and the fused gate kernel; an LSTM with proj_size > 0 runs the fused cell op per step, then the
+projection h = W_hr h')."""
 from __future__ import annotations
 
 from typing import Optional
@@ -35,14 +36,20 @@ class _FusedRNNMixin:
             raise RNNArgumentError(f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                                    f"got {input.shape[-1]} (input shape {list(input.shape)})")
 
+    def _state_size(self, name: str) -> tuple[int, str]:
+        """Width of state `name` ("h0" / "c0") and its name: proj_size for an LSTM's h with projections."""
+        proj = getattr(self, "proj_size", 0)
+        return (proj, "proj_size") if proj > 0 and name == "h0" else (self.hidden_size, "hidden_size")
+
     def _check_state(self, name: str, h: Tensor, batch: int, input: Tensor, batched: bool) -> None:
         layers = self.num_layers * (2 if self.bidirectional else 1)
-        want = (layers, batch, self.hidden_size) if batched else (layers, self.hidden_size)
+        size, size_name = self._state_size(name)
+        want = (layers, batch, size) if batched else (layers, size)
         if not isinstance(h, Tensor):
             raise TypeError(f"{self._kind}: {name} must be a Tensor, got {type(h).__name__}")
         if tuple(h.shape) != want:
             raise RNNArgumentError(f"{self._kind}: {name} must have shape (num_layers * num_directions, "
-                                   f"{'batch, ' if batched else ''}hidden_size) = {list(want)}, got {list(h.shape)}")
+                                   f"{'batch, ' if batched else ''}{size_name}) = {list(want)}, got {list(h.shape)}")
         if h.dtype != input.dtype:
             raise TypeError(f"{self._kind}: {name} must have input's dtype {input.dtype}, got {h.dtype}")
 
@@ -67,8 +74,8 @@ class _FusedRNNMixin:
             x = input if batched else input.unsqueeze(batch_dim)
             batch, batch_sizes, sorted_indices, unsorted_indices = x.shape[batch_dim], None, None, None
         if hx is None:
-            zeros = torch.zeros(layers, batch, self.hidden_size, dtype=x.dtype, device=x.device)
-            hx = tuple(zeros for _ in states)
+            hx = tuple(torch.zeros(layers, batch, self._state_size(name)[0], dtype=x.dtype, device=x.device)
+                       for name in states)
         else:
             hx = (hx,) if isinstance(hx, Tensor) else tuple(hx)
             if len(hx) != len(states):
@@ -96,29 +103,19 @@ class _FusedRNNMixin:
 
 
 class LSTM(_FusedRNNMixin, torch.nn.LSTM):
-    """torch.nn.LSTM computed by mltoolkit's fused LSTM kernels (proj_size is not supported yet)."""
+    """torch.nn.LSTM computed by mltoolkit's fused LSTM kernels, with projections too (proj_size = P > 0, Sak et al.
+    2014: h_t = W_hr (o_t * tanh(c_t)); weight_hr_l{k}[_reverse] (P, H), h0 / h_n (layers * dirs, B, P), output
+    (.., dirs * P)). A proj_size torch refuses (negative, or >= hidden_size) raises torch's ValueError naming it."""
 
     _kind = "LSTM"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._refuse_proj()
-
-    def _refuse_proj(self):
-        if self.proj_size > 0:
-            raise NotImplementedError("mltoolkit.nn.LSTM: proj_size > 0 (LSTM with projections) is not supported; "
-                                      "use torch.nn.LSTM for it (mltoolkit.optimize leaves such modules alone)")
-
     def forward(self, input, hx: Optional[tuple[Tensor, Tensor]] = None):
-        self._refuse_proj()
         output, (h_n, c_n) = self._run(input, hx)
         return output, (h_n, c_n)
 
     @classmethod
-    def from_torch(cls, module: torch.nn.LSTM) -> torch.nn.Module:
-        """An LSTM sharing `module`'s parameters (no copy); a module with proj_size > 0 is returned unchanged."""
-        if module.proj_size > 0:
-            return module
+    def from_torch(cls, module: torch.nn.LSTM) -> LSTM:
+        """An LSTM sharing `module`'s parameters (no copy), with or without projections."""
         return _share(cls, module)
 
 

@@ -2,7 +2,7 @@
 
 The kernel contract is csrc/lstm.h. Registered ops (each *_fwd has autograd; its *_bwd is the gradient op):
 
-    torch.ops.mltoolkit.lstm_cell_fwd(x_proj, h, c, w_hh, b_hh?) -> (h', c', gates)
+    torch.ops.mltoolkit.lstm_cell_fwd(x_proj, h, c, w_hh, b_hh?) -> (h', c', gates)     [h (B, K), w_hh (4H, K)]
     torch.ops.mltoolkit.lstm_cell_bwd(dh, dc?, gates, c, c_new) -> (dpre, dc_prev)           [pointwise part]
     torch.ops.mltoolkit.gru_cell_fwd(x_proj, h, w_hh, b_hh?) -> (h', saved)
     torch.ops.mltoolkit.gru_cell_bwd(dh, saved, h) -> (dx_proj, dgh, dh_direct)                [pointwise part]
@@ -18,6 +18,9 @@ x_proj = x @ W_ih^T + b_ih (+ b_hh for the LSTM layer) is one GEMM over every ti
 torch (its autograd gives the W_ih / b_ih / input gradients); a layer op then runs, per step, the recurrent GEMM
 straight into the fused gate math. The rows of a layer are laid out like a PackedSequence's data (batch_sizes), so
 packed input runs without padding; a padded sequence is the case of equal batch sizes (batch_sizes None).
+An LSTM with projections (torch's proj_size P > 0: the state h = W_hr (o * tanh(c)) has width P, W_hh is (4H, P))
+runs each step through the cell op, whose w_hh may be (4H, K) with h (B, K), then h = h' @ W_hr^T (F.linear), so
+autograd runs through the cell op's backward; the layer ops take the plain LSTM (K = H) only.
 The public functions `lstm_sequence`, `gru_sequence` take torch's _VF.lstm / _VF.gru arguments, `lstm_cell` /
 `gru_cell` those of torch.nn.LSTMCell / GRUCell's functional form. (mltoolkit.ops exports these names; this module
 stays reachable as mltoolkit.ops.lstm.)
@@ -108,9 +111,11 @@ def lstm_cell_fwd(x_proj: Tensor, h: Tensor, c: Tensor, w_hh: Tensor,
 
 @lstm_cell_fwd.register_fake
 def _(x_proj, h, c, w_hh, b_hh):
-    torch._check(x_proj.dim() == 2 and h.dim() == 2, lambda: "lstm_cell_fwd: x_proj and h must be 2-D")
-    torch._check(x_proj.shape[1] == 4 * h.shape[1], lambda: "lstm_cell_fwd: x_proj must have shape (B, 4H)")
-    return h.new_empty(h.shape), c.new_empty(c.shape), x_proj.new_empty(x_proj.shape)
+    torch._check(x_proj.dim() == 2 and h.dim() == 2 and c.dim() == 2,
+                 lambda: "lstm_cell_fwd: x_proj, h and c must be 2-D")
+    torch._check(x_proj.shape[1] == 4 * c.shape[1], lambda: "lstm_cell_fwd: x_proj must have shape (B, 4H)")
+    torch._check(w_hh.shape[1] == h.shape[1], lambda: "lstm_cell_fwd: w_hh must have shape (4H, K) for h (B, K)")
+    return c.new_empty(c.shape), c.new_empty(c.shape), x_proj.new_empty(x_proj.shape)
 
 
 @torch.library.custom_op("mltoolkit::lstm_cell_bwd", mutates_args=())
@@ -379,21 +384,70 @@ def _project(x: Tensor, w_ih: Tensor, bias: Optional[Tensor]) -> Tensor:
     return F.linear(x, w_ih, bias)
 
 
+def _lstm_proj_direction(x_proj: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor,
+                         batch_sizes: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer-direction of an LSTM with projections, step by step: the fused cell op (recurrent GEMM with
+    w_hh (4H, P) + gate math) gives h' (rows, H) and c, then h = h' @ w_hr^T (rows, P). Rows are laid out as in the
+    layer ops (csrc/lstm.h): x_proj (N, 4H) with batch_sizes, or T steps of B rows. h0 (B, P), c0 (B, H).
+    Returns (out (N, P), h_n (B, P), c_n (B, H)); autograd runs through the cell op and F.linear."""
+    batch = h0.shape[0]
+    if batch_sizes is None:
+        sizes = [batch] * (x_proj.shape[0] // batch) if batch else []
+    else:
+        sizes = [int(b) for b in batch_sizes.tolist()]
+        if sum(sizes) != x_proj.shape[0]:
+            raise RNNArgumentError(f"lstm: batch_sizes sum to {sum(sizes)} but the input has {x_proj.shape[0]} rows")
+    # One split, not a slice per step: a slice's backward writes a zero-filled (N, 4H) gradient per step (T^2 work).
+    x_steps = x_proj.split(sizes) if sizes else ()
+    outs: list[Optional[Tensor]] = [None] * len(sizes)
+    finished_h, finished_c = [], []  # forward: final states of the sequences that ended, from the last row up
+    if reverse:
+        h, c, running = h0[:0], c0[:0], 0
+    else:
+        h, c, running = h0, c0, batch
+    for t in (range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))):
+        rows = sizes[t]
+        if rows > running:  # reverse: sequences of length t + 1 start here from their initial state
+            h = h0[:rows] if running == 0 else torch.cat([h, h0[running:rows]])
+            c = c0[:rows] if running == 0 else torch.cat([c, c0[running:rows]])
+        elif rows < running:  # forward: the sequences of rows [rows, running) ended at step t - 1
+            finished_h.append(h[rows:])
+            finished_c.append(c[rows:])
+            h, c = h[:rows], c[:rows]
+        running = rows
+        h_cell, c, _ = torch.ops.mltoolkit.lstm_cell_fwd(x_steps[t], h, c, w_hh, None)
+        h = F.linear(h_cell, w_hr)
+        outs[t] = h
+    if running < batch and reverse:
+        finished_h.append(h0[running:])
+        finished_c.append(c0[running:])
+    h_n = torch.cat([h, *reversed(finished_h)]) if finished_h else h
+    c_n = torch.cat([c, *reversed(finished_c)]) if finished_c else c
+    out = torch.cat(outs) if outs else x_proj.new_empty(0, w_hr.shape[0])
+    return out, h_n, c_n
+
+
 def _layers(mode: str, x: Tensor, batch_sizes: Optional[Tensor], hx: Sequence[Tensor], params: Sequence[Tensor],
-            has_biases: bool, num_layers: int, dropout: float, train: bool, bidirectional: bool):
+            has_biases: bool, num_layers: int, dropout: float, train: bool, bidirectional: bool, proj: bool = False):
     """Runs the stacked layers on rows x (N, I) laid out as a PackedSequence's data (or a flattened (T, B, I));
-    hx: h0 (and c0 for the LSTM), each (layers * directions, B, H). Returns (out (N, D*H), [h_n], [c_n])."""
+    hx: h0 (and c0 for the LSTM), each (layers * directions, B, H) (h0 (.., B, P) with projections: then every
+    layer-direction's params end with w_hr (P, H)). Returns (out (N, D*H) or (N, D*P), [h_n], [c_n])."""
     dirs = 2 if bidirectional else 1
-    per = 4 if has_biases else 2
+    per = (4 if has_biases else 2) + (1 if proj else 0)
     h_n, c_n = [], []
     for layer in range(num_layers):
         outs = []
         for d in range(dirs):
             k = layer * dirs + d
-            w_ih, w_hh, *biases = params[k * per:(k + 1) * per]
-            b_ih, b_hh = biases if has_biases else (None, None)
+            w_ih, w_hh, *rest = params[k * per:(k + 1) * per]
+            b_ih, b_hh = rest[:2] if has_biases else (None, None)
             reverse = d == 1
-            if mode == "lstm":
+            if mode == "lstm" and proj:
+                bias = b_ih + b_hh if has_biases else None
+                out, h, c = _lstm_proj_direction(_project(x, w_ih, bias), hx[0][k], hx[1][k], w_hh, rest[-1],
+                                                 batch_sizes, reverse)
+                c_n.append(c)
+            elif mode == "lstm":
                 bias = b_ih + b_hh if has_biases else None
                 x_proj = _project(x, w_ih, bias)
                 save = _needs_grad(x_proj, hx[0], hx[1], w_hh)
@@ -414,7 +468,9 @@ def _layers(mode: str, x: Tensor, batch_sizes: Optional[Tensor], hx: Sequence[Te
 
 
 def _check_seq(fn: str, input: Tensor, batch_sizes: Optional[Tensor], hx: Sequence[Tensor], params: Sequence[Tensor],
-               has_biases: bool, num_layers: int, bidirectional: bool, batch_first: bool) -> None:
+               has_biases: bool, num_layers: int, bidirectional: bool, batch_first: bool) -> bool:
+    """Checks the arguments; returns whether the params are those of an LSTM with projections (a w_hr after each
+    layer-direction's w_ih, w_hh[, b_ih, b_hh], as in torch.nn.LSTM(proj_size > 0)._flat_weights)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"{fn}: input must be a Tensor, got {type(input).__name__}")
     want_dim = 2 if batch_sizes is not None else 3
@@ -422,10 +478,25 @@ def _check_seq(fn: str, input: Tensor, batch_sizes: Optional[Tensor], hx: Sequen
         raise RNNArgumentError(f"{fn}: input must be {want_dim}-D, got shape {list(input.shape)}")
     per = 4 if has_biases else 2
     dirs = 2 if bidirectional else 1
-    if len(params) != per * num_layers * dirs:
-        raise RNNArgumentError(f"{fn}: params must hold {per * num_layers * dirs} tensors, got {len(params)}")
+    groups = num_layers * dirs
+    proj = fn == "lstm" and len(params) == (per + 1) * groups
+    if len(params) != per * groups and not proj:
+        also = f" ({(per + 1) * groups} with projections)" if fn == "lstm" else ""
+        raise RNNArgumentError(f"{fn}: params must hold {per * groups} tensors{also}, got {len(params)}")
     w_ih0, w_hh0 = params[0], params[1]
-    hidden = w_hh0.shape[1]
+    gates = 4 if fn == "lstm" else 3
+    hidden = w_hh0.shape[0] // gates
+    width = w_hh0.shape[1]  # of h: hidden, or proj_size
+    if proj:
+        for k in range(groups):
+            w_hh, w_hr = params[k * (per + 1) + 1], params[k * (per + 1) + per]
+            if w_hr.dim() != 2 or w_hr.shape[1] != w_hh.shape[0] // 4 or w_hh.shape[1] != w_hr.shape[0]:
+                raise RNNArgumentError(f"{fn}: with projections, w_hr must have shape (proj_size, hidden_size) and "
+                                       f"w_hh (4*hidden_size, proj_size); got w_hr {list(w_hr.shape)} and w_hh "
+                                       f"{list(w_hh.shape)} for layer-direction {k}")
+    elif w_hh0.shape[1] != hidden:
+        raise RNNArgumentError(f"{fn}: w_hh must have shape ({gates}*hidden_size, hidden_size), got "
+                               f"{list(w_hh0.shape)}")
     if input.shape[-1] != w_ih0.shape[1]:
         raise RNNArgumentError(f"{fn}: input.size(-1) must be equal to input_size. Expected {w_ih0.shape[1]}, "
                                f"got {input.shape[-1]}")
@@ -435,29 +506,31 @@ def _check_seq(fn: str, input: Tensor, batch_sizes: Optional[Tensor], hx: Sequen
         raise RNNArgumentError(f"{fn}: input is on {input.device} but the parameters are on {w_ih0.device}")
     batch = int(batch_sizes[0]) if batch_sizes is not None else input.shape[0 if batch_first else 1]
     for name, h in zip(("h0", "c0"), hx):
-        if h.shape != (num_layers * dirs, batch, hidden):
-            raise RNNArgumentError(f"{fn}: {name} must have shape (num_layers * num_directions, batch, hidden_size) "
-                                   f"= {[num_layers * dirs, batch, hidden]}, got {list(h.shape)}")
+        size, size_name = (width, "proj_size") if proj and name == "h0" else (hidden, "hidden_size")
+        if h.shape != (groups, batch, size):
+            raise RNNArgumentError(f"{fn}: {name} must have shape (num_layers * num_directions, batch, {size_name}) "
+                                   f"= {[groups, batch, size]}, got {list(h.shape)}")
         if h.dtype != input.dtype:
             raise TypeError(f"{fn}: {name} must have input's dtype {input.dtype}, got {h.dtype}")
         if h.device != input.device:
             raise RNNArgumentError(f"{fn}: {name} is on {h.device} but input is on {input.device}")
+    return proj
 
 
 def _sequence(mode, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
               batch_sizes):
     fn = mode
-    _check_seq(fn, input, batch_sizes, hx, params, has_biases, num_layers, bidirectional, batch_first)
+    proj = _check_seq(fn, input, batch_sizes, hx, params, has_biases, num_layers, bidirectional, batch_first)
     if batch_sizes is not None:
         if batch_sizes.device.type != "cpu" or batch_sizes.dtype != torch.int64:
             batch_sizes = batch_sizes.to("cpu", torch.int64)
         out, h_n, c_n = _layers(mode, input, batch_sizes, hx, params, has_biases, num_layers, dropout, train,
-                                bidirectional)
+                                bidirectional, proj)
     else:
         seq = input.transpose(0, 1) if batch_first else input
         steps, batch = seq.shape[0], seq.shape[1]
         out, h_n, c_n = _layers(mode, seq.reshape(steps * batch, seq.shape[2]), None, hx, params, has_biases,
-                                num_layers, dropout, train, bidirectional)
+                                num_layers, dropout, train, bidirectional, proj)
         out = out.view(steps, batch, out.shape[1])
         out = out.transpose(0, 1) if batch_first else out
     return (out, torch.stack(h_n), *((torch.stack(c_n),) if mode == "lstm" else ()))
@@ -469,6 +542,8 @@ def lstm_sequence(input: Tensor, hx: Sequence[Tensor], params: Sequence[Tensor],
     """A stacked LSTM over a sequence, torch's _VF.lstm arguments: input (T, B, I) ((B, T, I) with batch_first), or
     the (N, I) data of a PackedSequence with its batch_sizes; hx = (h0, c0), each (layers * directions, B, H);
     params: per layer and direction w_ih, w_hh[, b_ih, b_hh] (torch.nn.LSTM's _flat_weights order).
+    With projections (torch.nn.LSTM(proj_size=P)): each layer-direction's params end with w_hr (P, H), w_hh is
+    (4H, P), h0 is (layers * directions, B, P), and the output (.., D*P).
     Returns (output (T, B, D*H) or (N, D*H), h_n, c_n)."""
     return _sequence("lstm", input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
                      batch_sizes)

@@ -1,5 +1,6 @@
 """The fused LSTM / GRU ops (mltoolkit/ops/lstm.py): cells against the written-out math and torch's cells (outputs
-and every gradient, odd sizes, float32 and float64 gradcheck), layer ops (packed batch sizes, both directions)
+and every gradient, odd sizes, float32 and float64 gradcheck; the cell op's projected form, h (B, K) with
+w_hh (4H, K), as an LSTM with projections calls it), layer ops (packed batch sizes, both directions)
 against the reference backend's step loop, opcheck, torch.compile(fullgraph=True), and bad input.
 
 The C++ backend is the one under test on CPU tensors; the CUDA-marked cases run the CUDA backend on a GPU."""
@@ -59,6 +60,52 @@ def test_gru_cell_matches_math_and_torch(device, batch, inp, hidden, bias):
     small = batch * hidden <= 64
     check_op(ops.gru_cell, [Sample(args)], ref.gru_cell, gradcheck=small, compile=small)
     assert_close(ops.gru_cell(*args), torch.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh))
+
+
+def _proj_cell_args(batch, hidden, width, device="cpu", dtype=torch.float64, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: (torch.randn(*s, generator=g) * 0.5).to(device, dtype).requires_grad_(True)
+    x_proj, h, c, w_hh = mk(batch, 4 * hidden), mk(batch, width), mk(batch, hidden), mk(4 * hidden, width)
+    return x_proj, h, c, w_hh, (mk(4 * hidden) if bias else None)
+
+
+def _proj_cell_oracle(x_proj, h, c, w_hh, b_hh=None):
+    h_new, c_new, gates = ref.lstm_pointwise_forward(x_proj + h @ w_hh.t(), c, b_hh)
+    return h_new, c_new, gates
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,hidden,width", [(1, 2, 1), (3, 7, 5), (2, 97, 17), (5, 4, 9)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lstm_cell_op_with_projected_state_width(device, batch, hidden, width, bias):
+    """lstm_cell_fwd with h (B, K), w_hh (4H, K), K != H (proj_size, or wider): outputs, gradients (gradcheck in
+    float64), opcheck and compile; float32 against the same math."""
+    args = _proj_cell_args(batch, hidden, width, device, bias=bias)
+    args = tuple(a for a in args if a is not None)
+    op = lambda *a: torch.ops.mltoolkit.lstm_cell_fwd(*a, *(() if bias else (None,)))[:2]
+    small = batch * hidden <= 64
+    check_op(op, [Sample(args)], lambda *a: _proj_cell_oracle(*a)[:2], gradcheck=small, compile=small)
+    full = (*args, *(() if bias else (None,)))
+    h_new, c_new, gates = torch.ops.mltoolkit.lstm_cell_fwd(*full)
+    assert h_new.shape == (batch, hidden) and c_new.shape == (batch, hidden) and gates.shape == (batch, 4 * hidden)
+    if small:
+        torch.library.opcheck(torch.ops.mltoolkit.lstm_cell_fwd, full)
+    f32 = tuple(a.detach().float() if a is not None else None for a in full)
+    for a, b in zip(torch.ops.mltoolkit.lstm_cell_fwd(*f32), _proj_cell_oracle(*f32)):
+        assert_close(a, b)
+
+
+def test_lstm_cell_op_refuses_mismatched_projected_shapes():
+    x_proj, h, c, w_hh, _ = (t.detach() if t is not None else None for t in _proj_cell_args(2, 4, 3))
+    with pytest.raises(RuntimeError, match=r"lstm_cell_forward_cpu: h must have shape \(2, 3\)"):
+        mltoolkit._ext._C.lstm_cell_forward_cpu(x_proj, torch.randn(2, 4, dtype=torch.float64), c, w_hh, None)
+    with pytest.raises(RuntimeError, match=r"lstm_cell_forward_cpu: c must have shape \(2, 4\)"):
+        mltoolkit._ext._C.lstm_cell_forward_cpu(x_proj, h, torch.randn(2, 3, dtype=torch.float64), w_hh, None)
+    with pytest.raises(RuntimeError, match=r"lstm_cell_forward_cpu: w_hh must have shape \(4\*H, K\)"):
+        mltoolkit._ext._C.lstm_cell_forward_cpu(x_proj, h, c, torch.randn(15, 3, dtype=torch.float64), None)
+    # the layer ops take the plain LSTM only (an LSTM with projections runs the cell op per step)
+    with pytest.raises(RuntimeError, match="lstm_layer_forward_cpu: w_hh must have shape"):
+        mltoolkit._ext._C.lstm_layer_forward_cpu(x_proj, h, c, w_hh, None, False, False)
 
 
 def test_cell_pointwise_backward_ops_match_reference():

@@ -99,6 +99,26 @@ def test_layer_ops_match_reference_backend(device, kind, reverse):
         assert_close(a, e, atol=2e-5 * max(1.0, e.abs().max().item()))
 
 
+def test_projected_cell_and_module_on_the_triton_backend(device):
+    """The cell op with h (B, P), w_hh (4H, P) (an LSTM with projections), and an nn.LSTM(proj_size) through it."""
+    g = torch.Generator().manual_seed(3)
+    mk = lambda *s: (_rnd(g, device, *s) * 0.5).requires_grad_(True)
+    x_proj, h, c, w_hh = mk(3, 20), mk(3, 2), mk(3, 5), mk(20, 2)
+    outs = torch.ops.mltoolkit.lstm_cell_fwd(x_proj, h, c, w_hh, None)[:2]
+    grads = torch.autograd.grad(outs, [x_proj, h, c, w_hh], [torch.ones_like(o) for o in outs])
+    with mltoolkit.backend("reference"):
+        ref_outs = torch.ops.mltoolkit.lstm_cell_fwd(x_proj, h, c, w_hh, None)[:2]
+        ref_grads = torch.autograd.grad(ref_outs, [x_proj, h, c, w_hh], [torch.ones_like(o) for o in ref_outs])
+    for a, e in zip((*outs, *grads), (*ref_outs, *ref_grads)):
+        assert_close(a, e, atol=2e-5 * max(1.0, e.abs().max().item()))
+    theirs = torch.nn.LSTM(3, 4, bidirectional=True, proj_size=2).to(device)
+    ours = mltoolkit.nn.LSTM.from_torch(theirs)
+    x = torch.randn(3, 2, 3, device=device)
+    with torch.no_grad():
+        for a, e in zip((ours(x)[0], *ours(x)[1]), (theirs(x)[0], *theirs(x)[1])):
+            assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
 def test_module_runs_on_the_triton_backend(device):
     theirs = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True).to(device)
     ours = mltoolkit.nn.LSTM.from_torch(theirs)

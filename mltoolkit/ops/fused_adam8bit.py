@@ -126,35 +126,41 @@ FUSED_ADAMW8BIT.register("triton", _triton_supports, _ext.triton_unavailable,
 FUSED_ADAMW8BIT.register("reference", lambda *_: None, step=reference.fused_adamw8bit_)
 
 
-def _check_args(params, grads, mc, ma, vc, va, steps, qs, qu) -> None:
+def check_8bit_lists(fn: str, params, grads, mc, ma, vc, va, qs, qu, extra: tuple = ()) -> None:
+    """The argument checks shared by the 8-bit optimizer ops (fused_adamw8bit_, fused_lamb8bit_): list lengths (and
+    those of `extra`, (name, list) pairs), the quantization maps, and each tensor's dtype, shape, device, layout."""
     n = len(params)
     for name, lst in (("grads", grads), ("exp_avg_codes", mc), ("exp_avg_absmax", ma), ("exp_avg_sq_codes", vc),
-                      ("exp_avg_sq_absmax", va), ("state_steps", steps)):
+                      ("exp_avg_sq_absmax", va), *extra):
         if len(lst) != n:
-            raise ValueError(f"fused_adamw8bit_: {name} has {len(lst)} tensors, params has {n}")
+            raise ValueError(f"{fn}: {name} has {len(lst)} tensors, params has {n}")
     for name, q in (("qmap_signed", qs), ("qmap_unsigned", qu)):
         if q.dtype != torch.float32 or q.numel() != 256:
-            raise ValueError(f"fused_adamw8bit_: {name} must be a float32 tensor of 256 values, got {q.dtype} "
-                             f"of {q.numel()}")
+            raise ValueError(f"{fn}: {name} must be a float32 tensor of 256 values, got {q.dtype} of {q.numel()}")
     for i, p in enumerate(params):
         if not p.is_floating_point():
-            raise TypeError(f"fused_adamw8bit_: params[{i}] must be a floating-point tensor, got {p.dtype}")
+            raise TypeError(f"{fn}: params[{i}] must be a floating-point tensor, got {p.dtype}")
         g = grads[i]
         if g.is_sparse or g.layout != torch.strided:
-            raise ValueError(f"fused_adamw8bit_: grads[{i}] is sparse ({g.layout}); dense gradients only")
+            raise ValueError(f"{fn}: grads[{i}] is sparse ({g.layout}); dense gradients only")
         if g.shape != p.shape or g.device != p.device:
-            raise ValueError(f"fused_adamw8bit_: grads[{i}] has shape {tuple(g.shape)} on {g.device}, params[{i}] "
-                             f"has {tuple(p.shape)} on {p.device}")
+            raise ValueError(f"{fn}: grads[{i}] has shape {tuple(g.shape)} on {g.device}, params[{i}] has "
+                             f"{tuple(p.shape)} on {p.device}")
         for name, lst, dtype, numel in (("exp_avg_codes", mc, torch.uint8, p.numel()),
                                         ("exp_avg_sq_codes", vc, torch.uint8, p.numel()),
                                         ("exp_avg_absmax", ma, torch.float32, num_blocks(p.numel())),
                                         ("exp_avg_sq_absmax", va, torch.float32, num_blocks(p.numel()))):
             t = lst[i]
             if t.dtype != dtype:
-                raise TypeError(f"fused_adamw8bit_: {name}[{i}] must be {dtype}, got {t.dtype}")
+                raise TypeError(f"{fn}: {name}[{i}] must be {dtype}, got {t.dtype}")
             if t.numel() != numel or not t.is_contiguous() or t.device != p.device:
-                raise ValueError(f"fused_adamw8bit_: {name}[{i}] must be a contiguous tensor of {numel} elements "
-                                 f"on {p.device}, got {t.numel()} on {t.device}")
+                raise ValueError(f"{fn}: {name}[{i}] must be a contiguous tensor of {numel} elements on "
+                                 f"{p.device}, got {t.numel()} on {t.device}")
+
+
+def _check_args(params, grads, mc, ma, vc, va, steps, qs, qu) -> None:
+    check_8bit_lists("fused_adamw8bit_", params, grads, mc, ma, vc, va, qs, qu, extra=(("state_steps", steps),))
+    for i in range(len(params)):
         if steps[i].numel() != 1 or not steps[i].is_floating_point():
             raise ValueError(f"fused_adamw8bit_: state_steps[{i}] must be a one-element float tensor")
 

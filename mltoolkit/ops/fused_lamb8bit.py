@@ -29,6 +29,7 @@ from mltoolkit import _ext
 from mltoolkit.backends import table
 from mltoolkit.ops.fused_adam8bit import (
     STATE_KEYS,
+    check_8bit_lists,
     dequantize_state,
     new_state,
     quantize_state,
@@ -107,35 +108,9 @@ FUSED_LAMB8BIT.register("reference", lambda *_: None, step=reference.fused_lamb8
 
 
 def _check_args(params, grads, mc, ma, vc, va, qs, qu, step) -> None:
-    n = len(params)
-    for name, lst in (("grads", grads), ("exp_avg_codes", mc), ("exp_avg_absmax", ma), ("exp_avg_sq_codes", vc),
-                      ("exp_avg_sq_absmax", va)):
-        if len(lst) != n:
-            raise ValueError(f"{_FN}: {name} has {len(lst)} tensors, params has {n}")
-    for name, q in (("qmap_signed", qs), ("qmap_unsigned", qu)):
-        if q.dtype != torch.float32 or q.numel() != 256:
-            raise ValueError(f"{_FN}: {name} must be a float32 tensor of 256 values, got {q.dtype} of {q.numel()}")
     if step < 1:
         raise ValueError(f"{_FN}: step must be >= 1, got {step}")
-    for i, p in enumerate(params):
-        if not p.is_floating_point():
-            raise TypeError(f"{_FN}: params[{i}] must be a floating-point tensor, got {p.dtype}")
-        g = grads[i]
-        if g.is_sparse or g.layout != torch.strided:
-            raise ValueError(f"{_FN}: grads[{i}] is sparse ({g.layout}); dense gradients only")
-        if g.shape != p.shape or g.device != p.device:
-            raise ValueError(f"{_FN}: grads[{i}] has shape {tuple(g.shape)} on {g.device}, params[{i}] has "
-                             f"{tuple(p.shape)} on {p.device}")
-        for name, lst, dtype, numel in (("exp_avg_codes", mc, torch.uint8, p.numel()),
-                                        ("exp_avg_sq_codes", vc, torch.uint8, p.numel()),
-                                        ("exp_avg_absmax", ma, torch.float32, num_blocks(p.numel())),
-                                        ("exp_avg_sq_absmax", va, torch.float32, num_blocks(p.numel()))):
-            t = lst[i]
-            if t.dtype != dtype:
-                raise TypeError(f"{_FN}: {name}[{i}] must be {dtype}, got {t.dtype}")
-            if t.numel() != numel or not t.is_contiguous() or t.device != p.device:
-                raise ValueError(f"{_FN}: {name}[{i}] must be a contiguous tensor of {numel} elements on "
-                                 f"{p.device}, got {t.numel()} on {t.device}")
+    check_8bit_lists(_FN, params, grads, mc, ma, vc, va, qs, qu)
 
 
 @torch.library.custom_op("mltoolkit::fused_lamb8bit_",

@@ -81,8 +81,39 @@ def _fused_adamw8bit_kernel(addr_ptr, numel_ptr, coef_ptr, blk_tensor_ptr, blk_i
     tl.store(va_ptr + b, av)
 
 
-def _f32(x: float) -> float:
+def f32(x: float) -> float:
+    """x rounded to float32 (the kernels' scalar arguments, as the CPU kernels round them)."""
     return float(torch.tensor(x, dtype=torch.float32))
+
+
+def device_maps(qmap_signed, qmap_unsigned, device):
+    """(signed map, unsigned map, their midpoints) as contiguous float32 tensors on `device`."""
+    qs = qmap_signed.to(device=device, dtype=torch.float32).contiguous()
+    qu = qmap_unsigned.to(device=device, dtype=torch.float32).contiguous()
+    return qs, qu, midpoints(qs).contiguous(), midpoints(qu).contiguous()
+
+
+def params_by_dtype(params) -> dict:
+    """Indices of the non-empty params, grouped by dtype (one launch series per dtype)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        if p.numel():
+            by_dtype.setdefault(p.dtype, []).append(i)
+    return by_dtype
+
+
+def block_tables(lists, idx):
+    """For params lists[0][i], i in idx: the data addresses of every list (list-major), the element counts, and per
+    256-value block its tensor (position in idx) and block index, plus each tensor's first block (len(idx) + 1)."""
+    addrs = [lst[i].data_ptr() for lst in lists for i in idx]
+    numel = [lists[0][i].numel() for i in idx]
+    blk_tensor, blk_index, blk_start = [], [], [0]
+    for k, n in enumerate(numel):
+        nb = num_blocks(n)
+        blk_tensor += [k] * nb
+        blk_index += range(nb)
+        blk_start.append(blk_start[-1] + nb)
+    return addrs, numel, blk_tensor, blk_index, blk_start
 
 
 def fused_adamw8bit_step(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
@@ -94,29 +125,17 @@ def fused_adamw8bit_step(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_s
         s += 1
         coefs.append(step_coefficients(s.item(), lr, beta1, beta2, weight_decay))
     device = params[0].device
-    qs = qmap_signed.to(device=device, dtype=torch.float32).contiguous()
-    qu = qmap_unsigned.to(device=device, dtype=torch.float32).contiguous()
-    mid_s, mid_u = midpoints(qs).contiguous(), midpoints(qu).contiguous()
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        if p.numel():
-            by_dtype.setdefault(p.dtype, []).append(i)
+    qs, qu, mid_s, mid_u = device_maps(qmap_signed, qmap_unsigned, device)
     w1 = 1.0 - beta1
-    for dtype, idx in by_dtype.items():
-        lists = [params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax]
-        addrs = [lst[i].data_ptr() for lst in lists for i in idx]
-        numel = [params[i].numel() for i in idx]
+    lists = [params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax]
+    for dtype, idx in params_by_dtype(params).items():
+        addrs, numel, blk_tensor, blk_index, _ = block_tables(lists, idx)
         coef = [coefs[i][0] for i in idx] + [-coefs[i][1] for i in idx] + [coefs[i][2] for i in idx]
-        blk_tensor, blk_index = [], []
-        for k, n in enumerate(numel):
-            nb = num_blocks(n)
-            blk_tensor += [k] * nb
-            blk_index += range(nb)
         host = (torch.tensor(addrs, dtype=torch.int64), torch.tensor(numel, dtype=torch.int64),
                 torch.tensor(coef, dtype=torch.float32), torch.tensor(blk_tensor, dtype=torch.int32),
                 torch.tensor(blk_index, dtype=torch.int64))
         dev = [h.to(device, non_blocking=True) if device.type != "cpu" else h for h in host]
         _fused_adamw8bit_kernel[(len(blk_tensor),)](
-            *dev, len(idx), qs, qu, mid_s, mid_u, _f32(w1), _f32(beta2), _f32(1.0 - beta2), _f32(eps),
+            *dev, len(idx), qs, qu, mid_s, mid_u, f32(w1), f32(beta2), f32(1.0 - beta2), f32(eps),
             DTYPE=_TL_DTYPES[dtype], SMALL_W=abs(w1) < 0.5, DECAY=weight_decay != 0, MAXIMIZE=maximize,
             BLOCK=BLOCK)

@@ -20,22 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
-from mltoolkit.ops.reference.fused_adam8bit import BLOCK, midpoints, num_blocks
+from mltoolkit.ops.reference.fused_adam8bit import BLOCK
 from mltoolkit.ops.reference.fused_lamb8bit import coefficients
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+from .fused_adam8bit import _TL_DTYPES, _search, block_tables, device_maps, f32, params_by_dtype
+
 TRUST_CHUNK = 1024
-
-
-@triton.jit
-def _search(x, mid_ptr):
-    """#(mid < x) over the 255 sorted midpoints: the nearest map code, ties to the smaller one."""
-    code = tl.zeros(x.shape, dtype=tl.int32)
-    for k in tl.static_range(8):
-        step = 128 >> k
-        mid = tl.load(mid_ptr + code + (step - 1))
-        code = tl.where(x > mid, code + step, code)
-    return code
 
 
 @triton.jit
@@ -127,36 +117,19 @@ def _lamb8bit_pass2_kernel(addr_ptr, numel_ptr, blk_tensor_ptr, blk_index_ptr, n
     tl.store(va_ptr + b, av)
 
 
-def _f32(x: float) -> float:
-    return float(torch.tensor(x, dtype=torch.float32))
-
-
 def fused_lamb8bit_step(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
                         qmap_signed, qmap_unsigned, lr, beta1, beta2, eps, weight_decay, step, bias_correction,
                         grad_averaging, use_trust_ratio, max_trust_ratio) -> None:
     """Host launcher: three launches per dtype present in params (empty tensors are skipped)."""
     device = params[0].device
-    qs = qmap_signed.to(device=device, dtype=torch.float32).contiguous()
-    qu = qmap_unsigned.to(device=device, dtype=torch.float32).contiguous()
-    mid_s, mid_u = midpoints(qs).contiguous(), midpoints(qu).contiguous()
+    qs, qu, mid_s, mid_u = device_maps(qmap_signed, qmap_unsigned, device)
     c = coefficients(lr, beta1, beta2, weight_decay, step, bias_correction, grad_averaging)
-    consts = [_f32(c[k]) for k in ("b1", "b3", "b2", "c2", "ibc1", "ibc2")] + [_f32(eps), _f32(weight_decay)]
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        if p.numel():
-            by_dtype.setdefault(p.dtype, []).append(i)
+    consts = [f32(c[k]) for k in ("b1", "b3", "b2", "c2", "ibc1", "ibc2")] + [f32(eps), f32(weight_decay)]
     opts = {"enable_fp_fusion": False}  # every product and sum rounded on its own (no fma contraction)
     hyper = torch.tensor([lr, max_trust_ratio], dtype=torch.float64).to(device)
-    for dtype, idx in by_dtype.items():
-        lists = [params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax]
-        addrs = [lst[i].data_ptr() for lst in lists for i in idx]
-        numel = [params[i].numel() for i in idx]
-        blk_tensor, blk_index, blk_start = [], [], [0]
-        for k, n in enumerate(numel):
-            nb = num_blocks(n)
-            blk_tensor += [k] * nb
-            blk_index += range(nb)
-            blk_start.append(blk_start[-1] + nb)
+    lists = [params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax]
+    for dtype, idx in params_by_dtype(params).items():
+        addrs, numel, blk_tensor, blk_index, blk_start = block_tables(lists, idx)
         host = (torch.tensor(addrs, dtype=torch.int64), torch.tensor(numel, dtype=torch.int64),
                 torch.tensor(blk_tensor, dtype=torch.int32), torch.tensor(blk_index, dtype=torch.int64),
                 torch.tensor(blk_start, dtype=torch.int64))

@@ -154,6 +154,21 @@ inline void quant(const float* x, float absmax, const float* mid, const Tables& 
 
 inline float nan_max(float r, float x) { return (x > r || std::isnan(x)) ? x : r; }
 
+// One tensor's parameters, gradient and 8-bit state (codes, absmax per block), float32.
+struct Ptrs {
+  float* p;
+  const float* g;
+  uint8_t *mc, *vc;
+  float *ma, *va;
+  int64_t numel;
+};
+
+// A run of blocks [block_begin, block_end) of one tensor: the unit of work the kernels share out.
+struct Task {
+  int32_t tensor;
+  int64_t block_begin, block_end;
+};
+
 std::vector<float> map_of(const char* fn, const char* name, const at::Tensor& q) {
   TORCH_CHECK(q.defined() && q.device().is_cpu() && q.scalar_type() == at::kFloat && q.numel() == 256, fn, ": ",
               name, " must be a float32 CPU tensor of 256 values");

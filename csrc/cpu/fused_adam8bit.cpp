@@ -36,7 +36,7 @@ constexpr int64_t kBlock = kAdam8bitBlock;
 constexpr int64_t kBlocksPerTask = 64;
 
 using Vec = at::vec::Vectorized<float>;
-using namespace blockwise_quant8;  // lut / Tables / dequant / quant / nan_max / map_of
+using namespace blockwise_quant8;  // lut / Tables / dequant / quant / nan_max / map_of / Ptrs / Task
 
 struct Consts {
   float coeff, beta2, c2, eps;
@@ -45,19 +45,6 @@ struct Consts {
   const float* qu;     // unsigned map (256)
   const float* mid_s;  // 255 midpoints (+ 1 pad)
   const float* mid_u;
-};
-
-struct Ptrs {
-  float* p;
-  const float* g;
-  uint8_t *mc, *vc;
-  float *ma, *va;
-  int64_t numel;
-};
-
-struct Task {
-  int32_t tensor;
-  int64_t block_begin, block_end;
 };
 
 

@@ -49,7 +49,7 @@ constexpr int64_t kWave = 1 << 20;
 #endif
 
 using Vec = at::vec::Vectorized<float>;
-using namespace blockwise_quant8;  // lut / Tables / dequant / quant / nan_max / map_of
+using namespace blockwise_quant8;  // lut / Tables / dequant / quant / nan_max / map_of / Ptrs / Task
 
 void check_tensor(const char* fn, const char* name, size_t i, const at::Tensor& t, at::ScalarType dtype,
                   int64_t numel) {
@@ -72,19 +72,6 @@ struct Consts {
   const float* qu;     // unsigned map (256)
   const float* mid_s;  // 255 midpoints (+ 1 pad)
   const float* mid_u;
-};
-
-struct Ptrs {
-  float* p;
-  const float* g;
-  uint8_t *mc, *vc;
-  float *ma, *va;
-  int64_t numel;
-};
-
-struct Task {
-  int32_t tensor;
-  int64_t block_begin, block_end;
 };
 
 enum class Mode {

@@ -224,7 +224,8 @@ def dequantize_state(state: dict[str, Tensor], like: Tensor) -> dict[str, Tensor
 _MAPS: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
 
-def _maps(device: torch.device) -> tuple[Tensor, Tensor]:
+def maps(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (signed, unsigned) quantization maps on `device`, made once per device (shared with 8-bit LAMB)."""
     if device not in _MAPS:
         _MAPS[device] = quantization_maps(device)
     return _MAPS[device]
@@ -271,7 +272,7 @@ def adamw8bit_step(optimizer_state: dict, group: dict, params: list[Tensor], lr:
                                   state["exp_avg_sq_absmax"], state["step"])):
             lst.append(t)
     for (device, _), lists in buckets.items():
-        qs, qu = _maps(device)
+        qs, qu = maps(device)
         torch.ops.mltoolkit.fused_adamw8bit_(*lists, qs, qu, float(lr), float(beta1), float(beta2),
                                              float(group["weight_decay"]), float(group["eps"]),
                                              bool(group["maximize"]))

@@ -31,13 +31,14 @@ from mltoolkit.ops.fused_adam8bit import (
     STATE_KEYS,
     check_8bit_lists,
     dequantize_state,
+    maps,
     new_state,
     quantize_state,
     state_to_32bit,
     uses_8bit_state,
 )
 from mltoolkit.ops.reference import fused_lamb8bit as reference
-from mltoolkit.ops.reference.fused_adam8bit import num_blocks, quantization_maps
+from mltoolkit.ops.reference.fused_adam8bit import num_blocks
 
 __all__ = ["fused_lamb8bit_", "STATE_KEYS", "new_state", "quantize_state", "dequantize_state", "state_to_32bit",
            "uses_8bit_state", "state8_of", "maps"]
@@ -145,16 +146,6 @@ def _(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq
 
 
 # ---- the optimizer side (mltoolkit.optim.LAMB(state_bits=8)) ----
-
-_MAPS: dict[torch.device, tuple[Tensor, Tensor]] = {}
-
-
-def maps(device: torch.device) -> tuple[Tensor, Tensor]:
-    """The (signed, unsigned) quantization maps on `device`, made once per device."""
-    if device not in _MAPS:
-        _MAPS[device] = quantization_maps(device)
-    return _MAPS[device]
-
 
 def state8_of(state: dict, p: Tensor) -> dict:
     """The 8-bit state of p: made on the first step, or converted once from 32-bit exp_avg / exp_avg_sq (a state_dict

@@ -10,6 +10,7 @@ import torch
 
 from mltoolkit.ops.fused_lamb8bit import state_to_32bit
 from mltoolkit.optim import LAMB
+from tests.test_optim_8bit import _data, _mlp  # the same problem as the 8-bit AdamW tests
 
 
 @pytest.fixture(autouse=True)
@@ -18,20 +19,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _data(seed=0, n=512, d=32, classes=4):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    w = torch.randn(d, classes, generator=g)
-    y = (x @ w + 0.5 * torch.randn(n, classes, generator=g)).argmax(1)
-    return x, y
-
-
-def _mlp(seed=0, d=32, h=128, classes=4):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.GELU(), torch.nn.Linear(h, h), torch.nn.GELU(),
-                               torch.nn.Linear(h, classes))
 
 
 def _groups(model, **kw):

@@ -26,7 +26,9 @@
 // rows (T = N / B): a padded (T, B, *) sequence flattened. Row i of step t is sequence i of the batch; the rows of
 // sequence i >= bs_t are idle at step t and keep their state. Forward direction runs t = 0..T-1, reverse runs
 // t = T-1..0 (a sequence of length L then starts at t = L-1 from its initial state: what torch does for packed input).
-//   lstm_layer_forward(x_proj (N, 4H), h0, c0 (B, H), w_hh, batch_sizes?, reverse, save)
+//   lstm_layer_forward(x, h0, c0 (B, H), w_ih?, w_hh, bias?, batch_sizes?, reverse, save)
+//     pre-activations of row n: x[n] @ w_ih^T + bias + h @ w_hh^T with w_ih (4H, I), x (N, I), bias (4H) optional
+//     (b_ih + b_hh); without w_ih, x is x_proj (N, 4H), the input projection done by the caller (bias still added).
 //     -> {out (N, H) (h of each row), h_n, c_n (B, H) (state after each sequence's last step), gates (N, 4H)
 //         activated, cells (N, H) (c of each row)}; gates and cells are empty (0,) when save is false.
 //   lstm_layer_backward(dout (N, H), dh_n, dc_n (B, H), gates, cells, out, h0, c0, w_hh, batch_sizes?, reverse)
@@ -61,9 +63,10 @@ std::vector<at::Tensor> gru_cell_forward_cpu(const at::Tensor& x_proj, const at:
                                              const std::optional<at::Tensor>& b_hh);
 std::vector<at::Tensor> gru_cell_backward_cpu(const at::Tensor& dh, const at::Tensor& saved, const at::Tensor& h);
 
-std::vector<at::Tensor> lstm_layer_forward_cpu(const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0,
-                                               const at::Tensor& w_hh, const std::optional<at::Tensor>& batch_sizes,
-                                               bool reverse, bool save);
+std::vector<at::Tensor> lstm_layer_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                               const std::optional<at::Tensor>& w_ih, const at::Tensor& w_hh,
+                                               const std::optional<at::Tensor>& bias,
+                                               const std::optional<at::Tensor>& batch_sizes, bool reverse, bool save);
 std::vector<at::Tensor> lstm_layer_backward_cpu(const at::Tensor& dout, const at::Tensor& dh_n,
                                                 const at::Tensor& dc_n, const at::Tensor& gates,
                                                 const at::Tensor& cells, const at::Tensor& out, const at::Tensor& h0,
@@ -86,9 +89,11 @@ std::vector<at::Tensor> lstm_cell_backward_cuda(const at::Tensor& dh, const std:
 std::vector<at::Tensor> gru_cell_forward_cuda(const at::Tensor& x_proj, const at::Tensor& h, const at::Tensor& w_hh,
                                               const std::optional<at::Tensor>& b_hh);
 std::vector<at::Tensor> gru_cell_backward_cuda(const at::Tensor& dh, const at::Tensor& saved, const at::Tensor& h);
-std::vector<at::Tensor> lstm_layer_forward_cuda(const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0,
-                                                const at::Tensor& w_hh, const std::optional<at::Tensor>& batch_sizes,
-                                                bool reverse, bool save);
+std::vector<at::Tensor> lstm_layer_forward_cuda(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                                const std::optional<at::Tensor>& w_ih, const at::Tensor& w_hh,
+                                                const std::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                                                bool save);
 std::vector<at::Tensor> lstm_layer_backward_cuda(const at::Tensor& dout, const at::Tensor& dh_n,
                                                  const at::Tensor& dc_n, const at::Tensor& gates,
                                                  const at::Tensor& cells, const at::Tensor& out,

@@ -170,21 +170,37 @@ std::vector<at::Tensor> gru_cell_backward_cuda(const at::Tensor& dh, const at::T
   return {dx, dgh, dh_direct};
 }
 
-std::vector<at::Tensor> lstm_layer_forward_cuda(const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0,
-                                                const at::Tensor& w_hh, const std::optional<at::Tensor>& batch_sizes,
-                                                bool reverse, bool save) {
+std::vector<at::Tensor> lstm_layer_forward_cuda(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                                const std::optional<at::Tensor>& w_ih, const at::Tensor& w_hh,
+                                                const std::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                                                bool save) {
   constexpr const char* fn = "lstm_layer_forward_cuda";
-  check_first(fn, "x_proj", x_proj);
-  const int64_t H = hidden_of(fn, w_hh, x_proj, 4), N = x_proj.size(0);
-  check(fn, "x_proj", x_proj, x_proj, {N, 4 * H});
-  check(fn, "h0", h0, x_proj, {-1, H});
-  check(fn, "c0", c0, x_proj, {h0.size(0), H});
+  const bool project = present(w_ih);
+  check_first(fn, project ? "x" : "x_proj", x);
+  const int64_t H = hidden_of(fn, w_hh, x, 4), N = x.size(0);
+  if (project) {
+    check(fn, "w_ih", *w_ih, x, {4 * H, -1});
+    check(fn, "x", x, x, {N, w_ih->size(1)});
+  } else {
+    check(fn, "x_proj", x, x, {N, 4 * H});
+  }
+  if (present(bias)) check(fn, "bias", *bias, x, {4 * H});
+  check(fn, "h0", h0, x, {-1, H});
+  check(fn, "c0", c0, x, {h0.size(0), H});
   const auto steps = lstm_loop::make_steps(fn, batch_sizes, N, h0.size(0));
-  const c10::cuda::CUDAGuard guard(x_proj.device());
-  at::Tensor out = at::empty({N, H}, x_proj.options()), h_n = h0.clone(), c_n = c0.clone();
-  at::Tensor gates = at::empty(save ? at::IntArrayRef{N, 4 * H} : at::IntArrayRef{0}, x_proj.options());
-  at::Tensor cells = at::empty(save ? at::IntArrayRef{N, H} : at::IntArrayRef{0}, x_proj.options());
-  lstm_loop::lstm_forward(pointwise(x_proj), lstm_loop::AtenGemm{w_hh.t()}, steps, x_proj, 4 * H, reverse, save, out,
+  const c10::cuda::CUDAGuard guard(x.device());
+  // The input projection of every step at once (cuBLAS), then the step loop.
+  at::Tensor x_proj = x;
+  if (project) {
+    x_proj = present(bias) ? at::addmm(*bias, x, w_ih->t()) : at::mm(x, w_ih->t());
+  } else if (present(bias)) {
+    x_proj = x + *bias;
+  }
+  at::Tensor out = at::empty({N, H}, x.options()), h_n = h0.clone(), c_n = c0.clone();
+  at::Tensor gates = at::empty(save ? at::IntArrayRef{N, 4 * H} : at::IntArrayRef{0}, x.options());
+  at::Tensor cells = at::empty(save ? at::IntArrayRef{N, H} : at::IntArrayRef{0}, x.options());
+  lstm_loop::lstm_forward(pointwise(x), lstm_loop::AtenGemm{w_hh.t()}, steps, x_proj, 4 * H, reverse, save, out,
                           h_n, c_n, gates, cells);
   return {out, h_n, c_n, gates, cells};
 }

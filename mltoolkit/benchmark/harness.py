@@ -130,13 +130,21 @@ def _summary(times: list[float]) -> Timing:
     return Timing(q(0.5), q(0.2), q(0.8), len(t))
 
 
-def _return_freed_memory_to_os() -> None:
-    """A fixed glibc mmap threshold (M_MMAP_THRESHOLD, which also turns off its dynamic raising): large blocks are
-    mmapped and unmapped on free, so the resident set follows live memory and its peak measures a run."""
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def _malloc_mode(measure_peak: bool) -> None:
+    """glibc malloc settings for the CPU runs. Measuring peak memory: blocks over 128 KB are mmapped and unmapped on
+    free, so the resident set follows live memory and its peak measures a run. Timing: glibc's own steady state (its
+    dynamic mmap threshold rises to at most 32 MB, the trim threshold to twice that), so a timed call does not pay
+    the page faults of fresh mappings that a long-running program would not pay either."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
+        libc = ctypes.CDLL("libc.so.6")
+        mmap, trim = (128 * 1024, 128 * 1024) if measure_peak else (32 << 20, 64 << 20)
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap)
+        libc.mallopt(_M_TRIM_THRESHOLD, trim)
     except (OSError, AttributeError):
         pass
 
@@ -353,8 +361,6 @@ def run(device: str = "cpu", quick: bool = False, ops: Optional[Sequence[str]] =
     # bwd mode replays one graph's backward (retain_graph=True), which compiled graphs with donated buffers refuse.
     torch._functorch.config.donated_buffer = False
 
-    if device == "cpu":
-        _return_freed_memory_to_os()
     copy_gbps = measure_copy_gbps(device)
     name = _device_name(device)
     peak_gbps = next((v for k, v in DATASHEET_GBPS.items() if k in name), None) if device == "cuda" else None
@@ -432,9 +438,14 @@ def _run_one(bench, config, dtype, device, timer, meta, copy_gbps, peak_gbps, lo
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            else:
+                step = _make_step(fn, call_args, grad_idx, mode)
+            else:  # peak memory from one call of its own; the timed calls run with the usual malloc settings
+                _malloc_mode(measure_peak=True)
                 base = _cpu_peak_reset()
-            step = _make_step(fn, call_args, grad_idx, mode)
+                step = _make_step(fn, call_args, grad_idx, mode)
+                step()
+                cpu_peak = _cpu_peak_bytes(base)
+                _malloc_mode(measure_peak=False)
             t = timer(step, bench.max_reps)
             row = {**meta, "op": bench.op, "provider": pname, "mode": mode, "config": cfg, "dtype": dname,
                    "median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "reps": t.reps,
@@ -444,8 +455,7 @@ def _run_one(bench, config, dtype, device, timer, meta, copy_gbps, peak_gbps, lo
                 row["baseline_outside_tolerance"] = baseline_errors[pname]
             if pname in sqnr_db:
                 row["sqnr_db"] = sqnr_db[pname]
-            row["peak_mem_bytes"] = (torch.cuda.max_memory_allocated() - base if device == "cuda"
-                                     else _cpu_peak_bytes(base))
+            row["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base if device == "cuda" else cpu_peak
             if bench.bytes:
                 gbps = bench.bytes(config, dtype, mode) / (t.median_ms * 1e-3) / 1e9
                 row["gbps"] = gbps

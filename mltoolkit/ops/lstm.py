@@ -6,17 +6,21 @@ The kernel contract is csrc/lstm.h. Registered ops (each *_fwd has autograd; its
     torch.ops.mltoolkit.lstm_cell_bwd(dh, dc?, gates, c, c_new) -> (dpre, dc_prev)           [pointwise part]
     torch.ops.mltoolkit.gru_cell_fwd(x_proj, h, w_hh, b_hh?) -> (h', saved)
     torch.ops.mltoolkit.gru_cell_bwd(dh, saved, h) -> (dx_proj, dgh, dh_direct)                [pointwise part]
-    torch.ops.mltoolkit.lstm_layer_fwd(x_proj, h0, c0, w_hh, batch_sizes?, reverse, save) -> (out, h_n, c_n, gates,
-                                                                                             cells)
+    torch.ops.mltoolkit.lstm_layer_fwd(x, h0, c0, w_ih?, w_hh, bias?, batch_sizes?, reverse, save)
+        -> (out, h_n, c_n, gates, cells)
     torch.ops.mltoolkit.lstm_layer_bwd(dout, dh_n, dc_n, gates, cells, out, h0, c0, w_hh, batch_sizes?, reverse)
         -> (dx_proj, dh0, dc0, dw_hh)
     torch.ops.mltoolkit.gru_layer_fwd(x_proj, h0, w_hh, b_hh?, batch_sizes?, reverse, save) -> (out, h_n, saved)
     torch.ops.mltoolkit.gru_layer_bwd(dout, dh_n, saved, out, h0, w_hh, batch_sizes?, reverse, has_bias)
         -> (dx_proj, dh0, dw_hh, db_hh)
 
-x_proj = x @ W_ih^T + b_ih (+ b_hh for the LSTM layer) is one GEMM over every time step, done outside the ops by
-torch (its autograd gives the W_ih / b_ih / input gradients); a layer op then runs, per step, the recurrent GEMM
-straight into the fused gate math. The rows of a layer are laid out like a PackedSequence's data (batch_sizes), so
+The LSTM layer op takes the layer input x (N, I) with w_ih and bias = b_ih + b_hh, and computes the input
+projection itself (the C++ CPU kernel inside its per-step GEMM over [x_t, h_{t-1}], the GPU backends as one GEMM
+before the step loop); without w_ih its x is x_proj (N, 4H), the projection done by the caller. Its backward op
+returns the pre-activation gradients, from which the autograd formula gives the input, w_ih and bias gradients. The
+GRU layer op and the cells take x_proj = x @ W_ih^T + b_ih, one GEMM over every time step done outside the ops by
+torch (its autograd gives the W_ih / b_ih / input gradients). A layer op runs, per step, the recurrent GEMM straight
+into the fused gate math. The rows of a layer are laid out like a PackedSequence's data (batch_sizes), so
 packed input runs without padding; a padded sequence is the case of equal batch sizes (batch_sizes None).
 An LSTM with projections (torch's proj_size P > 0: the state h = W_hr (o * tanh(c)) has width P, W_hh is (4H, P))
 runs each step through the cell op, whose w_hh may be (4H, K) with h (B, K), then h = h' @ W_hr^T (F.linear), so
@@ -205,19 +209,22 @@ def _layer_fake_checks(name, x_proj, h0, gates):
 
 
 @torch.library.custom_op("mltoolkit::lstm_layer_fwd", mutates_args=())
-def lstm_layer_fwd(x_proj: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, batch_sizes: Optional[Tensor],
-                   reverse: bool, save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out, h_n, c_n, gates, cells = _run("lstm_layer_forward", x_proj.contiguous(), h0.contiguous(), c0.contiguous(),
-                                       w_hh.contiguous(), batch_sizes, reverse, save)
+def lstm_layer_fwd(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Optional[Tensor], w_hh: Tensor, bias: Optional[Tensor],
+                   batch_sizes: Optional[Tensor], reverse: bool,
+                   save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out, h_n, c_n, gates, cells = _run("lstm_layer_forward", x.contiguous(), h0.contiguous(), c0.contiguous(),
+                                       _c(w_ih), w_hh.contiguous(), _c(bias), batch_sizes, reverse, save)
     return out, h_n, c_n, gates, cells
 
 
 @lstm_layer_fwd.register_fake
-def _(x_proj, h0, c0, w_hh, batch_sizes, reverse, save):
-    _layer_fake_checks("lstm_layer_fwd", x_proj, h0, 4)
-    rows, hidden = x_proj.shape[0], h0.shape[1]
-    return (x_proj.new_empty(rows, hidden), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-            x_proj.new_empty(x_proj.shape if save else (0,)), x_proj.new_empty((rows, hidden) if save else (0,)))
+def _(x, h0, c0, w_ih, w_hh, bias, batch_sizes, reverse, save):
+    torch._check(x.dim() == 2 and h0.dim() == 2, lambda: "lstm_layer_fwd: x and h0 must be 2-D")
+    width = 4 * h0.shape[1] if w_ih is None else w_ih.shape[1]
+    torch._check(x.shape[1] == width, lambda: f"lstm_layer_fwd: x must have shape (N, {width})")
+    rows, hidden = x.shape[0], h0.shape[1]
+    return (x.new_empty(rows, hidden), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+            x.new_empty((rows, 4 * hidden) if save else (0,)), x.new_empty((rows, hidden) if save else (0,)))
 
 
 @torch.library.custom_op("mltoolkit::lstm_layer_bwd", mutates_args=())
@@ -242,24 +249,34 @@ def _no_saved(name: str):
 
 
 def _lstm_layer_setup(ctx, inputs, output):
-    _x_proj, h0, c0, w_hh, batch_sizes, reverse, save = inputs
+    x, h0, c0, w_ih, w_hh, bias, batch_sizes, reverse, save = inputs
     out, _h_n, _c_n, gates, cells = output
-    ctx.save_for_backward(gates, cells, out, h0, c0, w_hh, batch_sizes)
-    ctx.reverse, ctx.save = reverse, save
+    ctx.save_for_backward(gates, cells, out, h0, c0, w_hh, batch_sizes, x, w_ih)
+    ctx.reverse, ctx.save, ctx.has_bias = reverse, save, bias is not None
     ctx.forced_backend = forced_backend()
 
 
 def _lstm_layer_backward(ctx, dout, dh_n, dc_n, _dgates, _dcells):
-    gates, cells, out, h0, c0, w_hh, batch_sizes = ctx.saved_tensors
+    gates, cells, out, h0, c0, w_hh, batch_sizes, x, w_ih = ctx.saved_tensors
     if not ctx.save:
         raise _no_saved("lstm_layer_fwd")
     dout = torch.zeros_like(out) if dout is None else dout
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
     dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
     with _forced(ctx):
-        dx, dh0, dc0, dw = torch.ops.mltoolkit.lstm_layer_bwd(dout, dh_n, dc_n, gates, cells, out, h0, c0, w_hh,
-                                                              batch_sizes, ctx.reverse)
-    return dx, dh0, dc0, dw, None, None, None
+        dpre, dh0, dc0, dw_hh = torch.ops.mltoolkit.lstm_layer_bwd(dout, dh_n, dc_n, gates, cells, out, h0, c0, w_hh,
+                                                                   batch_sizes, ctx.reverse)
+    # The input projection's gradients (the op ran x @ w_ih^T + bias itself when given w_ih).
+    needs = ctx.needs_input_grad
+    dx = dw_ih = dbias = None
+    if w_ih is None:
+        dx = dpre
+    else:
+        dx = dpre @ w_ih if needs[0] else None
+        dw_ih = dpre.t() @ x if needs[3] else None
+    if ctx.has_bias and needs[5]:
+        dbias = dpre.sum(0)
+    return dx, dh0, dc0, dw_ih, dw_hh, dbias, None, None, None
 
 
 lstm_layer_fwd.register_autograd(_lstm_layer_backward, setup_context=_lstm_layer_setup)
@@ -449,10 +466,9 @@ def _layers(mode: str, x: Tensor, batch_sizes: Optional[Tensor], hx: Sequence[Te
                 c_n.append(c)
             elif mode == "lstm":
                 bias = b_ih + b_hh if has_biases else None
-                x_proj = _project(x, w_ih, bias)
-                save = _needs_grad(x_proj, hx[0], hx[1], w_hh)
-                out, h, c, _, _ = torch.ops.mltoolkit.lstm_layer_fwd(x_proj, hx[0][k], hx[1][k], w_hh, batch_sizes,
-                                                                     reverse, save)
+                save = _needs_grad(x, w_ih, bias, hx[0], hx[1], w_hh)
+                out, h, c, _, _ = torch.ops.mltoolkit.lstm_layer_fwd(x, hx[0][k], hx[1][k], w_ih, w_hh, bias,
+                                                                     batch_sizes, reverse, save)
                 c_n.append(c)
             else:
                 x_proj = _project(x, w_ih, b_ih)

@@ -105,7 +105,7 @@ def test_lstm_cell_op_refuses_mismatched_projected_shapes():
         mltoolkit._ext._C.lstm_cell_forward_cpu(x_proj, h, c, torch.randn(15, 3, dtype=torch.float64), None)
     # the layer ops take the plain LSTM only (an LSTM with projections runs the cell op per step)
     with pytest.raises(RuntimeError, match="lstm_layer_forward_cpu: w_hh must have shape"):
-        mltoolkit._ext._C.lstm_layer_forward_cpu(x_proj, h, c, w_hh, None, False, False)
+        mltoolkit._ext._C.lstm_layer_forward_cpu(x_proj, h, c, None, w_hh, None, None, False, False)
 
 
 def test_cell_pointwise_backward_ops_match_reference():
@@ -129,21 +129,23 @@ def test_cell_pointwise_backward_ops_match_reference():
 
 # ---- layer ops --------------------------------------------------------------------------------------------------
 
-def _layer_inputs(kind, batch_sizes, batch, hidden, dtype=torch.float32, device="cpu", seed=0):
+# Layer kinds: "lstm" takes x_proj (+ a bias), "lstm-x" the layer input x with w_ih (the op projects it itself).
+def _layer_inputs(kind, batch_sizes, batch, hidden, dtype=torch.float32, device="cpu", seed=0, inp=5):
     g = torch.Generator().manual_seed(seed)
-    gates = 4 if kind == "lstm" else 3
+    gates = 3 if kind == "gru" else 4
     rows = sum(batch_sizes) if batch_sizes is not None else 6 * batch
     mk = lambda *s: (torch.randn(*s, generator=g) * 0.5).to(device, dtype).requires_grad_(True)
-    x_proj, h0, c0, w_hh, b_hh = mk(rows, gates * hidden), mk(batch, hidden), mk(batch, hidden), \
-        mk(gates * hidden, hidden), mk(gates * hidden)
+    x = mk(rows, inp) if kind == "lstm-x" else mk(rows, gates * hidden)
+    w_ih = mk(gates * hidden, inp) if kind == "lstm-x" else None
+    h0, c0, w_hh, bias = mk(batch, hidden), mk(batch, hidden), mk(gates * hidden, hidden), mk(gates * hidden)
     bs = torch.tensor(batch_sizes, dtype=torch.int64) if batch_sizes is not None else None
-    return x_proj, h0, c0, w_hh, b_hh, bs
+    return x, h0, c0, w_ih, w_hh, bias, bs
 
 
-def _call_layer(kind, x_proj, h0, c0, w_hh, b_hh, bs, reverse):
-    if kind == "lstm":
-        return torch.ops.mltoolkit.lstm_layer_fwd(x_proj, h0, c0, w_hh, bs, reverse, True)[:3]
-    return torch.ops.mltoolkit.gru_layer_fwd(x_proj, h0, w_hh, b_hh, bs, reverse, True)[:2]
+def _call_layer(kind, x, h0, c0, w_ih, w_hh, bias, bs, reverse):
+    if kind == "gru":
+        return torch.ops.mltoolkit.gru_layer_fwd(x, h0, w_hh, bias, bs, reverse, True)[:2]
+    return torch.ops.mltoolkit.lstm_layer_fwd(x, h0, c0, w_ih, w_hh, bias, bs, reverse, True)[:3]
 
 
 LAYER_CASES = {"uniform": (None, 3, 7), "packed": ([4, 4, 3, 1, 1], 4, 5), "packed-one": ([1, 1, 1], 1, 2),
@@ -151,13 +153,13 @@ LAYER_CASES = {"uniform": (None, 3, 7), "packed": ([4, 4, 3, 1, 1], 4, 5), "pack
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "lstm-x", "gru"])
 @pytest.mark.parametrize("case", LAYER_CASES)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_layer_op_matches_reference_loop(device, kind, case, reverse):
     batch_sizes, batch, hidden = LAYER_CASES[case]
     inputs = _layer_inputs(kind, batch_sizes, batch, hidden, device=device)
-    leaves = [t for t in inputs if t is not None and t.requires_grad and (kind == "lstm" or t is not inputs[2])]
+    leaves = [t for t in inputs if t is not None and t.requires_grad and (kind != "gru" or t is not inputs[2])]
     outs = _call_layer(kind, *inputs, reverse)
     cots = [torch.randn_like(o) for o in outs]
     grads = torch.autograd.grad(outs, leaves, cots, allow_unused=True)
@@ -173,35 +175,52 @@ def test_layer_op_matches_reference_loop(device, kind, case, reverse):
         assert_close(a, b, atol=2e-5 * max(1.0, b.abs().max().item()))
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "lstm-x"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lstm_layer_op_large_enough_for_threads_matches_reference(kind, reverse):
+    # B * H^2 large enough that the C++ kernel splits the hidden units over threads (barrier per step); H = 130 leaves
+    # a partial panel, the packed batch sizes idle rows, 7 rows a partial register tile.
+    x, h0, c0, w_ih, w_hh, bias, bs = (t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t
+                                       for t in _layer_inputs(kind, [8, 8, 7, 3, 3, 1], 8, 130, inp=40,
+                                                              dtype=torch.float64))
+    w_hh = w_hh * 0.2
+    got = torch.ops.mltoolkit.lstm_layer_fwd(x, h0, c0, w_ih, w_hh, bias, bs, reverse, True)
+    with mltoolkit.backend("reference"):
+        want = torch.ops.mltoolkit.lstm_layer_fwd(x, h0, c0, w_ih, w_hh, bias, bs, reverse, True)
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "lstm-x", "gru"])
 def test_layer_op_gradcheck_opcheck_and_compile(kind):
-    x_proj, h0, c0, w_hh, b_hh, bs = _layer_inputs(kind, [3, 2, 2, 1], 3, 2, dtype=torch.float64)
-    if kind == "lstm":
-        fn = lambda x, h, c, w: torch.ops.mltoolkit.lstm_layer_fwd(x, h, c, w, bs, True, True)[:3]
-        args = (x_proj, h0, c0, w_hh)
-    else:
+    x, h0, c0, w_ih, w_hh, bias, bs = _layer_inputs(kind, [3, 2, 2, 1], 3, 2, dtype=torch.float64)
+    if kind == "gru":
         fn = lambda x, h, w, b: torch.ops.mltoolkit.gru_layer_fwd(x, h, w, b, bs, True, True)[:2]
-        args = (x_proj, h0, w_hh, b_hh)
+        args = (x, h0, w_hh, bias)
+        op, full = torch.ops.mltoolkit.gru_layer_fwd, lambda *a: (*a, bs)
+    else:
+        fn = lambda x, h, c, wi, w, b: torch.ops.mltoolkit.lstm_layer_fwd(x, h, c, wi, w, b, bs, True, True)[:3]
+        args = (x, h0, c0, w_ih, w_hh, bias)
+        op, full = torch.ops.mltoolkit.lstm_layer_fwd, lambda *a: (*a, bs)
     torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6, rtol=1e-5)
-    op = torch.ops.mltoolkit.lstm_layer_fwd if kind == "lstm" else torch.ops.mltoolkit.gru_layer_fwd
-    full = (*args, bs, True, True)
-    torch.library.opcheck(op, full)
-    torch.library.opcheck(op, (*(a.detach() for a in args), bs, False, False))
+    torch.library.opcheck(op, (*full(*args), True, True))
+    torch.library.opcheck(op, (*full(*(a.detach() if a is not None else None for a in args)), False, False))
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True)
     for a, b in zip(compiled(*args), fn(*args)):
         assert_close(a, b)
 
 
-def test_save_false_forward_only_matches_and_refuses_backward():
-    x_proj, h0, c0, w_hh, _, _ = _layer_inputs("lstm", None, 2, 3)
+@pytest.mark.parametrize("kind", ["lstm", "lstm-x"])
+def test_save_false_forward_only_matches_and_refuses_backward(kind):
+    x, h0, c0, w_ih, w_hh, bias, _ = _layer_inputs(kind, None, 2, 3)
     with torch.no_grad():
-        out_saved = torch.ops.mltoolkit.lstm_layer_fwd(x_proj, h0, c0, w_hh, None, False, True)
-        out_plain = torch.ops.mltoolkit.lstm_layer_fwd(x_proj, h0, c0, w_hh, None, False, False)
+        out_saved = torch.ops.mltoolkit.lstm_layer_fwd(x, h0, c0, w_ih, w_hh, bias, None, False, True)
+        out_plain = torch.ops.mltoolkit.lstm_layer_fwd(x, h0, c0, w_ih, w_hh, bias, None, False, False)
     for a, b in zip(out_saved[:3], out_plain[:3]):
         assert torch.equal(a, b)
     assert out_plain[3].numel() == 0 and out_plain[4].numel() == 0
-    out = torch.ops.mltoolkit.lstm_layer_fwd(x_proj, h0, c0, w_hh, None, False, False)[0]
+    out = torch.ops.mltoolkit.lstm_layer_fwd(x, h0, c0, w_ih, w_hh, bias, None, False, False)[0]
     with pytest.raises(RuntimeError, match="save=False"):
         out.sum().backward()
 
@@ -226,12 +245,21 @@ def test_bad_input_names_the_argument():
     with pytest.raises(TypeError, match="input must be a Tensor"):
         ops.gru_cell([1.0], h, w_ih[:12], w_hh[:12])
     # the C++ kernels check their own arguments too
+    layer = mltoolkit._ext._C.lstm_layer_forward_cpu
+    h2, c2 = torch.randn(2, 4), torch.randn(2, 4)
     with pytest.raises(RuntimeError, match="lstm_layer_forward_cpu: h0 must have shape"):
-        mltoolkit._ext._C.lstm_layer_forward_cpu(torch.randn(6, 16), torch.randn(2, 3), torch.randn(2, 3),
-                                                 torch.randn(16, 4), None, False, False)
+        layer(torch.randn(6, 16), torch.randn(2, 3), torch.randn(2, 3), None, torch.randn(16, 4), None, None, False,
+              False)
     with pytest.raises(RuntimeError, match="batch_sizes must be non-increasing"):
-        mltoolkit._ext._C.lstm_layer_forward_cpu(torch.randn(3, 16), torch.randn(2, 4), torch.randn(2, 4),
-                                                 torch.randn(16, 4), torch.tensor([1, 2]), False, False)
+        layer(torch.randn(3, 16), h2, c2, None, torch.randn(16, 4), None, torch.tensor([1, 2]), False, False)
+    with pytest.raises(RuntimeError, match=r"lstm_layer_forward_cpu: w_ih must have shape \(4\*H=16, I\)"):
+        layer(torch.randn(6, 5), h2, c2, torch.randn(12, 5), torch.randn(16, 4), None, None, False, False)
+    with pytest.raises(RuntimeError, match=r"lstm_layer_forward_cpu: x must have shape \(6, 5\)"):
+        layer(torch.randn(6, 7), h2, c2, torch.randn(16, 5), torch.randn(16, 4), None, None, False, False)
+    with pytest.raises(RuntimeError, match=r"lstm_layer_forward_cpu: bias must have shape \(16,\)"):
+        layer(torch.randn(6, 5), h2, c2, torch.randn(16, 5), torch.randn(16, 4), torch.randn(12), None, False, False)
+    with pytest.raises(RuntimeError, match="lstm_layer_forward_cpu: w_ih must have dtype"):
+        layer(torch.randn(6, 5), h2, c2, torch.randn(16, 5).double(), torch.randn(16, 4), None, None, False, False)
     with pytest.raises(RuntimeError, match="w_hh must have dtype"):
         mltoolkit._ext._C.gru_cell_forward_cpu(torch.randn(2, 12), torch.randn(2, 4), torch.randn(12, 4).double(),
                                                None)

@@ -80,13 +80,14 @@ def test_layer_ops_match_reference_backend(device, kind, reverse):
     gates = 4 if kind == "lstm" else 3
     bs = torch.tensor([3, 2, 2, 1])
     mk = lambda *s: (_rnd(g, device, *s) * 0.5).requires_grad_(True)
+    x, w_ih = mk(8, 5), mk(gates * hidden, 5)  # the LSTM layer op projects x itself
     x_proj, h0, c0, w_hh, b_hh = mk(8, gates * hidden), mk(batch, hidden), mk(batch, hidden), \
         mk(gates * hidden, hidden), mk(gates * hidden)
-    leaves = [x_proj, h0, c0, w_hh] if kind == "lstm" else [x_proj, h0, w_hh, b_hh]
+    leaves = [x, w_ih, h0, c0, w_hh, b_hh] if kind == "lstm" else [x_proj, h0, w_hh, b_hh]
 
     def run():
         if kind == "lstm":
-            outs = torch.ops.mltoolkit.lstm_layer_fwd(x_proj, h0, c0, w_hh, bs, reverse, True)[:3]
+            outs = torch.ops.mltoolkit.lstm_layer_fwd(x, h0, c0, w_ih, w_hh, b_hh, bs, reverse, True)[:3]
         else:
             outs = torch.ops.mltoolkit.gru_layer_fwd(x_proj, h0, w_hh, b_hh, bs, reverse, True)[:2]
         cots = [torch.ones_like(o) * (i + 1) for i, o in enumerate(outs)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # ---- pointwise gate math (the part the fused kernels replace) -------------------------------------------------
@@ -119,7 +120,12 @@ def gather_prev(st: list[tuple[int, int]], src: Tensor, init: Tensor, reverse: b
     return prev
 
 
-def lstm_layer_forward(x_proj, h0, c0, w_hh, batch_sizes, reverse, save, pointwise: Pointwise = TORCH_POINTWISE):
+def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, batch_sizes, reverse, save,
+                       pointwise: Pointwise = TORCH_POINTWISE):
+    if w_ih is not None:
+        x_proj = F.linear(x, w_ih, bias)
+    else:
+        x_proj = x if bias is None else x + bias
     st = steps(batch_sizes, x_proj.shape[0], h0.shape[0])
     hidden = h0.shape[1]
     h, c = h0.clone(), c0.clone()

@@ -218,17 +218,17 @@ inline void check_adamw8bit_lengths(const char* fn, const std::vector<at::Tensor
               "state_steps must have one length");
 }
 
-// fused_adamw8bit_{cpu,cuda}: tensor i of every list (csrc/fused_adam8bit.h). CPU: params, grads float32; CUDA:
-// params float32, float16 or bfloat16 and grads of its dtype; all contiguous; codes uint8 of numel elements, absmax
-// float32 of ceil(numel / block) elements. Returns params[i].numel().
-inline int64_t check_adamw8bit_tensor(const char* fn, size_t i, const std::vector<at::Tensor>& params,
-                                      const std::vector<at::Tensor>& grads,
-                                      const std::vector<at::Tensor>& exp_avg_codes,
-                                      const std::vector<at::Tensor>& exp_avg_absmax,
-                                      const std::vector<at::Tensor>& exp_avg_sq_codes,
-                                      const std::vector<at::Tensor>& exp_avg_sq_absmax,
-                                      const std::vector<at::Tensor>& state_steps, int64_t block,
-                                      const at::Tensor* cuda_ref) {
+// The 8-bit optimizers (fused_adamw8bit_{cpu,cuda}, fused_lamb8bit_cpu): tensor i of the parameter, gradient and
+// state lists (csrc/fused_adam8bit.h). CPU: params, grads float32; CUDA: params float32, float16 or bfloat16 and
+// grads of its dtype; all contiguous; codes uint8 of numel elements, absmax float32 of ceil(numel / block) elements.
+// Returns params[i].numel().
+inline int64_t check_8bit_state_tensor(const char* fn, size_t i, const std::vector<at::Tensor>& params,
+                                       const std::vector<at::Tensor>& grads,
+                                       const std::vector<at::Tensor>& exp_avg_codes,
+                                       const std::vector<at::Tensor>& exp_avg_absmax,
+                                       const std::vector<at::Tensor>& exp_avg_sq_codes,
+                                       const std::vector<at::Tensor>& exp_avg_sq_absmax, int64_t block,
+                                       const at::Tensor* cuda_ref) {
   const at::Tensor& p = params[i];
   at::ScalarType dtype = at::kFloat;
   if (cuda_ref != nullptr) {
@@ -253,6 +253,20 @@ inline int64_t check_adamw8bit_tensor(const char* fn, size_t i, const std::vecto
   check("exp_avg_sq_codes", exp_avg_sq_codes[i], at::kByte, numel);
   check("exp_avg_absmax", exp_avg_absmax[i], at::kFloat, nb);
   check("exp_avg_sq_absmax", exp_avg_sq_absmax[i], at::kFloat, nb);
+  return numel;
+}
+
+// fused_adamw8bit_{cpu,cuda}: tensor i of every list, the state step included.
+inline int64_t check_adamw8bit_tensor(const char* fn, size_t i, const std::vector<at::Tensor>& params,
+                                      const std::vector<at::Tensor>& grads,
+                                      const std::vector<at::Tensor>& exp_avg_codes,
+                                      const std::vector<at::Tensor>& exp_avg_absmax,
+                                      const std::vector<at::Tensor>& exp_avg_sq_codes,
+                                      const std::vector<at::Tensor>& exp_avg_sq_absmax,
+                                      const std::vector<at::Tensor>& state_steps, int64_t block,
+                                      const at::Tensor* cuda_ref) {
+  const int64_t numel = check_8bit_state_tensor(fn, i, params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
+                                                exp_avg_sq_absmax, block, cuda_ref);
   check_state_step(fn, i, state_steps[i], cuda_ref != nullptr);
   return numel;
 }

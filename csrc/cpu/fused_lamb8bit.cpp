@@ -32,6 +32,7 @@
 #include "../check_util.h"
 #include "../fused_adam8bit.h"
 #include "../fused_lamb8bit.h"
+#include "../optim_common.h"
 #include "blockwise_quant8.h"
 #include "rounding_barrier.h"
 
@@ -50,19 +51,6 @@ constexpr int64_t kWave = 1 << 20;
 
 using Vec = at::vec::Vectorized<float>;
 using namespace blockwise_quant8;  // lut / Tables / dequant / quant / nan_max / map_of / Ptrs / Task
-
-void check_tensor(const char* fn, const char* name, size_t i, const at::Tensor& t, at::ScalarType dtype,
-                  int64_t numel) {
-  TORCH_CHECK(t.defined(), fn, ": ", name, "[", i, "] must be a tensor, got an undefined one");
-  TORCH_CHECK(t.layout() == at::kStrided, fn, ": ", name, "[", i, "] must be a dense (strided) tensor, got layout ",
-              t.layout());
-  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, "[", i, "] must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", name, "[", i, "] must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), fn, ": ", name, "[", i, "] must be contiguous, got strides ", shape_str(t.strides()));
-  TORCH_CHECK(t.numel() == numel, fn, ": ", name, "[", i, "] must have ", numel, " elements, got ", t.numel());
-}
-
-
 
 // ---- the 8-bit LAMB step ------------------------------------------------------------------------------------------
 
@@ -195,16 +183,9 @@ void fused_lamb8bit_cpu(const std::vector<at::Tensor>& params, const std::vector
   std::vector<Task> tasks;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    const int64_t numel = p.defined() ? p.numel() : 0;
+    const int64_t numel = check_8bit_state_tensor(fn, i, params, grads, exp_avg_codes, exp_avg_absmax,
+                                                  exp_avg_sq_codes, exp_avg_sq_absmax, kBlock, nullptr);
     const int64_t nb = (numel + kBlock - 1) / kBlock;
-    check_tensor(fn, "params", i, p, at::kFloat, numel);
-    check_tensor(fn, "grads", i, grads[i], at::kFloat, numel);
-    TORCH_CHECK(grads[i].sizes() == p.sizes(), fn, ": grads[", i, "] must have params[", i, "]'s shape ",
-                shape_str(p.sizes()), ", got ", shape_str(grads[i].sizes()));
-    check_tensor(fn, "exp_avg_codes", i, exp_avg_codes[i], at::kByte, numel);
-    check_tensor(fn, "exp_avg_sq_codes", i, exp_avg_sq_codes[i], at::kByte, numel);
-    check_tensor(fn, "exp_avg_absmax", i, exp_avg_absmax[i], at::kFloat, nb);
-    check_tensor(fn, "exp_avg_sq_absmax", i, exp_avg_sq_absmax[i], at::kFloat, nb);
     ptrs[i] = {p.data_ptr<float>(),
                grads[i].data_ptr<float>(),
                exp_avg_codes[i].data_ptr<uint8_t>(),

@@ -11,7 +11,7 @@
 //
 // Rounding: the setup compiles with --use_fast_math, which implies -ftz=true: even the __f*_rn intrinsics would
 // then flush subnormal inputs and results to zero, unlike the CPU kernel. Every float operation that the contract
-// fixes is therefore written as inline PTX without .ftz (add/sub/mul/fma/div/sqrt .rn.f32: IEEE, subnormals kept);
+// fixes is therefore written as inline PTX without .ftz (ieee_f32.cuh: .rn.f32 operations, subnormals kept);
 // |x| and the absmax are computed on the bit patterns (for non-negative floats the unsigned order of the bits is the
 // float order, and a NaN's bits are above +inf's, so a NaN in a block gives a NaN absmax as the CPU's nan_max does);
 // bfloat16 stores round to nearest even on the bits (torch's c10::BFloat16 rounding, NaN -> 0x7fc0).
@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "fused_adam8bit_launch.h"
+#include "ieee_f32.cuh"
 
 namespace mltoolkit::cuda_adam8bit {
 namespace {
@@ -51,45 +52,6 @@ struct A8Args {
 static_assert(sizeof(A8Args) <= kParamLimit - 64, "8-bit AdamW table over the kernel-parameter limit");
 static_assert(kA8Threads == kA8Block && kA8Block == 256, "one thread per value of a 256-value block");
 
-// ---- IEEE float32 arithmetic, subnormals kept whatever -ftz says --------------------------------------------
-
-__device__ __forceinline__ float add_rn(float a, float b) {
-  float r;
-  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float sub_rn(float a, float b) {
-  float r;
-  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float mul_rn(float a, float b) {
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float fma_rn(float a, float b, float c) {
-  float r;
-  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
-  return r;
-}
-__device__ __forceinline__ float div_rn(float a, float b) {
-  float r;
-  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float sqrt_rn(float a) {
-  float r;
-  asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(a));
-  return r;
-}
-// x > y as IEEE compares it (setp without .ftz: a subnormal is not taken for 0)
-__device__ __forceinline__ int gt(float x, float y) {
-  int r;
-  asm("{\n\t.reg .pred q;\n\tsetp.gt.f32 q, %1, %2;\n\tselp.s32 %0, 1, 0, q;\n\t}" : "=r"(r) : "f"(x), "f"(y));
-  return r;
-}
-__device__ __forceinline__ float neg(float a) { return __uint_as_float(__float_as_uint(a) ^ 0x80000000u); }
 __device__ __forceinline__ uint32_t abs_bits(float a) { return __float_as_uint(a) & 0x7fffffffu; }
 
 // ---- element access ------------------------------------------------------------------------------------------
@@ -127,7 +89,7 @@ __device__ __forceinline__ void store1(T* p, float x) {
 __device__ __forceinline__ int search(const float* mid, float x) {
   int idx = 0;
 #pragma unroll
-  for (int step = 128; step >= 1; step >>= 1) idx += gt(x, mid[idx + step - 1]) * step;
+  for (int step = 128; step >= 1; step >>= 1) idx += ieee::gt(x, mid[idx + step - 1]) * step;
   return idx;
 }
 
@@ -140,8 +102,9 @@ __global__ void __launch_bounds__(kA8Threads) adamw8bit_kernel(const __grid_cons
   qs[t] = a.qs[t];
   qu[t] = a.qu[t];
   __syncthreads();
-  mid_s[t] = t < 255 ? mul_rn(add_rn(qs[t], qs[t + 1]), 0.5f) : __uint_as_float(0x7f800000u);  // [255]: never read
-  mid_u[t] = t < 255 ? mul_rn(add_rn(qu[t], qu[t + 1]), 0.5f) : __uint_as_float(0x7f800000u);
+  // mid[255] is never read
+  mid_s[t] = t < 255 ? ieee::mul(ieee::add(qs[t], qs[t + 1]), 0.5f) : __uint_as_float(0x7f800000u);
+  mid_u[t] = t < 255 ? ieee::mul(ieee::add(qu[t], qu[t + 1]), 0.5f) : __uint_as_float(0x7f800000u);
   __syncthreads();
   const int64_t total = a.block_off[a.n];
   for (int64_t b = blockIdx.x; b < total; b += gridDim.x) {
@@ -159,14 +122,14 @@ __global__ void __launch_bounds__(kA8Threads) adamw8bit_kernel(const __grid_cons
       const T* g = static_cast<const T*>(a.g[s]);
       float pv = load1(p + i);
       float gv = load1(g + i);
-      if constexpr (MAXIMIZE) gv = neg(gv);
-      m = mul_rn(qs[mc[i]], ma[blk]);
-      v = mul_rn(qu[vc[i]], va[blk]);
-      if constexpr (DECAY) pv = mul_rn(pv, a.coef[0][s]);
-      m = fma_rn(a.coeff, sub_rn(gv, m), a.small_w ? m : gv);
-      v = fma_rn(mul_rn(a.c2, gv), gv, mul_rn(v, a.beta2));
-      const float d = add_rn(div_rn(sqrt_rn(v), a.coef[2][s]), a.eps);
-      pv = add_rn(pv, div_rn(mul_rn(a.coef[1][s], m), d));
+      if constexpr (MAXIMIZE) gv = ieee::neg(gv);
+      m = ieee::mul(qs[mc[i]], ma[blk]);
+      v = ieee::mul(qu[vc[i]], va[blk]);
+      if constexpr (DECAY) pv = ieee::mul(pv, a.coef[0][s]);
+      m = ieee::fma(a.coeff, ieee::sub(gv, m), a.small_w ? m : gv);
+      v = ieee::fma(ieee::mul(a.c2, gv), gv, ieee::mul(v, a.beta2));
+      const float d = ieee::add(ieee::div(ieee::sqrt(v), a.coef[2][s]), a.eps);
+      pv = ieee::add(pv, ieee::div(ieee::mul(a.coef[1][s], m), d));
       store1(p + i, pv);
     }
     // absmax of the block: unsigned max of |x|'s bits (dead threads add 0 = +0.0f)
@@ -187,8 +150,8 @@ __global__ void __launch_bounds__(kA8Threads) adamw8bit_kernel(const __grid_cons
       // scale = absmax > 0 ? absmax : 1 (a NaN absmax: 1)
       const float sm = (am != 0u && am <= 0x7f800000u) ? __uint_as_float(am) : 1.0f;
       const float sv = (av != 0u && av <= 0x7f800000u) ? __uint_as_float(av) : 1.0f;
-      mc[i] = static_cast<uint8_t>(search(mid_s, div_rn(m, sm)));
-      vc[i] = static_cast<uint8_t>(search(mid_u, div_rn(v, sv)));
+      mc[i] = static_cast<uint8_t>(search(mid_s, ieee::div(m, sm)));
+      vc[i] = static_cast<uint8_t>(search(mid_u, ieee::div(v, sv)));
     }
     if (t == 0) {
       ma[blk] = __uint_as_float(am);

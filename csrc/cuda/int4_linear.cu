@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(256) _dequantize_int4_kernel(const uint32_t* _
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
       const float q = static_cast<float>(static_cast<int>((w >> (4 * u)) & 15u) - 8);
-      v[u] = ieee_add(ieee_mul(q, s), z);
+      v[u] = ieee::add(ieee::mul(q, s), z);
     }
     float4* o = reinterpret_cast<float4*>(out + n * K + k);  // K % 32 == 0 and a 16-byte aligned base
     o[0] = make_float4(v[0], v[1], v[2], v[3]);

@@ -39,7 +39,7 @@ using namespace mltoolkit::ptx;  // smem_u32, cp_async*, ldsm_x4, mma16832_s8
 // quantize_rows
 
 __device__ __forceinline__ int8_t quantize_one(float v, float s) {
-  float q = rintf(ieee_div(v, s));  // rintf: round half to even
+  float q = rintf(ieee::div(v, s));  // rintf: round half to even
   q = fminf(fmaxf(q, -127.f), 127.f);  // NaN -> -127 (unspecified by the contract, but an in-range value)
   return static_cast<int8_t>(static_cast<int>(q));
 }
@@ -62,13 +62,13 @@ __global__ void __launch_bounds__(256) _quantize_rows_kernel(const T* __restrict
       const uint4 v = *reinterpret_cast<const uint4*>(xr + k);
       const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
-      for (int i = 0; i < VW; ++i) amax = ieee_max(amax, ieee_abs(to_float(e[i])));
+      for (int i = 0; i < VW; ++i) amax = ieee::max(amax, ieee::abs(to_float(e[i])));
     }
   } else {
-    for (int64_t k = lane; k < K; k += 32) amax = ieee_max(amax, ieee_abs(to_float(xr[k])));
+    for (int64_t k = lane; k < K; k += 32) amax = ieee::max(amax, ieee::abs(to_float(xr[k])));
   }
   amax = warp_max(amax);
-  float s = ieee_div(amax, 127.f);
+  float s = ieee::div(amax, 127.f);
   if (!(s >= FLT_MIN)) s = 1.f;  // zero rows, subnormal scales (and NaN): scale 1
   if (lane == 0) scale[r] = s;
   if constexpr (VEC) {
@@ -102,8 +102,8 @@ struct Epi {
 
 // No bias: no add (x + 0.0f would turn -0.0 into +0.0, which the reference keeps).
 __device__ __forceinline__ float epilogue(int acc, float xs, float ws, const float* bias, int n) {
-  const float v = ieee_mul(ieee_mul(__int2float_rn(acc), xs), ws);
-  return bias ? ieee_add(v, bias[n]) : v;
+  const float v = ieee::mul(ieee::mul(__int2float_rn(acc), xs), ws);
+  return bias ? ieee::add(v, bias[n]) : v;
 }
 
 // Writes y[m, n], y[m, n + 1] (those inside) from two accumulators.

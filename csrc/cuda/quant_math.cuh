@@ -1,5 +1,5 @@
-// Device helpers shared by int8_linear.cu and int4_linear.cu: conversions, IEEE float32 arithmetic that the build's
-// --use_fast_math cannot change, warp reductions, the output store, small host helpers.
+// Device helpers shared by int8_linear.cu and int4_linear.cu: conversions, warp reductions, the output store, small
+// host helpers.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -8,40 +8,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "ieee_f32.cuh"
 #include "quant_launch.h"
 
 namespace mltoolkit::cuda_quant {
 
 // The bit-exact contracts (quantize_rows, the int8 epilogue, dequantize_int4) need IEEE round-to-nearest operations
-// on float32, subnormals included, and no contraction into an FMA. The build compiles with --use_fast_math
-// (-ftz=true -prec-div=false -fmad=true): plain `a / b` would be an approximate division and `a * b + c` may fuse,
-// and even __fdiv_rn / __fmul_rn become the .ftz forms. PTX instructions written without .ftz keep subnormals, so
-// these are exact whatever the flags.
-__device__ __forceinline__ float ieee_mul(float a, float b) {
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float ieee_add(float a, float b) {
-  float r;
-  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float ieee_div(float a, float b) {
-  float r;
-  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float ieee_abs(float a) {
-  float r;
-  asm("abs.f32 %0, %1;" : "=f"(r) : "f"(a));
-  return r;
-}
-__device__ __forceinline__ float ieee_max(float a, float b) {
-  float r;
-  asm("max.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
+// on float32, subnormals included, and no contraction into an FMA: ieee_f32.cuh.
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {
@@ -92,7 +65,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = ieee_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = ieee::max(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 

@@ -357,25 +357,13 @@ constexpr int64_t kChunkBytes = int64_t{2} << 20;
 template <typename T>
 inline void in_register(Vec<T>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    __m512 r = v;
-    asm volatile("" : "+v"(r));
-    v = r;
-  } else {
-    __m512d r = v;
-    asm volatile("" : "+v"(r));
-    v = r;
-  }
+  std::conditional_t<std::is_same_v<T, float>, __m512, __m512d> r = v;
+  asm volatile("" : "+v"(r));
+  v = r;
 #elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
-    __m256 r = v;
-    asm volatile("" : "+x"(r));
-    v = r;
-  } else {
-    __m256d r = v;
-    asm volatile("" : "+x"(r));
-    v = r;
-  }
+  std::conditional_t<std::is_same_v<T, float>, __m256, __m256d> r = v;
+  asm volatile("" : "+x"(r));
+  v = r;
 #else
   (void)v;
 #endif

@@ -102,6 +102,26 @@ class _Timer:
             times.append((time.perf_counter() - t0) * 1e3)
         return _summary(times)
 
+    def interleaved(self, fns: dict[str, Callable[[], Any]], max_reps: Optional[int] = None) -> dict[str, Timing]:
+        """CPU timing of several providers call by call in turn: each gets the warm-up and the number of reps _cpu
+        would give it (those with more reps go on alone at the end)."""
+        reps = {}
+        for name, fn in fns.items():
+            fn()
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            once = time.perf_counter() - t0
+            reps[name] = int(min(max_reps or 100, max(5, self.budget_s / max(once, 1e-6))))
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for i in range(max(reps.values(), default=0)):
+            for name, fn in fns.items():
+                if i < reps[name]:
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        return {name: _summary(t) for name, t in times.items()}
+
     def _cuda(self, fn, max_reps=None):
         fn()
         torch.cuda.synchronize()
@@ -429,7 +449,12 @@ def _run_one(bench, config, dtype, device, timer, meta, copy_gbps, peak_gbps, lo
     for mode in bench.modes:
         if mode != "fwd" and not grad_idx:
             continue
-        timed: dict[str, dict] = {}
+        # CPU providers are timed call by call in turn, so that a machine's drift (other tenants, frequency) falls
+        # on all of them alike; bwd mode keeps every provider's graph alive, so it (and one-call cases) go in turn.
+        interleave = device == "cpu" and mode != "bwd" and bench.max_reps != 1
+        steps: dict[str, Callable[[], Any]] = {}
+        peaks: dict[str, Optional[int]] = {}
+        timings: dict[str, Timing] = {}
         for pname, fn in providers.items():
             call_args = tuple(a.detach().requires_grad_(i in grad_idx and mode != "fwd")
                               if isinstance(a, torch.Tensor) and a.is_floating_point() else a
@@ -439,23 +464,32 @@ def _run_one(bench, config, dtype, device, timer, meta, copy_gbps, peak_gbps, lo
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
                 step = _make_step(fn, call_args, grad_idx, mode)
-            else:  # peak memory from one call of its own; the timed calls run with the usual malloc settings
-                _malloc_mode(measure_peak=True)
-                base = _cpu_peak_reset()
-                step = _make_step(fn, call_args, grad_idx, mode)
-                step()
-                cpu_peak = _cpu_peak_bytes(base)
-                _malloc_mode(measure_peak=False)
-            t = timer(step, bench.max_reps)
+                timings[pname] = timer(step, bench.max_reps)
+                peaks[pname] = torch.cuda.max_memory_allocated() - base
+                continue
+            # peak memory from one call of its own; the timed calls run with the usual malloc settings
+            _malloc_mode(measure_peak=True)
+            base = _cpu_peak_reset()
+            step = _make_step(fn, call_args, grad_idx, mode)
+            step()
+            peaks[pname] = _cpu_peak_bytes(base)
+            _malloc_mode(measure_peak=False)
+            if interleave:
+                steps[pname] = step
+            else:
+                timings[pname] = timer(step, bench.max_reps)
+        if interleave:
+            timings = timer.interleaved(steps, bench.max_reps)
+        timed: dict[str, dict] = {}
+        for pname, t in timings.items():
             row = {**meta, "op": bench.op, "provider": pname, "mode": mode, "config": cfg, "dtype": dname,
                    "median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "reps": t.reps,
-                   "max_abs_err": errors[pname], "peak_mem_bytes": None, "gbps": None, "tflops": None,
+                   "max_abs_err": errors[pname], "peak_mem_bytes": peaks[pname], "gbps": None, "tflops": None,
                    "pct_of_peak": None, "pct_of_copy": None}
             if pname in baseline_errors:
                 row["baseline_outside_tolerance"] = baseline_errors[pname]
             if pname in sqnr_db:
                 row["sqnr_db"] = sqnr_db[pname]
-            row["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base if device == "cuda" else cpu_peak
             if bench.bytes:
                 gbps = bench.bytes(config, dtype, mode) / (t.median_ms * 1e-3) / 1e9
                 row["gbps"] = gbps

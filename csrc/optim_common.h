@@ -320,8 +320,8 @@ inline void check_lamb_args(const char* fn, const std::vector<at::Tensor>& param
 
 // ---- CUDA glue only --------------------------------------------------------------------------------------------
 #if defined(CUDART_VERSION)
-// A raw launcher's answer (cuda_optim::LaunchStatus, cuda_adam8bit::A8Status): `what` non-null when it refused the
-// arguments, `cuda` the first launch error.
+// A raw launcher's answer (cuda_launch::LaunchStatus): `what` non-null when it refused the arguments, `cuda` the
+// first launch error.
 template <typename Status>
 void check_launch(const char* fn, const Status& st) {
   TORCH_CHECK(st.what == nullptr, fn, ": ", st.what);

@@ -10,16 +10,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include "launch_status.h"
+
 namespace mltoolkit::cuda_attention {
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
-// A launcher's answer: `what` is non-null when it refused the arguments, `cuda` is the first launch error.
-struct LaunchStatus {
-  cudaError_t cuda = cudaSuccess;
-  const char* what = nullptr;
-  bool ok() const { return cuda == cudaSuccess && what == nullptr; }
-};
+using LaunchStatus = cuda_launch::LaunchStatus;
 
 // Element strides of a (B, H, L, d8) view; stride(-1) is 1.
 struct Strides {

@@ -13,17 +13,14 @@
 
 #include <cuda_runtime_api.h>
 
+#include "launch_status.h"
+
 namespace mltoolkit::cuda_conv {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 enum class Path : int { kDepthwise = 0, kTensorCore = 1, kSimt = 2 };
 
-// A launcher's answer: `what` is non-null when it refused the arguments, `cuda` is the first launch error.
-struct LaunchStatus {
-  cudaError_t cuda = cudaSuccess;
-  const char* what = nullptr;
-  bool ok() const { return cuda == cudaSuccess && what == nullptr; }
-};
+using LaunchStatus = cuda_launch::LaunchStatus;
 
 // x (N, C, H, W), weight (K, C / groups, R, S), y (N, K, P, Q). Every per-image size (C*H*W, K*P*Q) and the pixel
 // counts N*H*W, N*P*Q are below 2^31 (the glue checks); offsets across images are 64-bit.

@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kA8Threads) adamw8bit_kernel(const __grid_cons
 }
 
 template <typename T, bool DECAY, bool MAXIMIZE>
-A8Status launch(const std::vector<A8Tensor>& ts, const A8Params& a, cudaStream_t stream) {
+LaunchStatus launch(const std::vector<A8Tensor>& ts, const A8Params& a, cudaStream_t stream) {
   std::vector<int64_t> numel(ts.size());
   for (size_t k = 0; k < ts.size(); ++k) numel[k] = ts[k].numel;
   A8Args args{};
@@ -205,14 +205,14 @@ A8Status launch(const std::vector<A8Tensor>& ts, const A8Params& a, cudaStream_t
 }
 
 template <typename T>
-A8Status dispatch(const std::vector<A8Tensor>& ts, const A8Params& a, cudaStream_t stream) {
+LaunchStatus dispatch(const std::vector<A8Tensor>& ts, const A8Params& a, cudaStream_t stream) {
   if (a.decay) return a.maximize ? launch<T, true, true>(ts, a, stream) : launch<T, true, false>(ts, a, stream);
   return a.maximize ? launch<T, false, true>(ts, a, stream) : launch<T, false, false>(ts, a, stream);
 }
 
 }  // namespace
 
-A8Status adamw8bit_step(const std::vector<A8Tensor>& tensors, const A8Params& a, cudaStream_t stream) {
+LaunchStatus adamw8bit_step(const std::vector<A8Tensor>& tensors, const A8Params& a, cudaStream_t stream) {
   if (a.qmap_signed == nullptr || a.qmap_unsigned == nullptr) return {cudaSuccess, "internal error: no maps"};
   switch (a.dtype) {
     case A8DType::kFloat32: return dispatch<float>(tensors, a, stream);

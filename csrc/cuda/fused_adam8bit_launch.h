@@ -18,6 +18,8 @@
 
 #ifndef MLTK_A8_PLAN_ONLY
 #include <cuda_runtime_api.h>
+
+#include "launch_status.h"
 #endif
 
 namespace mltoolkit::cuda_adam8bit {
@@ -95,13 +97,9 @@ struct A8Params {
   int max_ctas = 1024;                   // grid cap (the CTAs then loop over blocks)
 };
 
-struct A8Status {
-  cudaError_t cuda = cudaSuccess;
-  const char* what = nullptr;
-  bool ok() const { return cuda == cudaSuccess && what == nullptr; }
-};
+using LaunchStatus = cuda_launch::LaunchStatus;
 
-A8Status adamw8bit_step(const std::vector<A8Tensor>& tensors, const A8Params& a, cudaStream_t stream);
+LaunchStatus adamw8bit_step(const std::vector<A8Tensor>& tensors, const A8Params& a, cudaStream_t stream);
 
 #endif  // MLTK_A8_PLAN_ONLY
 

@@ -22,6 +22,8 @@
 
 #ifndef MLTK_OPTIM_PLAN_ONLY
 #include <cuda_runtime_api.h>
+
+#include "launch_status.h"
 #endif
 
 namespace mltoolkit::cuda_optim {
@@ -141,13 +143,7 @@ MLTK_OPTIM_HD void walk_chunk(int64_t n, bool vec_ok, int tid, VecFn&& vec_fn, O
 
 #ifndef MLTK_OPTIM_PLAN_ONLY
 
-// A launcher's answer: `what` is non-null when it refused the arguments (a bug in the glue), `cuda` is the first
-// launch error (cudaGetLastError after each launch).
-struct LaunchStatus {
-  cudaError_t cuda = cudaSuccess;
-  const char* what = nullptr;
-  bool ok() const { return cuda == cudaSuccess && what == nullptr; }
-};
+using LaunchStatus = cuda_launch::LaunchStatus;
 
 // ---- AdamW ---------------------------------------------------------------------------------------------------
 // Tensor i: p, g, m, v (and vmax when amsgrad), all `dtype` (float32, float16 or bfloat16), numel[i] elements each,

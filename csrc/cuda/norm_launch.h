@@ -7,6 +7,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "launch_status.h"
+
 namespace mltoolkit::cuda_norm {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
@@ -15,13 +17,7 @@ inline int dtype_size(DType t) {
   return t == DType::kFloat64 ? 8 : t == DType::kFloat32 ? 4 : 2;
 }
 
-// A launcher's answer: `what` is non-null when it refused the arguments (a bug in the glue, or a size it cannot
-// take), `cuda` is the launch error (cudaGetLastError after each launch).
-struct LaunchStatus {
-  cudaError_t cuda = cudaSuccess;
-  const char* what = nullptr;
-  bool ok() const { return cuda == cudaSuccess && what == nullptr; }
-};
+using LaunchStatus = cuda_launch::LaunchStatus;
 
 // Forward. x, residual, y, residual_out: (M, N) in x_dtype. weight, bias: (N) in w_dtype (x_dtype or float32; both
 // the same). mean, rstd: (M) in A. Absent optionals are nullptr (mean is nullptr for rms).

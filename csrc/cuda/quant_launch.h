@@ -11,17 +11,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include "launch_status.h"
+
 namespace mltoolkit::cuda_quant {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// A launcher's answer: `what` is non-null when it refused the arguments (a bug in the glue, or a size it cannot take),
-// `cuda` is the launch error (cudaGetLastError after each launch).
-struct LaunchStatus {
-  cudaError_t cuda = cudaSuccess;
-  const char* what = nullptr;
-  bool ok() const { return cuda == cudaSuccess && what == nullptr; }
-};
+using LaunchStatus = cuda_launch::LaunchStatus;
 
 // ---- int8 ----------------------------------------------------------------------------------------------------
 

@@ -7,15 +7,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include "launch_status.h"
+
 namespace mltoolkit::cuda_rotary {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
-// `what` is non-null when the launcher refused the arguments (a bug in the glue); `cuda` is the launch error.
-struct LaunchStatus {
-  cudaError_t cuda = cudaSuccess;
-  const char* what = nullptr;
-};
+using LaunchStatus = cuda_launch::LaunchStatus;
 
 // x, out: (B, L, H, D) in x_dtype, stride 1 in the last dim, strides of dims 0..2 in elements (out may be x: then
 // the copied tail is skipped). cos, sin: (L, half) contiguous in table_dtype, which is x_dtype or float32 (float64

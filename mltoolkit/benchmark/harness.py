@@ -165,6 +165,8 @@ def _malloc_mode(measure_peak: bool) -> None:
         mmap, trim = (128 * 1024, 128 * 1024) if measure_peak else (32 << 20, 64 << 20)
         libc.mallopt(_M_MMAP_THRESHOLD, mmap)
         libc.mallopt(_M_TRIM_THRESHOLD, trim)
+        if measure_peak:  # free heap memory kept by the timed calls goes back, so reusing it shows in the RSS again
+            libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
 

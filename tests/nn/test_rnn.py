@@ -165,9 +165,10 @@ def test_state_dict_is_interchangeable_with_torch(kind):
             assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_dropout_between_layers_in_training_only(kind):
-    theirs, ours = _pair(kind, input_size=3, hidden_size=8, num_layers=3, dropout=0.5)
+@pytest.mark.parametrize("kind,extra", [("lstm", {}), ("gru", {}), ("lstm", {"proj_size": 5})],
+                         ids=["lstm", "gru", "lstm-proj"])
+def test_dropout_between_layers_in_training_only(kind, extra):
+    theirs, ours = _pair(kind, input_size=3, hidden_size=8, num_layers=3, dropout=0.5, **extra)
     x = torch.randn(6, 4, 3)
     ours.eval()
     theirs.eval()
@@ -182,7 +183,7 @@ def test_dropout_between_layers_in_training_only(kind):
         c = ours(x)[0]
     assert torch.equal(a, b)  # the masks come from torch's generator
     assert not torch.allclose(a, eval_out) and not torch.allclose(a, c)
-    one_layer, _ = _pair(kind, input_size=3, hidden_size=8, num_layers=1)
+    one_layer, _ = _pair(kind, input_size=3, hidden_size=8, num_layers=1, **extra)
     with torch.no_grad():  # no dropout after the last layer: a 1-layer module is deterministic in training
         ours1 = CLASSES[kind][1].from_torch(one_layer).train()
         assert torch.equal(ours1(x)[0], ours1(x)[0])
@@ -280,23 +281,6 @@ def test_proj_unbatched_input_and_state_dict_interchange():
 
     _compare(theirs, ours, make_input)
     _compare(theirs, ours, make_input, hx=_states("lstm", theirs, 1, "cpu", torch.float32, unbatched=True))
-
-
-def test_proj_dropout_between_layers_in_training_only():
-    theirs, ours = _pair("lstm", input_size=3, hidden_size=8, num_layers=3, dropout=0.5, proj_size=5)
-    x = torch.randn(6, 4, 3)
-    ours.eval()
-    theirs.eval()
-    with torch.no_grad():
-        eval_out = ours(x)[0]
-        assert_close(eval_out, theirs(x)[0], atol=1e-5, rtol=1e-4)
-        ours.train()
-        torch.manual_seed(0)
-        a = ours(x)[0]
-        torch.manual_seed(0)
-        b = ours(x)[0]
-        c = ours(x)[0]
-    assert torch.equal(a, b) and not torch.allclose(a, eval_out) and not torch.allclose(a, c)
 
 
 def test_proj_compile_fullgraph_of_the_module():

@@ -602,67 +602,12 @@ int64_t run_layer(const LayerArgs<T>& a, const lstm_loop::Steps& s, bool reverse
 
 }  // namespace fused
 
-void check_bias(const char* fn, const std::optional<at::Tensor>& bias, int64_t width, at::ScalarType dtype) {
+// An optional bias (width,): absent, or a contiguous CPU vector of the first input's dtype.
+void check_optional_bias(const char* fn, const char* name, const std::optional<at::Tensor>& bias, int64_t width,
+                         at::ScalarType dtype) {
   if (!present(bias)) return;
-  check_cpu(fn, "bias", *bias, dtype);
-  check_shape(fn, "bias", *bias, {width});
-}
-
-std::vector<at::Tensor> lstm_layer_forward_impl(const char* fn, const at::Tensor& x, const at::Tensor& h0,
-                                                const at::Tensor& c0, const std::optional<at::Tensor>& w_ih,
-                                                const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
-                                                const std::optional<at::Tensor>& batch_sizes, bool reverse,
-                                                bool save) {
-  const bool project = present(w_ih);
-  const auto dtype = check_first(fn, project ? "x" : "x_proj", x);
-  const int64_t H = check_w_hh(fn, w_hh, 4, dtype), N = x.size(0);
-  int64_t I = 0;
-  if (project) {
-    check_cpu(fn, "w_ih", *w_ih, dtype);
-    TORCH_CHECK(w_ih->dim() == 2 && w_ih->size(0) == 4 * H, fn, ": w_ih must have shape (4*H=", 4 * H, ", I), got ",
-                shape_str(w_ih->sizes()));
-    I = w_ih->size(1);
-    check_shape(fn, "x", x, {N, I});
-  } else {
-    check_shape(fn, "x_proj", x, {N, 4 * H});
-  }
-  check_bias(fn, bias, 4 * H, dtype);
-  check_cpu(fn, "h0", h0, dtype);
-  TORCH_CHECK(h0.dim() == 2 && h0.size(1) == H, fn, ": h0 must have shape (B, H=", H, "), got ",
-              shape_str(h0.sizes()));
-  check_cpu(fn, "c0", c0, dtype);
-  check_shape(fn, "c0", c0, h0.sizes());
-  const int64_t B = h0.size(0);
-  const lstm_loop::Steps steps = lstm_loop::make_steps(fn, batch_sizes, N, B);
-  at::Tensor out = at::empty({N, H}, x.options());
-  at::Tensor c_n = c0.clone();
-  at::Tensor h = at::empty({2, B, H}, x.options());
-  h[0].copy_(h0);
-  at::Tensor gates = save ? at::empty({N, 4 * H}, x.options()) : at::empty({0}, x.options());
-  at::Tensor cells = save ? at::empty({N, H}, x.options()) : at::empty({0}, x.options());
-  int64_t last = 0;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_layer_forward", [&] {
-    using T = scalar_t;
-    constexpr int64_t U = Vec<T>::size();
-    const int64_t P = (H + U - 1) / U;
-    const int64_t hh = fused::panel_elements<T>(H, H), ih = project ? fused::panel_elements<T>(I, H) : 0;
-    const int64_t xp = project ? std::min(fused::chunk_steps<T>(B, P), steps.count()) * B * P * 4 * U : 0;
-    const fused::Scratch scratch((hh + ih + xp) * static_cast<int64_t>(sizeof(T)));
-    T* const packed = reinterpret_cast<T*>(scratch.data());
-    fused::pack_panels<T>(w_hh.const_data_ptr<T>(), H, H, packed);
-    if (project) fused::pack_panels<T>(w_ih->const_data_ptr<T>(), I, H, packed + hh);
-    const fused::LayerArgs<T> args{project ? x.const_data_ptr<T>() : nullptr,
-                                   project ? nullptr : x.const_data_ptr<T>(),
-                                   present(bias) ? bias->const_data_ptr<T>() : nullptr,
-                                   project ? packed + hh : nullptr,
-                                   packed,
-                                   I, H, B, P, project ? packed + hh + ih : nullptr,
-                                   out.mutable_data_ptr<T>(), c_n.mutable_data_ptr<T>(),
-                                   save ? gates.mutable_data_ptr<T>() : nullptr,
-                                   save ? cells.mutable_data_ptr<T>() : nullptr};
-    last = fused::run_layer<T>(args, steps, reverse, h.mutable_data_ptr<T>());
-  });
-  return {out, h[last].clone(), c_n, gates, cells};
+  check_cpu(fn, name, *bias, dtype);
+  check_shape(fn, name, *bias, {width});
 }
 
 }  // namespace
@@ -680,10 +625,7 @@ std::vector<at::Tensor> lstm_cell_forward_cpu(const at::Tensor& x_proj, const at
   check_shape(fn, "h", h, {B, K});
   check_cpu(fn, "c", c, dtype);
   check_shape(fn, "c", c, {B, H});
-  if (present(b_hh)) {
-    check_cpu(fn, "b_hh", *b_hh, dtype);
-    check_shape(fn, "b_hh", *b_hh, {4 * H});
-  }
+  check_optional_bias(fn, "b_hh", b_hh, 4 * H, dtype);
   at::Tensor gates = at::addmm(x_proj, h, w_hh.t());
   at::Tensor h_new = at::empty({B, H}, x_proj.options());
   at::Tensor c_new = c.clone();
@@ -723,10 +665,7 @@ std::vector<at::Tensor> gru_cell_forward_cpu(const at::Tensor& x_proj, const at:
   check_shape(fn, "x_proj", x_proj, {B, 3 * H});
   check_cpu(fn, "h", h, dtype);
   check_shape(fn, "h", h, {B, H});
-  if (present(b_hh)) {
-    check_cpu(fn, "b_hh", *b_hh, dtype);
-    check_shape(fn, "b_hh", *b_hh, {3 * H});
-  }
+  check_optional_bias(fn, "b_hh", b_hh, 3 * H, dtype);
   at::Tensor gh = present(b_hh) ? at::addmm(*b_hh, h, w_hh.t()) : at::mm(h, w_hh.t());
   at::Tensor h_new = at::empty({B, H}, x_proj.options());
   at::Tensor h_state = h.clone();
@@ -756,7 +695,57 @@ std::vector<at::Tensor> lstm_layer_forward_cpu(const at::Tensor& x, const at::Te
                                                const std::optional<at::Tensor>& w_ih, const at::Tensor& w_hh,
                                                const std::optional<at::Tensor>& bias,
                                                const std::optional<at::Tensor>& batch_sizes, bool reverse, bool save) {
-  return lstm_layer_forward_impl("lstm_layer_forward_cpu", x, h0, c0, w_ih, w_hh, bias, batch_sizes, reverse, save);
+  constexpr const char* fn = "lstm_layer_forward_cpu";
+  const bool project = present(w_ih);
+  const auto dtype = check_first(fn, project ? "x" : "x_proj", x);
+  const int64_t H = check_w_hh(fn, w_hh, 4, dtype), N = x.size(0);
+  int64_t I = 0;
+  if (project) {
+    check_cpu(fn, "w_ih", *w_ih, dtype);
+    TORCH_CHECK(w_ih->dim() == 2 && w_ih->size(0) == 4 * H, fn, ": w_ih must have shape (4*H=", 4 * H, ", I), got ",
+                shape_str(w_ih->sizes()));
+    I = w_ih->size(1);
+    check_shape(fn, "x", x, {N, I});
+  } else {
+    check_shape(fn, "x_proj", x, {N, 4 * H});
+  }
+  check_optional_bias(fn, "bias", bias, 4 * H, dtype);
+  check_cpu(fn, "h0", h0, dtype);
+  TORCH_CHECK(h0.dim() == 2 && h0.size(1) == H, fn, ": h0 must have shape (B, H=", H, "), got ",
+              shape_str(h0.sizes()));
+  check_cpu(fn, "c0", c0, dtype);
+  check_shape(fn, "c0", c0, h0.sizes());
+  const int64_t B = h0.size(0);
+  const lstm_loop::Steps steps = lstm_loop::make_steps(fn, batch_sizes, N, B);
+  at::Tensor out = at::empty({N, H}, x.options());
+  at::Tensor c_n = c0.clone();
+  at::Tensor h = at::empty({2, B, H}, x.options());
+  h[0].copy_(h0);
+  at::Tensor gates = save ? at::empty({N, 4 * H}, x.options()) : at::empty({0}, x.options());
+  at::Tensor cells = save ? at::empty({N, H}, x.options()) : at::empty({0}, x.options());
+  int64_t last = 0;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_layer_forward", [&] {
+    using T = scalar_t;
+    constexpr int64_t U = Vec<T>::size();
+    const int64_t P = (H + U - 1) / U;
+    const int64_t hh = fused::panel_elements<T>(H, H), ih = project ? fused::panel_elements<T>(I, H) : 0;
+    const int64_t xp = project ? std::min(fused::chunk_steps<T>(B, P), steps.count()) * B * P * 4 * U : 0;
+    const fused::Scratch scratch((hh + ih + xp) * static_cast<int64_t>(sizeof(T)));
+    T* const packed = reinterpret_cast<T*>(scratch.data());
+    fused::pack_panels<T>(w_hh.const_data_ptr<T>(), H, H, packed);
+    if (project) fused::pack_panels<T>(w_ih->const_data_ptr<T>(), I, H, packed + hh);
+    const fused::LayerArgs<T> args{project ? x.const_data_ptr<T>() : nullptr,
+                                   project ? nullptr : x.const_data_ptr<T>(),
+                                   present(bias) ? bias->const_data_ptr<T>() : nullptr,
+                                   project ? packed + hh : nullptr,
+                                   packed,
+                                   I, H, B, P, project ? packed + hh + ih : nullptr,
+                                   out.mutable_data_ptr<T>(), c_n.mutable_data_ptr<T>(),
+                                   save ? gates.mutable_data_ptr<T>() : nullptr,
+                                   save ? cells.mutable_data_ptr<T>() : nullptr};
+    last = fused::run_layer<T>(args, steps, reverse, h.mutable_data_ptr<T>());
+  });
+  return {out, h[last].clone(), c_n, gates, cells};
 }
 
 std::vector<at::Tensor> lstm_layer_backward_cpu(const at::Tensor& dout, const at::Tensor& dh_n,
@@ -803,10 +792,7 @@ std::vector<at::Tensor> gru_layer_forward_cpu(const at::Tensor& x_proj, const at
   check_cpu(fn, "h0", h0, dtype);
   TORCH_CHECK(h0.dim() == 2 && h0.size(1) == H, fn, ": h0 must have shape (B, H=", H, "), got ",
               shape_str(h0.sizes()));
-  if (present(b_hh)) {
-    check_cpu(fn, "b_hh", *b_hh, dtype);
-    check_shape(fn, "b_hh", *b_hh, {3 * H});
-  }
+  check_optional_bias(fn, "b_hh", b_hh, 3 * H, dtype);
   const lstm_loop::Steps steps = lstm_loop::make_steps(fn, batch_sizes, N, h0.size(0));
   at::Tensor out = at::empty({N, H}, x_proj.options());
   at::Tensor h_n = h0.clone();

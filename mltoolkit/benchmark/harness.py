@@ -89,22 +89,12 @@ class _Timer:
         return self._cuda(fn, max_reps) if self.device == "cuda" else self._cpu(fn, max_reps)
 
     def _cpu(self, fn, max_reps=None):
-        fn()  # warm-up (first call may allocate, load, or compile)
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        once = time.perf_counter() - t0
-        reps = int(min(max_reps or 100, max(5, self.budget_s / max(once, 1e-6))))
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return _summary(times)
+        return self.interleaved({"": fn}, max_reps)[""]
 
     def interleaved(self, fns: dict[str, Callable[[], Any]], max_reps: Optional[int] = None) -> dict[str, Timing]:
-        """CPU timing of several providers call by call in turn: each gets the warm-up and the number of reps _cpu
-        would give it (those with more reps go on alone at the end)."""
+        """CPU timing of several providers call by call in turn. Each gets two warm-up calls (the first may allocate,
+        load or compile) and as many reps as fit its share of the budget, at least 5 (max_reps at most); those with
+        more reps go on alone at the end."""
         reps = {}
         for name, fn in fns.items():
             fn()

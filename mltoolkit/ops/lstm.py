@@ -15,7 +15,7 @@ The kernel contract is csrc/lstm.h. Registered ops (each *_fwd has autograd; its
         -> (dx_proj, dh0, dw_hh, db_hh)
 
 The LSTM layer op takes the layer input x (N, I) with w_ih and bias = b_ih + b_hh, and computes the input
-projection itself (the C++ CPU kernel inside its per-step GEMM over [x_t, h_{t-1}], the GPU backends as one GEMM
+projection itself (the C++ CPU kernel chunk by chunk of time steps inside the kernel, the GPU backends as one GEMM
 before the step loop); without w_ih its x is x_proj (N, 4H), the projection done by the caller. Its backward op
 returns the pre-activation gradients, from which the autograd formula gives the input, w_ih and bias gradients. The
 GRU layer op and the cells take x_proj = x @ W_ih^T + b_ih, one GEMM over every time step done outside the ops by
@@ -459,13 +459,12 @@ def _layers(mode: str, x: Tensor, batch_sizes: Optional[Tensor], hx: Sequence[Te
             w_ih, w_hh, *rest = params[k * per:(k + 1) * per]
             b_ih, b_hh = rest[:2] if has_biases else (None, None)
             reverse = d == 1
+            bias = b_ih + b_hh if mode == "lstm" and has_biases else None  # both LSTM biases, added once
             if mode == "lstm" and proj:
-                bias = b_ih + b_hh if has_biases else None
                 out, h, c = _lstm_proj_direction(_project(x, w_ih, bias), hx[0][k], hx[1][k], w_hh, rest[-1],
                                                  batch_sizes, reverse)
                 c_n.append(c)
             elif mode == "lstm":
-                bias = b_ih + b_hh if has_biases else None
                 save = _needs_grad(x, w_ih, bias, hx[0], hx[1], w_hh)
                 out, h, c, _, _ = torch.ops.mltoolkit.lstm_layer_fwd(x, hx[0][k], hx[1][k], w_ih, w_hh, bias,
                                                                      batch_sizes, reverse, save)

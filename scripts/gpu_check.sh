@@ -7,6 +7,7 @@
 #                                          is left, and bench ops that no longer fit are skipped and listed)
 #   PYTEST_FILES, PYTEST_K, BENCH_OPS_FIRST, BENCH_OPS_LATE   (what the tests and benchmarks run; defaults below;
 #                                          an empty BENCH_OPS_* runs none)
+#   SELFCHECKS="conv attention norm quant optim"   (which CUDA self-check scripts run)
 # Order: build, self-checks, benchmarks of the newest kernels, tests, the other benchmarks.
 # The device tool brings back at most 8 files from $OUT: logs go into $OUT/logs.tgz (rewritten after every stage, so
 # a run killed at its limit still returns what it did), results beside it. stdout carries a short summary only.
@@ -68,19 +69,31 @@ if has build; then
     | tee "$LOGS/link.log"
 fi
 
+SELFCHECKS="${SELFCHECKS-conv attention norm quant optim}"
+checks() { [[ " $SELFCHECKS " == *" $1 "* ]]; }
 if has selfcheck; then
-  step "CUDA kernel self-checks"
+  step "CUDA kernel self-checks ($SELFCHECKS)"
   # Each prints one row per case and a summary; show the failures and the timing tables.
-  run selfcheck-conv 90 $PY -X faulthandler scripts/cuda_conv_selfcheck.py --quick
-  grep -E "FAIL|ERROR|raised|Fatal|passed|failed|TFLOP|cuDNN|ratio|x[0-9]|exit" "$LOGS/selfcheck-conv.log" | head -45
-  run selfcheck-attention 80 $PY -X faulthandler scripts/cuda_attention_selfcheck.py --quick
-  grep -E "FAIL|ERROR|raised|Fatal|passed|failed|exit" "$LOGS/selfcheck-attention.log" | head -30
-  run selfcheck-norm 35 $PY -X faulthandler scripts/cuda_norm_selfcheck.py
-  grep -E "FAIL|ERROR|raised|Fatal|passed|failed|exit" "$LOGS/selfcheck-norm.log" | head -12
-  run selfcheck-quant 70 $PY -X faulthandler scripts/quant_cuda_selfcheck.py --quick --bench
-  grep -E "FAIL|ERROR|raised|Fatal|failures|ratio|int8 M|int4 M|exit" "$LOGS/selfcheck-quant.log" | head -24
-  run selfcheck-optim 90 $PY -X faulthandler scripts/optim_cuda_selfcheck.py
-  grep -E "FAIL|ERROR|raised|Fatal|passed|failed|---| ms |exit" "$LOGS/selfcheck-optim.log" | head -30
+  if checks conv; then
+    run selfcheck-conv 90 $PY -X faulthandler scripts/cuda_conv_selfcheck.py --quick
+    grep -E "FAIL|ERROR|raised|Fatal|passed|failed|TFLOP|cuDNN|ratio|x[0-9]|exit" "$LOGS/selfcheck-conv.log" | head -45
+  fi
+  if checks attention; then
+    run selfcheck-attention 80 $PY -X faulthandler scripts/cuda_attention_selfcheck.py --quick
+    grep -E "FAIL|ERROR|raised|Fatal|passed|failed|exit" "$LOGS/selfcheck-attention.log" | head -30
+  fi
+  if checks norm; then
+    run selfcheck-norm 35 $PY -X faulthandler scripts/cuda_norm_selfcheck.py
+    grep -E "FAIL|ERROR|raised|Fatal|passed|failed|exit" "$LOGS/selfcheck-norm.log" | head -12
+  fi
+  if checks quant; then
+    run selfcheck-quant 70 $PY -X faulthandler scripts/quant_cuda_selfcheck.py --quick --bench
+    grep -E "FAIL|ERROR|raised|Fatal|failures|ratio|int8 M|int4 M|exit" "$LOGS/selfcheck-quant.log" | head -24
+  fi
+  if checks optim; then
+    run selfcheck-optim 90 $PY -X faulthandler scripts/optim_cuda_selfcheck.py
+    grep -E "FAIL|ERROR|raised|Fatal|passed|failed|---| ms |exit" "$LOGS/selfcheck-optim.log" | head -30
+  fi
 fi
 
 if has bench; then

@@ -80,11 +80,27 @@ def _cpu_isa_flags():
     return [], "none"
 
 
+def _runtime_libstdcxx():
+    """The path of the libstdc++.so.6 this process (with torch imported) runs on, or None off Linux."""
+    import torch  # noqa: F401  (loads the libstdc++ that torch and therefore _C will run on)
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so.6" in line}
+    except OSError:
+        return None
+    found = sorted(p for p in paths if os.path.exists(p))
+    return found[0] if found else None
+
+
 # The shared libstdc++ first, whatever the toolchain adds later: torch runs on the process's shared libstdc++, and a
-# second, static copy inside _C (seen on the GPU machines' image, which links -static-libstdc++) keeps its own locale
-# ids, so the first error message that formats a number (a shape, a size) crashed the process. An archive linked after
-# this finds nothing left to resolve.
-LINK_ARGS = ["-fopenmp", "-Wl,--push-state,--no-as-needed,-Bdynamic", "-lstdc++", "-Wl,--pop-state"]
+# second, static copy inside _C keeps its own locale ids, so the first error message that formats a number (a shape,
+# a size) crashed the process. The GPU machines' image links with a g++ (/opt/gcc) that adds -static-libstdc++ and
+# whose own library folder holds only libstdc++.a, so "-Bdynamic -lstdc++" still found the archive there: name the
+# very file torch runs on instead. An archive linked after it finds nothing left to resolve.
+_LIBSTDCXX = _runtime_libstdcxx()
+LINK_ARGS = ["-fopenmp", "-Wl,--push-state,--no-as-needed,-Bdynamic",
+             _LIBSTDCXX if _LIBSTDCXX else "-lstdc++", "-Wl,--pop-state"]
 
 
 def _extensions():

@@ -66,7 +66,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_static_cpu", &mltoolkit::quantize_static_cpu);
   m.def("im2col_int8_cpu", &mltoolkit::im2col_int8_cpu);
   m.def("fused_adamw_cpu", &mltoolkit::fused_adamw_cpu);
-  m.def("fused_adamw_cpu_unsupported", &mltoolkit::fused_adamw_cpu_unsupported);
+  m.def("fused_adamw_unsupported", &mltoolkit::fused_adamw_unsupported);
   m.def("fused_adamw8bit_cpu", &mltoolkit::fused_adamw8bit_cpu);
   m.def("fused_lamb_cpu", &mltoolkit::fused_lamb_cpu);
   m.def("fused_lamb8bit_cpu", &mltoolkit::fused_lamb8bit_cpu);

@@ -31,12 +31,12 @@
 
 namespace mltoolkit {
 
-// Why fused_adamw_cpu cannot take these tensors, "" when it can (the backend table's question: asked in C++ because
-// a Python loop over hundreds of tensors took longer than a 10M-parameter step). The state lists may be empty.
-std::string fused_adamw_cpu_unsupported(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                                        const std::vector<at::Tensor>& exp_avgs,
-                                        const std::vector<at::Tensor>& exp_avg_sqs,
-                                        const std::vector<at::Tensor>& max_exp_avg_sqs);
+// Why fused_adamw_cpu (cuda false) or fused_adamw_cuda (cuda true) cannot take these tensors, "" when it can (the
+// backend table's question: asked in C++ because a Python loop over hundreds of tensors took longer than a
+// 10M-parameter step). The state lists may be empty. Needs no CUDA: it reads devices, dtypes and strides.
+std::string fused_adamw_unsupported(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                                    const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                                    const std::vector<at::Tensor>& max_exp_avg_sqs, bool cuda);
 void fused_adamw_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                      const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                      const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& state_steps,

@@ -2,8 +2,10 @@
 
 Each op keeps an ordered table of backends. A backend says whether it is usable at all (`available`: was its
 kernel built, is its compiler importable) and whether it accepts a given input (`supports`: device, dtype, ...);
-both answer None for yes or a short reason for no. `MLTK_BACKEND=<name>` or `with mltoolkit.backend("<name>"):`
-forces one backend; when the forced one refuses, the error lists every backend of the op and its reason.
+both answer None for yes or a short reason for no. A backend may also `defer` an input it accepts to the next
+accepting kernel (measured faster on such inputs; never to the reference); forcing it still runs it.
+`MLTK_BACKEND=<name>` or `with mltoolkit.backend("<name>"):` forces one backend; when the forced one refuses, the
+error lists every backend of the op and its reason.
 The choice is made when an op runs, so compiled graphs honour it too; enter the block outside the compiled
 function (torch.compile cannot trace ContextVar changes).
 """
@@ -53,6 +55,7 @@ class Backend:
     kernels: dict[str, Callable[..., Any]]
     supports: Callable[..., Reason]
     available: Callable[[], Reason] = lambda: None
+    defer: Callable[..., Reason] = lambda *_: None
 
     def reason(self, *args: Any) -> Reason:
         why = self.available()
@@ -67,10 +70,10 @@ class BackendTable:
     backends: list[Backend] = field(default_factory=list)
 
     def register(self, name: str, supports: Callable[..., Reason], available: Callable[[], Reason] = lambda: None,
-                 **kernels: Callable[..., Any]) -> None:
+                 defer: Callable[..., Reason] = lambda *_: None, **kernels: Callable[..., Any]) -> None:
         if name not in BACKEND_NAMES:
             raise ValueError(f"{self.op}: backend name {name!r} is not one of {BACKEND_NAMES}")
-        self.backends.append(Backend(name, kernels, supports, available))
+        self.backends.append(Backend(name, kernels, supports, available, defer))
 
     def get(self, name: str) -> Optional[Backend]:
         return next((b for b in self.backends if b.name == name), None)
@@ -86,13 +89,21 @@ class BackendTable:
             if why is None:
                 return chosen
             raise NoBackendError(f"{self.op}: forced backend {name!r} refused: {why}.\n" + self._explain(*args))
-        for b in self.backends:
-            if b.reason(*args) is None:
+        accepting = [b for b in self.backends if b.reason(*args) is None]
+        if not accepting:
+            raise NoBackendError(f"{self.op}: no backend accepts this input.\n" + self._explain(*args))
+        for b, after in zip(accepting, accepting[1:] + [None]):
+            # a backend defers only to another kernel, never to the plain-PyTorch reference
+            if after is None or after.name == "reference" or b.defer(*args) is None:
                 return b
-        raise NoBackendError(f"{self.op}: no backend accepts this input.\n" + self._explain(*args))
 
     def _explain(self, *args: Any) -> str:
-        return "\n".join(f"  {b.name}: {b.reason(*args) or 'accepts'}" for b in self.backends)
+        def status(b: Backend) -> str:
+            why = b.reason(*args)
+            deferred = b.defer(*args) if why is None else None
+            return why or (f"accepts, defers when not forced: {deferred}" if deferred else "accepts")
+
+        return "\n".join(f"  {b.name}: {status(b)}" for b in self.backends)
 
 
 _TABLES: dict[str, BackendTable] = {}

@@ -41,7 +41,7 @@ def _run(opt, params, steps, seed=1, none_every=0):
     g = torch.Generator().manual_seed(seed)
     for k in range(steps):
         for j, p in enumerate(params):
-            grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            grad = torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device)
             p.grad = None if none_every and (k + j) % none_every == 0 else grad
         opt.step()
 

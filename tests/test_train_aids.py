@@ -315,6 +315,8 @@ def test_amp_fp16_scaler_unscales_clips_and_skips_inf():
         Amp("bf16", "cpu").load_state_dict(state)
     with pytest.raises(ValueError, match="dtype"):
         Amp("int8", "cpu")
+    with pytest.raises(ValueError, match="scaler_kwargs"):
+        Amp("bf16", "cpu", scaler_kwargs={"init_scale": 8.0})
 
 
 def test_accumulation_with_fp16_amp():
@@ -378,7 +380,9 @@ def test_prefetcher_cuda_values_and_streams():
 def test_amp_fp16_and_bf16_cuda():
     for dtype in ("fp16", "bf16"):
         model = _mlp().cuda()
-        amp = Amp(dtype, "cuda")
+        # GradScaler's default first scale (2^16) overflows float16 at once: the gradient of the float16 output is
+        # the scale itself, above float16's largest value (65504), and that step would be skipped (correctly).
+        amp = Amp(dtype, "cuda", scaler_kwargs={"init_scale": 1024.0} if dtype == "fp16" else None)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with amp.autocast():
             out = model(torch.randn(3, 8, device="cuda"))

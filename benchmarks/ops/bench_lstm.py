@@ -37,7 +37,9 @@ def _call(mode: str, impl, layers: int):
     def call(x, *rest):
         states, params = rest[:n_states], list(rest[n_states:])
         hx = tuple(states) if mode == "lstm" else states[0]
-        return impl(x, hx, params, True, layers, 0.0, False, False, False)
+        # train=True when gradients are wanted (cuDNN's RNN backward needs its training-mode forward); dropout 0
+        train = any(t.requires_grad for t in (x, *rest))
+        return impl(x, hx, params, True, layers, 0.0, train, False, False)
     return call
 
 

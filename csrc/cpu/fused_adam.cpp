@@ -112,10 +112,9 @@ UpdateFn pick(bool decay, bool amsgrad, bool maximize) {
 
 }  // namespace
 
-std::string fused_adamw_cpu_unsupported(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                                        const std::vector<at::Tensor>& exp_avgs,
-                                        const std::vector<at::Tensor>& exp_avg_sqs,
-                                        const std::vector<at::Tensor>& max_exp_avg_sqs) {
+std::string fused_adamw_unsupported(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                                    const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                                    const std::vector<at::Tensor>& max_exp_avg_sqs, bool cuda) {
   const size_t n = params.size();
   if (grads.size() != n || (!exp_avgs.empty() && (exp_avgs.size() != n || exp_avg_sqs.size() != n)) ||
       (!max_exp_avg_sqs.empty() && max_exp_avg_sqs.size() != n))
@@ -123,16 +122,26 @@ std::string fused_adamw_cpu_unsupported(const std::vector<at::Tensor>& params, c
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const std::string at_i = "params[" + std::to_string(i) + "]";
-    if (!p.defined() || !p.device().is_cpu()) return "needs CPU tensors, got " + at_i + " elsewhere";
-    if (p.scalar_type() != at::kFloat) return "float32 only, got " + at_i + " of another dtype";
+    if (!p.defined()) return at_i + " is undefined";
+    if (cuda) {
+      if (!p.is_cuda()) return "needs CUDA tensors, got " + at_i + " on " + c10::DeviceTypeName(p.device().type(), true);
+      if (p.device() != params[0].device()) return "params on several devices (" + params[0].device().str() + ", " +
+                                                   p.device().str() + ")";
+      const auto t = p.scalar_type();
+      if (t != at::kFloat && t != at::kHalf && t != at::kBFloat16)
+        return "float32 / float16 / bfloat16 only, got " + at_i + " of " + c10::toString(t);
+    } else {
+      if (!p.device().is_cpu()) return "needs CPU tensors, got " + at_i + " elsewhere";
+      if (p.scalar_type() != at::kFloat) return "float32 only, got " + at_i + " of another dtype";
+    }
     if (p.layout() != at::kStrided || !p.is_non_overlapping_and_dense()) return at_i + " is not dense";
     const auto unlike_p = [&](const at::Tensor& t) {
-      return !t.defined() || t.scalar_type() != at::kFloat || t.layout() != at::kStrided || !t.device().is_cpu() ||
-             t.sizes() != p.sizes() || (t.numel() > 1 && t.strides() != p.strides());
+      return !t.defined() || t.scalar_type() != p.scalar_type() || t.layout() != at::kStrided ||
+             t.device() != p.device() || t.sizes() != p.sizes() || (t.numel() > 1 && t.strides() != p.strides());
     };
     if (unlike_p(grads[i]) || (!exp_avgs.empty() && (unlike_p(exp_avgs[i]) || unlike_p(exp_avg_sqs[i]))) ||
         (!max_exp_avg_sqs.empty() && unlike_p(max_exp_avg_sqs[i])))
-      return "grads / state of " + at_i + " are not float32 CPU tensors with its strides";
+      return "grads / state of " + at_i + " are not in its dtype, device and strides";
   }
   return "";
 }

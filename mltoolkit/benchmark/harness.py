@@ -543,10 +543,14 @@ def markdown_table(rows: list[dict]) -> str:
     if not timed:
         return "No results.\n"
     head = timed[0]
+    # rows of several runs share a file (write_results replaces an op's rows only): say which runs
+    times = sorted(r["timestamp"] for r in timed)
+    when = times[0] if times[0] == times[-1] else f"from {times[0]} to {times[-1]}"
+    shas = ", ".join(sorted({str(r.get("git_sha")) for r in timed}))
+    versions = ", ".join(sorted({f"torch {r['torch']}, triton {r['triton']}" for r in timed}))
     lines = [f"# Benchmarks on {head['device_name']} ({head['device']})", "",
-             f"Measured {head['timestamp']}, torch {head['torch']}, triton {head['triton']}, "
-             f"mltoolkit {head['git_sha']}, {head['threads']} CPU threads. Times are medians; speedups are "
-             "torch's time over the provider's.", "",
+             f"Measured {when} (each row's time and commit are in the .jsonl), {versions}, mltoolkit {shas}, "
+             f"{head['threads']} CPU threads. Times are medians; speedups are torch's time over the provider's.", "",
              "| op | config | dtype | mode | provider | median ms | vs eager | vs compile | GB/s | % of copy | "
              "% of peak | TFLOP/s | peak MB | SQNR dB |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from mltoolkit import ops
 from mltoolkit.ops.reference.int4 import group_params, pack_int4
+from mltoolkit.ops.reference.int8 import div_exact
 from mltoolkit.quantization.api import _ATTR, _plan, _set_submodule, model_bytes
 from mltoolkit.quantization.config import (
     Int4WeightOnlyConfig,
@@ -51,7 +52,7 @@ QAT_CONFIGS = (Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Int8
 
 def _absmax_scale(t: Tensor) -> Tensor:
     """quantize_per_token / quantize_per_channel's scale of each row of t (R, K): absmax / 127, 1 below FLT_MIN."""
-    s = t.detach().float().abs().amax(dim=-1) / 127
+    s = div_exact(t.detach().float().abs().amax(dim=-1), 127)
     return torch.where(s >= _TINY, s, torch.ones_like(s))
 
 

@@ -138,6 +138,8 @@ class Amp:
         self.device = torch.device(device)
         self.enabled = self.dtype is not None
         self.scaler: Optional[torch.amp.GradScaler] = None
+        if scaler_kwargs and self.dtype != torch.float16:
+            raise ValueError(f"scaler_kwargs configure fp16's GradScaler; Amp({dtype!r}) has no scaler")
         if self.dtype == torch.float16:
             self.scaler = torch.amp.GradScaler(self.device.type, **(scaler_kwargs or {}))
         self._unscaled: set[int] = set()

@@ -187,6 +187,24 @@ def _fake_cuda(*shape, dtype=torch.float32):
         return torch.empty(*shape, device="cuda", dtype=dtype)
 
 
+def test_backend_question_for_cuda_tensors():
+    """The cuda backend's `supports`, asked in C++ (fused_adamw_unsupported), on fake CUDA tensors: no GPU needed."""
+    from mltoolkit.ops.fused_adam import FUSED_ADAMW
+
+    if _ext.cpp_unavailable():
+        pytest.skip(_ext.cpp_unavailable())
+    ask = FUSED_ADAMW.get("cuda").supports
+    x, h = _fake_cuda(5), _fake_cuda(5, dtype=torch.float16)
+    assert ask([x], [x], [x], [x]) is None and ask([h], [h]) is None
+    assert ask([torch.zeros(5)], [x]) == "needs CUDA tensors, got params[0] on cpu"
+    assert ask([_fake_cuda(5, dtype=torch.float64)], [x]) == \
+        "float32 / float16 / bfloat16 only, got params[0] of Double"
+    assert ask([x, x], [x, h]) == "grads / state of params[1] are not in its dtype, device and strides"
+    assert ask([x], [x], [x], [_fake_cuda(6)]) == "grads / state of params[0] are not in its dtype, device and strides"
+    assert ask([_fake_cuda(3, 4)[:, :2]], [x]) == "params[0] is not dense"
+    assert ask([x], [x, x]) == "the tensor lists differ in length"
+
+
 @needs_cuda_build
 def test_glue_checks_name_the_argument():
     C = _ext._C

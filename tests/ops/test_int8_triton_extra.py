@@ -207,10 +207,10 @@ def test_conv2d_static_end_to_end(device):
     g = gen(10)
     x = torch.randn(2, 3, 6, 5, generator=g)
     w = torch.randn(4, 3, 3, 3, generator=g) / 5
-    wq, ws = ops.quantize_per_channel(ref8.conv_weight_2d(w))
     b = torch.randn(4, generator=g)
     s = (x.abs().amax() / 127).reshape(())
-    with mltoolkit.backend(None):
+    with mltoolkit.backend(None):  # the CPU side: the fixture forces 'triton', which takes CUDA tensors on a GPU
+        wq, ws = ops.quantize_per_channel(ref8.conv_weight_2d(w))
         want = ops.int8_conv2d_static(x, s, wq, ws, b, 3, 2, 1, 1)
     args = [t.to(device) for t in (x, s, wq, ws, b)]
     got = ops.int8_conv2d_static(*args, 3, 2, 1, 1)

@@ -26,6 +26,13 @@ def test_cuda_backends_registered_first():
         assert tab.get("cuda").reason(cpu) is not None  # never picked for CPU tensors
 
 
+@pytest.mark.parametrize("name,most_rows", [("int8", 16), ("int4", 2)])
+def test_cuda_defers_larger_batches_to_triton(name, most_rows):
+    defer = table(name).get("cuda").defer
+    assert defer(torch.zeros(most_rows, 32)) is None and defer(torch.zeros(1, most_rows, 32)) is None
+    assert "Triton" in defer(torch.zeros(most_rows + 1, 32)) and "Triton" in defer(torch.zeros(3, most_rows, 32))
+
+
 def _c():
     why = _ext.cuda_unavailable()
     if why is not None:

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from mltoolkit.ops.reference.int8 import div_exact
+
 GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -31,7 +33,7 @@ def group_params(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
     n, k = w.shape
     g = w.to(torch.float32).reshape(n, k // group_size, group_size)
     mn, mx = g.amin(dim=-1), g.amax(dim=-1)
-    scale = (mx - mn) / 15
+    scale = div_exact(mx - mn, 15)
     safe = mn.abs() / 8
     safe = torch.where(safe == 0, torch.ones_like(safe), safe)
     scale = torch.where(scale == 0, safe, scale)

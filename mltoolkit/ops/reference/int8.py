@@ -21,12 +21,19 @@ from torch import Tensor
 _TINY = torch.finfo(torch.float32).tiny  # FLT_MIN
 
 
+def div_exact(x: Tensor, divisor: int) -> Tensor:
+    """float32 x / divisor, correctly rounded on every device (the kernels' IEEE division). torch's CUDA kernel
+    multiplies by a rounded 1 / divisor when the divisor is a Python number (1 ulp off for some x); a float64
+    quotient rounded to float32 is the correctly rounded float32 quotient."""
+    return (x.double() / divisor).float()
+
+
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """x (R, K) float -> (q int8 (R, K), scale float32 (R,))."""
     xf = x.float()
     if xf.shape[-1] == 0:
         return torch.empty(xf.shape, dtype=torch.int8, device=x.device), xf.new_ones(xf.shape[:-1])
-    scale = xf.abs().amax(dim=-1) / 127
+    scale = div_exact(xf.abs().amax(dim=-1), 127)
     scale = torch.where(scale >= _TINY, scale, torch.ones_like(scale))
     q = torch.round(xf / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scale

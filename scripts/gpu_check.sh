@@ -11,7 +11,8 @@
 #   BENCH_LIMIT_S=170                     (seconds per benchmarked op; an entry NAME:SECONDS in BENCH_OPS_* sets its
 #                                          own: gpt2_train_step's compiled builds took over 170 s on 2026-11-27)
 # Order: build, self-checks, benchmarks of the newest kernels, tests, the other benchmarks.
-# The device tool brings back at most 8 files from $OUT: logs go into $OUT/logs.tgz (rewritten after every stage, so
+# Several calls on one warm machine each start from this checkout's results file: merge what they bring back with
+# scripts/merge_results.py. The device tool brings back at most 8 files from $OUT: logs go into $OUT/logs.tgz (rewritten after every stage, so
 # a run killed at its limit still returns what it did), results beside it. stdout carries a short summary only.
 # The GPU tests use one Triton config per kernel (MLTK_TRITON_AUTOTUNE=0): autotuning every small test shape would
 # take longer than the tests; the benchmarks autotune.

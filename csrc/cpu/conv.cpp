@@ -260,7 +260,10 @@ void to_nchw_epilogue(const Geo& g, const T* yl, const T* res, Act act, T* y) {
 
 // W^T in panels of Pn output channels: panel (gg, j) row (r, s, c) = w[gg * Kg + j * Pn + lane][(r, s, c)], zero
 // past Kg, from the weight's rows w (K, Kc) in their own memory order, (r, s, c) if w_rsc, else (c, r, s): the latter
-// are reordered per 16 rows in cache on the way (a kernel reading B rows R*S apart ran ~10% slower).
+// are reordered per 16 rows in cache on the way (a kernel reading B rows R*S apart ran ~10% slower): transposed whole
+// (16 x 16 register blocks) into tmp, whose rows (c, r, s) are then copied to the panel rows (r, s, c). Transposing
+// each row's (Cg x RS) block first, as before, ran the 9-wide 3x3 blocks through at::vec's generic edge loop: 2.7x
+// the time of packing channels-last weights (1.75 vs 0.65 ms for a 512 -> 512 3x3 weight, 2 threads).
 template <typename T>
 std::unique_ptr<T[]> pack_weight_panels(const Geo& g, const T* w, bool w_rsc, int64_t Pn) {
   constexpr int64_t B = 16;
@@ -273,11 +276,18 @@ std::unique_ptr<T[]> pack_weight_panels(const Geo& g, const T* w, bool w_rsc, in
     for (int64_t k0 = 0; k0 < jl; k0 += B) {
       const int64_t kl = std::min(B, jl - k0);
       const T* src = w + (gg * g.Kg + j0 + k0) * Kc;
-      if (!w_rsc) {  // each row (Cg x RS) -> (RS x Cg)
-        for (int64_t k = 0; k < kl; ++k) transpose(src + k * Kc, RS, tmp.data() + k * Kc, g.Cg, g.Cg, RS);
-        src = tmp.data();
+      if (w_rsc) {
+        transpose(src, Kc, panel + k0, Pn, kl, Kc);
+        continue;
       }
-      transpose(src, Kc, panel + k0, Pn, kl, Kc);
+      transpose(src, Kc, tmp.data(), B, kl, Kc);  // tmp[(c, rs) * B + i] = w row k0 + i at (c, rs)
+      const T* t = tmp.data();
+      for (int64_t c = 0; c < g.Cg; ++c)
+        for (int64_t rs = 0; rs < RS; ++rs, t += B) {
+          T* dst = panel + (rs * g.Cg + c) * Pn + k0;
+          if (kl == B) std::memcpy(dst, t, B * sizeof(T));
+          else std::copy(t, t + kl, dst);
+        }
     }
     if (jl < Pn)
       for (int64_t p = 0; p < Kc; ++p) std::fill(panel + p * Pn + jl, panel + (p + 1) * Pn, T(0));

@@ -89,13 +89,18 @@ class BackendTable:
             if why is None:
                 return chosen
             raise NoBackendError(f"{self.op}: forced backend {name!r} refused: {why}.\n" + self._explain(*args))
-        accepting = [b for b in self.backends if b.reason(*args) is None]
-        if not accepting:
+        # Asked lazily, in order (this runs on every op call): the first accepting backend, unless it defers and a
+        # later kernel accepts (a backend never defers to the plain-PyTorch reference).
+        accepting = (b for b in self.backends if b.reason(*args) is None)
+        first = next(accepting, None)
+        if first is None:
             raise NoBackendError(f"{self.op}: no backend accepts this input.\n" + self._explain(*args))
-        for b, after in zip(accepting, accepting[1:] + [None]):
-            # a backend defers only to another kernel, never to the plain-PyTorch reference
-            if after is None or after.name == "reference" or b.defer(*args) is None:
-                return b
+        while first.defer(*args) is not None:
+            after = next(accepting, None)
+            if after is None or after.name == "reference":
+                break
+            first = after
+        return first
 
     def _explain(self, *args: Any) -> str:
         def status(b: Backend) -> str:

@@ -1,5 +1,7 @@
 """int4 weight-only linear, quantize and dequantize on every CPU backend against the plain-PyTorch reference
 (mltoolkit/ops/reference/int4.py), plus SQNR against the float linear, gradients, opcheck, compile and bad input."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ import mltoolkit
 from mltoolkit import ops
 from mltoolkit.backends import table
 from mltoolkit.ops.reference import int4 as ref
-from mltoolkit.testing import Sample, assert_close, check_op, sqnr
+from mltoolkit.testing import PassThroughMode, Sample, assert_close, check_op, sqnr
 
 BACKENDS = ["cpp", "reference"]
 GROUPS = [32, 64, 128, 256]
@@ -206,6 +208,27 @@ def test_gradient_half_and_no_bias(backend):
         assert dx.dtype == dtype
         want = dy.float() @ ref.dequantize_int4(packed, scales, zeros, group)
         assert_close(dx, want, dtype=dtype, atol=1e-4 if dtype == torch.float32 else 0.05)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_fast_path_matches_registered_op(backend):
+    """Plain eager calls skip the custom-op dispatch; any active mode takes the registered op. Both agree bit for
+    bit, gradients included, with and without autograd recording."""
+    skip_unavailable(backend)
+    n, k, group = 33, 64, 32
+    _, (packed, scales, zeros) = quantized(n, k, group)
+    x0, b0 = torch.randn(3, 2, k, generator=gen(13)), torch.randn(n, generator=gen(14))
+    dy = torch.randn(3, 2, n, generator=gen(15))
+    results = []
+    for mode in (contextlib.nullcontext(), PassThroughMode()):
+        x, b = x0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        with mltoolkit.backend(backend), mode:
+            y = ops.int4_weight_only_linear(x, packed, scales, zeros, group, b)
+            with torch.no_grad():
+                y_nograd = ops.int4_weight_only_linear(x, packed, scales, zeros, group, b)
+        results.append((y.detach(), y_nograd, *torch.autograd.grad(y, (x, b), dy)))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

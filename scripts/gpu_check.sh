@@ -73,6 +73,9 @@ if has build; then
   { env | grep -E "^(LDFLAGS|CFLAGS|CXXFLAGS|CPPFLAGS|CXX|CC)=" ; readelf -d mltoolkit/_C*.so | grep NEEDED; } \
     | tee "$LOGS/link.log"
   grep -q "libstdc++" "$LOGS/link.log" || echo "WARNING: _C does not link the shared libstdc++ (see setup.py): error messages will crash"
+  # The extension's own checks (shared libstdc++, whole error messages): not CUDA-marked, so the GPU test run skips them.
+  run build-tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_build.py
+  tail -2 "$LOGS/build-tests.log"
 fi
 
 SELFCHECKS="${SELFCHECKS-conv attention norm quant optim}"

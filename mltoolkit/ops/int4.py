@@ -17,7 +17,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from mltoolkit import _ext
 from mltoolkit.backends import backend, forced_backend, table
@@ -214,8 +213,7 @@ class _EagerInt4Linear(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
+    def backward(ctx, dy):  # differentiable (dy @ w'), as the registered op's backward is
         return _backward(ctx, dy)
 
 

@@ -229,6 +229,15 @@ def test_eager_fast_path_matches_registered_op(backend):
         results.append((y.detach(), y_nograd, *torch.autograd.grad(y, (x, b), dy)))
     for got, want in zip(*results):
         assert torch.equal(got, want)
+    # double backward (a gradient penalty on x) works on both paths too, with the same result
+    second = []
+    for mode in (contextlib.nullcontext(), PassThroughMode()):
+        x = x0.clone().requires_grad_(True)
+        with mltoolkit.backend(backend), mode:
+            y = ops.int4_weight_only_linear(x, packed, scales, zeros, group)
+            (dx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+            second.append(torch.autograd.grad((dx * dx).sum(), x)[0])
+    assert torch.equal(*second)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

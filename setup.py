@@ -81,9 +81,8 @@ def _cpu_isa_flags():
 
 
 def _runtime_libstdcxx():
-    """The path of the libstdc++.so.6 this process (with torch imported) runs on, or None off Linux."""
-    import torch  # noqa: F401  (loads the libstdc++ that torch and therefore _C will run on)
-
+    """The path of the libstdc++.so.6 this process runs on (torch, imported above, loaded it; _C will run on it
+    too), or None off Linux."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "/libstdc++.so.6" in line}

@@ -64,6 +64,20 @@ def triton_device(x, *_) -> Optional[str]:
     return "needs a CUDA tensor (or TRITON_INTERPRET=1 and a forced 'triton' backend)"
 
 
+def defer_above_rows(most: int, faster: str):
+    """A backend's `defer` (mltoolkit.backends): inputs of more than `most` rows (all dims but the last) go to the
+    next accepting kernel, measured faster (`faster` names it in the reason)."""
+    def defer(t, *_) -> Optional[str]:
+        rows = t.numel() // max(t.shape[-1], 1)
+        return f"{rows} rows: {faster} is faster above {most}" if rows > most else None
+    return defer
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd records a call on these tensors (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -83,6 +97,6 @@ def call_op(op, eager_function, impl, args: tuple, tensors: tuple, grad_tensors:
     requires grad, impl(*args) otherwise."""
     if not plain_eager(*tensors):
         return op(*args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (grad_tensors or tensors)):
+    if needs_grad(*(grad_tensors or tensors)):
         return eager_function.apply(*args)
     return impl(*args)

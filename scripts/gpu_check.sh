@@ -12,8 +12,9 @@
 #                                          own: gpt2_train_step's compiled builds took over 170 s on 2026-11-27)
 # Order: build, self-checks, benchmarks of the newest kernels, tests, the other benchmarks.
 # Several calls on one warm machine each start from this checkout's results file: merge what they bring back with
-# scripts/merge_results.py. The device tool brings back at most 8 files from $OUT: logs go into $OUT/logs.tgz (rewritten after every stage, so
-# a run killed at its limit still returns what it did), results beside it. stdout carries a short summary only.
+# scripts/merge_results.py. The device tool brings back at most 8 files from $OUT: logs go into $OUT/logs.tgz
+# (rewritten after every stage, so a run killed at its limit still returns what it did), results beside it. stdout
+# carries a short summary only.
 # The GPU tests use one Triton config per kernel (MLTK_TRITON_AUTOTUNE=0): autotuning every small test shape would
 # take longer than the tests; the benchmarks autotune.
 set -uo pipefail
@@ -79,30 +80,24 @@ if has build; then
 fi
 
 SELFCHECKS="${SELFCHECKS-conv attention norm quant optim}"
-checks() { [[ " $SELFCHECKS " == *" $1 "* ]]; }
+# selfcheck NAME SECONDS PATTERN LINES SCRIPT ARGS...: the self-check NAME when SELFCHECKS lists it, then the first
+# LINES lines of its log that match PATTERN (failures and timing tables)
+selfcheck() {
+  local name=$1 secs=$2 pattern=$3 lines=$4; shift 4
+  [[ " $SELFCHECKS " == *" $name "* ]] || return 0
+  run "selfcheck-$name" "$secs" $PY -X faulthandler "$@"
+  grep -E "$pattern" "$LOGS/selfcheck-$name.log" | head -"$lines"
+}
 if has selfcheck; then
   step "CUDA kernel self-checks ($SELFCHECKS)"
-  # Each prints one row per case and a summary; show the failures and the timing tables.
-  if checks conv; then
-    run selfcheck-conv 90 $PY -X faulthandler scripts/cuda_conv_selfcheck.py --quick
-    grep -E "FAIL|ERROR|raised|Fatal|passed|failed|TFLOP|cuDNN|ratio|x[0-9]|exit" "$LOGS/selfcheck-conv.log" | head -45
-  fi
-  if checks attention; then
-    run selfcheck-attention 80 $PY -X faulthandler scripts/cuda_attention_selfcheck.py --quick
-    grep -E "FAIL|ERROR|raised|Fatal|passed|failed|exit" "$LOGS/selfcheck-attention.log" | head -30
-  fi
-  if checks norm; then
-    run selfcheck-norm 35 $PY -X faulthandler scripts/cuda_norm_selfcheck.py
-    grep -E "FAIL|ERROR|raised|Fatal|passed|failed|exit" "$LOGS/selfcheck-norm.log" | head -12
-  fi
-  if checks quant; then
-    run selfcheck-quant 70 $PY -X faulthandler scripts/quant_cuda_selfcheck.py --quick --bench
-    grep -E "FAIL|ERROR|raised|Fatal|failures|ratio|int8 M|int4 M|exit" "$LOGS/selfcheck-quant.log" | head -24
-  fi
-  if checks optim; then
-    run selfcheck-optim 90 $PY -X faulthandler scripts/optim_cuda_selfcheck.py
-    grep -E "FAIL|ERROR|raised|Fatal|passed|failed|---| ms |exit" "$LOGS/selfcheck-optim.log" | head -30
-  fi
+  # Each prints one row per case and a summary.
+  selfcheck conv 90 "FAIL|ERROR|raised|Fatal|passed|failed|TFLOP|cuDNN|ratio|x[0-9]|exit" 45 \
+    scripts/cuda_conv_selfcheck.py --quick
+  selfcheck attention 80 "FAIL|ERROR|raised|Fatal|passed|failed|exit" 30 scripts/cuda_attention_selfcheck.py --quick
+  selfcheck norm 35 "FAIL|ERROR|raised|Fatal|passed|failed|exit" 12 scripts/cuda_norm_selfcheck.py
+  selfcheck quant 70 "FAIL|ERROR|raised|Fatal|failures|ratio|int8 M|int4 M|exit" 24 \
+    scripts/quant_cuda_selfcheck.py --quick --bench
+  selfcheck optim 90 "FAIL|ERROR|raised|Fatal|passed|failed|---| ms |exit" 30 scripts/optim_cuda_selfcheck.py
 fi
 
 if has bench; then

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mltoolkit import ops
+from mltoolkit import _ext, ops
 from mltoolkit.ops.reference import conv as ops_reference
 
 
@@ -74,7 +74,7 @@ def _folded(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> tuple[Tensor, Te
     if bn.training or bn.running_mean is None or torch.compiler.is_compiling():
         return None
     tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _ext.needs_grad(*tensors):
         return None
     key = (bn.eps, *((None, None) if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors))
     cached = conv.__dict__.get("_mltk_folded")

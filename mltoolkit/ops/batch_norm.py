@@ -212,7 +212,7 @@ def _eager_forward(*args):
 def _autograd_kernel(keyset, input, weight, bias, running_mean, running_var, training, momentum, eps, activation,
                      residual):
     args = (input, weight, bias, running_mean, running_var, training, momentum, eps, activation, residual)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)):
+    if _ext.needs_grad(input, weight, bias, residual):
         return _BatchNormAct.apply(keyset, *args)
     with torch._C._AutoDispatchBelowAutograd():
         return _FWD.redispatch(keyset & torch._C._after_autograd_keyset, *args)

@@ -27,20 +27,12 @@ X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 INT4 = table("int4")
 
-def _cuda_defers(t: Tensor, *_) -> Optional[str]:
-    # H100, bf16, K = N = 8192, g128 (benchmarks/results/nvidia-h100-80gb-hbm3.md, 2026-11-27): the CUDA GEMV took
-    # 0.041 ms at M = 1 (Triton 0.138) but 0.663 ms at M = 16, where Triton's split-K kernel took 0.158.
-    # (quantize / dequantize, one-time conversions bit-exact on both backends, follow the same rule on w / packed)
-    rows = t.numel() // max(t.shape[-1], 1)
-    return f"{rows} rows: the Triton kernel is faster above {_CUDA_MAX_ROWS}" if rows > _CUDA_MAX_ROWS else None
-
-
-_CUDA_MAX_ROWS = 2
-
 # CUDA C++ (csrc/cuda/int4_linear.cu): a weight-streaming kernel for M <= 16, tensor cores for larger fp16 / bf16
-# batches (used unforced for M <= 2 only, see _cuda_defers); quantize_int4 (a one-time conversion) runs the
-# reference's torch ops on the GPU.
-INT4.register("cuda", _ext.on_cuda, _ext.cuda_unavailable, defer=_cuda_defers,
+# batches; unforced, up to 2 rows only. H100, bf16, K = N = 8192, g128 (benchmarks/results/nvidia-h100-80gb-hbm3.md,
+# 2026-11-27): the CUDA GEMV took 0.041 ms at M = 1 (Triton 0.138) but 0.663 ms at M = 16, where Triton's split-K
+# kernel took 0.158. quantize_int4 / dequantize_int4 (one-time conversions, bit-exact on both backends) follow the
+# same rule on w / packed: the CUDA backend's quantize is the reference's torch ops on the GPU.
+INT4.register("cuda", _ext.on_cuda, _ext.cuda_unavailable, defer=_ext.defer_above_rows(2, "the Triton kernel"),
               linear=lambda *a: _ext._C.int4_weight_only_linear_cuda(*a),
               quantize=reference.quantize_int4,
               dequantize=lambda *a: _ext._C.dequantize_int4_cuda(*a))

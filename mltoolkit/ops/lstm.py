@@ -342,10 +342,6 @@ class RNNArgumentError(ValueError, RuntimeError):
     """A bad argument to an LSTM / GRU (a ValueError; also a RuntimeError, which is what torch raises there)."""
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _check_cell(fn: str, input: Tensor, hx: Sequence[Tensor], w_ih: Tensor, w_hh: Tensor, gates: int) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"{fn}: input must be a Tensor, got {type(input).__name__}")
@@ -390,7 +386,7 @@ def _project(x: Tensor, w_ih: Tensor, bias: Optional[Tensor]) -> Tensor:
     through oneDNN's matmul with w_ih reordered to its blocked layout (the same path the C++ kernel takes for the
     recurrent GEMM; ~15% faster than F.linear's MKL sgemm at (4096 x 512) @ (512 x 2048) on the dev VM); everything
     else (autograd, compile, other devices and dtypes) takes F.linear."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and not _needs_grad(x, w_ih, bias) and x.shape[0] > 0
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and not _ext.needs_grad(x, w_ih, bias) and x.shape[0] > 0
             and torch.backends.mkldnn.is_available() and _ext.plain_eager(x, w_ih, bias)
             and LSTM.select(x).name == "cpp"):
         try:
@@ -465,13 +461,13 @@ def _layers(mode: str, x: Tensor, batch_sizes: Optional[Tensor], hx: Sequence[Te
                                                  batch_sizes, reverse)
                 c_n.append(c)
             elif mode == "lstm":
-                save = _needs_grad(x, w_ih, bias, hx[0], hx[1], w_hh)
+                save = _ext.needs_grad(x, w_ih, bias, hx[0], hx[1], w_hh)
                 out, h, c, _, _ = torch.ops.mltoolkit.lstm_layer_fwd(x, hx[0][k], hx[1][k], w_ih, w_hh, bias,
                                                                      batch_sizes, reverse, save)
                 c_n.append(c)
             else:
                 x_proj = _project(x, w_ih, b_ih)
-                save = _needs_grad(x_proj, hx[0], w_hh, b_hh)
+                save = _ext.needs_grad(x_proj, hx[0], w_hh, b_hh)
                 out, h, _ = torch.ops.mltoolkit.gru_layer_fwd(x_proj, hx[0][k], w_hh, b_hh, batch_sizes, reverse,
                                                               save)
             outs.append(out)

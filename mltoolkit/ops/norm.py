@@ -214,7 +214,7 @@ def _run(fn: str, x: Tensor, residual: Optional[Tensor], normalized_shape, weigh
     flat_param = lambda p: None if p is None else _param(p, x.dtype).reshape(width)
     args = (flat(x), flat(residual), flat_param(weight), flat_param(bias), float(eps), is_rms)
     if _ext.plain_eager(*args[:4]):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4]):
+        if _ext.needs_grad(*args[:4]):
             out = _EagerNorm.apply(*args)
             y, residual_out = out if residual is not None else (out, None)
         else:  # nothing to record: the kernels alone (autograd.Function.apply costs ~4 us a call)

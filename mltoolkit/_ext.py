@@ -1,11 +1,15 @@
 """Loads the compiled extension mltoolkit._C without ever failing the import of mltoolkit."""
 from __future__ import annotations
 
+import functools
 import importlib.util
+import math
 import os
 from typing import Optional
 
 import torch
+
+from mltoolkit.backends import forced_backend
 
 try:
     from mltoolkit import _C  # type: ignore[attr-defined]
@@ -31,7 +35,9 @@ def cuda_unavailable() -> Optional[str]:
     return None
 
 
+@functools.cache
 def triton_unavailable() -> Optional[str]:
+    """Asked on every op call by the backend tables: answered once (whether triton imports cannot change)."""
     try:
         import triton  # noqa: F401
     except ImportError as exc:
@@ -44,23 +50,34 @@ def triton_interpreted() -> bool:
 
 
 # Device predicates shared by the backend tables (None: accepted; else the reason), given an op's first tensor.
+# They run for every op call, so the common answers are prebuilt strings and `is_cpu` / `is_cuda` (reading
+# `x.device` builds a torch.device, ~0.2 us).
+_NEEDS_CUDA_GOT_CPU = "needs a CUDA tensor, got cpu"
+_NEEDS_CPU_GOT_CUDA = "needs a CPU tensor, got cuda"
+_TRITON_CPU_UNFORCED = "CPU tensors run through Triton only when forced"
+
 
 def on_cuda(x, *_) -> Optional[str]:
-    return None if x.is_cuda else f"needs a CUDA tensor, got {x.device.type}"
+    if x.is_cuda:
+        return None
+    return _NEEDS_CUDA_GOT_CPU if x.is_cpu else f"needs a CUDA tensor, got {x.device.type}"
 
 
 def on_cpu(x, *_) -> Optional[str]:
-    return None if x.device.type == "cpu" else f"needs a CPU tensor, got {x.device.type}"
+    if x.is_cpu:
+        return None
+    return _NEEDS_CPU_GOT_CUDA if x.is_cuda else f"needs a CPU tensor, got {x.device.type}"
 
 
 def triton_device(x, *_) -> Optional[str]:
     if x.is_cuda:
         return None
-    if x.device.type == "cpu" and triton_interpreted():
+    if x.is_cpu:
         # The interpreter is a correctness tool, far too slow to be picked on its own.
-        from mltoolkit.backends import forced_backend
-
-        return None if forced_backend() == "triton" else "CPU tensors run through Triton only when forced"
+        if forced_backend() != "triton":
+            return _TRITON_CPU_UNFORCED
+        if triton_interpreted():
+            return None
     return "needs a CUDA tensor (or TRITON_INTERPRET=1 and a forced 'triton' backend)"
 
 
@@ -71,6 +88,17 @@ def defer_above_rows(most: int, faster: str):
         rows = t.numel() // max(t.shape[-1], 1)
         return f"{rows} rows: {faster} is faster above {most}" if rows > most else None
     return defer
+
+
+def as_rows(x):
+    """x (..., K) as a (rows, K) matrix, for the linear ops' 2-D kernels (reshape costs ~0.6 us a call even when it
+    changes nothing, so a 2-D x is returned as is; math.prod keeps K = 0 working)."""
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def from_rows(y, x):
+    """The (rows, N) result of a linear op on as_rows(x), shaped (..., N) like x."""
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def needs_grad(*tensors) -> bool:
@@ -85,10 +113,13 @@ def plain_eager(*tensors) -> bool:
     """True outside every tracer, transform and mode, on plain tensors: there a registered op and its eager
     autograd.Function twin (which skips the custom-op dispatch) are interchangeable. Anything compiled, exported,
     faked, vmapped or intercepted takes the registered op."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or torch._C._are_functorch_transforms_active()
-                or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
-                or any(t is not None and type(t) not in _PLAIN for t in tensors))
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()):
+        return False
+    for t in tensors:  # (a loop: any() over a generator costs ~0.4 us more a call)
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return True
 
 
 def call_op(op, eager_function, impl, args: tuple, tensors: tuple, grad_tensors: Optional[tuple] = None):

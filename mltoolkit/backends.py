@@ -25,11 +25,25 @@ BACKEND_NAMES = ("cuda", "triton", "cpp", "reference")
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mltoolkit_backend", default=None)
 
 
+# Every op call reads MLTK_BACKEND (so setting it at run time works). os.environ.get costs ~0.5 us, mostly
+# encoding the key and raising KeyError when it is unset; CPython's os.environ keeps its values in the dict
+# `_data` under encoded keys, read here directly where it exists.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("MLTK_BACKEND") if isinstance(_ENV_DATA, dict) else None
+
+
+def _env_backend() -> Optional[str]:
+    if _ENV_KEY is None:
+        return os.environ.get("MLTK_BACKEND") or None
+    raw = _ENV_DATA.get(_ENV_KEY)
+    return os.environ.decodevalue(raw) or None if raw is not None else None
+
+
 def forced_backend() -> Optional[str]:
     """The backend forced by `mltoolkit.backend(...)` (innermost wins) or, failing that, by MLTK_BACKEND."""
     inner = _forced.get()
     if inner is None:
-        return os.environ.get("MLTK_BACKEND") or None
+        return _env_backend()
     return inner or None
 
 
@@ -91,16 +105,18 @@ class BackendTable:
             raise NoBackendError(f"{self.op}: forced backend {name!r} refused: {why}.\n" + self._explain(*args))
         # Asked lazily, in order (this runs on every op call): the first accepting backend, unless it defers and a
         # later kernel accepts (a backend never defers to the plain-PyTorch reference).
-        accepting = (b for b in self.backends if b.reason(*args) is None)
-        first = next(accepting, None)
-        if first is None:
-            raise NoBackendError(f"{self.op}: no backend accepts this input.\n" + self._explain(*args))
-        while first.defer(*args) is not None:
-            after = next(accepting, None)
-            if after is None or after.name == "reference":
+        chosen = None
+        for b in self.backends:
+            if b.available() is not None or b.supports(*args) is not None:
+                continue
+            if chosen is not None and b.name == "reference":
                 break
-            first = after
-        return first
+            chosen = b
+            if b.defer(*args) is None:
+                break
+        if chosen is None:
+            raise NoBackendError(f"{self.op}: no backend accepts this input.\n" + self._explain(*args))
+        return chosen
 
     def _explain(self, *args: Any) -> str:
         def status(b: Backend) -> str:

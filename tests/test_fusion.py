@@ -352,6 +352,29 @@ def test_folded_weights_cache_follows_in_place_updates():
         assert_close(m(x), seq(x), atol=1e-5, name="after an eps change")
 
 
+def test_folded_weights_cache_follows_new_tensors():
+    """A pruning mask (a parametrization: a new weight tensor on every access, often at a freed one's address) and
+    reassigned parameters refold: the cache compares the tensors themselves, not just addresses and versions (it
+    gave stale outputs for the parametrized weight once its original changed)."""
+    from mltoolkit import pruning
+
+    torch.manual_seed(0)
+    m = mltoolkit.nn.Conv2dBNAct(4, 8, 3, padding=1).eval()
+    pruning.magnitude_prune(m, amount=0.5)
+    seq = torch.nn.Sequential(m.conv, m.bn, torch.nn.ReLU())
+    original = m.conv.parametrizations.weight.original
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        for step in range(40):
+            assert_close(m(x), seq(x), atol=1e-5, name=f"masked weight, step {step}")
+            original.add_(torch.randn_like(original) * 0.1)  # an optimizer step on the original
+        plain = mltoolkit.nn.Conv2dBNAct(4, 8, 3, padding=1).eval()
+        seq = torch.nn.Sequential(plain.conv, plain.bn, torch.nn.ReLU())
+        for step in range(40):
+            plain.conv.weight = torch.nn.Parameter(torch.randn(8, 4, 3, 3))
+            assert_close(plain(x), seq(x), atol=1e-5, name=f"reassigned weight, step {step}")
+
+
 def test_conv2d_act():
     x, w, b, r = torch.randn(2, 4, 7, 7), torch.randn(6, 2, 3, 3), torch.randn(6), torch.randn(2, 6, 4, 4)
     y = ops.conv2d_act(x, w, b, stride=2, padding=1, groups=2, activation="hardswish", residual=r)

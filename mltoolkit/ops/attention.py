@@ -328,6 +328,10 @@ def _broadcast_heads(fn: str, query: Tensor, key: Tensor, value: Tensor, enable_
     """torch's shape rules: dims before (length, head_dim) broadcast, the last of them being heads, where
     enable_gqa lets query heads be a multiple of key/value heads (one key/value head broadcasts anyway).
     Returns 4-D (B, H, L, D) q, k, v with a contiguous last dim and the output's leading shape."""
+    lead = query.shape[:2]
+    if query.dim() == key.dim() == value.dim() == 4 and lead == key.shape[:2] == value.shape[:2]:
+        # The common call: (B, H, L, D) with the same batch and heads throughout, nothing to broadcast.
+        return _last_dim_contiguous(query), _last_dim_contiguous(key), _last_dim_contiguous(value), tuple(lead)
     leads = [t.shape[:-2] if t.dim() > 2 else (1,) for t in (query, key, value)]
     heads = [lead[-1] if lead else 1 for lead in leads]
     hq, hk, hv = heads

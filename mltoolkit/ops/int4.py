@@ -245,8 +245,7 @@ def int4_weight_only_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Te
     fn = "int4_weight_only_linear"
     n, k = _check_weight(fn, packed, scales, zeros, group_size)
     _check_x(fn, x, k, n, packed.device, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(lead.numel(), k)
+    x2 = _ext.as_rows(x)
     y = _ext.call_op(torch.ops.mltoolkit.int4_weight_only_linear, _EagerInt4Linear, _linear_impl,
                      (x2, packed, scales, zeros, group_size, bias), (x2, packed, scales, zeros, bias), (x2, bias))
-    return y.reshape(*lead, n)
+    return _ext.from_rows(y, x)

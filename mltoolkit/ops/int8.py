@@ -271,10 +271,9 @@ def int8_linear_dynamic(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[T
     fn = "int8_linear_dynamic"
     _float_input(fn, "x", x)
     lead, K = tuple(x.shape[:-1]), x.shape[-1]
-    n = _check_linear(fn, K, lead, None, wq, w_scale, bias, x, "x")
-    x2 = x.reshape(math.prod(lead), K)
-    xq, xs = _quantize(x2, quantize_per_token_op)
-    return _linear(xq, xs, wq, w_scale, bias, x.dtype).reshape(*lead, n)
+    _check_linear(fn, K, lead, None, wq, w_scale, bias, x, "x")
+    xq, xs = _quantize(_ext.as_rows(x), quantize_per_token_op)
+    return _ext.from_rows(_linear(xq, xs, wq, w_scale, bias, x.dtype), x)
 
 
 def int8_pack_weight(wq: Tensor) -> Tensor:

@@ -52,9 +52,12 @@ INT8_WO.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
 INT8_WO.register("reference", lambda *_: None, linear=reference.int8_weight_only_linear, dx=_dx)
 
 
-@torch.library.custom_op("mltoolkit::int8_weight_only_linear", mutates_args=())
-def int8_weight_only_linear_op(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def _linear_impl(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return INT8_WO.select(x).kernels["linear"](x, wq, w_scale, bias)
+
+
+int8_weight_only_linear_op = torch.library.custom_op("mltoolkit::int8_weight_only_linear",
+                                                     mutates_args=())(_linear_impl)
 
 
 @int8_weight_only_linear_op.register_fake
@@ -87,6 +90,21 @@ def _backward(ctx, dy):
 int8_weight_only_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerInt8WeightOnlyLinear(torch.autograd.Function):
+    """The registered op's forward and backward without the custom-op dispatch (most of a decode-size call's host
+    time); plain eager calls only (see mltoolkit._ext.plain_eager)."""
+
+    @staticmethod
+    def forward(ctx, x, wq, w_scale, bias):
+        y = _linear_impl(x, wq, w_scale, bias)
+        _setup_context(ctx, (x, wq, w_scale, bias), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _backward(ctx, dy)
+
+
 def int8_weight_only_linear(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """F.linear(x, wq * w_scale[:, None], bias) without the float weight.
 
@@ -115,6 +133,7 @@ def int8_weight_only_linear(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Option
         if t.device != x.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
     check_linear_bias(fn, bias, x, n)
-    lead = x.shape[:-1]
-    y = torch.ops.mltoolkit.int8_weight_only_linear(x.reshape(lead.numel(), k), wq, w_scale, bias)  # K = 0 too
-    return y.reshape(*lead, n)
+    x2 = _ext.as_rows(x)
+    y = _ext.call_op(torch.ops.mltoolkit.int8_weight_only_linear, _EagerInt8WeightOnlyLinear, _linear_impl,
+                     (x2, wq, w_scale, bias), (x2, wq, w_scale, bias), (x2, bias))
+    return _ext.from_rows(y, x)

@@ -226,7 +226,9 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
         if not isinstance(flag, bool):
             raise TypeError(f"{fn}: {name} must be a bool, got {type(flag).__name__}")
     seqlen = x.shape[1]
-    cos, sin = _table_dtype(cos[:seqlen], x.dtype), _table_dtype(sin[:seqlen], x.dtype)
+    if cos.shape[0] != seqlen:
+        cos, sin = cos[:seqlen], sin[:seqlen]
+    cos, sin = _table_dtype(cos, x.dtype), _table_dtype(sin, x.dtype)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
     eager = _ext.plain_eager(x, cos, sin)
     if inplace and not needs_grad:
@@ -238,6 +240,10 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     # In place with cos/sin gradients, the backward needs x as it was: rotate a copy so that x.copy_ below does
     # not invalidate the saved tensor.
     src = x.clone() if inplace and (cos.requires_grad or sin.requires_grad) else x
-    out = _EagerRotary.apply(src, cos, sin, interleaved, False) if eager else \
-        torch.ops.mltoolkit.rotary(src, cos, sin, interleaved, False)
+    if not eager:
+        out = torch.ops.mltoolkit.rotary(src, cos, sin, interleaved, False)
+    elif needs_grad:
+        out = _EagerRotary.apply(src, cos, sin, interleaved, False)
+    else:  # nothing to record: the kernel alone (autograd.Function.apply costs ~4 us a call)
+        out = _rotated(src, cos, sin, interleaved, False)
     return x.copy_(out) if inplace else out

@@ -20,6 +20,11 @@ from mltoolkit.quantization.config import (
 )
 
 
+def _bias_like(bias: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """The bias in x's dtype (Tensor.to costs ~0.8 us even when it returns the tensor itself)."""
+    return bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
+
+
 def _bias_buffer(linear: Optional[nn.Linear], out_features: int, device, dtype) -> Optional[Tensor]:
     if linear is not None:
         return None if linear.bias is None else linear.bias.detach().clone()
@@ -76,7 +81,7 @@ class Int8Linear(_Int8WeightLinear):
         return _cpu_packed(self, lambda w: w)
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = _bias_like(self.bias, x)
         return ops.int8_linear_dynamic(x, self._weight(), self.weight_scale, bias)
 
 
@@ -112,7 +117,7 @@ class Int4Linear(nn.Module):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = _bias_like(self.bias, x)
         return ops.int4_weight_only_linear(x, self.weight_packed, self.weight_scales, self.weight_zeros,
                                            self.group_size, bias)
 
@@ -127,7 +132,7 @@ class Int8WeightOnlyLinear(_Int8WeightLinear):
     x stays in its float dtype. Differentiable in x; the quantized weight is frozen."""
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = _bias_like(self.bias, x)
         return ops.int8_weight_only_linear(x, self.weight_int8, self.weight_scale, bias)
 
 
@@ -164,7 +169,7 @@ class Int8StaticLinear(_Int8WeightLinear):
         return _cpu_packed(self, lambda w: w)
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = _bias_like(self.bias, x)
         return ops.int8_linear_static(x, self.input_scale, self._weight(), self.weight_scale, bias)
 
     def extra_repr(self) -> str:
@@ -231,7 +236,7 @@ class Int8Conv2d(nn.Module):
         return _cpu_packed(self, lambda w: conv_weight_2d(w).contiguous())
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = _bias_like(self.bias, x)
         return ops.int8_conv2d_static(x, self.input_scale, self._weight(), self.weight_scale, bias, self.kernel_size,
                                       self.stride, self.padding, self.dilation)
 

@@ -1,5 +1,7 @@
 """int8 weight-only linear (int8 weights, float activations) on every CPU backend against the plain-PyTorch
 reference and the float linear (SQNR), gradients, opcheck, compile and bad input."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ import mltoolkit
 from mltoolkit import ops
 from mltoolkit.backends import table
 from mltoolkit.ops.reference import int8 as reference
-from mltoolkit.testing import Sample, check_op, sqnr
+from mltoolkit.testing import PassThroughMode, Sample, check_op, sqnr
 
 BACKENDS = ["cpp", "reference"]
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
@@ -139,6 +141,26 @@ def test_gradients_opcheck_compile(backend):
     x = torch.randn(4, 65)
     with mltoolkit.backend(backend):
         assert torch.equal(torch.compile(fn, fullgraph=True)(x), fn(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_fast_path_matches_registered_op(backend):
+    """Plain eager calls skip the custom-op dispatch; any active mode takes the registered op. Both agree bit for
+    bit, gradients included, with and without autograd recording."""
+    skip_unavailable(backend)
+    _, wq, ws = weights(33, 64, 5)
+    x0, b0 = torch.randn(3, 2, 64, generator=gen(13)), torch.randn(33, generator=gen(14))
+    dy = torch.randn(3, 2, 33, generator=gen(15))
+    results = []
+    for mode in (contextlib.nullcontext(), PassThroughMode()):
+        x, b = x0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        with mltoolkit.backend(backend), mode:
+            y = ops.int8_weight_only_linear(x, wq, ws, b)
+            with torch.no_grad():
+                y_nograd = ops.int8_weight_only_linear(x, wq, ws, b)
+        results.append((y.detach(), y_nograd, *torch.autograd.grad(y, (x, b), dy)))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
 
 
 def test_bad_input():

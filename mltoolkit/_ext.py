@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import operator
 import os
 from typing import Optional
 
@@ -99,6 +100,22 @@ def as_rows(x):
 def from_rows(y, x):
     """The (rows, N) result of a linear op on as_rows(x), shaped (..., N) like x."""
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def cached_derived(store: dict, name: str, tensors: tuple, compute, extra: tuple = ()):
+    """compute(*tensors), kept in store[name] and reused while `tensors` are the very same objects with the same
+    storage addresses and version counters (an in-place change refreshes it) and `extra` is equal. The cache holds
+    the tensors themselves: a new tensor often takes a freed one's address with the same version (a reassigned
+    parameter, or a parametrization such as a pruning mask, which makes a new weight on every access), so
+    addresses and versions alone would hand out a stale value."""
+    stamp = [*extra]
+    for t in tensors:
+        stamp.append(None if t is None else (t.data_ptr(), t._version))
+    cached = store.get(name)
+    if cached is None or cached[1] != stamp or not all(map(operator.is_, cached[0], tensors)):
+        cached = (tensors, stamp, compute(*tensors))
+        store[name] = cached
+    return cached[2]
 
 
 def needs_grad(*tensors) -> bool:

@@ -99,6 +99,24 @@ def test_int8_linear_under_compile():
     assert torch.equal(eager, compiled)
 
 
+def test_int8_linear_packed_weight_cache_follows_new_buffers():
+    """The CPU kernel's packed weight is cached per module; reassigned (and in-place changed) weight buffers are
+    repacked, also when a new buffer takes the freed one's address with the same version counter."""
+    from mltoolkit import ops
+
+    layer = Int8Linear.from_float(nn.Linear(64, 32))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        for step in range(30):
+            want = ops.int8_linear_dynamic(x, layer.weight_int8, layer.weight_scale, layer.bias)
+            assert torch.equal(layer(x), want), step
+            if step % 3 == 0:
+                layer.weight_int8.neg_()
+            else:  # the old buffer is released first, so that the new one can take its address
+                layer.weight_int8 = None
+                layer.weight_int8 = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+
+
 def test_digits_accuracy_after_ptq():
     """A small MLP trained on scikit-learn's 8x8 digits: int8 dynamic PTQ within 1 point of float accuracy; int4
     weight-only PTQ (group 32) within 3 points (quantization-aware training, which should recover the rest, is the

@@ -1,8 +1,6 @@
 """Conv1d and Conv2d as subclasses of torch's modules: same constructor, parameters and state_dict keys."""
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import Tensor
 
@@ -71,25 +69,19 @@ def batch_norm_call_args(bn: torch.nn.BatchNorm2d) -> dict:
 def _folded(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> tuple[Tensor, Tensor] | None:
     """The batch norm folded into the conv's weight and bias, cached on the conv for inference: refolding every
     call costs a pass over the weights per layer (a few % of a ResNet-50 forward on CPU). Only when nothing needs
-    gradients and outside torch.compile (which cannot guard on the cache). The cache holds the six tensors
-    themselves and is used only for the very same objects with the same storage and version counters: a tensor
-    replaced by a new one (a reassigned parameter, or a parametrization such as a pruning mask, which makes a new
-    weight on every access) or changed in place (an optimizer step) refolds. Comparing addresses alone is not
-    enough: a new tensor often reuses a freed one's address."""
+    gradients and outside torch.compile (which cannot guard on the cache); a replaced or changed tensor, or a new
+    eps, refolds (_ext.cached_derived)."""
     if bn.training or torch.compiler.is_compiling():
         return None
     tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     if tensors[4] is None or _ext.needs_grad(*tensors):
         return None
-    stamp = [bn.eps]
-    for t in tensors:
-        stamp.append(None if t is None else (t.data_ptr(), t._version))
-    cached = conv.__dict__.get("_mltk_folded")
-    if cached is None or cached[1] != stamp or not all(map(operator.is_, cached[0], tensors)):
-        with torch.no_grad():
-            cached = (tensors, stamp, ops.fold_batch_norm(*tensors, bn.eps))
-        conv.__dict__["_mltk_folded"] = cached
-    return cached[2]
+    return _ext.cached_derived(conv.__dict__, "_mltk_folded", tensors, lambda *t: _fold(*t, bn.eps), (bn.eps,))
+
+
+@torch.no_grad()
+def _fold(*args) -> tuple[Tensor, Tensor]:
+    return ops.fold_batch_norm(*args)
 
 
 def conv_bn_act_forward(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, activation: str, input: Tensor,

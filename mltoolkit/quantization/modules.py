@@ -38,10 +38,7 @@ def _cpu_packed(module: nn.Module, plain) -> Tensor:
     w = module.weight_int8
     if w.device.type != "cpu" or not _ext.plain_eager(w) or int8_ops.isa() != "vnni":
         return plain(w)
-    key = (w.data_ptr(), w._version, tuple(w.shape))
-    if module._packed is None or module._packed[0] != key:
-        module._packed = (key, ops.int8_pack_weight(plain(w)))
-    return module._packed[1]
+    return _ext.cached_derived(module.__dict__, "_packed", (w,), lambda w: ops.int8_pack_weight(plain(w)))
 
 
 class _Int8WeightLinear(nn.Module):
@@ -55,7 +52,7 @@ class _Int8WeightLinear(nn.Module):
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", _bias_buffer(None, out_features, device, dtype) if bias else None)
-        self._packed: Optional[tuple[tuple, Tensor]] = None
+        self._packed: Optional[tuple] = None  # _ext.cached_derived's entry
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config=None):
@@ -199,7 +196,7 @@ class Int8Conv2d(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_channels, dtype=torch.float32, device=device))
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("bias", _bias_buffer(None, out_channels, device, dtype) if bias else None)
-        self._packed: Optional[tuple[tuple, Tensor]] = None
+        self._packed: Optional[tuple] = None  # _ext.cached_derived's entry
 
     @staticmethod
     def _check(conv: nn.Conv2d) -> tuple[int, int]:

@@ -51,6 +51,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_backward_cpu", &mltoolkit::attention_backward_cpu);
   m.def("rotary_cpu", &mltoolkit::rotary_cpu);
   m.def("conv2d_forward_cpu", &mltoolkit::conv2d_forward_cpu);
+  m.def("conv2d_forward_prepared_cpu", &mltoolkit::conv2d_forward_prepared_cpu);
+  m.def("conv2d_prepare_weight_cpu", &mltoolkit::conv2d_prepare_weight_cpu);
   m.def("conv2d_backward_cpu", &mltoolkit::conv2d_backward_cpu);
   m.def("batch_norm_act_forward_cpu", &mltoolkit::batch_norm_act_forward_cpu);
   m.def("batch_norm_act_backward_cpu", &mltoolkit::batch_norm_act_backward_cpu);

@@ -31,6 +31,27 @@ std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor
                                            int64_t groups, const std::optional<at::Tensor>& residual,
                                            const std::string& activation);
 
+// The CPU forward with weight layouts made once by conv2d_prepare_weight_cpu(weight, groups) (for inference, where
+// the weight does not change): prepared_panels replaces the per-call packing of the weight into panels and
+// prepared_winograd (for 3x3, stride-1, single-group convolutions with C and K >= 32, else None) the per-call
+// Winograd transform, which also lets Winograd run on smaller images (7x7). Either may be None; a tensor that
+// does not fit this weight's layout is an error, but one made from another weight of the same shape is the
+// caller's responsibility (mltoolkit.nn caches them per weight version).
+std::vector<at::Tensor> conv2d_forward_prepared_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                                    std::vector<int64_t> dilation, int64_t groups,
+                                                    const std::optional<at::Tensor>& residual,
+                                                    const std::string& activation,
+                                                    const std::optional<at::Tensor>& prepared_panels,
+                                                    const std::optional<at::Tensor>& prepared_winograd);
+
+// {panels, winograd} of weight (K, C / groups, R, S) for a convolution with these groups, stride and dilation, in
+// the accumulation dtype (float32, float64 for float64); undefined tensors where the forward does not use them
+// (winograd where Winograd does not run, both for depthwise).
+std::vector<at::Tensor> conv2d_prepare_weight_cpu(const at::Tensor& weight, int64_t groups,
+                                                  std::vector<int64_t> stride, std::vector<int64_t> dilation);
+
 std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                             std::vector<int64_t> stride, std::vector<int64_t> padding,
                                             std::vector<int64_t> dilation, int64_t groups,

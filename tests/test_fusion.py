@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import mltoolkit
 from mltoolkit import ops
+from mltoolkit.backends import table
 from mltoolkit.fusion import FusedConvBNAct
 from mltoolkit.testing import Sample, assert_close, assert_close_flash, check_op
 
@@ -373,6 +374,27 @@ def test_folded_weights_cache_follows_new_tensors():
         for step in range(40):
             plain.conv.weight = torch.nn.Parameter(torch.randn(8, 4, 3, 3))
             assert_close(plain(x), seq(x), atol=1e-5, name=f"reassigned weight, step {step}")
+
+
+def test_eval_inference_prepares_the_weight_layouts_once():
+    """In eval, the CPU kernel's weight layouts (panels, and the Winograd transform of a 3x3 stride-1 weight) are
+    made with the fold and reused; on 7x7 images that lets Winograd run. Same outputs as the eager modules."""
+    if table("conv").get("cpp").available() is not None:
+        pytest.skip("the C++ CPU kernels are not built")
+    torch.manual_seed(0)
+    m = mltoolkit.nn.Conv2dBNAct(64, 64, 3, padding=1).eval()
+    m.bn.running_var.uniform_(0.5, 1.5)
+    seq = torch.nn.Sequential(m.conv, m.bn, torch.nn.ReLU())
+    x = torch.randn(2, 64, 7, 7)
+    with torch.no_grad():
+        assert_close(m(x), seq(x), atol=1e-5)
+        weight, bias, prepared = m.conv.__dict__["_mltk_folded"][2]
+        assert prepared is not None and prepared[0] is not None and prepared[1] is not None
+        m(x)
+        assert m.conv.__dict__["_mltk_folded"][2][2] is prepared  # reused, not remade
+        strided = mltoolkit.nn.Conv2dBNAct(64, 64, 3, stride=2, padding=1).eval()
+        strided(x)
+        assert strided.conv.__dict__["_mltk_folded"][2][2][1] is None  # no Winograd for stride 2
 
 
 def test_conv2d_act():

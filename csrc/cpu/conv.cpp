@@ -333,7 +333,7 @@ void fwd_igemm(const Geo& g, const T* x, const Pack& pack, const T* bias, const 
   constexpr int64_t MR = convk::kMR, Pn = NR * convk::Vec<T>::size();
   const int64_t Kc = g.Kc(), RS = g.R * g.S, PQ = g.PQ(), NPQ = g.N * PQ;
   const int64_t npan = (g.Kg + Pn - 1) / Pn, Kgp = npan * Pn;
-  const std::unique_ptr<T[]> bw = pack(Pn);
+  const auto bw = pack(Pn);  // owned (packed now) or borrowed (prepared): both have get()
   std::vector<T> bias_p(bias ? g.G * Kgp : 0, T(0));  // zero-padded per group, so that whole panels can be loaded
   for (int64_t k = 0; bias && k < g.K; ++k) bias_p[(k / g.Kg) * Kgp + k % g.Kg] = bias[k];
   const bool row_taps = filter_row_taps(g, sizeof(T));
@@ -543,10 +543,19 @@ constexpr int64_t kWinoMinChunk = 128;         // input channels per chunk when 
 // Whether a convolution takes the Winograd path: 3x3, stride 1, no dilation, one group, enough channels for the
 // GEMMs to dominate the transforms, and tiles that cover the image with at most 1/8 of padding: odd sizes lose a
 // row and a column of outputs per image (7x7: 16 tiles for 49 pixels), which measured slower than the direct path.
-bool winograd_ok(const Geo& g) {
-  const int64_t tiles = ((g.P + 1) / 2) * ((g.Q + 1) / 2);
-  return g.nhwc && g.R == 3 && g.S == 3 && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.G == 1 &&
-         g.C >= 32 && g.K >= 32 && 4 * tiles * 8 <= g.P * g.Q * 9;
+// Whether Winograd (16 products per 2x2 tile of output pixels) beats the direct kernel (9 per pixel). Transforming
+// the weight on each call (16 x C x K values written) costs as much as the multiply-adds it saves on small images:
+// then Winograd needs at most half the direct products; with the transform prepared once (inference, see
+// conv2d_prepare_weight_cpu) two thirds, which admits 7x7 images (256 against 441 products per channel pair; the
+// 512 -> 512 layer of ResNet-50 measured ~18% faster per image, its transform ~2.3 ms a call).
+bool winograd_eligible(const Geo& g) {
+  return g.R == 3 && g.S == 3 && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.G == 1 && g.C >= 32 &&
+         g.K >= 32;
+}
+
+bool winograd_ok(const Geo& g, bool transform_ready) {
+  const int64_t tiles = ((g.P + 1) / 2) * ((g.Q + 1) / 2), direct = 9 * g.P * g.Q;
+  return g.nhwc && winograd_eligible(g) && (transform_ready ? 3 * 16 * tiles <= 2 * direct : 2 * 16 * tiles <= direct);
 }
 
 // U[xi][pan][c][lane] = (G g G^T)[xi] of the 3x3 filter of output channel pan * Pn + lane, input channel c, from the
@@ -584,12 +593,11 @@ std::unique_ptr<T[]> winograd_weights(const Geo& g, const T* bw) {
 }
 
 template <typename T, int NR>
-void fwd_winograd(const Geo& g, const T* x, const T* bw, const T* bias, const T* res, Act act, T* y) {
+void fwd_winograd(const Geo& g, const T* x, const T* u, const T* bias, const T* res, Act act, T* y) {
   using V = convk::Vec<T>;
   constexpr int64_t MR = convk::kMR, W = V::size(), Pn = NR * W, pad = 64 / int64_t(sizeof(T));
   const int64_t C = g.C, K = g.K, npan = (K + Pn - 1) / Pn, Kp = npan * Pn;
   const int64_t TP = (g.P + 1) / 2, TQ = (g.Q + 1) / 2, NT = g.N * TP * TQ;
-  const std::unique_ptr<T[]> u = winograd_weights<T, NR>(g, bw);
   std::vector<T> bias_p(Kp, T(0));
   if (bias) std::copy(bias, bias + K, bias_p.begin());
   // A task is a block of TB tiles, all output channels: M (TB x 16 x Kp) within kWinoMBytes, then input channels in
@@ -652,7 +660,7 @@ void fwd_winograd(const Geo& g, const T* x, const T* bw, const T* bias, const T*
       }
       for (int64_t pan = 0; pan < npan; ++pan)
         for (int64_t xi = 0; xi < 16; ++xi) {
-          const T* ub = u.get() + ((xi * npan + pan) * C + c0) * Pn;
+          const T* ub = u + ((xi * npan + pan) * C + c0) * Pn;
           for (int64_t b = 0; b < (nt + MR - 1) / MR; ++b)
             convk::igemm_tile<T, NR>(1, sc.rows.data() + xi * TB + b * MR, 0, &boff, cl, ub, Pn,
                                      sc.m.data() + b * MR * ms + xi * Kp + pan * Pn, ms, MR, Pn, c0 > 0, nullptr);
@@ -692,15 +700,29 @@ void fwd_winograd(const Geo& g, const T* x, const T* bw, const T* bias, const T*
   });
 }
 
-template <typename T, typename Pack>
-void fwd_gemm(const Geo& g, const T* x, const Pack& pack, const T* bias, const T* res, Act act, T* y) {
+// The panel width (in vectors) of fwd_igemm for this weight: narrower panels for small groups.
+template <typename T>
+int64_t igemm_panel_vectors(const Geo& g) {
   constexpr int64_t W = convk::Vec<T>::size();
-  if (winograd_ok(g)) {
+  return std::min<int64_t>(convk::kMaxNR, (g.Kg + W - 1) / W);
+}
+
+// wino_u: the prepared Winograd transform of the weight (winograd_weights at kMaxNR), or null to make it here.
+template <typename T, typename Pack>
+void fwd_gemm(const Geo& g, const T* x, const Pack& pack, const T* wino_u, const T* bias, const T* res, Act act,
+              T* y) {
+  constexpr int64_t W = convk::Vec<T>::size();
+  if (winograd_ok(g, wino_u != nullptr)) {
     constexpr int NR = convk::kMaxNR;
-    fwd_winograd<T, NR>(g, x, pack(NR * W).get(), bias, res, act, y);
+    std::unique_ptr<T[]> made;
+    if (!wino_u) {
+      made = winograd_weights<T, NR>(g, pack(NR * W).get());
+      wino_u = made.get();
+    }
+    fwd_winograd<T, NR>(g, x, wino_u, bias, res, act, y);
     return;
   }
-  const int64_t nr = std::min<int64_t>(convk::kMaxNR, (g.Kg + W - 1) / W);  // narrower panels for small groups
+  const int64_t nr = igemm_panel_vectors<T>(g);
   if (nr >= 4) fwd_igemm<T, std::min(4, convk::kMaxNR)>(g, x, pack, bias, res, act, y);
   else if (nr == 3) fwd_igemm<T, std::min(3, convk::kMaxNR)>(g, x, pack, bias, res, act, y);
   else if (nr == 2) fwd_igemm<T, 2>(g, x, pack, bias, res, act, y);
@@ -1635,10 +1657,10 @@ bool pointwise_nchw(const Geo& g) {
 // channels-last by the GEMM, so an NCHW x is transposed first, except for the pointwise case that reads it in place
 // (with the weight's rows w, (K, Cg)). pack(Pn): the weight's panels (fwd_igemm).
 template <typename T, typename Pack>
-void forward_gemm(const Geo& g, const at::Tensor& xa, const T* w, const Pack& pack, const T* bias,
+void forward_gemm(const Geo& g, const at::Tensor& xa, const T* w, const Pack& pack, const T* wino_u, const T* bias,
                   const T* res, Act act, T* y) {
   if (g.nhwc) {
-    fwd_gemm<T>(g, xa.data_ptr<T>(), pack, bias, res, act, y);
+    fwd_gemm<T>(g, xa.data_ptr<T>(), pack, wino_u, bias, res, act, y);
   } else if (pointwise_nchw<T>(g)) {
     fwd_pointwise_nchw<T>(g, xa.data_ptr<T>(), w, bias, res, act, y);
   } else {
@@ -1646,14 +1668,14 @@ void forward_gemm(const Geo& g, const at::Tensor& xa, const T* w, const Pack& pa
     to_channels_last<T>(g, xa.data_ptr<T>(), xt.data_ptr<T>());
     Geo gl = g;
     gl.nhwc = true;
-    if (!winograd_ok(gl)) {
-      fwd_gemm<T>(g, xt.data_ptr<T>(), pack, bias, res, act, y);
+    if (!winograd_ok(gl, wino_u != nullptr)) {
+      fwd_gemm<T>(g, xt.data_ptr<T>(), pack, wino_u, bias, res, act, y);
       return;
     }
     // Winograd writes channels-last: conv + bias into a channels-last buffer, then one transposing pass into y that
     // adds the residual and applies the activation.
     at::Tensor yt = at::empty({g.N, g.K, g.P, g.Q}, xa.options(), at::MemoryFormat::ChannelsLast);
-    fwd_gemm<T>(gl, xt.data_ptr<T>(), pack, bias, nullptr, Act::kNone, yt.data_ptr<T>());
+    fwd_gemm<T>(gl, xt.data_ptr<T>(), pack, wino_u, bias, nullptr, Act::kNone, yt.data_ptr<T>());
     to_nchw_epilogue<T>(g, yt.data_ptr<T>(), res, act, y);
   }
 }
@@ -1678,7 +1700,7 @@ at::Tensor dx_by_forward(const char* fn, const Geo& g, const at::Tensor& dya, co
   auto run = [&](auto tag) {
     using T = decltype(tag);
     auto pack = [&](int64_t Pn) { return pack_dx_panels<T>(g, wa.data_ptr<T>(), w_rsc, Pn); };
-    forward_gemm<T>(gd, dya, wt.defined() ? wt.data_ptr<T>() : nullptr, pack, nullptr, nullptr, Act::kNone,
+    forward_gemm<T>(gd, dya, wt.defined() ? wt.data_ptr<T>() : nullptr, pack, nullptr, nullptr, nullptr, Act::kNone,
                     dx.data_ptr<T>());
   };
   if (acc == at::kDouble) run(double{});
@@ -1686,14 +1708,54 @@ at::Tensor dx_by_forward(const char* fn, const Geo& g, const at::Tensor& dya, co
   return dx;
 }
 
-}  // namespace
+// Weight layouts made once for inference (conv2d_prepare_weight_cpu), each checked against what this forward would
+// make: fwd_igemm's panels and the Winograd transform.
+struct Prepared {
+  const void* panels = nullptr;
+  int64_t panel_width = 0;
+  const void* winograd = nullptr;
+};
 
-std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                           const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
-                                           std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                                           int64_t groups, const std::optional<at::Tensor>& residual,
-                                           const std::string& activation) {
-  constexpr const char* fn = "conv2d_forward_cpu";
+int64_t panel_count(const Geo& g, int64_t Pn) { return (g.Kg + Pn - 1) / Pn; }
+
+Prepared check_prepared(const char* fn, const Geo& g, at::ScalarType acc, const std::optional<at::Tensor>& panels,
+                        const std::optional<at::Tensor>& winograd) {
+  Prepared p;
+  const int64_t W = acc == at::kDouble ? convk::Vec<double>::size() : convk::Vec<float>::size();
+  auto check = [&](const at::Tensor& t, const char* name, int64_t numel) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == acc && t.is_contiguous() && t.numel() == numel, fn, ": ",
+                name, " does not match this weight (", numel, " contiguous ", acc, " CPU values expected, got ",
+                t.numel(), " ", t.scalar_type(), " on ", t.device(), "): make it with conv2d_prepare_weight_cpu");
+    return t.data_ptr();
+  };
+  if (panels.has_value() && panels->defined()) {
+    const int64_t nr = acc == at::kDouble ? igemm_panel_vectors<double>(g) : igemm_panel_vectors<float>(g);
+    p.panel_width = nr * W;
+    p.panels = check(*panels, "prepared_panels", g.G * panel_count(g, p.panel_width) * g.Kc() * p.panel_width);
+  }
+  if (winograd.has_value() && winograd->defined()) {
+    TORCH_CHECK(winograd_eligible(g), fn, ": prepared_winograd given for a convolution that Winograd does not run "
+                "(3x3, stride 1, dilation 1, one group, C and K >= 32)");
+    const int64_t Pn = convk::kMaxNR * W;
+    p.winograd = check(*winograd, "prepared_winograd", 16 * panel_count(g, Pn) * g.C * Pn);
+  }
+  return p;
+}
+
+// Panels for one forward: packed now, or the prepared ones when they have the width asked for.
+template <typename T>
+struct Panels {
+  std::unique_ptr<T[]> owned;
+  const T* data;
+  const T* get() const { return data; }
+};
+
+std::vector<at::Tensor> conv2d_forward(const char* fn, const at::Tensor& x, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                                       std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                                       const std::optional<at::Tensor>& residual, const std::string& activation,
+                                       const std::optional<at::Tensor>& prepared_panels,
+                                       const std::optional<at::Tensor>& prepared_winograd) {
   const Geo g = check_args(fn, x, weight, stride, padding, dilation, groups);
   const Act act = parse_activation(fn, activation);
   const bool has_residual = residual.has_value() && residual->defined();
@@ -1718,6 +1780,7 @@ std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor
   const at::ScalarType acc = acc_type(x.scalar_type());
   const at::MemoryFormat fmt = fmt_of(g);
   const bool depthwise = g.Cg == 1 && g.Kg == 1;
+  const Prepared prepared = check_prepared(fn, g, acc, prepared_panels, prepared_winograd);
   const at::Tensor xa = x.to(acc).contiguous(fmt);
   const at::Tensor ba = has_bias ? bias->to(acc).contiguous() : at::Tensor();
   const at::Tensor ra = has_residual ? residual->to(acc).contiguous(fmt) : at::Tensor();
@@ -1740,13 +1803,84 @@ std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor
       fwd_depthwise_nchw<T>(g, xa.data_ptr<T>(), wa.data_ptr<T>(), bp, rp, act, y.data_ptr<T>());
     else
       forward_gemm<T>(
-          g, xa, wa.data_ptr<T>(), [&](int64_t Pn) { return pack_weight_panels<T>(g, wa.data_ptr<T>(), w_rsc, Pn); },
-          bp, rp, act, y.data_ptr<T>());
+          g, xa, wa.data_ptr<T>(),
+          [&](int64_t Pn) {
+            if (prepared.panels && Pn == prepared.panel_width)
+              return Panels<T>{nullptr, static_cast<const T*>(prepared.panels)};
+            std::unique_ptr<T[]> packed = pack_weight_panels<T>(g, wa.data_ptr<T>(), w_rsc, Pn);
+            const T* data = packed.get();
+            return Panels<T>{std::move(packed), data};
+          },
+          static_cast<const T*>(prepared.winograd), bp, rp, act, y.data_ptr<T>());
   };
   if (acc == at::kDouble) run(double{});
   else run(float{});
   if (x.scalar_type() != acc) y = y.to(x.scalar_type());
   return {y};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                                           std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                                           int64_t groups, const std::optional<at::Tensor>& residual,
+                                           const std::string& activation) {
+  return conv2d_forward("conv2d_forward_cpu", x, weight, bias, std::move(stride), std::move(padding),
+                        std::move(dilation), groups, residual, activation, std::nullopt, std::nullopt);
+}
+
+std::vector<at::Tensor> conv2d_forward_prepared_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                                    std::vector<int64_t> dilation, int64_t groups,
+                                                    const std::optional<at::Tensor>& residual,
+                                                    const std::string& activation,
+                                                    const std::optional<at::Tensor>& prepared_panels,
+                                                    const std::optional<at::Tensor>& prepared_winograd) {
+  return conv2d_forward("conv2d_forward_prepared_cpu", x, weight, bias, std::move(stride), std::move(padding),
+                        std::move(dilation), groups, residual, activation, prepared_panels, prepared_winograd);
+}
+
+std::vector<at::Tensor> conv2d_prepare_weight_cpu(const at::Tensor& weight, int64_t groups,
+                                                  std::vector<int64_t> stride, std::vector<int64_t> dilation) {
+  constexpr const char* fn = "conv2d_prepare_weight_cpu";
+  TORCH_CHECK(weight.defined() && weight.device().is_cpu() && weight.layout() == at::kStrided, fn,
+              ": weight must be a dense CPU tensor");
+  TORCH_CHECK(supported_dtype(weight.scalar_type()), fn, ": weight must be float32, float64, float16 or bfloat16, got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 4, fn, ": weight must be 4-D (K, C / groups, R, S), got ", shape_str(weight.sizes()));
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, fn, ": groups must be >= 1 and divide K = ",
+              weight.size(0), ", got ", groups);
+  Geo g{};
+  g.K = weight.size(0), g.Cg = weight.size(1), g.R = weight.size(2), g.S = weight.size(3);
+  g.G = groups, g.Kg = g.K / groups, g.C = g.Cg * groups;
+  TORCH_CHECK(stride.size() == 2 && dilation.size() == 2, fn, ": stride and dilation must have 2 elements");
+  g.sh = stride[0], g.sw = stride[1], g.dh = dilation[0], g.dw = dilation[1];
+  const at::ScalarType acc = acc_type(weight.scalar_type());
+  if (g.Cg == 1 && g.Kg == 1) return {at::Tensor(), at::Tensor()};  // depthwise: its kernels read the weight itself
+  bool w_rsc = false;
+  const at::Tensor wa = natural_weight_rows(fn, g, weight, acc, w_rsc);
+  at::Tensor panels, winograd;
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int64_t W = convk::Vec<T>::size();
+    auto as_tensor = [&](std::unique_ptr<T[]> data, int64_t numel) {
+      at::Tensor t = at::empty({numel}, weight.options().dtype(acc));
+      std::copy(data.get(), data.get() + numel, t.data_ptr<T>());
+      return t;
+    };
+    const int64_t Pn = igemm_panel_vectors<T>(g) * W;
+    panels = as_tensor(pack_weight_panels<T>(g, wa.data_ptr<T>(), w_rsc, Pn), g.G * panel_count(g, Pn) * g.Kc() * Pn);
+    if (winograd_eligible(g)) {
+      constexpr int64_t Pw = convk::kMaxNR * W;
+      const std::unique_ptr<T[]> direct = pack_weight_panels<T>(g, wa.data_ptr<T>(), w_rsc, Pw);
+      winograd = as_tensor(winograd_weights<T, convk::kMaxNR>(g, direct.get()), 16 * panel_count(g, Pw) * g.C * Pw);
+    }
+  };
+  if (acc == at::kDouble) run(double{});
+  else run(float{});
+  return {panels, winograd};
 }
 
 std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,

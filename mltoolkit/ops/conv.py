@@ -59,6 +59,7 @@ CONV.register("triton", _triton_accepts, _ext.triton_unavailable,
               backward=lambda *a: _triton_kernels().conv2d_backward(*a))
 CONV.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
               forward=lambda *a: _ext._C.conv2d_forward_cpu(*a),
+              forward_prepared=lambda *a: _ext._C.conv2d_forward_prepared_cpu(*a),
               backward=lambda *a: _ext._C.conv2d_backward_cpu(*a))
 CONV.register("reference", lambda *_: None, forward=reference.conv2d_forward, backward=reference.conv2d_backward)
 
@@ -76,13 +77,36 @@ def _layout(t: Tensor) -> Tensor:
 def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
                dilation: list[int], groups: int, residual: Optional[Tensor] = None,
                activation: str = "none") -> Tensor:
+    return _forward_kernel(x, weight, bias, stride, padding, dilation, groups, residual, activation)
+
+
+def _forward_kernel(x, weight, bias, stride, padding, dilation, groups, residual, activation, prepared=None):
+    """The chosen backend's forward; `prepared` (prepare_weight's layouts of this very weight) goes to a backend
+    that takes it (the C++ CPU kernel) and spares it the per-call weight packing."""
     x, weight = _layout(x), _layout(weight)
     fmt = memory_format(x)
     bias = None if bias is None else bias.contiguous()
     residual = None if residual is None else residual.contiguous(memory_format=fmt)
-    (y,) = CONV.select(x).kernels["forward"](x, weight, bias, list(stride), list(padding), list(dilation), groups,
-                                              residual, activation)
+    kernels = CONV.select(x).kernels
+    args = (x, weight, bias, list(stride), list(padding), list(dilation), groups, residual, activation)
+    if prepared is not None and "forward_prepared" in kernels:
+        (y,) = kernels["forward_prepared"](*args, *prepared)
+    else:
+        (y,) = kernels["forward"](*args)
     return y.contiguous(memory_format=fmt)
+
+
+def prepare_weight(weight: Tensor, groups: int, stride: Sequence[int],
+                   dilation: Sequence[int]) -> Optional[tuple[Optional[Tensor], Optional[Tensor]]]:
+    """For inference with a fixed weight of a 2-D convolution with these groups, stride and dilation: the layouts
+    that the C++ CPU kernel otherwise derives from the weight on every call (panels of output channels, and the
+    Winograd transform of 3x3 stride-1 weights, which also lets Winograd run on 7x7 images), for
+    _conv(prepared=...). None where that kernel would not run (another device, the extension not built) or reads
+    the weight as it is (depthwise). About twice the weight's memory (3x3 stride 1: nearly three times)."""
+    if not weight.is_cpu or CONV.get("cpp").available() is not None:
+        return None
+    panels, winograd = _ext._C.conv2d_prepare_weight_cpu(_layout(weight), groups, list(stride), list(dilation))
+    return None if panels is None else (panels, winograd)
 
 
 conv2d_fwd = torch.library.custom_op("mltoolkit::conv2d_fwd", mutates_args=())(_forward_impl)
@@ -281,9 +305,11 @@ def _check_tensors(fn: str, input: Tensor, weight: Tensor, bias: Optional[Tensor
 
 
 def _conv(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups,
-          padding_mode: str, spatial: int, residual: Optional[Tensor] = None, activation: str = "none") -> Tensor:
+          padding_mode: str, spatial: int, residual: Optional[Tensor] = None, activation: str = "none",
+          prepared=None) -> Tensor:
     """Shared body of conv2d / conv1d / conv2d_bn_act; x is batched (N, C, H, W), weight (K, C/groups, R, S);
-    conv1d passes spatial = 1 and H = R = 1 (the stride / padding / dilation of H are then 1 / 0 / 1)."""
+    conv1d passes spatial = 1 and H = R = 1 (the stride / padding / dilation of H are then 1 / 0 / 1).
+    prepared: prepare_weight(weight, groups), used by plain eager calls that record no autograd graph."""
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"{fn}: padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
@@ -333,9 +359,11 @@ def _conv(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pa
                                                                    stride, sym, dilation))
         if tuple(residual.shape) != out:
             raise ValueError(f"{fn}: residual must have the output's shape {list(out)}, got {list(residual.shape)}")
-    return _ext.call_op(torch.ops.mltoolkit.conv2d_fwd, _EagerConv, _forward_impl,
-                        (x, weight, bias, stride, sym, dilation, groups, residual, activation),
-                        (x, weight, bias, residual))
+    args = (x, weight, bias, stride, sym, dilation, groups, residual, activation)
+    if (prepared is not None and _ext.plain_eager(x, weight, bias, residual)
+            and not _ext.needs_grad(x, weight, bias, residual)):
+        return _forward_kernel(*args, prepared)
+    return _ext.call_op(torch.ops.mltoolkit.conv2d_fwd, _EagerConv, _forward_impl, args, (x, weight, bias, residual))
 
 
 def _layout_input(x: Tensor) -> Tensor:
@@ -457,13 +485,14 @@ def _check_epilogue(fn: str, input: Tensor, residual: Optional[Tensor], activati
                         f"({residual.dtype}, {residual.device})")
 
 
-def _conv_epilogue(fn, input, weight, bias, stride, padding, dilation, groups, padding_mode, residual, activation):
+def _conv_epilogue(fn, input, weight, bias, stride, padding, dilation, groups, padding_mode, residual, activation,
+                   prepared=None):
     unbatched = input.dim() == 3
     x = _layout_input(input.unsqueeze(0) if unbatched else input)
     if residual is not None:
         residual = (residual.unsqueeze(0) if unbatched else residual).contiguous(memory_format=memory_format(x))
     y = _conv(fn, x, _layout(weight), bias, stride, padding, dilation, groups, padding_mode, 2, residual=residual,
-              activation=activation)
+              activation=activation, prepared=prepared)
     return y.squeeze(0) if unbatched else y
 
 
@@ -474,7 +503,13 @@ def conv2d_act(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """activation(conv2d(input, weight, bias) + residual) in one kernel: the bias, the residual add and the
     activation (none, relu, relu6, silu, gelu, gelu_tanh, hardswish) run in the convolution's epilogue. The
     convolution arguments are conv2d's; residual has the output's shape."""
-    _check_tensors("conv2d_act", input, weight, bias, 2)
-    _check_epilogue("conv2d_act", input, residual, activation)
+    check_conv_act("conv2d_act", input, weight, bias, residual, activation)
     return _conv_epilogue("conv2d_act", input, weight, bias, stride, padding, dilation, groups, padding_mode,
                           residual, activation)
+
+
+def check_conv_act(fn: str, input: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                   activation: str) -> None:
+    """conv2d_act's argument checks (also those of mltoolkit.nn's inference path, which calls _conv_epilogue)."""
+    _check_tensors(fn, input, weight, bias, 2)
+    _check_epilogue(fn, input, residual, activation)

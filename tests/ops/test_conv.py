@@ -561,3 +561,80 @@ def test_depthwise_same_for_any_thread_count(stride, channels_last):
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ---- weights prepared once for inference (the C++ CPU kernel) --------------------------------------------------
+
+def _prepared_case(c, k, hw, kernel, stride, groups, channels_last):
+    g = torch.Generator().manual_seed(c * 7 + hw + kernel + stride)
+    x = torch.randn(2, c, hw, hw, generator=g)
+    w = torch.randn(k, c // groups, kernel, kernel, generator=g) / (c * kernel * kernel / groups) ** 0.5
+    b, r = torch.randn(k, generator=g), torch.randn(2, k, (hw - 1) // stride + 1, (hw - 1) // stride + 1, generator=g)
+    if channels_last:
+        x, w, r = (t.contiguous(memory_format=torch.channels_last) for t in (x, w, r))
+    return x, w, b, r
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("c,k,hw,kernel,stride,groups", [
+    (40, 48, 14, 3, 1, 1),  # Winograd with or without the prepared transform: the same bits
+    (40, 48, 9, 3, 2, 1),   # direct (stride 2)
+    (24, 36, 10, 1, 1, 1),  # 1x1 (NCHW: the pointwise kernel, which reads the weight itself)
+    (24, 36, 11, 3, 1, 2),  # groups
+    (3, 20, 15, 7, 2, 1),   # the RGB stem's filter-row taps
+])
+def test_prepared_weights_give_the_same_bits(c, k, hw, kernel, stride, groups, channels_last):
+    skip_unavailable("cpp")
+    x, w, b, r = _prepared_case(c, k, hw, kernel, stride, groups, channels_last)
+    prepared = ops.conv.prepare_weight(w, groups, (stride, stride), (1, 1))
+    assert prepared is not None and prepared[0] is not None
+    assert (prepared[1] is not None) == (kernel == 3 and stride == 1 and groups == 1)
+    pad = kernel // 2
+    with torch.no_grad():
+        plain = ops.conv.conv2d_act(x, w, b, stride, pad, 1, groups, activation="relu", residual=r)
+        fast = ops.conv._conv_epilogue("conv2d_act", x, w, b, stride, pad, 1, groups, "zeros", r, "relu",
+                                       prepared=prepared)
+    assert torch.equal(plain, fast)
+    assert fast.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("hw", [7, 5])
+def test_prepared_winograd_runs_on_small_images(hw, channels_last):
+    """With the transform prepared, 3x3 stride-1 layers on 7x7 (and 5x5) images take Winograd, which without it
+    they do not: other bits than the direct kernel's, within the same tolerance against float64."""
+    skip_unavailable("cpp")
+    x, w, b, r = _prepared_case(64, 64, hw, 3, 1, 1, channels_last)
+    prepared = ops.conv.prepare_weight(w, 1, (1, 1), (1, 1))
+    with torch.no_grad():
+        direct = ops.conv.conv2d_act(x, w, b, 1, 1, activation="relu", residual=r)
+        fast = ops.conv._conv_epilogue("conv2d_act", x, w, b, 1, 1, 1, 1, "zeros", r, "relu", prepared=prepared)
+    want = torch.relu(F.conv2d(x.double(), w.double(), b.double(), 1, 1) + r.double())
+    assert not torch.equal(direct, fast)
+    for got in (direct, fast):
+        assert (got.double() - want).abs().max().item() < 1e-4
+
+
+def test_prepared_weights_are_checked():
+    skip_unavailable("cpp")
+    x, w, b, _ = _prepared_case(40, 48, 14, 3, 1, 1, False)
+    panels, winograd = ops.conv.prepare_weight(w, 1, (1, 1), (1, 1))
+    C = mltoolkit._ext._C
+    args = (x, w, b, [1, 1], [1, 1], [1, 1], 1, None, "none")
+    with pytest.raises(RuntimeError, match="prepared_panels does not match this weight"):
+        C.conv2d_forward_prepared_cpu(*args, panels[:-1], None)
+    with pytest.raises(RuntimeError, match="prepared_panels does not match this weight"):
+        C.conv2d_forward_prepared_cpu(*args, panels.double(), None)
+    with pytest.raises(RuntimeError, match="prepared_winograd given for a convolution that Winograd does not run"):
+        C.conv2d_forward_prepared_cpu(x, w, b, [2, 2], [1, 1], [1, 1], 1, None, "none", panels, winograd)
+    with pytest.raises(RuntimeError, match="prepared_winograd does not match this weight"):
+        C.conv2d_forward_prepared_cpu(*args, None, winograd[1:])
+    depthwise = torch.randn(8, 1, 3, 3)
+    assert ops.conv.prepare_weight(depthwise, 8, (1, 1), (1, 1)) is None
+    with pytest.raises(RuntimeError, match="groups must be >= 1 and divide K"):
+        C.conv2d_prepare_weight_cpu(w, 5, [1, 1], [1, 1])
+
+
+@pytest.mark.cuda
+def test_prepare_weight_is_cpu_only():
+    assert ops.conv.prepare_weight(torch.randn(8, 8, 3, 3, device="cuda"), 1, (1, 1), (1, 1)) is None

@@ -4,8 +4,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import operator
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -102,20 +102,31 @@ def from_rows(y, x):
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def cached_derived(store: dict, name: str, tensors: tuple, compute, extra: tuple = ()):
-    """compute(*tensors), kept in store[name] and reused while `tensors` are the very same objects with the same
-    storage addresses and version counters (an in-place change refreshes it) and `extra` is equal. The cache holds
-    the tensors themselves: a new tensor often takes a freed one's address with the same version (a reassigned
-    parameter, or a parametrization such as a pruning mask, which makes a new weight on every access), so
-    addresses and versions alone would hand out a stale value."""
+_DERIVED: dict[tuple, tuple] = {}
+
+
+def derived(kind: str, tensors: tuple, extra: tuple, compute):
+    """compute(*tensors) (one `kind` of value derived from them), remembered while `tensors` (the first one a
+    tensor, the others tensors or None) are alive, unchanged and the very same objects, and `extra` is equal: an
+    in-place change (version counter), a new storage or a new tensor in their place computes it again. Works in
+    registered ops under torch.compile too, which hand them the module's own parameter objects. Only weak
+    references to `tensors` are kept (the entry goes when tensors[0] does). Addresses and versions alone would not
+    do: a new tensor often takes a freed one's address with the same version (a reassigned parameter, or a
+    parametrization such as a pruning mask, which makes a new weight on every access)."""
     stamp = [*extra]
     for t in tensors:
         stamp.append(None if t is None else (t.data_ptr(), t._version))
-    cached = store.get(name)
-    if cached is None or cached[1] != stamp or not all(map(operator.is_, cached[0], tensors)):
-        cached = (tensors, stamp, compute(*tensors))
-        store[name] = cached
-    return cached[2]
+    key = (kind, id(tensors[0]))
+    entry = _DERIVED.get(key)
+    if entry is not None and entry[1] == stamp and all(
+            (r is None) if t is None else (r is not None and r() is t) for r, t in zip(entry[0], tensors)):
+        return entry[2]
+    value = compute(*tensors)
+    # The first tensor's reference drops the entry when it dies (before its id can be reused).
+    refs = (weakref.ref(tensors[0], lambda _, key=key: _DERIVED.pop(key, None)),
+            *(None if t is None else weakref.ref(t) for t in tensors[1:]))
+    _DERIVED[key] = (refs, stamp, value)
+    return value
 
 
 def needs_grad(*tensors) -> bool:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import mltoolkit
-from mltoolkit import ops
+from mltoolkit import _ext, ops
 from mltoolkit.backends import table
 from mltoolkit.fusion import FusedConvBNAct
 from mltoolkit.testing import Sample, assert_close, assert_close_flash, check_op
@@ -377,8 +377,9 @@ def test_folded_weights_cache_follows_new_tensors():
 
 
 def test_eval_inference_prepares_the_weight_layouts_once():
-    """In eval, the CPU kernel's weight layouts (panels, and the Winograd transform of a 3x3 stride-1 weight) are
-    made with the fold and reused; on 7x7 images that lets Winograd run. Same outputs as the eager modules."""
+    """In inference the fold is made once and, from the second call with the same unchanged tensors, the CPU
+    kernel's weight layouts (panels, and the Winograd transform of a 3x3 stride-1 weight, which lets Winograd run on
+    7x7 images) too; then they are reused. Same outputs as the eager modules throughout; gone with the weight."""
     if table("conv").get("cpp").available() is not None:
         pytest.skip("the C++ CPU kernels are not built")
     torch.manual_seed(0)
@@ -386,15 +387,21 @@ def test_eval_inference_prepares_the_weight_layouts_once():
     m.bn.running_var.uniform_(0.5, 1.5)
     seq = torch.nn.Sequential(m.conv, m.bn, torch.nn.ReLU())
     x = torch.randn(2, 64, 7, 7)
+    key = ("conv + batch norm inference", id(m.conv.weight))
     with torch.no_grad():
-        assert_close(m(x), seq(x), atol=1e-5)
-        weight, bias, prepared = m.conv.__dict__["_mltk_folded"][2]
+        states = []
+        for _ in range(3):
+            assert_close(m(x), seq(x), atol=1e-5)
+            states.append(dict(_ext._DERIVED[key][2]))
+        assert states[0]["prepared"] is None  # the first call folds only
+        prepared = states[1]["prepared"]
         assert prepared is not None and prepared[0] is not None and prepared[1] is not None
-        m(x)
-        assert m.conv.__dict__["_mltk_folded"][2][2] is prepared  # reused, not remade
+        assert states[2]["prepared"] is prepared and states[2]["weight"] is states[0]["weight"]  # reused
         strided = mltoolkit.nn.Conv2dBNAct(64, 64, 3, stride=2, padding=1).eval()
-        strided(x)
-        assert strided.conv.__dict__["_mltk_folded"][2][2][1] is None  # no Winograd for stride 2
+        strided(x), strided(x)
+        assert _ext._DERIVED[("conv + batch norm inference", id(strided.conv.weight))][2]["prepared"][1] is None
+    del m, seq
+    assert key not in _ext._DERIVED  # the entry goes with the weight
 
 
 def test_conv2d_act():
@@ -403,3 +410,27 @@ def test_conv2d_act():
     assert_close(y, F.hardswish(F.conv2d(x, w, b, 2, 1, 1, 2) + r), atol=1e-5)
     with pytest.raises(TypeError, match="residual must have input's dtype"):
         ops.conv2d_act(x, w, b, stride=2, padding=1, groups=2, residual=r.double())
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_inference_op_opcheck_and_compile(channels_last):
+    """mltoolkit::conv2d_bn_infer (inference conv + BN, with the cache inside) passes opcheck and runs in a
+    fullgraph compiled model, reusing its cached fold there too."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 40, 7, 7).contiguous(memory_format=fmt)
+    w = torch.randn(48, 40, 3, 3).contiguous(memory_format=fmt) * 0.1
+    gamma, beta, mean, var = torch.rand(48) + 0.5, torch.randn(48), torch.randn(48) * 0.1, torch.rand(48) + 0.5
+    r = torch.randn(2, 48, 7, 7).contiguous(memory_format=fmt)
+    args = (x, w, None, gamma, beta, mean, var, 1e-5, [1, 1], [1, 1], [1, 1], 1, r, "relu")
+    torch.library.opcheck(torch.ops.mltoolkit.conv2d_bn_infer.default, args)
+    want = F.relu(F.batch_norm(F.conv2d(x, w, None, 1, 1), mean, var, gamma, beta, False, 0.0, 1e-5) + r)
+
+    def fused(x):
+        return ops.conv2d_bn_act(x, w, None, gamma, beta, mean, var, padding=1, residual=r)
+
+    compiled = torch.compile(fused, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            assert_close(compiled(x), want, atol=1e-5)
+            assert_close(fused(x), want, atol=1e-5)

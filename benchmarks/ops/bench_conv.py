@@ -4,13 +4,12 @@ bias, batch norm follows them), and EfficientNet-B0's depthwise layers (3x3 / 5x
 CPU: float32 in NCHW and channels_last; CUDA: float16 channels_last.
 
 conv2d_bn_relu: the same layers followed by batch norm and ReLU, as ResNet runs them, against the eager three-op
-sequence (F.conv2d, F.batch_norm, F.relu) and its torch.compile: inference in fwd mode, as optimize() runs it: an
-eval-mode mltoolkit.nn.Conv2dBNAct (batch norm folded and, on the CPU, the kernel's weight layouts made once, on the
-first call; epilogue fused); training (batch statistics, running-stat update; ops.conv2d_bn_act) in fwd+bwd mode."""
+sequence (F.conv2d, F.batch_norm, F.relu) and its torch.compile: inference (batch norm folded, epilogue fused; the
+fold and, on the CPU, the kernel's weight layouts made on the first calls and reused, as for a model's fixed
+weights) in fwd mode; training (batch statistics, running-stat update) in fwd+bwd mode."""
 import torch
 import torch.nn.functional as F
 
-import mltoolkit
 from mltoolkit import ops
 from mltoolkit.benchmark import Benchmark
 
@@ -99,31 +98,10 @@ def _bn_inputs(config, dtype, device):
 
 
 def _bn_ours(x, w, gamma, beta, mean, var, stride, pad, groups, train):
-    if not train:
-        return _eval_module(w, gamma, beta, mean, var, stride, pad, groups)(x)
     # Training updates the running stats in place: work on copies so every provider sees the same inputs.
-    mean, var = mean.clone(), var.clone()
-    return ops.conv2d_bn_act(x, w, None, gamma, beta, mean, var, training=True, activation="relu", stride=stride,
+    mean, var = (mean.clone(), var.clone()) if train else (mean, var)
+    return ops.conv2d_bn_act(x, w, None, gamma, beta, mean, var, training=train, activation="relu", stride=stride,
                              padding=pad, groups=groups)
-
-
-_EVAL_MODULES: dict = {}
-
-
-def _eval_module(w, gamma, beta, mean, var, stride, pad, groups) -> torch.nn.Module:
-    """The eval-mode Conv2dBNAct of these tensors (shared, not copied), built on the first call of a config and
-    reused by the timed calls. The cache holds the tensors, so their ids stay theirs while it is used."""
-    tensors = (w, gamma, beta, mean, var)
-    key = tuple(id(t) for t in tensors)
-    if key not in _EVAL_MODULES:
-        k, c, r = w.shape[0], w.shape[1] * groups, w.shape[2]
-        conv = torch.nn.Conv2d(c, k, r, stride, pad, groups=groups, bias=False, device=w.device, dtype=w.dtype)
-        bn = torch.nn.BatchNorm2d(k, device=w.device, dtype=w.dtype)
-        conv.weight = torch.nn.Parameter(w, requires_grad=False)
-        bn.weight, bn.bias = (torch.nn.Parameter(t, requires_grad=False) for t in (gamma, beta))
-        bn.running_mean, bn.running_var = mean, var
-        _EVAL_MODULES[key] = (tensors, mltoolkit.nn.Conv2dBNAct.from_modules(conv, bn, "relu").eval())
-    return _EVAL_MODULES[key][1]
 
 
 def _bn_eager(x, w, gamma, beta, mean, var, stride, pad, groups, train):

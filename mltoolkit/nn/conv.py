@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mltoolkit import _ext, ops
-from mltoolkit.ops import conv as conv_ops
+from mltoolkit import ops
 from mltoolkit.ops.reference import conv as ops_reference
 
 
@@ -67,38 +66,11 @@ def batch_norm_call_args(bn: torch.nn.BatchNorm2d) -> dict:
                 running_var=bn.running_var if keep else None, training=use_batch_stats, momentum=factor, eps=bn.eps)
 
 
-def _folded(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> tuple | None:
-    """(weight, bias, prepared): the batch norm folded into the conv's weight and bias, and the CPU kernel's
-    layouts of that weight (ops.conv.prepare_weight, or None), cached on the conv for inference: refolding and
-    repacking every call cost a pass or two over the weights per layer (a few % of a ResNet-50 forward on CPU, more
-    for 3x3 layers on small images, which the prepared Winograd transform speeds up). Only when nothing needs
-    gradients and outside torch.compile (which cannot guard on the cache); a replaced or changed tensor, or a new
-    eps, refolds (_ext.cached_derived)."""
-    if bn.training or torch.compiler.is_compiling():
-        return None
-    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if tensors[4] is None or _ext.needs_grad(*tensors):
-        return None
-    return _ext.cached_derived(conv.__dict__, "_mltk_folded", tensors,
-                               lambda *t: _fold_and_prepare(conv, t, bn.eps),
-                               (bn.eps, conv.groups, conv.stride, conv.dilation))
-
-
-@torch.no_grad()
-def _fold_and_prepare(conv: torch.nn.Conv2d, tensors: tuple, eps: float) -> tuple:
-    weight, bias = ops.fold_batch_norm(*tensors, eps)
-    return weight, bias, conv_ops.prepare_weight(weight, conv.groups, conv.stride, conv.dilation)
-
-
 def conv_bn_act_forward(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, activation: str, input: Tensor,
                         residual: Tensor | None = None) -> Tensor:
-    """activation(bn(conv(input)) + residual) with the modules' own parameters, buffers and train/eval state."""
-    folded = _folded(conv, bn)
-    if folded is not None:
-        conv_ops.check_conv_act("conv2d_bn_act", input, folded[0], folded[1], residual, activation)
-        return conv_ops._conv_epilogue("conv2d_bn_act", input, folded[0], folded[1], conv.stride, conv.padding,
-                                       conv.dilation, conv.groups, conv.padding_mode, residual, activation,
-                                       prepared=folded[2])
+    """activation(bn(conv(input)) + residual) with the modules' own parameters, buffers and train/eval state. In
+    inference the fold and the CPU kernel's weight layouts are made once and reused while the weights stay the same
+    (ops.conv2d_bn_act)."""
     return ops.conv2d_bn_act(input, conv.weight, conv.bias, **batch_norm_call_args(bn), activation=activation,
                              residual=residual, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                              groups=conv.groups, padding_mode=conv.padding_mode)

@@ -101,8 +101,8 @@ def prepare_weight(weight: Tensor, groups: int, stride: Sequence[int],
     """For inference with a fixed weight of a 2-D convolution with these groups, stride and dilation: the layouts
     that the C++ CPU kernel otherwise derives from the weight on every call (panels of output channels, and the
     Winograd transform of 3x3 stride-1 weights, which also lets Winograd run on 7x7 images), for
-    _conv(prepared=...). None where that kernel would not run (another device, the extension not built) or reads
-    the weight as it is (depthwise). About twice the weight's memory (3x3 stride 1: nearly three times)."""
+    _forward_kernel(prepared=...). None where that kernel would not run (another device, the extension not built)
+    or reads the weight as it is (depthwise). About the weight's size again (3x3 stride 1: nearly three times)."""
     if not weight.is_cpu or CONV.get("cpp").available() is not None:
         return None
     panels, winograd = _ext._C.conv2d_prepare_weight_cpu(_layout(weight), groups, list(stride), list(dilation))
@@ -121,7 +121,7 @@ def _fake_output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> t
 
 
 @conv2d_fwd.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, residual=None, activation="none"):
+def _conv2d_fwd_fake(x, weight, bias, stride, padding, dilation, groups, residual=None, activation="none"):
     torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "conv2d_fwd: x and weight must be 4-D")
     torch._check(weight.shape[1] * groups == x.shape[1], lambda: "conv2d_fwd: weight.shape[1] * groups != C")
     torch._check(activation in reference.ACTIVATIONS, lambda: f"conv2d_fwd: unknown activation {activation!r}")
@@ -130,6 +130,44 @@ def _(x, weight, bias, stride, padding, dilation, groups, residual=None, activat
     torch._check(residual is None or tuple(residual.shape) == shape,
                  lambda: f"conv2d_fwd: residual must have the output's shape {shape}")
     return x.new_empty(shape).contiguous(memory_format=memory_format(x))
+
+
+def _inference_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                    bn_bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor, eps: float,
+                    stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                    residual: Optional[Tensor] = None, activation: str = "none") -> Tensor:
+    w, b, prepared = _inference_weights(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride,
+                                        dilation, groups)
+    return _forward_kernel(x, w, b, stride, padding, dilation, groups, residual, activation, prepared)
+
+
+# Inference-mode conv + batch norm (no autograd): the fold, and the CPU kernel's weight layouts, are made once per
+# set of weights and statistics and reused while they stay the same tensors, unchanged (_inference_weights), in
+# eager mode and in compiled graphs alike (they hand the op the module's own parameters).
+conv2d_bn_infer = torch.library.custom_op("mltoolkit::conv2d_bn_infer", mutates_args=())(_inference_impl)
+
+
+@conv2d_bn_infer.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding, dilation, groups,
+      residual=None, activation="none"):
+    return _conv2d_fwd_fake(x, weight, bias, stride, padding, dilation, groups, residual, activation)
+
+
+def _inference_weights(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, dilation, groups):
+    """(folded weight, folded bias, prepared layouts or None). The layouts (prepare_weight) are made when the same
+    unchanged tensors come a second time: a weight used once (made on the fly) costs no more than the fold."""
+    state = _ext.derived("conv + batch norm inference", (weight, bias, bn_weight, bn_bias, running_mean, running_var),
+                         (eps, tuple(stride), tuple(dilation), groups), lambda *t: _fold(t, eps))
+    if state["calls"] == 1:
+        state["prepared"] = prepare_weight(state["weight"], groups, stride, dilation)
+    state["calls"] += 1
+    return state["weight"], state["bias"], state["prepared"]
+
+
+@torch.no_grad()
+def _fold(tensors: tuple, eps: float) -> dict:
+    weight, bias = fold_batch_norm(*tensors, eps)
+    return {"weight": weight, "bias": bias, "prepared": None, "calls": 0}
 
 
 def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
@@ -306,10 +344,11 @@ def _check_tensors(fn: str, input: Tensor, weight: Tensor, bias: Optional[Tensor
 
 def _conv(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups,
           padding_mode: str, spatial: int, residual: Optional[Tensor] = None, activation: str = "none",
-          prepared=None) -> Tensor:
+          inference_bn: Optional[tuple] = None) -> Tensor:
     """Shared body of conv2d / conv1d / conv2d_bn_act; x is batched (N, C, H, W), weight (K, C/groups, R, S);
     conv1d passes spatial = 1 and H = R = 1 (the stride / padding / dilation of H are then 1 / 0 / 1).
-    prepared: prepare_weight(weight, groups), used by plain eager calls that record no autograd graph."""
+    inference_bn: (bn_weight, bn_bias, running_mean, running_var, eps) of an inference-mode batch norm after the
+    convolution, for calls that record no autograd graph (conv2d_bn_infer)."""
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"{fn}: padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
@@ -359,10 +398,12 @@ def _conv(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pa
                                                                    stride, sym, dilation))
         if tuple(residual.shape) != out:
             raise ValueError(f"{fn}: residual must have the output's shape {list(out)}, got {list(residual.shape)}")
+    if inference_bn is not None:
+        args = (x, weight, bias, *inference_bn, stride, sym, dilation, groups, residual, activation)
+        if _ext.plain_eager(x, weight, bias, residual, *inference_bn[:4]):
+            return _inference_impl(*args)
+        return torch.ops.mltoolkit.conv2d_bn_infer(*args)
     args = (x, weight, bias, stride, sym, dilation, groups, residual, activation)
-    if (prepared is not None and _ext.plain_eager(x, weight, bias, residual)
-            and not _ext.needs_grad(x, weight, bias, residual)):
-        return _forward_kernel(*args, prepared)
     return _ext.call_op(torch.ops.mltoolkit.conv2d_fwd, _EagerConv, _forward_impl, args, (x, weight, bias, residual))
 
 
@@ -458,6 +499,11 @@ def conv2d_bn_act(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
     if not training:
         if running_mean is None:
             raise ValueError("conv2d_bn_act: running_mean and running_var are required when training=False")
+        if not _ext.needs_grad(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual):
+            return _conv_epilogue("conv2d_bn_act", input, _layout(weight), bias, stride, padding, dilation, groups,
+                                  padding_mode, residual, activation,
+                                  inference_bn=(bn_weight, bn_bias, running_mean, running_var, float(eps)))
+        # Differentiable (frozen-BN fine-tuning): the fold is part of the graph.
         w, b = fold_batch_norm(_layout(weight), bias, bn_weight, bn_bias, running_mean, running_var, eps)
         return _conv_epilogue("conv2d_bn_act", input, w, b, stride, padding, dilation, groups, padding_mode,
                               residual, activation)
@@ -486,13 +532,13 @@ def _check_epilogue(fn: str, input: Tensor, residual: Optional[Tensor], activati
 
 
 def _conv_epilogue(fn, input, weight, bias, stride, padding, dilation, groups, padding_mode, residual, activation,
-                   prepared=None):
+                   inference_bn=None):
     unbatched = input.dim() == 3
     x = _layout_input(input.unsqueeze(0) if unbatched else input)
     if residual is not None:
         residual = (residual.unsqueeze(0) if unbatched else residual).contiguous(memory_format=memory_format(x))
     y = _conv(fn, x, _layout(weight), bias, stride, padding, dilation, groups, padding_mode, 2, residual=residual,
-              activation=activation, prepared=prepared)
+              activation=activation, inference_bn=inference_bn)
     return y.squeeze(0) if unbatched else y
 
 
@@ -503,13 +549,7 @@ def conv2d_act(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """activation(conv2d(input, weight, bias) + residual) in one kernel: the bias, the residual add and the
     activation (none, relu, relu6, silu, gelu, gelu_tanh, hardswish) run in the convolution's epilogue. The
     convolution arguments are conv2d's; residual has the output's shape."""
-    check_conv_act("conv2d_act", input, weight, bias, residual, activation)
+    _check_tensors("conv2d_act", input, weight, bias, 2)
+    _check_epilogue("conv2d_act", input, residual, activation)
     return _conv_epilogue("conv2d_act", input, weight, bias, stride, padding, dilation, groups, padding_mode,
                           residual, activation)
-
-
-def check_conv_act(fn: str, input: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
-                   activation: str) -> None:
-    """conv2d_act's argument checks (also those of mltoolkit.nn's inference path, which calls _conv_epilogue)."""
-    _check_tensors(fn, input, weight, bias, 2)
-    _check_epilogue(fn, input, residual, activation)

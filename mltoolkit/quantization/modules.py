@@ -33,12 +33,12 @@ def _bias_buffer(linear: Optional[nn.Linear], out_features: int, device, dtype) 
 
 def _cpu_packed(module: nn.Module, plain) -> Tensor:
     """module.weight_int8 as the int8 kernel takes it: plain(weight_int8) (an (N, K) int8 matrix), packed for the CPU
-    VNNI kernel and cached per weight version there; plain elsewhere (traced or compiled calls, GPUs, and CPU paths
-    that would unpack the packed layout on every call)."""
+    VNNI kernel and kept while the weight is unchanged (_ext.derived); plain elsewhere (traced or compiled calls,
+    GPUs, and CPU paths that would unpack the packed layout on every call)."""
     w = module.weight_int8
     if w.device.type != "cpu" or not _ext.plain_eager(w) or int8_ops.isa() != "vnni":
         return plain(w)
-    return _ext.cached_derived(module.__dict__, "_packed", (w,), lambda w: ops.int8_pack_weight(plain(w)))
+    return _ext.derived(f"int8 packed {type(module).__name__}", (w,), (), lambda w: ops.int8_pack_weight(plain(w)))
 
 
 class _Int8WeightLinear(nn.Module):
@@ -52,7 +52,6 @@ class _Int8WeightLinear(nn.Module):
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", _bias_buffer(None, out_features, device, dtype) if bias else None)
-        self._packed: Optional[tuple] = None  # _ext.cached_derived's entry
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config=None):
@@ -196,7 +195,6 @@ class Int8Conv2d(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_channels, dtype=torch.float32, device=device))
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("bias", _bias_buffer(None, out_channels, device, dtype) if bias else None)
-        self._packed: Optional[tuple] = None  # _ext.cached_derived's entry
 
     @staticmethod
     def _check(conv: nn.Conv2d) -> tuple[int, int]:

@@ -202,8 +202,7 @@ class _QATLayer(nn.Module):
         else:
             q = torch.round(w / scale.reshape(-1, *[1] * (w.dim() - 1))).clamp_(-127, 127)
             module.weight_int8.copy_(q.to(torch.int8))
-            module.weight_scale.copy_(scale)
-            module._packed = None  # the CPU kernel's cached packed weight is stale
+            module.weight_scale.copy_(scale)  # (copy_ moves the version counters: cached layouts are remade)
 
     @torch.no_grad()
     def to_quantized(self) -> nn.Module:

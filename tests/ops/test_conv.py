@@ -592,8 +592,7 @@ def test_prepared_weights_give_the_same_bits(c, k, hw, kernel, stride, groups, c
     pad = kernel // 2
     with torch.no_grad():
         plain = ops.conv.conv2d_act(x, w, b, stride, pad, 1, groups, activation="relu", residual=r)
-        fast = ops.conv._conv_epilogue("conv2d_act", x, w, b, stride, pad, 1, groups, "zeros", r, "relu",
-                                       prepared=prepared)
+        fast = ops.conv._forward_kernel(x, w, b, [stride] * 2, [pad] * 2, [1, 1], groups, r, "relu", prepared)
     assert torch.equal(plain, fast)
     assert fast.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -608,7 +607,7 @@ def test_prepared_winograd_runs_on_small_images(hw, channels_last):
     prepared = ops.conv.prepare_weight(w, 1, (1, 1), (1, 1))
     with torch.no_grad():
         direct = ops.conv.conv2d_act(x, w, b, 1, 1, activation="relu", residual=r)
-        fast = ops.conv._conv_epilogue("conv2d_act", x, w, b, 1, 1, 1, 1, "zeros", r, "relu", prepared=prepared)
+        fast = ops.conv._forward_kernel(x, w, b, [1, 1], [1, 1], [1, 1], 1, r, "relu", prepared)
     want = torch.relu(F.conv2d(x.double(), w.double(), b.double(), 1, 1) + r.double())
     assert not torch.equal(direct, fast)
     for got in (direct, fast):

@@ -129,6 +129,15 @@ def derived(kind: str, tensors: tuple, extra: tuple, compute):
     return value
 
 
+def clear_caches() -> int:
+    """Drops every value kept by `derived` (inference conv folds and weight layouts, int8 packed weights); they are
+    made again on use. Returns how many there were. For memory: entries otherwise live as long as their weights, also
+    after those have changed (e.g. between periodic evaluations during training)."""
+    count = len(_DERIVED)
+    _DERIVED.clear()
+    return count
+
+
 def needs_grad(*tensors) -> bool:
     """Whether autograd records a call on these tensors (None entries allowed)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

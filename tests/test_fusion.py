@@ -400,6 +400,9 @@ def test_eval_inference_prepares_the_weight_layouts_once():
         strided = mltoolkit.nn.Conv2dBNAct(64, 64, 3, stride=2, padding=1).eval()
         strided(x), strided(x)
         assert _ext._DERIVED[("conv + batch norm inference", id(strided.conv.weight))][2]["prepared"][1] is None
+        m(x)
+        assert mltoolkit.clear_caches() >= 1 and key not in _ext._DERIVED
+        assert_close(m(x), seq(x), atol=1e-5)  # made again
     del m, seq
     assert key not in _ext._DERIVED  # the entry goes with the weight
 

@@ -1653,6 +1653,17 @@ bool pointwise_nchw(const Geo& g) {
   return !g.nhwc && g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && 8 * HW >= 7 * width;
 }
 
+// A 1x1 convolution with a stride and no padding, and the same on the pixels it reads (stride 1, P x Q images).
+bool strided_pointwise(const Geo& g) {
+  return g.R == 1 && g.S == 1 && g.ph == 0 && g.pw == 0 && (g.sh > 1 || g.sw > 1);
+}
+
+Geo subsampled(const Geo& g) {
+  Geo gs = g;
+  gs.H = g.P, gs.W = g.Q, gs.sh = gs.sw = 1;
+  return gs;
+}
+
 // y = act(conv(x) + bias + residual) for a non-depthwise convolution: x (acc type, in y's layout g.nhwc) is read
 // channels-last by the GEMM, so an NCHW x is transposed first, except for the pointwise case that reads it in place
 // (with the weight's rows w, (K, Cg)). pack(Pn): the weight's panels (fwd_igemm).
@@ -1663,6 +1674,12 @@ void forward_gemm(const Geo& g, const at::Tensor& xa, const T* w, const Pack& pa
     fwd_gemm<T>(g, xa.data_ptr<T>(), pack, wino_u, bias, res, act, y);
   } else if (pointwise_nchw<T>(g)) {
     fwd_pointwise_nchw<T>(g, xa.data_ptr<T>(), w, bias, res, act, y);
+  } else if (const Geo gs = subsampled(g); strided_pointwise(g) && pointwise_nchw<T>(gs)) {
+    // A strided 1x1 convolution reads one pixel in sh x sw: gathered into a compact NCHW x (a quarter of x for
+    // stride 2, as ResNet's downsampling shortcuts), they make a stride-1 1x1 convolution for the pointwise
+    // kernel, instead of transposing all of x to channels-last.
+    const at::Tensor xs = xa.slice(2, 0, g.H, g.sh).slice(3, 0, g.W, g.sw).contiguous();
+    fwd_pointwise_nchw<T>(gs, xs.data_ptr<T>(), w, bias, res, act, y);
   } else {
     at::Tensor xt = at::empty({g.N, g.C, g.H, g.W}, xa.options(), at::MemoryFormat::ChannelsLast);
     to_channels_last<T>(g, xa.data_ptr<T>(), xt.data_ptr<T>());

@@ -637,3 +637,18 @@ def test_prepared_weights_are_checked():
 @pytest.mark.cuda
 def test_prepare_weight_is_cpu_only():
     assert ops.conv.prepare_weight(torch.randn(8, 8, 3, 3, device="cuda"), 1, (1, 1), (1, 1)) is None
+
+
+@pytest.mark.parametrize("stride,hw", [((2, 2), (16, 16)), ((2, 1), (16, 8)), ((3, 3), (24, 22)), ((2, 2), (57, 57))])
+def test_strided_pointwise_nchw(stride, hw):
+    """NCHW 1x1 convolutions with a stride and images whose subsampled pixels fill the pointwise kernel's panels run
+    it on the gathered pixels (ResNet's downsampling shortcuts); same results as torch, epilogue included."""
+    skip_unavailable("cpp")
+    g = torch.Generator().manual_seed(sum(hw))
+    x, w, b = torch.randn(2, 24, *hw, generator=g), torch.randn(40, 24, 1, 1, generator=g), torch.randn(40, generator=g)
+    want = F.conv2d(x.double(), w.double(), b.double(), stride)
+    r = torch.randn(want.shape, generator=g)
+    with mltoolkit.backend("cpp"):
+        got = ops.conv2d_act(x, w, b, stride, activation="relu", residual=r)
+    assert_close(got, torch.relu(want + r.double()).float(), atol=1e-5)
+    assert got.is_contiguous()

@@ -115,6 +115,8 @@ def derived(kind: str, tensors: tuple, extra: tuple, compute):
     parametrization such as a pruning mask, which makes a new weight on every access)."""
     stamp = [*extra]
     for t in tensors:
+        if t is not None and t.is_inference():  # made under torch.inference_mode: no version counter to watch
+            return compute(*tensors)
         stamp.append(None if t is None else (t.data_ptr(), t._version))
     key = (kind, id(tensors[0]))
     entry = _DERIVED.get(key)

@@ -437,3 +437,15 @@ def test_inference_op_opcheck_and_compile(channels_last):
         for _ in range(3):
             assert_close(compiled(x), want, atol=1e-5)
             assert_close(fused(x), want, atol=1e-5)
+
+
+def test_inference_tensors_are_not_cached():
+    """Parameters made under torch.inference_mode have no version counter: such layers are folded on every call
+    (correct after in-place changes too) instead of failing."""
+    with torch.inference_mode():
+        m = mltoolkit.nn.Conv2dBNAct(8, 8, 3, padding=1).eval()
+        seq = torch.nn.Sequential(m.conv, m.bn, torch.nn.ReLU())
+        x = torch.randn(2, 8, 5, 5)
+        assert_close(m(x), seq(x), atol=1e-5)
+        m.conv.weight.mul_(2)
+        assert_close(m(x), seq(x), atol=1e-5)

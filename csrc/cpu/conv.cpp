@@ -264,11 +264,17 @@ void to_nchw_epilogue(const Geo& g, const T* yl, const T* res, Act act, T* y) {
 // (16 x 16 register blocks) into tmp, whose rows (c, r, s) are then copied to the panel rows (r, s, c). Transposing
 // each row's (Cg x RS) block first, as before, ran the 9-wide 3x3 blocks through at::vec's generic edge loop: 2.7x
 // the time of packing channels-last weights (1.75 vs 0.65 ms for a 512 -> 512 3x3 weight, 2 threads).
+// Panels of Pn output channels per group, and the sizes of the two weight layouts the forward derives (packed on
+// each call, or prepared once: conv2d_prepare_weight_cpu, checked against these by check_prepared).
+int64_t panel_count(const Geo& g, int64_t Pn) { return (g.Kg + Pn - 1) / Pn; }
+int64_t panels_numel(const Geo& g, int64_t Pn) { return g.G * panel_count(g, Pn) * g.Kc() * Pn; }
+int64_t winograd_numel(const Geo& g, int64_t Pn) { return 16 * panel_count(g, Pn) * g.C * Pn; }  // one group
+
 template <typename T>
 std::unique_ptr<T[]> pack_weight_panels(const Geo& g, const T* w, bool w_rsc, int64_t Pn) {
   constexpr int64_t B = 16;
-  const int64_t Kc = g.Kc(), RS = g.R * g.S, npan = (g.Kg + Pn - 1) / Pn;
-  std::unique_ptr<T[]> bw(new T[g.G * npan * Kc * Pn]);  // every element is written below
+  const int64_t Kc = g.Kc(), RS = g.R * g.S, npan = panel_count(g, Pn);
+  std::unique_ptr<T[]> bw(new T[panels_numel(g, Pn)]);  // every element is written below
   auto make_tmp = [&] { return std::vector<T>(w_rsc ? 0 : B * Kc); };
   parallel_tasks(g.G * npan, make_tmp, [&](int64_t u, std::vector<T>& tmp) {
     const int64_t gg = u / npan, j0 = (u % npan) * Pn, jl = std::min(Pn, g.Kg - j0);
@@ -332,7 +338,7 @@ template <typename T, int NR, typename Pack>
 void fwd_igemm(const Geo& g, const T* x, const Pack& pack, const T* bias, const T* res, Act act, T* y) {
   constexpr int64_t MR = convk::kMR, Pn = NR * convk::Vec<T>::size();
   const int64_t Kc = g.Kc(), RS = g.R * g.S, PQ = g.PQ(), NPQ = g.N * PQ;
-  const int64_t npan = (g.Kg + Pn - 1) / Pn, Kgp = npan * Pn;
+  const int64_t npan = panel_count(g, Pn), Kgp = npan * Pn;
   const auto bw = pack(Pn);  // owned (packed now) or borrowed (prepared): both have get()
   std::vector<T> bias_p(bias ? g.G * Kgp : 0, T(0));  // zero-padded per group, so that whole panels can be loaded
   for (int64_t k = 0; bias && k < g.K; ++k) bias_p[(k / g.Kg) * Kgp + k % g.Kg] = bias[k];
@@ -541,9 +547,9 @@ constexpr int64_t kWinoVBytes = 384 * 1024;    // V's chunk (tiles x 16 x channe
 constexpr int64_t kWinoMinChunk = 128;         // input channels per chunk when there are that many
 
 // Whether a convolution takes the Winograd path: 3x3, stride 1, no dilation, one group, enough channels for the
-// GEMMs to dominate the transforms, and tiles that cover the image with at most 1/8 of padding: odd sizes lose a
-// row and a column of outputs per image (7x7: 16 tiles for 49 pixels), which measured slower than the direct path.
-// Whether Winograd (16 products per 2x2 tile of output pixels) beats the direct kernel (9 per pixel). Transforming
+// GEMMs to dominate the transforms (winograd_eligible), and Winograd's 16 products per 2x2 tile of output pixels
+// (odd sizes lose a row and a column of outputs per image: 7x7 needs 16 tiles for 49 pixels) few enough against
+// the direct kernel's 9 per pixel (winograd_ok). Transforming
 // the weight on each call (16 x C x K values written) costs as much as the multiply-adds it saves on small images:
 // then Winograd needs at most half the direct products; with the transform prepared once (inference, see
 // conv2d_prepare_weight_cpu) two thirds, which admits 7x7 images (256 against 441 products per channel pair; the
@@ -565,8 +571,8 @@ template <typename T, int NR>
 std::unique_ptr<T[]> winograd_weights(const Geo& g, const T* bw) {
   using V = convk::Vec<T>;
   constexpr int64_t W = V::size(), Pn = NR * W;
-  const int64_t C = g.C, npan = (g.K + Pn - 1) / Pn, Kc = g.Kc();
-  std::unique_ptr<T[]> u(new T[16 * npan * C * Pn]);
+  const int64_t C = g.C, npan = panel_count(g, Pn), Kc = g.Kc();
+  std::unique_ptr<T[]> u(new T[winograd_numel(g, Pn)]);
   parallel_tasks(npan * C, [] { return 0; }, [&](int64_t t, int) {
     const int64_t pan = t / C, c = t % C;
     const T* panel = bw + pan * Kc * Pn;
@@ -596,7 +602,7 @@ template <typename T, int NR>
 void fwd_winograd(const Geo& g, const T* x, const T* u, const T* bias, const T* res, Act act, T* y) {
   using V = convk::Vec<T>;
   constexpr int64_t MR = convk::kMR, W = V::size(), Pn = NR * W, pad = 64 / int64_t(sizeof(T));
-  const int64_t C = g.C, K = g.K, npan = (K + Pn - 1) / Pn, Kp = npan * Pn;
+  const int64_t C = g.C, K = g.K, npan = panel_count(g, Pn), Kp = npan * Pn;  // (one group: Kg = K)
   const int64_t TP = (g.P + 1) / 2, TQ = (g.Q + 1) / 2, NT = g.N * TP * TQ;
   std::vector<T> bias_p(Kp, T(0));
   if (bias) std::copy(bias, bias + K, bias_p.begin());
@@ -1653,7 +1659,8 @@ bool pointwise_nchw(const Geo& g) {
   return !g.nhwc && g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && 8 * HW >= 7 * width;
 }
 
-// A 1x1 convolution with a stride and no padding, and the same on the pixels it reads (stride 1, P x Q images).
+// A 1x1 convolution with a stride and no padding; subsampled(g): the same convolution on the pixels it reads (stride
+// 1 on P x Q images).
 bool strided_pointwise(const Geo& g) {
   return g.R == 1 && g.S == 1 && g.ph == 0 && g.pw == 0 && (g.sh > 1 || g.sw > 1);
 }
@@ -1733,8 +1740,6 @@ struct Prepared {
   const void* winograd = nullptr;
 };
 
-int64_t panel_count(const Geo& g, int64_t Pn) { return (g.Kg + Pn - 1) / Pn; }
-
 Prepared check_prepared(const char* fn, const Geo& g, at::ScalarType acc, const std::optional<at::Tensor>& panels,
                         const std::optional<at::Tensor>& winograd) {
   Prepared p;
@@ -1748,13 +1753,13 @@ Prepared check_prepared(const char* fn, const Geo& g, at::ScalarType acc, const 
   if (panels.has_value() && panels->defined()) {
     const int64_t nr = acc == at::kDouble ? igemm_panel_vectors<double>(g) : igemm_panel_vectors<float>(g);
     p.panel_width = nr * W;
-    p.panels = check(*panels, "prepared_panels", g.G * panel_count(g, p.panel_width) * g.Kc() * p.panel_width);
+    p.panels = check(*panels, "prepared_panels", panels_numel(g, p.panel_width));
   }
   if (winograd.has_value() && winograd->defined()) {
     TORCH_CHECK(winograd_eligible(g), fn, ": prepared_winograd given for a convolution that Winograd does not run "
                 "(3x3, stride 1, dilation 1, one group, C and K >= 32)");
     const int64_t Pn = convk::kMaxNR * W;
-    p.winograd = check(*winograd, "prepared_winograd", 16 * panel_count(g, Pn) * g.C * Pn);
+    p.winograd = check(*winograd, "prepared_winograd", winograd_numel(g, Pn));
   }
   return p;
 }
@@ -1888,11 +1893,11 @@ std::vector<at::Tensor> conv2d_prepare_weight_cpu(const at::Tensor& weight, int6
       return t;
     };
     const int64_t Pn = igemm_panel_vectors<T>(g) * W;
-    panels = as_tensor(pack_weight_panels<T>(g, wa.data_ptr<T>(), w_rsc, Pn), g.G * panel_count(g, Pn) * g.Kc() * Pn);
+    panels = as_tensor(pack_weight_panels<T>(g, wa.data_ptr<T>(), w_rsc, Pn), panels_numel(g, Pn));
     if (winograd_eligible(g)) {
       constexpr int64_t Pw = convk::kMaxNR * W;
       const std::unique_ptr<T[]> direct = pack_weight_panels<T>(g, wa.data_ptr<T>(), w_rsc, Pw);
-      winograd = as_tensor(winograd_weights<T, convk::kMaxNR>(g, direct.get()), 16 * panel_count(g, Pw) * g.C * Pw);
+      winograd = as_tensor(winograd_weights<T, convk::kMaxNR>(g, direct.get()), winograd_numel(g, Pw));
     }
   };
   if (acc == at::kDouble) run(double{});

@@ -229,7 +229,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     if cos.shape[0] != seqlen:
         cos, sin = cos[:seqlen], sin[:seqlen]
     cos, sin = _table_dtype(cos, x.dtype), _table_dtype(sin, x.dtype)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
+    needs_grad = _ext.needs_grad(x, cos, sin)
     eager = _ext.plain_eager(x, cos, sin)
     if inplace and not needs_grad:
         if eager:

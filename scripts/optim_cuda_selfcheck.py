@@ -19,6 +19,7 @@ from cuda_timing import expect_named_errors, median_ms  # noqa: E402
 
 import mltoolkit  # noqa: E402
 from mltoolkit import _ext  # noqa: E402
+from mltoolkit.ops import fused_adam, fused_lamb  # noqa: E402, F401  (register the ops the benchmark calls)
 from mltoolkit.ops.reference.fused_adam import fused_adamw_ as reference_adamw_  # noqa: E402
 
 FAILURES = []

@@ -119,6 +119,67 @@ def test_param_groups_and_tensor_lr():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_kept_lists_follow_every_change():
+    """From its second step AdamW reuses a group's lists of parameters and state (mltoolkit.optim.adamw._Plan)
+    instead of walking the parameters. Every change torch.optim.AdamW would see must be seen: a missing or sparse
+    gradient, a gradient in other strides, replaced or cleared state, a loaded state_dict, a new param group, a
+    changed lr."""
+    _cpp_or_skip()
+    shapes = [(7,), (33, 17), (1025,), (1,)]
+    ours_p, ref_p = _params(shapes=shapes, layouts=False), _params(shapes=shapes, layouts=False)
+    ours = AdamW(ours_p, lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2, weight_decay=0.1, foreach=False)
+    g = torch.Generator().manual_seed(3)
+
+    def step(change=None):
+        grads = [torch.randn(p.shape, generator=g) for p in ours_p]
+        for ps, opt in ((ours_p, ours), (ref_p, ref)):
+            for p, grad in zip(ps, grads):
+                p.grad = grad.clone()
+            if change:
+                change(ps, opt)
+            opt.step()
+        for a, b in zip(ours_p, ref_p):
+            _same(a, b, False, "param")
+            sa, sb = ours.state.get(a, {}), ref.state.get(b, {})
+            assert sa.keys() == sb.keys()
+            for k in sa:
+                _same(sa[k], sb[k], k == "step", k)
+
+    step()
+    step()
+    assert len(ours._plans) == 1  # the kept lists are in use from here on
+    version = ours_p[0]._version
+    step()
+    assert ours_p[0]._version > version  # autograd sees the in-place update
+    for _ in range(3):  # skipped, its step count stays (a frozen parameter: the kept lists leave it out)
+        step(lambda ps, opt: setattr(ps[2], "grad", None))
+    assert len(ours._plans) == 1
+    step(lambda ps, opt: setattr(ps[1], "grad", ps[1].grad.t().contiguous().t()))  # other strides: copied
+    step()
+    step(lambda ps, opt: opt.state[ps[0]].__setitem__("exp_avg", torch.ones_like(ps[0])))
+    step()
+    step(lambda ps, opt: opt.state.clear())
+    step()
+    step(lambda ps, opt: opt.param_groups[0].__setitem__("lr", 3e-3))
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    step()
+    step()
+    extra_ours, extra_ref = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(5))
+    ours.add_param_group({"params": [extra_ours]})
+    ref.add_param_group({"params": [extra_ref]})
+    ours_p.append(extra_ours)
+    ref_p.append(extra_ref)
+    step()
+    step()
+    before = {k: v.clone() for k, v in ours.state[ours_p[0]].items()}
+    ours_p[3].grad = torch.ones(1).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        ours.step()
+    for k, v in before.items():  # refused before anything was written
+        assert torch.equal(ours.state[ours_p[0]][k], v), k
+
+
 @pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
 def test_state_dict_round_trip(direction):
     kw = dict(lr=1e-2, weight_decay=0.1, amsgrad=True)

@@ -38,6 +38,9 @@ def _unsupported(cuda: bool):
     def supports(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg_sqs=None, *_) -> Optional[str]:
         """Asked of the C++ side (csrc/cpu/fused_adam.cpp): a Python loop over hundreds of tensors cost more than a
         10M-parameter step. (State lists may be left out: the benchmark asks before the optimizer state exists.)"""
+        if params and params[0].is_cuda != cuda:  # before converting five lists (the C++ words it alike)
+            return f"needs CUDA tensors, got params[0] on {params[0].device.type}" if cuda else \
+                "needs CPU tensors, got params[0] elsewhere"
         why = _ext._C.fused_adamw_unsupported(list(params), list(grads), list(exp_avgs or ()),
                                               list(exp_avg_sqs or ()), list(max_exp_avg_sqs or ()), cuda)
         return why or None

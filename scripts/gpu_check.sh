@@ -2,7 +2,8 @@
 # The GPU check: on a machine with an NVIDIA GPU and torch preinstalled (no package index), build mltoolkit._C,
 # run the CUDA self-checks and the GPU tests, then the quick benchmarks one op per process (a kernel fault in one op
 # cannot take the others' rows with it). Results land in benchmarks/results/<gpu>.{jsonl,md,png}.
-#   STAGES="build selfcheck test bench"   (default: all, in that order)
+#   STAGES="build selfcheck test bench"   (default: these, in that order; "profile" adds the per-kernel profile of the
+#                                          GPT-2 train step, scripts/profile_train_step.py, PROFILE_ARGS passed on)
 #   BUDGET_S=560                          (wall-clock budget of the whole run: each stage's timeout is cut to what
 #                                          is left, and bench ops that no longer fit are skipped and listed)
 #   PYTEST_FILES, PYTEST_K, BENCH_OPS_FIRST, BENCH_OPS_LATE   (what the tests and benchmarks run; defaults below;
@@ -128,6 +129,11 @@ if has bench; then
   step "the other benchmarks"
   bench_ops ${BENCH_OPS_LATE-int8_weight_only_linear fake_quantize fake_quantize_lsq adamw8bit_step lamb8bit_step gru fused_lamb attention conv2d conv2d_bn_relu train_step_transformer resnet50 bn_relu rms_norm layer_norm bn_add_relu rotary}
   [ -f "benchmarks/results/$SLUG.md" ] && grep -E "^\|" "benchmarks/results/$SLUG.md" | cut -c1-150 | tail -40
+fi
+if has profile; then  # not in the default STAGES: where the GPT-2 train step's GPU time goes, per kernel
+  step "profile of the GPT-2 small train step"
+  run profile "${PROFILE_LIMIT_S:-300}" $PY scripts/profile_train_step.py ${PROFILE_ARGS:-}
+  grep -E "^==|total GPU|mltoolkit::" "$LOGS/profile.log" | head -30
 fi
 pack
 step "done (status $status)"

@@ -331,6 +331,40 @@ def test_residual_that_broadcasts_is_added_outside_the_kernel():
     assert_close(fused(x, bias_map), model(x, bias_map), atol=1e-5)
 
 
+def test_optimize_runs_convolutions_channels_last():
+    """optimize() puts 4-D weights in channels_last (the same Parameter objects), so a model fed NCHW images
+    computes channels_last from its first convolution on, as F.conv2d does for a channels_last weight; the values
+    are the original model's. channels_last=False keeps the layout."""
+    torch.manual_seed(0)
+
+    class Features(torch.nn.Module):  # returns a 4-D map, to see the layout that comes out
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+            self.conv2 = torch.nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return self.conv2(torch.relu(self.bn(self.conv(x))))
+
+    model = _randomize_bn(Features()).eval()
+    original = copy.deepcopy(model)
+    weight = model.conv.weight
+    x = torch.randn(2, 3, 9, 9)
+    fused = mltoolkit.optimize(model)
+    assert fused.conv.weight is weight and weight.is_contiguous(memory_format=torch.channels_last)
+    assert not weight.is_contiguous()
+    with torch.no_grad():
+        y = fused(x)
+        assert_close(y, original(x), atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    kept = mltoolkit.optimize(copy.deepcopy(original), channels_last=False)
+    assert kept.conv.weight.is_contiguous()
+    with torch.no_grad():
+        assert kept(x).is_contiguous()
+    with pytest.raises(TypeError, match="channels_last must be a bool"):
+        mltoolkit.optimize(original, channels_last="yes")
+
+
 def test_optimize_leaves_models_without_conv_bn_alone():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
     assert mltoolkit.optimize(model) is model

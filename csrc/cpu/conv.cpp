@@ -41,6 +41,7 @@
 #include "../conv_epilogue.h"
 #include "attention_gemm.h"
 #include "conv_gemm.h"
+#include "scratch.h"
 #include "transpose.h"
 
 namespace mltoolkit {
@@ -598,10 +599,145 @@ std::unique_ptr<T[]> winograd_weights(const Geo& g, const T* bw) {
   return u;
 }
 
+// V = B^T d B of tile tt for channels [c0, c0 + cl), B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], channel vectors
+// up to cc (zeros past cl, and everywhere for a tile past the last, tt >= nt): point xi at vt + xi * xstride.
+template <typename T>
+void winograd_input_tile(const Geo& g, const T* x, int64_t tt, int64_t nt, int64_t c0, int64_t cl, int64_t cc, T* vt,
+                         int64_t xstride) {
+  using V = convk::Vec<T>;
+  constexpr int64_t W = V::size();
+  const int64_t TP = (g.P + 1) / 2, TQ = (g.Q + 1) / 2;
+  const int64_t n = tt / (TP * TQ), ih0 = ((tt / TQ) % TP) * 2 - g.ph, iw0 = (tt % TQ) * 2 - g.pw;
+  // The patch's pixels, null where it hangs over x's border (or past the last tile).
+  const T* px[4][4];
+  for (int64_t i = 0; i < 4; ++i)
+    for (int64_t j = 0; j < 4; ++j) {
+      const int64_t ih = ih0 + i, iw = iw0 + j;
+      px[i][j] = tt < nt && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W ? x + ((n * g.H + ih) * g.W + iw) * g.C + c0
+                                                                      : nullptr;
+    }
+  for (int64_t c = 0; c < cc; c += W) {
+    const int64_t len = std::min<int64_t>(W, cl - c);
+    auto load = [&](int64_t i, int64_t j) {
+      if (!px[i][j] || len <= 0) return V(T(0));
+      return len == W ? V::loadu(px[i][j] + c) : V::loadu(px[i][j] + c, len);
+    };
+    V s[4][4];  // B^T d, one column of d at a time
+    for (int64_t j = 0; j < 4; ++j) {
+      const V d0 = load(0, j), d1 = load(1, j), d2 = load(2, j), d3 = load(3, j);
+      s[0][j] = d0 - d2, s[1][j] = d1 + d2, s[2][j] = d2 - d1, s[3][j] = d1 - d3;
+    }
+    for (int64_t i = 0; i < 4; ++i) {
+      (s[i][0] - s[i][2]).store(vt + (i * 4 + 0) * xstride + c);
+      (s[i][1] + s[i][2]).store(vt + (i * 4 + 1) * xstride + c);
+      (s[i][2] - s[i][1]).store(vt + (i * 4 + 2) * xstride + c);
+      (s[i][1] - s[i][3]).store(vt + (i * 4 + 3) * xstride + c);
+    }
+  }
+}
+
+// Y = A^T M A of tile tt, A^T = [1 1 1 0; 0 1 -1 -1], for output channels [k0, k0 + kn): point xi of M at
+// m + xi * mstride, channel k0 + j at [j] (readable in whole vectors); then + bias_p[j] (zero-padded), the residual
+// and the activation, for the output pixels inside y (channels-last).
+template <typename T>
+void winograd_output_tile(const Geo& g, int64_t tt, const T* m, int64_t mstride, int64_t k0, int64_t kn,
+                          const T* bias_p, const T* res, Act act, T* y) {
+  using V = convk::Vec<T>;
+  constexpr int64_t W = V::size();
+  const int64_t TP = (g.P + 1) / 2, TQ = (g.Q + 1) / 2, K = g.K;
+  const int64_t n = tt / (TP * TQ), p0 = ((tt / TQ) % TP) * 2, q0 = (tt % TQ) * 2;
+  const bool vact = convk::vector_act(act);
+  for (int64_t j = 0; j < kn; j += W) {
+    const int64_t len = std::min<int64_t>(W, kn - j);
+    V s[2][4];  // A^T m, one column of m at a time
+    for (int64_t c = 0; c < 4; ++c) {
+      const V m0 = V::loadu(m + c * mstride + j), m1 = V::loadu(m + (4 + c) * mstride + j);
+      const V m2 = V::loadu(m + (8 + c) * mstride + j), m3 = V::loadu(m + (12 + c) * mstride + j);
+      s[0][c] = m0 + m1 + m2, s[1][c] = m1 - m2 - m3;
+    }
+    const V vb = V::loadu(bias_p + j);
+    for (int64_t a = 0; a < 2; ++a) {
+      const V o[2] = {s[a][0] + s[a][1] + s[a][2], s[a][1] - s[a][2] - s[a][3]};
+      for (int64_t b = 0; b < 2; ++b) {
+        const int64_t p = p0 + a, q = q0 + b;
+        if (p >= g.P || q >= g.Q) continue;
+        const int64_t off = ((n * g.P + p) * g.Q + q) * K + k0 + j;
+        V val = o[b] + vb;
+        if (res) val = val + (len == W ? V::loadu(res + off) : V::loadu(res + off, len));
+        if (vact) val = convk::apply_vector_act<T>(act, val);
+        if (len == W) val.store(y + off);
+        else val.store(y + off, len);
+        if (!vact)
+          for (int64_t e = 0; e < len; ++e) y[off + e] = apply_activation<T>(act, y[off + e]);
+      }
+    }
+  }
+}
+
+// Winograd for small images with many channels (ResNet's 7x7 and 14x14 layers): the input transforms of all tiles
+// first (V, every channel), then tasks of output-channel panels, each reading only its panels of U, once. The
+// tasks of fwd_winograd (blocks of tiles, all output channels) would each read the whole U again: 10 times its 16 MB
+// per call for a 512 -> 512 layer on 8 images of 7x7, more than the multiply-adds' time from L3 / memory.
+template <typename T, int NR>
+void fwd_winograd_by_panels(const Geo& g, const T* x, const T* u, const T* bias, const T* res, Act act, T* y) {
+  constexpr int64_t MR = convk::kMR, W = convk::Vec<T>::size(), Pn = NR * W, pad = 64 / int64_t(sizeof(T));
+  const int64_t C = g.C, K = g.K, npan = panel_count(g, Pn), Kp = npan * Pn;
+  const int64_t NT = g.N * ((g.P + 1) / 2) * ((g.Q + 1) / 2), NTp = (NT + MR - 1) / MR * MR;
+  const int64_t cp = (C + W - 1) / W * W, vs = cp + pad;  // V: row (xi, tile) of cp channels, stride vs
+  const KeptScratch scratch("conv2d_forward_cpu", 16 * NTp * vs * int64_t(sizeof(T)));  // every value written first
+  T* const v = scratch.as<T>();
+  std::vector<T> bias_p(Kp, T(0));
+  if (bias) std::copy(bias, bias + K, bias_p.begin());
+  constexpr int64_t kTilesPerTask = 16;
+  parallel_tasks((NTp + kTilesPerTask - 1) / kTilesPerTask, [] { return 0; }, [&](int64_t task, int) {
+    for (int64_t t = task * kTilesPerTask; t < std::min(NTp, (task + 1) * kTilesPerTask); ++t)
+      winograd_input_tile<T>(g, x, t, NT, 0, C, cp, v + t * vs, NTp * vs);
+  });
+  std::vector<const T*> rows(16 * NTp);
+  for (int64_t i = 0; i < 16 * NTp; ++i) rows[i] = v + i * vs;
+  // Tasks: (panel, block of tiles); blocks only as many as the threads need, M (tiles x 16 x Pn) within kWinoMBytes.
+  const int64_t ms = 16 * Pn + pad;
+  const int64_t want = (2 * at::get_num_threads() + npan - 1) / npan;
+  const int64_t by_m = (NTp * ms * int64_t(sizeof(T)) + kWinoMBytes - 1) / kWinoMBytes;
+  const int64_t ntb = std::max<int64_t>({1, want, by_m});
+  const int64_t TB = ((NTp + ntb - 1) / ntb + MR - 1) / MR * MR, nblk = (NTp + TB - 1) / TB;
+  const int64_t boff = 0;
+  parallel_tasks(npan * nblk, [&] { return std::vector<T>(TB * ms); }, [&](int64_t task, std::vector<T>& m) {
+    const int64_t pan = task / nblk, t0 = (task % nblk) * TB, nt = std::min(TB, NTp - t0);
+    for (int64_t xi = 0; xi < 16; ++xi) {
+      const T* ub = u + (xi * npan + pan) * C * Pn;
+      for (int64_t b = 0; b < nt; b += MR)
+        convk::igemm_tile<T, NR>(1, rows.data() + xi * NTp + t0 + b, 0, &boff, C, ub, Pn, m.data() + b * ms + xi * Pn,
+                                 ms, MR, Pn, false, nullptr);
+    }
+    const int64_t k0 = pan * Pn, kn = std::min(Pn, K - k0);
+    for (int64_t t = 0; t < std::min(nt, NT - t0); ++t)
+      winograd_output_tile<T>(g, t0 + t, m.data() + t * ms, Pn, k0, kn, bias_p.data() + k0, res, act, y);
+  });
+}
+
+// Whether fwd_winograd_by_panels suits this layer: U (16 x C x Kp) large enough that
+// fwd_winograd's tasks re-reading it would cost (kWinoPanelsMinU), V small enough to stay in the caches
+// (kWinoPanelsMaxV).
+constexpr int64_t kWinoPanelsMinU = 2 * 1024 * 1024;
+constexpr int64_t kWinoPanelsMaxV = 8 * 1024 * 1024;
+
+template <typename T, int NR>
+bool winograd_by_panels(const Geo& g) {
+  constexpr int64_t W = convk::Vec<T>::size(), Pn = NR * W;
+  const int64_t ubytes = 16 * g.C * panel_count(g, Pn) * Pn * int64_t(sizeof(T));
+  const int64_t NT = g.N * ((g.P + 1) / 2) * ((g.Q + 1) / 2);
+  const int64_t vbytes = 16 * (NT + convk::kMR) * ((g.C + W - 1) / W * W + 64 / int64_t(sizeof(T))) * int64_t(sizeof(T));
+  return ubytes >= kWinoPanelsMinU && vbytes <= kWinoPanelsMaxV;
+}
+
 template <typename T, int NR>
 void fwd_winograd(const Geo& g, const T* x, const T* u, const T* bias, const T* res, Act act, T* y) {
-  using V = convk::Vec<T>;
-  constexpr int64_t MR = convk::kMR, W = V::size(), Pn = NR * W, pad = 64 / int64_t(sizeof(T));
+  if (winograd_by_panels<T, NR>(g)) {
+    fwd_winograd_by_panels<T, NR>(g, x, u, bias, res, act, y);
+    return;
+  }
+  constexpr int64_t MR = convk::kMR, W = convk::Vec<T>::size(), Pn = NR * W, pad = 64 / int64_t(sizeof(T));
   const int64_t C = g.C, K = g.K, npan = panel_count(g, Pn), Kp = npan * Pn;  // (one group: Kg = K)
   const int64_t TP = (g.P + 1) / 2, TQ = (g.Q + 1) / 2, NT = g.N * TP * TQ;
   std::vector<T> bias_p(Kp, T(0));
@@ -632,38 +768,7 @@ void fwd_winograd(const Geo& g, const T* x, const T* u, const T* bias, const T* 
       for (int64_t t = 0; t < TB; ++t) sc.rows[xi * TB + t] = sc.v.data() + t * vs + xi * cc;
     for (int64_t c0 = 0; c0 < C; c0 += cc) {
       const int64_t cl = std::min(cc, C - c0);
-      // V = B^T d B per tile and channel vector, B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]; zeros past the
-      // tiles and channels, whose rows and columns of the GEMM are discarded.
-      for (int64_t t = 0; t < TB; ++t) {
-        const int64_t tt = t0 + t, n = tt / (TP * TQ), ih0 = ((tt / TQ) % TP) * 2 - g.ph, iw0 = (tt % TQ) * 2 - g.pw;
-        // The patch's pixels, null where it hangs over x's border (or past the last tile).
-        const T* px[4][4];
-        for (int64_t i = 0; i < 4; ++i)
-          for (int64_t j = 0; j < 4; ++j) {
-            const int64_t ih = ih0 + i, iw = iw0 + j;
-            px[i][j] = t < nt && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W
-                           ? x + ((n * g.H + ih) * g.W + iw) * C + c0 : nullptr;
-          }
-        T* vt = sc.v.data() + t * vs;
-        for (int64_t c = 0; c < cc; c += W) {
-          const int64_t len = std::min<int64_t>(W, cl - c);
-          auto load = [&](int64_t i, int64_t j) {
-            if (!px[i][j] || len <= 0) return V(T(0));
-            return len == W ? V::loadu(px[i][j] + c) : V::loadu(px[i][j] + c, len);
-          };
-          V s[4][4];  // B^T d, one column of d at a time
-          for (int64_t j = 0; j < 4; ++j) {
-            const V d0 = load(0, j), d1 = load(1, j), d2 = load(2, j), d3 = load(3, j);
-            s[0][j] = d0 - d2, s[1][j] = d1 + d2, s[2][j] = d2 - d1, s[3][j] = d1 - d3;
-          }
-          for (int64_t i = 0; i < 4; ++i) {
-            (s[i][0] - s[i][2]).store(vt + (i * 4 + 0) * cc + c);
-            (s[i][1] + s[i][2]).store(vt + (i * 4 + 1) * cc + c);
-            (s[i][2] - s[i][1]).store(vt + (i * 4 + 2) * cc + c);
-            (s[i][1] - s[i][3]).store(vt + (i * 4 + 3) * cc + c);
-          }
-        }
-      }
+      for (int64_t t = 0; t < TB; ++t) winograd_input_tile<T>(g, x, t0 + t, NT, c0, cl, cc, sc.v.data() + t * vs, cc);
       for (int64_t pan = 0; pan < npan; ++pan)
         for (int64_t xi = 0; xi < 16; ++xi) {
           const T* ub = u + ((xi * npan + pan) * C + c0) * Pn;
@@ -672,37 +777,8 @@ void fwd_winograd(const Geo& g, const T* x, const T* u, const T* bias, const T* 
                                      sc.m.data() + b * MR * ms + xi * Kp + pan * Pn, ms, MR, Pn, c0 > 0, nullptr);
         }
     }
-    // Y = A^T M A per tile, A^T = [1 1 1 0; 0 1 -1 -1], then the epilogue, for the output pixels inside y.
-    const bool vact = convk::vector_act(act);
-    for (int64_t t = 0; t < nt; ++t) {
-      const int64_t tt = t0 + t, n = tt / (TP * TQ), p0 = ((tt / TQ) % TP) * 2, q0 = (tt % TQ) * 2;
-      const T* mt = sc.m.data() + t * ms;
-      for (int64_t j = 0; j < K; j += W) {
-        const int64_t len = std::min<int64_t>(W, K - j);
-        V s[2][4];  // A^T m, one column of m at a time
-        for (int64_t c = 0; c < 4; ++c) {
-          const V m0 = V::loadu(mt + c * Kp + j), m1 = V::loadu(mt + (4 + c) * Kp + j);
-          const V m2 = V::loadu(mt + (8 + c) * Kp + j), m3 = V::loadu(mt + (12 + c) * Kp + j);
-          s[0][c] = m0 + m1 + m2, s[1][c] = m1 - m2 - m3;
-        }
-        const V vb = V::loadu(bias_p.data() + j);
-        for (int64_t a = 0; a < 2; ++a) {
-          const V o[2] = {s[a][0] + s[a][1] + s[a][2], s[a][1] - s[a][2] - s[a][3]};
-          for (int64_t b = 0; b < 2; ++b) {
-            const int64_t p = p0 + a, q = q0 + b;
-            if (p >= g.P || q >= g.Q) continue;
-            const int64_t off = ((n * g.P + p) * g.Q + q) * K + j;
-            V val = o[b] + vb;
-            if (res) val = val + (len == W ? V::loadu(res + off) : V::loadu(res + off, len));
-            if (vact) val = convk::apply_vector_act<T>(act, val);
-            if (len == W) val.store(y + off);
-            else val.store(y + off, len);
-            if (!vact)
-              for (int64_t e = 0; e < len; ++e) y[off + e] = apply_activation<T>(act, y[off + e]);
-          }
-        }
-      }
-    }
+    for (int64_t t = 0; t < nt; ++t)
+      winograd_output_tile<T>(g, t0 + t, sc.m.data() + t * ms, Kp, 0, K, bias_p.data(), res, act, y);
   });
 }
 

@@ -27,6 +27,7 @@
 
 #include "check_util.h"
 #include "lstm.h"
+#include "scratch.h"
 #include "transpose.h"
 
 namespace mltoolkit {
@@ -369,41 +370,7 @@ inline void in_register(Vec<T>& v) {
 #endif
 }
 
-// Scratch memory of the layer (packed weights, a chunk's projection), kept per calling thread between calls: a fresh
-// allocation of this size is mmapped and page-faulted on every call, ~3 ms per 8 MB on the dev VM. Requests over
-// kKeptScratchBytes get memory of their own, freed after the call.
-constexpr int64_t kKeptScratchBytes = int64_t{64} << 20;
-
-class Scratch {
- public:
-  explicit Scratch(int64_t bytes) {
-    static thread_local Buffer kept;
-    Buffer& buf = bytes > kKeptScratchBytes ? own_ : kept;
-    if (buf.bytes < bytes) buf.reset(bytes);
-    data_ = buf.data;
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  char* data() const { return data_; }
-
- private:
-  struct Buffer {
-    char* data = nullptr;
-    int64_t bytes = 0;
-    void reset(int64_t n) {
-      std::free(data);
-      data = nullptr;
-      bytes = 0;
-      n = (n + 63) / 64 * 64;
-      data = static_cast<char*>(std::aligned_alloc(64, n));
-      TORCH_CHECK(data != nullptr, "lstm_layer_forward_cpu: out of memory allocating ", n, " bytes of scratch");
-      bytes = n;
-    }
-    ~Buffer() { std::free(data); }
-  };
-  Buffer own_;
-  char* data_;
-};
+// Scratch memory of the layer (packed weights, a chunk's projection): scratch.h's, kept per calling thread.
 
 // Elements of (P, K, 4U) panels, rounded up to whole 64-byte lines.
 template <typename T>
@@ -730,7 +697,7 @@ std::vector<at::Tensor> lstm_layer_forward_cpu(const at::Tensor& x, const at::Te
     const int64_t P = (H + U - 1) / U;
     const int64_t hh = fused::panel_elements<T>(H, H), ih = project ? fused::panel_elements<T>(I, H) : 0;
     const int64_t xp = project ? std::min(fused::chunk_steps<T>(B, P), steps.count()) * B * P * 4 * U : 0;
-    const fused::Scratch scratch((hh + ih + xp) * static_cast<int64_t>(sizeof(T)));
+    const KeptScratch scratch("lstm_layer_forward_cpu", (hh + ih + xp) * static_cast<int64_t>(sizeof(T)));
     T* const packed = reinterpret_cast<T*>(scratch.data());
     fused::pack_panels<T>(w_hh.const_data_ptr<T>(), H, H, packed);
     if (project) fused::pack_panels<T>(w_ih->const_data_ptr<T>(), I, H, packed + hh);

@@ -407,9 +407,17 @@ def _conv(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pa
     return _ext.call_op(torch.ops.mltoolkit.conv2d_fwd, _EagerConv, _forward_impl, args, (x, weight, bias, residual))
 
 
-def _layout_input(x: Tensor) -> Tensor:
-    # channels_last stays channels_last; every other layout becomes contiguous NCHW.
-    return x if memory_format(x) == torch.channels_last else x.contiguous()
+def _layout_input(x: Tensor, weight: Tensor) -> Tensor:
+    """x in the layout the convolution computes and returns: channels_last when x or the weight is channels_last
+    (F.conv2d's rule: a model whose weights were converted with .to(memory_format=torch.channels_last) runs
+    channels_last from its first convolution on), else contiguous NCHW."""
+    if memory_format(x) == torch.channels_last:
+        return x
+    # A weight dense in both layouts (1x1) is told apart by its strides, as torch does (slower: asked last).
+    if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and (
+            not weight.is_contiguous() or memory_format(weight) == torch.channels_last):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()
 
 
 def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -424,7 +432,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """
     _check_tensors("conv2d", input, weight, bias, 2)
     unbatched = input.dim() == 3
-    x = _layout_input(input.unsqueeze(0) if unbatched else input)
+    x = _layout_input(input.unsqueeze(0) if unbatched else input, weight)
     w = _layout(weight)
     y = _conv("conv2d", x, w, bias, stride, padding, dilation, groups, padding_mode, 2)
     return y.squeeze(0) if unbatched else y
@@ -510,7 +518,7 @@ def conv2d_bn_act(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
     from mltoolkit.ops.batch_norm import batch_norm_act
 
     unbatched = input.dim() == 3
-    x = _layout_input(input.unsqueeze(0) if unbatched else input)
+    x = _layout_input(input.unsqueeze(0) if unbatched else input, weight)
     res = None if residual is None else (residual.unsqueeze(0) if unbatched else residual)
     z = _conv("conv2d_bn_act", x, _layout(weight), bias, stride, padding, dilation, groups, padding_mode, 2)
     if res is not None and res.shape != z.shape:
@@ -534,7 +542,7 @@ def _check_epilogue(fn: str, input: Tensor, residual: Optional[Tensor], activati
 def _conv_epilogue(fn, input, weight, bias, stride, padding, dilation, groups, padding_mode, residual, activation,
                    inference_bn=None):
     unbatched = input.dim() == 3
-    x = _layout_input(input.unsqueeze(0) if unbatched else input)
+    x = _layout_input(input.unsqueeze(0) if unbatched else input, weight)
     if residual is not None:
         residual = (residual.unsqueeze(0) if unbatched else residual).contiguous(memory_format=memory_format(x))
     y = _conv(fn, x, _layout(weight), bias, stride, padding, dilation, groups, padding_mode, 2, residual=residual,

@@ -614,6 +614,52 @@ def test_prepared_winograd_runs_on_small_images(hw, channels_last):
         assert (got.double() - want).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("kernel", [3, 1])
+@pytest.mark.parametrize("x_cl", [False, True], ids=["x_nchw", "x_nhwc"])
+@pytest.mark.parametrize("w_cl", [False, True], ids=["w_nchw", "w_nhwc"])
+def test_output_layout_follows_torch(kernel, x_cl, w_cl):
+    """The output is channels_last when the input or the weight is (a 1x1 weight, dense in both layouts, by its
+    strides), as F.conv2d's: a model converted to channels_last runs so whatever its input's layout."""
+    skip_unavailable("cpp")
+    x, w = torch.randn(2, 8, 9, 9), torch.randn(16, 8, kernel, kernel)
+    x = x.contiguous(memory_format=torch.channels_last) if x_cl else x
+    w = w.contiguous(memory_format=torch.channels_last) if w_cl else w
+    want = F.conv2d(x, w, padding=kernel // 2)
+    for got, ref in ((ops.conv2d(x, w, padding=kernel // 2), want),
+                     (ops.conv.conv2d_act(x, w, padding=kernel // 2, activation="relu"), torch.relu(want))):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        assert got.stride() == want.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("hw,activation", [(7, "relu"), (12, "gelu")])
+def test_winograd_by_output_panels(hw, activation, channels_last, dtype):
+    """Layers whose Winograd transform is large (here 16 x 192 x 192 values) against small images run Winograd by
+    panels of output channels after transforming every tile (fwd_winograd_by_panels): against float64, forward with
+    bias, residual and an activation (vector and per-element), prepared or not, and dx (a forward on the flipped
+    weight, the same sizes)."""
+    skip_unavailable("cpp")
+    x, w, b, r = (t.to(dtype) for t in _prepared_case(192, 192, hw, 3, 1, 1, channels_last))
+    prepared = ops.conv.prepare_weight(w, 1, (1, 1), (1, 1))
+    assert prepared[1] is not None
+    want = getattr(F, activation)(F.conv2d(x.double(), w.double(), b.double(), 1, 1) + r.double())
+    tol = 2e-4 if dtype == torch.float32 else 1e-10
+    with torch.no_grad():
+        outs = [ops.conv._forward_kernel(x, w, b, [1, 1], [1, 1], [1, 1], 1, r, activation, prepared)]
+        if hw > 7:  # 7x7 images take Winograd only with the transform prepared
+            outs.append(ops.conv.conv2d_act(x, w, b, 1, 1, activation=activation, residual=r))
+    for got in outs:
+        assert got.dtype == dtype
+        assert (got.double() - want).abs().max().item() < tol
+    xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+    ops.conv.conv2d(xg, wg, None, 1, 1).backward(r)
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    F.conv2d(xd, wd, None, 1, 1).backward(r.double())
+    assert (xg.grad.double() - xd.grad).abs().max().item() < tol * 10
+    assert (wg.grad.double() - wd.grad).abs().max().item() < tol * 100
+
+
 def test_prepared_weights_are_checked():
     skip_unavailable("cpp")
     x, w, b, _ = _prepared_case(40, 48, 14, 3, 1, 1, False)

@@ -53,8 +53,7 @@ def _onednn_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     return (USE_ONEDNN_LINEAR and torch.backends.mkldnn.enabled and x.device.type == "cpu"
             and x.dtype == torch.float32 and weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)))
+            and not _ext.needs_grad(x, weight, bias)
             and _ext.plain_eager(x, weight, bias))
 
 

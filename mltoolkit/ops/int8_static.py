@@ -181,11 +181,11 @@ def int8_linear_static(x: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor,
     if x.dim() < 1:
         raise ValueError(f"{fn}: x must have at least 1 dim, got shape {list(x.shape)}")
     lead, K = tuple(x.shape[:-1]), x.shape[-1]
-    n = int8_ops._check_linear(fn, K, lead, None, wq, w_scale, bias, x, "x")
-    x2 = x.reshape(-1, K)
+    int8_ops._check_linear(fn, K, lead, None, wq, w_scale, bias, x, "x")
+    x2 = _ext.as_rows(x)  # (rows, K), K = 0 included
     xq = _quantize(x2, x_scale)
     xs = _per_token(x_scale, x2.shape[0])
-    return int8_ops._linear(xq, xs, wq, w_scale, bias, x.dtype).reshape(*lead, n)
+    return _ext.from_rows(int8_ops._linear(xq, xs, wq, w_scale, bias, x.dtype), x)
 
 
 def int8_conv2d_static(x: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor],

@@ -123,6 +123,20 @@ def test_linear_static_exact(M, K, N):
         assert torch.equal(ops.int8_linear_static(x, s, wq, ws, b), want)
 
 
+def test_linear_static_batched_and_empty_k():
+    """Leading batch dims come back on y; K = 0 gives the bias (the sums over no k are 0), not a reshape error."""
+    x = torch.randn(2, 3, 16, generator=gen(5))
+    wq, ws = ops.quantize_per_channel(torch.randn(5, 16, generator=gen(6)))
+    b = torch.randn(5, generator=gen(7))
+    s = scale_of(x)
+    y = ops.int8_linear_static(x, s, wq, ws, b)
+    assert y.shape == (2, 3, 5)
+    assert torch.equal(y.reshape(6, 5), ops.int8_linear_static(x.reshape(6, 16), s, wq, ws, b))
+    empty = ops.int8_linear_static(torch.randn(2, 3, 0), torch.tensor(0.5), torch.zeros(5, 0, dtype=torch.int8),
+                                   torch.ones(5), b)
+    assert empty.shape == (2, 3, 5) and torch.equal(empty, b.expand(2, 3, 5))
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_linear_static_sqnr(dtype):
     x = torch.randn(4, 32, 512, generator=gen(5)).to(dtype)

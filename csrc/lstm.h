@@ -133,6 +133,8 @@ struct AtenGemm {
     }
     return into;
   }
+  // a^T b: the backward's weight gradient over every row.
+  at::Tensor tn(const at::Tensor& a, const at::Tensor& b) const { return at::mm(a.t(), b); }
 };
 
 // Row offset and row count of each time step.
@@ -227,7 +229,7 @@ at::Tensor lstm_backward(const P& pw, const G& gemm, const Steps& s, const at::T
     if (!r.is_same(dh_rows)) dh_rows.copy_(r);
   }
   const at::Tensor h_prev = gather_prev(s, out, h0, reverse);
-  return at::mm(dx_proj.t(), h_prev);  // dw_hh: one GEMM over every row
+  return gemm.tn(dx_proj, h_prev);  // dw_hh: one GEMM over every row
 }
 
 template <class P, class G>
@@ -260,7 +262,7 @@ std::vector<at::Tensor> gru_backward(const P& pw, const G& gemm, const Steps& s,
     const at::Tensor r = gemm(dh_rows, dg, dh_rows);
     if (!r.is_same(dh_rows)) dh_rows.copy_(r);
   }
-  at::Tensor dw = at::mm(dgh.t(), h_prev);
+  at::Tensor dw = gemm.tn(dgh, h_prev);
   at::Tensor db = has_bias ? at::sum(dgh, {0}) : at::Tensor();
   return {dw, db};
 }

@@ -263,3 +263,19 @@ def test_bad_input_names_the_argument():
     with pytest.raises(RuntimeError, match="w_hh must have dtype"):
         mltoolkit._ext._C.gru_cell_forward_cpu(torch.randn(2, 12), torch.randn(2, 4), torch.randn(12, 4).double(),
                                                None)
+
+
+def test_onednn_mm_is_a_matmul():
+    """_ext.onednn_mm (the layer backward's GEMMs): a @ b for float32 CPU matrices, transposed views included; other
+    dtypes, empty sizes and autograd take a @ b itself (differentiable)."""
+    from mltoolkit import _ext
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, 65, generator=g), torch.randn(65, 19, generator=g)
+    for x, y in ((a, b), (a.t().contiguous().t(), b), (torch.randn(65, 37, generator=g).t(), b.t().contiguous().t())):
+        torch.testing.assert_close(_ext.onednn_mm(x, y), x.double().mm(y.double()).float(), rtol=1e-5, atol=1e-5)
+    assert _ext.onednn_mm(a.double(), b.double()).dtype == torch.float64
+    assert _ext.onednn_mm(a[:0], b).shape == (0, 19) and _ext.onednn_mm(a[:, :0], b[:0]).abs().sum() == 0
+    leaf = a.clone().requires_grad_()
+    _ext.onednn_mm(leaf, b).sum().backward()
+    torch.testing.assert_close(leaf.grad, b.sum(1).expand(37, 65))

@@ -79,6 +79,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("gru_cell_backward_cpu", &mltoolkit::gru_cell_backward_cpu);
   m.def("lstm_layer_forward_cpu", &mltoolkit::lstm_layer_forward_cpu);
   m.def("lstm_layer_backward_cpu", &mltoolkit::lstm_layer_backward_cpu);
+  m.def("gemm_tn_cpu", &mltoolkit::gemm_tn_cpu);
   m.def("gru_layer_forward_cpu", &mltoolkit::gru_layer_forward_cpu);
   m.def("gru_layer_backward_cpu", &mltoolkit::gru_layer_backward_cpu);
 #ifdef MLTK_WITH_CUDA

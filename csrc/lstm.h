@@ -72,6 +72,8 @@ std::vector<at::Tensor> lstm_layer_backward_cpu(const at::Tensor& dout, const at
                                                 const at::Tensor& cells, const at::Tensor& out, const at::Tensor& h0,
                                                 const at::Tensor& c0, const at::Tensor& w_hh,
                                                 const std::optional<at::Tensor>& batch_sizes, bool reverse);
+// a^T b for a (K, M), b (K, N) on the CPU (float32 through oneDNN's matmul; see csrc/cpu/lstm.cpp).
+at::Tensor gemm_tn_cpu(const at::Tensor& a, const at::Tensor& b);
 std::vector<at::Tensor> gru_layer_forward_cpu(const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& w_hh,
                                               const std::optional<at::Tensor>& b_hh,
                                               const std::optional<at::Tensor>& batch_sizes, bool reverse, bool save);

@@ -166,6 +166,17 @@ def onednn_mm(a, b):
     return a @ b
 
 
+def gemm_tn(a, b):
+    """a^T @ b for a (K, M), b (K, N): float32 CPU calls outside autograd go to the C++ gemm_tn_cpu (both operands
+    transposed into kept memory by blocks, then oneDNN's matmul; a backward's weight gradients, summed over rows);
+    anything else is a.t() @ b."""
+    if (a.dtype == torch.float32 and a.is_cpu and b.is_cpu and a.dim() == 2 and b.dim() == 2
+            and torch.backends.mkldnn.enabled and _C is not None and hasattr(_C, "gemm_tn_cpu")
+            and not needs_grad(a, b) and plain_eager(a, b)):
+        return _C.gemm_tn_cpu(a, b)
+    return a.t() @ b
+
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 

@@ -273,7 +273,7 @@ def _lstm_layer_backward(ctx, dout, dh_n, dc_n, _dgates, _dcells):
         dx = dpre
     else:
         dx = _ext.onednn_mm(dpre, w_ih) if needs[0] else None
-        dw_ih = _ext.onednn_mm(dpre.t(), x) if needs[3] else None
+        dw_ih = _ext.gemm_tn(dpre, x) if needs[3] else None
     if ctx.has_bias and needs[5]:
         dbias = dpre.sum(0)
     return dx, dh0, dc0, dw_ih, dw_hh, dbias, None, None, None

@@ -279,3 +279,20 @@ def test_onednn_mm_is_a_matmul():
     leaf = a.clone().requires_grad_()
     _ext.onednn_mm(leaf, b).sum().backward()
     torch.testing.assert_close(leaf.grad, b.sum(1).expand(37, 65))
+
+
+def test_gemm_tn_is_a_transposed_matmul():
+    """_ext.gemm_tn (the layer backward's weight gradients): a^T b through the C++ kernel (blocked transposes into
+    kept memory, then oneDNN) for float32 CPU matrices of any size, edges included; else a.t() @ b."""
+    from mltoolkit import _ext
+
+    g = torch.Generator().manual_seed(1)
+    for k, m, n in ((300, 70, 33), (16, 16, 16), (1, 5, 3), (130, 1, 17)):
+        a, b = torch.randn(k, m, generator=g), torch.randn(k, n, generator=g)
+        torch.testing.assert_close(_ext.gemm_tn(a, b), (a.double().t() @ b.double()).float(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(_ext.gemm_tn(a.t().contiguous().t(), b), _ext.gemm_tn(a, b))
+    assert _ext.gemm_tn(a[:0], b[:0]).abs().sum() == 0 and _ext.gemm_tn(a[:, :0], b).shape == (0, n)
+    assert _ext.gemm_tn(a.double(), b.double()).dtype == torch.float64
+    if _ext._C is not None:
+        with pytest.raises(RuntimeError, match="gemm_tn_cpu: a .K, M. and b .K, N. must be 2-D with one K"):
+            _ext._C.gemm_tn_cpu(a, b[1:])

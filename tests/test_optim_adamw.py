@@ -180,6 +180,37 @@ def test_kept_lists_follow_every_change():
         assert torch.equal(ours.state[ours_p[0]][k], v), k
 
 
+def test_state_in_other_strides_takes_the_parameters_layout():
+    """A checkpoint made before optimize() put the weights in channels_last holds NCHW state: loaded, it is rewritten
+    in the parameter's layout at the first step (the kernels walk one memory order; else every step would take the
+    slow reference backend), and the updates are torch.optim.AdamW's."""
+    _cpp_or_skip()
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 3, 3, 3, generator=g)
+    ours_p = torch.nn.Parameter(w.clone())
+    ref_p = torch.nn.Parameter(w.clone())
+    donor = AdamW([torch.nn.Parameter(w.clone())], lr=1e-2)
+    donor.param_groups[0]["params"][0].grad = torch.randn(w.shape, generator=g)
+    donor.step()
+    sd = copy.deepcopy(donor.state_dict())
+    with torch.no_grad():
+        ours_p.data = ours_p.data.contiguous(memory_format=torch.channels_last)
+    ours, ref = AdamW([ours_p], lr=1e-2), torch.optim.AdamW([ref_p], lr=1e-2, foreach=False)
+    ours.load_state_dict(copy.deepcopy(sd))
+    ref.load_state_dict(copy.deepcopy(sd))
+    assert ours.state[ours_p]["exp_avg"].stride() != ours_p.stride()
+    for _ in range(3):
+        grad = torch.randn(w.shape, generator=g)
+        ours_p.grad, ref_p.grad = grad.contiguous(memory_format=torch.channels_last), grad.clone()
+        ours.step()
+        ref.step()
+        _same(ours_p, ref_p, False, "param")
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert ours.state[ours_p][key].stride() == ours_p.stride(), key
+        _same(ours.state[ours_p][key], ref.state[ref_p][key], False, key)
+    assert len(ours._plans) == 1  # the C++ kernel, through the kept lists
+
+
 @pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
 def test_state_dict_round_trip(direction):
     kw = dict(lr=1e-2, weight_decay=0.1, amsgrad=True)

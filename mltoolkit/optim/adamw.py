@@ -104,6 +104,13 @@ class AdamW(torch.optim.Optimizer):
             state["step"] = step.detach().reshape(()).to("cpu", torch.float32)
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if p.numel() > 1:
+            # State in other strides than the parameter (a checkpoint made before optimize() put the weights in
+            # channels_last): rewritten once in the parameter's layout, or every step would take the slow reference.
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                t = state.get(key)
+                if t is not None and t.shape == p.shape and t.stride() != p.stride() and dense(p):
+                    state[key] = torch.empty_like(p, dtype=t.dtype).copy_(t)
         return state
 
     @torch.no_grad()

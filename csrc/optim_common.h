@@ -281,7 +281,9 @@ inline void check_float_list(const char* fn, const char* name, const std::vector
                 "] must be float32 or float64, got ", t.scalar_type());
     TORCH_CHECK(t.scalar_type() == ref.scalar_type(), fn, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
                 " but the first tensor has ", ref.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), fn, ": ", name, "[", i, "] must be contiguous");
+    TORCH_CHECK(t.is_non_overlapping_and_dense(), fn, ": ", name, "[", i,
+                "] must be non-overlapping and dense (contiguous or a permutation of it, e.g. channels_last), got "
+                "strides ", shape_str(t.strides()), " for shape ", shape_str(t.sizes()));
   }
 }
 
@@ -306,7 +308,13 @@ inline void check_lamb_args(const char* fn, const std::vector<at::Tensor>& param
     const char* names[3] = {"grads", "exp_avgs", "exp_avg_sqs"};
     const at::Tensor* others[3] = {&grads[i], &exp_avgs[i], &exp_avg_sqs[i]};
     for (int k = 0; k < 3; ++k) {
-      if (others[k]->sizes() == params[i].sizes()) continue;
+      if (others[k]->sizes() == params[i].sizes()) {
+        // The kernels walk each tensor's memory in order: grads and state in the parameter's strides.
+        TORCH_CHECK(params[i].numel() <= 1 || others[k]->strides() == params[i].strides(), fn, ": ", names[k], "[",
+                    i, "] must have params[", i, "]'s strides ", shape_str(params[i].strides()), ", got ",
+                    shape_str(others[k]->strides()));
+        continue;
+      }
       // The two backends' messages as they were (tests match both).
       if (cuda) {
         TORCH_CHECK(false, fn, ": ", names[k], "[", i, "] has shape ", shape_str(others[k]->sizes()), " but params[",

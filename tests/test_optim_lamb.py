@@ -1,6 +1,7 @@
 """Fused LAMB (mltoolkit.optim.lamb.LAMB, torch.ops.mltoolkit.fused_lamb_) and fused global-norm clipping
 (mltoolkit.optim.clip.clip_grad_norm_, torch.ops.mltoolkit.fused_clip_grad_norm_) against an independent per-tensor
 implementation of the paper's update written here, and against torch.nn.utils.clip_grad_norm_."""
+import contextlib
 import copy
 import math
 
@@ -184,12 +185,23 @@ def test_lamb_noncontiguous_and_expanded_grad():
     LAMB([p], lr=1e-2).step()
     want = paper_lamb([base], [[g.contiguous()]], 1e-2, (0.9, 0.999), 1e-6, 0.01)[0]
     torch.testing.assert_close(p.detach(), want, rtol=1e-10, atol=1e-12)
-    # A non-contiguous parameter (a transposed view's storage) goes to the reference backend, in place.
-    q = torch.randn(6, 8, dtype=torch.float64).t()
-    want = paper_lamb([q], [[g.contiguous()]], 1e-2, (0.9, 0.999), 1e-6, 0.01)[0]
-    m, v = torch.zeros_like(q), torch.zeros_like(q)
-    lamb_ops.fused_lamb_([q], [g], [m], [v], lr=1e-2, weight_decay=0.01, step=1)
-    torch.testing.assert_close(q, want, rtol=1e-10, atol=1e-12)
+    # A dense non-contiguous parameter (a transposed view's storage, or a channels_last weight after optimize()):
+    # the C++ kernel walks its memory in order, the gradient copied into its layout, the state updated in place.
+    for q in (torch.randn(6, 8, dtype=torch.float64).t(),
+              torch.randn(4, 3, 2, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)):
+        grad = torch.randn(q.shape, dtype=torch.float64)  # contiguous: not in q's strides
+        want = paper_lamb([q], [[grad]], 1e-2, (0.9, 0.999), 1e-6, 0.01)[0]
+        m, v = torch.zeros_like(q), torch.zeros_like(q)
+        with backend("cpp") if _ext.cpp_unavailable() is None else contextlib.nullcontext():
+            lamb_ops.fused_lamb_([q], [grad], [m], [v], lr=1e-2, weight_decay=0.01, step=1)
+        torch.testing.assert_close(q, want, rtol=1e-10, atol=1e-12)
+        assert m.stride() == q.stride()
+    # Not dense (a slice): the reference backend, in place.
+    r = torch.randn(6, 10, dtype=torch.float64)[:, :8]
+    want = paper_lamb([r], [[g.t().contiguous()[:6]]], 1e-2, (0.9, 0.999), 1e-6, 0.01)[0]
+    lamb_ops.fused_lamb_([r], [g.t()[:6]], [torch.zeros_like(r)], [torch.zeros_like(r)], lr=1e-2, weight_decay=0.01,
+                         step=1)
+    torch.testing.assert_close(r, want, rtol=1e-10, atol=1e-12)
 
 
 def _op_args(dtype=torch.float32):
@@ -334,8 +346,11 @@ def test_cpp_kernel_checks():
     p = torch.zeros(3)
     with pytest.raises(RuntimeError, match=r"fused_lamb_cpu: grads\[0\] has dtype"):
         C.fused_lamb_cpu([p], [p.double()], [p], [p], 1e-3, 0.9, 0.999, 1e-6, 0.0, 1, True, True, True, 0.0)
-    with pytest.raises(RuntimeError, match=r"fused_lamb_cpu: exp_avgs\[0\] must be contiguous"):
+    with pytest.raises(RuntimeError, match=r"fused_lamb_cpu: exp_avgs\[0\] must have params\[0\]'s strides"):
         C.fused_lamb_cpu([torch.zeros(3, 3)], [torch.zeros(3, 3)], [torch.zeros(3, 3).t()], [torch.zeros(3, 3)],
+                         1e-3, 0.9, 0.999, 1e-6, 0.0, 1, True, True, True, 0.0)
+    with pytest.raises(RuntimeError, match=r"fused_lamb_cpu: params\[0\] must be non-overlapping and dense"):
+        C.fused_lamb_cpu([torch.zeros(3, 4)[:, :2]], [torch.zeros(3, 2)], [torch.zeros(3, 2)], [torch.zeros(3, 2)],
                          1e-3, 0.9, 0.999, 1e-6, 0.0, 1, True, True, True, 0.0)
     with pytest.raises(RuntimeError, match="fused_lamb_cpu: tensor 0 of grads"):
         C.fused_lamb_cpu([p], [torch.zeros(4)], [p], [p], 1e-3, 0.9, 0.999, 1e-6, 0.0, 1, True, True, True, 0.0)

@@ -13,9 +13,10 @@ param group with exclude_from_layer_adaptation). The clip computes what torch.nn
 norm_type 2 and inf. The LAMB optimizer (mltoolkit.optim.LAMB) and clip_grad_norm_ (mltoolkit.optim.clip) are the
 user-facing layer.
 
-Backends: "cuda" (csrc/cuda/fused_optim.cu; CUDA tensors, float32 or float64, one dtype, contiguous; ahead of
+Backends: "cuda" (csrc/cuda/fused_optim.cu; CUDA tensors, float32 or float64, one dtype, dense; ahead of
 Triton), "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 when forced), "cpp" (CPU; float32 or
-float64, one dtype, contiguous), "reference" (plain PyTorch, anything).
+float64, one dtype, dense: contiguous or a permutation such as channels_last, grads and state in the params'
+strides), "reference" (plain PyTorch, anything).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from mltoolkit import _ext
 from mltoolkit.backends import table
+from mltoolkit.ops.fused_adam import dense
 from mltoolkit.ops.reference import fused_lamb as reference
 
 LAMB = table("fused_lamb")
@@ -53,8 +55,18 @@ def _cpp_supports(*lists) -> Optional[str]:
             return f"needs float32 or float64 tensors, got {t.dtype}"
         if t.dtype != dtype:
             return f"needs one dtype, got {dtype} and {t.dtype}"
-        if not t.is_contiguous():
-            return "needs contiguous tensors"
+    return _layout_problem(lists)
+
+
+def _layout_problem(lists) -> Optional[str]:
+    """The C++ / CUDA kernels walk each tensor's memory in order: dense tensors (contiguous or a permutation, as
+    channels_last weights), and the other lists (grads, state) in the first list's (params') strides."""
+    first = lists[0]
+    for i, p in enumerate(first):
+        if not dense(p):
+            return f"needs dense tensors (contiguous or a permutation), got strides {p.stride()} for {tuple(p.shape)}"
+        if p.numel() > 1 and any(ts[i].stride() != p.stride() for ts in lists[1:]):
+            return "needs grads and state in the parameters' strides"
     return None
 
 
@@ -77,17 +89,17 @@ def _cpp_lamb(*args):
 
 
 def _cuda_supports(*lists) -> Optional[str]:
-    """csrc/cuda/fused_optim.cu: contiguous float32 or float64 CUDA tensors of one dtype and device."""
+    """csrc/cuda/fused_optim.cu: dense float32 or float64 CUDA tensors of one dtype and device."""
     tensors = [t for ts in lists for t in ts]
     if not tensors:
         return "nothing to do"
     if not tensors[0].is_cuda:
         return f"needs CUDA tensors, got {tensors[0].device.type}"
-    if any(t.device != tensors[0].device or not t.is_contiguous() for t in tensors):
-        return "needs contiguous tensors on one device"
+    if any(t.device != tensors[0].device for t in tensors):
+        return "needs tensors on one device"
     if any(t.dtype not in _CPP_DTYPES or t.dtype != tensors[0].dtype for t in tensors):
         return "needs float32 or float64 tensors of one dtype"
-    return None
+    return _layout_problem(lists)
 
 
 def _cuda_unavailable() -> Optional[str]:
@@ -132,9 +144,10 @@ def fused_lamb_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     _check_lists("fused_lamb_", params, grads, exp_avgs, exp_avg_sqs)
     if not params:
         return
-    # Gradients are only read: a strided or expanded one is copied, the state must be updated where it lives.
-    grads = [g if g.is_contiguous() and g.dtype == p.dtype else g.to(p.dtype).contiguous()
-             for g, p in zip(grads, params)]
+    # Gradients are only read: one in other strides than its parameter (or expanded) is copied into the
+    # parameter's layout; the state must be updated where it lives.
+    grads = [g if g.dtype == p.dtype and (g.stride() == p.stride() or p.numel() <= 1) and dense(g)
+             else torch.empty_like(p).copy_(g) for g, p in zip(grads, params)]
     LAMB.select(params, grads, exp_avgs, exp_avg_sqs).kernels["step"](
         params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step, bias_correction,
         grad_averaging, use_trust_ratio, max_trust_ratio)

@@ -146,7 +146,8 @@ def needs_grad(*tensors) -> bool:
 
 
 @functools.cache
-def _onednn_linear_available() -> bool:
+def onednn_linear_available() -> bool:
+    """Whether torch has oneDNN and its fused linear op (mkldnn._linear_pointwise)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -157,7 +158,7 @@ def onednn_mm(a, b):
     else (other dtypes or devices, autograd, compiled or traced calls), or a torch without the op, is a @ b."""
     if (a.dtype == torch.float32 and b.dtype == torch.float32 and a.is_cpu and b.is_cpu and a.dim() == 2
             and b.dim() == 2 and a.shape[0] > 0 and a.shape[1] > 0 and b.shape[1] > 0
-            and torch.backends.mkldnn.enabled and _onednn_linear_available() and not needs_grad(a, b)
+            and torch.backends.mkldnn.enabled and onednn_linear_available() and not needs_grad(a, b)
             and plain_eager(a, b)):  # Inductor lowers the oneDNN op only with a constant weight
         try:
             return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b.t().contiguous(), None, "none", [], "")

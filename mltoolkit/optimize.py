@@ -58,6 +58,7 @@ def optimize(model: torch.nn.Module, *, channels_last: bool = True) -> torch.nn.
     kinds = {type(m) for m in model.modules()}
     if kinds & set(fusion.CONV_TYPES) and kinds & set(fusion.BN_TYPES):
         model = fusion.fuse_conv_bn_act(model)
-    if channels_last and any(isinstance(m, fusion.CONV_TYPES) for m in model.modules()):
+    # (fusion keeps the conv modules: the kinds seen before it still hold)
+    if channels_last and any(issubclass(k, fusion.CONV_TYPES) for k in kinds):
         model.to(memory_format=torch.channels_last)
     return model

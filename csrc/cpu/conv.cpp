@@ -560,8 +560,19 @@ bool winograd_eligible(const Geo& g) {
          g.K >= 32;
 }
 
+// The Winograd tiles of a layer: TP x TQ per image, each 2 x 2 output pixels; count in all, tile tt of image
+// image(tt) at output pixel (p0(tt), q0(tt)).
+struct WinoTiles {
+  int64_t TP, TQ, count;
+  explicit WinoTiles(const Geo& g) : TP((g.P + 1) / 2), TQ((g.Q + 1) / 2), count(g.N * TP * TQ) {}
+  int64_t image(int64_t tt) const { return tt / (TP * TQ); }
+  int64_t p0(int64_t tt) const { return ((tt / TQ) % TP) * 2; }
+  int64_t q0(int64_t tt) const { return (tt % TQ) * 2; }
+};
+
 bool winograd_ok(const Geo& g, bool transform_ready) {
-  const int64_t tiles = ((g.P + 1) / 2) * ((g.Q + 1) / 2), direct = 9 * g.P * g.Q;
+  const WinoTiles wt(g);
+  const int64_t tiles = wt.TP * wt.TQ, direct = 9 * g.P * g.Q;
   return g.nhwc && winograd_eligible(g) && (transform_ready ? 3 * 16 * tiles <= 2 * direct : 2 * 16 * tiles <= direct);
 }
 
@@ -606,8 +617,8 @@ void winograd_input_tile(const Geo& g, const T* x, int64_t tt, int64_t nt, int64
                          int64_t xstride) {
   using V = convk::Vec<T>;
   constexpr int64_t W = V::size();
-  const int64_t TP = (g.P + 1) / 2, TQ = (g.Q + 1) / 2;
-  const int64_t n = tt / (TP * TQ), ih0 = ((tt / TQ) % TP) * 2 - g.ph, iw0 = (tt % TQ) * 2 - g.pw;
+  const WinoTiles wt(g);
+  const int64_t n = wt.image(tt), ih0 = wt.p0(tt) - g.ph, iw0 = wt.q0(tt) - g.pw;
   // The patch's pixels, null where it hangs over x's border (or past the last tile).
   const T* px[4][4];
   for (int64_t i = 0; i < 4; ++i)
@@ -644,8 +655,8 @@ void winograd_output_tile(const Geo& g, int64_t tt, const T* m, int64_t mstride,
                           const T* bias_p, const T* res, Act act, T* y) {
   using V = convk::Vec<T>;
   constexpr int64_t W = V::size();
-  const int64_t TP = (g.P + 1) / 2, TQ = (g.Q + 1) / 2, K = g.K;
-  const int64_t n = tt / (TP * TQ), p0 = ((tt / TQ) % TP) * 2, q0 = (tt % TQ) * 2;
+  const WinoTiles wt(g);
+  const int64_t K = g.K, n = wt.image(tt), p0 = wt.p0(tt), q0 = wt.q0(tt);
   const bool vact = convk::vector_act(act);
   for (int64_t j = 0; j < kn; j += W) {
     const int64_t len = std::min<int64_t>(W, kn - j);
@@ -674,6 +685,18 @@ void winograd_output_tile(const Geo& g, int64_t tt, const T* m, int64_t mstride,
   }
 }
 
+// V of fwd_winograd_by_panels: a row per (point xi, tile) of the cp channels (C rounded up to vectors), row stride
+// vs (a cache line more), NTp tiles (NT rounded up to kernel blocks of kMR).
+template <typename T>
+struct WinoPanelsV {
+  int64_t NT, NTp, cp, vs;
+  explicit WinoPanelsV(const Geo& g)
+      : NT(WinoTiles(g).count), NTp((NT + convk::kMR - 1) / convk::kMR * convk::kMR),
+        cp((g.C + convk::Vec<T>::size() - 1) / convk::Vec<T>::size() * convk::Vec<T>::size()),
+        vs(cp + 64 / int64_t(sizeof(T))) {}
+  int64_t bytes() const { return 16 * NTp * vs * int64_t(sizeof(T)); }
+};
+
 // Winograd for small images with many channels (ResNet's 7x7 and 14x14 layers): the input transforms of all tiles
 // first (V, every channel), then tasks of output-channel panels, each reading only its panels of U, once. The
 // tasks of fwd_winograd (blocks of tiles, all output channels) would each read the whole U again: 10 times its 16 MB
@@ -682,9 +705,9 @@ template <typename T, int NR>
 void fwd_winograd_by_panels(const Geo& g, const T* x, const T* u, const T* bias, const T* res, Act act, T* y) {
   constexpr int64_t MR = convk::kMR, W = convk::Vec<T>::size(), Pn = NR * W, pad = 64 / int64_t(sizeof(T));
   const int64_t C = g.C, K = g.K, npan = panel_count(g, Pn), Kp = npan * Pn;
-  const int64_t NT = g.N * ((g.P + 1) / 2) * ((g.Q + 1) / 2), NTp = (NT + MR - 1) / MR * MR;
-  const int64_t cp = (C + W - 1) / W * W, vs = cp + pad;  // V: row (xi, tile) of cp channels, stride vs
-  const KeptScratch scratch("conv2d_forward_cpu", 16 * NTp * vs * int64_t(sizeof(T)));  // every value written first
+  const WinoPanelsV<T> lay(g);
+  const int64_t NT = lay.NT, NTp = lay.NTp, cp = lay.cp, vs = lay.vs;
+  const KeptScratch scratch("conv2d_forward_cpu", lay.bytes());  // every value written first
   T* const v = scratch.as<T>();
   std::vector<T> bias_p(Kp, T(0));
   if (bias) std::copy(bias, bias + K, bias_p.begin());
@@ -724,11 +747,8 @@ constexpr int64_t kWinoPanelsMaxV = 8 * 1024 * 1024;
 
 template <typename T, int NR>
 bool winograd_by_panels(const Geo& g) {
-  constexpr int64_t W = convk::Vec<T>::size(), Pn = NR * W;
-  const int64_t ubytes = 16 * g.C * panel_count(g, Pn) * Pn * int64_t(sizeof(T));
-  const int64_t NT = g.N * ((g.P + 1) / 2) * ((g.Q + 1) / 2);
-  const int64_t vbytes = 16 * (NT + convk::kMR) * ((g.C + W - 1) / W * W + 64 / int64_t(sizeof(T))) * int64_t(sizeof(T));
-  return ubytes >= kWinoPanelsMinU && vbytes <= kWinoPanelsMaxV;
+  constexpr int64_t Pn = NR * convk::Vec<T>::size();
+  return winograd_numel(g, Pn) * int64_t(sizeof(T)) >= kWinoPanelsMinU && WinoPanelsV<T>(g).bytes() <= kWinoPanelsMaxV;
 }
 
 template <typename T, int NR>
@@ -739,7 +759,7 @@ void fwd_winograd(const Geo& g, const T* x, const T* u, const T* bias, const T* 
   }
   constexpr int64_t MR = convk::kMR, W = convk::Vec<T>::size(), Pn = NR * W, pad = 64 / int64_t(sizeof(T));
   const int64_t C = g.C, K = g.K, npan = panel_count(g, Pn), Kp = npan * Pn;  // (one group: Kg = K)
-  const int64_t TP = (g.P + 1) / 2, TQ = (g.Q + 1) / 2, NT = g.N * TP * TQ;
+  const int64_t NT = WinoTiles(g).count;
   std::vector<T> bias_p(Kp, T(0));
   if (bias) std::copy(bias, bias + K, bias_p.begin());
   // A task is a block of TB tiles, all output channels: M (TB x 16 x Kp) within kWinoMBytes, then input channels in

@@ -247,12 +247,6 @@ struct CpuPointwise {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// The recurrent GEMM of a float32 GRU step and of the LSTM / GRU backward steps through oneDNN's matmul with W_hh
-// (or W_hh^T) reordered once per layer call into its blocked layout (mkldnn::_reorder_linear_weight /
-// _linear_pointwise, the ops Inductor's CPU freezing path uses): measured on the dev VM, 1 thread,
-// (32 x 512) @ (512 x 2048): 3.2 ms against MKL sgemm's 5.8 ms, which repacks the 4 MB of W_hh on every call.
-// float64, a torch without oneDNN, or any failure of those ops: ATen's GEMM (MKL).
-
 // a^T b for a (K, M), b (K, N), float32: both transposed into kept scratch (blocked, in parallel; .t().contiguous()
 // into fresh tensors took ~20 ms for 32 MB here, mostly page faults), then oneDNN's matmul, ~2.2x at::mm's MKL sgemm
 // on this AMD VM (450 against 200 GFLOP/s). The LSTM / GRU backward's weight gradients (dpre^T x, dpre^T h_prev).
@@ -287,6 +281,12 @@ at::Tensor gemm_tn_impl(const at::Tensor& a_in, const at::Tensor& b_in) {
   }
   return stack.at(0).toTensor();  // a new tensor: nothing refers to the scratch
 }
+
+// The recurrent GEMM of a float32 GRU step and of the LSTM / GRU backward steps through oneDNN's matmul with W_hh
+// (or W_hh^T) reordered once per layer call into its blocked layout (mkldnn::_reorder_linear_weight /
+// _linear_pointwise, the ops Inductor's CPU freezing path uses): measured on the dev VM, 1 thread,
+// (32 x 512) @ (512 x 2048): 3.2 ms against MKL sgemm's 5.8 ms, which repacks the 4 MB of W_hh on every call.
+// float64, a torch without oneDNN, or any failure of those ops: ATen's GEMM (MKL).
 
 // The ops are called boxed: their C++ signatures are internal to torch.
 class RecurrentGemm {
@@ -409,8 +409,6 @@ inline void in_register(Vec<T>& v) {
   (void)v;
 #endif
 }
-
-// Scratch memory of the layer (packed weights, a chunk's projection): scratch.h's, kept per calling thread.
 
 // Elements of (P, K, 4U) panels, rounded up to whole 64-byte lines.
 template <typename T>

@@ -46,7 +46,7 @@ _ONEDNN_ACT = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_new": ("gel
                "gelu_pytorch_tanh": ("gelu", "tanh"), "gelu_fast": ("gelu", "tanh"), "relu": ("relu", ""),
                "silu": ("swish", ""), "swish": ("swish", ""), "tanh": ("tanh", "")}
 # Set to False to time or debug the plain F.linear path.
-USE_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+USE_ONEDNN_LINEAR = _ext.onednn_linear_available()
 
 
 def _onednn_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:

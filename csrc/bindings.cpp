@@ -5,6 +5,7 @@
 #include "attention.h"
 #include "batch_norm.h"
 #include "conv.h"
+#include "cross_entropy.h"
 #include "fake_quantize.h"
 #include "fused_adam.h"
 #include "fused_adam8bit.h"
@@ -50,6 +51,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_forward_cpu", &mltoolkit::attention_forward_cpu);
   m.def("attention_backward_cpu", &mltoolkit::attention_backward_cpu);
   m.def("rotary_cpu", &mltoolkit::rotary_cpu);
+  m.def("cross_entropy_forward_cpu", &mltoolkit::cross_entropy_forward_cpu);
+  m.def("cross_entropy_backward_cpu", &mltoolkit::cross_entropy_backward_cpu);
   m.def("conv2d_forward_cpu", &mltoolkit::conv2d_forward_cpu);
   m.def("conv2d_forward_prepared_cpu", &mltoolkit::conv2d_forward_prepared_cpu);
   m.def("conv2d_prepare_weight_cpu", &mltoolkit::conv2d_prepare_weight_cpu);

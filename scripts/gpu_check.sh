@@ -103,13 +103,14 @@ fi
 
 if has bench; then
   step "benchmarks of the kernels new since the last GPU run"
-  bench_ops ${BENCH_OPS_FIRST-int8_linear_dynamic int4_weight_only_linear adamw_step lstm gpt2_train_step:320}
+  bench_ops ${BENCH_OPS_FIRST-cross_entropy gpt2_train_step:320 int8_linear_dynamic int4_weight_only_linear adamw_step lstm}
 fi
 
 if has test; then
   step "GPU tests"
   files=${PYTEST_FILES:-"tests/ops/test_conv.py tests/ops/test_conv_triton.py tests/ops/test_batch_norm.py
     tests/ops/test_attention.py tests/ops/test_attention_band.py tests/ops/test_rotary.py tests/ops/test_norm.py
+    tests/ops/test_cross_entropy.py tests/test_models_text.py
     tests/nn/test_attention_modules.py tests/ops/test_quant_cuda.py tests/ops/test_quant_triton.py tests/ops/test_int8_triton_extra.py
     tests/ops/test_fake_quantize_triton.py tests/test_qat.py tests/test_train_aids.py tests/test_checkpoint.py
     tests/test_optim_adamw.py tests/test_optim_lamb.py tests/ops/test_fused_optim_cuda.py

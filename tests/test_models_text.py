@@ -176,6 +176,45 @@ def test_decoder_matches_transformers(tmp_path, kind):
         close(p.grad, ref_params[key].grad, atol=1e-4)
 
 
+def test_padded_lm_head_and_fused_loss():
+    """The LM head over a vocabulary padded to a multiple of 64 (CUDA, many rows) gives F.linear's logits and, through
+    the fused loss reading them as a slice, F.cross_entropy's loss and gradients."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(97, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(97, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 97, (2, 9))
+    labels[0, 3] = -100
+    logits = gpt._padded_linear(h, w, b, -97 % 64)
+    assert logits.shape == (2, 9, 97) and logits.stride() == (9 * 128, 128, 1)
+    loss = gpt._lm_loss(logits, labels)
+    h2, w2, b2 = (t.detach().clone().requires_grad_(True) for t in (h, w, b))
+    expected = torch.nn.functional.linear(h2, w2, b2)
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    loss2 = torch.nn.functional.cross_entropy(expected.flatten(0, 1), shifted.flatten())
+    close(logits, expected, atol=1e-12)
+    assert loss.dtype == torch.float32
+    close(loss.double(), loss2, atol=1e-6)
+    loss.backward()
+    loss2.backward()
+    for name, a, e in (("h", h, h2), ("weight", w, w2), ("bias", b, b2)):
+        assert a.grad.shape == e.grad.shape, name
+        close(a.grad, e.grad, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_padded_lm_head_in_the_model_on_gpu():
+    torch.manual_seed(0)
+    model = gpt.GPT2LMHeadModel(gpt.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).cuda()
+    ids = torch.randint(0, 97, (5, 64), device="cuda")  # 320 rows: the padded head
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (5, 64, 97) and out.logits.stride(-2) == 128
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(model.transformer(ids).last_hidden_state, model.lm_head.weight)
+    close(out.logits, expected, atol=1e-4)
+
+
 def test_trunk_only_decoders(tmp_path):
     for cls, config, ours_cls in ((transformers.GPT2Model, gpt2_config(), gpt.GPT2Model),
                                   (transformers.LlamaModel, llama_config(), gpt.LlamaModel)):

@@ -23,6 +23,7 @@ from mltoolkit.models.outputs import BaseModelOutputWithPooling, MaskedLMOutput,
 from mltoolkit.models.registry import register_model
 from mltoolkit.ops import attention as attention_ops
 from mltoolkit.ops import norm as norm_ops
+from mltoolkit.ops.loss import cross_entropy
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
@@ -351,7 +352,8 @@ class BertForMaskedLM(PreTrainedModel):
         logits = self.cls.predictions(out.last_hidden_state)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            # fused, in float32, without a float32 copy of the (tokens, vocab) logits
+            loss = cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, out_dtype=torch.float32)
         result = MaskedLMOutput(loss, logits, out.hidden_states)
         return result if return_dict else result.to_tuple()
 

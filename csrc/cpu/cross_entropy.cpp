@@ -1,0 +1,223 @@
+// CPU kernel of the softmax cross-entropy; the contract is csrc/cross_entropy.h.
+//
+// Work layout. at::parallel_for splits the rows. The forward reads a row twice (its max, and the sum for label
+// smoothing; then the sum of exp(x - max)); the backward reads each logit once and writes each gradient once, as a
+// copy does (exp(x - lse) is the softmax, with lse saved by the forward). A row of a 50k-class vocabulary
+// (200 KB in float32) stays in L2 between the forward's two passes. fp16/bf16 are widened to float32 in registers;
+// exp is ATen's exp_u20 (<= 20 ulp, the exp torch's own CPU flash attention uses) for float, exact for double.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cross_entropy.h"
+
+namespace mltoolkit {
+namespace {
+
+// A task covers at least this many logits: below it, waking threads costs more than the work.
+constexpr int64_t kMinElementsPerTask = 32768;
+
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+// One step of the vector loops: two acc_t vectors, which for fp16/bf16 is one whole Vectorized<scalar_t> (a partial
+// fp16/bf16 access goes through a stack buffer; the tails run scalar instead).
+template <typename acc_t>
+constexpr int64_t kStep = 2 * Vec<acc_t>::size();
+
+template <typename acc_t, typename scalar_t>
+inline void load2(const scalar_t* p, Vec<acc_t>& lo, Vec<acc_t>& hi) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    lo = Vec<acc_t>::loadu(p);
+    hi = Vec<acc_t>::loadu(p + Vec<acc_t>::size());
+  } else {
+    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+inline void store2(scalar_t* p, const Vec<acc_t>& lo, const Vec<acc_t>& hi) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    lo.store(p);
+    hi.store(p + Vec<acc_t>::size());
+  } else {
+    at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
+  }
+}
+
+template <typename acc_t>
+inline Vec<acc_t> vexp(const Vec<acc_t>& x) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+void check_common(const char* fn, const at::Tensor& logits, const at::Tensor& target) {
+  TORCH_CHECK(logits.defined() && logits.device().is_cpu() && logits.layout() == at::kStrided, fn,
+              ": logits must be a dense CPU tensor");
+  TORCH_CHECK(logits.dim() == 2, fn, ": logits must be 2-D (N, C), got shape ", logits.sizes());
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, fn,
+              ": logits must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(logits.size(1) >= 1, fn, ": logits must have at least one class, got shape ", logits.sizes());
+  TORCH_CHECK(logits.size(1) == 1 || logits.stride(1) == 1, fn,
+              ": logits must have stride 1 along classes, got strides ", logits.strides());
+  TORCH_CHECK(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1), fn,
+              ": logits rows must not overlap, got strides ", logits.strides(), " for shape ", logits.sizes());
+  TORCH_CHECK(target.defined() && target.device().is_cpu() && target.scalar_type() == at::kLong, fn,
+              ": target must be an int64 CPU tensor");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0) && target.is_contiguous(), fn,
+              ": target must be contiguous of shape (", logits.size(0), "), got shape ", target.sizes());
+}
+
+void check_stats(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& logits) {
+  const auto want = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t.defined() && t.device().is_cpu() && t.scalar_type() == want, fn, ": ", name, " must be a ",
+              c10::toString(want), " CPU tensor");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(0) && t.is_contiguous(), fn, ": ", name,
+              " must be contiguous of shape (", logits.size(0), "), got shape ", t.sizes());
+}
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& logits, const int64_t* target, int64_t ignore_index, double smoothing,
+                    at::Tensor& loss, at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = logits.size(0), c = logits.size(1), row_stride = logits.stride(0);
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  acc_t* loss_p = loss.data_ptr<acc_t>();
+  acc_t* lse_p = lse.data_ptr<acc_t>();
+  const acc_t keep = acc_t(1) - acc_t(smoothing), spread = acc_t(smoothing) / acc_t(c);
+  const bool smoothed = smoothing != 0.0;
+  const int64_t full = c - c % kStep<acc_t>;
+  at::parallel_for(0, n, std::max<int64_t>(1, kMinElementsPerTask / c), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* row = x + i * row_stride;
+      const int64_t t = target[i];
+      // Pass 1: max (and the sum, for label smoothing).
+      Vec<acc_t> vmax(-std::numeric_limits<acc_t>::infinity()), vsum(acc_t(0));
+      Vec<acc_t> lo, hi;
+      for (int64_t j = 0; j < full; j += kStep<acc_t>) {
+        load2<acc_t>(row + j, lo, hi);
+        vmax = at::vec::maximum(vmax, at::vec::maximum(lo, hi));
+        if (smoothed) vsum = vsum + lo + hi;
+      }
+      acc_t mx = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); },
+                                                vmax);
+      acc_t sum_x = smoothed ? at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vsum) : acc_t(0);
+      for (int64_t j = full; j < c; ++j) {
+        const acc_t v = acc_t(row[j]);
+        mx = std::max(mx, v);  // (a NaN logit: std::max keeps mx, the sum below turns NaN, as torch's result does)
+        sum_x += v;
+      }
+      // Pass 2: sum of exp(x - max). An all -inf row keeps the shift finite (0) and gives lse = -inf, loss NaN.
+      const acc_t shift = std::isinf(mx) && mx < 0 ? acc_t(0) : mx;
+      const Vec<acc_t> vshift(shift);
+      Vec<acc_t> vexp_sum(acc_t(0));
+      for (int64_t j = 0; j < full; j += kStep<acc_t>) {
+        load2<acc_t>(row + j, lo, hi);
+        vexp_sum = vexp_sum + vexp<acc_t>(lo - vshift) + vexp<acc_t>(hi - vshift);
+      }
+      acc_t exp_sum = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vexp_sum);
+      for (int64_t j = full; j < c; ++j) exp_sum += std::exp(acc_t(row[j]) - shift);
+      const acc_t row_lse = shift + std::log(exp_sum);
+      lse_p[i] = row_lse;
+      if (t == ignore_index) {
+        loss_p[i] = acc_t(0);
+      } else {
+        loss_p[i] = row_lse - keep * acc_t(row[t]) - (smoothed ? spread * sum_x : acc_t(0));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& dloss, const at::Tensor& logits, const int64_t* target, const at::Tensor& lse,
+                     int64_t ignore_index, double smoothing, at::Tensor& dlogits) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = logits.size(0), c = logits.size(1), row_stride = logits.stride(0);
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  const acc_t* g_p = dloss.const_data_ptr<acc_t>();
+  const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+  scalar_t* dx = dlogits.data_ptr<scalar_t>();
+  const acc_t keep = acc_t(1) - acc_t(smoothing), spread = acc_t(smoothing) / acc_t(c);
+  const int64_t full = c - c % kStep<acc_t>;
+  at::parallel_for(0, n, std::max<int64_t>(1, kMinElementsPerTask / c), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* row = x + i * row_stride;
+      scalar_t* out = dx + i * c;
+      const int64_t t = target[i];
+      if (t == ignore_index) {
+        std::fill(out, out + c, scalar_t(0));
+        continue;
+      }
+      const acc_t g = g_p[i], row_lse = lse_p[i];
+      // dlogits = g * exp(x - lse) - g * spread, then the target's extra - g * keep (in acc_t, rounded once).
+      const Vec<acc_t> vg(g), vlse(row_lse), voff(g * spread);
+      Vec<acc_t> lo, hi;
+      for (int64_t j = 0; j < full; j += kStep<acc_t>) {
+        load2<acc_t>(row + j, lo, hi);
+        store2<acc_t>(out + j, vg * vexp<acc_t>(lo - vlse) - voff, vg * vexp<acc_t>(hi - vlse) - voff);
+      }
+      for (int64_t j = full; j < c; ++j) out[j] = scalar_t(g * std::exp(acc_t(row[j]) - row_lse) - g * spread);
+      out[t] = scalar_t(g * std::exp(acc_t(row[t]) - row_lse) - g * spread - g * keep);
+    }
+  });
+}
+
+void check_targets(const char* fn, const at::Tensor& target, int64_t c, int64_t ignore_index) {
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < target.size(0); ++i) {
+    TORCH_CHECK(t[i] == ignore_index || (t[i] >= 0 && t[i] < c), fn, ": target[", i, "] = ", t[i],
+                " is out of bounds for ", c, " classes (and is not ignore_index = ", ignore_index, ")");
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> cross_entropy_forward_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                  int64_t ignore_index, double label_smoothing) {
+  constexpr const char* fn = "cross_entropy_forward_cpu";
+  check_common(fn, logits, target);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, fn, ": label_smoothing must be in [0, 1], got ",
+              label_smoothing);
+  check_targets(fn, target, logits.size(1), ignore_index);
+  const auto stat = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(stat));
+  at::Tensor lse = at::empty({logits.size(0)}, logits.options().dtype(stat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_cpu", [&] {
+    forward_kernel<scalar_t>(logits, target.const_data_ptr<int64_t>(), ignore_index, label_smoothing, loss, lse);
+  });
+  return {loss, lse};
+}
+
+at::Tensor cross_entropy_backward_cpu(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& target,
+                                      const at::Tensor& lse, int64_t ignore_index, double label_smoothing) {
+  constexpr const char* fn = "cross_entropy_backward_cpu";
+  check_common(fn, logits, target);
+  check_stats(fn, "dloss", dloss, logits);
+  check_stats(fn, "lse", lse, logits);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, fn, ": label_smoothing must be in [0, 1], got ",
+              label_smoothing);
+  check_targets(fn, target, logits.size(1), ignore_index);
+  at::Tensor dlogits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_backward_cpu", [&] {
+    backward_kernel<scalar_t>(dloss, logits, target.const_data_ptr<int64_t>(), lse, ignore_index, label_smoothing,
+                              dlogits);
+  });
+  return dlogits;
+}
+
+}  // namespace mltoolkit

@@ -91,6 +91,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_forward_cuda", &mltoolkit::attention_forward_cuda);
   m.def("attention_backward_cuda", &mltoolkit::attention_backward_cuda);
   m.def("rotary_cuda", &mltoolkit::rotary_cuda);
+  m.def("cross_entropy_forward_cuda", &mltoolkit::cross_entropy_forward_cuda);
+  m.def("cross_entropy_backward_cuda", &mltoolkit::cross_entropy_backward_cuda);
   m.def("conv2d_forward_cuda", &mltoolkit::conv2d_forward_cuda);
   m.def("conv2d_backward_cuda", &mltoolkit::conv2d_backward_cuda);
   m.def("quantize_rows_cuda", &mltoolkit::quantize_rows_cuda);

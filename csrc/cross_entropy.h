@@ -1,5 +1,5 @@
 // Host entry points of the softmax cross-entropy kernels (class-index targets, ignore_index, label smoothing). One
-// contract for every backend (C++ CPU, Triton, plain-PyTorch reference); mltoolkit/ops/loss.py is the only
+// contract for every backend (C++ CPU, CUDA C++, Triton, plain-PyTorch reference); mltoolkit/ops/loss.py is the only
 // caller.
 //
 // logits: (N, C), C >= 1, stride 1 along classes and any row stride (a slice of wider rows, e.g. a language-model
@@ -24,5 +24,14 @@ std::vector<at::Tensor> cross_entropy_forward_cpu(const at::Tensor& logits, cons
 
 at::Tensor cross_entropy_backward_cpu(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& target,
                                       const at::Tensor& lse, int64_t ignore_index, double label_smoothing);
+
+#ifdef MLTK_WITH_CUDA
+// csrc/cuda/cross_entropy_cuda.cpp: a target out of range gives a NaN loss (checking would synchronize).
+std::vector<at::Tensor> cross_entropy_forward_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                   int64_t ignore_index, double label_smoothing);
+
+at::Tensor cross_entropy_backward_cuda(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& target,
+                                       const at::Tensor& lse, int64_t ignore_index, double label_smoothing);
+#endif
 
 }  // namespace mltoolkit

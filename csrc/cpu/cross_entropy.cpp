@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cross_entropy.h"
+#include "cross_entropy_args.h"
 
 namespace mltoolkit {
 namespace {
@@ -63,32 +64,6 @@ inline Vec<acc_t> vexp(const Vec<acc_t>& x) {
   } else {
     return x.exp();
   }
-}
-
-void check_common(const char* fn, const at::Tensor& logits, const at::Tensor& target) {
-  TORCH_CHECK(logits.defined() && logits.device().is_cpu() && logits.layout() == at::kStrided, fn,
-              ": logits must be a dense CPU tensor");
-  TORCH_CHECK(logits.dim() == 2, fn, ": logits must be 2-D (N, C), got shape ", logits.sizes());
-  const auto dt = logits.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, fn,
-              ": logits must be float32, float64, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(logits.size(1) >= 1, fn, ": logits must have at least one class, got shape ", logits.sizes());
-  TORCH_CHECK(logits.size(1) == 1 || logits.stride(1) == 1, fn,
-              ": logits must have stride 1 along classes, got strides ", logits.strides());
-  TORCH_CHECK(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1), fn,
-              ": logits rows must not overlap, got strides ", logits.strides(), " for shape ", logits.sizes());
-  TORCH_CHECK(target.defined() && target.device().is_cpu() && target.scalar_type() == at::kLong, fn,
-              ": target must be an int64 CPU tensor");
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0) && target.is_contiguous(), fn,
-              ": target must be contiguous of shape (", logits.size(0), "), got shape ", target.sizes());
-}
-
-void check_stats(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& logits) {
-  const auto want = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(t.defined() && t.device().is_cpu() && t.scalar_type() == want, fn, ": ", name, " must be a ",
-              c10::toString(want), " CPU tensor");
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(0) && t.is_contiguous(), fn, ": ", name,
-              " must be contiguous of shape (", logits.size(0), "), got shape ", t.sizes());
 }
 
 template <typename scalar_t>
@@ -190,11 +165,9 @@ void check_targets(const char* fn, const at::Tensor& target, int64_t c, int64_t 
 std::vector<at::Tensor> cross_entropy_forward_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                   int64_t ignore_index, double label_smoothing) {
   constexpr const char* fn = "cross_entropy_forward_cpu";
-  check_common(fn, logits, target);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, fn, ": label_smoothing must be in [0, 1], got ",
-              label_smoothing);
+  cross_entropy_args::check_inputs(fn, logits, target, at::kCPU, label_smoothing);
   check_targets(fn, target, logits.size(1), ignore_index);
-  const auto stat = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto stat = cross_entropy_args::stat_dtype(logits);
   at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(stat));
   at::Tensor lse = at::empty({logits.size(0)}, logits.options().dtype(stat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_cpu", [&] {
@@ -206,11 +179,9 @@ std::vector<at::Tensor> cross_entropy_forward_cpu(const at::Tensor& logits, cons
 at::Tensor cross_entropy_backward_cpu(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& target,
                                       const at::Tensor& lse, int64_t ignore_index, double label_smoothing) {
   constexpr const char* fn = "cross_entropy_backward_cpu";
-  check_common(fn, logits, target);
-  check_stats(fn, "dloss", dloss, logits);
-  check_stats(fn, "lse", lse, logits);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, fn, ": label_smoothing must be in [0, 1], got ",
-              label_smoothing);
+  cross_entropy_args::check_inputs(fn, logits, target, at::kCPU, label_smoothing);
+  cross_entropy_args::check_stats(fn, "dloss", dloss, logits);
+  cross_entropy_args::check_stats(fn, "lse", lse, logits);
   check_targets(fn, target, logits.size(1), ignore_index);
   at::Tensor dlogits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_backward_cpu", [&] {

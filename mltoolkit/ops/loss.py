@@ -2,7 +2,7 @@
 log-softmax (the loss of a language model's 50k-wide logits costs a float32 copy, log_softmax and its backward in
 eager torch: ~9 ms of a 47 ms GPT-2 small train step on an H100, measured 2026-11-27).
 
-Two registered ops, one kernel per backend (contract: csrc/cross_entropy.h):
+Two registered ops, one kernel per backend (C++ CPU, Triton, CUDA C++, reference; contract: csrc/cross_entropy.h):
 
     torch.ops.mltoolkit.cross_entropy_rows(logits, target, ignore_index, label_smoothing) -> (loss, lse)
     torch.ops.mltoolkit.cross_entropy_rows_backward(dloss, logits, target, lse, ignore_index, label_smoothing)
@@ -41,8 +41,13 @@ def _triton_backward(*args):
     return kernels.cross_entropy_backward(*args)
 
 
+# Triton first on the GPU: both GPU kernels are untested for speed (2026-11-27); Triton's is the one the CPU test run
+# exercises through the interpreter.
 CROSS_ENTROPY.register("triton", _ext.triton_device, _ext.triton_unavailable, forward=_triton_forward,
                        backward=_triton_backward)
+CROSS_ENTROPY.register("cuda", _ext.on_cuda, _ext.cuda_unavailable,
+                       forward=lambda *a: tuple(_ext._C.cross_entropy_forward_cuda(*a)),
+                       backward=lambda *a: _ext._C.cross_entropy_backward_cuda(*a))
 CROSS_ENTROPY.register("cpp", _ext.on_cpu, _ext.cpp_unavailable,
                        forward=lambda *a: tuple(_ext._C.cross_entropy_forward_cpu(*a)),
                        backward=lambda *a: _ext._C.cross_entropy_backward_cpu(*a))

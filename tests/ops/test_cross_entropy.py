@@ -11,7 +11,7 @@ from mltoolkit.backends import table
 from mltoolkit.testing import Sample, assert_close, check_op
 
 CPU_BACKENDS = ["cpp", "reference", "triton"]
-CUDA_BACKENDS = ["triton", "reference"]
+CUDA_BACKENDS = ["triton", "cuda", "reference"]
 BACKENDS = [pytest.param("cpu", b, id=f"cpu-{b}") for b in CPU_BACKENDS] + [
     pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.cuda) for b in CUDA_BACKENDS]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -183,12 +183,31 @@ def test_bad_input():
 
 
 @pytest.mark.cuda
-def test_out_of_range_target_on_gpu_is_nan():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_out_of_range_target_on_gpu_is_nan(backend):
     """The GPU kernels cannot raise: a target out of range gives a NaN loss instead of a wrong number."""
     x = torch.randn(3, 5, device="cuda")
-    with mltoolkit.backend("triton"):
+    with mltoolkit.backend(backend):
         loss = ops.cross_entropy(x, torch.tensor([0, 7, 1], device="cuda"), reduction="none")
     assert torch.isnan(loss[1]) and not torch.isnan(loss[0]) and not torch.isnan(loss[2])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpt2_sized_rows_on_gpu(backend, dtype):
+    """A 50257-wide vocabulary read as a slice of 50304-wide rows (the padded LM head), against float64 torch."""
+    wide = (3 * torch.randn(64, 50304, device="cuda")).to(dtype).requires_grad_(True)
+    t = torch.randint(0, 50257, (64,), device="cuda")
+    t[5] = -100
+    with mltoolkit.backend(backend):
+        loss = ops.cross_entropy(wide[:, :50257], t, out_dtype=torch.float32, label_smoothing=0.05)
+    loss.backward()
+    w64 = wide.detach().double().requires_grad_(True)
+    ref = F.cross_entropy(w64[:, :50257], t, label_smoothing=0.05)
+    ref.backward()
+    assert_close(loss, ref.float(), dtype=dtype, name="loss")
+    assert_close(wide.grad, w64.grad.to(dtype), dtype=dtype, name="dlogits")
 
 
 def test_cpu_picks_the_cpp_kernel():

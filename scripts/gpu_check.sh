@@ -69,6 +69,9 @@ step "environment"
 if has build; then
   step "build (arch $TORCH_CUDA_ARCH_LIST)"
   rm -f .venv/.mltk-built
+  # No package index on the GPU machine: the optional installs fail at once instead of retrying with back-off
+  # (~16 s of device time on 2026-11-27).
+  export PIP_RETRIES=0 PIP_TIMEOUT=3
   run build 300 make install PYTHON=python3 || { tail -40 "$LOGS/build.log"; echo "BUILD FAILED"; exit 1; }
   tail -22 "$LOGS/build.log" | grep -v "^\[exit"
   # The toolchain's flags and what _C links: a static libstdc++ inside _C once crashed every numeric error message.

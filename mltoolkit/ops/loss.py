@@ -175,6 +175,16 @@ def _rows_eager_or_op(logits, target, ignore_index, label_smoothing):
 
 # ---- public API -----------------------------------------------------------------------------------------------
 
+def _default_dtype(input: Tensor) -> torch.dtype:
+    """torch's result dtype: the input's, but float32 under autocast, which runs cross_entropy in float32 (here the
+    logits stay in their dtype: the math is float32 anyway)."""
+    device = input.device.type
+    if input.dtype in (torch.float16, torch.bfloat16) and torch.amp.is_autocast_available(device) \
+            and torch.is_autocast_enabled(device):
+        return torch.float32
+    return input.dtype
+
+
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0,
                   out_dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -183,10 +193,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     input: (N, C), (C,) or (N, C, d1, ...) logits (float32, float64, float16, bfloat16); target: int64 class
     indices of shape (N,), () or (N, d1, ...); ignore_index, reduction ("mean" over the targets not ignored, "sum",
     "none") and label_smoothing as torch's. The math is in float32 (float64 for float64 input) whatever the input
-    dtype; the result is in out_dtype, by default input's dtype as torch returns it (out_dtype=torch.float32 keeps a
-    bf16 model's loss in float32 without a float32 copy of its logits). Logits of shape (N, C) are read in place when
-    their classes are contiguous, so a slice of wider rows costs no copy. Class weights and class-probability targets
-    are not supported and raise.
+    dtype; the result is in out_dtype, by default the dtype torch returns (input's; float32 under autocast), and
+    out_dtype=torch.float32 keeps a bf16 model's loss in float32 without a float32 copy of its logits. Logits of
+    shape (N, C) are read in place when their classes are contiguous, so a slice of wider rows costs no copy. Class
+    weights and class-probability targets are not supported and raise.
     """
     fn = "cross_entropy"
     if not isinstance(input, Tensor):
@@ -221,7 +231,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         tgt = tgt.long()
     _check_rows(fn, rows, tgt, label_smoothing)
     loss, _ = _rows_eager_or_op(rows, tgt, ignore_index, label_smoothing)
-    dtype = out_dtype or input.dtype
+    dtype = out_dtype or _default_dtype(input)
     if reduction == "none":
         return loss.reshape(batch_shape).to(dtype)
     if reduction == "sum":

@@ -214,3 +214,21 @@ def test_cpu_picks_the_cpp_kernel():
     if table("cross_entropy").get("cpp").available() is not None:
         pytest.skip("C++ extension not built")
     assert table("cross_entropy").select(torch.randn(2, 3)).name == "cpp"
+
+
+def test_autocast_and_empty():
+    """Under autocast the result is float32, as torch's (which upcasts the logits; ours reads them as they are);
+    no rows gives torch's NaN mean and zero sum."""
+    x = torch.randn(6, 9).bfloat16()
+    t = torch.randint(0, 9, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, expected = ops.cross_entropy(x, t), F.cross_entropy(x, t)
+    assert ours.dtype == expected.dtype == torch.float32
+    assert_close(ours, expected, name="autocast loss")
+    assert ops.cross_entropy(x, t).dtype == torch.bfloat16
+    empty = torch.zeros(0, 5, requires_grad=True)
+    no_targets = torch.zeros(0, dtype=torch.long)
+    assert torch.isnan(ops.cross_entropy(empty, no_targets))
+    total = ops.cross_entropy(empty, no_targets, reduction="sum")
+    total.backward()
+    assert total.item() == 0 and empty.grad.shape == (0, 5)

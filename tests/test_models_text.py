@@ -176,30 +176,41 @@ def test_decoder_matches_transformers(tmp_path, kind):
         close(p.grad, ref_params[key].grad, atol=1e-4)
 
 
-def test_padded_lm_head_and_fused_loss():
-    """The LM head over a vocabulary padded to a multiple of 64 (CUDA, many rows) gives F.linear's logits and, through
-    the fused loss reading them as a slice, F.cross_entropy's loss and gradients."""
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_padded_lm_head_and_fused_loss(with_bias):
+    """The LM head over a vocabulary padded to a multiple of 64 with -inf logits (CUDA, many rows): F.linear's logits
+    in the first columns and, with the fused loss reading the padded logits whole, F.cross_entropy's loss and
+    gradients (none reaching the padding); also under torch.compile."""
     torch.manual_seed(0)
     h = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(97, 16, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(97, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(97, dtype=torch.float64, requires_grad=True) if with_bias else None
     labels = torch.randint(0, 97, (2, 9))
     labels[0, 3] = -100
-    logits = gpt._padded_linear(h, w, b, -97 % 64)
-    assert logits.shape == (2, 9, 97) and logits.stride() == (9 * 128, 128, 1)
-    loss = gpt._lm_loss(logits, labels)
-    h2, w2, b2 = (t.detach().clone().requires_grad_(True) for t in (h, w, b))
+
+    def head_and_loss(h, w, b):
+        logits, padded = gpt._padded_head(h, w, b, -97 % 64)
+        return logits, padded, gpt._lm_loss(padded, labels)
+
+    logits, padded, loss = head_and_loss(h, w, b)
+    assert logits.shape == (2, 9, 97) and padded.shape == (2, 9, 128)
+    assert torch.isneginf(padded[..., 97:]).all()
+    leaves = [t for t in (h, w, b) if t is not None]
+    copies = [t.detach().clone().requires_grad_(True) for t in leaves]
+    h2, w2, b2 = copies[0], copies[1], copies[2] if with_bias else None
     expected = torch.nn.functional.linear(h2, w2, b2)
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
     loss2 = torch.nn.functional.cross_entropy(expected.flatten(0, 1), shifted.flatten())
     close(logits, expected, atol=1e-12)
     assert loss.dtype == torch.float32
     close(loss.double(), loss2, atol=1e-6)
-    loss.backward()
-    loss2.backward()
-    for name, a, e in (("h", h, h2), ("weight", w, w2), ("bias", b, b2)):
-        assert a.grad.shape == e.grad.shape, name
-        close(a.grad, e.grad, atol=1e-6)
+    grads = torch.autograd.grad(loss, leaves)
+    grads2 = torch.autograd.grad(loss2, copies)
+    for a, e in zip(grads, grads2):
+        assert a.shape == e.shape and torch.isfinite(a).all()
+        close(a, e, atol=1e-6)
+    compiled = torch.compile(head_and_loss, fullgraph=True)
+    close(compiled(h, w, b)[2], loss, atol=1e-6)
 
 
 @pytest.mark.cuda
@@ -213,6 +224,10 @@ def test_padded_lm_head_in_the_model_on_gpu():
     with torch.no_grad():
         expected = torch.nn.functional.linear(model.transformer(ids).last_hidden_state, model.lm_head.weight)
     close(out.logits, expected, atol=1e-4)
+    shifted = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    close(out.loss, torch.nn.functional.cross_entropy(expected.flatten(0, 1), shifted.flatten()), atol=1e-4)
+    out.loss.backward()
+    assert torch.isfinite(model.lm_head.weight.grad).all()
 
 
 def test_trunk_only_decoders(tmp_path):

@@ -73,32 +73,40 @@ def _check_ids(fn: str, input_ids, max_positions: Optional[int], past: int) -> N
 def _lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Next-token cross-entropy in float32: logits[:, i] predicts labels[:, i + 1]; -100 is ignored. The labels are
     shifted (padded with -100) rather than the logits sliced, and the fused loss reads the logits where they are
-    (also as a slice of _lm_head's padded rows), so the (tokens, vocab) logits are neither copied nor upcast."""
+    (_lm_head's padded ones included), so the (tokens, vocab) logits are neither copied nor upcast."""
     shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
     return cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=-100, out_dtype=torch.float32)
 
 
 # cuBLAS runs GEMMs over a dimension that is not a multiple of 8 with its slow align1 kernels: GPT-2's 50257-word
 # LM head (logits, and both gradients) took 15.5 ms of a 47 ms train step on an H100 (2026-11-27). As Inductor's
-# pad_mm does, a CUDA head with many rows runs on the vocabulary padded to a multiple of 64 and returns the logits as
-# a slice of the padded rows. Few rows (decoding) keep the plain GEMM: there the padded weight copy would cost more
-# than the alignment saves.
+# pad_mm does, a CUDA head with many rows runs on the vocabulary padded to a multiple of 64. The padding's logits are
+# -inf (a bias), so the loss reads the padded logits whole: the same softmax cross-entropy, a zero gradient in the
+# padding, and no slice between the GEMM and the loss (whose backward would zero-fill and copy the logits' gradient).
+# The logits returned are the first vocab columns. Few rows (decoding) keep the plain GEMM: there the padded weight
+# copy would cost more than the alignment saves.
 _VOCAB_ALIGN = 64
 _PAD_HEAD_MIN_ROWS = 256
 
 
-def _lm_head(h: Tensor, head: nn.Linear) -> Tensor:
+def _lm_head(h: Tensor, head: nn.Linear) -> tuple[Tensor, Tensor]:
+    """(logits, the logits the loss reads): the same tensor, or a slice of the padded logits and the padded ones."""
     vocab = head.weight.shape[0]
     pad = -vocab % _VOCAB_ALIGN
     if pad == 0 or not h.is_cuda or h.numel() < _PAD_HEAD_MIN_ROWS * h.shape[-1]:
-        return _linear(h, head)
-    return _padded_linear(h, head.weight, head.bias, pad)
+        logits = _linear(h, head)
+        return logits, logits
+    return _padded_head(h, head.weight, head.bias, pad)
 
 
-def _padded_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], pad: int) -> Tensor:
-    """F.linear(h, weight, bias) computed with `pad` zero rows appended to weight: a slice of the wider result."""
-    bias = None if bias is None else F.pad(bias, (0, pad))
-    return F.linear(h, F.pad(weight, (0, 0, 0, pad)), bias)[..., :weight.shape[0]]
+def _padded_head(h: Tensor, weight: Tensor, bias: Optional[Tensor], pad: int) -> tuple[Tensor, Tensor]:
+    """F.linear(h, weight, bias) over `pad` more rows of zero weight and -inf bias: (its first weight.shape[0]
+    columns, the padded logits)."""
+    vocab = weight.shape[0]
+    fill = torch.full((pad,), float("-inf"), dtype=weight.dtype, device=weight.device)
+    padded_bias = torch.cat((weight.new_zeros(vocab) if bias is None else bias, fill))
+    full = F.linear(h, F.pad(weight, (0, 0, 0, pad)), padded_bias)
+    return full[..., :vocab], full
 
 
 def _linear(x: Tensor, module: nn.Linear, act: str = "none") -> Tensor:
@@ -281,8 +289,8 @@ class _CausalLM(GenerationMixin, PreTrainedModel):
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = _lm_head(h, self.lm_head)
-        loss = _lm_loss(logits, labels) if labels is not None else None
+        logits, loss_logits = _lm_head(h, self.lm_head)
+        loss = _lm_loss(loss_logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states)
 
 

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "num_cast.cuh"
 #include "rotary_launch.h"
 
 namespace mltoolkit::cuda_rotary {
@@ -20,33 +21,7 @@ namespace {
 constexpr int kBlockThreads = 256;
 constexpr int kMaxThreadsPerRow = 128;
 
-// Loads and stores convert explicitly: torch builds with __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__.
-template <typename T>
-struct Num;
-template <>
-struct Num<float> {
-  using acc = float;
-  __device__ static float to_acc(float v) { return v; }
-  __device__ static float from_acc(float v) { return v; }
-};
-template <>
-struct Num<double> {
-  using acc = double;
-  __device__ static double to_acc(double v) { return v; }
-  __device__ static double from_acc(double v) { return v; }
-};
-template <>
-struct Num<__half> {
-  using acc = float;
-  __device__ static float to_acc(__half v) { return __half2float(v); }
-  __device__ static __half from_acc(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Num<__nv_bfloat16> {
-  using acc = float;
-  __device__ static float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
-};
+using cuda_num::Num;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {

@@ -72,8 +72,18 @@ if has build; then
   # No package index on the GPU machine: the optional installs fail at once instead of retrying with back-off
   # (~16 s of device time on 2026-11-27).
   export PIP_RETRIES=0 PIP_TIMEOUT=3
+  # The venv and dependencies apart from the build, so that the logs say which of the two takes the time (the whole
+  # took 185-223 s on fresh H100s, while the slowest CUDA file compiles in ~30 s on the 2-core dev VM).
+  run deps 150 make .venv/.mltk-deps PYTHON=python3 || { tail -20 "$LOGS/deps.log"; echo "DEPS FAILED"; exit 1; }
+  echo "deps done (t=$(elapsed)s)"
   run build 300 make install PYTHON=python3 || { tail -40 "$LOGS/build.log"; echo "BUILD FAILED"; exit 1; }
   tail -22 "$LOGS/build.log" | grep -v "^\[exit"
+  # ninja's per-object times (ms): the slowest compiles, the critical path of a fresh build
+  log=$(ls build/temp*/.ninja_log 2>/dev/null | head -1)
+  if [ -n "$log" ]; then
+    awk 'NR > 1 {print $2 - $1, $4}' "$log" | sort -n > "$LOGS/ninja-times.txt"
+    echo "slowest compiles (ms):"; tail -5 "$LOGS/ninja-times.txt" | sed 's| /.*/build/temp[^/]*/| |'
+  fi
   # The toolchain's flags and what _C links: a static libstdc++ inside _C once crashed every numeric error message.
   { env | grep -E "^(LDFLAGS|CFLAGS|CXXFLAGS|CPPFLAGS|CXX|CC)=" ; readelf -d mltoolkit/_C*.so | grep NEEDED; } \
     | tee "$LOGS/link.log"

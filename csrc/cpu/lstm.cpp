@@ -845,8 +845,8 @@ std::vector<at::Tensor> gru_layer_forward_cpu(const at::Tensor& x_proj, const at
 
 at::Tensor gemm_tn_cpu(const at::Tensor& a, const at::Tensor& b) {
   constexpr const char* fn = "gemm_tn_cpu";
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), fn, ": a (K, M) and b (K, N) must be 2-D with one K, got ",
-              a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), fn,
+              ": a (K, M) and b (K, N) must be 2-D with one K, got ", a.sizes(), " and ", b.sizes());
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), fn, ": a and b must be CPU tensors");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), fn, ": a and b must have one dtype, got ", a.scalar_type(), " and ",
               b.scalar_type());

@@ -220,6 +220,17 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
+// Waits until at most stages - 1 committed groups are in flight, i.e. the oldest slot of a ring of `stages` buffers
+// (2 .. kMaxRingStages, one group per slot) has landed.
+constexpr int kMaxRingStages = 5;
+__device__ __forceinline__ void cp_async_wait_ring(int stages) {
+  switch (stages) {
+    case 5: cp_async_wait<4>(); break;
+    case 4: cp_async_wait<3>(); break;
+    case 3: cp_async_wait<2>(); break;
+    default: cp_async_wait<1>(); break;
+  }
+}
 
 // ------------------------------------------------------------------------------------------------------------------
 // Reductions. All lanes of a warp end with the same bits (xor butterfly), and every warp of a row reads the same
@@ -349,11 +360,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) _norm_fwd_kernel(const FwdArgs
     const int abuf = buf == 0 ? stages - 1 : buf - 1;  // == (buf + stages - 1) % stages: read in the last iteration
     if (ahead < a.M) issue_row(ahead, abuf);
     cp_async_commit();
-    if (stages == 3) {
-      cp_async_wait<2>();
-    } else {
-      cp_async_wait<1>();
-    }
+    cp_async_wait_ring(stages);
 
     // Pass 1: residual_out, and sum(s) (layer) or sum(s^2) (rms).
     A acc[1] = {A(0)};
@@ -572,18 +579,18 @@ struct BwdArgs {
   int64_t M;
   int N;
   int nvec;
-  int stages;  // shared-memory ring depth of _norm_bwd_kernel: 2 or 3
+  int stages;  // shared-memory ring depth of _norm_bwd_kernel: 2 .. kMaxRingStages
   bool is_rms, has_w, has_dres;
 };
 
 // Row walkers. blockDim = (tpr, walkers per CTA); walkers per CTA > 1 only when tpr == 32. grid = (walker CTAs,
 // column chunks); chunk c covers vectors [c * tpr * NV, (c + 1) * tpr * NV), and then rowstats is given.
-// A walker's rows go through a ring of a.stages (2 or 3) shared-memory buffers: the copies (cp.async) of rows
-// k+1 .. k+stages-1 (x, dy, dresidual_out) are in flight while row k is computed from its buffer, which is read
-// twice (the row sums, then dx), so registers hold only the weight and the dweight/dbias accumulators. Every thread
-// reads back only the slots it filled itself, so no barrier is needed; it refills a buffer only in the iteration
-// after the one that read it, whose results were consumed in registers by then (in-order issue). Dynamic shared
-// memory: stages * (2 or 3) * NV * threads * sizeof(vector) bytes.
+// A walker's rows go through a ring of a.stages (2 .. kMaxRingStages) shared-memory buffers: the copies (cp.async)
+// of rows k+1 .. k+stages-1 (x, dy, dresidual_out) are in flight while row k is computed from its buffer, which is
+// read twice (the row sums, then dx), so registers hold only the weight and the dweight/dbias accumulators. Every
+// thread reads back only the slots it filled itself, so no barrier is needed; it refills a buffer only in the
+// iteration after the one that read it, whose results were consumed in registers by then (in-order issue). Dynamic
+// shared memory: stages * (2 or 3) * NV * threads * sizeof(vector) bytes.
 template <typename T, typename W, int VEC, int NV>
 __global__ void __launch_bounds__(kMaxRowThreads) _norm_bwd_kernel(const BwdArgs a) {
   using A = typename AccOf<T>::type;
@@ -677,11 +684,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) _norm_bwd_kernel(const BwdArgs
     const int64_t next = row + nwalkers;
     A nmean = A(0), nrstd = A(0), nc1 = A(0), nc2 = A(0);
     if (next < a.M) load_scalars(next, nmean, nrstd, nc1, nc2);  // a row ahead, in registers
-    if (stages == 3) {
-      cp_async_wait<2>();
-    } else {
-      cp_async_wait<1>();
-    }
+    cp_async_wait_ring(stages);
 
     A sums[2] = {A(0), A(0)};  // sum(g), sum(g * xhat)
 #pragma unroll
@@ -1080,7 +1083,12 @@ void plan_bwd(const BwdParams& p, BwdPlan& plan) {
   const int ntensors = p.dresidual_out != nullptr ? 3 : 2;
   const int per_stage = ntensors * plan.nv * threads * VEC * int(sizeof(T));  // <= 48 KB
   const int budget = smem_optin(p.device) - 2048;  // leave room for the static reduction buffer
-  plan.stages = 3 * per_stage <= budget ? 3 : 2;
+  // A CTA per row (wide rows, 1 CTA per SM at bf16 N = 8192) takes the deepest ring shared memory allows: two rows in
+  // flight per SM (3 stages) left the backward at ~58% of the H200's bandwidth, limited by bytes in flight
+  // (benchmarks/NOTES-norm-gpu.md). Narrow rows (4 walkers a CTA, several CTAs per SM) keep 3 stages and occupancy.
+  const int max_stages = plan.rows_per_cta == 1 ? kMaxRingStages : 3;
+  plan.stages = 2;
+  while (plan.stages < max_stages && (plan.stages + 1) * per_stage <= budget) ++plan.stages;
   plan.smem_bytes = plan.stages * per_stage;
   if (plan.smem_bytes > budget && plan.smem_bytes > 48 * 1024) {
     plan.what = "norm_backward: the device has too little shared memory per block";

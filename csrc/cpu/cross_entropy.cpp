@@ -22,6 +22,7 @@
 
 #include "cross_entropy.h"
 #include "cross_entropy_args.h"
+#include "reused_memory.h"
 
 namespace mltoolkit {
 namespace {
@@ -183,7 +184,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& dloss, const at::Tensor&
   cross_entropy_args::check_stats(fn, "dloss", dloss, logits);
   cross_entropy_args::check_stats(fn, "lse", lse, logits);
   check_targets(fn, target, logits.size(1), ignore_index);
-  at::Tensor dlogits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dlogits = empty_reusing_memory(logits.sizes(), logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_backward_cpu", [&] {
     backward_kernel<scalar_t>(dloss, logits, target.const_data_ptr<int64_t>(), lse, ignore_index, label_smoothing,
                               dlogits);

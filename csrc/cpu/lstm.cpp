@@ -30,6 +30,7 @@
 
 #include "check_util.h"
 #include "lstm.h"
+#include "reused_memory.h"
 #include "scratch.h"
 #include "transpose.h"
 
@@ -757,7 +758,7 @@ std::vector<at::Tensor> lstm_layer_forward_cpu(const at::Tensor& x, const at::Te
   at::Tensor c_n = c0.clone();
   at::Tensor h = at::empty({2, B, H}, x.options());
   h[0].copy_(h0);
-  at::Tensor gates = save ? at::empty({N, 4 * H}, x.options()) : at::empty({0}, x.options());
+  at::Tensor gates = save ? empty_reusing_memory({N, 4 * H}, x.options()) : at::empty({0}, x.options());
   at::Tensor cells = save ? at::empty({N, H}, x.options()) : at::empty({0}, x.options());
   int64_t last = 0;
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_layer_forward", [&] {
@@ -811,7 +812,7 @@ std::vector<at::Tensor> lstm_layer_backward_cpu(const at::Tensor& dout, const at
   check_shape(fn, "out", out, {N, H});
   const lstm_loop::Steps steps = lstm_loop::make_steps(fn, batch_sizes, N, B);
   at::Tensor dh = dh_n.clone(), dc = dc_n.clone();
-  at::Tensor dx_proj = at::empty({N, 4 * H}, dout.options());
+  at::Tensor dx_proj = empty_reusing_memory({N, 4 * H}, dout.options());
   at::Tensor dw;
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_layer_backward", [&] {
     dw = lstm_loop::lstm_backward(CpuPointwise{}, PanelGemm<scalar_t>(w_hh), steps, dout, gates, cells, out, h0, c0,

@@ -137,6 +137,26 @@ def test_unbatched_input(kind, batch_first):
     _compare(theirs, ours, make_input, hx=_states(kind, theirs, 1, "cpu", torch.float32, unbatched=True))
 
 
+def test_layer_with_large_saved_tensors():
+    """A layer whose saved gates and gate gradient are 32 MiB or more (their memory comes from the reused-block pool
+    on the CPU): outputs and every gradient as torch's, twice in a row (the second call reuses the first's blocks)."""
+    theirs, ours = _pair("lstm", input_size=64, hidden_size=1024, num_layers=1)
+    x = torch.randn(64, 32, 64)  # N = 2048 rows: (N, 4H) float32 = 33.5 MB
+    for _ in range(2):
+        a = x.clone().requires_grad_(True)
+        b = x.clone().requires_grad_(True)
+        out_t, _ = theirs(a)
+        out_o, _ = ours(b)
+        g = torch.randn_like(out_t)
+        out_t.backward(g)
+        out_o.backward(g)
+        assert_close(out_o, out_t, name="output")
+        assert_close(b.grad, a.grad, atol=1e-4, name="dx")
+        for (name, p_t), (_, p_o) in zip(theirs.named_parameters(), ours.named_parameters()):
+            assert_close(p_o.grad, p_t.grad, atol=1e-3 * max(1.0, p_t.grad.abs().max().item()), name=name)
+            p_t.grad = p_o.grad = None
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_float64_and_no_grad(kind):
     theirs, ours = _pair(kind, dtype=torch.float64, input_size=3, hidden_size=4, num_layers=2)

@@ -23,6 +23,7 @@
 #include "cross_entropy.h"
 #include "cross_entropy_args.h"
 #include "reused_memory.h"
+#include "vec_chunk.h"
 
 namespace mltoolkit {
 namespace {
@@ -30,33 +31,12 @@ namespace {
 // A task covers at least this many logits: below it, waking threads costs more than the work.
 constexpr int64_t kMinElementsPerTask = 32768;
 
-template <typename acc_t>
-using Vec = at::vec::Vectorized<acc_t>;
-
-// One step of the vector loops: two acc_t vectors, which for fp16/bf16 is one whole Vectorized<scalar_t> (a partial
-// fp16/bf16 access goes through a stack buffer; the tails run scalar instead).
-template <typename acc_t>
-constexpr int64_t kStep = 2 * Vec<acc_t>::size();
-
-template <typename acc_t, typename scalar_t>
-inline void load2(const scalar_t* p, Vec<acc_t>& lo, Vec<acc_t>& hi) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    lo = Vec<acc_t>::loadu(p);
-    hi = Vec<acc_t>::loadu(p + Vec<acc_t>::size());
-  } else {
-    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
-  }
-}
-
-template <typename acc_t, typename scalar_t>
-inline void store2(scalar_t* p, const Vec<acc_t>& lo, const Vec<acc_t>& hi) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    lo.store(p);
-    hi.store(p + Vec<acc_t>::size());
-  } else {
-    at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
-  }
-}
+// The vector loops step by a whole chunk (two acc_t vectors); the tails run scalar.
+using cpu::Chunk;
+using cpu::kChunk;
+using cpu::load_chunk;
+using cpu::store_chunk;
+using cpu::Vec;
 
 template <typename acc_t>
 inline Vec<acc_t> vexp(const Vec<acc_t>& x) {
@@ -77,18 +57,17 @@ void forward_kernel(const at::Tensor& logits, const int64_t* target, int64_t ign
   acc_t* lse_p = lse.data_ptr<acc_t>();
   const acc_t keep = acc_t(1) - acc_t(smoothing), spread = acc_t(smoothing) / acc_t(c);
   const bool smoothed = smoothing != 0.0;
-  const int64_t full = c - c % kStep<acc_t>;
+  const int64_t full = c - c % kChunk<acc_t>;
   at::parallel_for(0, n, std::max<int64_t>(1, kMinElementsPerTask / c), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* row = x + i * row_stride;
       const int64_t t = target[i];
       // Pass 1: max (and the sum, for label smoothing).
       Vec<acc_t> vmax(-std::numeric_limits<acc_t>::infinity()), vsum(acc_t(0));
-      Vec<acc_t> lo, hi;
-      for (int64_t j = 0; j < full; j += kStep<acc_t>) {
-        load2<acc_t>(row + j, lo, hi);
-        vmax = at::vec::maximum(vmax, at::vec::maximum(lo, hi));
-        if (smoothed) vsum = vsum + lo + hi;
+      for (int64_t j = 0; j < full; j += kChunk<acc_t>) {
+        const Chunk<acc_t> v = load_chunk<acc_t>(row + j);
+        vmax = at::vec::maximum(vmax, at::vec::maximum(v.lo, v.hi));
+        if (smoothed) vsum = vsum + v.lo + v.hi;
       }
       acc_t mx = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); },
                                                 vmax);
@@ -102,9 +81,9 @@ void forward_kernel(const at::Tensor& logits, const int64_t* target, int64_t ign
       const acc_t shift = std::isinf(mx) && mx < 0 ? acc_t(0) : mx;
       const Vec<acc_t> vshift(shift);
       Vec<acc_t> vexp_sum(acc_t(0));
-      for (int64_t j = 0; j < full; j += kStep<acc_t>) {
-        load2<acc_t>(row + j, lo, hi);
-        vexp_sum = vexp_sum + vexp<acc_t>(lo - vshift) + vexp<acc_t>(hi - vshift);
+      for (int64_t j = 0; j < full; j += kChunk<acc_t>) {
+        const Chunk<acc_t> v = load_chunk<acc_t>(row + j);
+        vexp_sum = vexp_sum + vexp<acc_t>(v.lo - vshift) + vexp<acc_t>(v.hi - vshift);
       }
       acc_t exp_sum = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vexp_sum);
       for (int64_t j = full; j < c; ++j) exp_sum += std::exp(acc_t(row[j]) - shift);
@@ -129,7 +108,7 @@ void backward_kernel(const at::Tensor& dloss, const at::Tensor& logits, const in
   const acc_t* lse_p = lse.const_data_ptr<acc_t>();
   scalar_t* dx = dlogits.data_ptr<scalar_t>();
   const acc_t keep = acc_t(1) - acc_t(smoothing), spread = acc_t(smoothing) / acc_t(c);
-  const int64_t full = c - c % kStep<acc_t>;
+  const int64_t full = c - c % kChunk<acc_t>;
   at::parallel_for(0, n, std::max<int64_t>(1, kMinElementsPerTask / c), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* row = x + i * row_stride;
@@ -142,10 +121,9 @@ void backward_kernel(const at::Tensor& dloss, const at::Tensor& logits, const in
       const acc_t g = g_p[i], row_lse = lse_p[i];
       // dlogits = g * exp(x - lse) - g * spread, then the target's extra - g * keep (in acc_t, rounded once).
       const Vec<acc_t> vg(g), vlse(row_lse), voff(g * spread);
-      Vec<acc_t> lo, hi;
-      for (int64_t j = 0; j < full; j += kStep<acc_t>) {
-        load2<acc_t>(row + j, lo, hi);
-        store2<acc_t>(out + j, vg * vexp<acc_t>(lo - vlse) - voff, vg * vexp<acc_t>(hi - vlse) - voff);
+      for (int64_t j = 0; j < full; j += kChunk<acc_t>) {
+        const Chunk<acc_t> v = load_chunk<acc_t>(row + j);
+        store_chunk(Chunk<acc_t>{vg * vexp<acc_t>(v.lo - vlse) - voff, vg * vexp<acc_t>(v.hi - vlse) - voff}, out + j);
       }
       for (int64_t j = full; j < c; ++j) out[j] = scalar_t(g * std::exp(acc_t(row[j]) - row_lse) - g * spread);
       out[t] = scalar_t(g * std::exp(acc_t(row[t]) - row_lse) - g * spread - g * keep);

@@ -25,6 +25,7 @@
 
 #include "attention.h"
 #include "rotary_args.h"
+#include "vec_chunk.h"
 
 namespace mltoolkit {
 namespace {
@@ -32,53 +33,11 @@ namespace {
 // A task covers at least this many elements (ATen's grain size): below it, waking threads costs more than the work.
 constexpr int64_t kMinElementsPerTask = 32768;
 
-template <typename acc_t>
-using Vec = at::vec::Vectorized<acc_t>;
-
-// The loops step by a chunk of two acc_t vectors: for fp16/bf16 that is one full Vectorized<scalar_t>, so loads and
-// stores take the whole-register path (a partial fp16/bf16 access goes through a stack buffer and memcpy, which made
-// the bf16 kernel 5x slower than a copy).
-template <typename acc_t>
-constexpr int64_t kChunk = 2 * Vec<acc_t>::size();
-
-template <typename acc_t>
-struct Chunk {
-  Vec<acc_t> lo, hi;
-};
-
-// count (<= kChunk) elements stored as scalar_t, as acc_t lanes; lanes past count are zero.
-template <typename acc_t, typename scalar_t>
-inline Chunk<acc_t> load(const scalar_t* p, int64_t count) {
-  using V = Vec<acc_t>;
-  constexpr int64_t width = V::size();
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (count == kChunk<acc_t>) return {V::loadu(p), V::loadu(p + width)};
-    if (count <= width) return {V::loadu(p, count), V(acc_t(0))};
-    return {V::loadu(p), V::loadu(p + width, count - width)};
-  } else {
-    static_assert(at::vec::Vectorized<scalar_t>::size() == kChunk<acc_t>);
-    const auto wide = count == kChunk<acc_t> ? at::vec::Vectorized<scalar_t>::loadu(p)
-                                             : at::vec::Vectorized<scalar_t>::loadu(p, count);
-    const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(wide);
-    return {lo, hi};
-  }
-}
-
-// Stores the first count (<= kChunk) lanes, rounded to nearest even when scalar_t is fp16/bf16.
-template <typename acc_t, typename scalar_t>
-inline void store(const Chunk<acc_t>& c, scalar_t* p, int64_t count) {
-  constexpr int64_t width = Vec<acc_t>::size();
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (count <= width) {
-      c.lo.store(p, count);
-    } else {
-      c.lo.store(p);
-      c.hi.store(p + width, count - width);
-    }
-  } else {
-    at::vec::convert_from_float<scalar_t>(c.lo, c.hi).store(p, count);
-  }
-}
+using cpu::Chunk;
+using cpu::kChunk;
+using cpu::load_chunk;
+using cpu::store_chunk;
+using cpu::Vec;
 
 // (x1*c - x2*s, x1*s + x2*c) lane by lane.
 template <typename acc_t>
@@ -93,12 +52,12 @@ template <typename acc_t, typename scalar_t>
 inline void rotate_half_split(const scalar_t* x, scalar_t* y, const acc_t* cos, const acc_t* sin, int64_t half) {
   for (int64_t r = 0; r < half; r += kChunk<acc_t>) {
     const int64_t n = std::min(kChunk<acc_t>, half - r);
-    const Chunk<acc_t> x1 = load<acc_t>(x + r, n), x2 = load<acc_t>(x + half + r, n);
-    const Chunk<acc_t> c = load<acc_t>(cos + r, n), s = load<acc_t>(sin + r, n);
+    const Chunk<acc_t> x1 = load_chunk<acc_t>(x + r, n), x2 = load_chunk<acc_t>(x + half + r, n);
+    const Chunk<acc_t> c = load_chunk<acc_t>(cos + r, n), s = load_chunk<acc_t>(sin + r, n);
     const auto [y1_lo, y2_lo] = rotate(x1.lo, x2.lo, c.lo, s.lo);
     const auto [y1_hi, y2_hi] = rotate(x1.hi, x2.hi, c.hi, s.hi);
-    store(Chunk<acc_t>{y1_lo, y1_hi}, y + r, n);
-    store(Chunk<acc_t>{y2_lo, y2_hi}, y + half + r, n);
+    store_chunk(Chunk<acc_t>{y1_lo, y1_hi}, y + r, n);
+    store_chunk(Chunk<acc_t>{y2_lo, y2_hi}, y + half + r, n);
   }
 }
 
@@ -110,18 +69,18 @@ inline void rotate_interleaved(const scalar_t* x, scalar_t* y, const acc_t* cos,
   for (int64_t r = 0; r < half; r += chunk) {
     const int64_t n = std::min(chunk, half - r);
     const int64_t first = std::min(2 * n, chunk), second = 2 * n - first;
-    const Chunk<acc_t> a = load<acc_t>(x + 2 * r, first);
-    const Chunk<acc_t> b = second > 0 ? load<acc_t>(x + 2 * r + chunk, second) : Chunk<acc_t>{};
+    const Chunk<acc_t> a = load_chunk<acc_t>(x + 2 * r, first);
+    const Chunk<acc_t> b = second > 0 ? load_chunk<acc_t>(x + 2 * r + chunk, second) : Chunk<acc_t>{};
     const auto [x1_lo, x2_lo] = at::vec::deinterleave2(a.lo, a.hi);  // pairs r .. r + width - 1
     const auto [x1_hi, x2_hi] = at::vec::deinterleave2(b.lo, b.hi);  // the next width pairs
-    const Chunk<acc_t> c = load<acc_t>(cos + r, n), s = load<acc_t>(sin + r, n);
+    const Chunk<acc_t> c = load_chunk<acc_t>(cos + r, n), s = load_chunk<acc_t>(sin + r, n);
     const auto [y1_lo, y2_lo] = rotate(x1_lo, x2_lo, c.lo, s.lo);
     const auto [y1_hi, y2_hi] = rotate(x1_hi, x2_hi, c.hi, s.hi);
     const auto [ya_lo, ya_hi] = at::vec::interleave2(y1_lo, y2_lo);
-    store(Chunk<acc_t>{ya_lo, ya_hi}, y + 2 * r, first);
+    store_chunk(Chunk<acc_t>{ya_lo, ya_hi}, y + 2 * r, first);
     if (second > 0) {
       const auto [yb_lo, yb_hi] = at::vec::interleave2(y1_hi, y2_hi);
-      store(Chunk<acc_t>{yb_lo, yb_hi}, y + 2 * r + chunk, second);
+      store_chunk(Chunk<acc_t>{yb_lo, yb_hi}, y + 2 * r + chunk, second);
     }
   }
 }
@@ -133,9 +92,9 @@ void table_rows(const table_t* cos, const table_t* sin, int64_t half, acc_t sign
   const Vec<acc_t> sign_v(sign);
   for (int64_t r = 0; r < half; r += kChunk<acc_t>) {
     const int64_t n = std::min(kChunk<acc_t>, half - r);
-    store(load<acc_t>(cos + r, n), cos_acc + r, n);
-    const Chunk<acc_t> s = load<acc_t>(sin + r, n);
-    store(Chunk<acc_t>{s.lo * sign_v, s.hi * sign_v}, sin_acc + r, n);
+    store_chunk(load_chunk<acc_t>(cos + r, n), cos_acc + r, n);
+    const Chunk<acc_t> s = load_chunk<acc_t>(sin + r, n);
+    store_chunk(Chunk<acc_t>{s.lo * sign_v, s.hi * sign_v}, sin_acc + r, n);
   }
 }
 

@@ -45,6 +45,7 @@
 #include "../attention.h"
 #include "../check_util.h"
 #include "attention_gemm.h"
+#include "vec_chunk.h"
 
 namespace mltoolkit {
 namespace {
@@ -346,15 +347,7 @@ void convert_row(const src_t* src, dst_t* dst, int64_t n) {
   }
 }
 
-template <typename T>
-inline Vec<T> vexp(const Vec<T>& x) {
-  // exp_u20 (within 20 ulp, no Sleef call) is what torch's own CPU flash attention uses for float.
-  if constexpr (std::is_same_v<T, float>) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
-  }
-}
+using cpu::vexp;
 
 // Rows i0 .. i0 + m - 1 of a (batch, head) slice of a (B, H, L, D) tensor as acc_t with row stride ld: the tensor
 // itself when it is acc_t (ld = its row stride), else widened into buf (ld = D).

@@ -37,15 +37,7 @@ using cpu::kChunk;
 using cpu::load_chunk;
 using cpu::store_chunk;
 using cpu::Vec;
-
-template <typename acc_t>
-inline Vec<acc_t> vexp(const Vec<acc_t>& x) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
-  }
-}
+using cpu::vexp;
 
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& logits, const int64_t* target, int64_t ignore_index, double smoothing,

@@ -15,7 +15,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -585,11 +584,12 @@ void pack_columns(const T* b, int64_t K, int64_t N, T* dst) {
 
 }  // namespace fused
 
-// The recurrent GEMM of the LSTM / GRU backward steps, dh = dgates @ W_hh (+ addend), with our register-blocked
-// kernel over W_hh packed once per layer call into column panels (fused::pack_columns; no transpose: W_hh (G*H, H)
-// is already the (K, N) operand), written straight into the running dh: no per-call primitive lookup, no fresh
-// output tensor, no copy. Measured on the dev VM (2 threads) against oneDNN's matmul with a reordered weight: about
-// 15 against 50 us a step for 8 x 1024 @ 1024 x 256, and no slower at 32 x 2048 @ 2048 x 512.
+// The recurrent GEMM of the LSTM / GRU backward steps, dh = dgates @ W_hh (+ addend), and of the GRU forward steps
+// (over W_hh^T, + b_hh), with our register-blocked kernel over the weight packed once per layer call into column
+// panels (fused::pack_columns; in the backward no transpose: W_hh (G*H, H) is already the (K, N) operand), written
+// straight into the running state: no per-call primitive lookup, no fresh output tensor, no copy. Measured on the
+// dev VM (2 threads) against oneDNN's matmul with a reordered weight: about 15 against 50 us a step for
+// 8 x 1024 @ 1024 x 256, and no slower at 32 x 2048 @ 2048 x 512.
 template <typename T>
 class PanelGemm {
  public:

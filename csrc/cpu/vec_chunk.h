@@ -1,5 +1,6 @@
-// A loop step of the CPU kernels over rows of any float dtype: two acc_t vectors (Chunk), loaded from and stored to
-// scalar_t memory with fp16 / bf16 widened to float32 and rounded back (to nearest even) in registers.
+// Vector pieces shared by CPU kernels: a loop step over rows of any float dtype (two acc_t vectors, Chunk, loaded from
+// and stored to scalar_t memory with fp16 / bf16 widened to float32 and rounded back, to nearest even, in registers)
+// and the exponential of softmax-style loops (vexp).
 #pragma once
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -54,6 +55,17 @@ inline void store_chunk(const Chunk<acc_t>& c, scalar_t* p, int64_t count = kChu
     }
   } else {
     at::vec::convert_from_float<scalar_t>(c.lo, c.hi).store(p, count);
+  }
+}
+
+// exp lane by lane: ATen's exp_u20 for float (within 20 ulp, no Sleef call: what torch's own CPU flash attention
+// uses), the exact exp for double.
+template <typename T>
+inline Vec<T> vexp(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
   }
 }
 

@@ -103,8 +103,7 @@ def _padded_head(h: Tensor, weight: Tensor, bias: Optional[Tensor], pad: int) ->
     """F.linear(h, weight, bias) over `pad` more rows of zero weight and -inf bias: (its first weight.shape[0]
     columns, the padded logits)."""
     vocab = weight.shape[0]
-    fill = torch.full((pad,), float("-inf"), dtype=weight.dtype, device=weight.device)
-    padded_bias = torch.cat((weight.new_zeros(vocab) if bias is None else bias, fill))
+    padded_bias = F.pad(weight.new_zeros(vocab) if bias is None else bias, (0, pad), value=float("-inf"))
     full = F.linear(h, F.pad(weight, (0, 0, 0, pad)), padded_bias)
     return full[..., :vocab], full
 

@@ -135,15 +135,19 @@ def _(dh, dc, gates, c, c_new):
     return gates.new_empty(gates.shape), c.new_empty(c.shape)
 
 
+def _unused_grads_as_none(ctx):
+    """Gradients of unused outputs (the saved gates, often h_n / c_n) arrive in the backward as None instead of
+    materialized zeros (a (N, 4H) fill cost ~6 ms a layer on the dev VM); the backwards make the few zeros they need."""
+    ctx.set_materialize_grads(False)
+
+
 def _lstm_cell_setup(ctx, inputs, output):
     _x_proj, h, c, w_hh, b_hh = inputs
     _h_new, c_new, gates = output
     ctx.save_for_backward(h, c, w_hh, gates, c_new)
     ctx.has_b_hh = b_hh is not None
     ctx.forced_backend = forced_backend()
-    # Gradients of unused outputs (the saved gates, often h_n / c_n) arrive as None instead of materialized zeros
-    # (a (N, 4H) fill cost ~6 ms a layer on the dev VM); the backward makes the few zeros it needs.
-    ctx.set_materialize_grads(False)
+    _unused_grads_as_none(ctx)
 
 
 def _lstm_cell_backward(ctx, dh, dc, _dgates):
@@ -189,9 +193,7 @@ def _gru_cell_setup(ctx, inputs, output):
     ctx.save_for_backward(h, w_hh, output[1])
     ctx.has_b_hh = b_hh is not None
     ctx.forced_backend = forced_backend()
-    # Gradients of unused outputs (the saved gates, often h_n / c_n) arrive as None instead of materialized zeros
-    # (a (N, 4H) fill cost ~6 ms a layer on the dev VM); the backward makes the few zeros it needs.
-    ctx.set_materialize_grads(False)
+    _unused_grads_as_none(ctx)
 
 
 def _gru_cell_backward(ctx, dh, _dsaved):
@@ -260,9 +262,7 @@ def _lstm_layer_setup(ctx, inputs, output):
     ctx.save_for_backward(gates, cells, out, h0, c0, w_hh, batch_sizes, x, w_ih)
     ctx.reverse, ctx.save, ctx.has_bias = reverse, save, bias is not None
     ctx.forced_backend = forced_backend()
-    # Gradients of unused outputs (the saved gates, often h_n / c_n) arrive as None instead of materialized zeros
-    # (a (N, 4H) fill cost ~6 ms a layer on the dev VM); the backward makes the few zeros it needs.
-    ctx.set_materialize_grads(False)
+    _unused_grads_as_none(ctx)
 
 
 def _lstm_layer_backward(ctx, dout, dh_n, dc_n, _dgates, _dcells):
@@ -328,9 +328,7 @@ def _gru_layer_setup(ctx, inputs, output):
     ctx.save_for_backward(saved, out, h0, w_hh, batch_sizes)
     ctx.reverse, ctx.save, ctx.has_bias = reverse, save, b_hh is not None
     ctx.forced_backend = forced_backend()
-    # Gradients of unused outputs (the saved gates, often h_n / c_n) arrive as None instead of materialized zeros
-    # (a (N, 4H) fill cost ~6 ms a layer on the dev VM); the backward makes the few zeros it needs.
-    ctx.set_materialize_grads(False)
+    _unused_grads_as_none(ctx)
 
 
 def _gru_layer_backward(ctx, dout, dh_n, _dsaved):

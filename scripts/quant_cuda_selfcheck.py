@@ -5,7 +5,8 @@ Needs a CUDA GPU and the built extension. Calls the raw entry points of csrc/int
     quantize_rows_cuda(x) -> [q, scale]                                  bit-exact
     int8_linear_cuda(xq, x_scale, wq, w_scale, bias, out_dtype) -> y     bit-exact, paths mma and dp4a
     dequantize_int4_cuda(packed, scales, zeros, group) -> w'             bit-exact
-    int4_weight_only_linear_cuda(x, packed, scales, zeros, group, bias)  SQNR vs float64 x @ w'^T, paths gemv and mma
+    int4_weight_only_linear_cuda(x, packed, scales, zeros, group, bias)  SQNR vs float64 x @ w'^T,
+        paths gemv, tcgemv (tensor-core GEMV) and mma
 on odd shapes, with outputs poisoned (NaN) before each call; then bad-input errors. One line per failure, a summary,
 exit code 1 on any failure. --bench also times (CUDA events, median; inputs rotated among several sets so that the
 weights do not sit in L2 between calls):
@@ -132,8 +133,10 @@ def check_int4(quick):
         count += 1
     ms = [1, 3, 16, 17, 300] if not quick else [1, 16, 300]
     for (n, k, group), m, dtype, path in itertools.product(weights, ms, (torch.float32, torch.float16,
-                                                                          torch.bfloat16), ("gemv", "mma")):
-        if path == "mma" and dtype == torch.float32:
+                                                                          torch.bfloat16), ("gemv", "tcgemv", "mma")):
+        if path != "gemv" and dtype == torch.float32:
+            continue
+        if path == "tcgemv" and (m > 8 or group < 128):
             continue
         case = f"int4_linear {path} {str(dtype)[6:]} M={m} N={n} K={k} G={group}"
         try:
@@ -226,16 +229,17 @@ def bench():
     for _ in range(4):  # 4 x 32 MB packed: more than an H100's 50 MB L2
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         wsets.append((w, *ref4.quantize_int4(w, 128)))
-    for M in (1, 16, 4096):
+    gbytes = (N * K / 2 + 2 * N * (K // 128) * 4) / 1e9
+    for M, path in ((1, "auto"), (1, "gemv"), (8, "auto"), (8, "gemv"), (16, "auto"), (4096, "auto")):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         t_ref = timeit(rotating(lambda w, *_: F.linear(x, w), wsets))
-        t_4 = timeit(rotating(lambda w, p, s, z: C.int4_weight_only_linear_cuda(x, p, s, z, 128, None), wsets))
-        gbytes = (N * K / 2 + 2 * N * (K // 128) * 4) / 1e9
+        with env_path("MLTK_INT4_CUDA_PATH", path):
+            t_4 = timeit(rotating(lambda w, p, s, z: C.int4_weight_only_linear_cuda(x, p, s, z, 128, None), wsets))
         if M <= 16:
             extra = f"{gbytes / (t_4 * 1e-3):6.0f} GB/s of weight"
         else:
             extra = f"{2 * M * N * K / t_4 / 1e9:6.0f} TFLOP/s"
-        print(f"  int4 M={M} K=N=8192 g128: bf16 F.linear {t_ref * 1e3:8.1f} us;  int4 {t_4 * 1e3:8.1f} us "
+        print(f"  int4 M={M} K=N=8192 g128 path {path}: bf16 F.linear {t_ref * 1e3:8.1f} us;  int4 {t_4 * 1e3:8.1f} us "
               f"({extra})   ratio vs bf16 x{t_ref / t_4:.2f}")
 
 

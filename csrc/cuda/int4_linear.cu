@@ -18,6 +18,19 @@
 // Limits of the pre-scaling: |x| below 2^104 (float32 and float16 x always; bfloat16 x near float32's range
 // overflows) and products above float32's subnormal range (|x| > ~1e-31) keep every digit.
 //
+// Tensor-core GEMV (fp16 / bf16 x, M <= 8, G >= 128, sm_80+, x rows 16-byte aligned; the default there): the
+// same stream of the packed weight, but the multiply-adds run on the tensor cores (mma.sync m16n8k16, x as the
+// 16 x 8 B operand, its columns beyond M zero), which leaves ~2 instructions per weight on the ALUs instead of ~4.
+// A warp owns 16 rows and one 128-k block at a time; the 8 warps of a CTA split K (blocks w, w + 8, ...) and add
+// their partial sums through shared memory at the end. In a block, lane (g, t) (g = lane / 4, t = lane % 4) loads
+// 16 bytes of rows g and g + 8 (32 values each, k = 32t .. 32t + 31 of the block) and, for column g < M, the same
+// 32 values of x. Within a block the tensor cores see k permuted: every word j (8 values) of a lane feeds two
+// m16n8k16 tiles, pairing nibbles (i, i + 4) into one register (one shift + one LOP3: (w >> 4i) & 0x000F000F OR
+// the bits of 128.0 bf16 / 1024.0 fp16 give base + q in each half, exactly, and one HSUB2 of base + 8 leaves q - 8),
+// and x's pairs are permuted to match (PRMT). Any permutation of k, the same for A and B, leaves each tile's dot
+// products unchanged. Per block a second mma with A = 1 gives each column's sum of x over the block, so
+// y += scale * sum((q - 8) x) + zero * sum(x), in float32.
+//
 // Large M (fp16 / bf16 x, sm_80+): tiles of 128 x 128 outputs, k-tiles of 64, 8 warps of 64 x 32 with mma.sync
 // m16n8k16 (fp32 accumulation). A 3-stage cp.async ring brings x tiles, raw packed tiles and their scales / zeros
 // into shared memory; each k-tile is dequantized once per CTA into a swizzled fp16 / bf16 weight tile (w' rounded
@@ -246,6 +259,143 @@ __global__ void __launch_bounds__(kGemvWarps * 32) _int4_gemv_kernel(const GemvA
       }
     }
   }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Tensor-core GEMV path.
+
+struct TcGemvArgs {
+  const void* x;
+  int64_t ldx;
+  int M;  // 1 .. 8
+  const uint8_t* packed;
+  const float* scales;
+  const float* zeros;
+  const void* bias;
+  void* y;
+  int N, K, G;
+};
+
+constexpr int kTcWarps = 8;  // K-slices of a CTA's 16 rows
+constexpr int kTcRound = 4;  // 128-k blocks a warp loads at once (their loads in flight together)
+constexpr int kTcMaxM = 8;
+
+// base + q in both halves of a 16-bit pair: 128 in bfloat16 (spacing 1 in [128, 256)), 1024 in float16.
+template <typename T>
+__device__ __forceinline__ uint32_t nib_base_bits() {
+  return std::is_same_v<T, __half> ? 0x64006400u : 0x43004300u;
+}
+
+// Values i and i + 4 (i < 4) of a packed word as a pair of T holding q - 8 exactly (low half: value i).
+template <typename T>
+__device__ __forceinline__ uint32_t nib_pair(uint32_t w, int i) {
+  const uint32_t bits = ((w >> (4 * i)) & 0x000F000Fu) | nib_base_bits<T>();
+  uint32_t out;
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&bits), __float2half2_rn(1032.f));
+    out = *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __nv_bfloat162 v =
+        __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&bits), __float2bfloat162_rn(136.f));
+    out = *reinterpret_cast<const uint32_t*>(&v);
+  }
+  return out;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kTcWarps * 32, 2) _int4_tc_gemv_kernel(const TcGemvArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  __shared__ float red[kTcWarps][4][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16;
+  const int N = a.N;
+  const int blocks = a.K / 128;
+  const int groups = a.K / a.G;
+  const int blocks_per_group_shift = a.G == 256 ? 1 : 0;  // G is 128 or 256
+  const bool row_ok[2] = {n0 + g < N, n0 + g + 8 < N};
+  const int64_t row_bytes = a.K / 2;
+  const uint8_t* prow[2];
+  int64_t grow[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = row_ok[h] ? n0 + g + 8 * h : 0;
+    prow[h] = a.packed + n * row_bytes + 16 * t;
+    grow[h] = n * groups;
+  }
+  const bool col_ok = g < a.M;
+  const T* xrow = static_cast<const T*>(a.x) + (col_ok ? static_cast<int64_t>(g) * a.ldx : 0) + 32 * t;
+  uint32_t ones[4];
+  const uint32_t one2 = std::is_same_v<T, __half> ? 0x3c003c00u : 0x3f803f80u;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) ones[i] = one2;
+
+  float y[4] = {0.f, 0.f, 0.f, 0.f};  // C fragment: rows g, g, g + 8, g + 8; columns 2t, 2t + 1, 2t, 2t + 1
+  for (int b0 = warp; b0 < blocks; b0 += kTcWarps * kTcRound) {
+    uint4 w[kTcRound][2];
+    float sc[kTcRound][2], zc[kTcRound][2];
+#pragma unroll
+    for (int u = 0; u < kTcRound; ++u) {
+      const int b = b0 + u * kTcWarps;
+      const bool live = b < blocks;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const bool ok = live && row_ok[h];
+        w[u][h] = ok ? __ldcs(reinterpret_cast<const uint4*>(prow[h] + static_cast<int64_t>(b) * 64))
+                     : make_uint4(0, 0, 0, 0);
+        const int64_t gi = grow[h] + (live ? (b >> blocks_per_group_shift) : 0);
+        sc[u][h] = ok ? __ldg(a.scales + gi) : 0.f;
+        zc[u][h] = ok ? __ldg(a.zeros + gi) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kTcRound; ++u) {
+      const int b = b0 + u * kTcWarps;
+      if (b >= blocks) break;  // uniform across the warp
+      // x is small and read by every CTA: an L1 / L2 hit, loaded here rather than with the weights (registers).
+      const uint4* xb = reinterpret_cast<const uint4*>(xrow + static_cast<int64_t>(b) * 128);
+      float acc[4] = {0.f, 0.f, 0.f, 0.f}, xsum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t w0 = j == 0 ? w[u][0].x : j == 1 ? w[u][0].y : j == 2 ? w[u][0].z : w[u][0].w;
+        const uint32_t w8 = j == 0 ? w[u][1].x : j == 1 ? w[u][1].y : j == 2 ? w[u][1].z : w[u][1].w;
+        // x values 0..7 of word j: .x = (0, 1), .y = (2, 3), .z = (4, 5), .w = (6, 7); zero in columns >= M.
+        const uint4 xj = col_ok ? __ldg(xb + j) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // Tile h of word j: logical k (2t, 2t + 1) = values (2h, 2h + 4), (2t + 8, 2t + 9) = (2h + 1, 2h + 5).
+          const uint32_t frag[4] = {nib_pair<T>(w0, 2 * h), nib_pair<T>(w8, 2 * h), nib_pair<T>(w0, 2 * h + 1),
+                                    nib_pair<T>(w8, 2 * h + 1)};
+          const uint32_t lo = h == 0 ? xj.x : xj.y, hi = h == 0 ? xj.z : xj.w;
+          const uint32_t b0r = __byte_perm(lo, hi, 0x5410), b1r = __byte_perm(lo, hi, 0x7632);
+          mma16816<T>(acc, frag, b0r, b1r);
+          mma16816<T>(xsum, ones, b0r, b1r);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) y[c] = fmaf(sc[u][c >> 1], acc[c], fmaf(zc[u][c >> 1], xsum[c], y[c]));
+    }
+  }
+
+#pragma unroll
+  for (int c = 0; c < 4; ++c) red[warp][c][lane] = y[c];
+  __syncthreads();
+  if (warp == 0) {
+    const T* bias = static_cast<const T*>(a.bias);
+    T* out = static_cast<T*>(a.y);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < kTcWarps; ++w) v += red[w][c][lane];
+      const int n = n0 + g + 8 * (c >> 1), m = 2 * t + (c & 1);
+      if (n < N && m < a.M) {
+        if (bias) v += to_float(bias[n]);
+        out[static_cast<int64_t>(m) * N + n] = from_float<T>(v);
+      }
+    }
+  }
+#endif
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -494,6 +644,41 @@ LaunchStatus launch_mma(const Int4LinearParams& p, cudaStream_t stream) {
   return last_error();
 }
 
+bool tc_gemv_ok(const Int4LinearParams& p, const char** why) {
+  const char* w = nullptr;
+  if (p.dtype == DType::kFloat32) {
+    w = "int4_weight_only_linear: the tensor-core GEMV takes float16 or bfloat16 x";
+  } else if (p.cc_major < 8) {
+    w = "int4_weight_only_linear: the tensor-core GEMV needs compute capability 8.0 or newer";
+  } else if (p.M > kTcMaxM) {
+    w = "int4_weight_only_linear: the tensor-core GEMV takes at most 8 rows of x";
+  } else if (p.G < 128) {
+    w = "int4_weight_only_linear: the tensor-core GEMV needs group_size 128 or 256";
+  } else if (!aligned(p.x, 16) || (p.ldx * 2) % 16 != 0) {
+    w = "int4_weight_only_linear: the tensor-core GEMV needs x's base and row stride 16-byte aligned";
+  }
+  if (why) *why = w;
+  return w == nullptr;
+}
+
+template <typename T>
+LaunchStatus launch_tc_gemv(const Int4LinearParams& p, cudaStream_t stream) {
+  TcGemvArgs a;
+  a.x = p.x;
+  a.ldx = p.ldx;
+  a.M = static_cast<int>(p.M);
+  a.packed = p.packed;
+  a.scales = p.scales;
+  a.zeros = p.zeros;
+  a.bias = p.bias;
+  a.y = p.y;
+  a.N = static_cast<int>(p.N);
+  a.K = static_cast<int>(p.K);
+  a.G = p.G;
+  _int4_tc_gemv_kernel<T><<<static_cast<unsigned>(cdiv(p.N, 16)), kTcWarps * 32, 0, stream>>>(a);
+  return last_error();
+}
+
 bool mma_ok(const Int4LinearParams& p, const char** why) {
   const char* w = nullptr;
   const int64_t elem = p.dtype == DType::kFloat32 ? 4 : 2;
@@ -528,7 +713,10 @@ LaunchStatus dequantize_int4(const DequantParams& p, cudaStream_t stream) {
 Int4Path int4_linear_path(const Int4LinearParams& p, const char** why) {
   if (why) *why = nullptr;
   if (p.path == Int4Path::kMma) return mma_ok(p, why) ? Int4Path::kMma : Int4Path::kAuto;
-  if (p.path == Int4Path::kGemv || p.M <= 16) return Int4Path::kGemv;
+  if (p.path == Int4Path::kTcGemv) return tc_gemv_ok(p, why) ? Int4Path::kTcGemv : Int4Path::kAuto;
+  if (p.path == Int4Path::kGemv) return Int4Path::kGemv;
+  if (p.M <= kTcMaxM && tc_gemv_ok(p, nullptr)) return Int4Path::kTcGemv;
+  if (p.M <= 16) return Int4Path::kGemv;
   return mma_ok(p, nullptr) ? Int4Path::kMma : Int4Path::kGemv;
 }
 
@@ -550,6 +738,7 @@ LaunchStatus int4_linear(const Int4LinearParams& p, cudaStream_t stream) {
       return launch_gemv_for_m<T>(p, stream);
     } else {
       if (path == Int4Path::kMma) return launch_mma<T>(p, stream);
+      if (path == Int4Path::kTcGemv) return launch_tc_gemv<T>(p, stream);
       return launch_gemv_for_m<T>(p, stream);
     }
   });

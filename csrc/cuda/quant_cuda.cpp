@@ -96,7 +96,8 @@ cq::Int4Path int4_path_from_env(const char* fn) {
   if (v.empty() || v == "auto") return cq::Int4Path::kAuto;
   if (v == "gemv") return cq::Int4Path::kGemv;
   if (v == "mma") return cq::Int4Path::kMma;
-  TORCH_CHECK(false, fn, ": MLTK_INT4_CUDA_PATH must be auto, gemv or mma, got '", v, "'");
+  if (v == "tcgemv") return cq::Int4Path::kTcGemv;
+  TORCH_CHECK(false, fn, ": MLTK_INT4_CUDA_PATH must be auto, gemv, tcgemv or mma, got '", v, "'");
 }
 
 // ---- int4 weight checks (shared) -----------------------------------------------------------------------------------

@@ -27,12 +27,14 @@ X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 INT4 = table("int4")
 
-# CUDA C++ (csrc/cuda/int4_linear.cu): a weight-streaming kernel for M <= 16, tensor cores for larger fp16 / bf16
-# batches; unforced, up to 2 rows only. H100, bf16, K = N = 8192, g128 (benchmarks/results/nvidia-h100-80gb-hbm3.md,
-# 2026-11-27): the CUDA GEMV took 0.041 ms at M = 1 (Triton 0.138) but 0.663 ms at M = 16, where Triton's split-K
-# kernel took 0.158. quantize_int4 / dequantize_int4 (one-time conversions, bit-exact on both backends) follow the
-# same rule on w / packed: the CUDA backend's quantize is the reference's torch ops on the GPU.
-INT4.register("cuda", _ext.on_cuda, _ext.cuda_unavailable, defer=_ext.defer_above_rows(2, "the Triton kernel"),
+# CUDA C++ (csrc/cuda/int4_linear.cu): weight-streaming GEMV kernels for M <= 16 (on the tensor cores for fp16 / bf16
+# x, M <= 8 and group_size >= 128), tensor-core tiles for larger fp16 / bf16 batches; unforced, up to 8 rows only.
+# H100, bf16, K = N = 8192, g128 (benchmarks/results/nvidia-h100-80gb-hbm3.md, 2026-11-27): the ALU GEMV took
+# 0.041 ms at M = 1 (Triton 0.138) but 0.663 ms at M = 16, where Triton's split-K kernel took 0.158; the tensor-core
+# GEMV, whose cost hardly depends on M up to 8, is untested on a GPU. quantize_int4 / dequantize_int4 (one-time
+# conversions, bit-exact on both backends) follow the same rule on w / packed: the CUDA backend's quantize is the
+# reference's torch ops on the GPU.
+INT4.register("cuda", _ext.on_cuda, _ext.cuda_unavailable, defer=_ext.defer_above_rows(8, "the Triton kernel"),
               linear=lambda *a: _ext._C.int4_weight_only_linear_cuda(*a),
               quantize=reference.quantize_int4,
               dequantize=lambda *a: _ext._C.dequantize_int4_cuda(*a))

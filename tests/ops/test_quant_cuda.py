@@ -1,8 +1,8 @@
 """The CUDA C++ quantization kernels (csrc/cuda/int8_linear.cu, int4_linear.cu) against the reference: int8
 quantizers, int8_linear and dequantize_int4 bit-exact, int4_weight_only_linear by SQNR against the float64 product
 with the dequantized weight. Every kernel path is forced in turn (MLTK_INT8_CUDA_PATH=mma|dp4a,
-MLTK_INT4_CUDA_PATH=gemv|mma), on odd shapes, padded / misaligned layouts, with and without bias (the CPU-only packed
-int8 weight layout goes through the op, which unpacks it).
+MLTK_INT4_CUDA_PATH=gemv|tcgemv|mma), on odd shapes, padded / misaligned layouts, with and without bias (the
+CPU-only packed int8 weight layout goes through the op, which unpacks it).
 Skipped without a GPU (scripts/gpu_check.sh runs them); the backend-table test runs everywhere."""
 import pytest
 import torch
@@ -185,15 +185,20 @@ def test_dequantize_bit_exact(n, k, group):
 FLOOR = {torch.float32: 80.0, torch.float16: 55.0, torch.bfloat16: 38.0}
 
 
-@pytest.fixture(params=["auto", "gemv", "mma"])
+@pytest.fixture(params=["auto", "gemv", "tcgemv", "mma"])
 def int4_path(request, monkeypatch):
     monkeypatch.setenv("MLTK_INT4_CUDA_PATH", request.param)
     return request.param
 
 
 def _int4_check(C, x, packed, scales, zeros, group, bias, path):
-    if path == "mma" and (x.dtype == torch.float32 or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16):
+    misaligned = x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16
+    if path == "mma" and (x.dtype == torch.float32 or misaligned):
         with pytest.raises(RuntimeError, match="tensor-core path"):
+            C.int4_weight_only_linear_cuda(x, packed, scales, zeros, group, bias)
+        return
+    if path == "tcgemv" and (x.dtype == torch.float32 or misaligned or x.shape[0] > 8 or group < 128):
+        with pytest.raises(RuntimeError, match="tensor-core GEMV"):
             C.int4_weight_only_linear_cuda(x, packed, scales, zeros, group, bias)
         return
     y = C.int4_weight_only_linear_cuda(x, packed, scales, zeros, group, bias)
@@ -207,8 +212,8 @@ def _int4_check(C, x, packed, scales, zeros, group, bias, path):
 
 @cuda
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 17, 97, 300])
-@pytest.mark.parametrize("n,k,group", [(7, 96, 32), (123, 1152, 128), (97, 320, 64)])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 16, 17, 97, 300])
+@pytest.mark.parametrize("n,k,group", [(7, 96, 32), (123, 1152, 128), (97, 320, 64), (40, 1536, 256)])
 def test_int4_linear_sqnr(int4_path, dtype, m, n, k, group):
     C = _c()
     _, packed, scales, zeros = _int4_weight(n, k, group, seed=m)

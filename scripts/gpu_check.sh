@@ -3,7 +3,9 @@
 # run the CUDA self-checks and the GPU tests, then the quick benchmarks one op per process (a kernel fault in one op
 # cannot take the others' rows with it). Results land in benchmarks/results/<gpu>.{jsonl,md,png}.
 #   STAGES="build selfcheck test bench"   (default: these, in that order; "profile" adds the per-kernel profile of the
-#                                          GPT-2 train step, scripts/profile_train_step.py, PROFILE_ARGS passed on)
+#                                          GPT-2 train step, scripts/profile_train_step.py, PROFILE_ARGS passed on;
+#                                          "ncu" Nsight Compute's sections for the kernels of scripts/ncu_kernels.py,
+#                                          NCU_CASES="int4_m1 int8_m4096" by default)
 #   BUDGET_S=560                          (wall-clock budget of the whole run: each stage's timeout is cut to what
 #                                          is left, and bench ops that no longer fit are skipped and listed)
 #   PYTEST_FILES, PYTEST_K, BENCH_OPS_FIRST, BENCH_OPS_LATE   (what the tests and benchmarks run; defaults below;
@@ -143,6 +145,18 @@ if has bench; then
   step "the other benchmarks"
   bench_ops ${BENCH_OPS_LATE-int8_weight_only_linear fake_quantize fake_quantize_lsq adamw8bit_step lamb8bit_step gru fused_lamb attention conv2d conv2d_bn_relu train_step_transformer resnet50 bn_relu rms_norm layer_norm bn_add_relu rotary}
   [ -f "benchmarks/results/$SLUG.md" ] && grep -E "^\|" "benchmarks/results/$SLUG.md" | cut -c1-150 | tail -40
+fi
+if has ncu; then  # not in the default STAGES: Nsight Compute's view of the kernels behind unmet targets
+  step "Nsight Compute (${NCU_CASES:-int4_m1 int8_m4096})"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ -z "$NCU" ]; then echo "ncu not found"; else
+    run ncu "${NCU_LIMIT_S:-150}" "$NCU" --profile-from-start off --clock-control none --nvtx \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      $PY scripts/ncu_kernels.py --cases ${NCU_CASES:-int4_m1 int8_m4096}
+    grep -E "Context [0-9]+, Stream|^ +Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|profiled:|raised" \
+      "$LOGS/ncu.log" | cut -c1-150 | head -90
+  fi
 fi
 if has profile; then  # not in the default STAGES: where the GPT-2 train step's GPU time goes, per kernel
   step "profile of the GPT-2 small train step"

@@ -28,13 +28,22 @@ X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT4 = table("int4")
 
 # CUDA C++ (csrc/cuda/int4_linear.cu): weight-streaming GEMV kernels for M <= 16 (on the tensor cores for fp16 / bf16
-# x, M <= 8 and group_size >= 128), tensor-core tiles for larger fp16 / bf16 batches; unforced, up to 8 rows only.
+# x, M <= 8 and group_size >= 128), tensor-core tiles for larger fp16 / bf16 batches; unforced, up to 8 or 2 rows
+# (_cuda_defer).
 # H100, bf16, K = N = 8192, g128 (benchmarks/results/nvidia-h100-80gb-hbm3.md, 2026-11-27): the ALU GEMV took
 # 0.041 ms at M = 1 (Triton 0.138) but 0.663 ms at M = 16, where Triton's split-K kernel took 0.158; the tensor-core
 # GEMV, whose cost hardly depends on M up to 8, is untested on a GPU. quantize_int4 / dequantize_int4 (one-time
 # conversions, bit-exact on both backends) follow the same rule on w / packed: the CUDA backend's quantize is the
 # reference's torch ops on the GPU.
-INT4.register("cuda", _ext.on_cuda, _ext.cuda_unavailable, defer=_ext.defer_above_rows(8, "the Triton kernel"),
+def _cuda_defer(x: Tensor, group_size: int = 128, *_) -> Optional[str]:
+    """Up to 8 rows when the tensor-core GEMV takes x (fp16 / bf16, group_size >= 128), else up to 2 (the ALU GEMV's
+    wider variants ran slower than Triton's split-K); the rest goes to Triton unless forced."""
+    most = 8 if x.dtype != torch.float32 and group_size >= 128 else 2
+    rows = x.numel() // max(x.shape[-1], 1)
+    return f"{rows} rows: the Triton kernel is faster above {most}" if rows > most else None
+
+
+INT4.register("cuda", _ext.on_cuda, _ext.cuda_unavailable, defer=_cuda_defer,
               linear=lambda *a: _ext._C.int4_weight_only_linear_cuda(*a),
               quantize=reference.quantize_int4,
               dequantize=lambda *a: _ext._C.dequantize_int4_cuda(*a))
@@ -153,7 +162,7 @@ def _(packed, scales, zeros, group_size):
 
 def _linear_impl(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
                  bias: Optional[Tensor] = None) -> Tensor:
-    return INT4.select(x).kernels["linear"](x, packed, scales, zeros, group_size, bias)
+    return INT4.select(x, group_size).kernels["linear"](x, packed, scales, zeros, group_size, bias)
 
 
 int4_weight_only_linear_op = torch.library.custom_op("mltoolkit::int4_weight_only_linear",

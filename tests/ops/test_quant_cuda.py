@@ -33,6 +33,14 @@ def test_cuda_defers_larger_batches_to_triton(name, most_rows):
     assert "Triton" in defer(torch.zeros(most_rows + 1, 32)) and "Triton" in defer(torch.zeros(3, most_rows, 32))
 
 
+def test_int4_cuda_keeps_up_to_8_rows_for_the_tensor_core_gemv():
+    defer = table("int4").get("cuda").defer
+    x = torch.zeros(8, 256, dtype=torch.bfloat16)
+    assert defer(x, 128) is None and defer(x, 256) is None
+    assert "Triton" in defer(torch.zeros(9, 256, dtype=torch.bfloat16), 128)
+    assert "Triton" in defer(x, 64) and "Triton" in defer(x.float(), 128)  # the ALU GEMV takes these: 2 rows
+
+
 def _c():
     why = _ext.cuda_unavailable()
     if why is not None:

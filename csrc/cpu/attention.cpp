@@ -45,6 +45,7 @@
 #include "../attention.h"
 #include "../check_util.h"
 #include "attention_gemm.h"
+#include "reused_memory.h"
 #include "vec_chunk.h"
 
 namespace mltoolkit {
@@ -813,7 +814,7 @@ std::vector<at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Ten
   constexpr const char* fn = "attention_forward_cpu";
   const Problem pb = make_problem(fn, q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                   window_left, window_right, bottom_right, dropout_p, seed);
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = empty_like_reusing_memory(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_forward_cpu",
                                   [&] { run_forward<scalar_t>(pb, out, lse); });
@@ -841,7 +842,7 @@ std::vector<at::Tensor> attention_backward_cpu(const at::Tensor& dout, const at:
               ": lse must have shape (B, Hq, Lq) = (", q.size(0), ", ", q.size(1), ", ", q.size(2), "), got ",
               lse.sizes());
   TORCH_CHECK(lse.is_contiguous(), fn, ": lse must be contiguous, got strides ", lse.strides());
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq = empty_like_reusing_memory(q), dk = empty_like_reusing_memory(k), dv = empty_like_reusing_memory(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward_cpu",
                                   [&] { run_backward<scalar_t>(pb, dout, out, lse, dq, dk, dv); });
   return {dq, dk, dv};

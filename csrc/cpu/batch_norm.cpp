@@ -40,6 +40,7 @@
 #include "../batch_norm.h"
 #include "../check_util.h"
 #include "../conv_epilogue.h"
+#include "reused_memory.h"
 
 namespace mltoolkit {
 namespace {
@@ -761,7 +762,7 @@ std::vector<at::Tensor> batch_norm_act_forward_cpu(const at::Tensor& x, const st
   TORCH_CHECK(std::isfinite(momentum), fn, ": momentum must be finite, got ", momentum);
   if (present(residual)) check_like(fn, "residual", *residual, x, "x", g);
 
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_like_reusing_memory(x);
   const auto stat_options = x.options().dtype(stat_dtype_for(dtype));
   at::Tensor mean = at::empty({g.C}, stat_options);
   at::Tensor invstd = at::empty({g.C}, stat_options);
@@ -800,13 +801,13 @@ std::vector<at::Tensor> batch_norm_act_backward_cpu(const at::Tensor& dy, const 
   check_stat("invstd", invstd);
   if (present(residual)) check_like(fn, "residual", *residual, x, "x", g);
 
-  at::Tensor dx = output_mask[0] ? at::empty_like(x) : at::Tensor();
+  at::Tensor dx = output_mask[0] ? empty_like_reusing_memory(x) : at::Tensor();
   const auto param_options = [&](const std::optional<at::Tensor>& p) {
     return present(p) ? p->options() : x.options();
   };
   at::Tensor dweight = output_mask[1] ? at::empty({g.C}, param_options(weight)) : at::Tensor();
   at::Tensor dbias = output_mask[2] ? at::empty({g.C}, param_options(bias)) : at::Tensor();
-  at::Tensor dresidual = output_mask[3] ? at::empty_like(x) : at::Tensor();
+  at::Tensor dresidual = output_mask[3] ? empty_like_reusing_memory(x) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, fn, [&] {
     backward_kernel<scalar_t>(dy, x, weight, bias, mean, invstd, residual, training, act, g, dx, dweight, dbias,
                               dresidual);

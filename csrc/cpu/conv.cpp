@@ -41,6 +41,7 @@
 #include "../conv_epilogue.h"
 #include "attention_gemm.h"
 #include "conv_gemm.h"
+#include "reused_memory.h"
 #include "scratch.h"
 #include "transpose.h"
 
@@ -1816,7 +1817,7 @@ at::Tensor dx_by_forward(const char* fn, const Geo& g, const at::Tensor& dya, co
   // The pointwise NCHW kernel reads the weight's rows in place: here the transposed (C, Kg) per group.
   const bool pointwise = acc == at::kDouble ? pointwise_nchw<double>(gd) : pointwise_nchw<float>(gd);
   const at::Tensor wt = pointwise ? wa.reshape({g.G, g.Kg, g.Cg}).transpose(1, 2).contiguous() : at::Tensor();
-  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dya.options(), fmt_of(g));
+  at::Tensor dx = empty_reusing_memory({g.N, g.C, g.H, g.W}, dya.options(), fmt_of(g));
   auto run = [&](auto tag) {
     using T = decltype(tag);
     auto pack = [&](int64_t Pn) { return pack_dx_panels<T>(g, wa.data_ptr<T>(), w_rsc, Pn); };
@@ -1902,7 +1903,7 @@ std::vector<at::Tensor> conv2d_forward(const char* fn, const at::Tensor& x, cons
   const at::Tensor xa = x.to(acc).contiguous(fmt);
   const at::Tensor ba = has_bias ? bias->to(acc).contiguous() : at::Tensor();
   const at::Tensor ra = has_residual ? residual->to(acc).contiguous(fmt) : at::Tensor();
-  at::Tensor y = at::empty({g.N, g.K, g.P, g.Q}, x.options().dtype(acc), fmt);
+  at::Tensor y = empty_reusing_memory({g.N, g.K, g.P, g.Q}, x.options().dtype(acc), fmt);
   if (g.N == 0) return {y.to(x.scalar_type())};
   bool w_rsc = false;
   at::Tensor wa;
@@ -2023,7 +2024,7 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
   const at::Tensor dya = dy.to(acc).contiguous(fmt);
   at::Tensor dx, dw, db;
   if (g.N == 0) {  // empty batch: the sums are empty
-    if (output_mask[0]) dx = at::empty(x.sizes(), x.options(), fmt);
+    if (output_mask[0]) dx = empty_reusing_memory(x.sizes(), x.options(), fmt);
     if (output_mask[1])
       dw = at::empty(weight.sizes(), weight.options(), layout_of(fn, "weight", weight)).zero_();
     if (output_mask[2]) db = at::empty({g.K}, x.options()).zero_();
@@ -2035,7 +2036,7 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
     at::Tensor wa = weight.to(acc).contiguous().reshape({g.K, g.R * g.S});
     wa = wa.t().contiguous();  // (R*S, C)
     at::Tensor dwa = output_mask[1] ? at::empty_like(wa) : at::Tensor();
-    if (output_mask[0]) dx = at::empty({g.N, g.C, g.H, g.W}, x.options().dtype(acc), fmt);
+    if (output_mask[0]) dx = empty_reusing_memory({g.N, g.C, g.H, g.W}, x.options().dtype(acc), fmt);
     if (acc == at::kDouble) {
       using T = double;
       bwd_depthwise<T>(g, output_mask[1] ? xa.data_ptr<T>() : nullptr, dya.data_ptr<T>(), wa.data_ptr<T>(),

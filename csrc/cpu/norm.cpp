@@ -32,6 +32,7 @@
 
 #include "check_util.h"
 #include "norm.h"
+#include "reused_memory.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -111,7 +112,7 @@ at::ScalarType stat_dtype_for(at::ScalarType x_dtype) { return x_dtype == at::kD
 // the 2 MiB-aligned interior of the buffer, as torch's allocator does under THP_MEM_ALLOC_ENABLE=1. Only a hint:
 // where THP is off or the call fails, nothing changes but the speed.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
+  at::Tensor out = empty_reusing_memory(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
   const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());

@@ -1,10 +1,13 @@
 // The pool behind empty_reusing_memory (csrc/cpu/reused_memory.h).
 #include "reused_memory.h"
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/Functions.h>
+#include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <iterator>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -12,17 +15,18 @@
 namespace mltoolkit {
 namespace {
 
-constexpr int64_t kReusedMinBytes = int64_t{32} << 20;   // glibc's largest mmap threshold: smaller frees stay mapped
+constexpr int64_t kReusedMinBytes = int64_t{1} << 20;    // smaller blocks stay inside glibc's heap
 constexpr int64_t kReusedKeptBytes = int64_t{512} << 20;  // free blocks kept at most
 
 class Pool {
  public:
+  // The most recently freed block of the size: the likeliest to be still in cache.
   void* take(int64_t bytes) {
     std::lock_guard<std::mutex> guard(mutex_);
-    for (auto it = free_.begin(); it != free_.end(); ++it) {
+    for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
       if (it->first == bytes) {
         void* p = it->second;
-        free_.erase(it);
+        free_.erase(std::next(it).base());
         kept_ -= bytes;
         return p;
       }
@@ -31,7 +35,7 @@ class Pool {
   }
 
   void give(void* p, int64_t bytes) {
-    {
+    if (bytes >= kReusedMinBytes) {
       std::lock_guard<std::mutex> guard(mutex_);
       if (kept_ + bytes <= kReusedKeptBytes) {
         free_.emplace_back(bytes, p);
@@ -54,20 +58,62 @@ Pool& pool() {
   return *p;
 }
 
+// A block and its rounded size, the context of its DataPtr: the deleter gives the block back to the pool.
+struct Block {
+  void* data;
+  int64_t bytes;
+};
+
+void give_back(void* ctx) {
+  const Block* b = static_cast<const Block*>(ctx);
+  pool().give(b->data, b->bytes);
+  delete b;
+}
+
+// A CPU allocator over the pool, so that these tensors are ordinary ones (a storage that resize_ can grow, say).
+class ReusingAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    const int64_t bytes = (static_cast<int64_t>(n) + 63) / 64 * 64;
+    void* p = bytes >= kReusedMinBytes ? pool().take(bytes) : nullptr;
+    if (p == nullptr) {
+      p = std::aligned_alloc(64, static_cast<size_t>(bytes > 0 ? bytes : 64));
+      TORCH_CHECK(p != nullptr, "empty_reusing_memory: out of memory allocating ", bytes, " bytes");
+    }
+    return {p, new Block{p, bytes}, &give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+ReusingAllocator& allocator() {
+  static ReusingAllocator* a = new ReusingAllocator();
+  return *a;
+}
+
 }  // namespace
 
-at::Tensor empty_reusing_memory(at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor empty_reusing_memory(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
   TORCH_CHECK(options.device().is_cpu(), "empty_reusing_memory: CPU tensors only, got ", options.device());
+  TORCH_CHECK(format == at::MemoryFormat::Contiguous || (format == at::MemoryFormat::ChannelsLast && sizes.size() == 4),
+              "empty_reusing_memory: Contiguous, or ChannelsLast for 4-D sizes, got ", format);
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
-  const int64_t bytes = (numel * static_cast<int64_t>(options.dtype().itemsize()) + 63) / 64 * 64;
-  if (bytes < kReusedMinBytes) return at::empty(sizes, options);
-  void* p = pool().take(bytes);
-  if (p == nullptr) {
-    p = std::aligned_alloc(64, static_cast<size_t>(bytes));
-    TORCH_CHECK(p != nullptr, "empty_reusing_memory: out of memory allocating ", bytes, " bytes");
+  if (numel * static_cast<int64_t>(options.dtype().itemsize()) < kReusedMinBytes) {
+    return at::empty(sizes, options.memory_format(format));
   }
-  return at::from_blob(p, sizes, [bytes](void* q) { pool().give(q, bytes); }, options);
+  return at::detail::empty_generic(sizes, &allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), format);
+}
+
+at::Tensor empty_like_reusing_memory(const at::Tensor& t) {
+  if (t.is_contiguous()) return empty_reusing_memory(t.sizes(), t.options());
+  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return empty_reusing_memory(t.sizes(), t.options(), at::MemoryFormat::ChannelsLast);
+  }
+  return at::empty_like(t);
 }
 
 }  // namespace mltoolkit

@@ -698,3 +698,25 @@ def test_strided_pointwise_nchw(stride, hw):
         got = ops.conv2d_act(x, w, b, stride, activation="relu", residual=r)
     assert_close(got, torch.relu(want + r.double()).float(), atol=1e-5)
     assert got.is_contiguous()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_cpu_output_reuses_memory_and_stays_an_ordinary_tensor(channels_last):
+    """A CPU output of 1 MiB or more takes the block an earlier one of its size freed (csrc/cpu/reused_memory.h:
+    glibc would give it back to the kernel, and its pages would fault again), in the input's layout, with the same
+    values; it is an ordinary tensor all the same (its storage grows under resize_)."""
+    if table("conv").get("cpp").available() is not None:
+        pytest.skip("C++ extension not built")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(4, 16, 64, 64).to(memory_format=fmt)  # a 4 MiB output
+    w = torch.randn(32, 16, 3, 3).to(memory_format=fmt)
+    with mltoolkit.backend("cpp"):
+        first = ops.conv2d(x, w, padding=1)
+        address, expected = first.data_ptr(), first.clone()
+        del first
+        second = ops.conv2d(x, w, padding=1)
+    assert second.data_ptr() == address and second.is_contiguous(memory_format=fmt)
+    assert torch.equal(second, expected)
+    assert_close(second, F.conv2d(x.double(), w.double(), padding=1).float(), name="y")
+    second.resize_(2 * second.numel()).fill_(1.0)
+    assert second.sum().item() == second.numel()

@@ -235,8 +235,8 @@ def test_autocast_and_empty():
 
 
 def test_large_cpu_gradient_reuses_memory():
-    """A CPU gradient of 32 MiB or more takes a block freed by an earlier one of its size (glibc would unmap it, and
-    its pages would fault again on the next write); the values are the same."""
+    """A large CPU gradient (1 MiB or more) takes a block freed by an earlier one of its size (glibc would give it
+    back to the kernel, and its pages would fault again on the next write); the values are the same."""
     if table("cross_entropy").get("cpp").available() is not None:
         pytest.skip("C++ extension not built")
     x = torch.randn(1024, 8200, requires_grad=True)  # a 33.6 MB gradient

@@ -1785,7 +1785,7 @@ void forward_gemm(const Geo& g, const at::Tensor& xa, const T* w, const Pack& pa
     const at::Tensor xs = xa.slice(2, 0, g.H, g.sh).slice(3, 0, g.W, g.sw).contiguous();
     fwd_pointwise_nchw<T>(gs, xs.data_ptr<T>(), w, bias, res, act, y);
   } else {
-    at::Tensor xt = at::empty({g.N, g.C, g.H, g.W}, xa.options(), at::MemoryFormat::ChannelsLast);
+    at::Tensor xt = empty_reusing_memory({g.N, g.C, g.H, g.W}, xa.options(), at::MemoryFormat::ChannelsLast);
     to_channels_last<T>(g, xa.data_ptr<T>(), xt.data_ptr<T>());
     Geo gl = g;
     gl.nhwc = true;
@@ -1795,7 +1795,7 @@ void forward_gemm(const Geo& g, const at::Tensor& xa, const T* w, const Pack& pa
     }
     // Winograd writes channels-last: conv + bias into a channels-last buffer, then one transposing pass into y that
     // adds the residual and applies the activation.
-    at::Tensor yt = at::empty({g.N, g.K, g.P, g.Q}, xa.options(), at::MemoryFormat::ChannelsLast);
+    at::Tensor yt = empty_reusing_memory({g.N, g.K, g.P, g.Q}, xa.options(), at::MemoryFormat::ChannelsLast);
     fwd_gemm<T>(gl, xt.data_ptr<T>(), pack, wino_u, bias, nullptr, Act::kNone, yt.data_ptr<T>());
     to_nchw_epilogue<T>(g, yt.data_ptr<T>(), res, act, y);
   }
@@ -2058,7 +2058,7 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
     const at::Tensor wa = output_mask[0] && !dx_fwd ? weight_rows(weight, acc, g.nhwc) : at::Tensor();
     at::Tensor dwa = output_mask[1] ? at::empty({g.K, g.Kc()}, x.options().dtype(acc)) : at::Tensor();
     if (dx_fwd) dx = dx_by_forward(fn, g, dya, weight, acc);
-    else if (output_mask[0]) dx = at::empty({g.N, g.C, g.H, g.W}, x.options().dtype(acc), fmt).zero_();
+    else if (output_mask[0]) dx = empty_reusing_memory({g.N, g.C, g.H, g.W}, x.options().dtype(acc), fmt).zero_();
     if (acc == at::kDouble) {
       using T = double;
       if (output_mask[1])

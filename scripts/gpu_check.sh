@@ -111,7 +111,7 @@ if has selfcheck; then
     scripts/cuda_conv_selfcheck.py --quick
   selfcheck attention 80 "FAIL|ERROR|raised|Fatal|passed|failed|exit" 30 scripts/cuda_attention_selfcheck.py --quick
   selfcheck norm 35 "FAIL|ERROR|raised|Fatal|passed|failed|exit" 12 scripts/cuda_norm_selfcheck.py
-  selfcheck quant 70 "FAIL|ERROR|raised|Fatal|failures|ratio|int8 M|int4 M|exit" 24 \
+  selfcheck quant 70 "FAIL|ERROR|raised|Fatal|failures|ratio|int8 M|int8 dynamic|int4 M|exit" 28 \
     scripts/quant_cuda_selfcheck.py --quick --bench
   selfcheck optim 90 "FAIL|ERROR|raised|Fatal|passed|failed|---| ms |exit" 30 scripts/optim_cuda_selfcheck.py
 fi

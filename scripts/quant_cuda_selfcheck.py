@@ -3,7 +3,7 @@
 
 Needs a CUDA GPU and the built extension. Calls the raw entry points of csrc/int8_linear.h and csrc/int4_linear.h:
     quantize_rows_cuda(x) -> [q, scale]                                  bit-exact
-    int8_linear_cuda(xq, x_scale, wq, w_scale, bias, out_dtype) -> y     bit-exact, paths mma and dp4a
+    int8_linear_cuda(xq, x_scale, wq, w_scale, bias, out_dtype) -> y     bit-exact, paths gemv, mma and dp4a
     dequantize_int4_cuda(packed, scales, zeros, group) -> w'             bit-exact
     int4_weight_only_linear_cuda(x, packed, scales, zeros, group, bias)  SQNR vs float64 x @ w'^T,
         paths gemv, tcgemv (tensor-core GEMV) and mma
@@ -82,11 +82,11 @@ def check_int8(quick):
             fail(case, f"raised {type(e).__name__}: {str(e).splitlines()[0]}")
         count += 1
     shapes = [(1, 1, 1), (7, 97, 123), (97, 123, 1025), (1, 4096, 4096), (123, 97, 64), (1111, 4001, 256),
-              (512, 512, 4096)]
+              (512, 512, 4096), (3, 300, 4112), (8, 33, 80)]
     if quick:
-        shapes = shapes[:3] + shapes[4:6]
-    for path, (m, n, k) in itertools.product(("mma", "dp4a"), shapes):
-        if path == "mma" and k % 16:
+        shapes = shapes[:3] + shapes[4:6] + shapes[7:]
+    for path, (m, n, k) in itertools.product(("gemv", "mma", "dp4a"), shapes):
+        if path != "dp4a" and k % 16 or path == "gemv" and m > 8:
             continue
         case = f"int8_linear {path} M={m} N={n} K={k}"
         try:
@@ -222,6 +222,25 @@ def bench():
           f"ratio vs bf16 x{t_bf16 / t_i8:.2f}")
     print(f"    quantize + int8_linear{t_dyn * 1e3:8.1f} us                 ratio vs bf16 x{t_bf16 / t_dyn:.2f}")
     print(f"    quantize_rows alone   {t_q * 1e3:8.1f} us;  dp4a path {t_dp * 1e3:8.1f} us")
+
+    # int8 decode: M = 1 and 8, K = N = 4096 (weights rotated over 4 sets of 16 MB + their bf16 32 MB: beyond L2)
+    wsets8 = []
+    for _ in range(4):
+        w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+        wsets8.append((w, *C.quantize_rows_cuda(w)))
+    for m in (1, 8):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        t_ref = timeit(rotating(lambda w, *_: F.linear(x, w), wsets8))
+        times = {}
+        for path in ("gemv", "mma"):
+            def dyn(w, wq, ws):
+                q, s = C.quantize_rows_cuda(x)
+                return C.int8_linear_cuda(q, s, wq, ws, None, torch.bfloat16)
+            with env_path("MLTK_INT8_CUDA_PATH", path):
+                times[path] = timeit(rotating(dyn, wsets8))
+        print(f"  int8 dynamic M={m} K=N=4096: bf16 F.linear {t_ref * 1e3:7.1f} us;  quantize + gemv "
+              f"{times['gemv'] * 1e3:7.1f} us (x{t_ref / times['gemv']:.2f}), + mma tiles {times['mma'] * 1e3:7.1f} us "
+              f"(x{t_ref / times['mma']:.2f})")
 
     # int4: K = N = 8192, group 128
     K = N = 8192

@@ -14,6 +14,15 @@
 // Assumptions (checked by int8_linear_path, which falls back to dp4a otherwise): K % 16 == 0; xq and wq bases
 // 16-byte aligned; row strides ldx, ldw multiples of 16 bytes. The weight is plain (N, K) rows (the CPU kernel's
 // packed layout is unpacked by the Python layer before it gets here).
+// Tensor-core GEMV (sm_80+, M <= 8, the tensor-core path's K and alignment rules; the default there): decode-sized
+// batches stream the weight once instead of padding M to a 64-row tile (at M = 1 the tile path ran 32 CTAs for
+// N = 4096, on a quarter of an H100). A warp owns 16 rows of y and one 64-k block at a time; the 8 warps of a CTA
+// split K (blocks w, w + 8, ...) and add their int32 partial sums through shared memory (exact, so the result stays
+// bit-identical). Lane (g, t) loads 16 bytes of weight rows g and g + 8 and, for column g < M, of x, all at
+// k = 64 b + 16 t: its four words feed two mma.m16n8k32 tiles unchanged (words 0, 1 as the fragment's k groups 4t and
+// 16 + 4t of the first tile, words 2, 3 of the second): k is permuted within the block, the same for A and B, which
+// leaves each tile's dot products unchanged. No ALU work per weight at all.
+//
 // dp4a path (sm_61+; any K, stride, alignment): 64 x 64 tiles, 4 x 4 outputs per thread, k in steps of 32 bytes
 // through padded shared memory, word loads when everything is 4-byte aligned, byte loads otherwise.
 // Epilogue (both): y = ((float(acc) * x_scale[m]) * w_scale[n]) + bias[n] with IEEE operations (no FMA, no flush to
@@ -116,6 +125,95 @@ __device__ __forceinline__ void store_pair(const Epi& e, int m, int n, int a0, i
   const float v1 = two ? epilogue(a1, xs, e.w_scale[n + 1], e.bias, n + 1) : 0.f;
   // y is contiguous with row length N: an even n is an aligned pair only when N is even.
   store2<T>(static_cast<T*>(e.y), static_cast<int64_t>(m) * e.N + n, v0, v1, two, (e.N & 1) == 0);
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Tensor-core GEMV path.
+
+struct GemvArgs {
+  const int8_t* xq;
+  const int8_t* wq;
+  int64_t ldx, ldw;  // bytes
+  int K;
+  Epi epi;
+};
+
+constexpr int kGemvWarps = 8;  // K-slices of a CTA's 16 rows
+constexpr int kGemvRound = 4;  // 64-k blocks a warp loads at once (their loads in flight together)
+constexpr int kGemvMaxM = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kGemvWarps * 32, 2) _int8_gemv_kernel(const GemvArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  __shared__ int red[kGemvWarps][4][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16;
+  const int N = a.epi.N, K = a.K;
+  const int blocks = (K + 63) / 64;
+  const bool row_ok[2] = {n0 + g < N, n0 + g + 8 < N};
+  const int8_t* wrow[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) wrow[h] = a.wq + (row_ok[h] ? n0 + g + 8 * h : 0) * a.ldw + 16 * t;
+  const bool col_ok = g < a.epi.M;
+  const int8_t* xrow = a.xq + (col_ok ? g : 0) * a.ldx + 16 * t;
+
+  int acc[4] = {0, 0, 0, 0};  // C fragment: rows g, g, g + 8, g + 8; columns 2t, 2t + 1, 2t, 2t + 1
+  for (int b0 = warp; b0 < blocks; b0 += kGemvWarps * kGemvRound) {
+    uint4 w[kGemvRound][2], xv[kGemvRound];
+#pragma unroll
+    for (int u = 0; u < kGemvRound; ++u) {
+      const int b = b0 + u * kGemvWarps;
+      const bool ok = b < blocks && 64 * b + 16 * t < K;  // K % 16 == 0: a 16-byte chunk is all in or all out
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        w[u][h] = ok && row_ok[h] ? __ldcs(reinterpret_cast<const uint4*>(wrow[h] + 64 * static_cast<int64_t>(b)))
+                                  : make_uint4(0, 0, 0, 0);
+      }
+      xv[u] = ok && col_ok ? __ldg(reinterpret_cast<const uint4*>(xrow + 64 * static_cast<int64_t>(b)))
+                           : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kGemvRound; ++u) {
+      if (b0 + u * kGemvWarps >= blocks) break;  // uniform across the warp
+      const uint32_t first[4] = {w[u][0].x, w[u][1].x, w[u][0].y, w[u][1].y};
+      mma16832_s8(acc, first, xv[u].x, xv[u].y);
+      const uint32_t second[4] = {w[u][0].z, w[u][1].z, w[u][0].w, w[u][1].w};
+      mma16832_s8(acc, second, xv[u].z, xv[u].w);
+    }
+  }
+
+#pragma unroll
+  for (int c = 0; c < 4; ++c) red[warp][c][lane] = acc[c];
+  __syncthreads();
+  if (warp == 0) {
+    int sum[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      sum[c] = 0;
+#pragma unroll
+      for (int w = 0; w < kGemvWarps; ++w) sum[c] += red[w][c][lane];
+    }
+    // y is (M, N): the pair (c, c + 1) of a row is one column apart in m, so each output is stored alone.
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int n = n0 + g + 8 * (c >> 1), m = 2 * t + (c & 1);
+      if (n < N && m < a.epi.M) {
+        const float v = epilogue(sum[c], a.epi.x_scale[m], a.epi.w_scale[n], a.epi.bias, n);
+        static_cast<T*>(a.epi.y)[static_cast<int64_t>(m) * N + n] = from_float<T>(v);
+      }
+    }
+  }
+#else
+  __trap();  // never launched: int8_linear_path refuses the tensor-core GEMV below compute capability 8.0
+#endif
+}
+
+template <typename T>
+LaunchStatus launch_gemv(const Int8LinearParams& p, const Epi& epi, cudaStream_t stream) {
+  GemvArgs a{p.xq, p.wq, p.ldx, p.ldw, static_cast<int>(p.K), epi};
+  _int8_gemv_kernel<T><<<static_cast<unsigned>(cdiv(p.N, 16)), kGemvWarps * 32, 0, stream>>>(a);
+  return last_error();
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -390,19 +488,31 @@ LaunchStatus launch_dp4a(const Int8LinearParams& p, const Epi& epi, cudaStream_t
   return last_error();
 }
 
+// The rules both tensor-core kernels (the tiles and the GEMV) share.
+const char* tensor_core_refusal(const Int8LinearParams& p) {
+  if (p.cc_major < 8) return "int8_linear: the tensor-core kernels need compute capability 8.0 or newer";
+  if (p.K % 16 != 0) return "int8_linear: the tensor-core kernels need K to be a multiple of 16";
+  if (!aligned(p.xq, 16) || p.ldx % 16 != 0) {
+    return "int8_linear: the tensor-core kernels need xq's base and row stride 16-byte aligned";
+  }
+  if (!aligned(p.wq, 16) || p.ldw % 16 != 0) {
+    return "int8_linear: the tensor-core kernels need wq's base and row stride 16-byte aligned";
+  }
+  return nullptr;
+}
+
 bool mma_shape_ok(const Int8LinearParams& p, const char** why) {
-  const char* w = nullptr;
-  if (p.cc_major < 8) {
-    w = "int8_linear: the tensor-core path needs compute capability 8.0 or newer";
-  } else if (p.K % 16 != 0) {
-    w = "int8_linear: the tensor-core path needs K to be a multiple of 16";
-  } else if (!aligned(p.xq, 16) || p.ldx % 16 != 0) {
-    w = "int8_linear: the tensor-core path needs xq's base and row stride 16-byte aligned";
-  } else if (!aligned(p.wq, 16) || p.ldw % 16 != 0) {
-    w = "int8_linear: the tensor-core path needs wq's base and row stride 16-byte aligned";
-  } else if (smem_optin() < CfgSmall::kSmem) {
+  const char* w = tensor_core_refusal(p);
+  if (w == nullptr && smem_optin() < CfgSmall::kSmem) {
     w = "int8_linear: the tensor-core path needs 96 KB of shared memory per block";
   }
+  if (why) *why = w;
+  return w == nullptr;
+}
+
+bool gemv_shape_ok(const Int8LinearParams& p, const char** why) {
+  const char* w = tensor_core_refusal(p);
+  if (w == nullptr && p.M > kGemvMaxM) w = "int8_linear: the tensor-core GEMV takes at most 8 rows of xq";
   if (why) *why = w;
   return w == nullptr;
 }
@@ -436,11 +546,17 @@ Int8Path int8_linear_path(const Int8LinearParams& p, const char** why) {
     if (why) *why = w;
     return Int8Path::kAuto;
   }
+  if (p.path == Int8Path::kGemv) {
+    if (gemv_shape_ok(p, &w)) return Int8Path::kGemv;
+    if (why) *why = w;
+    return Int8Path::kAuto;
+  }
   if (!dp4a_ok) {
     if (why) *why = "int8_linear: the CUDA kernels need compute capability 6.1 or newer (dp4a)";
     return Int8Path::kAuto;
   }
   if (p.path == Int8Path::kDp4a) return Int8Path::kDp4a;
+  if (p.M <= kGemvMaxM && gemv_shape_ok(p, nullptr)) return Int8Path::kGemv;
   return mma_shape_ok(p, nullptr) ? Int8Path::kMma : Int8Path::kDp4a;
 }
 
@@ -455,6 +571,7 @@ LaunchStatus int8_linear(const Int8LinearParams& p, cudaStream_t stream) {
   return by_dtype(p.out_dtype, [&](auto tag) -> LaunchStatus {
     using T = decltype(tag);
     if (path == Int8Path::kDp4a) return launch_dp4a<T>(p, epi, stream);
+    if (path == Int8Path::kGemv) return launch_gemv<T>(p, epi, stream);
     // The large tile when it alone gives every SM a CTA and fits the device's shared memory.
     const int64_t large_tiles = cdiv(p.M, CfgLarge::BM) * cdiv(p.N, CfgLarge::BN);
     if (large_tiles >= sm_count() && smem_optin() >= CfgLarge::kSmem) return launch_mma<T, CfgLarge>(p, epi, stream);

@@ -3,8 +3,9 @@
 // checks. Contracts: csrc/int8_linear.h and csrc/int4_linear.h. Every check runs before the first CUDA call, so that
 // tests/ops/test_cuda_glue_checks.py can drive them with fake CUDA tensors and no GPU.
 //
-// Debug switches (read per call): MLTK_INT8_CUDA_PATH=auto|mma|dp4a and MLTK_INT4_CUDA_PATH=auto|gemv|mma force a
-// kernel path; a forced path that cannot take the arguments (device, shape, alignment) raises an error saying why.
+// Debug switches (read per call): MLTK_INT8_CUDA_PATH=auto|gemv|mma|dp4a and MLTK_INT4_CUDA_PATH=auto|gemv|tcgemv|mma
+// force a kernel path; a forced path that cannot take the arguments (device, shape, alignment) raises an error
+// saying why.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -88,7 +89,8 @@ cq::Int8Path int8_path_from_env(const char* fn) {
   if (v.empty() || v == "auto") return cq::Int8Path::kAuto;
   if (v == "mma") return cq::Int8Path::kMma;
   if (v == "dp4a") return cq::Int8Path::kDp4a;
-  TORCH_CHECK(false, fn, ": MLTK_INT8_CUDA_PATH must be auto, mma or dp4a, got '", v, "'");
+  if (v == "gemv") return cq::Int8Path::kGemv;
+  TORCH_CHECK(false, fn, ": MLTK_INT8_CUDA_PATH must be auto, gemv, mma or dp4a, got '", v, "'");
 }
 
 cq::Int4Path int4_path_from_env(const char* fn) {

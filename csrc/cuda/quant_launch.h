@@ -37,7 +37,7 @@ LaunchStatus quantize_rows(const QuantizeParams& p, cudaStream_t stream);
 // int8_linear: y (M, N) out_dtype contiguous = epilogue(xq (M, K) . wq^T). xq, wq (N, K) rows: element strides ldx,
 // ldw, last dim contiguous (the CPU kernel's packed weight layout is not taken here). bias float32 (N,) or nullptr.
 // 1 <= K <= 131071, M, N >= 1, M and N < 2^31.
-enum class Int8Path : int { kAuto = 0, kMma = 1, kDp4a = 2 };
+enum class Int8Path : int { kAuto = 0, kMma = 1, kDp4a = 2, kGemv = 3 };
 struct Int8LinearParams {
   const int8_t* xq = nullptr;
   const float* x_scale = nullptr;
@@ -51,7 +51,7 @@ struct Int8LinearParams {
   Int8Path path = Int8Path::kAuto;  // kMma on a device or shape it cannot take is refused (what != nullptr)
   int cc_major = 0, cc_minor = 0;   // the current device's compute capability (the glue reads it)
 };
-// The path int8_linear would take for p (kMma or kDp4a), or kAuto with *why set when it refuses p.path.
+// The path int8_linear would take for p (kGemv, kMma or kDp4a), or kAuto with *why set when it refuses p.path.
 Int8Path int8_linear_path(const Int8LinearParams& p, const char** why);
 LaunchStatus int8_linear(const Int8LinearParams& p, cudaStream_t stream);
 

@@ -55,9 +55,10 @@ def _cpp_linear(xq, x_scale, wq, w_scale, bias, out_dtype):
     return _ext._C.int8_linear_cpu(xq, x_scale, wq, w_scale, None if bias is None else bias.float(), out_dtype)
 
 
-# CUDA C++ (csrc/cuda/int8_linear.cu): int8 tensor cores on sm_80+, dp4a otherwise; up to 16 rows unless forced.
-# H100, bf16, K = N = 4096 (benchmarks/results/nvidia-h100-80gb-hbm3.md, 2026-11-27): the CUDA kernel took
-# 0.041 / 0.053 ms at M = 1 / 16 (Triton 0.088 / 0.216), the Triton GEMM 0.161 ms at M = 4096 (CUDA 0.288).
+# CUDA C++ (csrc/cuda/int8_linear.cu): int8 tensor cores on sm_80+ (a weight-streaming GEMV up to 8 rows, tiles
+# beyond), dp4a otherwise; up to 16 rows unless forced. H100, bf16, K = N = 4096
+# (benchmarks/results/nvidia-h100-80gb-hbm3.md, 2026-11-27): the tile kernel took 0.041 / 0.053 ms at M = 1 / 16
+# (Triton 0.088 / 0.216), the Triton GEMM 0.161 ms at M = 4096 (CUDA 0.288); the GEMV is untested on a GPU.
 INT8.register("cuda", _cuda_accepts, _ext.cuda_unavailable, defer=_ext.defer_above_rows(16, "the Triton GEMM"),
               quantize=lambda x: tuple(_ext._C.quantize_rows_cuda(x)), linear=_cuda_linear,
               pack=reference.pack_weight)

@@ -105,7 +105,7 @@ def quant_cases():
 def test_quant_path_switches_are_checked(monkeypatch):
     xq, xs = fake_cuda(4, 64, dtype=torch.int8), fake_cuda(4, dtype=torch.float32)
     monkeypatch.setenv("MLTK_INT8_CUDA_PATH", "wmma")
-    with pytest.raises(RuntimeError, match="MLTK_INT8_CUDA_PATH must be auto, mma or dp4a"):
+    with pytest.raises(RuntimeError, match="MLTK_INT8_CUDA_PATH must be auto, gemv, mma or dp4a"):
         _ext._C.int8_linear_cuda(xq, xs, xq, xs, None, torch.float32)
     pk, sc = fake_cuda(8, 32, dtype=torch.uint8), fake_cuda(8, 2, dtype=torch.float32)
     monkeypatch.setenv("MLTK_INT4_CUDA_PATH", "tiled")

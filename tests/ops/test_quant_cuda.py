@@ -1,6 +1,6 @@
 """The CUDA C++ quantization kernels (csrc/cuda/int8_linear.cu, int4_linear.cu) against the reference: int8
 quantizers, int8_linear and dequantize_int4 bit-exact, int4_weight_only_linear by SQNR against the float64 product
-with the dequantized weight. Every kernel path is forced in turn (MLTK_INT8_CUDA_PATH=mma|dp4a,
+with the dequantized weight. Every kernel path is forced in turn (MLTK_INT8_CUDA_PATH=gemv|mma|dp4a,
 MLTK_INT4_CUDA_PATH=gemv|tcgemv|mma), on odd shapes, padded / misaligned layouts, with and without bias (the
 CPU-only packed int8 weight layout goes through the op, which unpacks it).
 Skipped without a GPU (scripts/gpu_check.sh runs them); the backend-table test runs everywhere."""
@@ -82,14 +82,27 @@ def test_quantize_rows_ties_zero_rows_and_strides():
 
 def _linear_cases():
     # (M, N, K): odd sizes, K tails for the dp4a path, multiples of 16 for the tensor cores, and a grid large enough
-    # for the 128 x 256 tile on an H100 (>= 132 tiles).
-    return [(1, 1, 1), (7, 97, 123), (97, 123, 1025), (1, 7, 16), (123, 97, 64), (33, 257, 4096), (1111, 4001, 256)]
+    # for the 128 x 256 tile on an H100 (>= 132 tiles); decode sizes for the GEMV (K not a multiple of its 64-k
+    # blocks, N not of its 16 rows, up to its 8 rows).
+    return [(1, 1, 1), (7, 97, 123), (97, 123, 1025), (1, 7, 16), (123, 97, 64), (33, 257, 4096), (1111, 4001, 256),
+            (3, 300, 4112), (8, 4096, 4096), (5, 33, 80)]
 
 
-@pytest.fixture(params=["auto", "mma", "dp4a"])
+@pytest.fixture(params=["auto", "gemv", "mma", "dp4a"])
 def int8_path(request, monkeypatch):
     monkeypatch.setenv("MLTK_INT8_CUDA_PATH", request.param)
     return request.param
+
+
+def _int8_refusal(path, m, k, aligned=True):
+    """What a forced tensor-core path says to an input it cannot take (None: it takes it)."""
+    if path not in ("gemv", "mma"):
+        return None
+    if k % 16:
+        return "multiple of 16"
+    if not aligned:
+        return "16-byte aligned"
+    return "at most 8 rows" if path == "gemv" and m > 8 else None
 
 
 @cuda
@@ -102,8 +115,9 @@ def test_int8_linear_bit_exact(int8_path, m, n, k):
     ws = torch.rand(n, generator=g, device="cuda") * 0.01 + 1e-4
     bias = torch.randn(n, generator=g, device="cuda")
     for out_dtype, b in ((torch.float32, bias), (torch.bfloat16, None), (torch.float16, bias)):
-        if int8_path == "mma" and k % 16:
-            with pytest.raises(RuntimeError, match="multiple of 16"):
+        refusal = _int8_refusal(int8_path, m, k)
+        if refusal:
+            with pytest.raises(RuntimeError, match=refusal):
                 C.int8_linear_cuda(xq, xs, wq, ws, b, out_dtype)
             continue
         y = C.int8_linear_cuda(xq, xs, wq, ws, b, out_dtype)
@@ -115,7 +129,7 @@ def test_int8_linear_bit_exact(int8_path, m, n, k):
 def test_int8_linear_extreme_values_and_layouts(int8_path):
     C = _c()
     g = _gen(3)
-    m, n, k = 37, 45, 4096
+    m, n, k = (5 if int8_path == "gemv" else 37), 45, 4096
     # All -128 (the largest products) stay exact in int32.
     xq = torch.full((m, k), -128, dtype=torch.int8, device="cuda")
     wq = torch.full((n, k), -128, dtype=torch.int8, device="cuda")
@@ -127,9 +141,9 @@ def test_int8_linear_extreme_values_and_layouts(int8_path):
     wbig = _ints(n, k + 32, gen=g)
     xs, ws = torch.rand(m, device="cuda"), torch.rand(n, device="cuda")
     for xv, wv in ((big[:, :k], wbig[:, :k]), (big[:, 1:k + 1], wbig[:, 3:k + 3])):
-        aligned = xv.data_ptr() % 16 == 0 and wv.data_ptr() % 16 == 0
-        if int8_path == "mma" and not aligned:
-            with pytest.raises(RuntimeError, match="16-byte aligned"):
+        refusal = _int8_refusal(int8_path, m, k, xv.data_ptr() % 16 == 0 and wv.data_ptr() % 16 == 0)
+        if refusal:
+            with pytest.raises(RuntimeError, match=refusal):
                 C.int8_linear_cuda(xv, xs, wv, ws, None, torch.float32)
             continue
         assert torch.equal(C.int8_linear_cuda(xv, xs, wv, ws, None, torch.float32),

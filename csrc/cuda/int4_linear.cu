@@ -264,17 +264,23 @@ __global__ void __launch_bounds__(kGemvWarps * 32) _int4_gemv_kernel(const GemvA
 // ------------------------------------------------------------------------------------------------------------------
 // Tensor-core GEMV path.
 
-struct TcGemvArgs {
+// The operands of the two tensor-core kernels (the GEMV ignores n_tiles).
+struct MmaArgs {
   const void* x;
   int64_t ldx;
-  int M;  // 1 .. 8
   const uint8_t* packed;
   const float* scales;
   const float* zeros;
   const void* bias;
   void* y;
-  int N, K, G;
+  int M, N, K, G;
+  int n_tiles;
 };
+
+MmaArgs mma_args(const Int4LinearParams& p, int n_tiles) {
+  return MmaArgs{p.x, p.ldx, p.packed, p.scales, p.zeros, p.bias, p.y,
+                 static_cast<int>(p.M), static_cast<int>(p.N), static_cast<int>(p.K), p.G, n_tiles};
+}
 
 constexpr int kTcWarps = 8;  // K-slices of a CTA's 16 rows
 constexpr int kTcRound = 4;  // 128-k blocks a warp loads at once (their loads in flight together)
@@ -303,7 +309,7 @@ __device__ __forceinline__ uint32_t nib_pair(uint32_t w, int i) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kTcWarps * 32, 2) _int4_tc_gemv_kernel(const TcGemvArgs a) {
+__global__ void __launch_bounds__(kTcWarps * 32, 2) _int4_tc_gemv_kernel(const MmaArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   __shared__ float red[kTcWarps][4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -400,18 +406,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2) _int4_tc_gemv_kernel(const T
 
 // ------------------------------------------------------------------------------------------------------------------
 // Large-M tensor-core path.
-
-struct MmaArgs {
-  const void* x;
-  int64_t ldx;
-  const uint8_t* packed;
-  const float* scales;
-  const float* zeros;
-  const void* bias;
-  void* y;
-  int M, N, K, G;
-  int n_tiles;
-};
 
 constexpr int kTBM = 128, kTBN = 128, kTBK = 64, kTStages = 3, kTThreads = 256;
 constexpr int kTWarpsN = 4, kTWM = 64, kTWN = 32, kTMI = kTWM / 16, kTNI = kTWN / 8;
@@ -625,19 +619,7 @@ LaunchStatus launch_mma(const Int4LinearParams& p, cudaStream_t stream) {
   LaunchStatus st = cuda_util::raise_smem_limit<LaunchStatus>(
       kernel, kTSmem, "int4_weight_only_linear: the tensor-core kernel needs more shared memory than this GPU offers");
   if (!st.ok()) return st;
-  MmaArgs a;
-  a.x = p.x;
-  a.ldx = p.ldx;
-  a.packed = p.packed;
-  a.scales = p.scales;
-  a.zeros = p.zeros;
-  a.bias = p.bias;
-  a.y = p.y;
-  a.M = static_cast<int>(p.M);
-  a.N = static_cast<int>(p.N);
-  a.K = static_cast<int>(p.K);
-  a.G = p.G;
-  a.n_tiles = static_cast<int>(cdiv(p.N, kTBN));
+  const MmaArgs a = mma_args(p, static_cast<int>(cdiv(p.N, kTBN)));
   const int64_t blocks = cdiv(p.M, kTBM) * a.n_tiles;
   if (blocks > 0x7fffffff) return refuse("int4_weight_only_linear: too many output tiles for one grid");
   kernel<<<static_cast<unsigned>(blocks), kTThreads, kTSmem, stream>>>(a);
@@ -663,19 +645,7 @@ bool tc_gemv_ok(const Int4LinearParams& p, const char** why) {
 
 template <typename T>
 LaunchStatus launch_tc_gemv(const Int4LinearParams& p, cudaStream_t stream) {
-  TcGemvArgs a;
-  a.x = p.x;
-  a.ldx = p.ldx;
-  a.M = static_cast<int>(p.M);
-  a.packed = p.packed;
-  a.scales = p.scales;
-  a.zeros = p.zeros;
-  a.bias = p.bias;
-  a.y = p.y;
-  a.N = static_cast<int>(p.N);
-  a.K = static_cast<int>(p.K);
-  a.G = p.G;
-  _int4_tc_gemv_kernel<T><<<static_cast<unsigned>(cdiv(p.N, 16)), kTcWarps * 32, 0, stream>>>(a);
+  _int4_tc_gemv_kernel<T><<<static_cast<unsigned>(cdiv(p.N, 16)), kTcWarps * 32, 0, stream>>>(mma_args(p, 0));
   return last_error();
 }
 

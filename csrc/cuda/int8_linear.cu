@@ -127,23 +127,25 @@ __device__ __forceinline__ void store_pair(const Epi& e, int m, int n, int a0, i
   store2<T>(static_cast<T*>(e.y), static_cast<int64_t>(m) * e.N + n, v0, v1, two, (e.N & 1) == 0);
 }
 
-// ------------------------------------------------------------------------------------------------------------------
-// Tensor-core GEMV path.
-
-struct GemvArgs {
+// The operands of the two tensor-core kernels (the GEMV ignores n_tiles).
+struct MmaArgs {
   const int8_t* xq;
   const int8_t* wq;
   int64_t ldx, ldw;  // bytes
   int K;
+  int n_tiles;
   Epi epi;
 };
+
+// ------------------------------------------------------------------------------------------------------------------
+// Tensor-core GEMV path.
 
 constexpr int kGemvWarps = 8;  // K-slices of a CTA's 16 rows
 constexpr int kGemvRound = 4;  // 64-k blocks a warp loads at once (their loads in flight together)
 constexpr int kGemvMaxM = 8;
 
 template <typename T>
-__global__ void __launch_bounds__(kGemvWarps * 32, 2) _int8_gemv_kernel(const GemvArgs a) {
+__global__ void __launch_bounds__(kGemvWarps * 32, 2) _int8_gemv_kernel(const MmaArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   __shared__ int red[kGemvWarps][4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -211,22 +213,13 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) _int8_gemv_kernel(const Ge
 
 template <typename T>
 LaunchStatus launch_gemv(const Int8LinearParams& p, const Epi& epi, cudaStream_t stream) {
-  GemvArgs a{p.xq, p.wq, p.ldx, p.ldw, static_cast<int>(p.K), epi};
+  const MmaArgs a{p.xq, p.wq, p.ldx, p.ldw, static_cast<int>(p.K), 0, epi};
   _int8_gemv_kernel<T><<<static_cast<unsigned>(cdiv(p.N, 16)), kGemvWarps * 32, 0, stream>>>(a);
   return last_error();
 }
 
 // ------------------------------------------------------------------------------------------------------------------
 // Tensor-core path.
-
-struct MmaArgs {
-  const int8_t* xq;
-  const int8_t* wq;
-  int64_t ldx, ldw;  // bytes
-  int K;
-  int n_tiles;
-  Epi epi;
-};
 
 template <int BM_, int BN_, int WARPS_M, int WARPS_N, int STAGES_>
 struct MmaCfg {

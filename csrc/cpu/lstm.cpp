@@ -754,12 +754,12 @@ std::vector<at::Tensor> lstm_layer_forward_cpu(const at::Tensor& x, const at::Te
   check_shape(fn, "c0", c0, h0.sizes());
   const int64_t B = h0.size(0);
   const lstm_loop::Steps steps = lstm_loop::make_steps(fn, batch_sizes, N, B);
-  at::Tensor out = at::empty({N, H}, x.options());
+  at::Tensor out = empty_reusing_memory({N, H}, x.options());
   at::Tensor c_n = c0.clone();
   at::Tensor h = at::empty({2, B, H}, x.options());
   h[0].copy_(h0);
   at::Tensor gates = save ? empty_reusing_memory({N, 4 * H}, x.options()) : at::empty({0}, x.options());
-  at::Tensor cells = save ? at::empty({N, H}, x.options()) : at::empty({0}, x.options());
+  at::Tensor cells = save ? empty_reusing_memory({N, H}, x.options()) : at::empty({0}, x.options());
   int64_t last = 0;
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_layer_forward", [&] {
     using T = scalar_t;
@@ -834,9 +834,9 @@ std::vector<at::Tensor> gru_layer_forward_cpu(const at::Tensor& x_proj, const at
               shape_str(h0.sizes()));
   check_optional_bias(fn, "b_hh", b_hh, 3 * H, dtype);
   const lstm_loop::Steps steps = lstm_loop::make_steps(fn, batch_sizes, N, h0.size(0));
-  at::Tensor out = at::empty({N, H}, x_proj.options());
+  at::Tensor out = empty_reusing_memory({N, H}, x_proj.options());
   at::Tensor h_n = h0.clone();
-  at::Tensor saved = save ? at::empty({N, 4 * H}, x_proj.options()) : at::empty({0}, x_proj.options());
+  at::Tensor saved = save ? empty_reusing_memory({N, 4 * H}, x_proj.options()) : at::empty({0}, x_proj.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "gru_layer_forward", [&] {
     lstm_loop::gru_forward(CpuPointwise{}, PanelGemm<scalar_t>(w_hh.t().contiguous()), steps, x_proj, 3 * H, b_hh,
                            reverse, save, out, h_n, saved);
@@ -875,7 +875,7 @@ std::vector<at::Tensor> gru_layer_backward_cpu(const at::Tensor& dout, const at:
   check_shape(fn, "out", out, {N, H});
   const lstm_loop::Steps steps = lstm_loop::make_steps(fn, batch_sizes, N, B);
   at::Tensor dh = dh_n.clone();
-  at::Tensor dx_proj = at::empty({N, 3 * H}, dout.options());
+  at::Tensor dx_proj = empty_reusing_memory({N, 3 * H}, dout.options());
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(dtype, "gru_layer_backward", [&] {
     grads = lstm_loop::gru_backward(CpuPointwise{}, PanelGemm<scalar_t>(w_hh), steps, dout, saved, out, h0, reverse,

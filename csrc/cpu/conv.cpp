@@ -765,7 +765,7 @@ void fwd_winograd(const Geo& g, const T* x, const T* u, const T* bias, const T* 
   if (bias) std::copy(bias, bias + K, bias_p.begin());
   // A task is a block of TB tiles, all output channels: M (TB x 16 x Kp) within kWinoMBytes, then input channels in
   // chunks whose V (TB x 16 x cc) is within kWinoVBytes. V and M hold a tile's 16 points together, so that its
-  // transforms touch neighbouring rows; the tile stride is padded by a cache line so that the 7 rows of a kernel
+  // transforms touch neighbouring rows; the tile stride is padded by a cache line so that the kMR rows of a kernel
   // block do not fall into one cache set.
   // TB also leaves room for V chunks of at least kWinoMinChunk channels: shorter kernel passes cost more than the
   // tiles save.

@@ -947,7 +947,10 @@ void dw_block_n(int64_t b, Args... args) {
 // The forward's block for S taps per kernel row at stride SW (dilation 1), kernel rows rows[i] (pointers into the
 // padded ring: column k of the block at rows[i][shift + k * cb]): each input column vector is loaded once per kernel
 // row and used by every output of the block that reads it, the row's S weight vectors in registers.
-template <typename T, int B, int S, int SW, bool Full>
+// Interior: every column of the block lies inside the row (kl <= 0, kh >= the block's width): no test per column, and
+// the column pointer steps by cb, which keeps the k loop in registers (with the tests, GCC kept the per-column offsets
+// in vector registers, reloaded the shared input columns once per use and spilled accumulators on the edge paths).
+template <typename T, int B, int S, int SW, bool Full, bool Interior>
 inline __attribute__((always_inline)) void dw_vec_rows(int64_t c, int64_t n, int64_t nr, const T* const* rows,
                                                        const T* const* wrows, int64_t wld, int64_t cb, const T* init,
                                                        T* out, int64_t ld, const T* res, bool vact, Act act,
@@ -964,9 +967,9 @@ inline __attribute__((always_inline)) void dw_vec_rows(int64_t c, int64_t n, int
     for (int s = 0; s < S; ++s) wv[s] = load(wrows[i] + s * wld + c);  // w_t rows are wld (= C) apart
     const T* xr = rows[i] + shift + c;
 #pragma GCC unroll 64
-    for (int k = 0; k < (B - 1) * SW + S; ++k) {
-      if (k < kl || k >= kh) continue;  // columns in the padding: zero, no multiply-adds
-      const V xv = load(xr + k * cb);
+    for (int k = 0; k < (B - 1) * SW + S; ++k, xr += cb) {
+      if (!Interior && (k < kl || k >= kh)) continue;  // columns in the padding: zero, no multiply-adds
+      const V xv = load(xr);
 #pragma GCC unroll 16
       for (int j = 0; j < B; ++j) {
         const int s = k - j * SW;
@@ -992,11 +995,18 @@ void dw_block_rows(int64_t C, int64_t nr, const T* const* rows, const T* const* 
   constexpr int64_t L = convk::Vec<T>::size();
   const bool vact = convk::vector_act(act);
   int64_t c = 0;
-  for (; c + L <= C; c += L)
-    dw_vec_rows<T, B, S, SW, true>(c, L, nr, rows, wrows, wld, cb, init, out, ld, res, vact, act, shift, kl, kh);
+  if (kl <= 0 && kh >= (B - 1) * SW + S) {
+    for (; c + L <= C; c += L)
+      dw_vec_rows<T, B, S, SW, true, true>(c, L, nr, rows, wrows, wld, cb, init, out, ld, res, vact, act, shift, kl,
+                                           kh);
+  } else {
+    for (; c + L <= C; c += L)
+      dw_vec_rows<T, B, S, SW, true, false>(c, L, nr, rows, wrows, wld, cb, init, out, ld, res, vact, act, shift, kl,
+                                            kh);
+  }
   if (c < C)
-    dw_vec_rows<T, B, S, SW, false>(c, C - c, nr, rows, wrows, wld, cb, init, out, ld, res, vact, act, shift, kl,
-                                    kh);
+    dw_vec_rows<T, B, S, SW, false, false>(c, C - c, nr, rows, wrows, wld, cb, init, out, ld, res, vact, act, shift,
+                                           kl, kh);
   if (!vact) dw_act_pass<T>(act, out, ld, B, C);
 }
 

@@ -18,6 +18,7 @@
 #pragma once
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../conv_epilogue.h"
@@ -85,8 +86,14 @@ inline void epilogue_row(T* y, const T* src, int64_t n, T bias, const T* res, Ac
 // tile[i][j] = c[i * ldc + j] for i < mvalid, j < ncols, zero elsewhere (tile: MR x Pn).
 template <typename T, int Pn>
 void load_tile(T* tile, const T* c, int64_t ldc, int64_t mvalid, int64_t ncols) {
+  constexpr int64_t W = Vec<T>::size();
   for (int64_t r = 0; r < kMR; ++r)
-    for (int64_t j = 0; j < Pn; ++j) tile[r * Pn + j] = r < mvalid && j < ncols ? c[r * ldc + j] : T(0);
+    for (int64_t j = 0; j < Pn; j += W) {
+      const int64_t n = r < mvalid ? std::min<int64_t>(std::max<int64_t>(ncols - j, 0), W) : 0;
+      const T* src = c + r * ldc + j;
+      const Vec<T> v = n == W ? Vec<T>::loadu(src) : n > 0 ? Vec<T>::loadu(src, n) : Vec<T>(T(0));
+      v.store(tile + r * Pn + j);
+    }
 }
 
 // c[i * ldc + j] = tile[i][j], through the epilogue if ep, for i < mvalid, j < ncols.

@@ -17,6 +17,7 @@
 #include "int8_weight_only_linear.h"
 #include "lstm.h"
 #include "norm.h"
+#include "cpu/reused_memory.h"
 
 #ifdef MLTK_WITH_CUDA
 namespace mltoolkit {  // csrc/cuda/fused_optim_cuda.cpp (contracts: fused_adam.h, fused_lamb.h)
@@ -46,6 +47,7 @@ PYBIND11_MODULE(_C, m) {
   // The GIL stays held: the calls are short (GPU launches are asynchronous, CPU kernels use their own threads).
   // With it released, an argument error raised by norm_forward_cuda crashed the process on the H200 image
   // (2026-11-26); whether holding it cures that is not yet verified on a GPU.
+  m.def("release_reused_memory", &mltoolkit::release_reused_memory);
   m.def("norm_forward_cpu", &mltoolkit::norm_forward_cpu);
   m.def("norm_backward_cpu", &mltoolkit::norm_backward_cpu);
   m.def("attention_forward_cpu", &mltoolkit::attention_forward_cpu);

@@ -134,9 +134,13 @@ def derived(kind: str, tensors: tuple, extra: tuple, compute):
 def clear_caches() -> int:
     """Drops every value kept by `derived` (inference conv folds and weight layouts, int8 packed weights); they are
     made again on use. Returns how many there were. For memory: entries otherwise live as long as their weights, also
-    after those have changed (e.g. between periodic evaluations during training)."""
+    after those have changed (e.g. between periodic evaluations during training). Also frees the CPU kernels' kept
+    output blocks (csrc/cpu/reused_memory.h: up to MLTK_REUSED_MEMORY_MB, 512 by default, of freed outputs of 1 MiB
+    and more, kept for the next call of the same size)."""
     count = len(_DERIVED)
     _DERIVED.clear()
+    if _C is not None and hasattr(_C, "release_reused_memory"):
+        _C.release_reused_memory()
     return count
 
 

@@ -6,6 +6,7 @@
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <iterator>
 #include <mutex>
@@ -15,8 +16,17 @@
 namespace mltoolkit {
 namespace {
 
-constexpr int64_t kReusedMinBytes = int64_t{1} << 20;    // smaller blocks stay inside glibc's heap
-constexpr int64_t kReusedKeptBytes = int64_t{512} << 20;  // free blocks kept at most
+constexpr int64_t kReusedMinBytes = int64_t{1} << 20;  // smaller blocks stay inside glibc's heap
+
+// Free blocks kept at most: MLTK_REUSED_MEMORY_MB (read once; 0 keeps none), 512 MiB by default.
+int64_t kept_limit() {
+  static const int64_t limit = [] {
+    const char* v = std::getenv("MLTK_REUSED_MEMORY_MB");
+    const long long mb = v && *v ? std::atoll(v) : 512;
+    return std::max<int64_t>(0, mb) << 20;
+  }();
+  return limit;
+}
 
 class Pool {
  public:
@@ -37,13 +47,29 @@ class Pool {
   void give(void* p, int64_t bytes) {
     if (bytes >= kReusedMinBytes) {
       std::lock_guard<std::mutex> guard(mutex_);
-      if (kept_ + bytes <= kReusedKeptBytes) {
+      if (kept_ + bytes <= kept_limit()) {
         free_.emplace_back(bytes, p);
         kept_ += bytes;
         return;
       }
     }
     std::free(p);
+  }
+
+  // Frees every kept block; returns their bytes.
+  int64_t release() {
+    std::vector<std::pair<int64_t, void*>> blocks;
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      blocks.swap(free_);
+      kept_ = 0;
+    }
+    int64_t bytes = 0;
+    for (const auto& [n, p] : blocks) {
+      std::free(p);
+      bytes += n;
+    }
+    return bytes;
   }
 
  private:
@@ -107,6 +133,8 @@ at::Tensor empty_reusing_memory(at::IntArrayRef sizes, const at::TensorOptions& 
   return at::detail::empty_generic(sizes, &allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    options.dtype().toScalarType(), format);
 }
+
+int64_t release_reused_memory() { return pool().release(); }
 
 at::Tensor empty_like_reusing_memory(const at::Tensor& t) {
   if (t.is_contiguous()) return empty_reusing_memory(t.sizes(), t.options());

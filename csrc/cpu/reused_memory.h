@@ -11,15 +11,18 @@
 
 namespace mltoolkit {
 
-// An uninitialized CPU tensor, dense in `format` (Contiguous, or ChannelsLast for 4-D sizes). From
-// kReusedMinBytes on, its memory is a block freed by an earlier such tensor of the same byte size when one is free,
-// and goes back to the pool when the tensor is freed (at most kReusedKeptBytes of free blocks are kept; beyond,
-// they are released). Smaller tensors are at::empty's.
+// An uninitialized CPU tensor, dense in `format` (Contiguous, or ChannelsLast for 4-D sizes). From 1 MiB on, its
+// memory is a block freed by an earlier such tensor of the same byte size when one is free, and goes back to the
+// pool when the tensor is freed (at most MLTK_REUSED_MEMORY_MB of free blocks are kept, 512 by default, 0 for none;
+// beyond, they are released). Smaller tensors are at::empty's.
 at::Tensor empty_reusing_memory(at::IntArrayRef sizes, const at::TensorOptions& options,
                                 at::MemoryFormat format = at::MemoryFormat::Contiguous);
 
 // at::empty_like(t) for a contiguous or (4-D) channels_last t, through empty_reusing_memory; other layouts (a dense
 // permutation, say) are at::empty_like's, which keeps them.
 at::Tensor empty_like_reusing_memory(const at::Tensor& t);
+
+// Frees the pool's kept blocks (mltoolkit.clear_caches() calls it); returns their bytes.
+int64_t release_reused_memory();
 
 }  // namespace mltoolkit

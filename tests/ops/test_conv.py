@@ -720,3 +720,10 @@ def test_large_cpu_output_reuses_memory_and_stays_an_ordinary_tensor(channels_la
     assert_close(second, F.conv2d(x.double(), w.double(), padding=1).float(), name="y")
     second.resize_(2 * second.numel()).fill_(1.0)
     assert second.sum().item() == second.numel()
+    nbytes = second.untyped_storage().nbytes()
+    del second
+    assert mltoolkit._ext._C.release_reused_memory() >= nbytes  # the kept blocks, the one just freed among them
+    with mltoolkit.backend("cpp"):
+        ops.conv2d(x, w, padding=1)  # freed at once: one more block kept...
+    mltoolkit.clear_caches()  # ...which clear_caches hands back
+    assert mltoolkit._ext._C.release_reused_memory() == 0

@@ -401,6 +401,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2) _int4_tc_gemv_kernel(const M
       }
     }
   }
+#else
+  __trap();  // never launched: tc_gemv_ok refuses compute capability below 8.0
 #endif
 }
 

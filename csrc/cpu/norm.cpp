@@ -33,10 +33,7 @@
 #include "check_util.h"
 #include "norm.h"
 #include "reused_memory.h"
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "vec_chunk.h"
 
 namespace mltoolkit {
 namespace {
@@ -105,23 +102,6 @@ void check_stat(const char* fn, const char* name, const at::Tensor& t, int64_t r
 }
 
 at::ScalarType stat_dtype_for(at::ScalarType x_dtype) { return x_dtype == at::kDouble ? at::kDouble : at::kFloat; }
-
-// A fresh output of tens of MB comes straight from mmap, and faulting it in 4 KiB page by page costs more than the
-// normalization itself (measured on the 2-core dev VM, fp32 4096 x 4096 forward: 22 ms with 4 KiB pages, 8 ms with
-// 2 MiB pages; the TLB misses of the writes drop too). So before the first write, ask for transparent huge pages on
-// the 2 MiB-aligned interior of the buffer, as torch's allocator does under THP_MEM_ALLOC_ENABLE=1. Only a hint:
-// where THP is off or the call fails, nothing changes but the speed.
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = empty_reusing_memory(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + out.nbytes()) & ~(kHugePage - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-  return out;
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Row conversion between storage dtypes and the accumulation type.
@@ -225,7 +205,7 @@ inline void store_row(scalar_t* dst, int64_t n, const Value& value) {
   int64_t i = 0;
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
     for (; i + 2 * width <= n; i += 2 * width) {
-      at::vec::convert_from_float<scalar_t>(value(i, width), value(i + width, width)).store(dst + i);
+      cpu::store_chunk<acc_t>(cpu::Chunk<acc_t>{value(i, width), value(i + width, width)}, dst + i);
     }
   }
   for (; i + width <= n; i += width) store(value(i, width), dst + i, width);
@@ -445,8 +425,8 @@ std::vector<at::Tensor> norm_forward_cpu(const at::Tensor& x, const std::optiona
   if (present(bias)) check_param(fn, "bias", *bias, width, x.scalar_type());
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, fn, ": eps must be finite and >= 0, got ", eps);
 
-  at::Tensor y = empty_output({rows, width}, x.options());
-  at::Tensor residual_out = present(residual) ? empty_output({rows, width}, x.options()) : at::Tensor();
+  at::Tensor y = empty_reusing_memory({rows, width}, x.options());
+  at::Tensor residual_out = present(residual) ? empty_reusing_memory({rows, width}, x.options()) : at::Tensor();
   const auto stat_options = x.options().dtype(stat_dtype_for(x.scalar_type()));
   at::Tensor mean = is_rms ? at::Tensor() : at::empty({rows}, stat_options);
   at::Tensor rstd = at::empty({rows}, stat_options);
@@ -475,7 +455,7 @@ std::vector<at::Tensor> norm_backward_cpu(const at::Tensor& dy, const at::Tensor
   check_stat(fn, "rstd", rstd, rows, stat_dtype);
   if (present(dresidual_out)) check_like_rows(fn, "dresidual_out", *dresidual_out, "dy", dy);
 
-  at::Tensor dx = empty_output({rows, width}, dy.options());
+  at::Tensor dx = empty_reusing_memory({rows, width}, dy.options());
   at::Tensor dweight = present(weight) ? at::empty({width}, weight->options()) : at::Tensor();
   at::Tensor dbias = has_bias ? at::empty({width}, present(weight) ? weight->options() : dy.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), fn, [&] {

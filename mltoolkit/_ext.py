@@ -82,12 +82,17 @@ def triton_device(x, *_) -> Optional[str]:
     return "needs a CUDA tensor (or TRITON_INTERPRET=1 and a forced 'triton' backend)"
 
 
+def rows_above(t, most: int, faster: str) -> Optional[str]:
+    """The reason a backend defers t, of more than `most` rows (all dims but the last), to `faster`; None if not."""
+    rows = t.numel() // max(t.shape[-1], 1)
+    return f"{rows} rows: {faster} is faster above {most}" if rows > most else None
+
+
 def defer_above_rows(most: int, faster: str):
-    """A backend's `defer` (mltoolkit.backends): inputs of more than `most` rows (all dims but the last) go to the
-    next accepting kernel, measured faster (`faster` names it in the reason)."""
+    """A backend's `defer` (mltoolkit.backends): inputs of more than `most` rows go to the next accepting kernel,
+    measured faster (`faster` names it in the reason)."""
     def defer(t, *_) -> Optional[str]:
-        rows = t.numel() // max(t.shape[-1], 1)
-        return f"{rows} rows: {faster} is faster above {most}" if rows > most else None
+        return rows_above(t, most, faster)
     return defer
 
 

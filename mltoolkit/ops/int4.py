@@ -38,9 +38,7 @@ INT4 = table("int4")
 def _cuda_defer(x: Tensor, group_size: int = 128, *_) -> Optional[str]:
     """Up to 8 rows when the tensor-core GEMV takes x (fp16 / bf16, group_size >= 128), else up to 2 (the ALU GEMV's
     wider variants ran slower than Triton's split-K); the rest goes to Triton unless forced."""
-    most = 8 if x.dtype != torch.float32 and group_size >= 128 else 2
-    rows = x.numel() // max(x.shape[-1], 1)
-    return f"{rows} rows: the Triton kernel is faster above {most}" if rows > most else None
+    return _ext.rows_above(x, 8 if x.dtype != torch.float32 and group_size >= 128 else 2, "the Triton kernel")
 
 
 INT4.register("cuda", _ext.on_cuda, _ext.cuda_unavailable, defer=_cuda_defer,

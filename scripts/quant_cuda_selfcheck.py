@@ -231,11 +231,12 @@ def bench():
     for m in (1, 8):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
         t_ref = timeit(rotating(lambda w, *_: F.linear(x, w), wsets8))
+        def dyn(w, wq, ws):
+            q, s = C.quantize_rows_cuda(x)
+            return C.int8_linear_cuda(q, s, wq, ws, None, torch.bfloat16)
+
         times = {}
         for path in ("gemv", "mma"):
-            def dyn(w, wq, ws):
-                q, s = C.quantize_rows_cuda(x)
-                return C.int8_linear_cuda(q, s, wq, ws, None, torch.bfloat16)
             with env_path("MLTK_INT8_CUDA_PATH", path):
                 times[path] = timeit(rotating(dyn, wsets8))
         print(f"  int8 dynamic M={m} K=N=4096: bf16 F.linear {t_ref * 1e3:7.1f} us;  quantize + gemv "
@@ -249,17 +250,19 @@ def bench():
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         wsets.append((w, *ref4.quantize_int4(w, 128)))
     gbytes = (N * K / 2 + 2 * N * (K // 128) * 4) / 1e9
-    for M, path in ((1, "auto"), (1, "gemv"), (8, "auto"), (8, "gemv"), (16, "auto"), (4096, "auto")):
+    for M in (1, 8, 16, 4096):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         t_ref = timeit(rotating(lambda w, *_: F.linear(x, w), wsets))
-        with env_path("MLTK_INT4_CUDA_PATH", path):
-            t_4 = timeit(rotating(lambda w, p, s, z: C.int4_weight_only_linear_cuda(x, p, s, z, 128, None), wsets))
-        if M <= 16:
-            extra = f"{gbytes / (t_4 * 1e-3):6.0f} GB/s of weight"
-        else:
-            extra = f"{2 * M * N * K / t_4 / 1e9:6.0f} TFLOP/s"
-        print(f"  int4 M={M} K=N=8192 g128 path {path}: bf16 F.linear {t_ref * 1e3:8.1f} us;  int4 {t_4 * 1e3:8.1f} us "
-              f"({extra})   ratio vs bf16 x{t_ref / t_4:.2f}")
+        for path in ("auto", "gemv") if M <= 8 else ("auto",):  # up to 8 rows, auto is the tensor-core GEMV
+            with env_path("MLTK_INT4_CUDA_PATH", path):
+                t_4 = timeit(rotating(lambda w, p, s, z: C.int4_weight_only_linear_cuda(x, p, s, z, 128, None),
+                                      wsets))
+            if M <= 16:
+                extra = f"{gbytes / (t_4 * 1e-3):6.0f} GB/s of weight"
+            else:
+                extra = f"{2 * M * N * K / t_4 / 1e9:6.0f} TFLOP/s"
+            print(f"  int4 M={M} K=N=8192 g128 path {path}: bf16 F.linear {t_ref * 1e3:8.1f} us;  int4 "
+                  f"{t_4 * 1e3:8.1f} us ({extra})   ratio vs bf16 x{t_ref / t_4:.2f}")
 
 
 def main():

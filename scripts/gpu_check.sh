@@ -3,7 +3,8 @@
 # run the CUDA self-checks and the GPU tests, then the quick benchmarks one op per process (a kernel fault in one op
 # cannot take the others' rows with it). Results land in benchmarks/results/<gpu>.{jsonl,md,png}.
 #   STAGES="build selfcheck test bench"   (default: these, in that order; "profile" adds the per-kernel profile of the
-#                                          GPT-2 train step, scripts/profile_train_step.py, PROFILE_ARGS passed on;
+#                                          GPT-2 train step, scripts/profile_train_step.py, PROFILE_ARGS passed on,
+#                                          its Chrome traces into logs.tgz;
 #                                          "ncu" Nsight Compute's sections for the kernels of scripts/ncu_kernels.py,
 #                                          NCU_CASES="int4_m1 int8_m4096" by default)
 #   BUDGET_S=560                          (wall-clock budget of the whole run: each stage's timeout is cut to what
@@ -160,8 +161,9 @@ if has ncu; then  # not in the default STAGES: Nsight Compute's view of the kern
 fi
 if has profile; then  # not in the default STAGES: where the GPT-2 train step's GPU time goes, per kernel
   step "profile of the GPT-2 small train step"
-  run profile "${PROFILE_LIMIT_S:-300}" $PY scripts/profile_train_step.py ${PROFILE_ARGS:-}
-  grep -E "^==|total GPU|mltoolkit::" "$LOGS/profile.log" | head -30
+  run profile "${PROFILE_LIMIT_S:-300}" $PY scripts/profile_train_step.py --trace "$LOGS" ${PROFILE_ARGS:-}
+  grep -E "^==|total GPU|mltoolkit::|GPU busy|synchroniz|^ +[0-9]+ x |^ +[0-9.]+ +[0-9]+  .*->" "$LOGS/profile.log" \
+    | cut -c1-200 | head -60
 fi
 pack
 step "done (status $status)"

@@ -282,9 +282,9 @@ MmaArgs mma_args(const Int4LinearParams& p, int n_tiles) {
                  static_cast<int>(p.M), static_cast<int>(p.N), static_cast<int>(p.K), p.G, n_tiles};
 }
 
-constexpr int kTcWarps = 8;  // K-slices of a CTA's 16 rows
-constexpr int kTcRound = 4;  // 128-k blocks a warp loads at once (their loads in flight together)
-constexpr int kTcMaxM = 8;
+constexpr int kTcWarps = 8;   // K-slices of a CTA's rows
+constexpr int kTcMaxM = 16;   // rows of x: one n8 tile of the mma up to 8, two up to 16
+constexpr int kTcV1Round = 4;  // the first kernel's 128-k blocks loaded at once (A/B against the pipelined one)
 
 // base + q in both halves of a 16-bit pair: 128 in bfloat16 (spacing 1 in [128, 256)), 1024 in float16.
 template <typename T>
@@ -308,8 +308,187 @@ __device__ __forceinline__ uint32_t nib_pair(uint32_t w, int i) {
   return out;
 }
 
-template <typename T>
+// Word j (0..3) of a 16-byte weight load (j is a compile-time constant once the loops unroll).
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+// One pipeline stage of the tensor-core GEMV: a 128-k block of RT 16-row tiles (rows g and g + 8 of each), 16 bytes
+// of packed weight per row, and the groups' scales and zeros.
+template <int RT>
+struct TcStage {
+  uint4 w[RT][2];
+  float sc[RT][2], zc[RT][2];
+};
+
+// y (M <= 16, N) = x (M, K) @ dequant(packed)^T (+ bias) on the tensor cores, for decoding. A CTA owns 16 * RT rows of
+// the weight; its 8 warps split K in 128-k blocks (warp w takes blocks w, w + 8, ...) and meet in shared memory at
+// the end. Per block a lane loads 16 bytes of each of its two rows (g, g + 8) of each row tile: 32 k values, which
+// the mma reads in a permuted k order (x is permuted alike, so the dot products are unchanged). The weight is the
+// mma's A operand (16 rows x 16 k), x its B operand (16 k x 8 columns = rows of x; MT = 2 tiles up to 16 rows), so
+// the nibbles go straight from registers into the tensor cores. scale * sum(q x) + zero * sum(x): sum(x) per block
+// comes from an mma with an all-ones A, shared by the row tiles. The loads run one stage ahead of the math (two
+// register stages), so a warp's weight stream never waits for its own arithmetic; the first kernel loaded four
+// blocks, then computed them, and left the memory idle meanwhile (ncu, 2026-11-27: 49% of DRAM bandwidth at M = 1).
+template <typename T, int RT, int MT>
 __global__ void __launch_bounds__(kTcWarps * 32, 2) _int4_tc_gemv_kernel(const MmaArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int kFrags = RT * MT * 4;  // accumulator registers per lane
+  __shared__ float red[kTcWarps][kFrags][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16 * RT;
+  const int N = a.N;
+  const int blocks = a.K / 128;
+  const int groups = a.K / a.G;
+  const int group_shift = a.G == 256 ? 1 : 0;  // G is 128 or 256
+  const int64_t row_bytes = a.K / 2;
+  bool row_ok[RT][2];
+  const uint8_t* prow[RT][2];
+  int64_t grow[RT][2];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = n0 + 16 * r + g + 8 * h;
+      row_ok[r][h] = n < N;
+      const int64_t safe = row_ok[r][h] ? n : 0;
+      prow[r][h] = a.packed + safe * row_bytes + 16 * t;
+      grow[r][h] = safe * groups;
+    }
+  }
+  bool col_ok[MT];
+  const T* xrow[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int m = 8 * mt + g;
+    col_ok[mt] = m < a.M;
+    xrow[mt] = static_cast<const T*>(a.x) + (col_ok[mt] ? static_cast<int64_t>(m) * a.ldx : 0) + 32 * t;
+  }
+  uint32_t ones[4];
+  const uint32_t one2 = std::is_same_v<T, __half> ? 0x3c003c00u : 0x3f803f80u;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) ones[i] = one2;
+
+  // Block b into a stage (past the last block: zeros, and no loads).
+  auto load = [&](TcStage<RT>& s, int b) {
+    const bool live = b < blocks;
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const bool ok = live && row_ok[r][h];
+        s.w[r][h] = ok ? __ldcs(reinterpret_cast<const uint4*>(prow[r][h] + static_cast<int64_t>(b) * 64))
+                       : make_uint4(0, 0, 0, 0);
+        const int64_t gi = grow[r][h] + (live ? (b >> group_shift) : 0);
+        s.sc[r][h] = ok ? __ldg(a.scales + gi) : 0.f;
+        s.zc[r][h] = ok ? __ldg(a.zeros + gi) : 0.f;
+      }
+    }
+  };
+  // C fragments: rows g, g, g + 8, g + 8 of each row tile; columns (rows of x) 2t, 2t + 1, 2t, 2t + 1 of each x tile.
+  float y[RT][MT][4];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) y[r][mt][c] = 0.f;
+  auto compute = [&](const TcStage<RT>& s, int b) {
+    float acc[RT][MT][4], xsum[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        xsum[mt][c] = 0.f;
+#pragma unroll
+        for (int r = 0; r < RT; ++r) acc[r][mt][c] = 0.f;
+      }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // x values 0..7 of word j: .x = (0, 1), .y = (2, 3), .z = (4, 5), .w = (6, 7); zero in rows of x >= M.
+      // x is small and read by every CTA: an L1 / L2 hit, loaded here rather than staged (registers).
+      uint4 xj[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        xj[mt] = col_ok[mt] ? __ldg(reinterpret_cast<const uint4*>(xrow[mt] + static_cast<int64_t>(b) * 128) + j)
+                            : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // Tile h of word j: logical k (2t, 2t + 1) = values (2h, 2h + 4), (2t + 8, 2t + 9) = (2h + 1, 2h + 5).
+        uint32_t b0r[MT], b1r[MT];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint32_t lo = h == 0 ? xj[mt].x : xj[mt].y, hi = h == 0 ? xj[mt].z : xj[mt].w;
+          b0r[mt] = __byte_perm(lo, hi, 0x5410);
+          b1r[mt] = __byte_perm(lo, hi, 0x7632);
+          mma16816<T>(xsum[mt], ones, b0r[mt], b1r[mt]);
+        }
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          const uint32_t w0 = word_of(s.w[r][0], j), w8 = word_of(s.w[r][1], j);
+          const uint32_t frag[4] = {nib_pair<T>(w0, 2 * h), nib_pair<T>(w8, 2 * h), nib_pair<T>(w0, 2 * h + 1),
+                                    nib_pair<T>(w8, 2 * h + 1)};
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) mma16816<T>(acc[r][mt], frag, b0r[mt], b1r[mt]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          y[r][mt][c] = fmaf(s.sc[r][c >> 1], acc[r][mt][c], fmaf(s.zc[r][c >> 1], xsum[mt][c], y[r][mt][c]));
+  };
+
+  // Two register stages, the loads one block ahead of the math.
+  constexpr int kStep = kTcWarps;
+  TcStage<RT> s0, s1;
+  int b = warp;
+  load(s0, b);
+  while (b < blocks) {
+    load(s1, b + kStep);
+    compute(s0, b);
+    b += kStep;
+    if (b >= blocks) break;
+    load(s0, b + kStep);
+    compute(s1, b);
+    b += kStep;
+  }
+
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) red[warp][(r * MT + mt) * 4 + c][lane] = y[r][mt][c];
+  __syncthreads();
+  const T* bias = static_cast<const T*>(a.bias);
+  T* out = static_cast<T*>(a.y);
+  for (int i = threadIdx.x; i < kFrags * 32; i += kTcWarps * 32) {
+    const int f = i >> 5, l = i & 31;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kTcWarps; ++w) v += red[w][f][l];
+    const int r = f / (MT * 4), mt = (f / 4) % MT, c = f & 3;
+    const int n = n0 + 16 * r + (l >> 2) + 8 * (c >> 1), m = 8 * mt + 2 * (l & 3) + (c & 1);
+    if (n < N && m < a.M) {
+      if (bias) v += to_float(bias[n]);
+      out[static_cast<int64_t>(m) * N + n] = from_float<T>(v);
+    }
+  }
+#else
+  __trap();  // never launched: tc_gemv_ok refuses compute capability below 8.0
+#endif
+}
+
+// The first tensor-core GEMV (one 16-row tile per CTA, four blocks loaded, then computed; M <= 8), kept for the A/B
+// on the next GPU run (MLTK_INT4_CUDA_PATH=tcgemv1); the slower of the two goes then.
+template <typename T>
+__global__ void __launch_bounds__(kTcWarps * 32, 2) _int4_tc_gemv_v1_kernel(const MmaArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   __shared__ float red[kTcWarps][4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -337,11 +516,11 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2) _int4_tc_gemv_kernel(const M
   for (int i = 0; i < 4; ++i) ones[i] = one2;
 
   float y[4] = {0.f, 0.f, 0.f, 0.f};  // C fragment: rows g, g, g + 8, g + 8; columns 2t, 2t + 1, 2t, 2t + 1
-  for (int b0 = warp; b0 < blocks; b0 += kTcWarps * kTcRound) {
-    uint4 w[kTcRound][2];
-    float sc[kTcRound][2], zc[kTcRound][2];
+  for (int b0 = warp; b0 < blocks; b0 += kTcWarps * kTcV1Round) {
+    uint4 w[kTcV1Round][2];
+    float sc[kTcV1Round][2], zc[kTcV1Round][2];
 #pragma unroll
-    for (int u = 0; u < kTcRound; ++u) {
+    for (int u = 0; u < kTcV1Round; ++u) {
       const int b = b0 + u * kTcWarps;
       const bool live = b < blocks;
 #pragma unroll
@@ -355,7 +534,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2) _int4_tc_gemv_kernel(const M
       }
     }
 #pragma unroll
-    for (int u = 0; u < kTcRound; ++u) {
+    for (int u = 0; u < kTcV1Round; ++u) {
       const int b = b0 + u * kTcWarps;
       if (b >= blocks) break;  // uniform across the warp
       // x is small and read by every CTA: an L1 / L2 hit, loaded here rather than with the weights (registers).
@@ -634,8 +813,9 @@ bool tc_gemv_ok(const Int4LinearParams& p, const char** why) {
     w = "int4_weight_only_linear: the tensor-core GEMV takes float16 or bfloat16 x";
   } else if (p.cc_major < 8) {
     w = "int4_weight_only_linear: the tensor-core GEMV needs compute capability 8.0 or newer";
-  } else if (p.M > kTcMaxM) {
-    w = "int4_weight_only_linear: the tensor-core GEMV takes at most 8 rows of x";
+  } else if (p.M > (p.path == Int4Path::kTcGemv1 ? 8 : kTcMaxM)) {
+    w = p.path == Int4Path::kTcGemv1 ? "int4_weight_only_linear: the first tensor-core GEMV takes at most 8 rows of x"
+                                     : "int4_weight_only_linear: the tensor-core GEMV takes at most 16 rows of x";
   } else if (p.G < 128) {
     w = "int4_weight_only_linear: the tensor-core GEMV needs group_size 128 or 256";
   } else if (!aligned(p.x, 16) || (p.ldx * 2) % 16 != 0) {
@@ -645,9 +825,19 @@ bool tc_gemv_ok(const Int4LinearParams& p, const char** why) {
   return w == nullptr;
 }
 
+// Up to 8 rows of x: two 16-row tiles per CTA (x and the sum(x) mma shared by both, half the CTAs: one wave on an
+// H100 for N = 8192); up to 16: two x tiles and one row tile (registers: 116 against 128 with two row tiles, where two
+// blocks per stage spilled).
 template <typename T>
 LaunchStatus launch_tc_gemv(const Int4LinearParams& p, cudaStream_t stream) {
-  _int4_tc_gemv_kernel<T><<<static_cast<unsigned>(cdiv(p.N, 16)), kTcWarps * 32, 0, stream>>>(mma_args(p, 0));
+  const MmaArgs a = mma_args(p, 0);
+  if (p.path == Int4Path::kTcGemv1) {
+    _int4_tc_gemv_v1_kernel<T><<<static_cast<unsigned>(cdiv(p.N, 16)), kTcWarps * 32, 0, stream>>>(a);
+  } else if (p.M <= 8) {
+    _int4_tc_gemv_kernel<T, 2, 1><<<static_cast<unsigned>(cdiv(p.N, 32)), kTcWarps * 32, 0, stream>>>(a);
+  } else {
+    _int4_tc_gemv_kernel<T, 1, 2><<<static_cast<unsigned>(cdiv(p.N, 16)), kTcWarps * 32, 0, stream>>>(a);
+  }
   return last_error();
 }
 
@@ -685,7 +875,9 @@ LaunchStatus dequantize_int4(const DequantParams& p, cudaStream_t stream) {
 Int4Path int4_linear_path(const Int4LinearParams& p, const char** why) {
   if (why) *why = nullptr;
   if (p.path == Int4Path::kMma) return mma_ok(p, why) ? Int4Path::kMma : Int4Path::kAuto;
-  if (p.path == Int4Path::kTcGemv) return tc_gemv_ok(p, why) ? Int4Path::kTcGemv : Int4Path::kAuto;
+  if (p.path == Int4Path::kTcGemv || p.path == Int4Path::kTcGemv1) {
+    return tc_gemv_ok(p, why) ? Int4Path::kTcGemv : Int4Path::kAuto;
+  }
   if (p.path == Int4Path::kGemv) return Int4Path::kGemv;
   if (p.M <= kTcMaxM && tc_gemv_ok(p, nullptr)) return Int4Path::kTcGemv;
   if (p.M <= 16) return Int4Path::kGemv;

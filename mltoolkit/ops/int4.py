@@ -28,17 +28,18 @@ X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT4 = table("int4")
 
 # CUDA C++ (csrc/cuda/int4_linear.cu): weight-streaming GEMV kernels for M <= 16 (on the tensor cores for fp16 / bf16
-# x, M <= 8 and group_size >= 128), tensor-core tiles for larger fp16 / bf16 batches; unforced, up to 8 or 2 rows
+# x and group_size >= 128), tensor-core tiles for larger fp16 / bf16 batches; unforced, up to 16 or 2 rows
 # (_cuda_defer).
 # H100, bf16, K = N = 8192, g128 (benchmarks/results/nvidia-h100-80gb-hbm3.md, 2026-11-27): the ALU GEMV took
-# 0.041 ms at M = 1 (Triton 0.138) but 0.663 ms at M = 16, where Triton's split-K kernel took 0.158; the tensor-core
-# GEMV, whose cost hardly depends on M up to 8, is untested on a GPU. quantize_int4 / dequantize_int4 (one-time
+# 0.041 ms at M = 1 (Triton 0.138) but 0.663 ms at M = 16, where Triton's split-K kernel took 0.158. The first
+# tensor-core GEMV (M <= 8) took 0.027 ms at M = 1 and 0.033 at M = 8 (2026-11-27 14:54); its pipelined successor,
+# which also takes up to 16 rows, is untested on a GPU. quantize_int4 / dequantize_int4 (one-time
 # conversions, bit-exact on both backends) follow the same rule on w / packed: the CUDA backend's quantize is the
 # reference's torch ops on the GPU.
 def _cuda_defer(x: Tensor, group_size: int = 128, *_) -> Optional[str]:
-    """Up to 8 rows when the tensor-core GEMV takes x (fp16 / bf16, group_size >= 128), else up to 2 (the ALU GEMV's
+    """Up to 16 rows when the tensor-core GEMV takes x (fp16 / bf16, group_size >= 128), else up to 2 (the ALU GEMV's
     wider variants ran slower than Triton's split-K); the rest goes to Triton unless forced."""
-    return _ext.rows_above(x, 8 if x.dtype != torch.float32 and group_size >= 128 else 2, "the Triton kernel")
+    return _ext.rows_above(x, 16 if x.dtype != torch.float32 and group_size >= 128 else 2, "the Triton kernel")
 
 
 INT4.register("cuda", _ext.on_cuda, _ext.cuda_unavailable, defer=_cuda_defer,

@@ -112,14 +112,14 @@ if has selfcheck; then
     scripts/cuda_conv_selfcheck.py --quick
   selfcheck attention 80 "FAIL|ERROR|raised|Fatal|passed|failed|exit" 30 scripts/cuda_attention_selfcheck.py --quick
   selfcheck norm 35 "FAIL|ERROR|raised|Fatal|passed|failed|exit" 12 scripts/cuda_norm_selfcheck.py
-  selfcheck quant 70 "FAIL|ERROR|raised|Fatal|failures|ratio|int8 M|int8 dynamic|int4 M|exit" 28 \
+  selfcheck quant 90 "FAIL|ERROR|raised|Fatal|failures|ratio|int8 M|int8 dynamic|int4 M|exit" 32 \
     scripts/quant_cuda_selfcheck.py --quick --bench
   selfcheck optim 90 "FAIL|ERROR|raised|Fatal|passed|failed|---| ms |exit" 30 scripts/optim_cuda_selfcheck.py
 fi
 
 if has bench; then
   step "benchmarks of the kernels new since the last GPU run"
-  bench_ops ${BENCH_OPS_FIRST-cross_entropy gpt2_train_step:320 int8_linear_dynamic int4_weight_only_linear adamw_step lstm}
+  bench_ops ${BENCH_OPS_FIRST-int4_weight_only_linear int8_linear int8_linear_dynamic gpt2_train_step:220 cross_entropy}
 fi
 
 if has test; then
@@ -144,7 +144,7 @@ fi
 
 if has bench; then
   step "the other benchmarks"
-  bench_ops ${BENCH_OPS_LATE-int8_weight_only_linear fake_quantize fake_quantize_lsq adamw8bit_step lamb8bit_step gru fused_lamb attention conv2d conv2d_bn_relu train_step_transformer resnet50 bn_relu rms_norm layer_norm bn_add_relu rotary}
+  bench_ops ${BENCH_OPS_LATE-int8_weight_only_linear fake_quantize fake_quantize_lsq adamw8bit_step lamb8bit_step gru fused_lamb attention conv2d conv2d_bn_relu train_step_transformer resnet50 bn_relu rms_norm layer_norm bn_add_relu rotary adamw_step lstm}
   [ -f "benchmarks/results/$SLUG.md" ] && grep -E "^\|" "benchmarks/results/$SLUG.md" | cut -c1-150 | tail -40
 fi
 if has ncu; then  # not in the default STAGES: Nsight Compute's view of the kernels behind unmet targets

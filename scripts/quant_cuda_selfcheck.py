@@ -223,6 +223,14 @@ def bench():
           f"ratio vs bf16 x{t_bf16 / t_i8:.2f}")
     print(f"    quantize + int8_linear{t_dyn * 1e3:8.1f} us                 ratio vs bf16 x{t_bf16 / t_dyn:.2f}")
     print(f"    quantize_rows alone   {t_q * 1e3:8.1f} us;  dp4a path {t_dp * 1e3:8.1f} us")
+    # The Triton GEMM (the backend that takes M = 4096 unforced): its TMA kernel against the cp.async one (A/B).
+    from mltoolkit.triton_kernels import quant as tq
+    for tma in (True, False):
+        tq.INT8_TMA = tma
+        t_tr = timeit(rotating(lambda x, w, xq, xs, wq, ws: tq.int8_linear(xq, xs, wq, ws, None, torch.bfloat16), sets))
+        print(f"    Triton int8_linear ({'TMA' if tma else 'cp.async'}) {t_tr * 1e3:8.1f} us "
+              f"{flops / t_tr / 1e9:6.0f} TOP/s   ratio vs bf16 x{t_bf16 / t_tr:.2f}")
+    tq.INT8_TMA = None
 
     # int8 decode: M = 1 and 8, K = N = 4096 (weights rotated over 4 sets of 16 MB + their bf16 32 MB: beyond L2)
     wsets8 = []

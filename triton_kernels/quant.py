@@ -13,6 +13,10 @@ int8 (bit-exact with the reference on every input the contract covers):
                           (N, K) layout (any strides) or in int8_pack_weight's packed layout (PACKED: the tile's
                           addresses follow packed[n / 64, k / 4, n % 64, k % 4] ^ 0x80: a 64-column slice of a tile
                           reads 256 contiguous bytes per 4 k, 4-byte loads instead of the plain layout's 16).
+  _int8_linear_tma_kernel the same product and epilogue for large M on Hopper (sm_90+, plain weight, K % 16 == 0):
+                          persistent programs (one per SM, each walking tiles in _tile_of's grouped order), both
+                          operands copied into shared memory by the TMA engine through host-side tensor descriptors
+                          (out-of-bounds rows and k read as zeros), so the pipeline issues no per-thread loads.
 int4 weight-only (w' = (q - 8) * scale + zero, two nibbles per byte, k even in the low nibble):
   _int4_gemv_kernel       M <= GEMV_MAX_M (decode): one row of x per program column, a [BLOCK_N, BLOCK_K / 2] tile of
                           packed bytes per step (contiguous, vectorized loads), split into its low / high nibbles,
@@ -37,7 +41,8 @@ dot are the same 16-bit ones, so the arithmetic matches the GPU's); bfloat16 sto
 (the interpreter truncates). The int8 tl.dot is exact there.
 
 Knobs (module attributes, read at every call): AUTOTUNE (MLTK_TRITON_AUTOTUNE=0 at import: first config only),
-GEMV_MAX_M, SPLITK_MAX_M, INTERPRET_BLOCK_M / _N / _K.
+GEMV_MAX_M, SPLITK_MAX_M, INT8_TMA (None: the TMA kernel above TMA_MIN_M rows on sm_90+; True / False force it on or
+off where it can run, the interpreter included), INTERPRET_BLOCK_M / _N / _K.
 """
 import functools
 import os
@@ -49,12 +54,19 @@ import triton.language as tl
 from .conv import _tile_of
 from .norm import _cuda_sm_count, _interpreting, _round_to
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton before 3.4: no host-side tensor descriptors, no TMA kernel
+    TensorDescriptor = None
+
 __all__ = ["quantize_rows", "int8_linear", "int4_weight_only_linear", "dequantize_int4", "quantize_int4",
-           "AUTOTUNE", "GEMV_MAX_M", "SPLITK_MAX_M"]
+           "AUTOTUNE", "GEMV_MAX_M", "SPLITK_MAX_M", "INT8_TMA", "TMA_MIN_M"]
 
 AUTOTUNE = os.environ.get("MLTK_TRITON_AUTOTUNE", "1") != "0"
 GEMV_MAX_M = 2
 SPLITK_MAX_M = 16
+INT8_TMA = None
+TMA_MIN_M = 256
 INTERPRET_BLOCK_M = 16
 INTERPRET_BLOCK_N = 32
 INTERPRET_BLOCK_K = 64
@@ -130,6 +142,13 @@ def _int8_linear_kernel(XQ, XS, WQ, WS, BIAS, Y, M, N, K, TUNE_M, sxm, sxk, swn,
         else:
             b = tl.load(w_cols[None, :] + (k * swk)[:, None], mask=b_mask, other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    _int8_epilogue(acc, XS, WS, BIAS, Y, M, N, sym, syn, rows, cols, HAS_BIAS, FIX_BF16)
+
+
+@triton.jit
+def _int8_epilogue(acc, XS, WS, BIAS, Y, M, N, sym, syn, rows, cols, HAS_BIAS: tl.constexpr, FIX_BF16: tl.constexpr):
+    row_ok = rows < M
+    col_ok = cols < N
     xs = tl.load(XS + rows, mask=row_ok, other=0.0)
     ws = tl.load(WS + cols, mask=col_ok, other=0.0)
     y = acc.to(tl.float32) * xs[:, None]
@@ -138,6 +157,28 @@ def _int8_linear_kernel(XQ, XS, WQ, WS, BIAS, Y, M, N, K, TUNE_M, sxm, sxk, swn,
         y = y + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + rows.to(tl.int64)[:, None] * sym + cols[None, :] * syn
     tl.store(y_ptrs, _round_to(y, Y.dtype.element_ty, FIX_BF16), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _int8_linear_tma_kernel(XQ_DESC, WQ_DESC, XS, WS, BIAS, Y, M, N, K, TUNE_M, sym, syn,
+                            HAS_BIAS: tl.constexpr, FIX_BF16: tl.constexpr, PROGRAMS: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            GROUP_M: tl.constexpr):
+    # TUNE_M is an autotune key only. XQ_DESC / WQ_DESC: (M, K) / (N, K) int8 descriptors of [BLOCK_M, BLOCK_K] /
+    # [BLOCK_N, BLOCK_K] blocks. PROGRAMS (the grid when there are at least as many tiles) strides the tile loop.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    steps = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for ks in range(steps):
+            a = XQ_DESC.load([pid_m * BLOCK_M, ks * BLOCK_K])
+            b = WQ_DESC.load([pid_n * BLOCK_N, ks * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _int8_epilogue(acc, XS, WS, BIAS, Y, M, N, sym, syn, rows, cols, HAS_BIAS, FIX_BF16)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,6 +358,10 @@ _INT8_LARGE = ((128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 
                (64, 128, 128, 4, 4), (128, 64, 128, 4, 4))
 # Small M (decode, M <= 64): the weight is streamed once; narrow N tiles give enough programs to fill 132 SMs
 # (N = 4096 / 32 = 128 tiles), long K steps keep loads in flight.
+# The TMA kernel (Hopper): the same tile shapes; stages cost (BLOCK_M + BLOCK_N) * BLOCK_K bytes each, no register
+# staging, so 4 stages of 128 x 256 x 128 (192 KiB) fit beside the epilogue.
+_INT8_TMA = ((128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
+             (128, 256, 64, 8, 4), (128, 128, 128, 4, 4))
 _INT8_SMALL = ((16, 64, 256, 4, 4), (16, 32, 256, 4, 4), (32, 64, 256, 4, 3), (16, 128, 128, 4, 4),
                (64, 64, 128, 4, 4), (16, 64, 512, 4, 3))
 # int4 GEMM (large M): BLOCK_K is capped at group_size at launch (one scale per step); the weight tile is
@@ -328,13 +373,20 @@ _INT4_LARGE = ((128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4),
                (64, 64, 128, 4, 3))
 
 _INT8_KEY = ["N", "K", "TUNE_M", "PACKED", "HAS_BIAS"]
+_INT8_TMA_KEY = ["N", "K", "TUNE_M", "HAS_BIAS"]
 _INT4_KEY = ["N", "K", "G", "TUNE_M", "HAS_BIAS"]
 
 
+def _set_tma_blocks(meta):
+    """A config's pre-hook: the descriptors' block shapes follow its tile (the autotuner tries several)."""
+    meta["XQ_DESC"].block_shape = [meta["BLOCK_M"], meta["BLOCK_K"]]
+    meta["WQ_DESC"].block_shape = [meta["BLOCK_N"], meta["BLOCK_K"]]
+
+
 @functools.cache
-def _tuned(kernel, configs, key):
+def _tuned(kernel, configs, key, pre_hook=None):
     cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": _GROUP_M}, num_warps=w,
-                          num_stages=st) for bm, bn, bk, w, st in configs]
+                          num_stages=st, pre_hook=pre_hook) for bm, bn, bk, w, st in configs]
     return triton.autotune(configs=cfgs, key=list(key))(kernel)
 
 
@@ -395,6 +447,8 @@ def int8_linear(xq, x_scale, wq, w_scale, bias, out_dtype):
         return y.copy_(torch.zeros(1, device=xq.device) if bias is None else bias.float().expand(M, N))
     xs, ws = x_scale.contiguous(), w_scale.contiguous()
     b = bias.contiguous() if bias is not None else xs
+    if _use_tma(xq, wq, M):
+        return _int8_linear_tma(xq, xs, wq, ws, b, y, bias is not None)
     args = (xq, xs, wq, ws, b, y, M, N, K, _pow2_bucket(M), xq.stride(0), xq.stride(1), swn, swk,
             y.stride(0), y.stride(1), steps)
     consts = dict(PACKED=packed, HAS_BIAS=bias is not None, FIX_BF16=_interpreting())
@@ -409,6 +463,47 @@ def int8_linear(xq, x_scale, wq, w_scale, bias, out_dtype):
     else:
         configs = _INT8_SMALL if M <= 64 else _INT8_LARGE
         _tuned(_int8_linear_kernel, configs if AUTOTUNE else configs[:1], tuple(_INT8_KEY))[grid](
+            *args, **consts, enable_fp_fusion=False)
+    return y
+
+
+def _tma_layout_ok(t: torch.Tensor) -> bool:
+    """A tensor descriptor's rules: 16-byte aligned base and row stride, contiguous rows."""
+    return t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _use_tma(xq, wq, M: int) -> bool:
+    """The TMA kernel for this call: INT8_TMA, or by default on sm_90+ above TMA_MIN_M rows; never where it cannot
+    run (no tensor descriptors in this Triton, the packed weight, a layout TMA cannot address)."""
+    if TensorDescriptor is None or wq.dim() != 2 or not (_tma_layout_ok(xq) and _tma_layout_ok(wq)):
+        return False
+    if INT8_TMA is not None:
+        return bool(INT8_TMA)
+    return (not _interpreting() and M > TMA_MIN_M and xq.is_cuda
+            and torch.cuda.get_device_capability(xq.device)[0] >= 9)
+
+
+def _int8_linear_tma(xq, xs, wq, ws, b, y, has_bias: bool):
+    M, K = xq.shape
+    N = wq.shape[0]
+    programs = _sm_count(xq.device)
+    # Block shapes are placeholders until a config's pre-hook (or the interpreter's config below) sets them.
+    x_desc = TensorDescriptor(xq, [M, K], [xq.stride(0), 1], [16, 32])
+    w_desc = TensorDescriptor(wq, [N, K], [wq.stride(0), 1], [16, 32])
+    args = (x_desc, w_desc, xs, ws, b, y, M, N, K, _pow2_bucket(M), y.stride(0), y.stride(1))
+    consts = dict(HAS_BIAS=has_bias, FIX_BF16=_interpreting(), PROGRAMS=programs)
+
+    def grid(meta):
+        return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+    if _interpreting():
+        meta = dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_N=max(64, INTERPRET_BLOCK_N), BLOCK_K=max(32, INTERPRET_BLOCK_K),
+                    GROUP_M=2)
+        _set_tma_blocks({"XQ_DESC": x_desc, "WQ_DESC": w_desc, **meta})
+        _int8_linear_tma_kernel[grid(meta)](*args, **consts, **meta)
+    else:
+        configs = _INT8_TMA if AUTOTUNE else _INT8_TMA[:1]
+        _tuned(_int8_linear_tma_kernel, configs, tuple(_INT8_TMA_KEY), _set_tma_blocks)[grid](
             *args, **consts, enable_fp_fusion=False)
     return y
 

@@ -8,6 +8,10 @@ On a GPU (bfloat16 activations, against bfloat16 F.linear) the providers are the
 kernels of triton_kernels/quant.py: per-token quantize + int8 tl.dot GEMM) with the plain (N, K) int8 weight, as
 Int8Linear keeps it off the CPU; M up to 4096 (the issue's int8 x int8 target: >= 1.5x bf16 at M = 4096).
 
+On a GPU also the int8 x int8 product alone ("int8_linear": activations quantized beforehand, as a static scheme or
+the previous layer's epilogue would hand them over; the issue's H100 target, >= 1.5x bf16 F.linear at M = 4096),
+with torch's own int8 GEMM (torch._int_mm, cuBLASLt) and the same dequantize epilogue in torch ops as a baseline.
+
 Also: the int8 weight-only linear (float activations, int8 weight streamed and converted in the kernel) and the
 static int8 linear (activations quantized with a fixed, calibrated per-tensor scale), against the same yardsticks; on a
 GPU both in bfloat16 (the Triton kernels of triton_kernels/int8_extra.py, M up to 4096), the CPU rows in float32."""
@@ -74,6 +78,31 @@ def _bytes(config, dtype, mode):
     return N * K + 4 * N + (M * K + M * N) * torch.finfo(dtype).bits // 8
 
 
+# ---- int8 x int8, activations quantized beforehand (GPU) ----------------------------------------------------------
+
+def _gemm_inputs(config, dtype, device):
+    x, w, b, wq, _, ws = _inputs(config, dtype, device)
+    xq, xs = ops.quantize_per_token(x)
+    return x, w, b, xq, xs, wq, ws
+
+
+def _gemm_ours(x, w, b, xq, xs, wq, ws):
+    return ops.int8_linear(xq, xs, wq, ws, b, out_dtype=x.dtype)
+
+
+def _gemm_eager(x, w, b, xq, xs, wq, ws):
+    return F.linear(x, w, b)
+
+
+def _gemm_torch_int_mm(x, w, b, xq, xs, wq, ws):
+    return (torch._int_mm(xq, wq.t()) * xs[:, None] * ws + b).to(x.dtype)
+
+
+def _gemm_bytes(config, dtype, mode):
+    M, K, N = config["M"], config["K"], config["N"]
+    return N * K + M * K + 4 * (M + N) + M * N * torch.finfo(dtype).bits // 8
+
+
 # ---- int8 weight-only linear (float activations, the int8 weight converted inside the kernel) ----------------------
 # and the static int8 linear (activations quantized with a calibrated per-tensor scale, no absmax pass)
 
@@ -121,7 +150,11 @@ def benchmarks(device: str, quick: bool):
         # GPU: the Triton kernels of triton_kernels/int8_extra.py (weight-only GEMV / split-K / tiled dot, static
         # quantize) with bfloat16 activations, against bfloat16 F.linear on the float weight.
         gpu_configs = [{"M": m, "K": 4096, "N": 4096} for m in ((1, 16, 256) if quick else (1, 16, 256, 2048, 4096))]
+        gemm_configs = [{"M": m, "K": 4096, "N": 4096} for m in ((4096,) if quick else (256, 2048, 4096))]
         return rows + [
+            Benchmark("int8_linear", "int8", _gemm_ours, _gemm_eager, _gemm_eager, _gemm_inputs, gemm_configs,
+                      [torch.bfloat16], flops=_flops, bytes=_gemm_bytes, modes=("fwd",),
+                      baselines=lambda dev: {"torch._int_mm": _gemm_torch_int_mm}, sqnr_floor=35.0),
             Benchmark("int8_weight_only_linear", "int8_weight_only", _wo_ours, _wo_eager, _wo_eager, _wo_inputs,
                       gpu_configs, [torch.bfloat16], flops=_flops, bytes=_wo_bytes, modes=("fwd",),
                       baselines=_wo_baselines, sqnr_floor=35.0),

@@ -58,7 +58,9 @@ def _cpp_linear(xq, x_scale, wq, w_scale, bias, out_dtype):
 # CUDA C++ (csrc/cuda/int8_linear.cu): int8 tensor cores on sm_80+ (a weight-streaming GEMV up to 8 rows, tiles
 # beyond), dp4a otherwise; up to 16 rows unless forced. H100, bf16, K = N = 4096
 # (benchmarks/results/nvidia-h100-80gb-hbm3.md, 2026-11-27): the tile kernel took 0.041 / 0.053 ms at M = 1 / 16
-# (Triton 0.088 / 0.216), the Triton GEMM 0.161 ms at M = 4096 (CUDA 0.288); the GEMV is untested on a GPU.
+# (Triton 0.088 / 0.216), the Triton GEMM 0.161 ms at M = 4096 (CUDA 0.288). The tensor-core GEMV (2026-11-27 14:54):
+# quantize + GEMV 0.024 ms at M = 1 in the self-check (bf16 F.linear 0.029), 0.025 in the harness (F.linear 0.019,
+# where two launches' host time shows); Triton's TMA GEMM for M = 4096 is untested on a GPU.
 INT8.register("cuda", _cuda_accepts, _ext.cuda_unavailable, defer=_ext.defer_above_rows(16, "the Triton GEMM"),
               quantize=lambda x: tuple(_ext._C.quantize_rows_cuda(x)), linear=_cuda_linear,
               pack=reference.pack_weight)

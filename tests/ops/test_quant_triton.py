@@ -141,6 +141,42 @@ def test_int8_linear_extremes(device):
         ops.int8_linear(z, torch.ones(1, device=device), z, torch.ones(1, device=device))
 
 
+# (M, K, N) for the TMA kernel: K a multiple of 16 (its rule) below / above the block, tails in M and N, more tiles
+# than programs (the persistent loop); on a GPU 300 rows also take it unforced (above TMA_MIN_M).
+LINEAR8_TMA = [(5, 48, 9), (33, 128, 70), (100, 64, 130), (300, 256, 200)]
+
+
+@pytest.mark.parametrize("M,K,N", LINEAR8_TMA)
+def test_int8_linear_tma_bit_exact(device, monkeypatch, M, K, N):
+    quant = _quant()
+    if quant.TensorDescriptor is None:
+        pytest.skip("this Triton has no host-side tensor descriptors")
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    monkeypatch.setattr(quant, "INT8_TMA", True)
+    g = gen(M + K + N)
+    xq, wq = _ints(M, K, g=g).to(device), _ints(N, K, g=g).to(device)
+    assert quant._use_tma(xq, wq, M)
+    xs, ws = (torch.rand(M, generator=g) + 0.01).to(device), (torch.rand(N, generator=g) * 1e-2).to(device)
+    bias = torch.randn(N, generator=g).to(device)
+    _exact(xq, xs, wq, ws, bias if M % 2 else None)
+    _exact(xq, xs, wq, ws, bias.bfloat16(), torch.bfloat16)
+
+
+def test_int8_tma_only_where_descriptors_can_address(monkeypatch):
+    quant = _quant()
+    monkeypatch.setattr(quant, "INT8_TMA", True)
+    wq = torch.zeros(8, 64, dtype=torch.int8)
+    ok = quant.TensorDescriptor is not None
+    assert quant._use_tma(torch.zeros(4, 64, dtype=torch.int8), wq, 4) == ok
+    assert not quant._use_tma(torch.zeros(4, 40, dtype=torch.int8), torch.zeros(8, 40, dtype=torch.int8), 4)  # K % 16
+    assert not quant._use_tma(torch.zeros(4, 64, dtype=torch.int8), ref8.pack_weight(wq), 4)  # packed layout
+    assert not quant._use_tma(torch.zeros(4, 72, dtype=torch.int8)[:, :64], wq, 4)  # row stride 72
+    assert not quant._use_tma(torch.zeros(272, dtype=torch.int8)[1:257].view(4, 64), wq, 4)  # base + 1 byte
+    monkeypatch.setattr(quant, "INT8_TMA", None)
+    assert not quant._use_tma(torch.zeros(4096, 64, dtype=torch.int8), wq, 4096)  # CPU / interpreter: never unforced
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_int8_dynamic_sqnr(device, dtype):
     g = gen(5)

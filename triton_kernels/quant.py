@@ -46,6 +46,7 @@ off where it can run, the interpreter included), INTERPRET_BLOCK_M / _N / _K.
 """
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -58,6 +59,7 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # Triton before 3.4: no host-side tensor descriptors, no TMA kernel
     TensorDescriptor = None
+from triton.compiler.errors import CompilationError
 
 __all__ = ["quantize_rows", "int8_linear", "int4_weight_only_linear", "dequantize_int4", "quantize_int4",
            "AUTOTUNE", "GEMV_MAX_M", "SPLITK_MAX_M", "INT8_TMA", "TMA_MIN_M"]
@@ -67,6 +69,7 @@ GEMV_MAX_M = 2
 SPLITK_MAX_M = 16
 INT8_TMA = None
 TMA_MIN_M = 256
+_TMA_FAILED = None  # why this Triton could not build the TMA kernel (then the cp.async kernel runs)
 INTERPRET_BLOCK_M = 16
 INTERPRET_BLOCK_N = 32
 INTERPRET_BLOCK_K = 64
@@ -448,7 +451,12 @@ def int8_linear(xq, x_scale, wq, w_scale, bias, out_dtype):
     xs, ws = x_scale.contiguous(), w_scale.contiguous()
     b = bias.contiguous() if bias is not None else xs
     if _use_tma(xq, wq, M):
-        return _int8_linear_tma(xq, xs, wq, ws, b, y, bias is not None)
+        try:
+            return _int8_linear_tma(xq, xs, wq, ws, b, y, bias is not None)
+        except (CompilationError, TypeError, AttributeError) as e:  # this Triton's API or compiler refused it
+            if INT8_TMA:
+                raise
+            _tma_failed(e)
     args = (xq, xs, wq, ws, b, y, M, N, K, _pow2_bucket(M), xq.stride(0), xq.stride(1), swn, swk,
             y.stride(0), y.stride(1), steps)
     consts = dict(PACKED=packed, HAS_BIAS=bias is not None, FIX_BF16=_interpreting())
@@ -479,8 +487,15 @@ def _use_tma(xq, wq, M: int) -> bool:
         return False
     if INT8_TMA is not None:
         return bool(INT8_TMA)
-    return (not _interpreting() and M > TMA_MIN_M and xq.is_cuda
+    return (_TMA_FAILED is None and not _interpreting() and M > TMA_MIN_M and xq.is_cuda
             and torch.cuda.get_device_capability(xq.device)[0] >= 9)
+
+
+def _tma_failed(e: Exception) -> None:
+    global _TMA_FAILED
+    _TMA_FAILED = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    warnings.warn(f"int8_linear_triton: the TMA kernel does not build with Triton {triton.__version__} "
+                  f"({_TMA_FAILED}); the cp.async kernel runs instead", RuntimeWarning, stacklevel=3)
 
 
 def _int8_linear_tma(xq, xs, wq, ws, b, y, has_bias: bool):

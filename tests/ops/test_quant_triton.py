@@ -177,6 +177,29 @@ def test_int8_tma_only_where_descriptors_can_address(monkeypatch):
     assert not quant._use_tma(torch.zeros(4096, 64, dtype=torch.int8), wq, 4096)  # CPU / interpreter: never unforced
 
 
+def test_int8_tma_build_failure_falls_back_with_a_warning(monkeypatch):
+    quant = _quant()
+
+    def broken(*_):
+        raise TypeError("tl.range() got an unexpected keyword argument 'flatten'")
+
+    monkeypatch.setattr(quant, "_TMA_FAILED", None)
+    monkeypatch.setattr(quant, "_int8_linear_tma", broken)
+    monkeypatch.setattr(quant, "_use_tma", lambda *_: quant._TMA_FAILED is None)
+    g = gen(11)
+    xq, wq = _ints(6, 64, g=g), _ints(5, 64, g=g)
+    xs, ws = torch.rand(6, generator=g), torch.rand(5, generator=g)
+    want = ref8.int8_linear(xq, xs, wq, ws, None, torch.float32)
+    with pytest.warns(RuntimeWarning, match="TMA kernel does not build"):
+        assert torch.equal(quant.int8_linear(xq, xs, wq, ws, None, torch.float32), want)
+    assert "flatten" in quant._TMA_FAILED
+    assert torch.equal(quant.int8_linear(xq, xs, wq, ws, None, torch.float32), want)  # no second attempt
+    monkeypatch.setattr(quant, "INT8_TMA", True)
+    monkeypatch.setattr(quant, "_use_tma", lambda *_: True)
+    with pytest.raises(TypeError, match="flatten"):  # forced: the failure is the caller's to see
+        quant.int8_linear(xq, xs, wq, ws, None, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_int8_dynamic_sqnr(device, dtype):
     g = gen(5)

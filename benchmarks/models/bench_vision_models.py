@@ -1,16 +1,18 @@
-"""Model zoo, whole models: `mltoolkit.models.create_model(name)` against the torchvision original (same weights)
-for ResNet-50 and ViT-B/16: inference (eval, no grad) and a training step (train mode, forward + backward of a
-mean-square loss over the logits; gradients of all parameters). The torchvision model runs in eager and (baseline
-row) under torch.compile. CPU: float32, batch 8 (training: 4), 224x224; CUDA: bfloat16 under the same shapes x 8,
-channels_last for ResNet. images/s = N / time. Skipped where torchvision is not installed; on CPU only in full
-runs (a ViT-B/16 torch.compile build takes minutes on 2 cores).
+"""Model zoo, whole models: `mltoolkit.models.create_model(name)` against the torchvision original (same weights) for
+ResNet-50, EfficientNet-B0 and ViT-B/16: inference (eval, no grad) and a training step (train mode, forward +
+backward of a mean-square loss over the logits; gradients of all parameters). The torchvision model runs in eager
+and (baseline row) under torch.compile. CPU: float32, batch 8 (training: 4), 224x224; CUDA: bfloat16 under the same
+shapes x 8, channels_last for ResNet. images/s = N / time. Skipped where torchvision is not installed; on CPU only
+in full runs (a ViT-B/16 torch.compile build takes minutes on 2 cores).
 
-Correctness is the tests' job (tests/test_models_vision.py checks logits and gradients against torchvision)."""
+Correctness is the tests' job (tests/test_models_vision.py checks logits and gradients against torchvision).
+"""
 import torch
 
 from mltoolkit.benchmark import Benchmark
 
-GFLOP_PER_IMAGE = {"resnet50": 2 * 4.09, "vit_b_16": 2 * 17.56}  # multiply-adds at 224x224, counted twice
+# multiply-adds at 224x224, counted twice
+GFLOP_PER_IMAGE = {"resnet50": 2 * 4.09, "efficientnet_b0": 2 * 0.39, "vit_b_16": 2 * 17.56}
 _CURRENT: dict[str, torch.nn.Module] = {}
 
 
@@ -71,7 +73,7 @@ def benchmarks(device: str, quick: bool):
     scale = 8 if device == "cuda" else 1
     dtypes = [torch.bfloat16] if device == "cuda" else [torch.float32]
     out = []
-    for name in ("resnet50", "vit_b_16"):
+    for name in ("resnet50", "efficientnet_b0", "vit_b_16"):
         layout = "channels_last" if device == "cuda" and name == "resnet50" else "nchw"
         configs = [{"model": name, "step": "infer", "N": 8 * scale, "layout": layout},
                    {"model": name, "step": "train", "N": 4 * scale, "layout": layout}]

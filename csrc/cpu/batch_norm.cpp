@@ -21,7 +21,8 @@
 //      back from dresidual when that holds it exactly (float32 / float64), else recomputed.
 // Elementwise work runs on tiles of kTile values widened to the accumulation type in a stack buffer (fp16/bf16 are
 // widened with vector loads); the activation is a template parameter, so its switch folds away and the simple ones
-// (relu, relu6, hardswish) vectorize. silu, gelu and gelu_tanh call the scalar exp / erf / tanh per value.
+// (relu, relu6, hardswish) vectorize; silu, gelu and gelu_tanh and their derivatives run at::vec's exp / erf / tanh
+// in a pass over the tile (vec_activation.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -41,6 +42,7 @@
 #include "../check_util.h"
 #include "../conv_epilogue.h"
 #include "reused_memory.h"
+#include "vec_activation.h"
 
 namespace mltoolkit {
 namespace {
@@ -459,6 +461,10 @@ struct ChannelValue {
 template <Act kAct, bool kPerValue, typename scalar_t, typename acc_t>
 void normalize_segment(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t n, const acc_t* mean,
                        const acc_t* scale, const acc_t* shift) {
+  // The select activations inline (the loops vectorize); exp / erf / tanh ones (silu, gelu, ...) in a vector pass
+  // over the staged tile: a libm call per element would keep the loop scalar.
+  constexpr bool kSelect = kAct == Act::kNone || kAct == Act::kRelu || kAct == Act::kRelu6;
+  constexpr Act kInline = kSelect ? kAct : Act::kNone;
   acc_t xbuf[kTile], rbuf[kTile], ybuf[kTile];
   for (int64_t t = 0; t < n; t += kTile) {
     const int64_t len = std::min(kTile, n - t);
@@ -468,9 +474,15 @@ void normalize_segment(const scalar_t* x, const scalar_t* residual, scalar_t* y,
     acc_t* __restrict__ out = staging<acc_t>(y + t, ybuf);
     if (residual) {
       const acc_t* __restrict__ rv = widen(residual + t, len, rbuf);
-      for (int64_t i = 0; i < len; ++i) out[i] = apply_activation(kAct, (xv[i] - m[i]) * s[i] + h[i] + rv[i]);
+      for (int64_t i = 0; i < len; ++i) out[i] = apply_activation(kInline, (xv[i] - m[i]) * s[i] + h[i] + rv[i]);
     } else {
-      for (int64_t i = 0; i < len; ++i) out[i] = apply_activation(kAct, (xv[i] - m[i]) * s[i] + h[i]);
+      for (int64_t i = 0; i < len; ++i) out[i] = apply_activation(kInline, (xv[i] - m[i]) * s[i] + h[i]);
+    }
+    if constexpr (!kSelect) {
+      using V = Vec<acc_t>;
+      int64_t i = 0;
+      for (; i + V::size() <= len; i += V::size()) cpu::apply_vector_act<acc_t>(kAct, V::loadu(out + i)).store(out + i);
+      if (i < len) cpu::apply_vector_act<acc_t>(kAct, V::loadu(out + i, len - i)).store(out + i, len - i);
     }
     store_staged(out, y + t, len);
   }
@@ -565,7 +577,15 @@ inline void tile_dz(const acc_t* __restrict__ xv, const acc_t* __restrict__ dyv,
       xc[i] = xv[i] - m[i];
       dz[i] = xc[i] * s[i] + h[i] + (rv ? rv[i] : acc_t(0));
     }
-    for (int64_t i = 0; i < len; ++i) dz[i] = activation_grad(kAct, dz[i]);
+    if constexpr (kAct == Act::kSilu || kAct == Act::kGelu || kAct == Act::kGeluTanh) {
+      using V = Vec<acc_t>;
+      int64_t i = 0;
+      for (; i + V::size() <= len; i += V::size())
+        cpu::smooth_activation_grad<acc_t>(kAct, V::loadu(dz + i)).store(dz + i);
+      if (i < len) cpu::smooth_activation_grad<acc_t>(kAct, V::loadu(dz + i, len - i)).store(dz + i, len - i);
+    } else {
+      for (int64_t i = 0; i < len; ++i) dz[i] = activation_grad(kAct, dz[i]);
+    }
     for (int64_t i = 0; i < len; ++i) dz[i] *= dyv[i];
   }
 }

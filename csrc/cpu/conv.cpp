@@ -658,7 +658,6 @@ void winograd_output_tile(const Geo& g, int64_t tt, const T* m, int64_t mstride,
   constexpr int64_t W = V::size();
   const WinoTiles wt(g);
   const int64_t K = g.K, n = wt.image(tt), p0 = wt.p0(tt), q0 = wt.q0(tt);
-  const bool vact = convk::vector_act(act);
   for (int64_t j = 0; j < kn; j += W) {
     const int64_t len = std::min<int64_t>(W, kn - j);
     V s[2][4];  // A^T m, one column of m at a time
@@ -676,11 +675,9 @@ void winograd_output_tile(const Geo& g, int64_t tt, const T* m, int64_t mstride,
         const int64_t off = ((n * g.P + p) * g.Q + q) * K + k0 + j;
         V val = o[b] + vb;
         if (res) val = val + (len == W ? V::loadu(res + off) : V::loadu(res + off, len));
-        if (vact) val = convk::apply_vector_act<T>(act, val);
+        val = convk::apply_vector_act<T>(act, val);
         if (len == W) val.store(y + off);
         else val.store(y + off, len);
-        if (!vact)
-          for (int64_t e = 0; e < len; ++e) y[off + e] = apply_activation<T>(act, y[off + e]);
       }
     }
   }
@@ -840,29 +837,6 @@ void fwd_gemm(const Geo& g, const T* x, const Pack& pack, const T* wino_u, const
 // see fwd_depthwise_ring (per-task staging) and fwd_depthwise_nchw_flat (big planes).
 constexpr int kDwB = 8;
 
-// act(v) on a vector: the selects of convk::apply_vector_act, and the others with at::vec's exp / erf / tanh in
-// the formulas of apply_activation (silu as torch's own CPU kernel computes it, x / (1 + exp(-x))).
-template <typename T>
-inline convk::Vec<T> dw_act(Act act, convk::Vec<T> v) {
-  using V = convk::Vec<T>;
-  switch (act) {
-    case Act::kSilu:
-      return v / (V(T(1)) + v.neg().exp());
-    case Act::kGelu:
-      return V(T(0.5)) * v * (V(T(1)) + (v * V(T(0.70710678118654752440))).erf());
-    case Act::kGeluTanh: {
-      const V inner = V(T(0.79788456080286535588)) * (v + V(T(0.044715)) * v * v * v);
-      return V(T(0.5)) * v * (V(T(1)) + inner.tanh());
-    }
-    case Act::kHardswish: {
-      const V t = at::vec::clamp(v + V(T(3)), V(T(0)), V(T(6)));
-      return v * t / V(T(6));
-    }
-    default:
-      return convk::apply_vector_act<T>(act, v);
-  }
-}
-
 template <typename T>
 __attribute__((noinline)) void dw_act_pass(Act act, T* out, int64_t ld, int64_t B, int64_t C) {
   using V = convk::Vec<T>;
@@ -871,7 +845,7 @@ __attribute__((noinline)) void dw_act_pass(Act act, T* out, int64_t ld, int64_t 
     for (int64_t c = 0; c < C; c += L) {
       const int64_t n = std::min(L, C - c);
       T* o = out + j * ld + c;
-      dw_act<T>(act, V::loadu(o, n)).store(o, n);
+      convk::apply_vector_act<T>(act, V::loadu(o, n)).store(o, n);
     }
 }
 
@@ -1276,7 +1250,6 @@ void fwd_depthwise_nchw_flat(const Geo& g, const T* x, const T* w_t, const T* b,
         // Epilogue: rows of Q out of the flat buffer.
         T* yp = y + task * g.PQ() + p0 * g.Q;
         const T* rp = res ? res + task * g.PQ() + p0 * g.Q : nullptr;
-        const bool vact = convk::vector_act(act);
         for (int64_t p = 0; p < np; ++p) {
           const T* src = out.get() + p * Wq;
           T* o = yp + p * g.Q;
@@ -1289,7 +1262,7 @@ void fwd_depthwise_nchw_flat(const Geo& g, const T* x, const T* w_t, const T* b,
             const int64_t n = std::min(L, g.Q - q);
             V v = V::loadu(src + q, n);
             if (rr) v = v + V::loadu(rr + q, n);
-            v = vact ? convk::apply_vector_act<T>(act, v) : dw_act<T>(act, v);
+            v = convk::apply_vector_act<T>(act, v);
             v.store(o + q, n);
           }
         }

@@ -22,11 +22,14 @@
 #include <cstdint>
 
 #include "../conv_epilogue.h"
+#include "vec_activation.h"
 
 namespace mltoolkit::convk {
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
+using cpu::apply_vector_act;
+using cpu::vector_act;
 
 constexpr int kMR = 6;
 #if defined(CPU_CAPABILITY_AVX512)
@@ -45,42 +48,22 @@ struct Epilogue {
   Act act;
 };
 
-// act(v) for the activations that are exact as vector selects; the others go through apply_activation per element.
-inline bool vector_act(Act act) {
-  return act == Act::kNone || act == Act::kRelu || act == Act::kRelu6;
-}
-
-template <typename T>
-inline Vec<T> apply_vector_act(Act act, Vec<T> v) {
-  const Vec<T> zero(T(0));
-  if (act == Act::kRelu) return Vec<T>::blendv(v, zero, v < zero);  // v < 0 ? 0 : v, as the scalar form (NaN stays)
-  if (act == Act::kRelu6) {
-    const Vec<T> six(T(6));
-    return Vec<T>::blendv(Vec<T>::blendv(v, six, v > six), zero, v < zero);
-  }
-  return v;
-}
-
 // y[i] = act(src[i] + bias (+ res[i])) for i < n: the row epilogue of the NCHW store and of the depthwise kernels.
 template <typename T>
 inline void epilogue_row(T* y, const T* src, int64_t n, T bias, const T* res, Act act) {
   constexpr int64_t W = Vec<T>::size();
-  if (vector_act(act)) {
-    const Vec<T> vb(bias);
-    int64_t i = 0;
-    for (; i + W <= n; i += W) {
-      Vec<T> v = Vec<T>::loadu(src + i) + vb;
-      if (res) v = v + Vec<T>::loadu(res + i);
-      apply_vector_act<T>(act, v).store(y + i);
-    }
-    if (i < n) {
-      Vec<T> v = Vec<T>::loadu(src + i, n - i) + vb;
-      if (res) v = v + Vec<T>::loadu(res + i, n - i);
-      apply_vector_act<T>(act, v).store(y + i, n - i);
-    }
-    return;
+  const Vec<T> vb(bias);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    Vec<T> v = Vec<T>::loadu(src + i) + vb;
+    if (res) v = v + Vec<T>::loadu(res + i);
+    apply_vector_act<T>(act, v).store(y + i);
   }
-  for (int64_t i = 0; i < n; ++i) y[i] = apply_activation<T>(act, res ? src[i] + bias + res[i] : src[i] + bias);
+  if (i < n) {
+    Vec<T> v = Vec<T>::loadu(src + i, n - i) + vb;
+    if (res) v = v + Vec<T>::loadu(res + i, n - i);
+    apply_vector_act<T>(act, v).store(y + i, n - i);
+  }
 }
 
 // tile[i][j] = c[i * ldc + j] for i < mvalid, j < ncols, zero elsewhere (tile: MR x Pn).
@@ -100,7 +83,6 @@ void load_tile(T* tile, const T* c, int64_t ldc, int64_t mvalid, int64_t ncols) 
 template <typename T, int Pn>
 void store_tile(const T* tile, T* c, int64_t ldc, int64_t mvalid, int64_t ncols, const Epilogue<T>* ep) {
   constexpr int64_t W = Vec<T>::size();
-  const bool vact = ep && vector_act(ep->act);
   for (int64_t r = 0; r < mvalid; ++r) {
     for (int64_t j = 0; j < ncols; j += W) {
       const int64_t n = ncols - j < W ? ncols - j : W;
@@ -111,13 +93,11 @@ void store_tile(const T* tile, T* c, int64_t ldc, int64_t mvalid, int64_t ncols,
           const T* rr = ep->res + r * ep->ldr + j;
           val = val + (n == W ? Vec<T>::loadu(rr) : Vec<T>::loadu(rr, n));
         }
-        if (vact) val = apply_vector_act<T>(ep->act, val);
+        val = apply_vector_act<T>(ep->act, val);
       }
       if (n == W) val.store(c + r * ldc + j);
       else val.store(c + r * ldc + j, n);
     }
-    if (ep && !vact)  // the row is still in L1
-      for (int64_t j = 0; j < ncols; ++j) c[r * ldc + j] = apply_activation<T>(ep->act, c[r * ldc + j]);
   }
 }
 

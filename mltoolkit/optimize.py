@@ -7,6 +7,7 @@ override forward, so it is left alone). Parameters are shared, not copied: optim
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -26,6 +27,14 @@ register_swap(torch.nn.RMSNorm, mnn.RMSNorm.from_torch)
 register_swap(torch.nn.MultiheadAttention, mnn.MultiheadAttention.from_torch)
 register_swap(torch.nn.LSTM, mnn.LSTM.from_torch)
 register_swap(torch.nn.GRU, mnn.GRU.from_torch)
+
+
+def _register_optional_swaps() -> None:
+    """Rows for classes of optional libraries, once the user has imported them (importing them here would cost every
+    user their import time)."""
+    tv_misc = sys.modules.get("torchvision.ops.misc")
+    if tv_misc is not None and hasattr(tv_misc, "SqueezeExcitation"):
+        SWAPS.setdefault(tv_misc.SqueezeExcitation, mnn.SqueezeExcitation.from_torchvision)
 
 
 def optimize(model: torch.nn.Module, *, channels_last: bool = True) -> torch.nn.Module:
@@ -48,6 +57,7 @@ def optimize(model: torch.nn.Module, *, channels_last: bool = True) -> torch.nn.
         raise TypeError(f"optimize: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(channels_last, bool):
         raise TypeError(f"optimize: channels_last must be a bool, got {channels_last!r}")
+    _register_optional_swaps()
     if type(model) in SWAPS:
         return SWAPS[type(model)](model)
     for parent in list(model.modules()):

@@ -15,10 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from mltoolkit import nn as mnn
-from mltoolkit import ops
 from mltoolkit.models.registry import register_model
 from mltoolkit.nn.conv import conv_bn_act_forward
-from mltoolkit.ops.reference.conv import memory_format
 
 
 def _make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -49,24 +47,15 @@ class ConvBNAct(nn.Sequential):
         return conv_bn_act_forward(self[0], self[1], self.activation, x, residual)
 
 
-class SqueezeExcitation(nn.Module):
-    """torchvision.ops.SqueezeExcitation with SiLU (keys fc1.*, fc2.*): x * sigmoid(fc2(silu(fc1(mean(x)))))."""
+class SqueezeExcitation(mnn.SqueezeExcitation):
+    """torchvision.ops.SqueezeExcitation with SiLU (keys fc1.*, fc2.*): x * sigmoid(fc2(silu(fc1(mean(x))))), the
+    two 1x1 convolutions as F.linear on the pooled rows (mltoolkit.nn.SqueezeExcitation)."""
 
     def __init__(self, input_channels: int, squeeze_channels: int):
-        super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        super().__init__(input_channels, squeeze_channels, activation=nn.SiLU, scale_activation=nn.Sigmoid)
         self.fc1 = mnn.Conv2d(input_channels, squeeze_channels, 1)
         self.fc2 = mnn.Conv2d(squeeze_channels, input_channels, 1)
         self.activation = nn.SiLU(inplace=True)
-        self.scale_activation = nn.Sigmoid()
-
-    def forward(self, x: Tensor) -> Tensor:
-        scale = self.avgpool(x)
-        scale = ops.conv2d_act(scale, self.fc1.weight, self.fc1.bias, activation="silu")
-        scale = torch.sigmoid(self.fc2(scale))
-        # In x's memory format: the fused convs return channels_last, and a broadcast multiply across layouts takes
-        # torch's slow path (3x slower).
-        return x * scale.contiguous(memory_format=memory_format(x))
 
 
 class StochasticDepth(nn.Module):

@@ -311,6 +311,39 @@ def check_tp(rank: int, world: int) -> None:
 CHECKS = {"ddp": check_ddp, "fsdp": check_fsdp, "fsdp_resume": check_fsdp_resume, "tp": check_tp}
 
 
+def nccl_one_gpu(rank: int, world: int, port: int) -> None:
+    """A one-rank NCCL group on this process's GPU: DDP (plain, bf16 hook) and FSDP2 train on CUDA tensors with
+    mltoolkit's AdamW and clipping, against plain single-GPU training with the same batches."""
+    import torch.distributed as dist
+
+    from mltoolkit.distributed import DDPStrategy, FSDPStrategy, init_process_group
+    from mltoolkit.optim import AdamW
+
+    _setup(rank, world, port)
+    assert init_process_group() == "nccl"
+    try:
+        dev = torch.device("cuda", torch.cuda.current_device())
+        x, y = _data()
+        batches = [(x[i:i + GLOBAL_BATCH].to(dev), y[i:i + GLOBAL_BATCH].to(dev)) for i in range(0, N, GLOBAL_BATCH)]
+        make_opt = lambda ps: AdamW(ps, lr=1e-2)  # noqa: E731
+        ref_losses, ref_norms, ref_params = _reference(lambda: _mlp().to(dev), make_opt, batches, _mse_loss, clip=0.5)
+        ref_params = {k: v.cpu() for k, v in ref_params.items()}
+        for name, strategy, atol in (("ddp", DDPStrategy(), 1e-5),
+                                     ("ddp bf16 hook", DDPStrategy(comm_hook="bf16"), 2e-2),
+                                     ("fsdp", FSDPStrategy(), 1e-5)):
+            strategy.setup()
+            assert strategy.device == dev, (name, strategy.device)
+            model, opt = strategy.prepare(_mlp(), make_opt)
+            losses, norms = _train(strategy, model, opt, batches, _mse_loss, clip=0.5)
+            _close(losses, ref_losses, atol, 1e-4, f"{name} losses")
+            _close(norms, ref_norms, atol, 1e-3, f"{name} grad norms")
+            params = _full(strategy.unwrap(model) if isinstance(strategy, DDPStrategy) else model)
+            _close({k: v.cpu() for k, v in params.items()}, ref_params, atol * 10, 1e-3, f"{name} params")
+        quiesce()
+    finally:
+        dist.destroy_process_group()
+
+
 def quiesce() -> None:
     """Before the group is destroyed: free the checks' Trainers (DDP / FSDP state, reference cycles through callbacks)
     while the interpreter is fully alive, then wait for the other rank. Left to interpreter finalization, gloo's worker

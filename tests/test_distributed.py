@@ -51,6 +51,17 @@ def test_two_process_ddp_fsdp_tp_match_single_process_and_resume(tmp_path):
     mp.spawn(dist_workers.worker, args=(2, _free_ports(2), str(tmp_path), groups), nprocs=2, join=True)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.distributed.is_nccl_available(), reason="this torch has no NCCL")
+def test_one_gpu_nccl_group_trains_with_ddp_and_fsdp():
+    """NCCL on a GPU (the multi-process checks above run over gloo on the CPU; the GPU machines lent here have one
+    GPU): a one-rank NCCL group, DDP and FSDP2 on CUDA tensors, against plain single-GPU training."""
+    import torch.multiprocessing as mp
+
+    from tests import dist_workers
+    mp.spawn(dist_workers.nccl_one_gpu, args=(1, _free_ports(1)[0]), nprocs=1, join=True)
+
+
 # -- single process ---------------------------------------------------------------------------------------------------
 
 

@@ -132,7 +132,6 @@ if has test; then
     tests/test_optim_adamw.py tests/test_optim_lamb.py tests/ops/test_fused_optim_cuda.py
     tests/test_pruning.py tests/test_distill.py tests/test_trainer.py tests/ops/test_fused_adam8bit.py
     tests/test_optim_8bit.py tests/ops/test_fused_adam8bit_cuda.py tests/ops/test_lstm_cell.py tests/test_distributed.py
-    tests/nn/test_squeeze_excitation.py
     tests/ops/test_lstm_cell_triton.py tests/nn/test_rnn.py tests/ops/test_fused_lamb8bit.py tests/test_optim_lamb8bit.py"}
   xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 14")
   per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")

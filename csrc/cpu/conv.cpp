@@ -1364,10 +1364,57 @@ void bwd_weight(const Geo& g, const T* x, const T* dy, T* dw) {
 // NHWC dW, transposed orientation: dW^T[Kc x Kg] = sum over pixels of col^T(pixel, Kc)^T * dy(pixel, Kg), with A read
 // from im2col rows built by memcpy of C-vectors and B = dy rows packed as they are. One task per (group, block of
 // Kc rows); each sums over the batch and pixel tiles in a fixed order.
+// Small weights (Kc x Kg up to kSplitPixelsFloats, one group): the pixels split into a fixed number of chunks, each
+// task summing its chunk's tiles into its own full-size partial dW^T, the partials then added in chunk order (the
+// same bits for any thread count). dy is then packed once and x read once, where the Kc-block tasks below pack every
+// tile of dy once per block (a 1x1 256 -> 64 layer at 56 x 56, batch 8: six times); a 1x1 stride-1 layer reads x in
+// place as A. 2 threads, batch 8, 2026-11-27: 1x1 256 -> 64 @ 56 3.5-3.7 -> 2.3-2.8 ms (oneDNN 2.4-2.7), 64 -> 256
+// 4.1-5.0 -> 3.0 (3.75), 3x3 64 @ 56 5.8 -> 4.8-5.0 (4.4-4.9); 3x3 128 @ 28 (147K floats) ran slower split (5.5 vs
+// 4.9: its partials no longer stay in cache), hence the bound.
+constexpr int64_t kSplitPixelsFloats = 64 * 1024;
+constexpr int64_t kPixelChunks = 16;
+template <typename T>
+void bwd_weight_nhwc_split_pixels(const Geo& g, const T* x, const T* dy, T* dw) {
+  constexpr int64_t Pn = kPanel<T>;
+  const int64_t Kc = g.Kc(), Kgp = round_up_panel<T>(g.Kg), NPQ = g.N * g.PQ();
+  const int64_t tp = std::min<int64_t>(kRedPix, NPQ), ntiles = (NPQ + tp - 1) / tp;
+  const int64_t nchunk = std::min(kPixelChunks, ntiles);
+  const bool in_place = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+  std::vector<T> parts(nchunk * Kc * Kgp);
+  at::parallel_for(0, nchunk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> a(in_place ? 0 : tp * Kc), bp(tp * Kgp);
+    for (int64_t ch = begin; ch < end; ++ch) {
+      T* cb = parts.data() + ch * Kc * Kgp;
+      const int64_t t0 = ch * ntiles / nchunk, t1 = (ch + 1) * ntiles / nchunk;
+      for (int64_t tile = t0; tile < t1; ++tile) {
+        const int64_t p0 = tile * tp, pc = std::min(tp, NPQ - p0);
+        const T* ap = in_place ? x + p0 * g.C : a.data();
+        const int64_t lda = in_place ? g.C : Kc;
+        if (!in_place) im2col_rows_nhwc(g, x, 0, p0, pc, 0, Kc, a.data());
+        attn::pack_rows<T, T>(dy + p0 * g.K, g.K, pc, g.Kg, bp.data(), tp * Pn);
+        for (int64_t m0 = 0; m0 < Kc; m0 += kRowsPerBlock) {
+          const int64_t mm = std::min(kRowsPerBlock, Kc - m0);
+          gemm<T>(mm, g.Kg, pc, ap + m0, 1, lda, bp.data(), tp * Pn, cb + m0 * Kgp, Kgp, tile > t0);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, Kc, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t k = 0; k < g.Kg; ++k) {
+        T v = parts[i * Kgp + k];
+        for (int64_t ch = 1; ch < nchunk; ++ch) v += parts[(ch * Kc + i) * Kgp + k];
+        dw[k * Kc + i] = v;
+      }
+  });
+}
+
 template <typename T>
 void bwd_weight_nhwc(const Geo& g, const T* x, const T* dy, T* dw) {
   constexpr int64_t Pn = kPanel<T>;
   const int64_t Kc = g.Kc(), PQ = g.PQ(), Kgp = round_up_panel<T>(g.Kg);
+  if (g.G == 1 && Kc * Kgp <= kSplitPixelsFloats && g.N * PQ >= 2 * kRedPix)
+    return bwd_weight_nhwc_split_pixels<T>(g, x, dy, dw);
   const int64_t per = (4 * at::get_num_threads() + g.G - 1) / g.G;
   const int64_t mb = std::max<int64_t>(std::min<int64_t>(Kc, 48), (Kc + per - 1) / per);
   const int64_t nmb = (Kc + mb - 1) / mb;

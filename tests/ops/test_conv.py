@@ -563,6 +563,34 @@ def test_depthwise_same_for_any_thread_count(stride, channels_last):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("c,k,kernel,stride,pad", [(48, 16, 1, 1, 0), (16, 24, 3, 1, 1), (24, 8, 3, 2, 1),
+                                                     (32, 40, 1, 2, 0)])
+def test_small_weight_grad_split_over_pixels(c, k, kernel, stride, pad):
+    """Channels-last dW of a small weight on many pixels (the path that splits the pixels into fixed chunks, x read in
+    place for 1x1 stride 1): against float64 torch, and bitwise the same with 1 and 2 threads."""
+    skip_unavailable("cpp")
+    g = torch.Generator().manual_seed(c + k + kernel + stride)
+    x = torch.randn(3, c, 31, 33, generator=g).to(memory_format=torch.channels_last)  # >= 2 * 256 output pixels
+    w = (torch.randn(k, c, kernel, kernel, generator=g) / (c * kernel * kernel) ** 0.5).to(
+        memory_format=torch.channels_last)
+    dy = torch.randn(F.conv2d(x, w, None, stride, pad).shape, generator=g).to(memory_format=torch.channels_last)
+    want = torch.ops.aten.convolution_backward(dy.double(), x.double(), w.double(), None, [stride] * 2, [pad] * 2,
+                                               [1, 1], False, [0, 0], 1, [True, True, False])
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with mltoolkit.backend("cpp"):
+                results.append(torch.ops.mltoolkit.conv2d_bwd(dy, x, w, [stride] * 2, [pad] * 2, [1, 1], 1,
+                                                              [True, True, False]))
+    finally:
+        torch.set_num_threads(threads)
+    for got, ref, name in zip(results[0][:2], want[:2], ("dx", "dw")):
+        assert_close(got, ref.float(), atol=1e-4, rtol=1e-4, name=name)
+    for a, b in zip(results[0][:2], results[1][:2]):
+        assert torch.equal(a, b)
+
+
 # ---- weights prepared once for inference (the C++ CPU kernel) --------------------------------------------------
 
 def _prepared_case(c, k, hw, kernel, stride, groups, channels_last):

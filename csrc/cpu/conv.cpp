@@ -1361,12 +1361,9 @@ void bwd_weight(const Geo& g, const T* x, const T* dy, T* dw) {
   });
 }
 
-// NHWC dW, transposed orientation: dW^T[Kc x Kg] = sum over pixels of col^T(pixel, Kc)^T * dy(pixel, Kg), with A read
-// from im2col rows built by memcpy of C-vectors and B = dy rows packed as they are. One task per (group, block of
-// Kc rows); each sums over the batch and pixel tiles in a fixed order.
 // Small weights (Kc x Kg up to kSplitPixelsFloats, one group): the pixels split into a fixed number of chunks, each
 // task summing its chunk's tiles into its own full-size partial dW^T, the partials then added in chunk order (the
-// same bits for any thread count). dy is then packed once and x read once, where the Kc-block tasks below pack every
+// same bits for any thread count). dy is then packed once and x read once, where bwd_weight_nhwc's tasks pack every
 // tile of dy once per block (a 1x1 256 -> 64 layer at 56 x 56, batch 8: six times); a 1x1 stride-1 layer reads x in
 // place as A. 2 threads, batch 8, 2026-11-27: 1x1 256 -> 64 @ 56 3.5-3.7 -> 2.3-2.8 ms (oneDNN 2.4-2.7), 64 -> 256
 // 4.1-5.0 -> 3.0 (3.75), 3x3 64 @ 56 5.8 -> 4.8-5.0 (4.4-4.9); 3x3 128 @ 28 (147K floats) ran slower split (5.5 vs
@@ -1380,11 +1377,12 @@ void bwd_weight_nhwc_split_pixels(const Geo& g, const T* x, const T* dy, T* dw) 
   const int64_t tp = std::min<int64_t>(kRedPix, NPQ), ntiles = (NPQ + tp - 1) / tp;
   const int64_t nchunk = std::min(kPixelChunks, ntiles);
   const bool in_place = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
-  std::vector<T> parts(nchunk * Kc * Kgp);
+  // Every chunk's first tile overwrites its partial (nchunk <= ntiles): no zero-fill.
+  std::unique_ptr<T[]> parts(new T[nchunk * Kc * Kgp]);
   at::parallel_for(0, nchunk, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> a(in_place ? 0 : tp * Kc), bp(tp * Kgp);
     for (int64_t ch = begin; ch < end; ++ch) {
-      T* cb = parts.data() + ch * Kc * Kgp;
+      T* cb = parts.get() + ch * Kc * Kgp;
       const int64_t t0 = ch * ntiles / nchunk, t1 = (ch + 1) * ntiles / nchunk;
       for (int64_t tile = t0; tile < t1; ++tile) {
         const int64_t p0 = tile * tp, pc = std::min(tp, NPQ - p0);
@@ -1409,6 +1407,9 @@ void bwd_weight_nhwc_split_pixels(const Geo& g, const T* x, const T* dy, T* dw) 
   });
 }
 
+// NHWC dW, transposed orientation: dW^T[Kc x Kg] = sum over pixels of col^T(pixel, Kc)^T * dy(pixel, Kg), with A read
+// from im2col rows built by memcpy of C-vectors and B = dy rows packed as they are. One task per (group, block of
+// Kc rows); each sums over the batch and pixel tiles in a fixed order.
 template <typename T>
 void bwd_weight_nhwc(const Geo& g, const T* x, const T* dy, T* dw) {
   constexpr int64_t Pn = kPanel<T>;

@@ -373,3 +373,30 @@ def test_from_pretrained_errors(tmp_path, resnet18_state):
         from_pretrained(tmp_path)
     with pytest.raises(TypeError, match="save_pretrained: writes Hugging Face folders.*got ResNet"):
         save_pretrained(model, tmp_path / "out")
+
+
+def test_convolutional_models_come_back_channels_last():
+    """create_model puts the CNN families' 4-D weights in channels_last (as optimize() does) unless told not to;
+    values and keys are those of the default layout, and a checkpoint loads into either."""
+    torch.manual_seed(0)
+    cl = create_model("resnet18", num_classes=5)
+    assert cl.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    plain = create_model("resnet18", num_classes=5, channels_last=False)
+    assert plain.conv1.weight.is_contiguous() and not plain.conv1.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    assert list(cl.state_dict()) == list(plain.state_dict())
+    for k, v in plain.state_dict().items():
+        assert torch.equal(cl.state_dict()[k], v), k
+    cl.load_state_dict(plain.state_dict())
+    assert cl.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # the copy keeps the layout
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(cl.eval()(x), plain.eval()(x), atol=1e-5, rtol=1e-5)
+    assert create_model("efficientnet_b0", num_classes=3).features[0][0].weight.is_contiguous(
+        memory_format=torch.channels_last)
+    vit = create_model("vit_tiny_patch16_224" if "vit_tiny_patch16_224" in list_models() else "vit_b_16",
+                       channels_last=None, num_classes=3)
+    assert all(p.dim() != 4 or p.is_contiguous() for p in vit.parameters())  # not a CNN family: left as built
+    with pytest.raises(TypeError, match="channels_last must be a bool"):
+        create_model("resnet18", channels_last="yes")

@@ -5,6 +5,9 @@ and (baseline row) under torch.compile. CPU: float32, batch 8 (training: 4), 224
 shapes x 8, channels_last for ResNet. images/s = N / time. Skipped where torchvision is not installed; on CPU only
 in full runs (a ViT-B/16 torch.compile build takes minutes on 2 cores).
 
+Ours is built as create_model builds it (the CNNs with channels_last weights, so they run channels_last inside
+whatever the input's layout); `layout` is the input's and torchvision's model's.
+
 Correctness is the tests' job (tests/test_models_vision.py checks logits and gradients against torchvision).
 """
 import torch

@@ -161,3 +161,16 @@ def test_timm_checkpoint_loads_and_matches(timm_name, ours_name, timm_kw, tmp_pa
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         _assert_logits_close(ours(x), ref_model(x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
+def test_seeded_construction_draws_torchvision_weights(name):
+    """Built under the same seed, the zoo model holds torchvision's initial weights (same modules, built in the same
+    order: the squeeze-excitation convolutions once each)."""
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, name)().state_dict()
+    torch.manual_seed(0)
+    ours = create_model(name).state_dict()
+    assert list(ours) == list(ref)
+    for k, v in ref.items():
+        assert torch.equal(ours[k], v), k

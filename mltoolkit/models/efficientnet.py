@@ -8,6 +8,7 @@ as torchvision.ops.stochastic_depth) and dropout before the classifier."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,10 +53,8 @@ class SqueezeExcitation(mnn.SqueezeExcitation):
     two 1x1 convolutions as F.linear on the pooled rows (mltoolkit.nn.SqueezeExcitation)."""
 
     def __init__(self, input_channels: int, squeeze_channels: int):
-        super().__init__(input_channels, squeeze_channels, activation=nn.SiLU, scale_activation=nn.Sigmoid)
-        self.fc1 = mnn.Conv2d(input_channels, squeeze_channels, 1)
-        self.fc2 = mnn.Conv2d(squeeze_channels, input_channels, 1)
-        self.activation = nn.SiLU(inplace=True)
+        super().__init__(input_channels, squeeze_channels, activation=functools.partial(nn.SiLU, inplace=True),
+                         scale_activation=nn.Sigmoid, conv=mnn.Conv2d)
 
 
 class StochasticDepth(nn.Module):

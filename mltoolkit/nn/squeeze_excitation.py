@@ -5,6 +5,8 @@ convolutions run as F.linear on the pooled (N, C) rows: a convolution call on a 
 EfficientNet-B0 has 16 of these blocks (2026-11-27, 2-core dev VM: 0.05-0.1 ms saved per block, batch 8)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -17,15 +19,17 @@ def _pointwise(conv: nn.Module) -> bool:
 
 class SqueezeExcitation(nn.Module):
     """torchvision.ops.SqueezeExcitation(input_channels, squeeze_channels, activation=nn.ReLU,
-    scale_activation=nn.Sigmoid), same submodules; from_torchvision(module) shares a torchvision module's children
-    (no copy). A block whose pooling or convolutions differ from the plain ones runs them as modules."""
+    scale_activation=nn.Sigmoid), same submodules, built in the same order (so a seeded model draws the same
+    initial weights); `conv` builds fc1 and fc2 (any nn.Conv2d subclass). from_torchvision(module) shares a
+    torchvision module's children (no copy). A block whose pooling or convolutions differ from the plain ones runs
+    them as modules."""
 
-    def __init__(self, input_channels: int, squeeze_channels: int, activation: type[nn.Module] = nn.ReLU,
-                 scale_activation: type[nn.Module] = nn.Sigmoid):
+    def __init__(self, input_channels: int, squeeze_channels: int, activation: Callable[[], nn.Module] = nn.ReLU,
+                 scale_activation: Callable[[], nn.Module] = nn.Sigmoid, conv: type[nn.Conv2d] = nn.Conv2d):
         super().__init__()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
-        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
+        self.fc1 = conv(input_channels, squeeze_channels, 1)
+        self.fc2 = conv(squeeze_channels, input_channels, 1)
         self.activation = activation()
         self.scale_activation = scale_activation()
 

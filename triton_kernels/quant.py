@@ -359,12 +359,12 @@ def _quantize_int4_kernel(Wt, P, SC, ZE, N, K, swn, swk, ngroups,
 # (BLOCK_M + BLOCK_N) * BLOCK_K bytes: 48 KiB for 128 x 256 x 128, 3 stages fit in sm_90's 227 KiB.
 _INT8_LARGE = ((128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 64, 4, 4),
                (64, 128, 128, 4, 4), (128, 64, 128, 4, 4))
-# Small M (decode, M <= 64): the weight is streamed once; narrow N tiles give enough programs to fill 132 SMs
-# (N = 4096 / 32 = 128 tiles), long K steps keep loads in flight.
 # The TMA kernel (Hopper): the same tile shapes; stages cost (BLOCK_M + BLOCK_N) * BLOCK_K bytes each, no register
 # staging, so 4 stages of 128 x 256 x 128 (192 KiB) fit beside the epilogue.
 _INT8_TMA = ((128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
              (128, 256, 64, 8, 4), (128, 128, 128, 4, 4))
+# Small M (decode, M <= 64): the weight is streamed once; narrow N tiles give enough programs to fill 132 SMs
+# (N = 4096 / 32 = 128 tiles), long K steps keep loads in flight.
 _INT8_SMALL = ((16, 64, 256, 4, 4), (16, 32, 256, 4, 4), (32, 64, 256, 4, 3), (16, 128, 128, 4, 4),
                (64, 64, 128, 4, 4), (16, 64, 512, 4, 3))
 # int4 GEMM (large M): BLOCK_K is capped at group_size at launch (one scale per step); the weight tile is
@@ -406,6 +406,12 @@ def _pow2_bucket(m: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Host side: int8
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _interpret_int8_meta() -> dict:
+    """The one config of both int8 GEMMs under the interpreter (INTERPRET_BLOCK_*, N and K at least 64 / 32)."""
+    return dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_N=max(64, INTERPRET_BLOCK_N), BLOCK_K=max(32, INTERPRET_BLOCK_K),
+                GROUP_M=2)
 
 
 def quantize_rows(x: torch.Tensor):
@@ -465,8 +471,7 @@ def int8_linear(xq, x_scale, wq, w_scale, bias, out_dtype):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     if _interpreting():
-        meta = dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_N=max(64, INTERPRET_BLOCK_N), BLOCK_K=max(32, INTERPRET_BLOCK_K),
-                    GROUP_M=2)
+        meta = _interpret_int8_meta()
         _int8_linear_kernel[grid(meta)](*args, **consts, **meta)
     else:
         configs = _INT8_SMALL if M <= 64 else _INT8_LARGE
@@ -512,8 +517,7 @@ def _int8_linear_tma(xq, xs, wq, ws, b, y, has_bias: bool):
         return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
     if _interpreting():
-        meta = dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_N=max(64, INTERPRET_BLOCK_N), BLOCK_K=max(32, INTERPRET_BLOCK_K),
-                    GROUP_M=2)
+        meta = _interpret_int8_meta()
         _set_tma_blocks({"XQ_DESC": x_desc, "WQ_DESC": w_desc, **meta})
         _int8_linear_tma_kernel[grid(meta)](*args, **consts, **meta)
     else:

@@ -321,6 +321,27 @@ struct TcStage {
   float sc[RT][2], zc[RT][2];
 };
 
+// The end of both tensor-core GEMVs: red[warp][(r * MT + mt) * 4 + c][lane] holds each warp's C fragments (row tile
+// r, x tile mt, register c); the CTA's threads add them over the warps in warp order, add the bias and store y.
+template <typename T, int RT, int MT>
+__device__ __forceinline__ void tc_gemv_store(const float (&red)[kTcWarps][RT * MT * 4][32], const MmaArgs& a,
+                                              int n0) {
+  const T* bias = static_cast<const T*>(a.bias);
+  T* out = static_cast<T*>(a.y);
+  for (int i = threadIdx.x; i < RT * MT * 4 * 32; i += kTcWarps * 32) {
+    const int f = i >> 5, l = i & 31;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kTcWarps; ++w) v += red[w][f][l];
+    const int r = f / (MT * 4), mt = (f / 4) % MT, c = f & 3;
+    const int n = n0 + 16 * r + (l >> 2) + 8 * (c >> 1), m = 8 * mt + 2 * (l & 3) + (c & 1);
+    if (n < a.N && m < a.M) {
+      if (bias) v += to_float(bias[n]);
+      out[static_cast<int64_t>(m) * a.N + n] = from_float<T>(v);
+    }
+  }
+}
+
 // y (M <= 16, N) = x (M, K) @ dequant(packed)^T (+ bias) on the tensor cores, for decoding. A CTA owns 16 * RT rows of
 // the weight; its 8 warps split K in 128-k blocks (warp w takes blocks w, w + 8, ...) and meet in shared memory at
 // the end. Per block a lane loads 16 bytes of each of its two rows (g, g + 8) of each row tile: 32 k values, which
@@ -466,20 +487,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2) _int4_tc_gemv_kernel(const M
 #pragma unroll
       for (int c = 0; c < 4; ++c) red[warp][(r * MT + mt) * 4 + c][lane] = y[r][mt][c];
   __syncthreads();
-  const T* bias = static_cast<const T*>(a.bias);
-  T* out = static_cast<T*>(a.y);
-  for (int i = threadIdx.x; i < kFrags * 32; i += kTcWarps * 32) {
-    const int f = i >> 5, l = i & 31;
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < kTcWarps; ++w) v += red[w][f][l];
-    const int r = f / (MT * 4), mt = (f / 4) % MT, c = f & 3;
-    const int n = n0 + 16 * r + (l >> 2) + 8 * (c >> 1), m = 8 * mt + 2 * (l & 3) + (c & 1);
-    if (n < N && m < a.M) {
-      if (bias) v += to_float(bias[n]);
-      out[static_cast<int64_t>(m) * N + n] = from_float<T>(v);
-    }
-  }
+  tc_gemv_store<T, RT, MT>(red, a, n0);
 #else
   __trap();  // never launched: tc_gemv_ok refuses compute capability below 8.0
 #endif
@@ -565,21 +573,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2) _int4_tc_gemv_v1_kernel(cons
 #pragma unroll
   for (int c = 0; c < 4; ++c) red[warp][c][lane] = y[c];
   __syncthreads();
-  if (warp == 0) {
-    const T* bias = static_cast<const T*>(a.bias);
-    T* out = static_cast<T*>(a.y);
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      float v = 0.f;
-#pragma unroll
-      for (int w = 0; w < kTcWarps; ++w) v += red[w][c][lane];
-      const int n = n0 + g + 8 * (c >> 1), m = 2 * t + (c & 1);
-      if (n < N && m < a.M) {
-        if (bias) v += to_float(bias[n]);
-        out[static_cast<int64_t>(m) * N + n] = from_float<T>(v);
-      }
-    }
-  }
+  tc_gemv_store<T, 1, 1>(red, a, n0);
 #else
   __trap();  // never launched: tc_gemv_ok refuses compute capability below 8.0
 #endif

@@ -463,7 +463,7 @@ void normalize_segment(const scalar_t* x, const scalar_t* residual, scalar_t* y,
                        const acc_t* scale, const acc_t* shift) {
   // The select activations inline (the loops vectorize); exp / erf / tanh ones (silu, gelu, ...) in a vector pass
   // over the staged tile: a libm call per element would keep the loop scalar.
-  constexpr bool kSelect = kAct == Act::kNone || kAct == Act::kRelu || kAct == Act::kRelu6;
+  constexpr bool kSelect = cpu::vector_act(kAct);
   constexpr Act kInline = kSelect ? kAct : Act::kNone;
   acc_t xbuf[kTile], rbuf[kTile], ybuf[kTile];
   for (int64_t t = 0; t < n; t += kTile) {
@@ -478,12 +478,8 @@ void normalize_segment(const scalar_t* x, const scalar_t* residual, scalar_t* y,
     } else {
       for (int64_t i = 0; i < len; ++i) out[i] = apply_activation(kInline, (xv[i] - m[i]) * s[i] + h[i]);
     }
-    if constexpr (!kSelect) {
-      using V = Vec<acc_t>;
-      int64_t i = 0;
-      for (; i + V::size() <= len; i += V::size()) cpu::apply_vector_act<acc_t>(kAct, V::loadu(out + i)).store(out + i);
-      if (i < len) cpu::apply_vector_act<acc_t>(kAct, V::loadu(out + i, len - i)).store(out + i, len - i);
-    }
+    if constexpr (!kSelect)
+      cpu::map_vectors(out, len, [](Vec<acc_t> v) { return cpu::apply_vector_act<acc_t>(kAct, v); });
     store_staged(out, y + t, len);
   }
 }
@@ -578,11 +574,7 @@ inline void tile_dz(const acc_t* __restrict__ xv, const acc_t* __restrict__ dyv,
       dz[i] = xc[i] * s[i] + h[i] + (rv ? rv[i] : acc_t(0));
     }
     if constexpr (kAct == Act::kSilu || kAct == Act::kGelu || kAct == Act::kGeluTanh) {
-      using V = Vec<acc_t>;
-      int64_t i = 0;
-      for (; i + V::size() <= len; i += V::size())
-        cpu::smooth_activation_grad<acc_t>(kAct, V::loadu(dz + i)).store(dz + i);
-      if (i < len) cpu::smooth_activation_grad<acc_t>(kAct, V::loadu(dz + i, len - i)).store(dz + i, len - i);
+      cpu::map_vectors(dz, len, [](Vec<acc_t> v) { return cpu::smooth_activation_grad<acc_t>(kAct, v); });
     } else {
       for (int64_t i = 0; i < len; ++i) dz[i] = activation_grad(kAct, dz[i]);
     }

@@ -839,14 +839,8 @@ constexpr int kDwB = 8;
 
 template <typename T>
 __attribute__((noinline)) void dw_act_pass(Act act, T* out, int64_t ld, int64_t B, int64_t C) {
-  using V = convk::Vec<T>;
-  constexpr int64_t L = V::size();
   for (int64_t j = 0; j < B; ++j)
-    for (int64_t c = 0; c < C; c += L) {
-      const int64_t n = std::min(L, C - c);
-      T* o = out + j * ld + c;
-      convk::apply_vector_act<T>(act, V::loadu(o, n)).store(o, n);
-    }
+    cpu::map_vectors(out + j * ld, C, [act](convk::Vec<T> v) { return convk::apply_vector_act<T>(act, v); });
 }
 
 // One channel vector (n lanes; Full: n == L) of dw_block, its B accumulators in registers.

@@ -9,7 +9,7 @@ namespace mltoolkit::cpu {
 
 // The activations that are vector selects (no exp / erf / tanh): kernels that hold accumulators in registers apply
 // the others in a second pass over the stored block, where the calls cannot push the accumulators out.
-inline bool vector_act(Act act) {
+constexpr bool vector_act(Act act) {
   return act == Act::kNone || act == Act::kRelu || act == Act::kRelu6;
 }
 
@@ -42,6 +42,15 @@ inline at::vec::Vectorized<T> apply_vector_act(Act act, at::vec::Vectorized<T> v
     default:
       return v;
   }
+}
+
+// p[i] = f(p[i]) for i < n, a vector at a time (the last one masked): the activation passes over a stored tile.
+template <typename T, typename F>
+inline void map_vectors(T* p, int64_t n, F f) {
+  using V = at::vec::Vectorized<T>;
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) f(V::loadu(p + i)).store(p + i);
+  if (i < n) f(V::loadu(p + i, n - i)).store(p + i, n - i);
 }
 
 // act'(v) on a vector for the smooth activations (silu, gelu, gelu_tanh): activation_grad's formulas with at::vec's

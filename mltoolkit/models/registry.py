@@ -141,8 +141,10 @@ def create_model(name: str, pretrained_path: str | os.PathLike | None = None, *,
         return hf.from_pretrained(pretrained_path, model_class=entry.hf_class, strict=strict, **kwargs)
     if channels_last is not None and not isinstance(channels_last, bool):
         raise TypeError(f"create_model: channels_last must be a bool or None, got {channels_last!r}")
+    if channels_last is None:
+        channels_last = entry.family in CHANNELS_LAST_FAMILIES
     model = entry.fn(**kwargs)
-    if channels_last if channels_last is not None else entry.family in CHANNELS_LAST_FAMILIES:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if pretrained_path is not None:
         if entry.hf_class is not None:  # a text model from a weights file: transformers' keys, tied weights

@@ -37,6 +37,23 @@ def _register_optional_swaps() -> None:
         SWAPS.setdefault(tv_misc.SqueezeExcitation, mnn.SqueezeExcitation.from_torchvision)
 
 
+def _excite_in_place(model: torch.nn.Module, swapped: set[int]) -> None:
+    """The squeeze-excitation blocks optimize() swapped in that follow a convolution block in an nn.Sequential (as in
+    torchvision's MBConv and InvertedResidual blocks) scale their input in place when autograd does not record: that
+    input is the convolution's fresh output, which only the block reads (like the in-place SiLU / ReLU those
+    convolution blocks already apply to their own outputs)."""
+    tv_misc = sys.modules.get("torchvision.ops.misc")
+    fresh = (*fusion.CONV_TYPES, mnn.Conv2dBNAct)
+    if tv_misc is not None and hasattr(tv_misc, "ConvNormActivation"):
+        fresh += (tv_misc.ConvNormActivation,)
+    for seq in model.modules():
+        if isinstance(seq, torch.nn.Sequential):
+            children = list(seq.children())
+            for before, block in zip(children, children[1:]):
+                if id(block) in swapped and type(block) is mnn.SqueezeExcitation and isinstance(before, fresh):
+                    block.inplace = True
+
+
 def optimize(model: torch.nn.Module, *, channels_last: bool = True) -> torch.nn.Module:
     """Replace every module whose exact class is in the swap table, in place, and fuse convolution + batch norm +
     activation; returns the optimized model: use the returned object.
@@ -52,6 +69,10 @@ def optimize(model: torch.nn.Module, *, channels_last: bool = True) -> torch.nn.
     activations cost ~25% more, each convolution transposing its input and output). Values are unchanged; 4-D
     outputs come back channels_last (torch.flatten / reshape work on them, .view of all dims may not). False keeps
     the model's layout.
+
+    torchvision's squeeze-excitation blocks that follow a convolution block in an nn.Sequential (MBConv,
+    InvertedResidual) become mltoolkit's with inplace=True: without autograd they scale the convolution's fresh
+    output in place, as those blocks' in-place activations already do to theirs.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -60,11 +81,15 @@ def optimize(model: torch.nn.Module, *, channels_last: bool = True) -> torch.nn.
     _register_optional_swaps()
     if type(model) in SWAPS:
         return SWAPS[type(model)](model)
+    swapped = set()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             build = SWAPS.get(type(child))
             if build is not None:
-                setattr(parent, name, build(child))
+                new = build(child)
+                setattr(parent, name, new)
+                swapped.add(id(new))
+    _excite_in_place(model, swapped)
     kinds = {type(m) for m in model.modules()}
     if kinds & set(fusion.CONV_TYPES) and kinds & set(fusion.BN_TYPES):
         model = fusion.fuse_conv_bn_act(model)

@@ -50,11 +50,12 @@ class ConvBNAct(nn.Sequential):
 
 class SqueezeExcitation(mnn.SqueezeExcitation):
     """torchvision.ops.SqueezeExcitation with SiLU (keys fc1.*, fc2.*): x * sigmoid(fc2(silu(fc1(mean(x))))), the
-    two 1x1 convolutions as F.linear on the pooled rows (mltoolkit.nn.SqueezeExcitation)."""
+    two 1x1 convolutions as F.linear on the pooled rows (mltoolkit.nn.SqueezeExcitation); in place without autograd
+    (its input is MBConv's depthwise output, read by nothing else)."""
 
     def __init__(self, input_channels: int, squeeze_channels: int):
         super().__init__(input_channels, squeeze_channels, activation=functools.partial(nn.SiLU, inplace=True),
-                         scale_activation=nn.Sigmoid, conv=mnn.Conv2d)
+                         scale_activation=nn.Sigmoid, conv=mnn.Conv2d, inplace=True)
 
 
 class StochasticDepth(nn.Module):

@@ -75,3 +75,60 @@ def test_optimize_swaps_torchvision_blocks_in_a_traced_model():
     assert not any(n.op == "call_module" and n.target.endswith((".fc1", ".fc2")) for n in nodes)
     with torch.no_grad():
         assert_close(opt(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_inplace_scales_the_input_only_without_autograd():
+    ref, ours = _pair(nn.SiLU, nn.Sigmoid)
+    ours.inplace = True
+    x = torch.randn(2, 24, 5, 6).to(memory_format=torch.channels_last)
+    want = ref(x)
+    with torch.no_grad():
+        xi = x.clone()
+        out = ours(xi)
+    assert out.data_ptr() == xi.data_ptr()  # written into the input
+    assert_close(out, want)
+    # With autograd recording, the input is left alone and the gradients are torchvision's.
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yo = ref(xr), ours(xo)
+    assert torch.equal(xo.detach(), x)
+    yr.sum().backward()
+    yo.sum().backward()
+    assert_close(xo.grad, xr.grad)
+    with pytest.raises(TypeError, match="inplace"):
+        mnn.SqueezeExcitation(8, 2, inplace=1)
+
+
+def _excite_flags(gm):
+    from mltoolkit.nn.squeeze_excitation import _excite
+    return [n.args[2] for n in gm.graph.nodes if n.op == "call_function" and n.target is _excite]
+
+
+def test_optimize_scales_in_place_after_convolution_blocks_and_asks_grad_mode_when_run():
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small().eval()  # Hardsigmoid blocks after depthwise conv blocks
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        opt = mltoolkit.optimize(copy.deepcopy(model))  # traced without autograd ...
+        want = model(x)
+        assert_close(opt(x), want, atol=1e-4, rtol=1e-4)
+    flags = _excite_flags(opt)
+    assert flags and all(flags)
+    # ... and run with it (eval mode still: the classifier's dropout would draw): the traced graph takes the
+    # out-of-place product, so gradients flow.
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    model(xr).sum().backward()
+    opt(xo).sum().backward()
+    assert_close(xo.grad, xr.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_optimize_keeps_out_of_place_where_the_input_may_be_read_again():
+    torch.manual_seed(0)
+    se = torchvision.ops.SqueezeExcitation(8, 2)
+    model = nn.Sequential(nn.Identity(), se)  # the block's input is the caller's tensor
+    opt = mltoolkit.optimize(model, channels_last=False)
+    assert opt[1].inplace is False
+    x = torch.randn(2, 8, 4, 4)
+    before = x.clone()
+    with torch.no_grad():
+        opt(x)
+    assert torch.equal(x, before)

@@ -755,3 +755,29 @@ def test_large_cpu_output_reuses_memory_and_stays_an_ordinary_tensor(channels_la
         ops.conv2d(x, w, padding=1)  # freed at once: one more block kept...
     mltoolkit.clear_caches()  # ...which clear_caches hands back
     assert mltoolkit._ext._C.release_reused_memory() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("c,k,kernel,stride,hw,act,residual", [
+    (3, 32, 3, 2, (37, 41), "silu", False),    # the RGB stem: filter rows read in place across whole blocks
+    (24, 144, 1, 1, (13, 11), "relu6", True),  # 9 vectors of channels: panels of 3, 8-row register blocks
+    (32, 16, 1, 1, (9, 9), "none", False),     # one vector of channels: 8 x 1 blocks
+    (16, 96, 1, 1, (7, 5), "silu", True),
+    (20, 64, 1, 1, (6, 7), "gelu", True),      # 6 x 4 blocks, an activation the general store loop applies
+])
+def test_cpu_register_blocks_and_whole_tile_epilogue(dtype, c, k, kernel, stride, hw, act, residual):
+    """The CPU forward's register blocks (rows per block by panel width), its whole-tile epilogue (bias, residual,
+    activation from the stored tile) and its fast pointer set-ups (1x1 stride 1, filter rows in place) against
+    torch, pixel counts not a multiple of the block rows, channels_last (the layout that stores from the tiles)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, c, *hw, generator=g, dtype=dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(k, c, kernel, kernel, generator=g, dtype=dtype) / (c * kernel * kernel) ** 0.5
+    b = torch.randn(k, generator=g, dtype=dtype)
+    pad = kernel // 2
+    ref = F.conv2d(x, w, b, stride, pad)
+    r = torch.randn(ref.shape, generator=g, dtype=dtype).to(memory_format=torch.channels_last) if residual else None
+    want = TORCH_ACT[act](ref + r if residual else ref)
+    with mltoolkit.backend("cpp"):
+        got = torch.ops.mltoolkit.conv2d_fwd(x, w, b, [stride] * 2, [pad] * 2, [1, 1], 1, r, act)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert_close(got, want)

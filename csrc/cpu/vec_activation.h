@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/cpu/vec/vec.h>
 
+#include <type_traits>
+
 #include "../conv_epilogue.h"
 
 namespace mltoolkit::cpu {
@@ -13,8 +15,39 @@ constexpr bool vector_act(Act act) {
   return act == Act::kNone || act == Act::kRelu || act == Act::kRelu6;
 }
 
-// act(v) on a vector, every activation: the formulas of apply_activation, with at::vec's exp / erf / tanh (silu as
-// torch's own CPU kernel computes it, x / (1 + exp(-x))). A scalar libm call per element in the epilogues cost
+// silu(v) = v / (1 + exp(-v)). For float: at::vec's exp_u20 (a degree-5 polynomial, ~2e-6 relative error) and a
+// Newton-refined reciprocal instead of Sleef's exp and a division, ~2.5x faster: EfficientNet-B0 computes SiLU on
+// ~60 M elements a batch of 8 (its 16 -> 96 expansion's SiLU alone cost 1.2 ms of 3.1, 2026-11-27, 2-core VM).
+template <typename T>
+inline at::vec::Vectorized<T> silu_vector(at::vec::Vectorized<T> v) {
+  using V = at::vec::Vectorized<T>;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    // exp_u20 overflows to inf from ~88.7 on, and rcp(inf) = 0 would give 0 * inf = NaN in the Newton step: the
+    // exponent stops at 88, and below -88 the result is 0 (|silu| < 6e-37 there).
+    const __m512 lo = _mm512_set1_ps(-88.f);
+    const V e = V(_mm512_min_ps(v.neg(), _mm512_set1_ps(88.f))).exp_u20();
+    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), e);
+    __m512 r = _mm512_rcp14_ps(d);  // 14 bits, one Newton step to ~2^-28
+    r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+    return V(_mm512_mask_mov_ps(_mm512_mul_ps(v, r), _mm512_cmp_ps_mask(v, lo, _CMP_LT_OQ), _mm512_setzero_ps()));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const V e = V(_mm256_min_ps(v.neg(), _mm256_set1_ps(88.f))).exp_u20();  // see the AVX-512 branch
+    const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.f), e);
+    __m256 r = _mm256_rcp_ps(d);  // 12 bits, two Newton steps
+    r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.f)));
+    r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.f)));
+    const __m256 below = _mm256_cmp_ps(v, _mm256_set1_ps(-88.f), _CMP_LT_OQ);
+    return V(_mm256_andnot_ps(below, _mm256_mul_ps(v, r)));
+  }
+#endif
+  return v / (V(T(1)) + v.neg().exp());
+}
+
+// act(v) on a vector, every activation: the formulas of apply_activation, with at::vec's exp / erf / tanh (silu:
+// silu_vector). A scalar libm call per element in the epilogues cost
 // ~1.2 ns an element: 11.7 of the 14.5 ms of EfficientNet-B0's first 16 -> 96 expansion conv + BN + SiLU (batch 8).
 template <typename T>
 inline at::vec::Vectorized<T> apply_vector_act(Act act, at::vec::Vectorized<T> v) {
@@ -28,7 +61,7 @@ inline at::vec::Vectorized<T> apply_vector_act(Act act, at::vec::Vectorized<T> v
       return V::blendv(V::blendv(v, six, v > six), zero, v < zero);
     }
     case Act::kSilu:
-      return v / (V(T(1)) + v.neg().exp());
+      return silu_vector<T>(v);
     case Act::kGelu:
       return V(T(0.5)) * v * (V(T(1)) + (v * V(T(0.70710678118654752440))).erf());
     case Act::kGeluTanh: {

@@ -781,3 +781,17 @@ def test_cpu_register_blocks_and_whole_tile_epilogue(dtype, c, k, kernel, stride
         got = torch.ops.mltoolkit.conv2d_fwd(x, w, b, [stride] * 2, [pad] * 2, [1, 1], 1, r, act)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert_close(got, want)
+
+
+def test_cpu_silu_epilogue_over_the_float_range():
+    """The CPU epilogue's SiLU (a polynomial exp and a refined reciprocal for float32) against torch's in float64,
+    from where exp(-x) overflows float32 to where it underflows (infinities would reach every channel of their
+    pixel through the identity weight's zeros: test_epilogue_keeps_nan covers NaN)."""
+    x = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.7, -88.7, 89.0, -89.0,
+                                                                   103.9, -104.0, 3e38, -3e38])])
+    x = torch.nn.functional.pad(x, (0, -x.numel() % 16)).reshape(1, -1, 1, 16).permute(0, 3, 2, 1)  # (1, 16, 1, n)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.eye(16).reshape(16, 16, 1, 1)
+    with mltoolkit.backend("cpp"):
+        got = torch.ops.mltoolkit.conv2d_fwd(x, w, None, [1, 1], [0, 0], [1, 1], 1, None, "silu")
+    assert_close(got, torch.nn.functional.silu(x.double()).float())

@@ -881,8 +881,10 @@ constexpr int kDwB = 8;
 
 template <typename T>
 __attribute__((noinline)) void dw_act_pass(Act act, T* out, int64_t ld, int64_t B, int64_t C) {
-  for (int64_t j = 0; j < B; ++j)
-    cpu::map_vectors(out + j * ld, C, [act](convk::Vec<T> v) { return convk::apply_vector_act<T>(act, v); });
+  cpu::with_act(act, [&](auto a) {
+    for (int64_t j = 0; j < B; ++j)
+      cpu::map_vectors(out + j * ld, C, [](convk::Vec<T> v) { return convk::apply_vector_act<T>(decltype(a)::value, v); });
+  });
 }
 
 // One channel vector (n lanes; Full: n == L) of dw_block, its B accumulators in registers.

@@ -120,13 +120,8 @@ template <typename T, int Pn, int MR = kMR>
 void store_tile(const T* tile, T* c, int64_t ldc, int64_t mvalid, int64_t ncols, const Epilogue<T>* ep) {
   constexpr int64_t W = Vec<T>::size();
   if (ep && mvalid == MR && ncols == Pn) {
-    switch (ep->act) {
-      case Act::kNone: return store_whole_tile<T, Pn, MR, Act::kNone>(tile, c, ldc, *ep);
-      case Act::kRelu: return store_whole_tile<T, Pn, MR, Act::kRelu>(tile, c, ldc, *ep);
-      case Act::kRelu6: return store_whole_tile<T, Pn, MR, Act::kRelu6>(tile, c, ldc, *ep);
-      case Act::kSilu: return store_whole_tile<T, Pn, MR, Act::kSilu>(tile, c, ldc, *ep);
-      default: break;  // the rarer activations: the general loop
-    }
+    cpu::with_act(ep->act, [&](auto a) { store_whole_tile<T, Pn, MR, decltype(a)::value>(tile, c, ldc, *ep); });
+    return;
   }
   for (int64_t r = 0; r < mvalid; ++r) {
     for (int64_t j = 0; j < ncols; j += W) {

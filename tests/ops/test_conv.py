@@ -763,7 +763,7 @@ def test_large_cpu_output_reuses_memory_and_stays_an_ordinary_tensor(channels_la
     (24, 144, 1, 1, (13, 11), "relu6", True),  # 9 vectors of channels: panels of 3, 8-row register blocks
     (32, 16, 1, 1, (9, 9), "none", False),     # one vector of channels: 8 x 1 blocks
     (16, 96, 1, 1, (7, 5), "silu", True),
-    (20, 64, 1, 1, (6, 7), "gelu", True),      # 6 x 4 blocks, an activation the general store loop applies
+    (20, 64, 1, 1, (6, 7), "gelu", True),      # 6 x 4 blocks, erf in the epilogue
 ])
 def test_cpu_register_blocks_and_whole_tile_epilogue(dtype, c, k, kernel, stride, hw, act, residual):
     """The CPU forward's register blocks (rows per block by panel width), its whole-tile epilogue (bias, residual,

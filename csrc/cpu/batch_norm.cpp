@@ -199,20 +199,6 @@ inline Vec<acc_t> load(const acc_t* p, int64_t count) {
   return count == Vec<acc_t>::size() ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, count);
 }
 
-// Calls f(std::integral_constant<Act, act>) so that the activation is a compile-time constant in f.
-template <typename F>
-void dispatch_activation(Act act, const F& f) {
-  switch (act) {
-    case Act::kNone: return f(std::integral_constant<Act, Act::kNone>{});
-    case Act::kRelu: return f(std::integral_constant<Act, Act::kRelu>{});
-    case Act::kRelu6: return f(std::integral_constant<Act, Act::kRelu6>{});
-    case Act::kSilu: return f(std::integral_constant<Act, Act::kSilu>{});
-    case Act::kGelu: return f(std::integral_constant<Act, Act::kGelu>{});
-    case Act::kGeluTanh: return f(std::integral_constant<Act, Act::kGeluTanh>{});
-    case Act::kHardswish: return f(std::integral_constant<Act, Act::kHardswish>{});
-  }
-}
-
 // A (C,) parameter widened to acc_t once per call; empty when absent.
 template <typename acc_t>
 std::vector<acc_t> widened_param(const std::optional<at::Tensor>& p) {
@@ -541,7 +527,7 @@ void forward_kernel(const at::Tensor& x, const std::optional<at::Tensor>& weight
 
   const scalar_t* r_data = present(residual) ? residual->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
-  dispatch_activation(act, [&](auto tag) {
+  cpu::with_act(act, [&](auto tag) {
     constexpr Act kAct = decltype(tag)::value;
     for_each_segment(g, [&](int64_t p, int64_t off, int64_t len) {
       const acc_t *m = a.mean.data() + p, *s = a.scale.data() + p, *h = a.shift.data() + p;
@@ -676,7 +662,7 @@ void backward_kernel(const at::Tensor& dy, const at::Tensor& x, const std::optio
   std::vector<acc_t> part_dz_xc(need_sums ? b.count * g.C : 0, acc_t(0));
   std::vector<acc_t> sum_dz(g.C, acc_t(0)), sum_dz_xc(g.C, acc_t(0));
 
-  dispatch_activation(act, [&](auto tag) {
+  cpu::with_act(act, [&](auto tag) {
     constexpr Act kAct = decltype(tag)::value;
     if (need_sums || eval_dx || ptr.dresidual) {
       for_each_unit(g, b, [&](int64_t c, int64_t j) {

@@ -77,9 +77,10 @@ inline at::vec::Vectorized<T> apply_vector_act(Act act, at::vec::Vectorized<T> v
   }
 }
 
-// f(std::integral_constant<Act, A>{}) for the run-time act: a loop that applies the activation to each vector is
-// then compiled once per activation, with it inlined (the depthwise kernels' SiLU pass, switching on a run-time act
-// at each vector, cost ~3x more per element than the convolution epilogue's, 2026-11-27).
+// f(std::integral_constant<Act, A>{}) for the run-time act, so that the activation is a compile-time constant in f:
+// a loop that applies it to each vector is compiled once per activation, with it inlined (the depthwise kernels'
+// SiLU pass, switching on a run-time act at each vector, cost ~3x more per element than the convolution epilogue's,
+// 2026-11-27).
 template <typename F>
 inline void with_act(Act act, F&& f) {
   switch (act) {

@@ -2,8 +2,9 @@
 # The GPU check: on a machine with an NVIDIA GPU and torch preinstalled (no package index), build mltoolkit._C,
 # run the CUDA self-checks and the GPU tests, then the quick benchmarks one op per process (a kernel fault in one op
 # cannot take the others' rows with it). Results land in benchmarks/results/<gpu>.{jsonl,md,png}.
-#   STAGES="build selfcheck test bench"   (default: these, in that order; "profile" adds the per-kernel profile of the
-#                                          GPT-2 train step, scripts/profile_train_step.py, PROFILE_ARGS passed on,
+#   STAGES="build selfcheck test bench"   (default: these, in that order; "profile" adds the host time per op call,
+#                                          scripts/host_overhead.py, and the per-kernel profile of the GPT-2 train
+#                                          step, scripts/profile_train_step.py, PROFILE_ARGS passed on,
 #                                          its Chrome traces into logs.tgz;
 #                                          "ncu" Nsight Compute's sections for the kernels of scripts/ncu_kernels.py,
 #                                          NCU_CASES="int4_m1 int8_m4096" by default)
@@ -160,7 +161,9 @@ if has ncu; then  # not in the default STAGES: Nsight Compute's view of the kern
   fi
 fi
 if has profile; then  # not in the default STAGES: where the GPT-2 train step's GPU time goes, per kernel
-  step "profile of the GPT-2 small train step"
+  step "host time per op call, then the profile of the GPT-2 small train step"
+  run host-overhead 90 $PY scripts/host_overhead.py
+  grep -v "^\[exit" "$LOGS/host-overhead.log" | tail -16
   run profile "${PROFILE_LIMIT_S:-300}" $PY scripts/profile_train_step.py --trace "$LOGS" ${PROFILE_ARGS:-}
   grep -E "^==|total GPU|mltoolkit::|GPU busy|synchroniz|^ +[0-9]+ x |^ +[0-9.]+ +[0-9]+  .*->" "$LOGS/profile.log" \
     | cut -c1-200 | head -60

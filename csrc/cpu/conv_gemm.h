@@ -12,7 +12,8 @@
 // Register blocks: with AVX-512 (32 vector registers) 6 rows x 4 vectors = 24 accumulators, 4 loads of B and 6
 // broadcasts of A per 24 FMAs, 29 registers in the k loop. (7 x 4 needed 33: GCC kept one accumulator on the stack,
 // a load, an FMA and a store per k step on a loop-carried chain; 6 x 4 ran ResNet-50's channels-last 1x1 layers
-// ~5% faster and its 3x3 layers alike, 2026-11-27.) With AVX2 (16 registers) 6 x 2 = 12 accumulators. Measured on
+// ~5% faster and its 3x3 layers alike, 2026-11-27.) With AVX2 (16 registers) 6 x 2 = 12 accumulators. Narrower
+// panels take 8 rows in the forward (igemm_rows: 8 x 1 .. 8 x 3 with AVX-512, 8 x 1 with AVX2). Measured on
 // the 2-core Zen 4 dev VM, one thread, ResNet-50's 3x3 layers channels_last as direct convolutions: 99-108 GFLOP/s
 // with AVX-512 (7 x 4), 87-105 with AVX2 (FMA peak measured ~116 either way; oneDNN 105-118).
 #pragma once
@@ -169,8 +170,8 @@ __attribute__((noinline)) void igemm_tile(int64_t ntaps, const T* const* a, int6
   if (accumulate && !raw) load_tile<T, Pn, MR>(tile, c, ldc, mvalid, ncols);
   const T* src = raw ? c : tile;
   const int64_t lds = raw ? ldc : Pn;
-  // Slots that do not run Vec's zeroing default constructor: with it, GCC zeroed a stack copy of the accumulators
-  // with `rep stos` on every call (~10% of a 1x1 layer with 16 output channels).
+  // Slots that do not run Vec's zeroing default constructor: with `Vec<T> acc[MR][NR]`, GCC zeroed a stack block of
+  // the accumulators' size with `rep stos` on every call (~10% of the samples of a 1x1 layer with 16 output channels).
   union Slot {
     Vec<T> v;
     Slot() {}

@@ -71,6 +71,8 @@ struct Geo : conv_args::Geometry {
   int64_t Kc() const { return Cg * R * S; }
   int64_t PQ() const { return P * Q; }
   int64_t HW() const { return H * W; }
+  // 1x1, stride 1, no padding: output pixel i is input pixel i.
+  bool same_pixels() const { return R == 1 && S == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0; }
 };
 
 bool supported_dtype(at::ScalarType t) {
@@ -357,8 +359,8 @@ void fwd_igemm(const Geo& g, const T* x, const Pack& pack, const T* bias, const 
   std::vector<T> bias_p(bias ? g.G * Kgp : 0, T(0));  // zero-padded per group, so that whole panels can be loaded
   for (int64_t k = 0; bias && k < g.K; ++k) bias_p[(k / g.Kg) * Kgp + k % g.Kg] = bias[k];
   const bool row_taps = filter_row_taps(g, sizeof(T));
-  // 1x1, stride 1, no padding: output pixel i reads input pixel i, rows C apart (no divisions per block).
-  const bool pointwise = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && !row_taps;
+  // Output pixel i reads input pixel i, rows C apart: no divisions per block.
+  const bool pointwise = g.same_pixels() && !row_taps;
   const int64_t ntaps = row_taps ? g.R : RS, cdim = row_taps ? g.S * g.Cg : g.Cg;
   // A filter row's S taps are one run of x when its pixels are adjacent and their channels are all of x's.
   const bool adjacent = g.dw == 1 && g.Cg == g.C;
@@ -882,8 +884,9 @@ constexpr int kDwB = 8;
 template <typename T>
 __attribute__((noinline)) void dw_act_pass(Act act, T* out, int64_t ld, int64_t B, int64_t C) {
   cpu::with_act(act, [&](auto a) {
+    constexpr Act A = decltype(a)::value;
     for (int64_t j = 0; j < B; ++j)
-      cpu::map_vectors(out + j * ld, C, [](convk::Vec<T> v) { return convk::apply_vector_act<T>(decltype(a)::value, v); });
+      cpu::map_vectors(out + j * ld, C, [](convk::Vec<T> v) { return convk::apply_vector_act<T>(A, v); });
   });
 }
 
@@ -1414,7 +1417,7 @@ void bwd_weight_nhwc_split_pixels(const Geo& g, const T* x, const T* dy, T* dw) 
   const int64_t Kc = g.Kc(), Kgp = round_up_panel<T>(g.Kg), NPQ = g.N * g.PQ();
   const int64_t tp = std::min<int64_t>(kRedPix, NPQ), ntiles = (NPQ + tp - 1) / tp;
   const int64_t nchunk = std::min(kPixelChunks, ntiles);
-  const bool in_place = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+  const bool in_place = g.same_pixels();
   // Every chunk's first tile overwrites its partial (nchunk <= ntiles): no zero-fill.
   std::unique_ptr<T[]> parts(new T[nchunk * Kc * Kgp]);
   at::parallel_for(0, nchunk, 1, [&](int64_t begin, int64_t end) {
@@ -1822,7 +1825,7 @@ template <typename T>
 bool pointwise_nchw(const Geo& g) {
   constexpr int64_t W = convk::Vec<T>::size(), Pn = convk::kMaxNR * W;
   const int64_t HW = g.HW(), width = HW / Pn * Pn + (HW % Pn + W - 1) / W * W;
-  return !g.nhwc && g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && 8 * HW >= 7 * width;
+  return !g.nhwc && g.same_pixels() && 8 * HW >= 7 * width;
 }
 
 // A 1x1 convolution with a stride and no padding; subsampled(g): the same convolution on the pixels it reads (stride

@@ -47,8 +47,8 @@ inline at::vec::Vectorized<T> silu_vector(at::vec::Vectorized<T> v) {
 }
 
 // act(v) on a vector, every activation: the formulas of apply_activation, with at::vec's exp / erf / tanh (silu:
-// silu_vector). A scalar libm call per element in the epilogues cost
-// ~1.2 ns an element: 11.7 of the 14.5 ms of EfficientNet-B0's first 16 -> 96 expansion conv + BN + SiLU (batch 8).
+// silu_vector). A scalar libm call per element in the epilogues cost ~1.2 ns an element: 11.7 of the 14.5 ms of
+// EfficientNet-B0's first 16 -> 96 expansion conv + BN + SiLU (batch 8).
 template <typename T>
 inline at::vec::Vectorized<T> apply_vector_act(Act act, at::vec::Vectorized<T> v) {
   using V = at::vec::Vectorized<T>;

@@ -132,26 +132,33 @@ void lstm_fwd_rows(int64_t rows, int64_t H, const T* pre, const T* bias, T* h_st
   });
 }
 
-// dh = dout + dh_state (either may be null); dc_in may be null (zero); dgates: d(pre-activations); dc_out: dc.
+// One vector piece (row r, units [j, j + n)) of the LSTM backward's gate math: dh = dout + dh_state (either may be
+// null); dc_in may be null (zero); dgates: d(pre-activations); dc_out: dc.
+template <typename T>
+inline void lstm_bwd_vector(int64_t r, int64_t j, int64_t n, int64_t H, const T* dout, const T* dh_state,
+                            const T* dc_in, const T* gates, const T* cells, const T* c_prev, T* dgates, T* dc_out) {
+  const Vec<T> one(T(1)), zero(T(0));
+  const int64_t k = r * H + j;
+  Vec<T> dh = dout ? load(dout + k, n) : zero;
+  if (dh_state) dh = dh + load(dh_state + k, n);
+  const T* g = gates + r * 4 * H + j;
+  const Vec<T> i = load(g, n), f = load(g + H, n), gg = load(g + 2 * H, n), o = load(g + 3 * H, n);
+  const Vec<T> tc = tanh_(load(cells + k, n));
+  Vec<T> dc = o * dh * (one - tc * tc);
+  if (dc_in) dc = dc + load(dc_in + k, n);
+  T* d = dgates + r * 4 * H + j;
+  store(dc * gg * i * (one - i), d, n);
+  store(dc * load(c_prev + k, n) * f * (one - f), d + H, n);
+  store(dc * i * (one - gg * gg), d + 2 * H, n);
+  store(dh * tc * o * (one - o), d + 3 * H, n);
+  store(dc * f, dc_out + k, n);
+}
+
 template <typename T>
 void lstm_bwd_rows(int64_t rows, int64_t H, const T* dout, const T* dh_state, const T* dc_in, const T* gates,
                    const T* cells, const T* c_prev, T* dgates, T* dc_out) {
-  const Vec<T> one(T(1)), zero(T(0));
   for_block<T>(rows, H, [&](int64_t r, int64_t j, int64_t n) {
-    const int64_t k = r * H + j;
-    Vec<T> dh = dout ? load(dout + k, n) : zero;
-    if (dh_state) dh = dh + load(dh_state + k, n);
-    const T* g = gates + r * 4 * H + j;
-    const Vec<T> i = load(g, n), f = load(g + H, n), gg = load(g + 2 * H, n), o = load(g + 3 * H, n);
-    const Vec<T> tc = tanh_(load(cells + k, n));
-    Vec<T> dc = o * dh * (one - tc * tc);
-    if (dc_in) dc = dc + load(dc_in + k, n);
-    T* d = dgates + r * 4 * H + j;
-    store(dc * gg * i * (one - i), d, n);
-    store(dc * load(c_prev + k, n) * f * (one - f), d + H, n);
-    store(dc * i * (one - gg * gg), d + 2 * H, n);
-    store(dh * tc * o * (one - o), d + 3 * H, n);
-    store(dc * f, dc_out + k, n);
+    lstm_bwd_vector<T>(r, j, n, H, dout, dh_state, dc_in, gates, cells, c_prev, dgates, dc_out);
   });
 }
 
@@ -604,40 +611,93 @@ class PanelGemm {
   // into = a_rows @ W (+ add, which may be into itself), a_rows (rows, K) and into / add (rows, N) with unit column
   // stride, or add an (N,) bias. Returns into.
   at::Tensor operator()(const at::Tensor& add, const at::Tensor& a_rows, at::Tensor into) const {
-    constexpr int64_t U = Vec<T>::size();
-    const int64_t rows = a_rows.size(0), P = (N_ + 4 * U - 1) / (4 * U);
+    const int64_t rows = a_rows.size(0);
     if (rows == 0) return into;
     const T* a = a_rows.const_data_ptr<T>();
     const int64_t lda = a_rows.stride(0), ldo = into.stride(0);
     const T* addp = add.defined() ? add.const_data_ptr<T>() : nullptr;
     const int64_t ldadd = add.defined() && add.dim() == 2 ? add.stride(0) : 0;  // a 1-D add: a bias on every row
     T* out = into.mutable_data_ptr<T>();
-    const T* panels = packed_.const_data_ptr<T>();
     // One task per ~0.5 MFLOP of the product, at most one per panel.
-    const int64_t flops = 2 * rows * K_ * N_;
-    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(P, flops >> 19));
-    at::parallel_for(0, P, (P + tasks - 1) / tasks, [&](int64_t p0, int64_t p1) {
-      fused::for_tiles<T>(a, lda, rows, panels, K_, p0, p1, [&](int64_t p, int64_t r0, int64_t n, auto& acc) {
-        for (int64_t r = 0; r < n; ++r) {
-          const int64_t i = r0 + r;
-          for (int g = 0; g < 4; ++g) {
-            const int64_t j = p * 4 * U + g * U;
-            if (j >= N_) break;
-            const int64_t cols = std::min(U, N_ - j);
-            Vec<T> v = acc[r][g];
-            if (addp) v = v + load(addp + i * ldadd + j, cols);
-            store(v, out + i * ldo + j, cols);
-          }
-        }
-      });
+    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(panels(), flops(rows) >> 19));
+    at::parallel_for(0, panels(), (panels() + tasks - 1) / tasks, [&](int64_t p0, int64_t p1) {
+      run_panels(a, lda, rows, addp, ldadd, out, ldo, p0, p1);
     });
     return into;
+  }
+
+  int64_t panels() const { return (N_ + 4 * Vec<T>::size() - 1) / (4 * Vec<T>::size()); }
+  int64_t flops(int64_t rows) const { return 2 * rows * K_ * N_; }
+
+  // out[:rows, columns of panels [p0, p1)] = a[:rows] @ W (+ add): the caller's share of operator()'s work.
+  void run_panels(const T* a, int64_t lda, int64_t rows, const T* addp, int64_t ldadd, T* out, int64_t ldo,
+                  int64_t p0, int64_t p1) const {
+    constexpr int64_t U = Vec<T>::size();
+    fused::for_tiles<T>(a, lda, rows, packed_.const_data_ptr<T>(), K_, p0, p1,
+                        [&](int64_t p, int64_t r0, int64_t n, auto& acc) {
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t i = r0 + r;
+        for (int g = 0; g < 4; ++g) {
+          const int64_t j = p * 4 * U + g * U;
+          if (j >= N_) break;
+          const int64_t cols = std::min(U, N_ - j);
+          Vec<T> v = acc[r][g];
+          if (addp) v = v + load(addp + i * ldadd + j, cols);
+          store(v, out + i * ldo + j, cols);
+        }
+      }
+    });
   }
 
  private:
   int64_t K_, N_;
   at::Tensor packed_;
 };
+
+// The LSTM layer backward's steps in one parallel region, as run_layer does the forward's: each thread owns the hidden
+// units of its column panels of W_hh, so a step's gate math over those units (their columns of dgates, dh, dc) and
+// its share of dh = dgates @ W_hh touch only its own columns of dh and dc. One barrier a step, between the gate math
+// and the GEMM, which reads every column of dgates. The generic loop (lstm_loop::lstm_backward) forked and joined
+// threads twice a step and ran the gate math on one thread at small batches.
+// dh / dc (B, H): the running gradients (dh_n / dc_n on entry, dh0 / dc0 on return); dgates: dx_proj (N, 4H).
+template <typename T>
+void lstm_backward_steps(const PanelGemm<T>& gemm, const lstm_loop::Steps& s, bool reverse, int64_t H, const T* dout,
+                         const T* gates, const T* cells, const T* c_prev, T* dh, T* dc, T* dgates) {
+  constexpr int64_t U = Vec<T>::size();
+  const int64_t P = gemm.panels(), B = s.count() > 0 ? s.size[0] : 0;
+  const int64_t threads = at::in_parallel_region()
+                              ? 1
+                              : std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()),
+                                                                         P, gemm.flops(B) >> 19}));
+  auto body = [&](int64_t tid, int64_t team) {
+    const int64_t p0 = P * tid / team, p1 = P * (tid + 1) / team;
+    const int64_t j0 = std::min(H, p0 * 4 * U), j1 = std::min(H, p1 * 4 * U);
+    for (int64_t k = s.count() - 1; k >= 0; --k) {
+      const int64_t t = lstm_loop::step_at(s, k, reverse), off = s.offset[t], rows = s.size[t];
+      T* dg = dgates + off * 4 * H;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = j0; j < j1; j += U)
+          lstm_bwd_vector<T>(r, j, std::min(U, j1 - j), H, dout + off * H, dh, dc, gates + off * 4 * H,
+                             cells + off * H, c_prev + off * H, dg, dc);
+#ifdef _OPENMP
+      if (team > 1) {
+#pragma omp barrier
+      }
+#endif
+      gemm.run_panels(dg, 4 * H, rows, nullptr, 0, dh, H, p0, p1);
+    }
+  };
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    body(omp_get_thread_num(), omp_get_num_threads());
+  } else {
+    body(0, 1);
+  }
+#else
+  body(0, 1);
+#endif
+}
 
 // An optional bias (width,): absent, or a contiguous CPU vector of the first input's dtype.
 void check_optional_bias(const char* fn, const char* name, const std::optional<at::Tensor>& bias, int64_t width,
@@ -815,8 +875,13 @@ std::vector<at::Tensor> lstm_layer_backward_cpu(const at::Tensor& dout, const at
   at::Tensor dx_proj = empty_reusing_memory({N, 4 * H}, dout.options());
   at::Tensor dw;
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_layer_backward", [&] {
-    dw = lstm_loop::lstm_backward(CpuPointwise{}, PanelGemm<scalar_t>(w_hh), steps, dout, gates, cells, out, h0, c0,
-                                  reverse, dh, dc, dx_proj);
+    using T = scalar_t;
+    const PanelGemm<T> gemm(w_hh);
+    const at::Tensor c_prev = lstm_loop::gather_prev(steps, cells, c0, reverse);
+    lstm_backward_steps<T>(gemm, steps, reverse, H, dout.const_data_ptr<T>(), gates.const_data_ptr<T>(),
+                           cells.const_data_ptr<T>(), c_prev.const_data_ptr<T>(), dh.mutable_data_ptr<T>(),
+                           dc.mutable_data_ptr<T>(), dx_proj.mutable_data_ptr<T>());
+    dw = gemm.tn(dx_proj, lstm_loop::gather_prev(steps, out, h0, reverse));  // dw_hh: one GEMM over every row
   });
   return {dx_proj, dh, dc, dw};
 }

@@ -498,6 +498,8 @@ DEPTHWISE = [
     _case(n=2, c=24, k=24, groups=24, size=[17, 18], kernel=[3, 3], padding=1, mode="circular",
           dtype=torch.float64, channels_last=True),
     _case(n=2, c=24, k=24, groups=24, size=[9, 19], kernel=[3, 3], stride=2, padding=1, dtype=torch.bfloat16),
+    # NCHW staging with a wide channel block (its pixel pitch padded by one vector; narrower blocks stay dense).
+    _case(n=2, c=144, k=144, groups=144, size=[7, 9], kernel=[3, 3], padding=1),
     # NCHW planes too big for the staged kernel: the flat per-plane kernel (phase planes for strides and dilation).
     _case(n=1, c=3, k=3, groups=3, size=[97, 123], kernel=[3, 3], padding=1),
     _case(n=1, c=2, k=2, groups=2, size=[160, 131], kernel=[5, 5], stride=2, padding=2, bias=False),

@@ -7,7 +7,9 @@ model compiled (the target to beat). Prints, per provider:
 - every synchronizing CUDA call one step makes (torch.cuda.set_sync_debug_mode), with where it came from;
 - its top kernels by GPU time, the GPU time of mltoolkit's own ops, and how busy the GPU was: kernel time against
   the profiled wall time, and the longest idle stretches between two kernels, summed by the pair around them;
-- the top host-side ops by self CPU time.
+- the top host-side ops by self CPU time;
+- what torch.compile built: frames and graphs in the warm-up, any rebuilt during the timed steps (recompiles), and
+  the graph breaks with their reasons.
 The 2026-11-27 profile found mltoolkit's compiled step at 40 ms of wall time for ~24 ms of kernels: the host side is
 what these views are for. --trace DIR writes each provider's Chrome trace there (gzipped).
 
@@ -106,6 +108,26 @@ def _sync_report(step, ids) -> str:
                      sorted(seen.items(), key=lambda kv: -kv[1][1]))
 
 
+def _dynamo_counts() -> dict:
+    from torch._dynamo.utils import counters
+    return {"frames": counters["frames"].get("total", 0), "graphs": counters["stats"].get("unique_graphs", 0),
+            "breaks": sum(counters["graph_break"].values()), "reasons": dict(counters["graph_break"])}
+
+
+def _dynamo_report(start: dict, warm: dict, end: dict) -> str:
+    """What torch.compile captured: frames and graphs built in the warm-up, any built again during the timed steps
+    (recompiles: each costs the host a trace and a compile), and the graph breaks with their reasons (each splits
+    the step into more graphs and runs the code between them eagerly)."""
+    grew = lambda a, b, k: b[k] - a[k]
+    lines = [f"  warm-up: {grew(start, warm, 'frames')} frames, {grew(start, warm, 'graphs')} graphs, "
+             f"{grew(start, warm, 'breaks')} graph breaks; timed steps: {grew(warm, end, 'frames')} frames, "
+             f"{grew(warm, end, 'graphs')} graphs (recompiles when not 0)"]
+    new = {r: n - start["reasons"].get(r, 0) for r, n in end["reasons"].items() if n > start["reasons"].get(r, 0)}
+    for reason, n in sorted(new.items(), key=lambda kv: -kv[1])[:5]:
+        lines.append(f"  {n:4d} x break: " + " ".join(reason.split())[:300])
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -125,11 +147,13 @@ def main() -> None:
     print(f"GPT-2 small train step, batch {a.batch}, seq {a.seq}, bf16 autocast, on {where}")
     for name in a.providers.split(","):
         step = text._gpt2_step(name)
+        counts = [_dynamo_counts()]
         t0 = time.perf_counter()
         for _ in range(3):  # warm-up (the compiled providers build here)
             step(ids)
         sync()
         warm_s = time.perf_counter() - t0
+        counts.append(_dynamo_counts())
         times, enqueue = [], []
         for _ in range(5):  # a step ends with the optimizer's kernels: wall time after a sync is GPU-bound time
             t0 = time.perf_counter()
@@ -137,6 +161,7 @@ def main() -> None:
             enqueue.append((time.perf_counter() - t0) * 1e3)
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
+        counts.append(_dynamo_counts())
         syncs = _sync_report(step, ids) if device == "cuda" else "  (CPU run: not checked)"
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -147,6 +172,7 @@ def main() -> None:
             profiled_ms = (time.perf_counter() - t0) * 1e3
         print(f"\n== {name}: {sorted(times)[2]:.2f} ms a step (median of 5; the CPU issues it in "
               f"{sorted(enqueue)[2]:.2f} ms; warm-up {warm_s:.0f} s)")
+        print("torch.compile:\n" + _dynamo_report(*counts))
         print("synchronizing calls in one step:\n" + syncs)
         print(f"kernels over {a.steps} steps:\n" + _kernel_table(prof, a.rows))
         print(_busy_table(prof, profiled_ms))

@@ -3,10 +3,11 @@
 // Work layout. The LSTM layer forward is one kernel of ours (namespace fused below): register-blocked GEMMs over
 // packed W_ih / W_hh panels, the gate math as the recurrent GEMM's epilogue. The LSTM / GRU backward steps and the
 // GRU forward steps run the same register-blocked kernel over W_hh packed into column panels (PanelGemm), straight
-// into the buffer the gate math then reads while it is still in cache (the cells: ATen's GEMM); the gate math is
-// ours: one pass over the step's (rows x H) block,
-// at::vec::Vectorized lanes along H, the block cut into pieces of at least kMinElementsPerTask elements for
-// at::parallel_for. The state buffers are allocated once per layer, so a step allocates nothing.
+// into the buffer the gate math then reads while it is still in cache (the cells: ATen's GEMM). The LSTM layer
+// backward runs its steps in one parallel region, like the forward (lstm_backward_steps); elsewhere the gate math is
+// one pass over the step's (rows x H) block, at::vec::Vectorized lanes along H, the block cut into pieces of at least
+// kMinElementsPerTask elements for at::parallel_for. The state buffers are allocated once per layer, so a step
+// allocates nothing.
 // Dtypes: float32 and float64 (fp64 for gradcheck); the Python layer sends other dtypes to the reference backend.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -657,8 +658,8 @@ class PanelGemm {
 // The LSTM layer backward's steps in one parallel region, as run_layer does the forward's: each thread owns the hidden
 // units of its column panels of W_hh, so a step's gate math over those units (their columns of dgates, dh, dc) and
 // its share of dh = dgates @ W_hh touch only its own columns of dh and dc. One barrier a step, between the gate math
-// and the GEMM, which reads every column of dgates. The generic loop (lstm_loop::lstm_backward) forked and joined
-// threads twice a step and ran the gate math on one thread at small batches.
+// and the GEMM, which reads every column of dgates. The generic loop (lstm_loop::lstm_backward, the CUDA backend's)
+// forked and joined a team for every step's GEMM here and ran the gate math on one thread at small batches.
 // dh / dc (B, H): the running gradients (dh_n / dc_n on entry, dh0 / dc0 on return); dgates: dx_proj (N, 4H).
 template <typename T>
 void lstm_backward_steps(const PanelGemm<T>& gemm, const lstm_loop::Steps& s, bool reverse, int64_t H, const T* dout,

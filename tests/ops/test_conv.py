@@ -481,6 +481,26 @@ def test_epilogue_keeps_nan(device, backend, act, channels_last):
     assert torch.equal(torch.isnan(y), torch.isnan(want))
 
 
+# ---- NCHW weight gradient through channels-last copies (inputs from 28 x 28 with >= 16 channels per group) ----------
+
+NCHW_DW_VIA_CHANNELS_LAST = [
+    _case(n=1, c=16, k=8, size=[28, 30], kernel=[3, 3]),
+    _case(n=2, c=32, k=12, groups=2, size=[29, 28], kernel=[3, 3], stride=2, bias=False),
+    _case(n=1, c=24, k=40, size=[28, 28], kernel=[1, 1], padding=0),
+    _case(n=1, c=16, k=16, size=[31, 28], kernel=[3, 3], dilation=2, padding=2, dtype=torch.float64),
+]
+
+
+@pytest.mark.parametrize("case", NCHW_DW_VIA_CHANNELS_LAST, ids=_id)
+def test_nchw_weight_grad_via_channels_last(case):
+    """Forward and all gradients, dW above all: the NCHW layers whose weight gradient runs on channels-last copies
+    (csrc/cpu/conv.cpp, nchw_weight_grad_via_channels_last) give torch's, in torch's (K, C, R, S) weight layout."""
+    skip_unavailable("cpp")
+    fn, ref, args = make_case(case, "cpu")
+    with mltoolkit.backend("cpp"):
+        check_op(fn, [Sample(args)], ref, gradcheck=False, opcheck=False, compile=False)
+
+
 # ---- depthwise: the direct channels-last kernels (blocks of pixels, border pixels, channel tails, strides) ----------
 
 DEPTHWISE = [

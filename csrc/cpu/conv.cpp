@@ -1788,6 +1788,10 @@ void bwd_depthwise(const Geo& g, const T* x, const T* dy, const T* w, T* dx, T* 
       dxl = dxt.mutable_data_ptr<T>();
     }
   }
+  // dW first: it reads x and dy while dy is still in cache (the layer after produced it), where dx's writes (as large
+  // as x) would evict it first. Forward + backward, batch 8, median of 20 alternating, 2026-11-27: 144 channels @56
+  // s2 1.80 -> 1.72 ms channels-last, 4.29 -> 4.10 NCHW; 96 @112 s2 5.16 -> 4.95; others within noise.
+  if (dw) bwd_depthwise_dw_nhwc<T>(g, xl, dyl, dw);
   if (dx && dx_as_forward(g)) {
     // Stride 1: dx is the forward depthwise convolution of dy with the kernel flipped in (r, s), padding d*(R-1) - p.
     Geo gd = out_geo(g);
@@ -1799,7 +1803,6 @@ void bwd_depthwise(const Geo& g, const T* x, const T* dy, const T* w, T* dx, T* 
   } else if (dx) {
     bwd_depthwise_dx_nhwc<T>(g, dyl, w, dxl);
   }
-  if (dw) bwd_depthwise_dw_nhwc<T>(g, xl, dyl, dw);
   if (dx && !g.nhwc) to_nchw_epilogue<T>(out_geo(g), dxl, nullptr, Act::kNone, dx);
 }
 

@@ -517,6 +517,36 @@ int64_t chunk_steps(int64_t B, int64_t P) {
   return std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, B * P * 4 * Vec<T>::size() * sizeof(T)));
 }
 
+// Threads for a layer's steps: at most one per panel and one per ~0.5 MFLOP of a step's GEMM; one inside another
+// parallel region.
+inline int64_t team_size(int64_t panels, int64_t step_flops) {
+  if (at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), panels,
+                                                 step_flops >> 19}));
+}
+
+// Runs body(tid, team) on a team of `threads` OpenMP threads (one parallel region for a whole layer).
+template <typename Body>
+void run_team(int64_t threads, const Body& body) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    body(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  body(0, 1);
+}
+
+// Every thread of the team waits for the others (between two steps that share data).
+inline void team_barrier(int64_t team) {
+#ifdef _OPENMP
+  if (team > 1) {
+#pragma omp barrier
+  }
+#endif
+}
+
 // Runs the steps; h (2, B, H) holds h0 in h[0] on entry. Returns the index of the buffer that holds h_n.
 // One parallel region for the whole layer: each thread keeps the same panels (hidden units) throughout, so a chunk's
 // projection and its steps' epilogues touch only the thread's own columns of xp and c, and the only barrier needed
@@ -524,12 +554,7 @@ int64_t chunk_steps(int64_t B, int64_t P) {
 template <typename T>
 int64_t run_layer(const LayerArgs<T>& a, const lstm_loop::Steps& s, bool reverse, T* h) {
   const int64_t chunk = chunk_steps<T>(a.B, a.P);
-  // Threads: at most one per panel and one per ~0.5 MFLOP of a step's GEMM; one inside another parallel region.
-  const int64_t step_flops = 8 * a.B * a.H * a.H;
-  const int64_t threads = at::in_parallel_region()
-                              ? 1
-                              : std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()),
-                                                                         a.P, step_flops >> 19}));
+  const int64_t threads = team_size(a.P, 8 * a.B * a.H * a.H);
   auto body = [&](int64_t tid, int64_t team) {
     const int64_t p0 = a.P * tid / team, p1 = a.P * (tid + 1) / team;
     int64_t cur = 0;
@@ -545,24 +570,11 @@ int64_t run_layer(const LayerArgs<T>& a, const lstm_loop::Steps& s, bool reverse
         step_panels(a, s.offset[t], s.size[t], s.offset[t] - row0, h + cur * a.B * a.H, h + (1 - cur) * a.B * a.H,
                     p0, p1);
         cur = 1 - cur;
-#ifdef _OPENMP
-        if (team > 1) {
-#pragma omp barrier
-        }
-#endif
+        team_barrier(team);
       }
     }
   };
-#ifdef _OPENMP
-  if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-    body(omp_get_thread_num(), omp_get_num_threads());
-  } else {
-    body(0, 1);
-  }
-#else
-  body(0, 1);
-#endif
+  run_team(threads, body);
   return s.count() % 2;
 }
 
@@ -666,10 +678,7 @@ void lstm_backward_steps(const PanelGemm<T>& gemm, const lstm_loop::Steps& s, bo
                          const T* gates, const T* cells, const T* c_prev, T* dh, T* dc, T* dgates) {
   constexpr int64_t U = Vec<T>::size();
   const int64_t P = gemm.panels(), B = s.count() > 0 ? s.size[0] : 0;
-  const int64_t threads = at::in_parallel_region()
-                              ? 1
-                              : std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()),
-                                                                         P, gemm.flops(B) >> 19}));
+  const int64_t threads = fused::team_size(P, gemm.flops(B));
   auto body = [&](int64_t tid, int64_t team) {
     const int64_t p0 = P * tid / team, p1 = P * (tid + 1) / team;
     const int64_t j0 = std::min(H, p0 * 4 * U), j1 = std::min(H, p1 * 4 * U);
@@ -680,24 +689,11 @@ void lstm_backward_steps(const PanelGemm<T>& gemm, const lstm_loop::Steps& s, bo
         for (int64_t j = j0; j < j1; j += U)
           lstm_bwd_vector<T>(r, j, std::min(U, j1 - j), H, dout + off * H, dh, dc, gates + off * 4 * H,
                              cells + off * H, c_prev + off * H, dg, dc);
-#ifdef _OPENMP
-      if (team > 1) {
-#pragma omp barrier
-      }
-#endif
+      fused::team_barrier(team);
       gemm.run_panels(dg, 4 * H, rows, nullptr, 0, dh, H, p0, p1);
     }
   };
-#ifdef _OPENMP
-  if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-    body(omp_get_thread_num(), omp_get_num_threads());
-  } else {
-    body(0, 1);
-  }
-#else
-  body(0, 1);
-#endif
+  fused::run_team(threads, body);
 }
 
 // An optional bias (width,): absent, or a contiguous CPU vector of the first input's dtype.

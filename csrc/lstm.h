@@ -123,9 +123,8 @@ std::vector<at::Tensor> gru_layer_backward_cuda(const at::Tensor& dout, const at
 //   gru_bwd(rows, dout?, dh_state (in: dh from later steps; out: dh'*z), saved, h_prev, dx_proj, dgh)
 // where an absent optional is an undefined tensor. Pointer-level semantics: see csrc/cpu/lstm.cpp.
 // A Gemm G computes a step's recurrent product: G(add, x_rows, into) -> add + x_rows @ W^T, where add is a (rows, n)
-// tensor, a bias (n,) or undefined; AtenGemm writes it into `into` (a (rows, n) buffer, which may be add itself), a
-// backend's own GEMM (the CPU's oneDNN path) may return a fresh tensor instead. The forward's W is W_hh (x = h), the
-// backward's W_hh^T (x = the gate gradients, giving dh).
+// tensor, a bias (n,) or undefined, written into `into` (a (rows, n) buffer, which may be add itself) and returned.
+// The forward's W is W_hh (x = h), the backward's W_hh^T (x = the gate gradients, giving dh).
 namespace lstm_loop {
 
 struct AtenGemm {
@@ -226,18 +225,6 @@ void lstm_forward(const P& pw, const G& gemm, const Steps& s, const at::Tensor& 
   }
 }
 
-// A backward step's recurrent GEMM result r becomes the running gradient dh: written into dh_rows already (ATen's
-// GEMM with an out tensor), the new tensor itself when it covers every row (oneDNN returns a fresh tensor: adopting
-// it saves a copy a step, ~13 ms of a 2-layer T=128 backward on the dev VM), else copied into the first rows.
-inline void take_step_result(at::Tensor& dh, const at::Tensor& dh_rows, const at::Tensor& r) {
-  if (r.is_same(dh_rows)) return;
-  if (r.sizes() == dh.sizes() && r.strides() == dh.strides() && r.scalar_type() == dh.scalar_type()) {
-    dh = r;
-  } else {
-    dh_rows.copy_(r);
-  }
-}
-
 // dh_n / dc_n are the running gradients on entry (consumed: they end as dh0 / dc0). dx_proj is preallocated.
 template <class P, class G>
 at::Tensor lstm_backward(const P& pw, const G& gemm, const Steps& s, const at::Tensor& dout, const at::Tensor& gates,
@@ -250,7 +237,7 @@ at::Tensor lstm_backward(const P& pw, const G& gemm, const Steps& s, const at::T
     pw.lstm_bwd(rows, dout.narrow(0, off, rows), dh, dc, gates.narrow(0, off, rows), cells.narrow(0, off, rows),
                 c_prev.narrow(0, off, rows), dg, dc);
     at::Tensor dh_rows = dh.narrow(0, 0, rows);
-    take_step_result(dh, dh_rows, gemm(at::Tensor(), dg, dh_rows));
+    gemm(at::Tensor(), dg, dh_rows);
   }
   const at::Tensor h_prev = gather_prev(s, out, h0, reverse);
   return gemm.tn(dx_proj, h_prev);  // dw_hh: one GEMM over every row
@@ -283,7 +270,7 @@ std::vector<at::Tensor> gru_backward(const P& pw, const G& gemm, const Steps& s,
     pw.gru_bwd(rows, dout.narrow(0, off, rows), dh, saved.narrow(0, off, rows), h_prev.narrow(0, off, rows),
                dx_proj.narrow(0, off, rows), dg);
     at::Tensor dh_rows = dh.narrow(0, 0, rows);
-    take_step_result(dh, dh_rows, gemm(dh_rows, dg, dh_rows));
+    gemm(dh_rows, dg, dh_rows);
   }
   at::Tensor dw = gemm.tn(dgh, h_prev);
   at::Tensor db = has_bias ? at::sum(dgh, {0}) : at::Tensor();

@@ -38,10 +38,10 @@
 //   gru_layer_backward(dout, dh_n, saved, out, h0, w_hh, batch_sizes?, reverse, has_bias)
 //     -> {dx_proj (N, 3H), dh0 (B, H), dw_hh (3H, H), db_hh (3H) (empty unless has_bias)}
 //
-// The step loops below are shared by the CPU kernels (GRU layers) and the CUDA glue (LSTM and GRU layers): the GEMMs
-// go through the backend's GEMM policy (the CPU's packed-panel kernel, cuBLAS), the pointwise gate math through its
-// Pointwise policy (csrc/cpu/lstm.cpp, csrc/cuda/lstm_cuda.cpp). The CPU LSTM layer runs its own loops, forward and
-// backward, each in one parallel region (csrc/cpu/lstm.cpp).
+// The step loops below are shared by the CPU kernels (the GRU layer forward) and the CUDA glue (LSTM and GRU layers):
+// the GEMMs go through the backend's GEMM policy (the CPU's packed-panel kernel, cuBLAS), the pointwise gate math
+// through its Pointwise policy (csrc/cpu/lstm.cpp, csrc/cuda/lstm_cuda.cpp). The CPU LSTM layer and the CPU GRU
+// layer backward run their own loops, each in one parallel region (csrc/cpu/lstm.cpp).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>

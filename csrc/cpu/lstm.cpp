@@ -3,11 +3,11 @@
 // Work layout. The LSTM layer forward is one kernel of ours (namespace fused below): register-blocked GEMMs over
 // packed W_ih / W_hh panels, the gate math as the recurrent GEMM's epilogue. The LSTM / GRU backward steps and the
 // GRU forward steps run the same register-blocked kernel over W_hh packed into column panels (PanelGemm), straight
-// into the buffer the gate math then reads while it is still in cache (the cells: ATen's GEMM). The LSTM layer
-// backward runs its steps in one parallel region, like the forward (lstm_backward_steps); elsewhere the gate math is
-// one pass over the step's (rows x H) block, at::vec::Vectorized lanes along H, the block cut into pieces of at least
-// kMinElementsPerTask elements for at::parallel_for. The state buffers are allocated once per layer, so a step
-// allocates nothing.
+// into the buffer the gate math then reads while it is still in cache (the cells: ATen's GEMM). The LSTM and GRU
+// layer backwards run their steps in one parallel region, like the LSTM forward (lstm_backward_steps,
+// gru_backward_steps); elsewhere the gate math is one pass over the step's (rows x H) block, at::vec::Vectorized
+// lanes along H, the block cut into pieces of at least kMinElementsPerTask elements for at::parallel_for. The state
+// buffers are allocated once per layer, so a step allocates nothing.
 // Dtypes: float32 and float64 (fp64 for gradcheck); the Python layer sends other dtypes to the reference backend.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -188,30 +188,37 @@ void gru_fwd_rows(int64_t rows, int64_t H, const T* x_proj, const T* gh, T* h_st
   });
 }
 
-// dh = dout + dh_state; writes dx_proj (d pre-activations on the input side), dgh (on the hidden side) and
-// dh_state = dh * z (the direct path to h; the caller adds dgh @ W_hh).
+// One vector piece (row r, units [j, j + n)) of the GRU backward's gate math: dh = dout + dh_state; writes dx_proj
+// (d pre-activations on the input side), dgh (on the hidden side) and dh_state = dh * z (the direct path to h; the
+// caller adds dgh @ W_hh).
+template <typename T>
+inline void gru_bwd_vector(int64_t r, int64_t j, int64_t n, int64_t H, const T* dout, T* dh_state, const T* saved,
+                           const T* h_prev, T* dx_proj, T* dgh) {
+  const Vec<T> one(T(1));
+  const int64_t k = r * H + j;
+  Vec<T> dh = load(dh_state + k, n);
+  if (dout) dh = dh + load(dout + k, n);
+  const T* s = saved + r * 4 * H + j;
+  const Vec<T> rr = load(s, n), z = load(s + H, n), nn = load(s + 2 * H, n), ghn = load(s + 3 * H, n);
+  const Vec<T> dn = dh * (one - z) * (one - nn * nn);
+  const Vec<T> dz = dh * (load(h_prev + k, n) - nn) * z * (one - z);
+  const Vec<T> dr = dn * ghn * rr * (one - rr);
+  T* dx = dx_proj + r * 3 * H + j;
+  T* dg = dgh + r * 3 * H + j;
+  store(dr, dx, n);
+  store(dz, dx + H, n);
+  store(dn, dx + 2 * H, n);
+  store(dr, dg, n);
+  store(dz, dg + H, n);
+  store(dn * rr, dg + 2 * H, n);
+  store(dh * z, dh_state + k, n);
+}
+
 template <typename T>
 void gru_bwd_rows(int64_t rows, int64_t H, const T* dout, T* dh_state, const T* saved, const T* h_prev, T* dx_proj,
                   T* dgh) {
-  const Vec<T> one(T(1));
   for_block<T>(rows, H, [&](int64_t r, int64_t j, int64_t n) {
-    const int64_t k = r * H + j;
-    Vec<T> dh = load(dh_state + k, n);
-    if (dout) dh = dh + load(dout + k, n);
-    const T* s = saved + r * 4 * H + j;
-    const Vec<T> rr = load(s, n), z = load(s + H, n), nn = load(s + 2 * H, n), ghn = load(s + 3 * H, n);
-    const Vec<T> dn = dh * (one - z) * (one - nn * nn);
-    const Vec<T> dz = dh * (load(h_prev + k, n) - nn) * z * (one - z);
-    const Vec<T> dr = dn * ghn * rr * (one - rr);
-    T* dx = dx_proj + r * 3 * H + j;
-    T* dg = dgh + r * 3 * H + j;
-    store(dr, dx, n);
-    store(dz, dx + H, n);
-    store(dn, dx + 2 * H, n);
-    store(dr, dg, n);
-    store(dz, dg + H, n);
-    store(dn * rr, dg + 2 * H, n);
-    store(dh * z, dh_state + k, n);
+    gru_bwd_vector<T>(r, j, n, H, dout, dh_state, saved, h_prev, dx_proj, dgh);
   });
 }
 
@@ -667,33 +674,58 @@ class PanelGemm {
   at::Tensor packed_;
 };
 
-// The LSTM layer backward's steps in one parallel region, as run_layer does the forward's: each thread owns the hidden
-// units of its column panels of W_hh, so a step's gate math over those units (their columns of dgates, dh, dc) and
-// its share of dh = dgates @ W_hh touch only its own columns of dh and dc. One barrier a step, between the gate math
-// and the GEMM, which reads every column of dgates. The generic loop (lstm_loop::lstm_backward, the CUDA backend's)
+// A recurrent layer's backward steps in one parallel region, as run_layer does the LSTM forward's: each thread owns
+// the hidden units [j0, j1) of its column panels of W_hh. Per step (last to first) it runs gate_math(off, rows, j0,
+// j1), the step's gate gradients for its units (their columns of dgates, of the running dh and of any other state),
+// then, after one barrier (the GEMM reads every column of dgates), its share of dh = dgates @ W_hh (+ dh when add_dh:
+// the GRU's direct path dh * z, which its gate math leaves in dh). The generic loops (lstm_loop, the CUDA backend's)
 // forked and joined a team for every step's GEMM here and ran the gate math on one thread at small batches.
-// dh / dc (B, H): the running gradients (dh_n / dc_n on entry, dh0 / dc0 on return); dgates: dx_proj (N, 4H).
-template <typename T>
-void lstm_backward_steps(const PanelGemm<T>& gemm, const lstm_loop::Steps& s, bool reverse, int64_t H, const T* dout,
-                         const T* gates, const T* cells, const T* c_prev, T* dh, T* dc, T* dgates) {
+// dh (B, H): the running gradient (dh_n on entry, dh0 on return); dgates (N, G*H): the hidden-side gate gradients.
+template <typename T, typename GateMath>
+void recurrent_backward_steps(const PanelGemm<T>& gemm, const lstm_loop::Steps& s, bool reverse, int64_t H,
+                              int64_t gate_width, T* dgates, T* dh, bool add_dh, const GateMath& gate_math) {
   constexpr int64_t U = Vec<T>::size();
   const int64_t P = gemm.panels(), B = s.count() > 0 ? s.size[0] : 0;
-  const int64_t threads = fused::team_size(P, gemm.flops(B));
   auto body = [&](int64_t tid, int64_t team) {
     const int64_t p0 = P * tid / team, p1 = P * (tid + 1) / team;
     const int64_t j0 = std::min(H, p0 * 4 * U), j1 = std::min(H, p1 * 4 * U);
     for (int64_t k = s.count() - 1; k >= 0; --k) {
       const int64_t t = lstm_loop::step_at(s, k, reverse), off = s.offset[t], rows = s.size[t];
-      T* dg = dgates + off * 4 * H;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t j = j0; j < j1; j += U)
-          lstm_bwd_vector<T>(r, j, std::min(U, j1 - j), H, dout + off * H, dh, dc, gates + off * 4 * H,
-                             cells + off * H, c_prev + off * H, dg, dc);
+      gate_math(off, rows, j0, j1);
       fused::team_barrier(team);
-      gemm.run_panels(dg, 4 * H, rows, nullptr, 0, dh, H, p0, p1);
+      gemm.run_panels(dgates + off * gate_width, gate_width, rows, add_dh ? dh : nullptr, H, dh, H, p0, p1);
     }
   };
-  fused::run_team(threads, body);
+  fused::run_team(fused::team_size(P, gemm.flops(B)), body);
+}
+
+// The LSTM layer's: dh, dc (B, H) running (dh_n / dc_n on entry, dh0 / dc0 on return); dgates = dx_proj (N, 4H).
+template <typename T>
+void lstm_backward_steps(const PanelGemm<T>& gemm, const lstm_loop::Steps& s, bool reverse, int64_t H, const T* dout,
+                         const T* gates, const T* cells, const T* c_prev, T* dh, T* dc, T* dgates) {
+  constexpr int64_t U = Vec<T>::size();
+  recurrent_backward_steps<T>(gemm, s, reverse, H, 4 * H, dgates, dh, false,
+                              [&](int64_t off, int64_t rows, int64_t j0, int64_t j1) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = j0; j < j1; j += U)
+        lstm_bwd_vector<T>(r, j, std::min(U, j1 - j), H, dout + off * H, dh, dc, gates + off * 4 * H,
+                           cells + off * H, c_prev + off * H, dgates + off * 4 * H, dc);
+  });
+}
+
+// The GRU layer's: dh (B, H) running (dh_n on entry, dh0 on return); dx_proj, dgh (N, 3H): the input- and
+// hidden-side gate gradients.
+template <typename T>
+void gru_backward_steps(const PanelGemm<T>& gemm, const lstm_loop::Steps& s, bool reverse, int64_t H, const T* dout,
+                        const T* saved, const T* h_prev, T* dh, T* dx_proj, T* dgh) {
+  constexpr int64_t U = Vec<T>::size();
+  recurrent_backward_steps<T>(gemm, s, reverse, H, 3 * H, dgh, dh, true,
+                              [&](int64_t off, int64_t rows, int64_t j0, int64_t j1) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = j0; j < j1; j += U)
+        gru_bwd_vector<T>(r, j, std::min(U, j1 - j), H, dout + off * H, dh, saved + off * 4 * H, h_prev + off * H,
+                          dx_proj + off * 3 * H, dgh + off * 3 * H);
+  });
 }
 
 // An optional bias (width,): absent, or a contiguous CPU vector of the first input's dtype.
@@ -940,8 +972,14 @@ std::vector<at::Tensor> gru_layer_backward_cpu(const at::Tensor& dout, const at:
   at::Tensor dx_proj = empty_reusing_memory({N, 3 * H}, dout.options());
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(dtype, "gru_layer_backward", [&] {
-    grads = lstm_loop::gru_backward(CpuPointwise{}, PanelGemm<scalar_t>(w_hh), steps, dout, saved, out, h0, reverse,
-                                    has_bias, dh, dx_proj);
+    using T = scalar_t;
+    const PanelGemm<T> gemm(w_hh);
+    const at::Tensor h_prev = lstm_loop::gather_prev(steps, out, h0, reverse);
+    at::Tensor dgh = empty_reusing_memory({N, 3 * H}, dout.options());
+    gru_backward_steps<T>(gemm, steps, reverse, H, dout.const_data_ptr<T>(), saved.const_data_ptr<T>(),
+                          h_prev.const_data_ptr<T>(), dh.mutable_data_ptr<T>(), dx_proj.mutable_data_ptr<T>(),
+                          dgh.mutable_data_ptr<T>());
+    grads = {gemm.tn(dgh, h_prev), has_bias ? at::sum(dgh, {0}) : at::Tensor()};
   });
   return {dx_proj, dh, grads[0], grads[1]};
 }

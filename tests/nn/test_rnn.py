@@ -123,20 +123,22 @@ def test_packed_sequence_with_unsorted_lengths(device, kind, bidirectional, batc
         assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_lstm_layer_split_across_threads(threads):
-    """The CPU layer kernels with a team of threads (the other tests run one): the forward and the backward's steps
-    each split the hidden units by column panels (an uneven split at 3 threads, a partial last panel at H = 160) and
-    meet at one barrier a step; packed sequences of unsorted lengths make the active rows shrink from step to step."""
+def test_layer_split_across_threads(kind, threads):
+    """The CPU layer kernels with a team of threads (the other tests run one): the LSTM forward and the LSTM / GRU
+    backward's steps split the hidden units by column panels (an uneven split at 3 threads, a partial last panel at
+    H = 160) and meet at one barrier a step; packed sequences of unsorted lengths make the active rows shrink from
+    step to step."""
     torch.set_num_threads(threads)
-    theirs, ours = _pair("lstm", input_size=24, hidden_size=160, num_layers=2, bidirectional=True)
+    theirs, ours = _pair(kind, input_size=24, hidden_size=160, num_layers=2, bidirectional=True)
     lengths = torch.tensor([7, 3, 9, 1, 9, 5, 2, 8])
 
     def make_input():
         x = torch.randn(9, 8, 24, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
         return pack_padded_sequence(x, lengths, enforce_sorted=False), [x]
 
-    _compare(theirs, ours, make_input, hx=_states("lstm", theirs, 8, "cpu", torch.float32))
+    _compare(theirs, ours, make_input, hx=_states(kind, theirs, 8, "cpu", torch.float32))
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])

@@ -1630,9 +1630,7 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
 // first and dx transposed back). w and dw: (R*S, C).
 // dx: one task per input row (it owns its pixels); a pixel gathers dy * w over the taps that reach it; pixels of one
 // phase mod the stride share their taps, so blocks of kDwB of them run on dw_block.
-// dW: the rows (image, output row) cut into a fixed number of chunks, each summed in order into its own partial (per
-// tap row r: S accumulators per channel vector in registers over the row's pixels), the partials added in chunk
-// order. Fixed orders everywhere: deterministic for any thread count.
+// dW: see bwd_depthwise_dw_nhwc. Fixed orders everywhere: deterministic for any thread count.
 template <typename T>
 void bwd_depthwise_dx_nhwc(const Geo& g, const T* dy, const T* w, T* dx) {
   const int64_t C = g.C, RS = g.R * g.S;
@@ -1682,87 +1680,215 @@ void bwd_depthwise_dx_nhwc(const Geo& g, const T* dy, const T* w, T* dx) {
   });
 }
 
-// acc[s] (s < NS) += dy[q][c..] * x[row][q * sw + off + s * dw][c..] over the row's output pixels q, for taps s0..s0+NS
-// of one kernel row, channel vector c (n valid lanes); pixels whose tap leaves x are skipped per tap.
-template <typename T, int NS>
-void dw_wgrad_row(const Geo& g, const T* dyr, const T* xr, int64_t s0, int64_t c, int64_t n, T* part) {
+// Taps of the depthwise dW: acc[r][s] += dy[t][q][c..] * x[row(t, r)][q * sw + s * dw - pw][c..] over output rows t
+// and their pixels q.
+//
+// dw_wgrad_run: one tile of kernel rows r0 .. r0 + NR - 1 and columns s0 .. s0 + NS - 1 over the output rows
+// [t0, t1) and pixels [qlo, qhi), NC whole channel vectors from c: all NC x NR x NS sums in registers over all the
+// rows (loaded from and stored back to part, the (R*S, C) partial of the rows' chunk), dy loaded once per pixel and
+// vector for all the taps. The x value of (t, r, q, s) is read at xrow[(t - t0) * R + r] + xoff + ((q - qlo) * sw +
+// s * dw) * xpix + lane (xpix = C: x's rows in place; a row outside x is a row of zeros), the caller choosing tiles
+// whose taps all lie inside x for the pixels: every load is a whole vector and the loops have no tests.
+template <typename T, int NR, int NS, int NC>
+void dw_wgrad_run(const Geo& g, const T* dy, const T* const* xrow, int64_t xpix, int64_t xoff, int64_t t0, int64_t t1,
+                  int64_t r0, int64_t s0, int64_t qlo, int64_t qhi, int64_t c, T* part) {
   using V = convk::Vec<T>;
-  const int64_t C = g.C;
-  int64_t qa = 0, qb = g.Q;
-  int64_t lo[NS], hi[NS];
-  for (int k = 0; k < NS; ++k) {
-    q_range((s0 + k) * g.dw - g.pw, g.sw, g.W, g.Q, lo[k], hi[k]);
-    qa = std::max(qa, lo[k]), qb = std::min(qb, hi[k]);
-  }
-  if (qb < qa) qb = qa;
-  V acc[NS];
-  for (int k = 0; k < NS; ++k) acc[k] = V(T(0));
-  const int64_t xs = g.sw * C, off0 = (s0 * g.dw - g.pw) * C + c, xd = g.dw * C;
-  auto edge = [&](int64_t q) {
-    const V d = V::loadu(dyr + q * C + c, n);
-    for (int k = 0; k < NS; ++k)
-      if (q >= lo[k] && q < hi[k]) acc[k] = at::vec::fmadd(d, V::loadu(xr + q * xs + off0 + k * xd, n), acc[k]);
-  };
-  for (int64_t q = 0; q < qa; ++q) edge(q);
-  if (n == V::size()) {
-    for (int64_t q = qa; q < qb; ++q) {
-      const V d = V::loadu(dyr + q * C + c);
-      const T* xp = xr + q * xs + off0;
-      for (int k = 0; k < NS; ++k) acc[k] = at::vec::fmadd(d, V::loadu(xp + k * xd), acc[k]);
+  constexpr int64_t L = V::size();
+  const int64_t C = g.C, xs = g.sw * xpix, xd = g.dw * xpix, x0 = xoff + s0 * xd;
+  T* const pp = part + (r0 * g.S + s0) * C + c;
+  V acc[NC][NR][NS];
+#pragma GCC unroll 8
+  for (int v = 0; v < NC; ++v)
+#pragma GCC unroll 8
+    for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 8
+      for (int k = 0; k < NS; ++k) acc[v][i][k] = V::loadu(pp + (i * g.S + k) * C + v * L);
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* xr[NR];
+#pragma GCC unroll 8
+    for (int i = 0; i < NR; ++i) xr[i] = xrow[(t - t0) * g.R + r0 + i] + x0;
+    const T* dyr = dy + (t * g.Q + qlo) * C + c;
+    for (int64_t q = 0; q < qhi - qlo; ++q) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NC; ++v) {
+        const V d = V::loadu(dyr + q * C + v * L);
+#pragma GCC unroll 8
+        for (int i = 0; i < NR; ++i) {
+          const T* xp = xr[i] + q * xs + v * L;
+#pragma GCC unroll 8
+          for (int k = 0; k < NS; ++k) acc[v][i][k] = at::vec::fmadd(d, V::loadu(xp + k * xd), acc[v][i][k]);
+        }
+      }
     }
-  } else {
-    for (int64_t q = qa; q < qb; ++q) edge(q);
   }
-  for (int64_t q = qb; q < g.Q; ++q) edge(q);
-  for (int k = 0; k < NS; ++k) {
-    T* a = part + k * C + c;
-    (V::loadu(a, n) + acc[k]).store(a, n);
+#pragma GCC unroll 8
+  for (int v = 0; v < NC; ++v)
+#pragma GCC unroll 8
+    for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 8
+      for (int k = 0; k < NS; ++k) acc[v][i][k].store(pp + (i * g.S + k) * C + v * L);
+}
+
+// The same sums for one partial channel vector (n < L lanes, the end of C), x read in place: one kernel column at a
+// time over the pixels where it lies inside x, its NR sums in registers.
+template <typename T, int NR>
+void dw_wgrad_partial(const Geo& g, const T* dy, const T* const* xrow, int64_t t0, int64_t t1, int64_t r0, int64_t s0,
+                      int64_t ns, int64_t c, int64_t n, T* part) {
+  using V = convk::Vec<T>;
+  const int64_t C = g.C, xs = g.sw * C;
+  for (int64_t k = 0; k < ns; ++k) {
+    int64_t qlo, qhi;
+    q_range((s0 + k) * g.dw - g.pw, g.sw, g.W, g.Q, qlo, qhi);
+    const int64_t off = ((s0 + k) * g.dw - g.pw) * C + c;
+    T* const pp = part + (r0 * g.S + s0 + k) * C + c;
+    V acc[NR];
+#pragma GCC unroll 8
+    for (int i = 0; i < NR; ++i) acc[i] = V::loadu(pp + i * g.S * C, n);
+    for (int64_t t = t0; t < t1; ++t) {
+      const T* dyr = dy + t * g.Q * C + c;
+      for (int64_t q = qlo; q < qhi; ++q) {
+        const V d = V::loadu(dyr + q * C, n);
+#pragma GCC unroll 8
+        for (int i = 0; i < NR; ++i)
+          acc[i] = at::vec::fmadd(d, V::loadu(xrow[(t - t0) * g.R + r0 + i] + off + q * xs, n), acc[i]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < NR; ++i) acc[i].store(pp + i * g.S * C, n);
   }
 }
 
+// One group of output rows [t0, t1) for a block of channels [c1, c2) (whole vectors up to cw): where each (t, r)
+// reads x (rows[(t - t0) * R + r]: x's row, or a row of zeros), and the pixels whose taps all lie inside x ([qa, qb)).
+template <typename T>
+struct DwGradGroup {
+  int64_t t0, t1, c1, c2, cw, qa, qb;
+  const T* const* rows;
+};
+
+template <typename T, int NR, int NC, typename... Args>
+void dw_wgrad_run_ns(int64_t ns, Args... args) {
+  switch (ns) {
+    case 1: return dw_wgrad_run<T, NR, 1, NC>(args...);
+    case 2: return dw_wgrad_run<T, NR, 2, NC>(args...);
+    case 3: return dw_wgrad_run<T, NR, 3, NC>(args...);
+    case 4: return dw_wgrad_run<T, NR, 4, NC>(args...);
+    case 5: return dw_wgrad_run<T, NR, 5, NC>(args...);
+    case 6: return dw_wgrad_run<T, NR, 6, NC>(args...);
+    default: return dw_wgrad_run<T, NR, 7, NC>(args...);
+  }
+}
+
+// One tile (NR kernel rows, NS columns from s0) over a group, two whole vectors at a time where the sums fit in
+// registers (twice the independent chains, and a pass over the rows brings in two lines of every pixel): the
+// interior pixels with all the taps, then each border pixel (q < qa or q >= qb) with the run of the tile's columns
+// that lies inside x for it, x read in place either way; then a partial vector's pixels.
+template <typename T, int NR, int NS>
+void dw_wgrad_tile(const Geo& g, const T* dy, const DwGradGroup<T>& gr, int64_t r0, int64_t s0, T* part) {
+  constexpr int64_t L = convk::Vec<T>::size();
+  constexpr int NC = NR * NS <= 9 ? 2 : 1;
+  auto pixels = [&](int64_t qlo, int64_t qhi, int64_t k0, int64_t nk) {
+    const int64_t x0 = (qlo * g.sw - g.pw) * g.C;
+    int64_t c = gr.c1;
+    for (; NC == 2 && c + 2 * L <= gr.cw; c += 2 * L)
+      dw_wgrad_run_ns<T, NR, NC>(nk, g, dy, gr.rows, g.C, x0 + c, gr.t0, gr.t1, r0, k0, qlo, qhi, c, part);
+    for (; c < gr.cw; c += L)
+      dw_wgrad_run_ns<T, NR, 1>(nk, g, dy, gr.rows, g.C, x0 + c, gr.t0, gr.t1, r0, k0, qlo, qhi, c, part);
+  };
+  auto border = [&](int64_t q) {  // the tile's columns s0 + k with iw = q * sw + (s0 + k) * dw - pw in [0, W)
+    int64_t k0 = 0, k1 = NS;
+    while (k0 < NS && q * g.sw + (s0 + k0) * g.dw - g.pw < 0) ++k0;
+    while (k1 > k0 && q * g.sw + (s0 + k1 - 1) * g.dw - g.pw >= g.W) --k1;
+    if (k0 < k1) pixels(q, q + 1, s0 + k0, k1 - k0);
+  };
+  if (gr.qa < gr.qb) pixels(gr.qa, gr.qb, s0, NS);
+  for (int64_t q = 0; q < gr.qa; ++q) border(q);
+  for (int64_t q = std::max(gr.qa, gr.qb); q < g.Q; ++q) border(q);
+  if (gr.cw < gr.c2) dw_wgrad_partial<T, NR>(g, dy, gr.rows, gr.t0, gr.t1, r0, s0, NS, gr.cw, gr.c2 - gr.cw, part);
+}
+
+// dw_wgrad_tile<T, nr, ns>(args...) for a run-time nr in [1, 3] and ns in [1, 7].
+template <typename T, int NR, typename... Args>
+void dw_wgrad_tile_ns(int64_t ns, Args... args) {
+  switch (ns) {
+    case 1: return dw_wgrad_tile<T, NR, 1>(args...);
+    case 2: return dw_wgrad_tile<T, NR, 2>(args...);
+    case 3: return dw_wgrad_tile<T, NR, 3>(args...);
+    case 4: return dw_wgrad_tile<T, NR, 4>(args...);
+    case 5: return dw_wgrad_tile<T, NR, 5>(args...);
+    case 6: return dw_wgrad_tile<T, NR, 6>(args...);
+    default: return dw_wgrad_tile<T, NR, 7>(args...);
+  }
+}
+template <typename T, typename... Args>
+void dw_wgrad_tile_n(int64_t nr, int64_t ns, Args... args) {
+  switch (nr) {
+    case 1: return dw_wgrad_tile_ns<T, 1>(ns, args...);
+    case 2: return dw_wgrad_tile_ns<T, 2>(ns, args...);
+    default: return dw_wgrad_tile_ns<T, 3>(ns, args...);
+  }
+}
+
+// Bytes of x's and dy's rows one group of output rows touches per channel block (they stay in L2 while each
+// channel vector of the block sweeps them).
+constexpr int64_t kDwGradGroupBytes = 256 * 1024;
+// Output pixels per chunk of the depthwise dW at least (fewer, larger chunks for small layers: each chunk's partial
+// is loaded and stored once per group of rows and channel vector, and added up at the end).
+constexpr int64_t kDwGradChunkPixels = 1024;
+
+// dW: the rows (image, output row) cut into chunks (a function of the shape only), each summed in order into its own
+// partial (R*S, C), the partials added in chunk order: the same bits for any thread count. Tasks: (chunk, block of
+// channels). A task walks its rows in groups; per group the taps run in tiles of at most 3 kernel rows x 7 columns
+// (dw_wgrad_tile: 3x3 is one tile), their sums in registers over the group.
 template <typename T>
 void bwd_depthwise_dw_nhwc(const Geo& g, const T* x, const T* dy, T* dw) {
   constexpr int64_t L = convk::Vec<T>::size();
   const int64_t C = g.C, RS = g.R * g.S, rows = g.N * g.P;
-  const int64_t nchunks = std::min<int64_t>(rows, 8);  // a function of the shape only: the same for any thread count
+  const int64_t nchunks = std::clamp<int64_t>(rows * g.Q / kDwGradChunkPixels, 1, std::min<int64_t>(rows, 8));
   std::vector<T> part(nchunks * RS * C, T(0));
-  // Tasks: (chunk of rows, block of cb channels); each writes its own part of its chunk's partial.
-  const int64_t cb = dw_channel_block<T>(C, g.R * g.W), ncb = (C + cb - 1) / cb;
+  // Pixels [qa, qb) have every tap inside x.
+  int64_t qa = 0, qb = g.Q;
+  for (int64_t s = 0; s < g.S; ++s) {
+    int64_t lo, hi;
+    q_range(s * g.dw - g.pw, g.sw, g.W, g.Q, lo, hi);
+    qa = std::max(qa, lo), qb = std::min(qb, hi);
+  }
+  if (qb < qa) qb = qa;
+  // Channel blocks: whole pixels where a group of rows fits (x and dy then stream in memory order); narrower where
+  // there are fewer chunks than 4 tasks per thread (small images), but at least 4 vectors.
+  const int64_t row_pixels = g.sh * g.W + g.Q;  // x and dy pixels one more output row brings in
+  const int64_t want = (4 * at::get_num_threads() + nchunks - 1) / nchunks;
+  const int64_t cb = std::min(dw_channel_block<T>(C, g.R * g.W + g.Q),
+                              std::max(4 * L, ((C + want - 1) / want + L - 1) / L * L));
+  const int64_t ncb = (C + cb - 1) / cb;
+  const int64_t group = std::max<int64_t>(1, kDwGradGroupBytes / int64_t(sizeof(T)) / (row_pixels * cb));
+  const std::vector<T> zero(g.W * C, T(0));
   at::parallel_for(0, nchunks * ncb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> rowp(group * g.R);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ch = task / ncb, c1 = task % ncb * cb, c2 = std::min(C, c1 + cb);
       T* acc = part.data() + ch * RS * C;
-      for (int64_t t = ch * rows / nchunks; t < (ch + 1) * rows / nchunks; ++t) {
-        const int64_t n = t / g.P, p = t % g.P;
-        const T* dyr = dy + t * g.Q * C;
-        for (int64_t r = 0; r < g.R; ++r) {
-          const int64_t ih = p * g.sh - g.ph + r * g.dh;
-          if (ih < 0 || ih >= g.H) continue;
-          const T* xr = x + (n * g.H + ih) * g.W * C;
-          for (int64_t c = c1; c < c2; c += L) {
-            const int64_t nl = std::min(L, c2 - c);
-            for (int64_t s0 = 0; s0 < g.S;) {
-              T* a = acc + (r * g.S + s0) * C;
-              switch (std::min<int64_t>(g.S - s0, 7)) {
-                case 1: dw_wgrad_row<T, 1>(g, dyr, xr, s0, c, nl, a); s0 += 1; break;
-                case 2: dw_wgrad_row<T, 2>(g, dyr, xr, s0, c, nl, a); s0 += 2; break;
-                case 3: dw_wgrad_row<T, 3>(g, dyr, xr, s0, c, nl, a); s0 += 3; break;
-                case 4: dw_wgrad_row<T, 4>(g, dyr, xr, s0, c, nl, a); s0 += 4; break;
-                case 5: dw_wgrad_row<T, 5>(g, dyr, xr, s0, c, nl, a); s0 += 5; break;
-                case 6: dw_wgrad_row<T, 6>(g, dyr, xr, s0, c, nl, a); s0 += 6; break;
-                default: dw_wgrad_row<T, 7>(g, dyr, xr, s0, c, nl, a); s0 += 7; break;
-              }
-            }
+      const int64_t tb = ch * rows / nchunks, te = (ch + 1) * rows / nchunks;
+      for (int64_t t0 = tb; t0 < te; t0 += group) {
+        const int64_t t1 = std::min(te, t0 + group);
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t r = 0; r < g.R; ++r) {
+            const int64_t img = t / g.P, ih = t % g.P * g.sh - g.ph + r * g.dh;
+            rowp[(t - t0) * g.R + r] = ih >= 0 && ih < g.H ? x + (img * g.H + ih) * g.W * C : zero.data();
           }
-        }
+        const DwGradGroup<T> gr{t0, t1, c1, c2, c1 + (c2 - c1) / L * L, qa, qb, rowp.data()};
+        for (int64_t r0 = 0; r0 < g.R; r0 += 3)
+          for (int64_t s0 = 0; s0 < g.S; s0 += 7)
+            dw_wgrad_tile_n<T>(std::min<int64_t>(g.R - r0, 3), std::min<int64_t>(g.S - s0, 7), g, dy, gr, r0, s0,
+                               acc);
       }
     }
   });
   at::parallel_for(0, RS * C, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T sum = 0;
-      for (int64_t ch = 0; ch < nchunks; ++ch) sum += part[ch * RS * C + i];
-      dw[i] = sum;
+    std::copy(part.begin() + begin, part.begin() + end, dw + begin);
+    for (int64_t ch = 1; ch < nchunks; ++ch) {
+      const T* src = part.data() + ch * RS * C;
+      for (int64_t i = begin; i < end; ++i) dw[i] += src[i];
     }
   });
 }

@@ -511,6 +511,8 @@ DEPTHWISE = [
     _case(n=2, c=17, k=17, groups=17, size=[15, 29], kernel=[3, 3], dilation=2, padding=2, channels_last=True),
     _case(n=2, c=33, k=33, groups=33, size=[13, 27], kernel=[3, 5], stride=(1, 2), dilation=(2, 1), padding=(1, 0)),
     _case(n=1, c=32, k=32, groups=32, size=[7, 7], kernel=[5, 5], padding=2, channels_last=True),
+    # ConvNeXt's 7x7: dW in tiles of 3 + 3 + 1 kernel rows; 56 channels = a pair of vectors, one more, a partial one.
+    _case(n=2, c=56, k=56, groups=56, size=[14, 15], kernel=[7, 7], padding=3, channels_last=True),
     _case(n=2, c=9, k=9, groups=9, size=[11, 26], kernel=[3, 3], padding="same", mode="reflect",
           channels_last=True),
     _case(n=2, c=9, k=9, groups=9, size=[12, 20], kernel=[4, 3], stride=3, padding=0, mode="zeros"),
@@ -563,10 +565,11 @@ def test_depthwise_epilogue(act, stride, channels_last):
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_depthwise_same_for_any_thread_count(stride, channels_last):
-    """Depthwise y, dx and dw are bitwise the same with 1 and 2 threads (fixed reduction order)."""
+    """Depthwise y, dx and dw are bitwise the same with 1 and 2 threads (fixed reduction order; dW in several chunks
+    of rows)."""
     skip_unavailable("cpp")
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 48, 21, 19, generator=g)
+    x = torch.randn(8, 48, 41, 39, generator=g)
     w = torch.randn(48, 1, 3, 3, generator=g)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)

@@ -1631,14 +1631,17 @@ void bwd_input(const Geo& g, const T* dy, const T* w, T* dx) {
 // dx: one task per input row (it owns its pixels); a pixel gathers dy * w over the taps that reach it; pixels of one
 // phase mod the stride share their taps, so blocks of kDwB of them run on dw_block.
 // dW: see bwd_depthwise_dw_nhwc. Fixed orders everywhere: deterministic for any thread count.
+// dx_nchw: dx is NCHW, each finished row of a task transposed into it from a row buffer (no channels-last dx).
 template <typename T>
-void bwd_depthwise_dx_nhwc(const Geo& g, const T* dy, const T* w, T* dx) {
+void bwd_depthwise_dx_nhwc(const Geo& g, const T* dy, const T* w, T* dx, bool dx_nchw = false) {
   const int64_t C = g.C, RS = g.R * g.S;
   auto floordiv = [](int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };
   // Tasks: (image, block of cb channels), all input rows (dy's rows stay in L1 between them).
   const int64_t cb = dw_channel_block<T>(C, (g.R + g.sh - 1) / g.sh * g.Q), ncb = (C + cb - 1) / cb;
   at::parallel_for(0, g.N * ncb, grain_for(g.HW() * cb * RS / (g.sh * g.sw)), [&](int64_t begin, int64_t end) {
     std::vector<const T*> sp(RS), wp(RS);
+    std::vector<T> rowbuf(dx_nchw ? g.W * cb : 0);
+    const int64_t opix = dx_nchw ? cb : C;  // pixel stride of the output
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / ncb, c0 = task % ncb * cb, nc = std::min(cb, C - c0);
       for (int64_t ih = 0; ih < g.H; ++ih) {
@@ -1665,9 +1668,9 @@ void bwd_depthwise_dx_nhwc(const Geo& g, const T* dy, const T* w, T* dx) {
               wp[nt++] = w + (r * g.S + s) * C + c0;
             }
           }
-          T* o = dx + (t * g.W + iw) * C + c0;
+          T* o = dx_nchw ? rowbuf.data() + iw * cb : dx + (t * g.W + iw) * C + c0;
           if (block) {
-            dw_block<T, kDwB>(nc, nt, sp.data(), wp.data(), C, nullptr, o, g.sw * C, nullptr, Act::kNone);
+            dw_block<T, kDwB>(nc, nt, sp.data(), wp.data(), C, nullptr, o, g.sw * opix, nullptr, Act::kNone);
             iw += kDwB * g.sw;
           } else {
             dw_block<T, 1>(nc, nt, sp.data(), wp.data(), 0, nullptr, o, 0, nullptr, Act::kNone);
@@ -1675,6 +1678,7 @@ void bwd_depthwise_dx_nhwc(const Geo& g, const T* dy, const T* w, T* dx) {
           }
         }
       }
+      if (dx_nchw) transpose(rowbuf.data(), cb, dx + ((n * C + c0) * g.H + ih) * g.W, g.HW(), g.W, nc);
       }
     }
   });
@@ -1893,66 +1897,198 @@ void bwd_depthwise_dw_nhwc(const Geo& g, const T* x, const T* dy, T* dw) {
   });
 }
 
-// x may be null (no dW), dx / dw null when not wanted; NCHW tensors go through channels-last copies.
+// NCHW depthwise dW of a layer with stride 1 or 2 in width, direct (no channels-last copies of x and dy): one task
+// per channel, its images in order. Each x plane is copied into a zero-padded buffer of hp rows x wp columns (entry
+// (i, j) = x[i - ph][j - pw]), so that tap (r, s) of output pixel (p, q) reads entry (p * sh + r * dh, q * sw + s * dw).
+// Stride 2 works on x's grid: dy's rows are spread to its even columns (zeros between), so that for L positions
+// j = q * sw the taps again read contiguous runs; half the multiply-adds are of zeros, which costs less than
+// splitting x's columns by parity (and the lanes were mostly idle anyway: the kernels wait on memory).
+// dw_wgrad_plane: one tile of kernel rows r0 .. r0 + NR - 1, columns s0 .. s0 + NS - 1 over one plane, the sums
+// (vectors over positions j, added across lanes at the end) in registers over the plane's rows; dy loaded once per
+// vector of positions for all the tile's taps. dgrid: dy's rows on x's grid (J = Q * sw positions, dld apart).
+template <typename T, int NR, int NS>
+void dw_wgrad_plane(const Geo& g, const T* buf, int64_t wp, const T* dgrid, int64_t dld, int64_t r0, int64_t s0,
+                    T* vacc) {
+  using V = convk::Vec<T>;
+  constexpr int64_t L = V::size();
+  const int64_t J = g.Q * g.sw;
+  V acc[NR][NS];
+#pragma GCC unroll 8
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 8
+    for (int k = 0; k < NS; ++k) acc[i][k] = V::loadu(vacc + ((r0 + i) * g.S + s0 + k) * L);
+  for (int64_t p = 0; p < g.P; ++p) {
+    const T* dr = dgrid + p * dld;
+    const T* xr = buf + (p * g.sh + r0 * g.dh) * wp + s0 * g.dw;
+    for (int64_t j = 0; j < J; j += L) {
+      const V d = V::loadu(dr + j, std::min(L, J - j));  // lanes past J: zero
+#pragma GCC unroll 8
+      for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 8
+        for (int k = 0; k < NS; ++k)
+          acc[i][k] = at::vec::fmadd(d, V::loadu(xr + i * g.dh * wp + k * g.dw + j), acc[i][k]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 8
+    for (int k = 0; k < NS; ++k) acc[i][k].store(vacc + ((r0 + i) * g.S + s0 + k) * L);
+}
+
+template <typename T, int NR, typename... Args>
+void dw_wgrad_plane_ns(int64_t ns, Args... args) {
+  switch (ns) {
+    case 1: return dw_wgrad_plane<T, NR, 1>(args...);
+    case 2: return dw_wgrad_plane<T, NR, 2>(args...);
+    case 3: return dw_wgrad_plane<T, NR, 3>(args...);
+    case 4: return dw_wgrad_plane<T, NR, 4>(args...);
+    case 5: return dw_wgrad_plane<T, NR, 5>(args...);
+    case 6: return dw_wgrad_plane<T, NR, 6>(args...);
+    default: return dw_wgrad_plane<T, NR, 7>(args...);
+  }
+}
+
+// Whether the NCHW depthwise dW runs on the planes directly: stride 1 or 2 in width, rows of at least a vector of
+// positions (narrower rows would leave most lanes idle: the channels-last path takes them).
+template <typename T>
+bool dw_wgrad_nchw_direct(const Geo& g) {
+  return g.sw <= 2 && g.Q * g.sw >= convk::Vec<T>::size();
+}
+
+template <typename T>
+void bwd_depthwise_dw_nchw(const Geo& g, const T* x, const T* dy, T* dw) {
+  using V = convk::Vec<T>;
+  constexpr int64_t L = V::size();
+  const int64_t C = g.C, RS = g.R * g.S, J = g.Q * g.sw;
+  const int64_t hp = (g.P - 1) * g.sh + (g.R - 1) * g.dh + 1;  // padded rows the taps reach
+  // Padded columns: the last vector of positions reads up to J rounded up to L, + the widest tap.
+  const int64_t wp = (J + L - 1) / L * L + (g.S - 1) * g.dw;
+  const int64_t dld = (J + L - 1) / L * L;  // row pitch of the spread dy (stride 2)
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(hp * wp), vacc(RS * L), spread(g.sw == 2 ? g.P * dld + L : 0);
+    for (int64_t c = begin; c < end; ++c) {
+      std::fill(vacc.begin(), vacc.end(), T(0));
+      for (int64_t n = 0; n < g.N; ++n) {
+        const T* xp = x + (n * C + c) * g.HW();
+        for (int64_t i = 0; i < hp; ++i) {  // row i: zeros, x's row i - ph at column pw, zeros
+          T* row = buf.data() + i * wp;
+          const int64_t ih = i - g.ph;
+          const int64_t lo = std::min(g.pw, wp), hi = ih >= 0 && ih < g.H ? std::clamp<int64_t>(g.W + g.pw, lo, wp) : lo;
+          std::fill(row, row + lo, T(0));
+          if (hi > lo) std::memcpy(row + lo, xp + ih * g.W + (lo - g.pw), (hi - lo) * sizeof(T));
+          std::fill(row + hi, row + wp, T(0));
+        }
+        const T* dgrid = dy + (n * C + c) * g.PQ();
+        int64_t ld = g.Q;
+        if (g.sw == 2) {  // dy's rows spread to the even positions, a vector at a time
+          for (int64_t p = 0; p < g.P; ++p) {
+            const T* src = dgrid + p * g.Q;
+            T* dst = spread.data() + p * dld;
+            for (int64_t q = 0; q < g.Q; q += L) {
+              const auto [lo, hi] = at::vec::interleave2(V::loadu(src + q, std::min(L, g.Q - q)), V(T(0)));
+              lo.store(dst + 2 * q);
+              hi.store(dst + 2 * q + L, std::min(L, 2 * g.Q - 2 * q - L));
+            }
+          }
+          dgrid = spread.data(), ld = dld;
+        }
+        for (int64_t r0 = 0; r0 < g.R; r0 += 3)
+          for (int64_t s0 = 0; s0 < g.S; s0 += 7) {
+            const int64_t nr = std::min<int64_t>(g.R - r0, 3), ns = std::min<int64_t>(g.S - s0, 7);
+            if (nr == 1) dw_wgrad_plane_ns<T, 1>(ns, g, buf.data(), wp, dgrid, ld, r0, s0, vacc.data());
+            else if (nr == 2) dw_wgrad_plane_ns<T, 2>(ns, g, buf.data(), wp, dgrid, ld, r0, s0, vacc.data());
+            else dw_wgrad_plane_ns<T, 3>(ns, g, buf.data(), wp, dgrid, ld, r0, s0, vacc.data());
+          }
+      }
+      for (int64_t t = 0; t < RS; ++t) {  // lanes added in a fixed order
+        T sum = 0;
+        for (int64_t l = 0; l < L; ++l) sum += vacc[t * L + l];
+        dw[t * C + c] = sum;
+      }
+    }
+  });
+}
+
+// x may be null (no dW), dx / dw null when not wanted. NCHW: dW on the planes in place where their rows are wide
+// enough (bwd_depthwise_dw_nchw) and dx of a stride-1 layer by the NCHW forward kernel on dy, so that a stride-1
+// layer's backward copies nothing (the copies cost more than the kernels: 144 channels at 56 x 56); otherwise
+// through channels-last copies of x and dy, dx transposed into NCHW row by row as the kernel finishes them.
 template <typename T>
 void bwd_depthwise(const Geo& g, const T* x, const T* dy, const T* w, T* dx, T* dw) {
-  at::Tensor xt, dyt, dxt;  // channels-last copies and dx's channels-last buffer (NCHW), from the reused-memory pool
+  const bool dw_in_place = !g.nhwc && dw_wgrad_nchw_direct<T>(g);
+  const bool dx_fwd = dx && dx_as_forward(g);
+  at::Tensor xt, dyt;  // channels-last copies (NCHW), from the reused-memory pool
   const T* xl = x;
   const T* dyl = dy;
-  T* dxl = dx;
-  if (!g.nhwc) {
+  if (!g.nhwc && ((dw && !dw_in_place) || (dx && !dx_fwd))) {
     dyt = channels_last_copy<T>(out_geo(g), dy);
     dyl = dyt.const_data_ptr<T>();
-    if (x) {
+    if (dw && !dw_in_place) {
       xt = channels_last_copy<T>(g, x);
       xl = xt.const_data_ptr<T>();
-    }
-    if (dx) {
-      dxt = empty_reusing_memory({g.N * g.C * g.HW()}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
-      dxl = dxt.mutable_data_ptr<T>();
     }
   }
   // dW first: it reads x and dy while dy is still in cache (the layer after produced it), where dx's writes (as large
   // as x) would evict it first. Forward + backward, batch 8, median of 20 alternating, 2026-11-27: 144 channels @56
   // s2 1.80 -> 1.72 ms channels-last, 4.29 -> 4.10 NCHW; 96 @112 s2 5.16 -> 4.95; others within noise.
-  if (dw) bwd_depthwise_dw_nhwc<T>(g, xl, dyl, dw);
-  if (dx && dx_as_forward(g)) {
+  if (dw && dw_in_place) bwd_depthwise_dw_nchw<T>(g, x, dy, dw);
+  else if (dw) bwd_depthwise_dw_nhwc<T>(g, xl, dyl, dw);
+  if (dx_fwd) {
     // Stride 1: dx is the forward depthwise convolution of dy with the kernel flipped in (r, s), padding d*(R-1) - p.
     Geo gd = out_geo(g);
     gd.ph = g.dh * (g.R - 1) - g.ph, gd.pw = g.dw * (g.S - 1) - g.pw;
     const int64_t RS = g.R * g.S;
     std::unique_ptr<T[]> wf(new T[RS * g.C]);
     for (int64_t i = 0; i < RS; ++i) std::memcpy(wf.get() + (RS - 1 - i) * g.C, w + i * g.C, g.C * sizeof(T));
-    fwd_depthwise_nhwc<T>(gd, dyl, wf.get(), nullptr, nullptr, Act::kNone, dxl);
+    if (g.nhwc) fwd_depthwise_nhwc<T>(gd, dy, wf.get(), nullptr, nullptr, Act::kNone, dx);
+    else fwd_depthwise_nchw<T>(gd, dy, wf.get(), nullptr, nullptr, Act::kNone, dx);
   } else if (dx) {
-    bwd_depthwise_dx_nhwc<T>(g, dyl, w, dxl);
+    bwd_depthwise_dx_nhwc<T>(g, dyl, w, dx, !g.nhwc);
   }
-  if (dx && !g.nhwc) to_nchw_epilogue<T>(out_geo(g), dxl, nullptr, Act::kNone, dx);
 }
 
 template <typename T>
 void bwd_bias(const Geo& g, const T* dy, T* db) {
+  using V = convk::Vec<T>;
+  constexpr int64_t L = V::size();
   const int64_t PQ = g.PQ();
   if (!g.nhwc) {
+    // Per channel: its planes summed in 4 vectors of lanes (a float sum does not vectorize by itself: one add after
+    // another, 4 cycles each), the lanes added in a fixed order at the end.
     at::parallel_for(0, g.K, grain_for(g.N * PQ), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
-        T acc = 0;
+        V acc[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))};
         for (int64_t n = 0; n < g.N; ++n) {
           const T* row = dy + (n * g.K + k) * PQ;
-          T s = 0;
-          for (int64_t j = 0; j < PQ; ++j) s += row[j];
-          acc += s;
+          int64_t j = 0;
+          for (; j + 4 * L <= PQ; j += 4 * L)
+            for (int u = 0; u < 4; ++u) acc[u] = acc[u] + V::loadu(row + j + u * L);
+          for (int u = 0; j < PQ; j += L, ++u) acc[u] = acc[u] + V::loadu(row + j, std::min(L, PQ - j));
         }
-        db[k] = acc;
+        T lanes[4 * L];
+        for (int u = 0; u < 4; ++u) acc[u].store(lanes + u * L);
+        T sum = 0;
+        for (int64_t i = 0; i < 4 * L; ++i) sum += lanes[i];
+        db[k] = sum;
       }
     });
   } else {
-    std::fill(db, db + g.K, T(0));
-    const int64_t rows = g.N * PQ;
-    for (int64_t i = 0; i < rows; ++i) {
-      const T* __restrict__ row = dy + i * g.K;
-      for (int64_t k = 0; k < g.K; ++k) db[k] += row[k];
-    }
+    // Fixed chunks of pixels (a function of the shape only), each summed into its own partial over the channels, the
+    // partials added in chunk order: the same bits for any thread count.
+    const int64_t rows = g.N * PQ, nchunks = std::clamp<int64_t>(rows / 256, 1, 8);
+    std::vector<T> part(nchunks * g.K, T(0));
+    at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ch = begin; ch < end; ++ch) {
+        T* __restrict__ acc = part.data() + ch * g.K;
+        for (int64_t i = ch * rows / nchunks; i < (ch + 1) * rows / nchunks; ++i) {
+          const T* __restrict__ row = dy + i * g.K;
+          for (int64_t k = 0; k < g.K; ++k) acc[k] += row[k];
+        }
+      }
+    });
+    std::copy(part.begin(), part.begin() + g.K, db);
+    for (int64_t ch = 1; ch < nchunks; ++ch)
+      for (int64_t k = 0; k < g.K; ++k) db[k] += part[ch * g.K + k];
   }
 }
 

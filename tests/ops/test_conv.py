@@ -520,6 +520,10 @@ DEPTHWISE = [
     _case(n=2, c=24, k=24, groups=24, size=[17, 18], kernel=[3, 3], padding=1, mode="circular",
           dtype=torch.float64, channels_last=True),
     _case(n=2, c=24, k=24, groups=24, size=[9, 19], kernel=[3, 3], stride=2, padding=1, dtype=torch.bfloat16),
+    # NCHW dW on the planes in place (stride 1 or 2 in width, rows of >= 16 positions): strides, dilation, a
+    # stride-2 row whose spread dy ends inside a vector (Q = 19).
+    _case(n=2, c=5, k=5, groups=5, size=[20, 61], kernel=[3, 5], stride=(2, 1), dilation=(2, 2), padding=(1, 3)),
+    _case(n=2, c=3, k=3, groups=3, size=[9, 40], kernel=[3, 5], stride=(1, 2), dilation=(1, 2), padding=(2, 3)),
     # NCHW staging with a wide channel block (its pixel pitch padded by one vector; narrower blocks stay dense).
     _case(n=2, c=144, k=144, groups=144, size=[7, 9], kernel=[3, 3], padding=1),
     # NCHW planes too big for the staged kernel: the flat per-plane kernel (phase planes for strides and dilation).
@@ -565,27 +569,29 @@ def test_depthwise_epilogue(act, stride, channels_last):
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_depthwise_same_for_any_thread_count(stride, channels_last):
-    """Depthwise y, dx and dw are bitwise the same with 1 and 2 threads (fixed reduction order; dW in several chunks
-    of rows)."""
+    """Depthwise y, dx, dw and db are bitwise the same with 1 and 2 threads (fixed reduction orders; dW and db in
+    several chunks of rows)."""
     skip_unavailable("cpp")
     g = torch.Generator().manual_seed(5)
     x = torch.randn(8, 48, 41, 39, generator=g)
     w = torch.randn(48, 1, 3, 3, generator=g)
+    b = torch.randn(48, generator=g)
+    dy = torch.randn(F.conv2d(x, w, None, stride, 1, 1, 48).shape, generator=g)
     if channels_last:
-        x = x.to(memory_format=torch.channels_last)
+        x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
     threads, results = torch.get_num_threads(), []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            xl, wl, bl = (t.clone().requires_grad_(True) for t in (x, w, b))
             with mltoolkit.backend("cpp"):
-                y = ops.conv2d(xl, wl, None, stride, 1, 1, 48)
-                grads = torch.autograd.grad(y, (xl, wl), torch.ones_like(y))
+                y = ops.conv2d(xl, wl, bl, stride, 1, 1, 48)
+                grads = torch.autograd.grad(y, (xl, wl, bl), dy)
             results.append((y, *grads))
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("c,k,kernel,stride,pad", [(48, 16, 1, 1, 0), (16, 24, 3, 1, 1), (24, 8, 3, 2, 1),

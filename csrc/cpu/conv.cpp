@@ -1044,6 +1044,101 @@ void dw_block_rows_n(int64_t b, Args... args) {
   }
 }
 
+// Two consecutive output rows at once (stride 1 and dilation 1 in height, every kernel row inside x for both):
+// input rows rows[0 .. nr] (nr + 1 of them), row i feeding the first output row with kernel row i and the second with
+// kernel row i - 1. Each input column vector is loaded once for both rows: from 56 x 56 up a row of input pixels
+// (all channels) no longer fits L1 between the output rows that read it, so loads missed L1 R times per input row
+// (R + 1 per two output rows here). The sums run in the same order as dw_vec_rows: the same bits. out and res: the
+// second row ldr after the first.
+template <typename T, int B, int S, int SW, bool Full, bool Interior>
+inline __attribute__((always_inline)) void dw_vec_rows2(int64_t c, int64_t n, int64_t nr, const T* const* rows,
+                                                        const T* const* wrows, int64_t wld, int64_t cb, const T* init,
+                                                        T* out, int64_t ld, int64_t ldr, const T* res, bool vact,
+                                                        Act act, int64_t shift, int64_t kl, int64_t kh) {
+  using V = convk::Vec<T>;
+  auto load = [&](const T* p) { return Full ? V::loadu(p) : V::loadu(p, n); };
+  const V v0 = init ? load(init + c) : V(T(0));
+  V acc0[B], acc1[B];
+#pragma GCC unroll 16
+  for (int j = 0; j < B; ++j) acc0[j] = v0, acc1[j] = v0;
+  // Input row i with kernel row i for the first output row (First) and kernel row i - 1 for the second (Second).
+  auto row = [&](auto first, auto second, int64_t i) __attribute__((always_inline)) {
+    constexpr bool First = decltype(first)::value, Second = decltype(second)::value;
+    V w0[S], w1[S];
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) {
+      if (First) w0[s] = load(wrows[i] + s * wld + c);
+      if (Second) w1[s] = load(wrows[i - 1] + s * wld + c);
+    }
+    const T* xr = rows[i] + shift + c;
+#pragma GCC unroll 64
+    for (int k = 0; k < (B - 1) * SW + S; ++k, xr += cb) {
+      if (!Interior && (k < kl || k >= kh)) continue;
+      const V xv = load(xr);
+#pragma GCC unroll 16
+      for (int j = 0; j < B; ++j) {
+        const int s = k - j * SW;
+        if (s < 0 || s >= S) continue;
+        if (First) acc0[j] = at::vec::fmadd(w0[s], xv, acc0[j]);
+        if (Second) acc1[j] = at::vec::fmadd(w1[s], xv, acc1[j]);
+      }
+    }
+  };
+  row(std::true_type{}, std::false_type{}, 0);
+  for (int64_t i = 1; i < nr; ++i) row(std::true_type{}, std::true_type{}, i);
+  row(std::false_type{}, std::true_type{}, nr);
+#pragma GCC unroll 16
+  for (int j = 0; j < B; ++j)
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      T* o = out + h * ldr + j * ld + c;
+      V v = h == 0 ? acc0[j] : acc1[j];
+      if (res) v = v + load(res + h * ldr + j * ld + c);
+      if (vact) v = convk::apply_vector_act<T>(act, v);
+      if (Full) v.store(o);
+      else v.store(o, n);
+    }
+}
+
+template <typename T, int B, int S, int SW>
+void dw_block_rows2(int64_t C, int64_t nr, const T* const* rows, const T* const* wrows, int64_t wld, int64_t cb,
+                    const T* init, T* out, int64_t ld, int64_t ldr, const T* res, Act act, int64_t shift, int64_t kl,
+                    int64_t kh) {
+  constexpr int64_t L = convk::Vec<T>::size();
+  const bool vact = convk::vector_act(act);
+  int64_t c = 0;
+  if (kl <= 0 && kh >= (B - 1) * SW + S) {
+    for (; c + L <= C; c += L)
+      dw_vec_rows2<T, B, S, SW, true, true>(c, L, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, act, shift,
+                                            kl, kh);
+  } else {
+    for (; c + L <= C; c += L)
+      dw_vec_rows2<T, B, S, SW, true, false>(c, L, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, act,
+                                             shift, kl, kh);
+  }
+  if (c < C)
+    dw_vec_rows2<T, B, S, SW, false, false>(c, C - c, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, act,
+                                            shift, kl, kh);
+  if (!vact) {
+    dw_act_pass<T>(act, out, ld, B, C);
+    dw_act_pass<T>(act, out + ldr, ld, B, C);
+  }
+}
+
+template <typename T, int S, int SW, typename... Args>
+void dw_block_rows2_n(int64_t b, Args... args) {
+  switch (b) {
+    case 1: return dw_block_rows2<T, 1, S, SW>(args...);
+    case 2: return dw_block_rows2<T, 2, S, SW>(args...);
+    case 3: return dw_block_rows2<T, 3, S, SW>(args...);
+    case 4: return dw_block_rows2<T, 4, S, SW>(args...);
+    case 5: return dw_block_rows2<T, 5, S, SW>(args...);
+    case 6: return dw_block_rows2<T, 6, S, SW>(args...);
+    case 7: return dw_block_rows2<T, 7, S, SW>(args...);
+    default: return dw_block_rows2<T, kDwB, S, SW>(args...);
+  }
+}
+
 // Which specialised row kernel serves (S, sw, dw): 0 = none (the generic dw_block).
 inline int dw_row_kind(const Geo& g) {
   if (g.dw != 1) return 0;
@@ -1074,10 +1169,11 @@ void fwd_depthwise_ring(const Geo& g, const T* x, const T* w_t, const T* b, cons
   // ring on EfficientNet-B0's channels-last layers from 28 x 28 down (the copy's stores cost more than the loads it
   // saves), within noise (+-10%) at 56 x 56 and 112 x 112.
   const bool direct = kind != 0;
+  const bool pairs = direct && g.sh == 1 && g.dh == 1;
   at::parallel_for(0, g.N * ncb, grain_for(g.PQ() * cb * RS), [&](int64_t begin, int64_t end) {
     using V = convk::Vec<T>;
     constexpr int64_t L = V::size();
-    std::vector<const T*> sp(RS), wp(RS), rp_(g.R), wr_(g.R);
+    std::vector<const T*> sp(RS), wp(RS), rp_(g.R + 1), wr_(g.R);
     std::unique_ptr<T[]> ring(direct ? nullptr : new T[span * Wp * cb]);
     // Staged pixels sld apart: for wide blocks one vector more than cb, so that loads from xloc and stores to oloc
     // do not fall on the same address mod 4 KB (cb = 512 floats ran 1.4x slower on 7 x 7 planes without it). Narrow
@@ -1105,6 +1201,39 @@ void fwd_depthwise_ring(const Geo& g, const T* x, const T* w_t, const T* b, cons
       }
       std::fill(tag.begin(), tag.end(), INT64_MIN);
       for (int64_t p = 0; p < g.P; ++p) {
+        // Rows p and p + 1 together where both read all R input rows (row kernels, stride and dilation 1 in height).
+        if (pairs && p + 1 < g.P && p - g.ph >= 0 && p + 1 - g.ph + g.R - 1 < g.H) {
+          for (int64_t r = 0; r <= g.R; ++r) rp_[r] = xs + (p - g.ph + r) * g.W * xld;
+          for (int64_t r = 0; r < g.R; ++r) wr_[r] = w_t + r * g.S * C + c0;
+          const int64_t ld = kNchw ? sld : C, ldr = g.Q * ld;
+          const int64_t row = kNchw ? p * g.Q * sld : ((n * g.P + p) * g.Q) * C + c0;
+          T* const obase = kNchw ? oloc + row : y + row;
+          const T* rbase = !res ? nullptr : kNchw ? rloc + row : res + row;
+          for (int64_t q = 0; q < g.Q; q += kDwB) {
+            const int64_t bq = std::min<int64_t>(kDwB, g.Q - q);
+            const int64_t iw0 = q * g.sw - g.pw, kl = std::max<int64_t>(0, -iw0), kh = g.W - iw0;
+            T* out = obase + q * ld;
+            const T* rsd = rbase ? rbase + q * ld : nullptr;
+            const T* const* rw = rp_.data();
+            const T* const* ww = wr_.data();
+            const int64_t shift = iw0 * xld;
+            switch (kind) {
+              case 1:
+                dw_block_rows2_n<T, 3, 1>(bq, nc, g.R, rw, ww, C, xld, bc, out, ld, ldr, rsd, act, shift, kl, kh);
+                break;
+              case 2:
+                dw_block_rows2_n<T, 3, 2>(bq, nc, g.R, rw, ww, C, xld, bc, out, ld, ldr, rsd, act, shift, kl, kh);
+                break;
+              case 3:
+                dw_block_rows2_n<T, 5, 1>(bq, nc, g.R, rw, ww, C, xld, bc, out, ld, ldr, rsd, act, shift, kl, kh);
+                break;
+              default:
+                dw_block_rows2_n<T, 5, 2>(bq, nc, g.R, rw, ww, C, xld, bc, out, ld, ldr, rsd, act, shift, kl, kh);
+            }
+          }
+          ++p;
+          continue;
+        }
         int64_t nt = 0, nr = 0;
         for (int64_t r = 0; r < g.R; ++r) {
           const int64_t ih = p * g.sh - g.ph + r * g.dh;

@@ -511,6 +511,8 @@ DEPTHWISE = [
     _case(n=2, c=17, k=17, groups=17, size=[15, 29], kernel=[3, 3], dilation=2, padding=2, channels_last=True),
     _case(n=2, c=33, k=33, groups=33, size=[13, 27], kernel=[3, 5], stride=(1, 2), dilation=(2, 1), padding=(1, 0)),
     _case(n=1, c=32, k=32, groups=32, size=[7, 7], kernel=[5, 5], padding=2, channels_last=True),
+    # Pairs of output rows in the forward (stride 1 in height) with stride 2 in width, residual-free, partial vector.
+    _case(n=2, c=20, k=20, groups=20, size=[12, 25], kernel=[5, 5], stride=(1, 2), padding=2, channels_last=True),
     # ConvNeXt's 7x7: dW in tiles of 3 + 3 + 1 kernel rows; 56 channels = a pair of vectors, one more, a partial one.
     _case(n=2, c=56, k=56, groups=56, size=[14, 15], kernel=[7, 7], padding=3, channels_last=True),
     _case(n=2, c=9, k=9, groups=9, size=[11, 26], kernel=[3, 3], padding="same", mode="reflect",

@@ -49,6 +49,7 @@ namespace mltoolkit {
 namespace {
 
 using cpu::transpose;
+using cpu::transpose16;
 
 using attn::gemm;
 using attn::kPanel;
@@ -329,17 +330,28 @@ template <typename T>
 std::unique_ptr<T[]> pack_dx_panels(const Geo& g, const T* w, bool w_rsc, int64_t Pn) {
   const int64_t Kc = g.Kc(), RS = g.R * g.S, npan = (g.Cg + Pn - 1) / Pn, rows = RS * g.Kg;
   std::unique_ptr<T[]> bw(new T[g.G * npan * rows * Pn]);
-  auto make_tmp = [&] { return std::vector<T>(w_rsc ? 0 : RS * Pn); };
-  parallel_tasks(g.G * npan, make_tmp, [&](int64_t u, std::vector<T>& tmp) {
+  const T* const wend = w + g.K * Kc;
+  parallel_tasks(g.G * npan, [] { return std::vector<T>(16 * 16); }, [&](int64_t u, std::vector<T>& tmp) {
     const int64_t gg = u / npan, c0 = (u % npan) * Pn, cl = std::min(Pn, g.Cg - c0);
     T* panel = bw.get() + u * rows * Pn;
+    auto dst_row = [&](int64_t rs, int64_t k) { return panel + ((RS - 1 - rs) * g.Kg + k) * Pn; };  // tap RS-1-rs
     for (int64_t k = 0; k < g.Kg; ++k) {
       const T* wr = w + (gg * g.Kg + k) * Kc;
-      if (!w_rsc) transpose(wr + c0 * RS, RS, tmp.data(), Pn, cl, RS);  // tmp[rs][c]
+      int64_t c = 0;
+      if (!w_rsc && RS <= 16) {
+        // (c, r, s) rows: 16 input channels' taps (16 rows RS apart, read 16 wide: the columns past RS belong to the
+        // next channel) transposed in registers, its first RS rows kept. Through at::vec's generic loop for the
+        // narrow blocks (or a strided gather) the packing took as long as the 7 x 7 layers' multiply-adds.
+        for (; c + 16 <= cl && wr + (c0 + c + 15) * RS + 16 <= wend; c += 16) {
+          transpose16(wr + (c0 + c) * RS, RS, tmp.data(), 16);
+          for (int64_t rs = 0; rs < RS; ++rs) std::copy_n(tmp.data() + rs * 16, 16, dst_row(rs, k) + c);
+        }
+      }
       for (int64_t rs = 0; rs < RS; ++rs) {
-        const T* src = w_rsc ? wr + rs * g.Cg + c0 : tmp.data() + rs * Pn;
-        T* dst = panel + ((RS - 1 - rs) * g.Kg + k) * Pn;  // (R-1-r, S-1-s) is tap RS-1-rs
-        std::copy(src, src + cl, dst);
+        T* dst = dst_row(rs, k);
+        if (w_rsc) std::copy(wr + rs * g.Cg + c0, wr + rs * g.Cg + c0 + cl, dst);
+        else
+          for (int64_t cc = c; cc < cl; ++cc) dst[cc] = wr[(c0 + cc) * RS + rs];
         std::fill(dst + cl, dst + Pn, T(0));
       }
     }

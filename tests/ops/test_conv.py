@@ -501,6 +501,27 @@ def test_nchw_weight_grad_via_channels_last(case):
         check_op(fn, [Sample(args)], ref, gradcheck=False, opcheck=False, compile=False)
 
 
+@pytest.mark.parametrize("cg,kernel,groups,dtype", [(40, 3, 1, torch.float32), (32, 3, 1, torch.float32),
+                                                    (40, 1, 1, torch.float32), (40, 2, 2, torch.float32),
+                                                    (40, 3, 1, torch.float64), (40, 5, 1, torch.float32)])
+def test_nchw_dx_weight_panels(cg, kernel, groups, dtype):
+    """dx of stride-1 NCHW layers (the forward on dy with the flipped weight, packed from (c, r, s) rows 16 input
+    channels at a time; one by one the channels past the last 16 (cg = 40) and the weight's last block (cg = 32: its
+    16-wide reads would run past the weight); 5x5: 25 taps, one by one) against torch."""
+    skip_unavailable("cpp")
+    g = torch.Generator().manual_seed(kernel * 10 + groups)
+    c, k = cg * groups, 24 * groups
+    x = torch.randn(2, c, 9, 8, generator=g, dtype=dtype)
+    w = torch.randn(k, c // groups, kernel, kernel, generator=g, dtype=dtype)
+    dy = torch.randn(F.conv2d(x, w, None, 1, kernel // 2, 1, groups).shape, generator=g, dtype=dtype)
+    pad = [kernel // 2] * 2
+    want = torch.ops.aten.convolution_backward(dy.double(), x.double(), w.double(), None, [1, 1], pad, [1, 1], False,
+                                               [0, 0], groups, [True, False, False])[0]
+    with mltoolkit.backend("cpp"):
+        got = torch.ops.mltoolkit.conv2d_bwd(dy, x, w, [1, 1], pad, [1, 1], groups, [True, False, False])[0]
+    assert_close(got.double(), want, atol=1e-4, rtol=1e-4, name="dx")
+
+
 # ---- depthwise: the direct channels-last kernels (blocks of pixels, border pixels, channel tails, strides) ----------
 
 DEPTHWISE = [

@@ -1640,10 +1640,7 @@ void bwd_weight_nhwc(const Geo& g, const T* x, const T* dy, T* dw) {
           first = false;
         }
       }
-      for (int64_t k = 0; k < g.Kg; ++k) {
-        T* dr = dw + (gg * g.Kg + k) * Kc + i0;
-        for (int64_t i = 0; i < ml; ++i) dr[i] = cb[i * Kgp + k];
-      }
+      transpose(cb.data(), Kgp, dw + gg * g.Kg * Kc + i0, Kc, ml, g.Kg);  // dw[k][i0 + i] = cb[i][k]
     }
   });
 }

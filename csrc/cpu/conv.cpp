@@ -976,97 +976,22 @@ void dw_block_n(int64_t b, Args... args) {
   }
 }
 
-// The forward's block for S taps per kernel row at stride SW (dilation 1), kernel rows rows[i] (pointers into the
-// padded ring: column k of the block at rows[i][shift + k * cb]): each input column vector is loaded once per kernel
-// row and used by every output of the block that reads it, the row's S weight vectors in registers.
+// The forward's block for S taps per kernel row at stride SW (dilation 1): B output pixels of PR consecutive output
+// rows (PR = 1, or 2 where stride and dilation are 1 in height and both rows read all their kernel rows). Input
+// rows rows[0 .. nr + PR - 2] (pointers into the padded ring or x: column k of the block at rows[i][shift + k * cb]);
+// input row i feeds output row h with kernel row i - h (weights wrows[i - h]). Each input column vector is loaded
+// once per input row and used by every output of the block that reads it, the row's weight vectors in registers.
+// Two rows: from 56 x 56 up a row of input pixels (all channels) does not stay in L1 between the output rows that
+// read it, so one row at a time missed L1 R times per input row (R + 1 per two output rows with pairs). The sums run
+// in the same order either way: the same bits. out and res: the second row ldr after the first.
 // Interior: every column of the block lies inside the row (kl <= 0, kh >= the block's width): no test per column, and
 // the column pointer steps by cb, which keeps the k loop in registers (with the tests, GCC kept the per-column offsets
 // in vector registers, reloaded the shared input columns once per use and spilled accumulators on the edge paths).
-template <typename T, int B, int S, int SW, bool Full, bool Interior>
+template <typename T, int B, int S, int SW, int PR, bool Full, bool Interior>
 inline __attribute__((always_inline)) void dw_vec_rows(int64_t c, int64_t n, int64_t nr, const T* const* rows,
                                                        const T* const* wrows, int64_t wld, int64_t cb, const T* init,
-                                                       T* out, int64_t ld, const T* res, bool vact, Act act,
-                                                       int64_t shift, int64_t kl, int64_t kh) {
-  using V = convk::Vec<T>;
-  auto load = [&](const T* p) { return Full ? V::loadu(p) : V::loadu(p, n); };
-  const V v0 = init ? load(init + c) : V(T(0));
-  V acc[B];
-#pragma GCC unroll 16
-  for (int j = 0; j < B; ++j) acc[j] = v0;
-  for (int64_t i = 0; i < nr; ++i) {
-    V wv[S];
-#pragma GCC unroll 16
-    for (int s = 0; s < S; ++s) wv[s] = load(wrows[i] + s * wld + c);  // w_t rows are wld (= C) apart
-    const T* xr = rows[i] + shift + c;
-#pragma GCC unroll 64
-    for (int k = 0; k < (B - 1) * SW + S; ++k, xr += cb) {
-      if (!Interior && (k < kl || k >= kh)) continue;  // columns in the padding: zero, no multiply-adds
-      const V xv = load(xr);
-#pragma GCC unroll 16
-      for (int j = 0; j < B; ++j) {
-        const int s = k - j * SW;
-        if (s >= 0 && s < S) acc[j] = at::vec::fmadd(wv[s], xv, acc[j]);
-      }
-    }
-  }
-#pragma GCC unroll 16
-  for (int j = 0; j < B; ++j) {
-    T* o = out + j * ld + c;
-    V v = acc[j];
-    if (res) v = v + load(res + j * ld + c);
-    if (vact) v = convk::apply_vector_act<T>(act, v);
-    if (Full) v.store(o);
-    else v.store(o, n);
-  }
-}
-
-template <typename T, int B, int S, int SW>
-void dw_block_rows(int64_t C, int64_t nr, const T* const* rows, const T* const* wrows, int64_t wld, int64_t cb,
-                   const T* init, T* out, int64_t ld, const T* res, Act act, int64_t shift, int64_t kl,
-                   int64_t kh) {
-  constexpr int64_t L = convk::Vec<T>::size();
-  const bool vact = convk::vector_act(act);
-  int64_t c = 0;
-  if (kl <= 0 && kh >= (B - 1) * SW + S) {
-    for (; c + L <= C; c += L)
-      dw_vec_rows<T, B, S, SW, true, true>(c, L, nr, rows, wrows, wld, cb, init, out, ld, res, vact, act, shift, kl,
-                                           kh);
-  } else {
-    for (; c + L <= C; c += L)
-      dw_vec_rows<T, B, S, SW, true, false>(c, L, nr, rows, wrows, wld, cb, init, out, ld, res, vact, act, shift, kl,
-                                            kh);
-  }
-  if (c < C)
-    dw_vec_rows<T, B, S, SW, false, false>(c, C - c, nr, rows, wrows, wld, cb, init, out, ld, res, vact, act, shift,
-                                           kl, kh);
-  if (!vact) dw_act_pass<T>(act, out, ld, B, C);
-}
-
-template <typename T, int S, int SW, typename... Args>
-void dw_block_rows_n(int64_t b, Args... args) {
-  switch (b) {
-    case 1: return dw_block_rows<T, 1, S, SW>(args...);
-    case 2: return dw_block_rows<T, 2, S, SW>(args...);
-    case 3: return dw_block_rows<T, 3, S, SW>(args...);
-    case 4: return dw_block_rows<T, 4, S, SW>(args...);
-    case 5: return dw_block_rows<T, 5, S, SW>(args...);
-    case 6: return dw_block_rows<T, 6, S, SW>(args...);
-    case 7: return dw_block_rows<T, 7, S, SW>(args...);
-    default: return dw_block_rows<T, kDwB, S, SW>(args...);
-  }
-}
-
-// Two consecutive output rows at once (stride 1 and dilation 1 in height, every kernel row inside x for both):
-// input rows rows[0 .. nr] (nr + 1 of them), row i feeding the first output row with kernel row i and the second with
-// kernel row i - 1. Each input column vector is loaded once for both rows: from 56 x 56 up a row of input pixels
-// (all channels) no longer fits L1 between the output rows that read it, so loads missed L1 R times per input row
-// (R + 1 per two output rows here). The sums run in the same order as dw_vec_rows: the same bits. out and res: the
-// second row ldr after the first.
-template <typename T, int B, int S, int SW, bool Full, bool Interior>
-inline __attribute__((always_inline)) void dw_vec_rows2(int64_t c, int64_t n, int64_t nr, const T* const* rows,
-                                                        const T* const* wrows, int64_t wld, int64_t cb, const T* init,
-                                                        T* out, int64_t ld, int64_t ldr, const T* res, bool vact,
-                                                        Act act, int64_t shift, int64_t kl, int64_t kh) {
+                                                       T* out, int64_t ld, int64_t ldr, const T* res, bool vact,
+                                                       Act act, int64_t shift, int64_t kl, int64_t kh) {
   using V = convk::Vec<T>;
   auto load = [&](const T* p) { return Full ? V::loadu(p) : V::loadu(p, n); };
   const V v0 = init ? load(init + c) : V(T(0));
@@ -1078,14 +1003,14 @@ inline __attribute__((always_inline)) void dw_vec_rows2(int64_t c, int64_t n, in
     constexpr bool First = decltype(first)::value, Second = decltype(second)::value;
     V w0[S], w1[S];
 #pragma GCC unroll 16
-    for (int s = 0; s < S; ++s) {
+    for (int s = 0; s < S; ++s) {  // w_t rows are wld (= C) apart
       if (First) w0[s] = load(wrows[i] + s * wld + c);
       if (Second) w1[s] = load(wrows[i - 1] + s * wld + c);
     }
     const T* xr = rows[i] + shift + c;
 #pragma GCC unroll 64
     for (int k = 0; k < (B - 1) * SW + S; ++k, xr += cb) {
-      if (!Interior && (k < kl || k >= kh)) continue;
+      if (!Interior && (k < kl || k >= kh)) continue;  // columns in the padding: zero, no multiply-adds
       const V xv = load(xr);
 #pragma GCC unroll 16
       for (int j = 0; j < B; ++j) {
@@ -1096,13 +1021,17 @@ inline __attribute__((always_inline)) void dw_vec_rows2(int64_t c, int64_t n, in
       }
     }
   };
-  row(std::true_type{}, std::false_type{}, 0);
-  for (int64_t i = 1; i < nr; ++i) row(std::true_type{}, std::true_type{}, i);
-  row(std::false_type{}, std::true_type{}, nr);
+  if constexpr (PR == 1) {
+    for (int64_t i = 0; i < nr; ++i) row(std::true_type{}, std::false_type{}, i);
+  } else {
+    row(std::true_type{}, std::false_type{}, 0);
+    for (int64_t i = 1; i < nr; ++i) row(std::true_type{}, std::true_type{}, i);
+    row(std::false_type{}, std::true_type{}, nr);
+  }
 #pragma GCC unroll 16
   for (int j = 0; j < B; ++j)
 #pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < PR; ++h) {
       T* o = out + h * ldr + j * ld + c;
       V v = h == 0 ? acc0[j] : acc1[j];
       if (res) v = v + load(res + h * ldr + j * ld + c);
@@ -1112,42 +1041,40 @@ inline __attribute__((always_inline)) void dw_vec_rows2(int64_t c, int64_t n, in
     }
 }
 
-template <typename T, int B, int S, int SW>
-void dw_block_rows2(int64_t C, int64_t nr, const T* const* rows, const T* const* wrows, int64_t wld, int64_t cb,
-                    const T* init, T* out, int64_t ld, int64_t ldr, const T* res, Act act, int64_t shift, int64_t kl,
-                    int64_t kh) {
+template <typename T, int B, int S, int SW, int PR>
+void dw_block_rows(int64_t C, int64_t nr, const T* const* rows, const T* const* wrows, int64_t wld, int64_t cb,
+                   const T* init, T* out, int64_t ld, int64_t ldr, const T* res, Act act, int64_t shift, int64_t kl,
+                   int64_t kh) {
   constexpr int64_t L = convk::Vec<T>::size();
   const bool vact = convk::vector_act(act);
   int64_t c = 0;
   if (kl <= 0 && kh >= (B - 1) * SW + S) {
     for (; c + L <= C; c += L)
-      dw_vec_rows2<T, B, S, SW, true, true>(c, L, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, act, shift,
-                                            kl, kh);
+      dw_vec_rows<T, B, S, SW, PR, true, true>(c, L, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, act,
+                                               shift, kl, kh);
   } else {
     for (; c + L <= C; c += L)
-      dw_vec_rows2<T, B, S, SW, true, false>(c, L, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, act,
-                                             shift, kl, kh);
+      dw_vec_rows<T, B, S, SW, PR, true, false>(c, L, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, act,
+                                                shift, kl, kh);
   }
   if (c < C)
-    dw_vec_rows2<T, B, S, SW, false, false>(c, C - c, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, act,
-                                            shift, kl, kh);
-  if (!vact) {
-    dw_act_pass<T>(act, out, ld, B, C);
-    dw_act_pass<T>(act, out + ldr, ld, B, C);
-  }
+    dw_vec_rows<T, B, S, SW, PR, false, false>(c, C - c, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, act,
+                                               shift, kl, kh);
+  if (!vact)
+    for (int h = 0; h < PR; ++h) dw_act_pass<T>(act, out + h * ldr, ld, B, C);
 }
 
-template <typename T, int S, int SW, typename... Args>
-void dw_block_rows2_n(int64_t b, Args... args) {
+template <typename T, int S, int SW, int PR, typename... Args>
+void dw_block_rows_n(int64_t b, Args... args) {
   switch (b) {
-    case 1: return dw_block_rows2<T, 1, S, SW>(args...);
-    case 2: return dw_block_rows2<T, 2, S, SW>(args...);
-    case 3: return dw_block_rows2<T, 3, S, SW>(args...);
-    case 4: return dw_block_rows2<T, 4, S, SW>(args...);
-    case 5: return dw_block_rows2<T, 5, S, SW>(args...);
-    case 6: return dw_block_rows2<T, 6, S, SW>(args...);
-    case 7: return dw_block_rows2<T, 7, S, SW>(args...);
-    default: return dw_block_rows2<T, kDwB, S, SW>(args...);
+    case 1: return dw_block_rows<T, 1, S, SW, PR>(args...);
+    case 2: return dw_block_rows<T, 2, S, SW, PR>(args...);
+    case 3: return dw_block_rows<T, 3, S, SW, PR>(args...);
+    case 4: return dw_block_rows<T, 4, S, SW, PR>(args...);
+    case 5: return dw_block_rows<T, 5, S, SW, PR>(args...);
+    case 6: return dw_block_rows<T, 6, S, SW, PR>(args...);
+    case 7: return dw_block_rows<T, 7, S, SW, PR>(args...);
+    default: return dw_block_rows<T, kDwB, S, SW, PR>(args...);
   }
 }
 
@@ -1212,44 +1139,18 @@ void fwd_depthwise_ring(const Geo& g, const T* x, const T* w_t, const T* b, cons
         xs = x + n * HW * C + c0, xld = C;
       }
       std::fill(tag.begin(), tag.end(), INT64_MIN);
-      for (int64_t p = 0; p < g.P; ++p) {
-        // Rows p and p + 1 together where both read all R input rows (row kernels, stride and dilation 1 in height).
-        if (pairs && p + 1 < g.P && p - g.ph >= 0 && p + 1 - g.ph + g.R - 1 < g.H) {
-          for (int64_t r = 0; r <= g.R; ++r) rp_[r] = xs + (p - g.ph + r) * g.W * xld;
-          for (int64_t r = 0; r < g.R; ++r) wr_[r] = w_t + r * g.S * C + c0;
-          const int64_t ld = kNchw ? sld : C, ldr = g.Q * ld;
-          const int64_t row = kNchw ? p * g.Q * sld : ((n * g.P + p) * g.Q) * C + c0;
-          T* const obase = kNchw ? oloc + row : y + row;
-          const T* rbase = !res ? nullptr : kNchw ? rloc + row : res + row;
-          for (int64_t q = 0; q < g.Q; q += kDwB) {
-            const int64_t bq = std::min<int64_t>(kDwB, g.Q - q);
-            const int64_t iw0 = q * g.sw - g.pw, kl = std::max<int64_t>(0, -iw0), kh = g.W - iw0;
-            T* out = obase + q * ld;
-            const T* rsd = rbase ? rbase + q * ld : nullptr;
-            const T* const* rw = rp_.data();
-            const T* const* ww = wr_.data();
-            const int64_t shift = iw0 * xld;
-            switch (kind) {
-              case 1:
-                dw_block_rows2_n<T, 3, 1>(bq, nc, g.R, rw, ww, C, xld, bc, out, ld, ldr, rsd, act, shift, kl, kh);
-                break;
-              case 2:
-                dw_block_rows2_n<T, 3, 2>(bq, nc, g.R, rw, ww, C, xld, bc, out, ld, ldr, rsd, act, shift, kl, kh);
-                break;
-              case 3:
-                dw_block_rows2_n<T, 5, 1>(bq, nc, g.R, rw, ww, C, xld, bc, out, ld, ldr, rsd, act, shift, kl, kh);
-                break;
-              default:
-                dw_block_rows2_n<T, 5, 2>(bq, nc, g.R, rw, ww, C, xld, bc, out, ld, ldr, rsd, act, shift, kl, kh);
-            }
-          }
-          ++p;
-          continue;
-        }
+      for (int64_t p = 0, pr = 1; p < g.P; p += pr) {
+        // Rows p and p + 1 together (pr = 2) where both read all R input rows (row kernels, stride and dilation 1 in
+        // height): input rows p - ph .. p - ph + R.
+        pr = pairs && p + 1 < g.P && p - g.ph >= 0 && p + 1 - g.ph + g.R - 1 < g.H ? 2 : 1;
         int64_t nt = 0, nr = 0;
-        for (int64_t r = 0; r < g.R; ++r) {
+        for (int64_t r = 0; r < g.R + pr - 1; ++r) {
           const int64_t ih = p * g.sh - g.ph + r * g.dh;
           if (ih < 0 || ih >= g.H) continue;
+          if (r == g.R) {  // a pair's last input row: the second output row's last kernel row
+            rp_[nr] = xs + ih * g.W * xld;
+            continue;
+          }
           if (direct) {
             rp_[nr] = xs + ih * g.W * xld, wr_[nr++] = w_t + r * g.S * C + c0;
             continue;
@@ -1279,7 +1180,7 @@ void fwd_depthwise_ring(const Geo& g, const T* x, const T* w_t, const T* b, cons
             wp[nt++] = w_t + (r * g.S + s) * C + c0;
           }
         }
-        // This row's outputs: in place (channels-last, pixels C apart) or staged (pixels cb apart).
+        // This row's (rows') outputs: in place (channels-last, pixels C apart) or staged (pixels cb apart).
         const int64_t ld = kNchw ? sld : C;
         const int64_t row = kNchw ? p * g.Q * sld : ((n * g.P + p) * g.Q) * C + c0;
         T* const obase = kNchw ? oloc + row : y + row;
@@ -1294,14 +1195,31 @@ void fwd_depthwise_ring(const Geo& g, const T* x, const T* w_t, const T* b, cons
           const int64_t shift = direct ? iw0 * xld : q * g.sw * cb, cs = direct ? xld : cb;
           const T* const* rw = rp_.data();
           const T* const* ww = wr_.data();
-          switch (kind) {
-            case 1: dw_block_rows_n<T, 3, 1>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, rsd, act, shift, kl, kh); break;
-            case 2: dw_block_rows_n<T, 3, 2>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, rsd, act, shift, kl, kh); break;
-            case 3: dw_block_rows_n<T, 5, 1>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, rsd, act, shift, kl, kh); break;
-            case 4: dw_block_rows_n<T, 5, 2>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, rsd, act, shift, kl, kh); break;
-            default:
-              dw_block_n<T>(bq, nc, nt, sp.data(), wp.data(), g.sw * cb, bc, out, ld, rsd, act, q * g.sw * cb);
-          }
+          // The row kernels for PR output rows per pass (the second row Q pixels after the first), else dw_block.
+          auto rows_kernel = [&](auto rows_per_pass) {
+            constexpr int PR = decltype(rows_per_pass)::value;
+            const int64_t lr = g.Q * ld;
+            switch (kind) {
+              case 1:
+                return dw_block_rows_n<T, 3, 1, PR>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, lr, rsd, act, shift, kl,
+                                                     kh);
+              case 2:
+                return dw_block_rows_n<T, 3, 2, PR>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, lr, rsd, act, shift, kl,
+                                                     kh);
+              case 3:
+                return dw_block_rows_n<T, 5, 1, PR>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, lr, rsd, act, shift, kl,
+                                                     kh);
+              default:
+                return dw_block_rows_n<T, 5, 2, PR>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, lr, rsd, act, shift, kl,
+                                                     kh);
+            }
+          };
+          if (kind == 0)
+            dw_block_n<T>(bq, nc, nt, sp.data(), wp.data(), g.sw * cb, bc, out, ld, rsd, act, q * g.sw * cb);
+          else if (pr == 2)
+            rows_kernel(std::integral_constant<int, 2>{});
+          else
+            rows_kernel(std::integral_constant<int, 1>{});
         }
       }
       if constexpr (kNchw) transpose<T>(oloc, sld, y + (n * C + c0) * PQ, PQ, PQ, nc);
@@ -1995,7 +1913,7 @@ void bwd_depthwise_dw_nhwc(const Geo& g, const T* x, const T* dy, T* dw) {
     q_range(s * g.dw - g.pw, g.sw, g.W, g.Q, lo, hi);
     qa = std::max(qa, lo), qb = std::min(qb, hi);
   }
-  if (qb < qa) qb = qa;
+  qa = std::min(qa, g.Q), qb = std::max(qb, qa);  // a tap may miss x for every pixel (images narrower than it)
   // Channel blocks: whole pixels where a group of rows fits (x and dy then stream in memory order); narrower where
   // there are fewer chunks than 4 tasks per thread (small images), but at least 4 vectors.
   const int64_t row_pixels = g.sh * g.W + g.Q;  // x and dy pixels one more output row brings in
@@ -2037,7 +1955,8 @@ void bwd_depthwise_dw_nhwc(const Geo& g, const T* x, const T* dy, T* dw) {
 
 // NCHW depthwise dW of a layer with stride 1 or 2 in width, direct (no channels-last copies of x and dy): one task
 // per channel, its images in order. Each x plane is copied into a zero-padded buffer of hp rows x wp columns (entry
-// (i, j) = x[i - ph][j - pw]), so that tap (r, s) of output pixel (p, q) reads entry (p * sh + r * dh, q * sw + s * dw).
+// (i, j) = x[i - ph][j - pw]), so that tap (r, s) of output pixel (p, q) reads entry
+// (p * sh + r * dh, q * sw + s * dw).
 // Stride 2 works on x's grid: dy's rows are spread to its even columns (zeros between), so that for L positions
 // j = q * sw the taps again read contiguous runs; half the multiply-adds are of zeros, which costs less than
 // splitting x's columns by parity (and the lanes were mostly idle anyway: the kernels wait on memory).
@@ -2111,7 +2030,8 @@ void bwd_depthwise_dw_nchw(const Geo& g, const T* x, const T* dy, T* dw) {
         for (int64_t i = 0; i < hp; ++i) {  // row i: zeros, x's row i - ph at column pw, zeros
           T* row = buf.data() + i * wp;
           const int64_t ih = i - g.ph;
-          const int64_t lo = std::min(g.pw, wp), hi = ih >= 0 && ih < g.H ? std::clamp<int64_t>(g.W + g.pw, lo, wp) : lo;
+          const int64_t lo = std::min(g.pw, wp);
+          const int64_t hi = ih >= 0 && ih < g.H ? std::clamp<int64_t>(g.W + g.pw, lo, wp) : lo;
           std::fill(row, row + lo, T(0));
           if (hi > lo) std::memcpy(row + lo, xp + ih * g.W + (lo - g.pw), (hi - lo) * sizeof(T));
           std::fill(row + hi, row + wp, T(0));

@@ -540,6 +540,10 @@ DEPTHWISE = [
           channels_last=True),
     _case(n=2, c=9, k=9, groups=9, size=[12, 20], kernel=[4, 3], stride=3, padding=0, mode="zeros"),
     _case(n=1, c=5, k=5, groups=5, size=[3, 2], kernel=[5, 5], padding=3),                      # all border
+    # Images narrower than the kernel's reach (EfficientNet's 5x5 layers on a small input): taps that miss x for
+    # every pixel.
+    _case(n=2, c=16, k=16, groups=16, size=[4, 1], kernel=[5, 5], padding=2),
+    _case(n=2, c=40, k=40, groups=40, size=[1, 1], kernel=[5, 5], padding=2, channels_last=True),
     _case(n=2, c=24, k=24, groups=24, size=[17, 18], kernel=[3, 3], padding=1, mode="circular",
           dtype=torch.float64, channels_last=True),
     _case(n=2, c=24, k=24, groups=24, size=[9, 19], kernel=[3, 3], stride=2, padding=1, dtype=torch.bfloat16),

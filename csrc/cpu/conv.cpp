@@ -1746,15 +1746,15 @@ void bwd_depthwise_dx_nhwc(const Geo& g, const T* dy, const T* w, T* dx, bool dx
 // dw_wgrad_run: one tile of kernel rows r0 .. r0 + NR - 1 and columns s0 .. s0 + NS - 1 over the output rows
 // [t0, t1) and pixels [qlo, qhi), NC whole channel vectors from c: all NC x NR x NS sums in registers over all the
 // rows (loaded from and stored back to part, the (R*S, C) partial of the rows' chunk), dy loaded once per pixel and
-// vector for all the taps. The x value of (t, r, q, s) is read at xrow[(t - t0) * R + r] + xoff + ((q - qlo) * sw +
-// s * dw) * xpix + lane (xpix = C: x's rows in place; a row outside x is a row of zeros), the caller choosing tiles
-// whose taps all lie inside x for the pixels: every load is a whole vector and the loops have no tests.
+// vector for all the taps. The x value of (t, r, q, s) is read in place at xrow[(t - t0) * R + r] + xoff +
+// ((q - qlo) * sw + s * dw) * C + lane (a row outside x is a row of zeros), the caller choosing tiles whose taps all
+// lie inside x for the pixels: every load is a whole vector and the loops have no tests.
 template <typename T, int NR, int NS, int NC>
-void dw_wgrad_run(const Geo& g, const T* dy, const T* const* xrow, int64_t xpix, int64_t xoff, int64_t t0, int64_t t1,
-                  int64_t r0, int64_t s0, int64_t qlo, int64_t qhi, int64_t c, T* part) {
+void dw_wgrad_run(const Geo& g, const T* dy, const T* const* xrow, int64_t xoff, int64_t t0, int64_t t1, int64_t r0,
+                  int64_t s0, int64_t qlo, int64_t qhi, int64_t c, T* part) {
   using V = convk::Vec<T>;
   constexpr int64_t L = V::size();
-  const int64_t C = g.C, xs = g.sw * xpix, xd = g.dw * xpix, x0 = xoff + s0 * xd;
+  const int64_t C = g.C, xs = g.sw * C, xd = g.dw * C, x0 = xoff + s0 * xd;
   T* const pp = part + (r0 * g.S + s0) * C + c;
   V acc[NC][NR][NS];
 #pragma GCC unroll 8
@@ -1851,9 +1851,9 @@ void dw_wgrad_tile(const Geo& g, const T* dy, const DwGradGroup<T>& gr, int64_t 
     const int64_t x0 = (qlo * g.sw - g.pw) * g.C;
     int64_t c = gr.c1;
     for (; NC == 2 && c + 2 * L <= gr.cw; c += 2 * L)
-      dw_wgrad_run_ns<T, NR, NC>(nk, g, dy, gr.rows, g.C, x0 + c, gr.t0, gr.t1, r0, k0, qlo, qhi, c, part);
+      dw_wgrad_run_ns<T, NR, NC>(nk, g, dy, gr.rows, x0 + c, gr.t0, gr.t1, r0, k0, qlo, qhi, c, part);
     for (; c < gr.cw; c += L)
-      dw_wgrad_run_ns<T, NR, 1>(nk, g, dy, gr.rows, g.C, x0 + c, gr.t0, gr.t1, r0, k0, qlo, qhi, c, part);
+      dw_wgrad_run_ns<T, NR, 1>(nk, g, dy, gr.rows, x0 + c, gr.t0, gr.t1, r0, k0, qlo, qhi, c, part);
   };
   auto border = [&](int64_t q) {  // the tile's columns s0 + k with iw = q * sw + (s0 + k) * dw - pw in [0, W)
     int64_t k0 = 0, k1 = NS;

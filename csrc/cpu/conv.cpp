@@ -1740,6 +1740,42 @@ void bwd_depthwise_dx_nhwc(const Geo& g, const T* dy, const T* w, T* dx, bool dx
   });
 }
 
+// out[i] = part[0][i] + part[1][i] + ... (nparts partials of len values, len apart), added in part order: the fixed-
+// chunk reductions give the same bits for any thread count.
+template <typename T>
+void sum_partials(const T* part, int64_t nparts, int64_t len, T* out) {
+  at::parallel_for(0, len, 4096, [&](int64_t begin, int64_t end) {
+    std::copy(part + begin, part + end, out + begin);
+    for (int64_t p = 1; p < nparts; ++p)
+      for (int64_t i = begin; i < end; ++i) out[i] += part[p * len + i];
+  });
+}
+
+// f(std::integral_constant<int, n>) for a run-time n in [1, 7]: the depthwise dW kernels' tile widths (kernel
+// columns), and with_tile: f(nr, ns as constants) for nr in [1, 3] kernel rows and ns in [1, 7] columns.
+template <typename F>
+void with_columns(int64_t n, F&& f) {
+  switch (n) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    default: return f(std::integral_constant<int, 7>{});
+  }
+}
+template <typename F>
+void with_tile(int64_t nr, int64_t ns, F&& f) {
+  with_columns(ns, [&](auto cols) {
+    switch (nr) {
+      case 1: return f(std::integral_constant<int, 1>{}, cols);
+      case 2: return f(std::integral_constant<int, 2>{}, cols);
+      default: return f(std::integral_constant<int, 3>{}, cols);
+    }
+  });
+}
+
 // Taps of the depthwise dW: acc[r][s] += dy[t][q][c..] * x[row(t, r)][q * sw + s * dw - pw][c..] over output rows t
 // and their pixels q.
 //
@@ -1826,19 +1862,6 @@ struct DwGradGroup {
   const T* const* rows;
 };
 
-template <typename T, int NR, int NC, typename... Args>
-void dw_wgrad_run_ns(int64_t ns, Args... args) {
-  switch (ns) {
-    case 1: return dw_wgrad_run<T, NR, 1, NC>(args...);
-    case 2: return dw_wgrad_run<T, NR, 2, NC>(args...);
-    case 3: return dw_wgrad_run<T, NR, 3, NC>(args...);
-    case 4: return dw_wgrad_run<T, NR, 4, NC>(args...);
-    case 5: return dw_wgrad_run<T, NR, 5, NC>(args...);
-    case 6: return dw_wgrad_run<T, NR, 6, NC>(args...);
-    default: return dw_wgrad_run<T, NR, 7, NC>(args...);
-  }
-}
-
 // One tile (NR kernel rows, NS columns from s0) over a group, two whole vectors at a time where the sums fit in
 // registers (twice the independent chains, and a pass over the rows brings in two lines of every pixel): the
 // interior pixels with all the taps, then each border pixel (q < qa or q >= qb) with the run of the tile's columns
@@ -1850,10 +1873,13 @@ void dw_wgrad_tile(const Geo& g, const T* dy, const DwGradGroup<T>& gr, int64_t 
   auto pixels = [&](int64_t qlo, int64_t qhi, int64_t k0, int64_t nk) {
     const int64_t x0 = (qlo * g.sw - g.pw) * g.C;
     int64_t c = gr.c1;
-    for (; NC == 2 && c + 2 * L <= gr.cw; c += 2 * L)
-      dw_wgrad_run_ns<T, NR, NC>(nk, g, dy, gr.rows, x0 + c, gr.t0, gr.t1, r0, k0, qlo, qhi, c, part);
-    for (; c < gr.cw; c += L)
-      dw_wgrad_run_ns<T, NR, 1>(nk, g, dy, gr.rows, x0 + c, gr.t0, gr.t1, r0, k0, qlo, qhi, c, part);
+    with_columns(nk, [&](auto cols) {
+      constexpr int K = decltype(cols)::value;
+      for (; NC == 2 && c + 2 * L <= gr.cw; c += 2 * L)
+        dw_wgrad_run<T, NR, K, NC>(g, dy, gr.rows, x0 + c, gr.t0, gr.t1, r0, k0, qlo, qhi, c, part);
+      for (; c < gr.cw; c += L)
+        dw_wgrad_run<T, NR, K, 1>(g, dy, gr.rows, x0 + c, gr.t0, gr.t1, r0, k0, qlo, qhi, c, part);
+    });
   };
   auto border = [&](int64_t q) {  // the tile's columns s0 + k with iw = q * sw + (s0 + k) * dw - pw in [0, W)
     int64_t k0 = 0, k1 = NS;
@@ -1865,28 +1891,6 @@ void dw_wgrad_tile(const Geo& g, const T* dy, const DwGradGroup<T>& gr, int64_t 
   for (int64_t q = 0; q < gr.qa; ++q) border(q);
   for (int64_t q = std::max(gr.qa, gr.qb); q < g.Q; ++q) border(q);
   if (gr.cw < gr.c2) dw_wgrad_partial<T, NR>(g, dy, gr.rows, gr.t0, gr.t1, r0, s0, NS, gr.cw, gr.c2 - gr.cw, part);
-}
-
-// dw_wgrad_tile<T, nr, ns>(args...) for a run-time nr in [1, 3] and ns in [1, 7].
-template <typename T, int NR, typename... Args>
-void dw_wgrad_tile_ns(int64_t ns, Args... args) {
-  switch (ns) {
-    case 1: return dw_wgrad_tile<T, NR, 1>(args...);
-    case 2: return dw_wgrad_tile<T, NR, 2>(args...);
-    case 3: return dw_wgrad_tile<T, NR, 3>(args...);
-    case 4: return dw_wgrad_tile<T, NR, 4>(args...);
-    case 5: return dw_wgrad_tile<T, NR, 5>(args...);
-    case 6: return dw_wgrad_tile<T, NR, 6>(args...);
-    default: return dw_wgrad_tile<T, NR, 7>(args...);
-  }
-}
-template <typename T, typename... Args>
-void dw_wgrad_tile_n(int64_t nr, int64_t ns, Args... args) {
-  switch (nr) {
-    case 1: return dw_wgrad_tile_ns<T, 1>(ns, args...);
-    case 2: return dw_wgrad_tile_ns<T, 2>(ns, args...);
-    default: return dw_wgrad_tile_ns<T, 3>(ns, args...);
-  }
 }
 
 // Bytes of x's and dy's rows one group of output rows touches per channel block (they stay in L2 while each
@@ -1939,18 +1943,13 @@ void bwd_depthwise_dw_nhwc(const Geo& g, const T* x, const T* dy, T* dw) {
         const DwGradGroup<T> gr{t0, t1, c1, c2, c1 + (c2 - c1) / L * L, qa, qb, rowp.data()};
         for (int64_t r0 = 0; r0 < g.R; r0 += 3)
           for (int64_t s0 = 0; s0 < g.S; s0 += 7)
-            dw_wgrad_tile_n<T>(std::min<int64_t>(g.R - r0, 3), std::min<int64_t>(g.S - s0, 7), g, dy, gr, r0, s0,
-                               acc);
+            with_tile(std::min<int64_t>(g.R - r0, 3), std::min<int64_t>(g.S - s0, 7), [&](auto rows, auto cols) {
+              dw_wgrad_tile<T, decltype(rows)::value, decltype(cols)::value>(g, dy, gr, r0, s0, acc);
+            });
       }
     }
   });
-  at::parallel_for(0, RS * C, 4096, [&](int64_t begin, int64_t end) {
-    std::copy(part.begin() + begin, part.begin() + end, dw + begin);
-    for (int64_t ch = 1; ch < nchunks; ++ch) {
-      const T* src = part.data() + ch * RS * C;
-      for (int64_t i = begin; i < end; ++i) dw[i] += src[i];
-    }
-  });
+  sum_partials(part.data(), nchunks, RS * C, dw);
 }
 
 // NCHW depthwise dW of a layer with stride 1 or 2 in width, direct (no channels-last copies of x and dy): one task
@@ -1990,19 +1989,6 @@ void dw_wgrad_plane(const Geo& g, const T* buf, int64_t wp, const T* dgrid, int6
   for (int i = 0; i < NR; ++i)
 #pragma GCC unroll 8
     for (int k = 0; k < NS; ++k) acc[i][k].store(vacc + ((r0 + i) * g.S + s0 + k) * L);
-}
-
-template <typename T, int NR, typename... Args>
-void dw_wgrad_plane_ns(int64_t ns, Args... args) {
-  switch (ns) {
-    case 1: return dw_wgrad_plane<T, NR, 1>(args...);
-    case 2: return dw_wgrad_plane<T, NR, 2>(args...);
-    case 3: return dw_wgrad_plane<T, NR, 3>(args...);
-    case 4: return dw_wgrad_plane<T, NR, 4>(args...);
-    case 5: return dw_wgrad_plane<T, NR, 5>(args...);
-    case 6: return dw_wgrad_plane<T, NR, 6>(args...);
-    default: return dw_wgrad_plane<T, NR, 7>(args...);
-  }
 }
 
 // Whether the NCHW depthwise dW runs on the planes directly: stride 1 or 2 in width, rows of at least a vector of
@@ -2051,12 +2037,11 @@ void bwd_depthwise_dw_nchw(const Geo& g, const T* x, const T* dy, T* dw) {
           dgrid = spread.data(), ld = dld;
         }
         for (int64_t r0 = 0; r0 < g.R; r0 += 3)
-          for (int64_t s0 = 0; s0 < g.S; s0 += 7) {
-            const int64_t nr = std::min<int64_t>(g.R - r0, 3), ns = std::min<int64_t>(g.S - s0, 7);
-            if (nr == 1) dw_wgrad_plane_ns<T, 1>(ns, g, buf.data(), wp, dgrid, ld, r0, s0, vacc.data());
-            else if (nr == 2) dw_wgrad_plane_ns<T, 2>(ns, g, buf.data(), wp, dgrid, ld, r0, s0, vacc.data());
-            else dw_wgrad_plane_ns<T, 3>(ns, g, buf.data(), wp, dgrid, ld, r0, s0, vacc.data());
-          }
+          for (int64_t s0 = 0; s0 < g.S; s0 += 7)
+            with_tile(std::min<int64_t>(g.R - r0, 3), std::min<int64_t>(g.S - s0, 7), [&](auto rows, auto cols) {
+              dw_wgrad_plane<T, decltype(rows)::value, decltype(cols)::value>(g, buf.data(), wp, dgrid, ld, r0, s0,
+                                                                               vacc.data());
+            });
       }
       for (int64_t t = 0; t < RS; ++t) {  // lanes added in a fixed order
         T sum = 0;
@@ -2144,9 +2129,7 @@ void bwd_bias(const Geo& g, const T* dy, T* db) {
         }
       }
     });
-    std::copy(part.begin(), part.begin() + g.K, db);
-    for (int64_t ch = 1; ch < nchunks; ++ch)
-      for (int64_t k = 0; k < g.K; ++k) db[k] += part[ch * g.K + k];
+    sum_partials(part.data(), nchunks, g.K, db);
   }
 }
 

@@ -536,6 +536,9 @@ DEPTHWISE = [
     _case(n=2, c=20, k=20, groups=20, size=[12, 25], kernel=[5, 5], stride=(1, 2), padding=2, channels_last=True),
     # ConvNeXt's 7x7: dW in tiles of 3 + 3 + 1 kernel rows; 56 channels = a pair of vectors, one more, a partial one.
     _case(n=2, c=56, k=56, groups=56, size=[14, 15], kernel=[7, 7], padding=3, channels_last=True),
+    # x and y beyond 24 MB (x from DRAM): the stride-1 row kernels prefetch the next rows; rows 400 wide, so 56
+    # channels in blocks of 48 and 8 (prefetched pixel by pixel).
+    _case(n=2, c=56, k=56, groups=56, size=[130, 398], kernel=[3, 3], padding=1, channels_last=True),
     _case(n=2, c=9, k=9, groups=9, size=[11, 26], kernel=[3, 3], padding="same", mode="reflect",
           channels_last=True),
     _case(n=2, c=9, k=9, groups=9, size=[12, 20], kernel=[4, 3], stride=3, padding=0, mode="zeros"),

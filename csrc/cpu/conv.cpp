@@ -510,7 +510,8 @@ void fwd_igemm(const Geo& g, const T* x, const Pack& pack, const T* bias, const 
           const int64_t* bo = boff.data() + blk * ntaps;
           // 1x1: the next block's pixels (channel rows adjacent in x), asked for while this block computes. x streams
           // from memory once per task group (the first panel); the hardware prefetchers, given MR interleaved
-          // streams a few lines long, left the broadcasts waiting (256 -> 64 at 56 x 56, N = 8: 1.18x faster).
+          // streams a few lines long, left the broadcasts waiting (N = 8, calls interleaved one by one: 256 -> 64 at
+          // 56 x 56 1.21x faster, 64 -> 256 1.11x, 512 -> 128 at 28 x 28 1.05x, 1024 -> 256 at 14 x 14 the same).
           if (pointwise && pg == 0 && pan == 0 && c0 == 0 && i0 + MR < NPQ) {
             const T* next = xg + (i0 + MR) * g.C;
             prefetch_span(next, next + (std::min(MR, NPQ - i0 - MR) - 1) * g.C + g.Cg);
@@ -1094,10 +1095,11 @@ void dw_block_rows_n(int64_t b, Args... args) {
 }
 
 // Software prefetch for the channels-last row kernels at stride 1 where x and y do not fit in L3 (3/4 of the dev
-// machine's 32 MB): from DRAM the kernel ran at ~40 GB/s, 0.8x oneDNN, on 144 @56 (N = 8, 29 MB): the hardware
-// prefetchers lost the R + 1 row streams. Prefetching the next pass's two new rows block by block made it 1.15-1.3x
-// faster there, on 144 @56 N = 16 and on 32 @112. Data in L3 gains nothing and pays the instructions (144 @56 s2,
-// 18 MB: 0.87x), and at stride 2 (96 @112, 48 MB) it was 0.95-1.2x from run to run: not used there.
+// machine's 32 MB): from DRAM the kernel ran at ~40 GB/s, 0.8x oneDNN, on 144 @56 (N = 8, 29 MB); the hardware
+// prefetchers lost the R + 1 row streams. Prefetching the next pass's two new rows block by block: 1.15-1.3x faster
+// on 144 @56 (N = 8, 16) and 32 @112 in runs of repeated calls, 1.02-1.1x with the providers' calls interleaved one
+// by one (as the harness times them). Prefetching further ahead was no better. Data in L3 gains nothing and pays the
+// instructions (144 @56 s2, 18 MB: 0.87x); at stride 2 (96 @112, 48 MB) it was 0.95-1.09x from run to run.
 constexpr int64_t kDwPrefetchBytes = 24 << 20;
 
 // Which specialised row kernel serves (S, sw, dw): 0 = none (the generic dw_block).

@@ -155,9 +155,15 @@ def _infer_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[
 
 def _fixed_weight_layouts(weight: Tensor, groups: int, stride, dilation):
     """prepare_weight(weight, ...) from the second call with the same unchanged weight on (see _ext.derived),
-    None before: a weight used once costs nothing more."""
+    None before."""
     state = _ext.derived("conv weight layouts", (weight,), (groups, tuple(stride), tuple(dilation)),
                          lambda _: {"prepared": None, "calls": 0})
+    return _layouts_from_second_call(state, weight, groups, stride, dilation)
+
+
+def _layouts_from_second_call(state: dict, weight: Tensor, groups: int, stride, dilation):
+    """state["prepared"], made by prepare_weight on the state's second call: a weight used once (made on the fly)
+    costs nothing more."""
     if state["calls"] == 1:
         state["prepared"] = prepare_weight(weight, groups, stride, dilation)
     state["calls"] += 1
@@ -185,10 +191,7 @@ def _inference_weights(weight, bias, bn_weight, bn_bias, running_mean, running_v
     unchanged tensors come a second time: a weight used once (made on the fly) costs no more than the fold."""
     state = _ext.derived("conv + batch norm inference", (weight, bias, bn_weight, bn_bias, running_mean, running_var),
                          (eps, tuple(stride), tuple(dilation), groups), lambda *t: _fold(t, eps))
-    if state["calls"] == 1:
-        state["prepared"] = prepare_weight(state["weight"], groups, stride, dilation)
-    state["calls"] += 1
-    return state["weight"], state["bias"], state["prepared"]
+    return state["weight"], state["bias"], _layouts_from_second_call(state, state["weight"], groups, stride, dilation)
 
 
 @torch.no_grad()

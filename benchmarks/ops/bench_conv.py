@@ -1,10 +1,7 @@
 """2-D convolution on ResNet-50's shapes against torch eager (F.conv2d: oneDNN on CPU, cuDNN on GPU) and
 torch.compile: time and TFLOP/s, forward and forward + backward (input and weight gradients; ResNet convs have no
 bias, batch norm follows them), and EfficientNet-B0's depthwise layers (3x3 / 5x5, stride 1 / 2).
-CPU: float32 in NCHW and channels_last; CUDA: float16 channels_last. fwd runs without autograd, as inference does: there
-mltoolkit's C++ kernel makes its weight layouts on the second call with the same unchanged weight and reuses them
-(mltoolkit.ops.conv2d does so for any fixed CPU weight; the first call, and every call with autograd, packs the weight
-anew); fwd+bwd packs on every call, as training does.
+CPU: float32 in NCHW and channels_last; CUDA: float16 channels_last.
 
 conv2d_bn_relu: the same layers followed by batch norm and ReLU, as ResNet runs them, against the eager three-op
 sequence (F.conv2d, F.batch_norm, F.relu) and its torch.compile: inference (batch norm folded, epilogue fused; the

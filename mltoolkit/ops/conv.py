@@ -141,39 +141,6 @@ def _inference_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight
     return _forward_kernel(x, w, b, stride, padding, dilation, groups, residual, activation, prepared)
 
 
-# Inference convolution (no autograd, CPU): conv2d_fwd with the C++ kernel's weight layouts made on the second call
-# with the same unchanged weight and reused while it stays so (_fixed_weight_layouts), as a model's fixed weights are
-# used; the registered op lets compiled inference graphs reuse them too. A separate op, chosen where autograd does not
-# record (training graphs run their forward with grad mode off, where conv2d_fwd could not tell them apart).
-def _infer_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
-                dilation: list[int], groups: int, residual: Optional[Tensor] = None,
-                activation: str = "none") -> Tensor:
-    cpp = weight.is_cpu and forced_backend() in (None, "cpp")
-    prepared = _fixed_weight_layouts(weight, groups, stride, dilation) if cpp else None
-    return _forward_kernel(x, weight, bias, stride, padding, dilation, groups, residual, activation, prepared)
-
-
-def _fixed_weight_layouts(weight: Tensor, groups: int, stride, dilation):
-    """prepare_weight(weight, ...) from the second call with the same unchanged weight on (see _ext.derived),
-    None before."""
-    state = _ext.derived("conv weight layouts", (weight,), (groups, tuple(stride), tuple(dilation)),
-                         lambda _: {"prepared": None, "calls": 0})
-    return _layouts_from_second_call(state, weight, groups, stride, dilation)
-
-
-def _layouts_from_second_call(state: dict, weight: Tensor, groups: int, stride, dilation):
-    """state["prepared"], made by prepare_weight on the state's second call: a weight used once (made on the fly)
-    costs nothing more."""
-    if state["calls"] == 1:
-        state["prepared"] = prepare_weight(weight, groups, stride, dilation)
-    state["calls"] += 1
-    return state["prepared"]
-
-
-conv2d_infer = torch.library.custom_op("mltoolkit::conv2d_infer", mutates_args=())(_infer_impl)
-conv2d_infer.register_fake(_conv2d_fwd_fake)
-
-
 # Inference-mode conv + batch norm (no autograd): the fold, and the CPU kernel's weight layouts, are made once per
 # set of weights and statistics and reused while they stay the same tensors, unchanged (_inference_weights), in
 # eager mode and in compiled graphs alike (they hand the op the module's own parameters).
@@ -191,7 +158,10 @@ def _inference_weights(weight, bias, bn_weight, bn_bias, running_mean, running_v
     unchanged tensors come a second time: a weight used once (made on the fly) costs no more than the fold."""
     state = _ext.derived("conv + batch norm inference", (weight, bias, bn_weight, bn_bias, running_mean, running_var),
                          (eps, tuple(stride), tuple(dilation), groups), lambda *t: _fold(t, eps))
-    return state["weight"], state["bias"], _layouts_from_second_call(state, state["weight"], groups, stride, dilation)
+    if state["calls"] == 1:
+        state["prepared"] = prepare_weight(state["weight"], groups, stride, dilation)
+    state["calls"] += 1
+    return state["weight"], state["bias"], state["prepared"]
 
 
 @torch.no_grad()
@@ -434,10 +404,6 @@ def _conv(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pa
             return _inference_impl(*args)
         return torch.ops.mltoolkit.conv2d_bn_infer(*args)
     args = (x, weight, bias, stride, sym, dilation, groups, residual, activation)
-    if x.is_cpu and not _ext.needs_grad(x, weight, bias, residual):
-        if _ext.plain_eager(x, weight, bias, residual):
-            return _infer_impl(*args)
-        return torch.ops.mltoolkit.conv2d_infer(*args)
     return _ext.call_op(torch.ops.mltoolkit.conv2d_fwd, _EagerConv, _forward_impl, args, (x, weight, bias, residual))
 
 

@@ -749,60 +749,6 @@ def test_winograd_by_output_panels(hw, activation, channels_last, dtype):
     assert (wg.grad.double() - wd.grad).abs().max().item() < tol * 100
 
 
-def test_inference_reuses_the_weight_layouts():
-    """Without autograd, on the CPU, conv2d makes the C++ kernel's weight layouts (panels, and the Winograd transform
-    that lets Winograd run on 7x7 images) on the second call with the same unchanged weight and reuses them after;
-    an in-place change makes them again; with autograd nothing is kept; the entry goes with the weight. The same
-    results as F.conv2d throughout."""
-    skip_unavailable("cpp")
-    from mltoolkit import _ext
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 32, 7, 7, generator=g)
-    w = torch.randn(48, 32, 3, 3, generator=g) * 0.1
-    key = ("conv weight layouts", id(w))
-
-    def check(w):
-        assert_close(ops.conv2d(x, w, None, 1, 1), F.conv2d(x.double(), w.double(), None, 1, 1).float(), atol=1e-4,
-                     rtol=1e-4)
-        return dict(_ext._DERIVED[key][2])
-
-    with torch.no_grad():
-        states = [check(w) for _ in range(3)]
-        assert states[0]["prepared"] is None  # a weight used once: nothing made
-        prepared = states[1]["prepared"]
-        assert prepared is not None and prepared[0] is not None and prepared[1] is not None
-        assert states[2]["prepared"] is prepared  # reused
-        w.mul_(-2)  # in place: made again, not the stale layouts
-        states = [check(w) for _ in range(3)]
-        assert states[0]["prepared"] is None and states[2]["prepared"] is not prepared
-    wg = w.clone().requires_grad_()
-    for _ in range(3):
-        ops.conv2d(x, wg, None, 1, 1).sum().backward()
-    assert ("conv weight layouts", id(wg)) not in _ext._DERIVED
-    del w
-    assert key not in _ext._DERIVED
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_inference_op_opcheck_and_compile(channels_last):
-    """mltoolkit::conv2d_infer (conv2d_fwd with the weight layouts kept inside) passes opcheck and runs in a
-    fullgraph compiled function under no_grad."""
-    skip_unavailable("cpp")
-    g = torch.Generator().manual_seed(1)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(2, 24, 9, 9, generator=g).contiguous(memory_format=fmt)
-    w = (torch.randn(40, 24, 3, 3, generator=g) * 0.1).contiguous(memory_format=fmt)
-    b, r = torch.randn(40, generator=g), torch.randn(2, 40, 9, 9, generator=g).contiguous(memory_format=fmt)
-    torch.library.opcheck(torch.ops.mltoolkit.conv2d_infer.default,
-                          (x, w, b, [1, 1], [1, 1], [1, 1], 1, r, "relu"))
-    want = F.relu(F.conv2d(x, w, b, 1, 1) + r)
-    compiled = torch.compile(lambda x: ops.conv2d_act(x, w, b, padding=1, residual=r), fullgraph=True)
-    with torch.no_grad():
-        for _ in range(3):
-            assert_close(compiled(x), want, atol=1e-4, rtol=1e-4)
-
-
 def test_prepared_weights_are_checked():
     skip_unavailable("cpp")
     x, w, b, _ = _prepared_case(40, 48, 14, 3, 1, 1, False)

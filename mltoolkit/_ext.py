@@ -117,7 +117,8 @@ def derived(kind: str, tensors: tuple, extra: tuple, compute):
     registered ops under torch.compile too, which hand them the module's own parameter objects. Only weak
     references to `tensors` are kept (the entry goes when tensors[0] does). Addresses and versions alone would not
     do: a new tensor often takes a freed one's address with the same version (a reassigned parameter, or a
-    parametrization such as a pruning mask, which makes a new weight on every access)."""
+    parametrization such as a pruning mask, which makes a new weight on every access). Not seen: a change made
+    through `t.data` (its own version counter); clear_caches() after one."""
     stamp = [*extra]
     for t in tensors:
         if t is not None and t.is_inference():  # made under torch.inference_mode: no version counter to watch

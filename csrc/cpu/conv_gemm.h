@@ -62,6 +62,14 @@ struct Epilogue {
   Act act;
 };
 
+// Where row r of a tile lies: r * ld elements from its base, or off[r] when the rows are given one by one (a tile
+// of pixels that are not consecutive). The residual's rows sit at the same offsets.
+struct Rows {
+  int64_t ld;
+  const int64_t* off = nullptr;
+  int64_t operator()(int64_t r) const { return off ? off[r] : r * ld; }
+};
+
 // y[i] = act(src[i] + bias (+ res[i])) for i < n: the row epilogue of the NCHW store and of the depthwise kernels.
 template <typename T>
 inline void epilogue_row(T* y, const T* src, int64_t n, T bias, const T* res, Act act) {
@@ -82,12 +90,12 @@ inline void epilogue_row(T* y, const T* src, int64_t n, T bias, const T* res, Ac
 
 // tile[i][j] = c[i * ldc + j] for i < mvalid, j < ncols, zero elsewhere (tile: MR x Pn).
 template <typename T, int Pn, int MR>
-void load_tile(T* tile, const T* c, int64_t ldc, int64_t mvalid, int64_t ncols) {
+void load_tile(T* tile, const T* c, Rows rows, int64_t mvalid, int64_t ncols) {
   constexpr int64_t W = Vec<T>::size();
   for (int64_t r = 0; r < MR; ++r)
     for (int64_t j = 0; j < Pn; j += W) {
       const int64_t n = r < mvalid ? std::min<int64_t>(std::max<int64_t>(ncols - j, 0), W) : 0;
-      const T* src = c + r * ldc + j;
+      const T* src = c + (r < mvalid ? rows(r) : 0) + j;
       const Vec<T> v = n == W ? Vec<T>::loadu(src) : n > 0 ? Vec<T>::loadu(src, n) : Vec<T>(T(0));
       v.store(tile + r * Pn + j);
     }
@@ -95,7 +103,7 @@ void load_tile(T* tile, const T* c, int64_t ldc, int64_t mvalid, int64_t ncols) 
 
 // c[i * ldc + j] = act(tile[i][j] + bias + res) for a whole MR x Pn tile, the activation A known at compile time.
 template <typename T, int Pn, int MR, Act A>
-void store_whole_tile(const T* tile, T* c, int64_t ldc, const Epilogue<T>& ep) {
+void store_whole_tile(const T* tile, T* c, Rows rows, const Epilogue<T>& ep) {
   constexpr int W = Vec<T>::size(), NV = Pn / W;
   const bool row_bias = ep.bias && ep.bias_per_row;
   Vec<T> bias[NV];
@@ -107,9 +115,9 @@ void store_whole_tile(const T* tile, T* c, int64_t ldc, const Epilogue<T>& ep) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       Vec<T> val = Vec<T>::loadu(tile + r * Pn + v * W) + bias[v] + rb;
-      if (ep.res) val = val + Vec<T>::loadu(ep.res + r * ep.ldr + v * W);
+      if (ep.res) val = val + Vec<T>::loadu(ep.res + (rows.off ? rows.off[r] : r * ep.ldr) + v * W);
       if constexpr (A != Act::kNone) val = apply_vector_act<T>(A, val);
-      val.store(c + r * ldc + v * W);
+      val.store(c + rows(r) + v * W);
     }
   }
 }
@@ -118,10 +126,10 @@ void store_whole_tile(const T* tile, T* c, int64_t ldc, const Epilogue<T>& ep) {
 // runs fixed loops with the activation chosen once (the general loop, testing the row, column and epilogue at each
 // vector, took ~13% of a 1x1 layer with 24 input channels).
 template <typename T, int Pn, int MR = kMR>
-void store_tile(const T* tile, T* c, int64_t ldc, int64_t mvalid, int64_t ncols, const Epilogue<T>* ep) {
+void store_tile(const T* tile, T* c, Rows rows, int64_t mvalid, int64_t ncols, const Epilogue<T>* ep) {
   constexpr int64_t W = Vec<T>::size();
   if (ep && mvalid == MR && ncols == Pn) {
-    cpu::with_act(ep->act, [&](auto a) { store_whole_tile<T, Pn, MR, decltype(a)::value>(tile, c, ldc, *ep); });
+    cpu::with_act(ep->act, [&](auto a) { store_whole_tile<T, Pn, MR, decltype(a)::value>(tile, c, rows, *ep); });
     return;
   }
   for (int64_t r = 0; r < mvalid; ++r) {
@@ -131,13 +139,13 @@ void store_tile(const T* tile, T* c, int64_t ldc, int64_t mvalid, int64_t ncols,
       if (ep) {
         if (ep->bias) val = val + (ep->bias_per_row ? Vec<T>(ep->bias[r]) : Vec<T>::loadu(ep->bias + j));
         if (ep->res) {
-          const T* rr = ep->res + r * ep->ldr + j;
+          const T* rr = ep->res + (rows.off ? rows.off[r] : r * ep->ldr) + j;
           val = val + (n == W ? Vec<T>::loadu(rr) : Vec<T>::loadu(rr, n));
         }
         val = apply_vector_act<T>(ep->act, val);
       }
-      if (n == W) val.store(c + r * ldc + j);
-      else val.store(c + r * ldc + j, n);
+      if (n == W) val.store(c + rows(r) + j);
+      else val.store(c + rows(r) + j, n);
     }
   }
 }
@@ -150,11 +158,13 @@ void store_tile(const T* tile, T* c, int64_t ldc, int64_t mvalid, int64_t ncols,
 template <typename T, int NR, int MR = kMR>
 __attribute__((noinline)) void igemm_tile(int64_t ntaps, const T* const* a, int64_t aoff, const int64_t* boff,
                                           int64_t kc, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t mvalid,
-                                          int64_t ncols, bool accumulate, const Epilogue<T>* ep) {
+                                          int64_t ncols, bool accumulate, const Epilogue<T>* ep,
+                                          const int64_t* crow = nullptr) {
   constexpr int W = Vec<T>::size();
   constexpr int Pn = NR * W;
+  const Rows rows{ldc, crow};  // C's row r at c + rows(r) (crow: offsets of rows given one by one)
   // Whole tiles without an epilogue (the Winograd products) go straight between C and the registers.
-  const bool raw = !ep && mvalid == MR && ncols == Pn;
+  const bool raw = !ep && !crow && mvalid == MR && ncols == Pn;
   if (ep) {
     // The tile's output rows, and its residual rows (a block's input, written long before), are touched only after
     // the k loop, cold from memory: asked for now, they arrive while the tile is computed (the residual convs of
@@ -162,12 +172,12 @@ __attribute__((noinline)) void igemm_tile(int64_t ntaps, const T* const* a, int6
     constexpr int64_t line = 64 / int64_t(sizeof(T));
     for (int64_t r = 0; r < mvalid; ++r)
       for (int64_t j = 0; j < ncols; j += line) {
-        if (ep->res) __builtin_prefetch(ep->res + r * ep->ldr + j, 0, 0);
-        __builtin_prefetch(c + r * ldc + j, 1, 0);
+        if (ep->res) __builtin_prefetch(ep->res + (crow ? crow[r] : r * ep->ldr) + j, 0, 0);
+        __builtin_prefetch(c + rows(r) + j, 1, 0);
       }
   }
   alignas(64) T tile[MR * Pn];
-  if (accumulate && !raw) load_tile<T, Pn, MR>(tile, c, ldc, mvalid, ncols);
+  if (accumulate && !raw) load_tile<T, Pn, MR>(tile, c, rows, mvalid, ncols);
   const T* src = raw ? c : tile;
   const int64_t lds = raw ? ldc : Pn;
   // Slots that do not run Vec's zeroing default constructor: with `Vec<T> acc[MR][NR]`, GCC zeroed a stack block of
@@ -205,7 +215,7 @@ __attribute__((noinline)) void igemm_tile(int64_t ntaps, const T* const* a, int6
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < NR; ++v) acc[r][v].store(dst + r * lds + v * W);
-  if (!raw) store_tile<T, Pn, MR>(tile, c, ldc, mvalid, ncols, ep);
+  if (!raw) store_tile<T, Pn, MR>(tile, c, rows, mvalid, ncols, ep);
 }
 
 }  // namespace mltoolkit::convk

@@ -177,6 +177,10 @@ CORNERS = [
     _case(size=[3, 4], kernel=[3, 3], padding=3, mode="circular"),               # wrap exactly once
     _case(c=4, k=2, groups=2, padding="valid", dtype=torch.bfloat16, channels_last=True),
     _case(c=4, k=8, padding="same", kernel=[5, 5], dtype=torch.float16),
+    # Past 1024 output pixels the channels-last forward keeps pixel order (below, pixels go in the order of the taps
+    # they see): one case on each side, 20 output channels (a partial panel).
+    _case(n=1, c=24, k=20, size=[35, 33], padding=1, channels_last=True),
+    _case(n=3, c=24, k=20, size=[9, 11], stride=(1, 2), padding=(2, 1), dilation=(2, 1), channels_last=True),
 ]
 
 

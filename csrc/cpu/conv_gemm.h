@@ -88,7 +88,7 @@ inline void epilogue_row(T* y, const T* src, int64_t n, T bias, const T* res, Ac
   }
 }
 
-// tile[i][j] = c[i * ldc + j] for i < mvalid, j < ncols, zero elsewhere (tile: MR x Pn).
+// tile[i][j] = c[rows(i) + j] for i < mvalid, j < ncols, zero elsewhere (tile: MR x Pn).
 template <typename T, int Pn, int MR>
 void load_tile(T* tile, const T* c, Rows rows, int64_t mvalid, int64_t ncols) {
   constexpr int64_t W = Vec<T>::size();
@@ -101,7 +101,7 @@ void load_tile(T* tile, const T* c, Rows rows, int64_t mvalid, int64_t ncols) {
     }
 }
 
-// c[i * ldc + j] = act(tile[i][j] + bias + res) for a whole MR x Pn tile, the activation A known at compile time.
+// c[rows(i) + j] = act(tile[i][j] + bias + res) for a whole MR x Pn tile, the activation A known at compile time.
 template <typename T, int Pn, int MR, Act A>
 void store_whole_tile(const T* tile, T* c, Rows rows, const Epilogue<T>& ep) {
   constexpr int W = Vec<T>::size(), NV = Pn / W;
@@ -122,7 +122,7 @@ void store_whole_tile(const T* tile, T* c, Rows rows, const Epilogue<T>& ep) {
   }
 }
 
-// c[i * ldc + j] = tile[i][j], through the epilogue if ep, for i < mvalid, j < ncols. A whole tile with an epilogue
+// c[rows(i) + j] = tile[i][j], through the epilogue if ep, for i < mvalid, j < ncols. A whole tile with an epilogue
 // runs fixed loops with the activation chosen once (the general loop, testing the row, column and epilogue at each
 // vector, took ~13% of a 1x1 layer with 24 input channels).
 template <typename T, int Pn, int MR = kMR>
@@ -150,7 +150,8 @@ void store_tile(const T* tile, T* c, Rows rows, int64_t mvalid, int64_t ncols, c
   }
 }
 
-// The tile C[i][j] for i < mvalid, j < ncols at c + i * ldc + j (the rest is neither read nor written).
+// The tile C[i][j] for i < mvalid, j < ncols at c + i * ldc + j, or c + crow[i] + j when crow is given (the rest is
+// neither read nor written).
 // accumulate: add to C's current values. ep: the last pass, apply the epilogue on the way out.
 // The accumulators go through a local tile on the way in and out, which keeps the loads, stores and epilogue
 // (partial rows and columns) out of the register allocation of the k loop: with them inline, the compiler spilled

@@ -106,6 +106,7 @@ template <typename T, int Pn, int MR, Act A>
 void store_whole_tile(const T* tile, T* c, Rows rows, const Epilogue<T>& ep) {
   constexpr int W = Vec<T>::size(), NV = Pn / W;
   const bool row_bias = ep.bias && ep.bias_per_row;
+  const Rows res_rows{ep.ldr, rows.off};
   Vec<T> bias[NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) bias[v] = ep.bias && !row_bias ? Vec<T>::loadu(ep.bias + v * W) : Vec<T>(T(0));
@@ -115,7 +116,7 @@ void store_whole_tile(const T* tile, T* c, Rows rows, const Epilogue<T>& ep) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       Vec<T> val = Vec<T>::loadu(tile + r * Pn + v * W) + bias[v] + rb;
-      if (ep.res) val = val + Vec<T>::loadu(ep.res + (rows.off ? rows.off[r] : r * ep.ldr) + v * W);
+      if (ep.res) val = val + Vec<T>::loadu(ep.res + res_rows(r) + v * W);
       if constexpr (A != Act::kNone) val = apply_vector_act<T>(A, val);
       val.store(c + rows(r) + v * W);
     }
@@ -139,7 +140,7 @@ void store_tile(const T* tile, T* c, Rows rows, int64_t mvalid, int64_t ncols, c
       if (ep) {
         if (ep->bias) val = val + (ep->bias_per_row ? Vec<T>(ep->bias[r]) : Vec<T>::loadu(ep->bias + j));
         if (ep->res) {
-          const T* rr = ep->res + (rows.off ? rows.off[r] : r * ep->ldr) + j;
+          const T* rr = ep->res + Rows{ep->ldr, rows.off}(r) + j;
           val = val + (n == W ? Vec<T>::loadu(rr) : Vec<T>::loadu(rr, n));
         }
         val = apply_vector_act<T>(ep->act, val);
@@ -173,7 +174,7 @@ __attribute__((noinline)) void igemm_tile(int64_t ntaps, const T* const* a, int6
     constexpr int64_t line = 64 / int64_t(sizeof(T));
     for (int64_t r = 0; r < mvalid; ++r)
       for (int64_t j = 0; j < ncols; j += line) {
-        if (ep->res) __builtin_prefetch(ep->res + (crow ? crow[r] : r * ep->ldr) + j, 0, 0);
+        if (ep->res) __builtin_prefetch(ep->res + Rows{ep->ldr, crow}(r) + j, 0, 0);
         __builtin_prefetch(c + rows(r) + j, 1, 0);
       }
   }

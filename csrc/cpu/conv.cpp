@@ -35,6 +35,8 @@
 #include <string>
 #include <vector>
 
+#include <immintrin.h>
+
 #include "../check_util.h"
 #include "../conv.h"
 #include "../conv_args.h"
@@ -242,6 +244,22 @@ inline void prefetch_span(const T* begin, const T* end) {
   const uintptr_t e = reinterpret_cast<uintptr_t>(end);
   for (uintptr_t a = reinterpret_cast<uintptr_t>(begin) & ~uintptr_t(63); a < e; a += 64)
     __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
+}
+
+// A whole vector to p (aligned to the vector's size) with a non-temporal store: to memory without reading the line
+// first and without keeping it in cache. The caller ends its stores with _mm_sfence().
+template <typename T>
+inline void stream_store(T* p, const convk::Vec<T>& v) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(p, __m512(v));
+  else _mm512_stream_pd(p, __m512d(v));
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(p, __m256(v));
+  else _mm256_stream_pd(p, __m256d(v));
+#else
+  v.store(p);
+#endif
 }
 
 // Depth chunk of the forward: the packed weights of one chunk (taps x channels x one panel) stay in L2 while the
@@ -1048,6 +1066,7 @@ void dw_block_n(int64_t b, Args... args) {
 // Two rows: from 56 x 56 up a row of input pixels (all channels) does not stay in L1 between the output rows that
 // read it, so one row at a time missed L1 R times per input row (R + 1 per two output rows with pairs). The sums run
 // in the same order either way: the same bits. out and res: the second row ldr after the first.
+// nt: y's lines written with non-temporal stores (whole aligned vectors), the activation applied in registers.
 // Interior: every column of the block lies inside the row (kl <= 0, kh >= the block's width): no test per column, and
 // the column pointer steps by cb, which keeps the k loop in registers (with the tests, GCC kept the per-column offsets
 // in vector registers, reloaded the shared input columns once per use and spilled accumulators on the edge paths).
@@ -1055,7 +1074,7 @@ template <typename T, int B, int S, int SW, int PR, bool Full, bool Interior>
 inline __attribute__((always_inline)) void dw_vec_rows(int64_t c, int64_t n, int64_t nr, const T* const* rows,
                                                        const T* const* wrows, int64_t wld, int64_t cb, const T* init,
                                                        T* out, int64_t ld, int64_t ldr, const T* res, bool vact,
-                                                       Act act, int64_t shift, int64_t kl, int64_t kh) {
+                                                       bool nt, Act act, int64_t shift, int64_t kl, int64_t kh) {
   using V = convk::Vec<T>;
   auto load = [&](const T* p) { return Full ? V::loadu(p) : V::loadu(p, n); };
   const V v0 = init ? load(init + c) : V(T(0));
@@ -1099,32 +1118,33 @@ inline __attribute__((always_inline)) void dw_vec_rows(int64_t c, int64_t n, int
       T* o = out + h * ldr + j * ld + c;
       V v = h == 0 ? acc0[j] : acc1[j];
       if (res) v = v + load(res + h * ldr + j * ld + c);
-      if (vact) v = convk::apply_vector_act<T>(act, v);
-      if (Full) v.store(o);
+      if (vact || nt) v = convk::apply_vector_act<T>(act, v);
+      if (nt && Full) stream_store<T>(o, v);
+      else if (Full) v.store(o);
       else v.store(o, n);
     }
 }
 
 template <typename T, int B, int S, int SW, int PR>
 void dw_block_rows(int64_t C, int64_t nr, const T* const* rows, const T* const* wrows, int64_t wld, int64_t cb,
-                   const T* init, T* out, int64_t ld, int64_t ldr, const T* res, Act act, int64_t shift, int64_t kl,
-                   int64_t kh) {
+                   const T* init, T* out, int64_t ld, int64_t ldr, const T* res, bool nt, Act act, int64_t shift,
+                   int64_t kl, int64_t kh) {
   constexpr int64_t L = convk::Vec<T>::size();
   const bool vact = convk::vector_act(act);
   int64_t c = 0;
   if (kl <= 0 && kh >= (B - 1) * SW + S) {
     for (; c + L <= C; c += L)
-      dw_vec_rows<T, B, S, SW, PR, true, true>(c, L, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, act,
+      dw_vec_rows<T, B, S, SW, PR, true, true>(c, L, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, nt, act,
                                                shift, kl, kh);
   } else {
     for (; c + L <= C; c += L)
-      dw_vec_rows<T, B, S, SW, PR, true, false>(c, L, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, act,
+      dw_vec_rows<T, B, S, SW, PR, true, false>(c, L, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, nt, act,
                                                 shift, kl, kh);
   }
   if (c < C)
-    dw_vec_rows<T, B, S, SW, PR, false, false>(c, C - c, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, act,
-                                               shift, kl, kh);
-  if (!vact)
+    dw_vec_rows<T, B, S, SW, PR, false, false>(c, C - c, nr, rows, wrows, wld, cb, init, out, ld, ldr, res, vact, nt,
+                                               act, shift, kl, kh);
+  if (!vact && !nt)
     for (int h = 0; h < PR; ++h) dw_act_pass<T>(act, out + h * ldr, ld, B, C);
 }
 
@@ -1142,13 +1162,19 @@ void dw_block_rows_n(int64_t b, Args... args) {
   }
 }
 
-// Software prefetch for the channels-last row kernels at stride 1 where x and y do not fit in L3 (3/4 of the dev
-// machine's 32 MB): from DRAM the kernel ran at ~40 GB/s, 0.8x oneDNN, on 144 @56 (N = 8, 29 MB); the hardware
-// prefetchers lost the R + 1 row streams. Prefetching the next pass's two new rows block by block: 1.15-1.3x faster
-// on 144 @56 (N = 8, 16) and 32 @112 in runs of repeated calls, 1.02-1.1x with the providers' calls interleaved one
-// by one (as the harness times them). Prefetching further ahead was no better. Data in L3 gains nothing and pays the
-// instructions (144 @56 s2, 18 MB: 0.87x); at stride 2 (96 @112, 48 MB) it was 0.95-1.09x from run to run.
-constexpr int64_t kDwPrefetchBytes = 24 << 20;
+// Channels-last row kernels on x and y beyond 3/4 of the dev machine's 32 MB L3 (from DRAM): from there the kernel
+// ran at ~40 GB/s, 0.7-0.8x oneDNN, on 144 @56 (N = 8, 29 MB). Two remedies, each measured with the providers' calls
+// in random order in one process (2-core VM, float32, batch 8):
+// - Software prefetch of the next pass's new rows of x, block by block: the hardware prefetchers lost the R + 1 row
+//   streams. 1.15-1.3x on 144 @56 and 32 @112 (stride 1) in runs of repeated calls; further ahead was no better.
+// - Non-temporal stores of y (the epilogue in registers, every activation): no read of y's lines before the write and
+//   no dirty lines evicting the rows of x still in use. Stride 1: 144 @56 0.71-1.09 -> 0.40-0.55 ms (oneDNN
+//   0.49-0.65), 32 @112 0.89-1.05 -> 0.40-0.51 (0.57-0.71). Stride 2 wants both, each alone gained little: 96 @112
+//   1.52 -> 1.17 ms (oneDNN 1.12), 144 @56 5x5 (N = 16) 1.26 -> 1.02 (1.11). MobileNetV2 after optimize(),
+//   channels-last, batch 8: 2.5-4% faster; EfficientNet-B0 within noise (its squeeze-excitation re-reads y at once).
+// Below the threshold y stays in cache for the next layer, and prefetching data in L3 only paid the instructions
+// (144 @56 s2, 18 MB: 0.87x).
+constexpr int64_t kDwDramBytes = 24 << 20;
 
 // Which specialised row kernel serves (S, sw, dw): 0 = none (the generic dw_block).
 inline int dw_row_kind(const Geo& g) {
@@ -1181,8 +1207,11 @@ void fwd_depthwise_ring(const Geo& g, const T* x, const T* w_t, const T* b, cons
   // saves), within noise (+-10%) at 56 x 56 and 112 x 112.
   const bool direct = kind != 0;
   const bool pairs = direct && g.sh == 1 && g.dh == 1;
-  // Channels-last x and y beyond kDwPrefetchBytes together: x comes from DRAM; blocks prefetch the next pass's rows.
-  const bool prefetch = pairs && !kNchw && g.N * (g.HW() + g.PQ()) * C * int64_t(sizeof(T)) > kDwPrefetchBytes;
+  // Channels-last x and y beyond kDwDramBytes together (from DRAM): the row kernels prefetch the next pass's
+  // rows of x and write y with non-temporal stores where every channel vector is whole and aligned.
+  const bool big = direct && !kNchw && g.N * (g.HW() + g.PQ()) * C * int64_t(sizeof(T)) > kDwDramBytes;
+  const bool stream = big && C % convk::Vec<T>::size() == 0 &&
+                      reinterpret_cast<uintptr_t>(y) % sizeof(convk::Vec<T>) == 0;
   at::parallel_for(0, g.N * ncb, grain_for(g.PQ() * cb * RS), [&](int64_t begin, int64_t end) {
     using V = convk::Vec<T>;
     constexpr int64_t L = V::size();
@@ -1275,20 +1304,20 @@ void fwd_depthwise_ring(const Geo& g, const T* x, const T* w_t, const T* b, cons
             const int64_t lr = g.Q * ld;
             switch (kind) {
               case 1:
-                return dw_block_rows_n<T, 3, 1, PR>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, lr, rsd, act, shift, kl,
-                                                     kh);
+                return dw_block_rows_n<T, 3, 1, PR>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, lr, rsd, stream, act, shift,
+                                                 kl, kh);
               case 2:
-                return dw_block_rows_n<T, 3, 2, PR>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, lr, rsd, act, shift, kl,
-                                                     kh);
+                return dw_block_rows_n<T, 3, 2, PR>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, lr, rsd, stream, act, shift,
+                                                 kl, kh);
               case 3:
-                return dw_block_rows_n<T, 5, 1, PR>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, lr, rsd, act, shift, kl,
-                                                     kh);
+                return dw_block_rows_n<T, 5, 1, PR>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, lr, rsd, stream, act, shift,
+                                                 kl, kh);
               default:
-                return dw_block_rows_n<T, 5, 2, PR>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, lr, rsd, act, shift, kl,
-                                                     kh);
+                return dw_block_rows_n<T, 5, 2, PR>(bq, nc, nr, rw, ww, C, cs, bc, out, ld, lr, rsd, stream, act, shift,
+                                                 kl, kh);
             }
           };
-          if (prefetch) {
+          if (big) {
             // The rows the window advances by (pr * sh past the last row this pass reads), this block's columns.
             const int64_t last = p * g.sh - g.ph + (g.R - 1) * g.dh + pr - 1;
             const int64_t j0 = std::max<int64_t>(0, iw0), j1 = std::min<int64_t>(g.W, iw0 + (bq - 1) * g.sw + g.S);
@@ -1309,6 +1338,7 @@ void fwd_depthwise_ring(const Geo& g, const T* x, const T* w_t, const T* b, cons
       }
       if constexpr (kNchw) transpose<T>(oloc, sld, y + (n * C + c0) * PQ, PQ, PQ, nc);
     }
+    if (stream) _mm_sfence();  // the non-temporal stores, before the join
   });
 }
 

@@ -600,6 +600,34 @@ def test_depthwise_epilogue(act, stride, channels_last):
         check_op(fwd, [Sample(leaves)], ref, gradcheck=False, opcheck=False, compile=False)
 
 
+@pytest.mark.parametrize("stride,kernel,act", [(1, 3, "silu"), (2, 5, "relu6")])
+def test_depthwise_streamed_output(stride, kernel, act):
+    """Channels-last depthwise layers whose x and y pass 24 MB write y (and, at stride 1, dx) with non-temporal stores,
+    the epilogue (bias, residual, activation) in registers: against torch, and bitwise equal to each image alone
+    (small enough to take the cached path)."""
+    skip_unavailable("cpp")
+    g = torch.Generator().manual_seed(7)
+    c, size, pad = 32, 160 if stride == 1 else 224, kernel // 2
+    x = torch.randn(4, c, size, size, generator=g).to(memory_format=torch.channels_last)
+    w = torch.randn(c, 1, kernel, kernel, generator=g) * 0.3
+    b = torch.randn(c, generator=g)
+    r = torch.randn(F.conv2d(x[:1], w, None, stride, pad, 1, c).shape[2:], generator=g).expand(4, c, -1, -1)
+    r = r.contiguous(memory_format=torch.channels_last)
+    conv = lambda x, r: torch.ops.mltoolkit.conv2d_fwd(x, w, b, [stride] * 2, [pad] * 2, [1, 1], c, r, act)
+    with mltoolkit.backend("cpp"):
+        y = conv(x, r)
+        alone = torch.cat([conv(x[i:i + 1], r[i:i + 1]) for i in range(4)])
+        dx = torch.ops.mltoolkit.conv2d_bwd(y, x, w, [stride] * 2, [pad] * 2, [1, 1], c, [True, False, False])[0]
+        dx_alone = torch.cat([torch.ops.mltoolkit.conv2d_bwd(y[i:i + 1], x[i:i + 1], w, [stride] * 2, [pad] * 2,
+                                                             [1, 1], c, [True, False, False])[0] for i in range(4)])
+    assert torch.equal(y, alone)
+    assert torch.equal(dx, dx_alone)
+    assert_close(y, TORCH_ACT[act](F.conv2d(x, w, b, stride, pad, 1, c) + r), atol=1e-4, rtol=1e-4, name="y")
+    want_dx = torch.ops.aten.convolution_backward(y, x, w, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], c,
+                                                  [True, False, False])[0]
+    assert_close(dx, want_dx, atol=1e-4, rtol=1e-4, name="dx")
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_depthwise_same_for_any_thread_count(stride, channels_last):

@@ -80,3 +80,16 @@ def test_sqnr_gate():
     assert failure is not None and "below the floor" in failure
     _, failure, _ = _check(noisy, (x,), [x], [], [], [], torch.float32)  # the tolerance table rejects it
     assert failure is not None
+
+
+def test_cpu_timer_times_each_call_after_its_own():
+    """Interleaved CPU timing: every timed call follows an untimed call of the same provider, so no provider's time
+    depends on which other one ran before it."""
+    from mltoolkit.benchmark.harness import _Timer
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    timings = _Timer("cpu", budget_s=0.0).interleaved(fns, max_reps=5)
+    assert {name: t.reps for name, t in timings.items()} == {"a": 5, "b": 5, "c": 5}
+    timed = calls[3 * 3:]  # after the warm-up calls (three each)
+    assert timed == [name for _ in range(5) for name in ("a", "b", "c") for _ in range(2)]

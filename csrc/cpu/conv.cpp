@@ -35,7 +35,9 @@
 #include <string>
 #include <vector>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
+#endif
 
 #include "../check_util.h"
 #include "../conv.h"
@@ -247,7 +249,7 @@ inline void prefetch_span(const T* begin, const T* end) {
 }
 
 // A whole vector to p (aligned to the vector's size) with a non-temporal store: to memory without reading the line
-// first and without keeping it in cache. The caller ends its stores with _mm_sfence().
+// first and without keeping it in cache. The caller ends its stores with stream_fence().
 template <typename T>
 inline void stream_store(T* p, const convk::Vec<T>& v) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
@@ -259,6 +261,13 @@ inline void stream_store(T* p, const convk::Vec<T>& v) {
   else _mm256_stream_pd(p, __m256d(v));
 #else
   v.store(p);
+#endif
+}
+
+// Orders a thread's non-temporal stores before whatever follows (they are weakly ordered).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
 #endif
 }
 
@@ -1338,7 +1347,7 @@ void fwd_depthwise_ring(const Geo& g, const T* x, const T* w_t, const T* b, cons
       }
       if constexpr (kNchw) transpose<T>(oloc, sld, y + (n * C + c0) * PQ, PQ, PQ, nc);
     }
-    if (stream) _mm_sfence();  // the non-temporal stores, before the join
+    if (stream) stream_fence();  // before the join
   });
 }
 

@@ -1218,8 +1218,8 @@ void fwd_depthwise_ring(const Geo& g, const T* x, const T* w_t, const T* b, cons
   const bool pairs = direct && g.sh == 1 && g.dh == 1;
   // Channels-last x and y beyond kDwDramBytes together (from DRAM): the row kernels prefetch the next pass's
   // rows of x and write y with non-temporal stores where every channel vector is whole and aligned.
-  const bool big = direct && !kNchw && g.N * (g.HW() + g.PQ()) * C * int64_t(sizeof(T)) > kDwDramBytes;
-  const bool stream = big && C % convk::Vec<T>::size() == 0 &&
+  const bool from_dram = direct && !kNchw && g.N * (g.HW() + g.PQ()) * C * int64_t(sizeof(T)) > kDwDramBytes;
+  const bool stream = from_dram && C % convk::Vec<T>::size() == 0 &&
                       reinterpret_cast<uintptr_t>(y) % sizeof(convk::Vec<T>) == 0;
   at::parallel_for(0, g.N * ncb, grain_for(g.PQ() * cb * RS), [&](int64_t begin, int64_t end) {
     using V = convk::Vec<T>;
@@ -1326,7 +1326,7 @@ void fwd_depthwise_ring(const Geo& g, const T* x, const T* w_t, const T* b, cons
                                                  kl, kh);
             }
           };
-          if (big) {
+          if (from_dram) {
             // The rows the window advances by (pr * sh past the last row this pass reads), this block's columns.
             const int64_t last = p * g.sh - g.ph + (g.R - 1) * g.dh + pr - 1;
             const int64_t j0 = std::max<int64_t>(0, iw0), j1 = std::min<int64_t>(g.W, iw0 + (bq - 1) * g.sw + g.S);

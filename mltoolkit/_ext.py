@@ -161,6 +161,34 @@ def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@torch.library.custom_op("mltoolkit::onednn_linear", mutates_args=())
+def _onednn_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+                      algorithm: str) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], algorithm)
+
+
+@_onednn_linear_op.register_fake
+def _(x, weight, bias, activation, algorithm):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def onednn_linear(x, weight, bias, activation: str = "none", algorithm: str = ""):
+    """activation(x @ weight.T + bias) as one oneDNN matmul with the activation in its epilogue
+    (torch.ops.mkldnn._linear_pointwise): float32 CPU, outside autograd; the caller checks that, and
+    `onednn_linear_traceable`. Eager calls run the oneDNN op directly; a compiled graph gets it as
+    mltoolkit::onednn_linear, which Inductor calls as it is: Inductor lowers mkldnn._linear_pointwise only with a
+    frozen (constant) weight and otherwise runs its own GEMM (MKL's, ~2x slower than oneDNN's on the AMD dev VM)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.mltoolkit.onednn_linear(x, weight, bias, activation, algorithm)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], algorithm)
+
+
+def onednn_linear_traceable(*tensors) -> bool:
+    """Whether `onednn_linear` may run here: plain eager tensors, or inside torch.compile / export (the registered
+    op); not under other tracers, functorch transforms or modes, which take F.linear."""
+    return torch.compiler.is_compiling() or plain_eager(*tensors)
+
+
 def onednn_mm(a, b):
     """a @ b for 2-D float32 CPU matrices, outside autograd (a backward's GEMMs), through oneDNN's matmul
     (torch.ops.mkldnn._linear_pointwise, b transposed into its weight): ~2.2x torch's a @ b on the AMD dev VM, whose

@@ -22,6 +22,11 @@ BENCH = textwrap.dedent('''
     from mltoolkit.benchmark import Benchmark
     from mltoolkit.ops.reference import norm as ref
 
+    def undifferentiated(x, w):
+        if x.requires_grad or w.requires_grad:
+            raise RuntimeError("a forward-only case was differentiated")
+        return ops.rms_norm(x, (x.shape[-1],), w)
+
     def benchmarks(device, quick):
         good = lambda x, w: ops.rms_norm(x, (x.shape[-1],), w)
         eager = lambda x, w: torch.nn.functional.rms_norm(x, (x.shape[-1],), w)
@@ -34,7 +39,9 @@ BENCH = textwrap.dedent('''
                 Benchmark("broken_rms", "norm", lambda x, w: good(x, w) + 1, eager, refn, make,
                           [{"M": 8, "N": 32}], [torch.float32], grad_args=(0, 1), modes=("fwd",)),
                 Benchmark("broken_baseline", "norm", good, lambda x, w: eager(x, w) * 1.1, refn, make,
-                          [{"M": 8, "N": 32}], [torch.float32], grad_args=(0, 1), modes=("fwd",))]
+                          [{"M": 8, "N": 32}], [torch.float32], grad_args=(0, 1), modes=("fwd",)),
+                Benchmark("forward_only", "norm", undifferentiated, eager, refn, make, [{"M": 8, "N": 32}],
+                          [torch.float32], grad_args=(0, 1), modes=("fwd",))]
 ''')
 
 
@@ -66,6 +73,8 @@ def test_bench_writes_rows_table_and_plot(tmp_path):
     assert base and "output 0" in base[0]["baseline_outside_tolerance"]
     assert "baselines outside the tolerance" in md
     assert torch.get_num_threads() == timed[0]["threads"]
+    # a forward-only case is checked as it is timed, without gradients
+    assert {r["provider"] for r in timed if r["op"] == "forward_only"} >= {"mltoolkit[cpp]", "torch eager"}
 
 
 def test_sqnr_gate():

@@ -329,6 +329,33 @@ def test_compile_fullgraph(tmp_path):
         close(compiled(ids).logits, dec(ids).logits)
 
 
+@pytest.mark.skipif(not bert.USE_ONEDNN_LINEAR, reason="torch has no oneDNN linear op")
+def test_compiled_inference_keeps_the_onednn_linears():
+    """fp32 CPU inference under torch.compile runs the same oneDNN GEMMs as eager (mltoolkit::onednn_linear, which
+    Inductor calls as it is), so the compiled model gives eager's outputs; training graphs keep F.linear."""
+    model = bert.BertModel(bert.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=37, max_position_embeddings=64)).eval()
+    ids, mask, types = inputs()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm
+
+    with torch.no_grad():
+        eager = model(ids, attention_mask=mask).last_hidden_state
+        torch.compile(model, fullgraph=True, backend=record)(ids, attention_mask=mask)
+        compiled = torch.compile(model, fullgraph=True)(ids, attention_mask=mask).last_hidden_state
+    assert any("mltoolkit.onednn_linear" in t for t in graphs[0])
+    assert not any("linear" in t and "onednn" not in t for t in graphs[0])
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    graphs.clear()
+    torch.compile(model.train(), fullgraph=True, backend=record)(ids, attention_mask=mask).last_hidden_state.sum()
+    assert not any("onednn" in t for t in graphs[0]) and any("linear" in t for t in graphs[0])
+    x, w = torch.randn(5, 8), torch.randn(3, 8)
+    torch.library.opcheck(torch.ops.mltoolkit.onednn_linear, (x, w, torch.randn(3), "gelu", "tanh"))
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------
 
 def test_bad_folders(tmp_path):

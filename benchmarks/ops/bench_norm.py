@@ -63,17 +63,19 @@ def benchmarks(device: str, quick: bool):
                                                           {"M": 128, "N": 65536}]
         dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     full = not quick
+    # --quick on the CPU times fwd and fwd+bwd (the CPU targets), not the bwd replay; the GPU's keeps all three.
+    modes = ("fwd", "fwd+bwd") if quick and device == "cpu" else ("fwd", "bwd", "fwd+bwd")
     return [
         Benchmark("layer_norm", "norm", lambda x, w, b: ops.layer_norm(x, (x.shape[-1],), w, b), _layer_norm_eager,
                   lambda x, w, b: ref.layer_norm(x, (x.shape[-1],), w, b), _inputs(True, False), configs, dtypes,
-                  grad_args=(0, 1, 2), bytes=_bytes(True, False), include_reference_backend=full),
+                  grad_args=(0, 1, 2), bytes=_bytes(True, False), include_reference_backend=full, modes=modes),
         Benchmark("rms_norm", "norm", lambda x, w: ops.rms_norm(x, (x.shape[-1],), w), _rms_norm_eager,
                   lambda x, w: ref.rms_norm(x, (x.shape[-1],), w), _inputs(False, False), configs, dtypes,
-                  grad_args=(0, 1), bytes=_bytes(False, False), include_reference_backend=full),
+                  grad_args=(0, 1), bytes=_bytes(False, False), include_reference_backend=full, modes=modes),
         Benchmark("add_layer_norm", "norm", ops.add_layer_norm, _add_layer_norm_eager, ref.add_layer_norm,
                   _inputs(True, True), configs, dtypes, grad_args=(0, 1, 2, 3), bytes=_bytes(True, True),
-                  include_reference_backend=full),
+                  include_reference_backend=full, modes=modes),
         Benchmark("add_rms_norm", "norm", ops.add_rms_norm, _add_rms_norm_eager, ref.add_rms_norm,
                   _inputs(False, True), configs, dtypes, grad_args=(0, 1, 2), bytes=_bytes(False, True),
-                  include_reference_backend=full),
+                  include_reference_backend=full, modes=modes),
     ]

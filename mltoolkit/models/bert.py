@@ -55,17 +55,17 @@ def _onednn_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
             and x.dtype == torch.float32 and weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32)
             and not _ext.needs_grad(x, weight, bias)
-            and _ext.plain_eager(x, weight, bias))
+            and _ext.onednn_linear_traceable(x, weight, bias))
 
 
 def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act="none") -> Tensor:
-    """act(x @ weight.T + bias). In eager fp32 CPU inference this is one oneDNN GEMM with the activation (and
-    bias) in its epilogue, which measured ~1.2x faster than F.linear's MKL GEMM at BERT-base sizes and saves the
-    activation's pass over memory; training, compiled graphs (Inductor picks its own GEMM), other dtypes and
-    devices use F.linear followed by the activation."""
+    """act(x @ weight.T + bias). In fp32 CPU inference, eager or compiled, this is one oneDNN GEMM with the
+    activation (and bias) in its epilogue, which measured ~1.2x faster than F.linear's MKL GEMM at BERT-base sizes
+    and saves the activation's pass over memory; training, other dtypes and devices use F.linear followed by the
+    activation."""
     if isinstance(act, str) and act in _ONEDNN_ACT and _onednn_ok(x, weight, bias):
         name, algorithm = _ONEDNN_ACT[act]
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, name, [], algorithm)
+        return _ext.onednn_linear(x, weight, bias, name, algorithm)
     y = F.linear(x, weight, bias)
     return y if act == "none" else activation(act)(y)
 

@@ -264,10 +264,13 @@ def test_fuse_models_train(name):
     # float32 errors against a float64 run, held to a few times torch's own float32 error (a deep net's gradients
     # differ from torch's by summation order alone).
     assert_close_flash(y, y64, y0, factor=4, eps=1e-5 * y64.abs().max().item())
+    # Gradients through 4-image batch norms are ill-conditioned: on an AVX2-only VM (2026-11-28) ResNet-18's worst
+    # parameter gradient was 0.9-4.5x torch's own error over seeds 0-5 (4.5x at seed 0; AVX-512 runs stayed under 4),
+    # while a wrong formula is off by the gradient's own size.
     params, params64 = dict(fused.named_parameters()), dict(original64.named_parameters())
     for k, p in original.named_parameters():
         ref = params64[k].grad
-        assert_close_flash(params[k].grad, ref, p.grad, factor=4, eps=1e-5 * ref.abs().max().item(),
+        assert_close_flash(params[k].grad, ref, p.grad, factor=8, eps=1e-5 * ref.abs().max().item(),
                            name=f"grad {k}")
     buffers = dict(fused.named_buffers())
     for k, b in original.named_buffers():

@@ -187,9 +187,8 @@ def onednn_linear_traceable(*tensors) -> bool:
     """Whether `onednn_linear` may run here: plain tensors (no subclass such as DTensor), in eager or inside
     torch.compile / export (the registered op); not under other tracers, functorch transforms or modes, which take
     F.linear."""
-    if torch.compiler.is_compiling():
-        return all(t is None or type(t) in _PLAIN for t in tensors)
-    return plain_eager(*tensors)
+    return plain_eager(*tensors) or (torch.compiler.is_compiling()
+                                     and all(t is None or type(t) in _PLAIN for t in tensors))
 
 
 def onednn_mm(a, b):

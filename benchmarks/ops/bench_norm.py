@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from mltoolkit import ops
 from mltoolkit.benchmark import Benchmark
+from mltoolkit.benchmark.harness import MODES
 from mltoolkit.ops.reference import norm as ref
 
 
@@ -64,7 +65,7 @@ def benchmarks(device: str, quick: bool):
         dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     full = not quick
     # --quick on the CPU times fwd and fwd+bwd (the CPU targets), not the bwd replay; the GPU's keeps all three.
-    modes = ("fwd", "fwd+bwd") if quick and device == "cpu" else ("fwd", "bwd", "fwd+bwd")
+    modes = ("fwd", "fwd+bwd") if quick and device == "cpu" else MODES
     return [
         Benchmark("layer_norm", "norm", lambda x, w, b: ops.layer_norm(x, (x.shape[-1],), w, b), _layer_norm_eager,
                   lambda x, w, b: ref.layer_norm(x, (x.shape[-1],), w, b), _inputs(True, False), configs, dtypes,

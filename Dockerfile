@@ -13,7 +13,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 RUN apt-get update && apt-get install -y --no-install-recommends make git \
     && rm -rf /var/lib/apt/lists/*
-RUN python3 -m pip install --no-cache-dir pybind11 ninja pytest matplotlib safetensors scikit-learn \
+RUN python3 -m pip install --no-cache-dir pybind11 ninja pytest pytest-xdist matplotlib safetensors scikit-learn \
     tqdm rich tensorboard mlflow-skinny wandb tokenizers sentencepiece protobuf transformers keras h5py \
     && python3 -m pip install --no-cache-dir --no-deps timm
 

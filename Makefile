@@ -7,6 +7,9 @@ TORCH_SPEC ?= torch==2.14.1
 TORCHVISION_SPEC ?= torchvision==0.29.1
 BENCH_ARGS ?=
 TEST_ARGS ?=
+# pytest-xdist workers for make test (0: one process). Compiling graphs and interpreting Triton is single-threaded
+# Python, so two workers on two cores halve the suite; at most 4, each still runs torch's intra-op threads.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 DEPS_STAMP := $(VENV)/.mltk-deps
 BUILD_STAMP := $(VENV)/.mltk-built
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
@@ -14,7 +17,8 @@ SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 .PHONY: test bench bench-quick install info docker clean
 
 test: $(BUILD_STAMP)
-	$(VPY) -m pytest $(TEST_ARGS)
+	$(VPY) -m pytest $$([ "$(TEST_WORKERS)" != 0 ] && $(VPY) -c "import xdist" 2>/dev/null \
+		&& echo "-n $(TEST_WORKERS)") $(TEST_ARGS)
 
 bench: $(BUILD_STAMP)
 	$(VPY) -m mltoolkit bench $(BENCH_ARGS)
@@ -42,6 +46,8 @@ $(DEPS_STAMP):
 		$(VPY) -c "import $$mod" 2>/dev/null || missing="$$missing $$mod"; \
 	done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; $(VPY) -m pip install -q $$missing || exit 1; fi
+	@$(VPY) -c "import xdist" 2>/dev/null || $(VPY) -m pip install -q pytest-xdist \
+		|| echo "pytest-xdist not installed: make test runs in one process"
 	@$(VPY) -c "import safetensors" 2>/dev/null || $(VPY) -m pip install -q safetensors \
 		|| echo "safetensors not installed: saving quantized models is unavailable"
 	@$(VPY) -c "import matplotlib" 2>/dev/null || $(VPY) -m pip install -q matplotlib \

@@ -1,6 +1,6 @@
 // The Python module mltoolkit._C: kernel entry points only. Ops, schemas and autograd live in mltoolkit/ops/, which
 // picks a backend per call; this module is one of those backends.
-#include <torch/extension.h>
+#include <torch/python.h>
 
 #include "attention.h"
 #include "batch_norm.h"

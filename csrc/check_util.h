@@ -1,7 +1,7 @@
 // Helpers of the kernels' input checks, shared by the CPU kernels and the CUDA glue.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <sstream>

@@ -3,7 +3,7 @@
 // kAdam8bitBlock values). dequant: codes -> floats through the map; quant: the nearest code by a branchless binary
 // search over the 255 sorted midpoints. Header-only, internal linkage: each kernel file compiles it with its own ISA.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)

@@ -6,10 +6,11 @@
 // thread count. The arithmetic runs in at::vec::Vectorized<float> registers on AVX-512 / AVX2 builds (fp16 / bf16
 // widened as they are loaded), in scalar code elsewhere; both divide (x / s, as the int8 and int4 quantizers do:
 // multiplying by 1 / s would round differently) and round half to even (roundscale / nearbyint).
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>

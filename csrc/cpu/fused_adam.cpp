@@ -6,7 +6,7 @@
 // read; p, m, v written), the memory-bound minimum. The arithmetic copies torch's own kernels op for op (mul_, lerp_
 // with its fma, mul_ then addcmul_, sqrt, div, add, addcdiv_): float32 results equal torch.optim.AdamW's except where
 // torch's CPU sqrt is 1 ulp off the correctly rounded one this kernel uses (measured: ~20% of elements, torch 2.14.1).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

@@ -9,7 +9,7 @@
 // requantized: absmax, an IEEE division, and the nearest code found by a branchless binary search over the 255
 // sorted midpoints. AVX-512: 16 elements at once, every table lookup (map, search levels) a register permute
 // (vpermps / vpermt2ps + blends), no memory gathers; AVX2: 8 at once with vector gathers; scalar elsewhere.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

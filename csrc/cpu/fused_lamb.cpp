@@ -11,9 +11,10 @@
 // sum is added to a float64 total (float64 throughout for float64 tensors).
 #include "fused_lamb.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/scalar_tensor.h>
 
 #include <algorithm>
 #include <cmath>

@@ -14,7 +14,7 @@
 // element of a tensor-sized buffer (an embedding of 30M parameters: 120 MB, more than its 8-bit state).
 //
 // The block-wise quantization (dequant, quant, the register lookup tables) is fused_adam8bit.cpp's: blockwise_quant8.h.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

@@ -16,8 +16,10 @@
 // for large M (dequantize 128 rows into a float buffer, at::mm on it) ran M = 256 / 2048 at 1.02x / 0.89x where this
 // path ran 1.19x / 1.01x, so it was dropped.
 // ISA by the build's macros: AVX-512 (16 lanes), AVX2 (8 lanes) or scalar (1 lane, which is plain k order).
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <atomic>

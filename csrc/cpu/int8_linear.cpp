@@ -34,10 +34,12 @@
 //  - scalar: plain int32 loops (auto-vectorized by the compiler where it can); also the path off x86.
 #include "int8_linear.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cfloat>

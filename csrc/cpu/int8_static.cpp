@@ -1,9 +1,10 @@
 // CPU kernels of static int8 activation quantization and of the int8 im2col behind Int8Conv2d (contract:
 // csrc/int8_static.h).
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cfloat>

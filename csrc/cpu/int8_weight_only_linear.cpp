@@ -11,8 +11,11 @@
 // the 2-core Zen 4 VM (2026-11-26, K = N = 4096, loaded machine, 1 thread: M = 16 10 vs 24 ms, M = 256 87 vs 102 ms,
 // M = 1024 334 vs 389 ms; 2 threads M = 1024 340 vs 754 ms; fp32 F.linear 109 / 418 ms at M = 256 / 1024), so it is
 // not the default; it stays as the cross-check of the main path and for BLAS libraries that do better.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 
 #include <algorithm>
 #include <cstdint>

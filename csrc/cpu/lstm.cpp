@@ -9,15 +9,16 @@
 // lanes along H, the block cut into pieces of at least kMinElementsPerTask elements for at::parallel_for. The state
 // buffers are allocated once per layer, so a step allocates nothing.
 // Dtypes: float32 and float64 (fp64 for gradcheck); the Python layer sends other dtypes to the reference backend.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
-#include <ATen/Context.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <cmath>

@@ -2,7 +2,9 @@
 #include "reused_memory.h"
 
 #include <ATen/EmptyTensor.h>
-#include <ATen/Functions.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 

@@ -2,8 +2,8 @@
 // csrc/cross_entropy_args.h), outputs, device guard, current stream, launch-error checks. Contract:
 // csrc/cross_entropy.h. Targets are not range-checked here (that would synchronize): one out of range gives a NaN
 // loss.
-#include <ATen/Functions.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>

@@ -2,8 +2,10 @@
 // stream, and the step loops of csrc/lstm.h (lstm_loop) with cuBLAS GEMMs through ATen and our gate kernels.
 // Contract: csrc/lstm.h. Dtypes: float32, float64.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -195,7 +197,7 @@ std::vector<at::Tensor> lstm_layer_forward_cuda(const at::Tensor& x, const at::T
   if (project) {
     x_proj = present(bias) ? at::addmm(*bias, x, w_ih->t()) : at::mm(x, w_ih->t());
   } else if (present(bias)) {
-    x_proj = x + *bias;
+    x_proj = at::add(x, *bias);
   }
   at::Tensor out = at::empty({N, H}, x.options()), h_n = h0.clone(), c_n = c0.clone();
   at::Tensor gates = at::empty(save ? at::IntArrayRef{N, 4 * H} : at::IntArrayRef{0}, x.options());

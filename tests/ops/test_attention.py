@@ -517,7 +517,7 @@ MEMORY_PROBE = """
 import re, torch, mltoolkit
 def kb(field):
     return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
-q, k, v = (torch.randn(1, 16, {n}, 64, requires_grad=True) for _ in range(3))
+q, k, v = (torch.randn(1, 2, {n}, 64, requires_grad=True) for _ in range(3))
 base = kb("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")
 with mltoolkit.backend("cpp"):
@@ -528,8 +528,8 @@ print((kb("VmHWM") - base) * 1024)
 
 
 def test_cpu_memory_is_linear_in_sequence_length():
-    """B=1, H=16, L=16384, D=64 fp32 forward + backward in under 1 GB; the attention matrix alone is 17 GB.
-    (About 40 s on 2 cores; kept in the default run because it is the proof of the flash design.)"""
+    """B=1, H=2, L=16384, D=64 fp32 forward + backward in under 512 MB; the attention matrix alone is 2 GB, one
+    head's 1 GB. (About 11 s on 2 cores; kept in the default run because it is the proof of the flash design.)"""
     if table("attention").get("cpp").available() is not None:
         pytest.skip("cpp backend unavailable")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -537,8 +537,8 @@ def test_cpu_memory_is_linear_in_sequence_length():
                           env=env, timeout=1800)
     assert done.returncode == 0, done.stderr[-2000:]
     peak = int(done.stdout.split()[-1])
-    # inputs, outputs and gradients are 6 x 64 MB; the rest is the kernel's working set
-    assert peak < 2**30, f"peak memory {peak / 2**20:.0f} MB"
+    # inputs, outputs and gradients are 6 x 8 MB; the rest is the kernel's working set (140 MB measured)
+    assert peak < 2**29, f"peak memory {peak / 2**20:.0f} MB"
 
 
 def test_autocast_casts_inputs_like_torch():

@@ -10,6 +10,9 @@ TEST_ARGS ?=
 # pytest-xdist workers for make test (0: one process). Compiling graphs and interpreting Triton is single-threaded
 # Python, so two workers on two cores halve the suite; at most 4, each still runs torch's intra-op threads.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+# --no-compile: modules are byte-compiled when first imported (as uv installs do), not all ~15k files of torch,
+# transformers, keras, ... at install time (a minute and more on 2 cores).
+PIP_INSTALL := $(VPY) -m pip install -q --no-compile
 DEPS_STAMP := $(VENV)/.mltk-deps
 BUILD_STAMP := $(VENV)/.mltk-built
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
@@ -45,31 +48,31 @@ $(DEPS_STAMP):
 	for mod in triton pybind11 ninja pytest numpy setuptools wheel; do \
 		$(VPY) -c "import $$mod" 2>/dev/null || missing="$$missing $$mod"; \
 	done; \
-	if [ -n "$$missing" ]; then echo "installing:$$missing"; $(VPY) -m pip install -q $$missing || exit 1; fi
-	@$(VPY) -c "import xdist" 2>/dev/null || $(VPY) -m pip install -q pytest-xdist \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; $(PIP_INSTALL) $$missing || exit 1; fi
+	@$(VPY) -c "import xdist" 2>/dev/null || $(PIP_INSTALL) pytest-xdist \
 		|| echo "pytest-xdist not installed: make test runs in one process"
-	@$(VPY) -c "import safetensors" 2>/dev/null || $(VPY) -m pip install -q safetensors \
+	@$(VPY) -c "import safetensors" 2>/dev/null || $(PIP_INSTALL) safetensors \
 		|| echo "safetensors not installed: saving quantized models is unavailable"
-	@$(VPY) -c "import matplotlib" 2>/dev/null || $(VPY) -m pip install -q matplotlib \
+	@$(VPY) -c "import matplotlib" 2>/dev/null || $(PIP_INSTALL) matplotlib \
 		|| echo "matplotlib not installed: benchmark plots are skipped"
-	@$(VPY) -c "import sklearn" 2>/dev/null || $(VPY) -m pip install -q scikit-learn \
+	@$(VPY) -c "import sklearn" 2>/dev/null || $(PIP_INSTALL) scikit-learn \
 		|| echo "scikit-learn not installed: the digits accuracy tests are skipped"
 	@# Trainer progress bars and loggers (each optional: the Trainer says which to install when asked for it).
-	@$(VPY) -c "import tqdm, rich, tensorboard, mlflow, wandb" 2>/dev/null || $(VPY) -m pip install -q tqdm rich \
+	@$(VPY) -c "import tqdm, rich, tensorboard, mlflow, wandb" 2>/dev/null || $(PIP_INSTALL) tqdm rich \
 		tensorboard mlflow-skinny wandb || echo "logger libraries not installed: their Trainer tests are skipped"
 	@# Model zoo and text: tokenizers / sentencepiece do the tokenizing; transformers, timm and keras (torch backend)
 	@# are only the references the model tests compare against and the checkpoint formats they read.
 	@$(VPY) -c "import tokenizers, sentencepiece, google.protobuf, transformers, keras, h5py" 2>/dev/null \
-		|| $(VPY) -m pip install -q tokenizers sentencepiece protobuf transformers keras h5py \
+		|| $(PIP_INSTALL) tokenizers sentencepiece protobuf transformers keras h5py \
 		|| echo "text / model-zoo libraries not installed: their tests are skipped"
 	@# torchvision (CNN fusion tests, ResNet-50 benchmark) must match torch's build: only beside the pinned torch.
 	@$(VPY) -c "import torchvision" 2>/dev/null \
 		|| { $(VPY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_SPEC)'.split('==')[1])" \
-			&& $(VPY) -m pip install -q --no-deps $(TORCHVISION_SPEC); } \
+			&& $(PIP_INSTALL) --no-deps $(TORCHVISION_SPEC); } \
 		|| echo "torchvision not installed: model tests and the ResNet benchmark are skipped"
 	@# timm without its dependencies: they are torch and torchvision, which must not be replaced.
 	@$(VPY) -c "import timm" 2>/dev/null || { $(VPY) -c "import torchvision, huggingface_hub, yaml" 2>/dev/null \
-		&& $(VPY) -m pip install -q --no-deps timm; } || echo "timm not installed: the timm mapping tests are skipped"
+		&& $(PIP_INSTALL) --no-deps timm; } || echo "timm not installed: the timm mapping tests are skipped"
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)

@@ -55,7 +55,12 @@ def test_bench_writes_rows_table_and_plot(tmp_path):
     assert {f"{slug}.jsonl", f"{slug}.md"} <= set(files)
     lines = [json.loads(x) for x in (tmp_path / "out" / f"{slug}.jsonl").read_text().splitlines()]
     timed = [r for r in lines if "median_ms" in r]
-    assert {r["mode"] for r in timed if r["op"] == "tiny_rms"} == {"fwd", "bwd", "fwd+bwd"}
+    # --quick on the CPU times one mode per op: fwd+bwd where the op trains; the full run times all three
+    assert {r["mode"] for r in timed if r["op"] == "tiny_rms"} == {"fwd+bwd"}
+    assert {r["mode"] for r in timed if r["op"] == "forward_only"} == {"fwd"}
+    full = run("cpu", quick=False, ops=["tiny_rms"], bench_dir=bench_dir, out_dir=tmp_path / "full",
+               log=lambda *_: None)
+    assert {r["mode"] for r in full if "median_ms" in r} == {"fwd", "bwd", "fwd+bwd"}
     assert {"torch eager", "torch.compile"} <= {r["provider"] for r in timed}
     for key in ("op", "provider", "mode", "config", "dtype", "device", "median_ms", "p20_ms", "p80_ms",
                 "speedup_vs_eager", "speedup_vs_compile", "gbps", "peak_mem_bytes", "max_abs_err", "torch",

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,8 +73,8 @@ class Timing:
 # ---- timers ---------------------------------------------------------------------------------------------------
 
 class _Timer:
-    def __init__(self, device: str, budget_s: float):
-        self.device, self.budget_s = device, budget_s
+    def __init__(self, device: str, budget_s: float, min_cpu_reps: int = 5):
+        self.device, self.budget_s, self.min_cpu_reps = device, budget_s, min_cpu_reps
         # 256 MB, five times an H100's or H200's L2, zero-filled once: reading it evicts every input (see _cuda).
         self._flush = torch.zeros(64 * 1024 * 1024, dtype=torch.float32, device="cuda") if device == "cuda" else None
 
@@ -94,12 +94,12 @@ class _Timer:
 
     def interleaved(self, fns: dict[str, Callable[[], Any]], max_reps: Optional[int] = None) -> dict[str, Timing]:
         """CPU timing of several providers call by call in turn. Each gets two warm-up calls (the first may allocate,
-        load or compile) and as many reps as fit its share of the budget, at least 5 (max_reps at most); those with
-        more reps go on alone at the end. With several providers each timed call follows an untimed call of its own:
-        a call's time depended on which provider ran before it where x and y approach L3's size (a channels-last
-        depthwise convolution, 29 MB: ours 0.70 ms after itself, 0.83 after oneDNN's; oneDNN's 0.56 after itself,
-        0.70 after ours; 2026-11-28, 2-core VM), and in provider order torch eager and torch.compile followed
-        oneDNN's own calls (the reference provider's, eager's) while ours always followed another's."""
+        load or compile) and as many reps as fit its share of the budget, at least min_cpu_reps (max_reps at most);
+        those with more reps go on alone at the end. With several providers each timed call follows an untimed call
+        of its own: a call's time depended on which provider ran before it where x and y approach L3's size (a
+        channels-last depthwise convolution, 29 MB: ours 0.70 ms after itself, 0.83 after oneDNN's; oneDNN's 0.56
+        after itself, 0.70 after ours; 2026-11-28, 2-core VM), and in provider order torch eager and torch.compile
+        followed oneDNN's own calls (the reference provider's, eager's) while ours always followed another's."""
         reps = {}
         for name, fn in fns.items():
             fn()
@@ -107,7 +107,7 @@ class _Timer:
             t0 = time.perf_counter()
             fn()
             once = time.perf_counter() - t0
-            reps[name] = int(min(max_reps or 100, max(5, self.budget_s / max(once, 1e-6))))
+            reps[name] = int(min(max_reps or 100, max(self.min_cpu_reps, self.budget_s / max(once, 1e-6))))
         times: dict[str, list[float]] = {name: [] for name in fns}
         for i in range(max(reps.values(), default=0)):
             for name, fn in fns.items():
@@ -379,6 +379,10 @@ def run(device: str = "cpu", quick: bool = False, ops: Optional[Sequence[str]] =
         if unknown:
             raise SystemExit(f"bench: no benchmark for {sorted(unknown)}; have {sorted({b.op for b in benches})}")
         benches = [b for b in benches if b.op in ops]
+    if quick and device == "cpu":
+        # One mode per op on the CPU: fwd+bwd where an op trains (the CPU targets' mode), else its own. Each mode
+        # is a torch.compile build of its own, a few seconds each on 2 cores.
+        benches = [replace(b, modes=("fwd+bwd",)) if "fwd+bwd" in b.modes else b for b in benches]
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # bwd mode replays one graph's backward (retain_graph=True), which compiled graphs with donated buffers refuse.
     torch._functorch.config.donated_buffer = False
@@ -391,7 +395,8 @@ def run(device: str = "cpu", quick: bool = False, ops: Optional[Sequence[str]] =
     if copy_gbps:
         log(f"# {name}: device-to-device copy {copy_gbps:.0f} GB/s" + (f" (datasheet {peak_gbps:.0f})"
                                                                       if peak_gbps else ""))
-    timer = _Timer(device, budget_s=0.6 if quick else 1.5)
+    # --quick: a quarter second and at least 3 calls a provider (timing was 60% of the quick run on 2 CPU cores)
+    timer = _Timer(device, budget_s=0.25 if quick else 1.5, min_cpu_reps=3 if quick else 5)
     rows: list[dict] = []
     for bench in benches:
         t0, n = time.perf_counter(), len(rows)

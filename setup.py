@@ -2,13 +2,18 @@
 
 Environment: CUDA_HOME (toolkit root), TORCH_CUDA_ARCH_LIST (default "8.0;9.0" when no GPU is visible),
 MAX_JOBS (parallel compile jobs), MLTK_SKIP_CUDA=1 (CPU kernels only), MLTK_CPU_ISA=avx512|avx2|none (x86-64
-vector ISA for the CPU kernels; default: the widest of those the build machine has).
+vector ISA for the CPU kernels; default: the widest of those the build machine has), MLTK_PCH=0 (no precompiled
+header).
 """
 import glob
+import hashlib
+import inspect
 import os
 import platform
 import re
+import shlex
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -39,6 +44,7 @@ if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
         os.environ["CUDA_HOME"] = home
 
 import torch  # noqa: E402
+import torch.utils.cpp_extension as cpp_extension  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -100,6 +106,73 @@ def _runtime_libstdcxx():
 _LIBSTDCXX = _runtime_libstdcxx()
 LINK_ARGS = ["-fopenmp", "-Wl,--push-state,--no-as-needed,-Bdynamic",
              _LIBSTDCXX if _LIBSTDCXX else "-lstdc++", "-Wl,--pop-state"]
+
+
+PRECOMPILED_HEADER = os.path.join(ROOT, "csrc", "precompiled.h")
+
+
+def _is_gcc(cxx):
+    try:
+        macros = subprocess.run(shlex.split(cxx) + ["-dM", "-E", "-x", "c++", os.devnull], capture_output=True,
+                                text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "__GNUC__" in macros and "__clang__" not in macros
+
+
+def _precompiled_header_flags(build_directory, cflags, post_cflags):
+    """`-include <build>/pch/<key>/precompiled.h` for every C++ file, and beside it (GCC only) that header compiled
+    with the very flags ninja gives those files; GCC falls back to the text where a .gch does not match, and
+    -Winvalid-pch says so. The key hashes the header, the flags and torch: a change of any of them changes every
+    C++ command line, so ninja rebuilds everything (GCC's dependency files do not list what came from a .gch), and
+    an unchanged key keeps an incremental build incremental. MLTK_PCH=0 turns it off."""
+    if os.environ.get("MLTK_PCH", "1") == "0":
+        return []
+    cxx = cpp_extension.get_cxx_compiler()
+    with open(PRECOMPILED_HEADER) as f:
+        text = f.read()
+    key = hashlib.sha256("\n".join([cxx, *cflags, *post_cflags, text, torch.__version__, torch.__file__]).encode())
+    pch_root = os.path.join(build_directory, "pch")
+    out_dir = os.path.join(pch_root, key.hexdigest()[:16])
+    header = os.path.join(out_dir, "precompiled.h")
+    gch = header + ".gch"
+    flags = ["-include", shlex.quote(header)]
+    if os.path.exists(header) and (os.path.exists(gch) or not _is_gcc(cxx)):
+        return flags + ["-Winvalid-pch"] if os.path.exists(gch) else flags
+    shutil.rmtree(pch_root, ignore_errors=True)  # older keys' headers (~200 MB each)
+    os.makedirs(out_dir)
+    with open(header, "w") as f:
+        f.write(text)
+    if not _is_gcc(cxx):
+        return flags
+    # ninja's own command for a C++ file (torch.utils.cpp_extension: $cxx -MMD -MF $out.d $cflags -c $in -o $out
+    # $post_cflags; the flags arrive shell-quoted), quiet: warnings do not change what the header holds.
+    tmp = gch + ".tmp"
+    command = " ".join([cxx, "-x c++-header", *cflags, "-c", shlex.quote(header), "-o", shlex.quote(tmp),
+                        *post_cflags, "-w"])
+    print("mltoolkit: precompiling csrc/precompiled.h", file=sys.stderr)
+    if subprocess.run(command, shell=True).returncode != 0:
+        print("mltoolkit: the precompiled header failed to build; compiling without it", file=sys.stderr)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        return flags
+    os.replace(tmp, gch)
+    return flags + ["-Winvalid-pch"]
+
+
+_write_ninja_file_and_compile_objects = cpp_extension._write_ninja_file_and_compile_objects
+
+
+def _compile_with_precompiled_header(*args, **kwargs):
+    call = inspect.signature(_write_ninja_file_and_compile_objects).bind(*args, **kwargs)
+    a = call.arguments
+    a["post_cflags"] = list(a["post_cflags"] or []) + _precompiled_header_flags(
+        a["build_directory"], a["cflags"] or [], a["post_cflags"] or [])
+    return _write_ninja_file_and_compile_objects(*call.args, **call.kwargs)
+
+
+# BuildExtension's ninja compile looks this function up in its module when it runs.
+cpp_extension._write_ninja_file_and_compile_objects = _compile_with_precompiled_header
 
 
 def _extensions():

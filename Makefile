@@ -8,8 +8,9 @@ TORCHVISION_SPEC ?= torchvision==0.29.1
 BENCH_ARGS ?=
 TEST_ARGS ?=
 # pytest-xdist workers for make test (0: one process). Compiling graphs and interpreting Triton is single-threaded
-# Python: two workers on the 2-core VM took the suite from 953 to 583 s. At most 4; each keeps torch's intra-op
-# threads, so the multi-threaded kernel paths stay tested.
+# Python: two workers on the 2-core VM took the suite from 953 to 583 s, and 380-421 s once torch's OpenMP threads
+# stopped spin-waiting (tests/conftest.py). At most 4; each keeps torch's intra-op threads, so the multi-threaded
+# kernel paths stay tested.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 # --no-compile: modules are byte-compiled when first imported (as uv installs do), not all ~18k files of torch,
 # transformers, keras, ... at install time (a minute and more on 2 cores).

@@ -166,8 +166,9 @@ _write_ninja_file_and_compile_objects = cpp_extension._write_ninja_file_and_comp
 def _compile_with_precompiled_header(*args, **kwargs):
     call = inspect.signature(_write_ninja_file_and_compile_objects).bind(*args, **kwargs)
     a = call.arguments
-    a["post_cflags"] = list(a["post_cflags"] or []) + _precompiled_header_flags(
-        a["build_directory"], a["cflags"] or [], a["post_cflags"] or [])
+    if {"build_directory", "cflags", "post_cflags"} <= a.keys():  # else a torch whose builder we do not know
+        a["post_cflags"] = list(a["post_cflags"] or []) + _precompiled_header_flags(
+            a["build_directory"], a["cflags"] or [], a["post_cflags"] or [])
     return _write_ninja_file_and_compile_objects(*call.args, **call.kwargs)
 
 

@@ -11,7 +11,7 @@ if not _gpu_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # torch's OpenMP threads wait passively at the end of a parallel region instead of spinning: with pytest-xdist
 # workers sharing the cores, libgomp's default spin burnt the time the other workers needed (the suite on the
-# 2-core VM: 544-574 s -> 380 s). libgomp reads this when torch loads it, so before `import torch`.
+# 2-core VM: 544-574 s -> 380-421 s). libgomp reads this when torch loads it, so before `import torch`.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Inductor's graph caches key a compiled graph on the graph, not on our ops' fake kernels: after a change to a fake
 # kernel's output shape, a warm cache replays the old shape. (Generated-code caches stay on: keyed on the code.)

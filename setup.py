@@ -137,12 +137,13 @@ def _precompiled_header_flags(build_directory, cflags, post_cflags):
     header = os.path.join(out_dir, "precompiled.h")
     gch = header + ".gch"
     flags = ["-include", shlex.quote(header)]
-    if os.path.exists(header) and (os.path.exists(gch) or not _is_gcc(cxx)):
-        return flags + ["-Winvalid-pch"] if os.path.exists(gch) else flags
-    shutil.rmtree(pch_root, ignore_errors=True)  # older keys' headers (~200 MB each)
-    os.makedirs(out_dir)
-    with open(header, "w") as f:
-        f.write(text)
+    if os.path.exists(gch):
+        return flags + ["-Winvalid-pch"]
+    if not os.path.exists(header):  # a new key
+        shutil.rmtree(pch_root, ignore_errors=True)  # older keys' headers (~200 MB each)
+        os.makedirs(out_dir)
+        with open(header, "w") as f:
+            f.write(text)
     if not _is_gcc(cxx):
         return flags
     # ninja's own command for a C++ file (torch.utils.cpp_extension: $cxx -MMD -MF $out.d $cflags -c $in -o $out

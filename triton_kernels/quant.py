@@ -360,7 +360,9 @@ def _quantize_int4_kernel(Wt, P, SC, ZE, N, K, swn, swk, ngroups,
 _INT8_LARGE = ((128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 64, 4, 4),
                (64, 128, 128, 4, 4), (128, 64, 128, 4, 4))
 # The TMA kernel (Hopper): the same tile shapes; stages cost (BLOCK_M + BLOCK_N) * BLOCK_K bytes each, no register
-# staging, so 4 stages of 128 x 256 x 128 (192 KiB) fit beside the epilogue.
+# staging. The epilogue adds a shared-memory buffer of up to BLOCK_M * BLOCK_N output elements: a float32 output
+# made the first config need 272 KiB (Triton 3.6, sm_90: test failures on an H200, 2026-11-28), so _tma_configs
+# keeps the configs whose estimate fits the device.
 _INT8_TMA = ((128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
              (128, 256, 64, 8, 4), (128, 128, 128, 4, 4))
 # Small M (decode, M <= 64): the weight is streamed once; narrow N tiles give enough programs to fill 132 SMs
@@ -503,6 +505,23 @@ def _tma_failed(e: Exception) -> None:
                   f"({_TMA_FAILED}); the cp.async kernel runs instead", RuntimeWarning, stacklevel=3)
 
 
+def _tma_smem_estimate(config, out_bytes: int) -> int:
+    """Shared memory of a TMA config: its stages, an epilogue buffer of the output tile and 1 KiB for barriers.
+    Compiled for sm_90 by Triton 3.6 and 3.8, the estimate is at or above the kernel's own figure (e.g. 128 x 256 x
+    128, 3 stages: float32 output 279552 estimated / 278552 compiled, bfloat16 214016 / 180248)."""
+    bm, bn, bk, _, stages = config
+    return stages * (bm + bn) * bk + bm * bn * out_bytes + 1024
+
+
+@functools.cache
+def _tma_configs(out_bytes: int, device: torch.device) -> tuple:
+    """The _INT8_TMA configs that fit the device's shared memory (all of them if none is known to fit)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    # Where torch's properties lack the figure (ROCm builds), 48 KiB: no config fits and all are kept.
+    limit = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 49152)
+    return tuple(c for c in _INT8_TMA if _tma_smem_estimate(c, out_bytes) <= limit) or _INT8_TMA
+
+
 def _int8_linear_tma(xq, xs, wq, ws, b, y, has_bias: bool):
     M, K = xq.shape
     N = wq.shape[0]
@@ -521,8 +540,9 @@ def _int8_linear_tma(xq, xs, wq, ws, b, y, has_bias: bool):
         _set_tma_blocks({"XQ_DESC": x_desc, "WQ_DESC": w_desc, **meta})
         _int8_linear_tma_kernel[grid(meta)](*args, **consts, **meta)
     else:
-        configs = _INT8_TMA if AUTOTUNE else _INT8_TMA[:1]
-        _tuned(_int8_linear_tma_kernel, configs, tuple(_INT8_TMA_KEY), _set_tma_blocks)[grid](
+        configs = _tma_configs(y.element_size(), xq.device)
+        _tuned(_int8_linear_tma_kernel, configs if AUTOTUNE else configs[:1], tuple(_INT8_TMA_KEY),
+               _set_tma_blocks)[grid](
             *args, **consts, enable_fp_fusion=False)
     return y
 

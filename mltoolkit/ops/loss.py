@@ -172,11 +172,16 @@ def _rows_eager_or_op(logits, target, ignore_index, label_smoothing):
 
 # ---- public API -----------------------------------------------------------------------------------------------
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
 def _default_dtype(input: Tensor) -> torch.dtype:
     """torch's result dtype: the input's, but float32 under autocast, which runs cross_entropy in float32 (here the
     logits stay in their dtype: the math is float32 anyway)."""
     device = input.device.type
-    if input.dtype in (torch.float16, torch.bfloat16) and torch.amp.is_autocast_available(device) \
+    # Not torch.amp.is_autocast_available: torch 2.11's Dynamo cannot trace it (a fullgraph compile of this loss
+    # failed on the GPU machine, 2026-11-28); is_autocast_enabled raises on device types without autocast (meta).
+    if input.dtype in (torch.float16, torch.bfloat16) and device in _AUTOCAST_DEVICES \
             and torch.is_autocast_enabled(device):
         return torch.float32
     return input.dtype

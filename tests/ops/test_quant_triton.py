@@ -398,3 +398,21 @@ def test_cuda_large_shapes(M):
                 else:
                     assert sqnr(want, y.cpu()) >= 40
                 assert sqnr(F.linear(x.cpu().double(), w.double()), y.cpu()) >= 18.0
+
+
+def test_int8_tma_configs_fit_shared_memory(monkeypatch):
+    """The TMA GEMM's configs are those whose shared memory (stages + the output tile's epilogue buffer) fits the
+    device: with a float32 output the 128 x 256 x 128 tiles do not (272 KiB under Triton 3.6 on an H200, where the
+    first config failed to launch), with bfloat16 they do."""
+    quant = _quant()
+    props = type("Props", (), {"shared_memory_per_block_optin": 232448})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    quant._tma_configs.cache_clear()
+    try:
+        fp32 = quant._tma_configs(4, torch.device("cuda", 0))
+        bf16 = quant._tma_configs(2, torch.device("cuda", 0))
+    finally:
+        quant._tma_configs.cache_clear()
+    assert (128, 256, 128, 8, 3) not in fp32 and (128, 256, 128, 8, 3) == bf16[0]
+    assert fp32 and all(quant._tma_smem_estimate(c, 4) <= 232448 for c in fp32)
+    assert set(fp32) < set(bf16) <= set(quant._INT8_TMA)

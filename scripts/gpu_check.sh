@@ -162,8 +162,8 @@ if has ncu; then  # not in the default STAGES: Nsight Compute's view of the kern
 fi
 if has profile; then  # not in the default STAGES: where the GPT-2 train step's GPU time goes, per kernel
   step "host time per op call, then the profile of the GPT-2 small train step"
-  run host-overhead 90 $PY scripts/host_overhead.py
-  grep -v "^\[exit" "$LOGS/host-overhead.log" | tail -16
+  run host-overhead 120 $PY scripts/host_overhead.py --cprofile
+  grep -v "^\[exit" "$LOGS/host-overhead.log" | grep -vi warn | tail -90
   run profile "${PROFILE_LIMIT_S:-300}" $PY scripts/profile_train_step.py --trace "$LOGS" ${PROFILE_ARGS:-}
   grep -E "^==|total GPU|mltoolkit::|GPU busy|synchroniz|^ +[0-9]+ x |^ +[0-9.]+ +[0-9]+  .*->" "$LOGS/profile.log" \
     | cut -c1-200 | head -60

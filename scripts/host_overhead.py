@@ -9,9 +9,15 @@ For each op: eager forward, eager forward + backward, and the forward inside a t
 (20 calls per graph), each in microseconds per call, the mean over `--calls` back-to-back calls after a warm-up with
 one synchronization at the end (the GPU runs far behind the host: the host time is what is measured).
 
-    python scripts/host_overhead.py [--device cuda] [--calls 200]
+    python scripts/host_overhead.py [--device cuda] [--calls 200] [--cprofile]
+
+--cprofile adds, per op, the Python functions that take the most host time over the eager forward + backward calls
+(cProfile, own time): where the microseconds go on the machine at hand (the GPU machine's CPU is not this VM's).
 """
 import argparse
+import cProfile
+import io
+import pstats
 import time
 
 import torch
@@ -55,6 +61,24 @@ def _cases(device, dtype):
     }
 
 
+def _print_profile(name, fn, calls: int, device: str, top: int = 15) -> None:
+    """The `top` functions by own time over `calls` calls of fn, in microseconds per call."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    _sync(device)
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out).sort_stats("tottime")
+    print(f"  {name}: own host time per eager fwd+bwd call, us (cProfile's overhead included)")
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    for (file, line, func), (_, ncalls, tottime, cumtime, _) in rows:
+        where = f"{'/'.join(file.split('/')[-2:])}:{line}({func})"
+        print(f"    {tottime / calls * 1e6:8.1f} own {cumtime / calls * 1e6:8.1f} cum {ncalls / calls:5.1f}x  "
+              f"{where[-90:]}")
+
+
 def _repeat(fn, n=20):
     """n calls, each on the previous one's output (unused outputs would be dropped from the compiled graph)."""
     def many(first, *rest):
@@ -69,6 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--cprofile", action="store_true", help="per op: the functions with the most own host time")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     print(f"host time per call, us ({args.device}, {dtype}, mltoolkit {mltoolkit.__version__}, torch "
@@ -83,6 +108,8 @@ def main() -> None:
             def fwd_bwd():
                 fn(*leaves).float().sum().backward()
             rows.setdefault("eager fwd+bwd", {})[who] = _per_call_us(fwd_bwd, args.calls, args.device)
+            if args.cprofile and who == "mltoolkit":
+                _print_profile(name, fwd_bwd, args.calls, args.device)
             try:
                 compiled = torch.compile(_repeat(fn), fullgraph=True)
                 with torch.no_grad():

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 __all__ = ["attention_forward", "attention_backward", "INTERPRET_BLOCK_M", "INTERPRET_BLOCK_N", "AUTOTUNE"]
 
 INTERPRET_BLOCK_M = 16
@@ -758,7 +760,7 @@ class _Problem:
 
         self.q, self.k, self.v, self.mask = q, k, v, mask
         self.B, self.Hq, self.Hkv, self.Lq, self.Lk, self.D = B, Hq, Hkv, Lq, Lk, D
-        self.block_d = max(16, triton.next_power_of_2(D))
+        self.block_d = max(16, next_power_of_2(D))
         self.fp32 = q.dtype == torch.float32
         self.scale = float(scale)
         self.bottom_right = bottom_right
@@ -815,14 +817,14 @@ class _Problem:
 
     def lengths(self):
         """Lq, Lk and the autotune length buckets TUNE_LQ, TUNE_LK."""
-        return (self.Lq, self.Lk, triton.next_power_of_2(max(1, self.max_q)),
-                triton.next_power_of_2(max(1, self.max_k)))
+        return (self.Lq, self.Lk, next_power_of_2(max(1, self.max_q)),
+                next_power_of_2(max(1, self.max_k)))
 
     def query_grid(self, meta):
-        return (triton.cdiv(self.max_q, meta["BLOCK_M"]), self.Hq, self.nseq)
+        return (cdiv(self.max_q, meta["BLOCK_M"]), self.Hq, self.nseq)
 
     def key_grid(self, meta):
-        return (triton.cdiv(self.max_k, meta["BLOCK_N"]), self.Hkv, self.nseq)
+        return (cdiv(self.max_k, meta["BLOCK_N"]), self.Hkv, self.nseq)
 
 
 def _as_int32(u: int) -> int:
@@ -900,7 +902,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k
         if pb.Lq > 0 and pb.Hq > 0:
             # ~4K elements per tile of out / dout (16 rows at D = 256, 128 at D <= 32).
             block = min(128, max(16, 4096 // pb.block_d))
-            _attention_bwd_preprocess_kernel[(triton.cdiv(pb.Lq, block), pb.Hq, pb.B)](
+            _attention_bwd_preprocess_kernel[(cdiv(pb.Lq, block), pb.Hq, pb.B)](
                 out, dout, delta, pb.Lq, out.stride(0), out.stride(1), out.stride(2),
                 dout.stride(0), dout.stride(1), dout.stride(2), delta.stride(0), delta.stride(1), pb.D,
                 EVEN_D=pb.D == pb.block_d, BLOCK_M=block, BLOCK_D=pb.block_d, num_warps=4)

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
 from .norm import _interpreting, _on_device, _round_to
 
 __all__ = ["batch_norm_act_forward", "batch_norm_act_backward", "ACTIVATIONS"]
@@ -431,13 +432,13 @@ def _split_float(v: float) -> tuple[float, float]:
 def _elementwise_config(geo):
     """(grid, BLOCK_R, BLOCK_C, num_warps) of the elementwise kernels."""
     if geo.cl:
-        block_c = min(triton.next_power_of_2(geo.C), 256)
-        block_r = max(1, min(_TILE_ELEMS // block_c, triton.next_power_of_2(geo.M)))
-        grid = (triton.cdiv(geo.M, block_r), triton.cdiv(geo.C, block_c))
+        block_c = min(next_power_of_2(geo.C), 256)
+        block_r = max(1, min(_TILE_ELEMS // block_c, next_power_of_2(geo.M)))
+        grid = (cdiv(geo.M, block_r), cdiv(geo.C, block_c))
     else:
         block_c = 1
-        block_r = min(triton.next_power_of_2(geo.L), _TILE_ELEMS)
-        grid = (geo.N * geo.C, triton.cdiv(geo.L, block_r))
+        block_r = min(next_power_of_2(geo.L), _TILE_ELEMS)
+        grid = (geo.N * geo.C, cdiv(geo.L, block_r))
     return grid, block_r, block_c, max(1, min(8, block_r * block_c // 512))
 
 
@@ -445,19 +446,19 @@ def _reduction_config(geo, device):
     """(grid, GROUP, GROUP_VALUES, BLOCK_R, BLOCK_C, num_warps) of the reduction kernels: GROUP rows (NLC) or
     images (NCL) per group, sized so that the grid has about _target_programs programs."""
     if geo.cl:
-        block_c = min(triton.next_power_of_2(geo.C), 64)
-        block_r = max(1, min(_TILE_ELEMS // block_c, triton.next_power_of_2(geo.M)))
+        block_c = min(next_power_of_2(geo.C), 64)
+        block_r = max(1, min(_TILE_ELEMS // block_c, next_power_of_2(geo.M)))
         rows, values_per_row = geo.M, 1
     else:
-        block_r = min(triton.next_power_of_2(geo.L), 1024)
-        block_c = max(1, min(triton.next_power_of_2(geo.C), _TILE_ELEMS // block_r))
+        block_r = min(next_power_of_2(geo.L), 1024)
+        block_c = max(1, min(next_power_of_2(geo.C), _TILE_ELEMS // block_r))
         rows, values_per_row = geo.N, geo.L
-    c_blocks = triton.cdiv(geo.C, block_c)
-    groups = max(1, min(rows, triton.cdiv(_target_programs(device), c_blocks)))
-    group = triton.cdiv(rows, groups)
+    c_blocks = cdiv(geo.C, block_c)
+    groups = max(1, min(rows, cdiv(_target_programs(device), c_blocks)))
+    group = cdiv(rows, groups)
     if geo.cl:  # whole tiles per group
-        group = triton.cdiv(group, block_r) * block_r
-    groups = triton.cdiv(rows, group)
+        group = cdiv(group, block_r) * block_r
+    groups = cdiv(rows, group)
     return (c_blocks, groups), group, group * values_per_row, block_r, block_c, \
         max(1, min(8, block_r * block_c // 512))
 
@@ -508,9 +509,9 @@ def batch_norm_act_forward(x, weight, bias, running_mean, running_var, training:
             pm2 = torch.empty_like(pmean)
             _bn_stats_kernel[grid](x, pmean, pm2, geo.N, geo.C, geo.L, group, CL=geo.cl, ACC=acc_tl,
                                    BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
-            block = min(triton.next_power_of_2(geo.C), 1024)
+            block = min(next_power_of_2(geo.C), 1024)
             has_running = running_mean is not None
-            _bn_finalize_kernel[(triton.cdiv(geo.C, block),)](
+            _bn_finalize_kernel[(cdiv(geo.C, block),)](
                 x, pmean, pm2, mean, invstd, running_mean if has_running else mean,
                 running_var if has_running else mean, geo.C, geo.L, geo.M, grid[1], group_values,
                 *_split_float(eps), *_split_float(momentum), HAS_RUNNING=has_running, CL=geo.cl, ACC=acc_tl,

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
+from .host import cdiv, next_power_of_2
 from .norm import _cuda_sm_count, _interpreting, _on_device, _round_to
 
 __all__ = ["conv2d_forward", "conv2d_backward", "INTERPRET_BLOCK_M", "INTERPRET_BLOCK_N", "INTERPRET_BLOCK_K",
@@ -500,8 +501,8 @@ def _splits(rows: int, tiles: int, partial_row: int, device: torch.device) -> in
     floats) bounded."""
     if isinstance(SPLIT_ROWS, bool) or not isinstance(SPLIT_ROWS, numbers.Integral) or SPLIT_ROWS < 1:
         raise ValueError(f"SPLIT_ROWS: expected a positive int, got {SPLIT_ROWS!r}")
-    want = triton.cdiv(4 * _sm_count(device), max(1, tiles))
-    return max(1, min(want, triton.cdiv(rows, int(SPLIT_ROWS)), _MAX_SPLIT, _MAX_PARTIAL_ELEMS // partial_row))
+    want = cdiv(4 * _sm_count(device), max(1, tiles))
+    return max(1, min(want, cdiv(rows, int(SPLIT_ROWS)), _MAX_SPLIT, _MAX_PARTIAL_ELEMS // partial_row))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -625,15 +626,15 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, residual,
     with _on_device(x.device):
         if g.direct:  # weight (K, 1, R, S): no input-channel stride
             _launch(_conv_direct_fwd_kernel, _DIRECT_CONFIGS,
-                    lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(g.K, m["BLOCK_C"])),
+                    lambda m: (cdiv(M, m["BLOCK_M"]), cdiv(g.K, m["BLOCK_C"])),
                     (x, weight, bias_arg, res, y, g.H, g.W, g.P, g.Q, g.K, g.Kg, g.R, g.S, M,
-                     triton.next_power_of_2(M), *g.conv_args(), *x.stride(), weight.stride(0),
+                     next_power_of_2(M), *g.conv_args(), *x.stride(), weight.stride(0),
                      *weight.stride()[2:], *y.stride(), *res.stride()), consts)
         else:
             _launch(_conv_fwd_kernel, g.gemm_configs,
-                    lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(g.Kg, m["BLOCK_N"]), g.G),
+                    lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(g.Kg, m["BLOCK_N"]), g.G),
                     (x, weight, bias_arg, res, y, g.H, g.W, g.P, g.Q, g.Cg, g.Kg, g.R, g.S, M,
-                     triton.next_power_of_2(M), *g.conv_args(), *x.stride(), *weight.stride(), *y.stride(),
+                     next_power_of_2(M), *g.conv_args(), *x.stride(), *weight.stride(), *y.stride(),
                      *res.stride()), {**consts, **g.consts})
     return [y]
 
@@ -652,19 +653,19 @@ def _input_grad(g, dy, x, weight):
     if g.direct:
         M = g.N * g.H * g.W
         _launch(_conv_direct_dx_kernel, _DIRECT_CONFIGS,
-                lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(g.C, m["BLOCK_C"])),
-                (dy, weight, dx, g.H, g.W, g.P, g.Q, g.C, g.Kg, g.R, g.S, M, triton.next_power_of_2(M),
+                lambda m: (cdiv(M, m["BLOCK_M"]), cdiv(g.C, m["BLOCK_C"])),
+                (dy, weight, dx, g.H, g.W, g.P, g.Q, g.C, g.Kg, g.R, g.S, M, next_power_of_2(M),
                  *g.conv_args(), *dy.stride(), weight.stride(0), *weight.stride()[2:], *dx.stride()),
                 dict(FIX_BF16=g.fix_bf16))
         return dx
     for a in range(min(g.sh, g.H)):
         for b in range(min(g.sw, g.W)):
-            Hp, Wp = triton.cdiv(g.H - a, g.sh), triton.cdiv(g.W - b, g.sw)
+            Hp, Wp = cdiv(g.H - a, g.sh), cdiv(g.W - b, g.sw)
             M = g.N * Hp * Wp
             taps = (*_phase_taps(a, g.ph, g.dh, g.sh, g.R), *_phase_taps(b, g.pw, g.dw, g.sw, g.S))
             _launch(_conv_dx_kernel, g.gemm_configs,
-                    lambda m, M=M: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(g.Cg, m["BLOCK_N"]), g.G),
-                    (dy, weight, dx, g.H, g.W, g.P, g.Q, g.Cg, g.Kg, M, Hp, Wp, triton.next_power_of_2(M),
+                    lambda m, M=M: (cdiv(M, m["BLOCK_M"]) * cdiv(g.Cg, m["BLOCK_N"]), g.G),
+                    (dy, weight, dx, g.H, g.W, g.P, g.Q, g.Cg, g.Kg, M, Hp, Wp, next_power_of_2(M),
                      a, b, *taps, *g.conv_args(), *dy.stride(), *weight.stride(), *dx.stride()),
                     dict(g.consts, FIX_BF16=g.fix_bf16))
     return dx
@@ -673,21 +674,21 @@ def _input_grad(g, dy, x, weight):
 def _weight_grad(g, dy, x, weight):
     NPQ = g.N * g.P * g.Q
     if g.direct:
-        splits = _splits(NPQ, triton.cdiv(g.K, 64) * g.R * g.S, g.R * g.S * g.K, x.device)
+        splits = _splits(NPQ, cdiv(g.K, 64) * g.R * g.S, g.R * g.S * g.K, x.device)
         part = torch.empty((splits, g.R * g.S, g.K), dtype=torch.float32, device=x.device)
         _launch(_conv_direct_dw_kernel, _DIRECT_DW_CONFIGS,
-                lambda m: (triton.cdiv(g.K, m["BLOCK_C"]), g.R * g.S, splits),
-                (dy, x, part, g.H, g.W, g.P, g.Q, g.K, g.Kg, g.S, NPQ, triton.next_power_of_2(NPQ),
+                lambda m: (cdiv(g.K, m["BLOCK_C"]), g.R * g.S, splits),
+                (dy, x, part, g.H, g.W, g.P, g.Q, g.K, g.Kg, g.S, NPQ, next_power_of_2(NPQ),
                  *g.conv_args(), *dy.stride(), *x.stride()), {})
         dw = part.sum(0).t().reshape(g.K, 1, g.R, g.S)
     else:
-        tiles = triton.cdiv(g.Kg, 128) * triton.cdiv(g.Cg, 128) * g.R * g.S * g.G
+        tiles = cdiv(g.Kg, 128) * cdiv(g.Cg, 128) * g.R * g.S * g.G
         splits = _splits(NPQ, tiles, g.K * g.R * g.S * g.Cg, x.device)
         part = torch.empty((splits, g.K, g.R, g.S, g.Cg), dtype=torch.float32, device=x.device)
         _launch(_conv_dw_kernel, _GEMM_CONFIGS_FP32 if x.dtype == torch.float32 else _DW_CONFIGS,
-                lambda m: (triton.cdiv(g.Kg, m["BLOCK_M"]) * triton.cdiv(g.Cg, m["BLOCK_N"]) * g.R * g.S, g.G,
+                lambda m: (cdiv(g.Kg, m["BLOCK_M"]) * cdiv(g.Cg, m["BLOCK_N"]) * g.R * g.S, g.G,
                            splits),
-                (dy, x, part, g.H, g.W, g.P, g.Q, g.Cg, g.Kg, g.K, g.R, g.S, NPQ, triton.next_power_of_2(NPQ),
+                (dy, x, part, g.H, g.W, g.P, g.Q, g.Cg, g.Kg, g.K, g.R, g.S, NPQ, next_power_of_2(NPQ),
                  *g.conv_args(), *dy.stride(), *x.stride()), g.consts)
         dw = part.sum(0).permute(0, 3, 1, 2)
     return dw.to(weight.dtype).contiguous(memory_format=_memory_format(weight))

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
 from .norm import _interpreting, _on_device, _round_to
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
@@ -114,7 +115,7 @@ def _smoothing_args(logits, label_smoothing: float):
 
 
 def _block(c: int) -> int:
-    return min(_BLOCK, triton.next_power_of_2(c))
+    return min(_BLOCK, next_power_of_2(c))
 
 
 def cross_entropy_forward(logits, target, ignore_index: int, label_smoothing: float):
@@ -149,7 +150,7 @@ def cross_entropy_backward(dloss, logits, target, lse, ignore_index: int, label_
     block = _block(c)
     with _on_device(logits.device):
         keep, spread, consts, in_memory = _smoothing_args(logits, label_smoothing)
-        _ce_bwd_kernel[(n, triton.cdiv(c, block))](
+        _ce_bwd_kernel[(n, cdiv(c, block))](
             dloss, logits, target, lse, dlogits, c, logits.stride(0), ignore_index, keep, spread, consts,
             ACC=_acc(logits.dtype), CONSTS_IN_MEMORY=in_memory, FIX_BF16=_interpreting(), BLOCK=block,
             num_warps=8 if block >= 2048 else 4)

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
 from .norm import _interpreting, _round_to
 
 __all__ = ["fake_quantize", "fake_quantize_backward", "TILE", "INTERPRET_TILE", "CHECK_PARAMS"]
@@ -202,12 +203,12 @@ def _blocks(outer, C, inner):
     layout (inner 1) at least _MIN_O_BLOCK rows per tile where there are that many, so that the backward reduces
     rows in registers and writes few partial sums."""
     tile = INTERPRET_TILE if _interpreting() else TILE
-    bi = min(triton.next_power_of_2(inner), tile)
+    bi = min(next_power_of_2(inner), tile)
     rest = tile // bi
-    bo_min = min(triton.next_power_of_2(outer), _MIN_O_BLOCK, rest)
-    bc = min(triton.next_power_of_2(C), max(1, rest // bo_min))
-    bo = min(triton.next_power_of_2(outer), max(1, rest // bc))
-    return bo, bc, bi, triton.cdiv(outer, bo), triton.cdiv(C, bc), triton.cdiv(inner, bi)
+    bo_min = min(next_power_of_2(outer), _MIN_O_BLOCK, rest)
+    bc = min(next_power_of_2(C), max(1, rest // bo_min))
+    bo = min(next_power_of_2(outer), max(1, rest // bc))
+    return bo, bc, bi, cdiv(outer, bo), cdiv(C, bc), cdiv(inner, bi)
 
 
 def _warps(bo, bc, bi):
@@ -276,8 +277,8 @@ def fake_quantize_backward(dy, x, scale, zero_point, qmin, qmax, axis, group_siz
         num_warps=_warps(bo, bc, bi), enable_fp_fusion=False, **flags)
     if need_ds or need_dz:
         bp = REDUCE_BLOCK_P if not _interpreting() else 4
-        bcr = min(_REDUCE_BLOCK_C, triton.next_power_of_2(C))
-        _fq_reduce_kernel[(triton.cdiv(C, bcr),)](
+        bcr = min(_REDUCE_BLOCK_C, next_power_of_2(C))
+        _fq_reduce_kernel[(cdiv(C, bcr),)](
             part_s, part_z, s, ds if need_ds else s, dz if need_dz else s, C, P, float(grad_scale),
             BLOCK_P=bp, BLOCK_C=bcr, num_warps=4, enable_fp_fusion=False, **flags)
     return dx, ds, dz

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv
+
 BLOCK = 1024
 
 
@@ -88,7 +90,7 @@ def fused_lamb_step(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
         n = p.numel()
         if n == 0:
             continue
-        blocks = triton.cdiv(n, BLOCK)
+        blocks = cdiv(n, BLOCK)
         part = torch.empty(blocks, 2, dtype=dtype, device=device)
         _lamb_pass1_kernel[(blocks,)](p, g, m, v, part, n, beta1, beta2, beta3, inv_bc1, inv_bc2, eps,
                                       weight_decay, BLOCK=BLOCK)
@@ -104,7 +106,7 @@ def fused_lamb_step(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
         n = p.numel()
         if n == 0:
             continue
-        _lamb_pass2_kernel[(triton.cdiv(n, BLOCK),)](p, m, v, scales[i:i + 1], n, inv_bc1, inv_bc2, eps,
+        _lamb_pass2_kernel[(cdiv(n, BLOCK),)](p, m, v, scales[i:i + 1], n, inv_bc1, inv_bc2, eps,
                                                      weight_decay, BLOCK=BLOCK)
 
 
@@ -118,7 +120,7 @@ def fused_clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite):
         n = g.numel()
         if n == 0:
             continue
-        blocks = triton.cdiv(n, BLOCK)
+        blocks = cdiv(n, BLOCK)
         part = torch.empty(blocks, dtype=dtype, device=device)
         _sumsq_kernel[(blocks,)](g, part, n, INF_NORM=inf_norm, BLOCK=BLOCK)
         totals.append(part.double().max() if inf_norm else part.double().sum())
@@ -135,5 +137,5 @@ def fused_clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite):
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0).reshape(1)
     for g in grads:
         if g.numel():
-            _scale_kernel[(triton.cdiv(g.numel(), BLOCK),)](g, coef, g.numel(), BLOCK=BLOCK)
+            _scale_kernel[(cdiv(g.numel(), BLOCK),)](g, coef, g.numel(), BLOCK=BLOCK)
     return total

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .conv import _tile_of
+from .host import cdiv, next_power_of_2
 from .norm import _interpreting, _round_to
 from .quant import _GROUP_M, _TL, _rint, _splitk_reduce_kernel, _splits, _tuned
 
@@ -202,15 +203,15 @@ def _linear(x, w, swn, swk, N, scale, bias, out_dtype):
 
     def finish(part, splits):
         block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](part, scale, b, y, M, N, splits, y.stride(0),
+        _splitk_reduce_kernel[(cdiv(M * N, block),)](part, scale, b, y, M, N, splits, y.stride(0),
                                                              y.stride(1), HAS_SCALE=True, BLOCK=block, **common)
 
     if M <= GEMV_MAX_M:
         # 8 KiB of int8 weight per program and step (64 bytes per thread at 4 warps).
         block_k = INTERPRET_BLOCK_K if interp else 256
         block_n = INTERPRET_BLOCK_N if interp else 32
-        tiles = triton.cdiv(N, block_n)
-        splits, per = _splits(tiles * M, triton.cdiv(K, block_k), x.device, 4)
+        tiles = cdiv(N, block_n)
+        splits, per = _splits(tiles * M, cdiv(K, block_k), x.device, 4)
         part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
         _wo_gemv_kernel[(tiles, splits, M)](x, w, scale, b, y, part, M, N, K, per * block_k,
                                             x.stride(0), x.stride(1), swn, swk, y.stride(0), y.stride(1),
@@ -228,11 +229,11 @@ def _linear(x, w, swn, swk, N, scale, bias, out_dtype):
             bm, bn, bk, warps, stages = INTERPRET_BLOCK_M, INTERPRET_BLOCK_N, INTERPRET_BLOCK_K, 4, 1
         else:  # decode batches: one 16-row tile streams the weight once, split-K for parallelism
             bm, bn, bk, warps, stages = 16, 64, (64 if f32 else 128), 4, 4
-        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        k_blocks = triton.cdiv(K, bk)
+        tiles = cdiv(M, bm) * cdiv(N, bn)
+        k_blocks = cdiv(K, bk)
         splits, per = _splits(tiles, k_blocks, x.device, 2) if M <= SPLITK_MAX_M else (1, k_blocks)
         part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
-        _wo_mm_kernel[(tiles, splits)](x, w, scale, b, y, part, M, N, K, per * bk, triton.next_power_of_2(M),
+        _wo_mm_kernel[(tiles, splits)](x, w, scale, b, y, part, M, N, K, per * bk, next_power_of_2(M),
                                        *tail, SPLIT=splits > 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                        GROUP_M=_GROUP_M, num_warps=warps, num_stages=stages, **consts)
         if splits > 1:
@@ -242,12 +243,12 @@ def _linear(x, w, swn, swk, N, scale, bias, out_dtype):
     configs = _WO_LARGE_32 if f32 else _WO_LARGE_16
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), 1)
 
     # k_per_split = K rounded up to a multiple of every config's BLOCK_K (one split).
-    k_all = triton.cdiv(K, 128) * 128
+    k_all = cdiv(K, 128) * 128
     _tuned(_wo_mm_kernel, configs if AUTOTUNE else configs[:1], tuple(_WO_KEY))[grid](
-        x, w, scale, b, y, y, M, N, K, k_all, triton.next_power_of_2(M), *tail, SPLIT=False, **consts)
+        x, w, scale, b, y, y, M, N, K, k_all, next_power_of_2(M), *tail, SPLIT=False, **consts)
     return y
 
 
@@ -284,7 +285,7 @@ def quantize_static(x, scale):
     if n == 0:
         return q
     block = 1024 if _interpreting() else 4096
-    _quantize_static_kernel[(triton.cdiv(n, block),)](x, scale.reshape(1).contiguous(), q, n, BLOCK=block,
+    _quantize_static_kernel[(cdiv(n, block),)](x, scale.reshape(1).contiguous(), q, n, BLOCK=block,
                                                       num_warps=4 if _interpreting() else 8, enable_fp_fusion=False)
     return q
 
@@ -300,9 +301,9 @@ def im2col_int8(xq, kernel, stride, padding, dilation):
     cols = torch.empty((R, KH * KW * C), dtype=torch.int8, device=xq.device)
     if cols.numel() == 0:
         return cols
-    block_c = min(128, triton.next_power_of_2(C))
+    block_c = min(128, next_power_of_2(C))
     block_r = max(16, 4096 // block_c) if not _interpreting() else max(8, 256 // block_c)
-    grid = (triton.cdiv(R, block_r), KH * KW, triton.cdiv(C, block_c))
+    grid = (cdiv(R, block_r), KH * KW, cdiv(C, block_c))
     _im2col_kernel[grid](xq, cols, C, H, W, OH, OW, R, *xq.stride(), KW, SH, SW, PH, PW, DH, DW,
                          BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return cols

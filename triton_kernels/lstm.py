@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 
 @triton.jit
 def _sigmoid(x):
@@ -137,9 +139,9 @@ def _acc(dtype: torch.dtype):
 
 
 def _grid(rows: int, hidden: int):
-    block_h = min(128, triton.next_power_of_2(max(hidden, 1)))
-    block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), 2048 // block_h))
-    return (triton.cdiv(rows, block_r), triton.cdiv(hidden, block_h)), dict(BLOCK_R=block_r, BLOCK_H=block_h)
+    block_h = min(128, next_power_of_2(max(hidden, 1)))
+    block_r = max(1, min(next_power_of_2(max(rows, 1)), 2048 // block_h))
+    return (cdiv(rows, block_r), cdiv(hidden, block_h)), dict(BLOCK_R=block_r, BLOCK_H=block_h)
 
 
 def _check(name: str, t: torch.Tensor, shape, like: torch.Tensor) -> torch.Tensor:

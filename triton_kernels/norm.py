@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 __all__ = ["norm_forward", "norm_backward", "LOOP_THRESHOLD", "LOOP_BLOCK_N"]
 
 LOOP_THRESHOLD = 16384
@@ -367,8 +369,8 @@ def _num_warps(tile_elems: int) -> int:
 
 
 def _tile(M: int, N: int):
-    block_n = triton.next_power_of_2(N)
-    block_m = max(1, min(_TILE_ELEMS // block_n, triton.next_power_of_2(M)))
+    block_n = next_power_of_2(N)
+    block_m = max(1, min(_TILE_ELEMS // block_n, next_power_of_2(M)))
     return block_m, block_n
 
 
@@ -495,7 +497,7 @@ def norm_forward(x, residual, weight, bias, eps: float, is_rms: bool):
     with _on_device(x.device):
         if N <= threshold:
             block_m, block_n = _tile(M, N)
-            _norm_fwd_kernel[(triton.cdiv(M, block_m),)](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
+            _norm_fwd_kernel[(cdiv(M, block_m),)](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
                                                           num_warps=_num_warps(block_m * block_n))
         else:
             _norm_fwd_looped_kernel[(M,)](*args, **flags, BLOCK_N=loop_block, num_warps=_num_warps(loop_block))
@@ -547,7 +549,7 @@ def norm_backward(dy, x, weight, mean, rstd, dresidual_out, has_bias: bool, is_r
         if N <= threshold:
             block_m, block_n = _tile(M, N)
             num_warps = _num_warps(block_m * block_n)
-            num_tiles = triton.cdiv(M, block_m)
+            num_tiles = cdiv(M, block_m)
             programs = max(1, min(num_tiles, _persistent_programs(x.device, num_warps)))
             dw_part = torch.empty((programs, N), dtype=acc_torch, device=x.device) if has_w else None
             db_part = torch.empty((programs, N), dtype=acc_torch, device=x.device) if has_bias else None
@@ -565,8 +567,8 @@ def norm_backward(dy, x, weight, mean, rstd, dresidual_out, has_bias: bool, is_r
             _norm_bwd_looped_stats_kernel[(M,)](dy, x, w_arg, mean_arg, rstd, c1, c2, N, HAS_W=has_w,
                                                 IS_RMS=is_rms, ACC=acc_tl, BLOCK_N=loop_block,
                                                 num_warps=num_warps)
-            chunks = triton.cdiv(N, loop_block)
-            groups = max(1, min(M, triton.cdiv(_persistent_programs(x.device, num_warps), chunks)))
+            chunks = cdiv(N, loop_block)
+            groups = max(1, min(M, cdiv(_persistent_programs(x.device, num_warps), chunks)))
             dw_part = torch.empty((groups, N), dtype=acc_torch, device=x.device) if has_w else None
             db_part = torch.empty((groups, N), dtype=acc_torch, device=x.device) if has_bias else None
             _norm_bwd_looped_kernel[(chunks, groups)](

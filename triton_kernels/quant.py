@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from .conv import _tile_of
+from .host import cdiv, next_power_of_2
 from .norm import _cuda_sm_count, _interpreting, _round_to
 
 try:
@@ -402,7 +403,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _pow2_bucket(m: int) -> int:
-    return triton.next_power_of_2(max(1, m))
+    return next_power_of_2(max(1, m))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -431,7 +432,7 @@ def quantize_rows(x: torch.Tensor):
     if _interpreting():
         block, warps = 128, 4
     else:  # one pass over a row of up to 4096 elements in registers per chunk, 16 bytes per thread per load
-        block = min(4096, max(128, triton.next_power_of_2(K)))
+        block = min(4096, max(128, next_power_of_2(K)))
         warps = 4 if block <= 1024 else 8
     _quantize_rows_kernel[(R,)](x, q, s, K, x.stride(0), x.stride(1), q.stride(0), BLOCK_K=block, num_warps=warps,
                                 enable_fp_fusion=False)
@@ -470,7 +471,7 @@ def int8_linear(xq, x_scale, wq, w_scale, bias, out_dtype):
     consts = dict(PACKED=packed, HAS_BIAS=bias is not None, FIX_BF16=_interpreting())
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     if _interpreting():
         meta = _interpret_int8_meta()
@@ -533,7 +534,7 @@ def _int8_linear_tma(xq, xs, wq, ws, b, y, has_bias: bool):
     consts = dict(HAS_BIAS=has_bias, FIX_BF16=_interpreting(), PROGRAMS=programs)
 
     def grid(meta):
-        return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+        return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
 
     if _interpreting():
         meta = _interpret_int8_meta()
@@ -555,9 +556,9 @@ def _int8_linear_tma(xq, xs, wq, ws, b, y, has_bias: bool):
 def _splits(tiles: int, k_blocks: int, device, per_sm: int) -> tuple[int, int]:
     """(splits, k blocks per split): about `per_sm` programs per SM (enough loads in flight to stream the weight at
     full bandwidth), at most _MAX_SPLIT, never an empty split."""
-    want = max(1, min(_MAX_SPLIT, k_blocks, triton.cdiv(per_sm * _sm_count(device), max(1, tiles))))
-    per = triton.cdiv(k_blocks, want)
-    return triton.cdiv(k_blocks, per), per
+    want = max(1, min(_MAX_SPLIT, k_blocks, cdiv(per_sm * _sm_count(device), max(1, tiles))))
+    per = cdiv(k_blocks, want)
+    return cdiv(k_blocks, per), per
 
 
 def int4_weight_only_linear(x, packed, scales, zeros, group_size, bias):
@@ -579,14 +580,14 @@ def int4_weight_only_linear(x, packed, scales, zeros, group_size, bias):
 
     def finish(part, splits):
         block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](part, b, b, y, M, N, splits, y.stride(0), y.stride(1),
+        _splitk_reduce_kernel[(cdiv(M * N, block),)](part, b, b, y, M, N, splits, y.stride(0), y.stride(1),
                                                              HAS_SCALE=False, BLOCK=block, **common)
 
     if M <= GEMV_MAX_M:
         # 4 KiB of packed weight per program and step (32 bytes per thread at 4 warps), 3 steps in flight.
         block_k = min(G, INTERPRET_BLOCK_K if interp else 128)
         block_n = INTERPRET_BLOCK_N if interp else max(16, min(128, 8192 // block_k))
-        tiles = triton.cdiv(N, block_n)
+        tiles = cdiv(N, block_n)
         splits, per = _splits(tiles * M, K // block_k, x.device, 4)
         part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
         _int4_gemv_kernel[(tiles, splits, M)](x, packed, scales, zeros, b, y, part, M, N, K, G, ngroups, per,
@@ -607,7 +608,7 @@ def int4_weight_only_linear(x, packed, scales, zeros, group_size, bias):
         else:  # decode-sized M: one row tile, split-K for parallelism (see _splits)
             bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
         bk = min(bk, G)
-        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        tiles = cdiv(M, bm) * cdiv(N, bn)
         splits, per = _splits(tiles, K // bk, x.device, 2) if M <= SPLITK_MAX_M else (1, K // bk)
         part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
         _int4_mm_kernel[(tiles, splits)](x, packed, scales, zeros, b, y, part, M, N, K, G, ngroups, per,
@@ -623,7 +624,7 @@ def int4_weight_only_linear(x, packed, scales, zeros, group_size, bias):
     configs = tuple(dict.fromkeys(configs))
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), 1)
 
     _tuned(_int4_mm_kernel, configs if AUTOTUNE else configs[:1], tuple(_INT4_KEY))[grid](
         x, packed, scales, zeros, b, y, y, M, N, K, G, ngroups, K, _pow2_bucket(M), *args_tail, SPLIT=False,
@@ -641,7 +642,7 @@ def dequantize_int4(packed, scales, zeros, group_size):
     if packed.stride(1) != 1:
         packed = packed.contiguous()
     bn, bk = 32, 128
-    _dequantize_int4_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
+    _dequantize_int4_kernel[(cdiv(N, bn), cdiv(K, bk))](
         packed, scales.contiguous(), zeros.contiguous(), w, N, K, G, K // G, packed.stride(0),
         BLOCK_N=bn, BLOCK_K=bk, num_warps=4, enable_fp_fusion=False)
     return w
@@ -660,7 +661,7 @@ def quantize_int4(w, group_size):
     if N == 0 or K == 0:
         return packed, scales, zeros
     bn = 16 if _interpreting() else max(1, 2048 // G)
-    _quantize_int4_kernel[(triton.cdiv(N, bn), K // G)](w, packed, scales, zeros, N, K, w.stride(0), w.stride(1),
+    _quantize_int4_kernel[(cdiv(N, bn), K // G)](w, packed, scales, zeros, N, K, w.stride(0), w.stride(1),
                                                         K // G, GROUP=G, BLOCK_N=bn, num_warps=4,
                                                         enable_fp_fusion=False)
     return packed, scales, zeros

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
 from .norm import _interpreting, _on_device, _round_to
 
 __all__ = ["rotary"]
@@ -125,15 +126,15 @@ def rotary(x, cos, sin, out, interleaved: bool, conjugate: bool) -> None:
     B, L, H, D = x.shape
     half = cos.shape[1]
     rows = B * L * H
-    block_k = triton.next_power_of_2(max(half, 1))
+    block_k = next_power_of_2(max(half, 1))
     copy_tail = 2 * half < D and not in_place
-    block_t = triton.next_power_of_2(max(D - 2 * half, 1))
+    block_t = next_power_of_2(max(D - 2 * half, 1))
     width = max(2 * block_k, block_t if copy_tail else 1)
-    block_m = max(1, min(_TILE_ELEMS // width, triton.next_power_of_2(rows)))
+    block_m = max(1, min(_TILE_ELEMS // width, next_power_of_2(rows)))
     num_warps = max(1, min(8, block_m * width // 1024))
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
     with _on_device(x.device):
-        _rotary_fwd_kernel[(triton.cdiv(rows, block_m),)](
+        _rotary_fwd_kernel[(cdiv(rows, block_m),)](
             x, cos, sin, out, rows, L, H, half, D, x.stride(0), x.stride(1), x.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             INTERLEAVED=interleaved, CONJUGATE=conjugate, COPY_TAIL=copy_tail, ACC=acc, FIX_BF16=_interpreting(),

@@ -49,8 +49,45 @@
 #include "scratch.h"
 #include "transpose.h"
 
+// This file compiles twice: as itself with the float kernels (float16 and bfloat16 inputs accumulate in float too),
+// and through conv_f64.cpp with the double ones (MLTK_CONV_F64), so that the two halves build in parallel: as one
+// file it took ~250 s, the longest compile of the build on the 2-core VM and on the GPU machines. ConvAcc is this
+// translation unit's accumulation type; the double unit's entry points carry an _f64 suffix, and the float unit's
+// hand double inputs to them.
+#ifdef MLTK_CONV_F64
+#define MLTK_CONV_ENTRY(name) name##_f64
+#else
+#define MLTK_CONV_ENTRY(name) name
+#endif
+
 namespace mltoolkit {
+
+#ifndef MLTK_CONV_F64
+std::vector<at::Tensor> conv2d_forward_cpu_f64(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                                               std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                                               int64_t groups, const std::optional<at::Tensor>& residual,
+                                               const std::string& activation);
+std::vector<at::Tensor> conv2d_forward_prepared_cpu_f64(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+    std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+    const std::optional<at::Tensor>& residual, const std::string& activation,
+    const std::optional<at::Tensor>& prepared_panels, const std::optional<at::Tensor>& prepared_winograd);
+std::vector<at::Tensor> conv2d_prepare_weight_cpu_f64(const at::Tensor& weight, int64_t groups,
+                                                      std::vector<int64_t> stride, std::vector<int64_t> dilation);
+std::vector<at::Tensor> conv2d_backward_cpu_f64(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                                std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                                std::vector<int64_t> dilation, int64_t groups,
+                                                std::vector<bool> output_mask);
+#endif
+
 namespace {
+
+#ifdef MLTK_CONV_F64
+using ConvAcc = double;
+#else
+using ConvAcc = float;
+#endif
 
 using cpu::transpose;
 using cpu::transpose16;
@@ -113,6 +150,9 @@ Geo check_args(const char* fn, const at::Tensor& x, const at::Tensor& weight, co
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Whether the double translation unit takes this call (an undefined tensor stays here, where the checks name it).
+[[maybe_unused]] bool is_double(const at::Tensor& t) { return t.defined() && t.scalar_type() == at::kDouble; }
 
 at::MemoryFormat fmt_of(const Geo& g) {
   return g.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -2333,7 +2373,7 @@ at::Tensor dx_by_forward(const char* fn, const Geo& g, const at::Tensor& dya, co
   bool w_rsc = false;
   const at::Tensor wa = natural_weight_rows(fn, g, weight, acc, w_rsc);
   // The pointwise NCHW kernel reads the weight's rows in place: here the transposed (C, Kg) per group.
-  const bool pointwise = acc == at::kDouble ? pointwise_nchw<double>(gd) : pointwise_nchw<float>(gd);
+  const bool pointwise = pointwise_nchw<ConvAcc>(gd);
   const at::Tensor wt = pointwise ? wa.reshape({g.G, g.Kg, g.Cg}).transpose(1, 2).contiguous() : at::Tensor();
   at::Tensor dx = empty_reusing_memory({g.N, g.C, g.H, g.W}, dya.options(), fmt_of(g));
   auto run = [&](auto tag) {
@@ -2342,8 +2382,7 @@ at::Tensor dx_by_forward(const char* fn, const Geo& g, const at::Tensor& dya, co
     forward_gemm<T>(gd, dya, wt.defined() ? wt.data_ptr<T>() : nullptr, pack, nullptr, nullptr, nullptr, Act::kNone,
                     dx.data_ptr<T>());
   };
-  if (acc == at::kDouble) run(double{});
-  else run(float{});
+  run(ConvAcc{});
   return dx;
 }
 
@@ -2358,7 +2397,7 @@ struct Prepared {
 Prepared check_prepared(const char* fn, const Geo& g, at::ScalarType acc, const std::optional<at::Tensor>& panels,
                         const std::optional<at::Tensor>& winograd) {
   Prepared p;
-  const int64_t W = acc == at::kDouble ? convk::Vec<double>::size() : convk::Vec<float>::size();
+  const int64_t W = convk::Vec<ConvAcc>::size();
   auto check = [&](const at::Tensor& t, const char* name, int64_t numel) {
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == acc && t.is_contiguous() && t.numel() == numel, fn, ": ",
                 name, " does not match this weight (", numel, " contiguous ", acc, " CPU values expected, got ",
@@ -2366,7 +2405,7 @@ Prepared check_prepared(const char* fn, const Geo& g, at::ScalarType acc, const 
     return t.data_ptr();
   };
   if (panels.has_value() && panels->defined()) {
-    const int64_t nr = acc == at::kDouble ? igemm_panel_vectors<double>(g) : igemm_panel_vectors<float>(g);
+    const int64_t nr = igemm_panel_vectors<ConvAcc>(g);
     p.panel_width = nr * W;
     p.panels = check(*panels, "prepared_panels", panels_numel(g, p.panel_width));
   }
@@ -2450,37 +2489,50 @@ std::vector<at::Tensor> conv2d_forward(const char* fn, const at::Tensor& x, cons
           },
           static_cast<const T*>(prepared.winograd), bp, rp, act, y.data_ptr<T>());
   };
-  if (acc == at::kDouble) run(double{});
-  else run(float{});
+  run(ConvAcc{});
   if (x.scalar_type() != acc) y = y.to(x.scalar_type());
   return {y};
 }
 
 }  // namespace
 
-std::vector<at::Tensor> conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                           const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
-                                           std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                                           int64_t groups, const std::optional<at::Tensor>& residual,
-                                           const std::string& activation) {
+std::vector<at::Tensor> MLTK_CONV_ENTRY(conv2d_forward_cpu)(const at::Tensor& x, const at::Tensor& weight,
+                                                            const std::optional<at::Tensor>& bias,
+                                                            std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                                            std::vector<int64_t> dilation, int64_t groups,
+                                                            const std::optional<at::Tensor>& residual,
+                                                            const std::string& activation) {
+#ifndef MLTK_CONV_F64
+  if (is_double(x))
+    return conv2d_forward_cpu_f64(x, weight, bias, std::move(stride), std::move(padding), std::move(dilation), groups,
+                                  residual, activation);
+#endif
   return conv2d_forward("conv2d_forward_cpu", x, weight, bias, std::move(stride), std::move(padding),
                         std::move(dilation), groups, residual, activation, std::nullopt, std::nullopt);
 }
 
-std::vector<at::Tensor> conv2d_forward_prepared_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                    const std::optional<at::Tensor>& bias,
-                                                    std::vector<int64_t> stride, std::vector<int64_t> padding,
-                                                    std::vector<int64_t> dilation, int64_t groups,
-                                                    const std::optional<at::Tensor>& residual,
-                                                    const std::string& activation,
-                                                    const std::optional<at::Tensor>& prepared_panels,
-                                                    const std::optional<at::Tensor>& prepared_winograd) {
+std::vector<at::Tensor> MLTK_CONV_ENTRY(conv2d_forward_prepared_cpu)(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+    std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+    const std::optional<at::Tensor>& residual, const std::string& activation,
+    const std::optional<at::Tensor>& prepared_panels, const std::optional<at::Tensor>& prepared_winograd) {
+#ifndef MLTK_CONV_F64
+  if (is_double(x))
+    return conv2d_forward_prepared_cpu_f64(x, weight, bias, std::move(stride), std::move(padding),
+                                           std::move(dilation), groups, residual, activation, prepared_panels,
+                                           prepared_winograd);
+#endif
   return conv2d_forward("conv2d_forward_prepared_cpu", x, weight, bias, std::move(stride), std::move(padding),
                         std::move(dilation), groups, residual, activation, prepared_panels, prepared_winograd);
 }
 
-std::vector<at::Tensor> conv2d_prepare_weight_cpu(const at::Tensor& weight, int64_t groups,
-                                                  std::vector<int64_t> stride, std::vector<int64_t> dilation) {
+std::vector<at::Tensor> MLTK_CONV_ENTRY(conv2d_prepare_weight_cpu)(const at::Tensor& weight, int64_t groups,
+                                                                   std::vector<int64_t> stride,
+                                                                   std::vector<int64_t> dilation) {
+#ifndef MLTK_CONV_F64
+  if (is_double(weight))
+    return conv2d_prepare_weight_cpu_f64(weight, groups, std::move(stride), std::move(dilation));
+#endif
   constexpr const char* fn = "conv2d_prepare_weight_cpu";
   TORCH_CHECK(weight.defined() && weight.device().is_cpu() && weight.layout() == at::kStrided, fn,
               ": weight must be a dense CPU tensor");
@@ -2515,15 +2567,20 @@ std::vector<at::Tensor> conv2d_prepare_weight_cpu(const at::Tensor& weight, int6
       winograd = as_tensor(winograd_weights<T, convk::kMaxNR>(g, direct.get()), winograd_numel(g, Pw));
     }
   };
-  if (acc == at::kDouble) run(double{});
-  else run(float{});
+  run(ConvAcc{});
   return {panels, winograd};
 }
 
-std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                                            std::vector<int64_t> stride, std::vector<int64_t> padding,
-                                            std::vector<int64_t> dilation, int64_t groups,
-                                            std::vector<bool> output_mask) {
+std::vector<at::Tensor> MLTK_CONV_ENTRY(conv2d_backward_cpu)(const at::Tensor& dy, const at::Tensor& x,
+                                                             const at::Tensor& weight, std::vector<int64_t> stride,
+                                                             std::vector<int64_t> padding,
+                                                             std::vector<int64_t> dilation, int64_t groups,
+                                                             std::vector<bool> output_mask) {
+#ifndef MLTK_CONV_F64
+  if (is_double(x))
+    return conv2d_backward_cpu_f64(dy, x, weight, std::move(stride), std::move(padding), std::move(dilation), groups,
+                                   std::move(output_mask));
+#endif
   constexpr const char* fn = "conv2d_backward_cpu";
   const Geo g = check_args(fn, x, weight, stride, padding, dilation, groups);
   TORCH_CHECK(output_mask.size() == 3, fn, ": output_mask must have 3 elements (x, weight, bias), got ",
@@ -2555,15 +2612,9 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
     wa = wa.t().contiguous();  // (R*S, C)
     at::Tensor dwa = output_mask[1] ? at::empty_like(wa) : at::Tensor();
     if (output_mask[0]) dx = empty_reusing_memory({g.N, g.C, g.H, g.W}, x.options().dtype(acc), fmt);
-    if (acc == at::kDouble) {
-      using T = double;
-      bwd_depthwise<T>(g, output_mask[1] ? xa.data_ptr<T>() : nullptr, dya.data_ptr<T>(), wa.data_ptr<T>(),
-                       output_mask[0] ? dx.data_ptr<T>() : nullptr, output_mask[1] ? dwa.data_ptr<T>() : nullptr);
-    } else {
-      using T = float;
-      bwd_depthwise<T>(g, output_mask[1] ? xa.data_ptr<T>() : nullptr, dya.data_ptr<T>(), wa.data_ptr<T>(),
-                       output_mask[0] ? dx.data_ptr<T>() : nullptr, output_mask[1] ? dwa.data_ptr<T>() : nullptr);
-    }
+    using T = ConvAcc;
+    bwd_depthwise<T>(g, output_mask[1] ? xa.data_ptr<T>() : nullptr, dya.data_ptr<T>(), wa.data_ptr<T>(),
+                     output_mask[0] ? dx.data_ptr<T>() : nullptr, output_mask[1] ? dwa.data_ptr<T>() : nullptr);
     if (output_mask[0] && x.scalar_type() != acc) dx = dx.to(x.scalar_type());
     if (output_mask[1]) {
       const at::Tensor src = dwa.t().reshape({g.K, 1, g.R, g.S});
@@ -2589,15 +2640,9 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
       gc.nhwc = true;
       bwd_weight_nhwc<T>(gc, xt.data_ptr<T>(), dyt.data_ptr<T>(), dwa.data_ptr<T>());
     };
-    if (acc == at::kDouble) {
-      using T = double;
-      if (output_mask[1]) weight_grad(T(0));
-      if (output_mask[0] && !dx_fwd) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
-    } else {
-      using T = float;
-      if (output_mask[1]) weight_grad(T(0));
-      if (output_mask[0] && !dx_fwd) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
-    }
+    using T = ConvAcc;
+    if (output_mask[1]) weight_grad(T(0));
+    if (output_mask[0] && !dx_fwd) bwd_input<T>(g, dya.data_ptr<T>(), wa.data_ptr<T>(), dx.data_ptr<T>());
     if (output_mask[0] && x.scalar_type() != acc) dx = dx.to(x.scalar_type());
     if (output_mask[1]) {
       const at::Tensor src = dw_rsc ? dwa.view({g.K, g.R, g.S, g.Cg}).permute({0, 3, 1, 2})
@@ -2609,8 +2654,7 @@ std::vector<at::Tensor> conv2d_backward_cpu(const at::Tensor& dy, const at::Tens
   }
   if (output_mask[2]) {
     at::Tensor dba = at::empty({g.K}, x.options().dtype(acc));
-    if (acc == at::kDouble) bwd_bias<double>(g, dya.data_ptr<double>(), dba.data_ptr<double>());
-    else bwd_bias<float>(g, dya.data_ptr<float>(), dba.data_ptr<float>());
+    bwd_bias<ConvAcc>(g, dya.data_ptr<ConvAcc>(), dba.data_ptr<ConvAcc>());
     db = x.scalar_type() != acc ? dba.to(x.scalar_type()) : dba;
   }
   return {dx, dw, db};

@@ -662,6 +662,8 @@ def _check_last_stride(t, name):
 
 
 def _check_int(value, name):
+    if type(value) is int:  # the common case, without the ABC check (~1 us each, several a call)
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     return int(value)
@@ -699,7 +701,7 @@ class _Problem:
         _check_qkv(q, k, v)
         B, Hq, Lq, D = q.shape
         Hkv, Lk = k.shape[1], k.shape[2]
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        if type(scale) is not float and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
             raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
         if not math.isfinite(scale):
             raise ValueError(f"scale: expected a finite value, got {scale}")
@@ -707,7 +709,7 @@ class _Problem:
         window_right = _check_int(window_right, "window_right")
         if not isinstance(bottom_right, bool):
             raise TypeError(f"bottom_right: expected a bool, got {type(bottom_right).__name__}")
-        if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        if type(dropout_p) is not float and (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real)):
             raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"dropout_p: expected 0 <= dropout_p < 1, got {dropout_p}")
@@ -850,10 +852,8 @@ def attention_forward(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     if pb.max_q == 0 or pb.Hq == 0 or pb.nseq == 0:
         return out, lse
     mask, ms, cu_q, cu_k = pb.pointers()
-    args = (q, k, v, mask, out, lse, cu_q, cu_k,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), ms[0], ms[1], ms[2], ms[3],
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+    args = (q, k, v, mask, out, lse, cu_q, cu_k, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms,
+            *out.stride()[:3], *lse.stride()[:2],
             *pb.lengths(), pb.scale * _LOG2E, 1.0 / (1.0 - pb.dropout_p), pb.window_left, pb.window_right,
             pb.seed_lo, pb.seed_hi, pb.drop_thresh, pb.Hq, pb.Hq // pb.Hkv, pb.D)
     with _device_guard(q.device):
@@ -895,23 +895,20 @@ def attention_backward(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k
     delta = torch.empty_like(lse)
     scalars = (*pb.lengths(), pb.scale, pb.scale * _LOG2E, 1.0 / (1.0 - pb.dropout_p), pb.window_left,
                pb.window_right, pb.seed_lo, pb.seed_hi, pb.drop_thresh, pb.Hq, pb.Hq // pb.Hkv, pb.D)
-    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              v.stride(0), v.stride(1), v.stride(2), ms[0], ms[1], ms[2], ms[3],
-              dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1))
+    common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *dout.stride()[:3], *lse.stride()[:2])
     with _device_guard(q.device):
         if pb.Lq > 0 and pb.Hq > 0:
             # ~4K elements per tile of out / dout (16 rows at D = 256, 128 at D <= 32).
             block = min(128, max(16, 4096 // pb.block_d))
             _attention_bwd_preprocess_kernel[(cdiv(pb.Lq, block), pb.Hq, pb.B)](
-                out, dout, delta, pb.Lq, out.stride(0), out.stride(1), out.stride(2),
-                dout.stride(0), dout.stride(1), dout.stride(2), delta.stride(0), delta.stride(1), pb.D,
+                out, dout, delta, pb.Lq, *out.stride()[:3], *dout.stride()[:3], *delta.stride()[:2], pb.D,
                 EVEN_D=pb.D == pb.block_d, BLOCK_M=block, BLOCK_D=pb.block_d, num_warps=4)
         if pb.max_k > 0:
             _launch(_attention_bwd_dkdv_kernel, (_DKDV_CONFIGS, _DKDV_CONFIGS_FP32), pb, pb.key_grid,
                     (q, k, v, mask, dout, lse, delta, dk, dv, cu_q, cu_k, *common,
-                     dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *scalars))
+                     *dk.stride()[:3], *dv.stride()[:3], *scalars))
         if pb.max_q > 0 and pb.Hq > 0:
             _launch(_attention_bwd_dq_kernel, (_DQ_CONFIGS, _DQ_CONFIGS_FP32), pb, pb.query_grid,
                     (q, k, v, mask, dout, lse, delta, dq, cu_q, cu_k, *common,
-                     dq.stride(0), dq.stride(1), dq.stride(2), *scalars))
+                     *dq.stride()[:3], *scalars))
     return dq, dk, dv

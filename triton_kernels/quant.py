@@ -362,8 +362,8 @@ _INT8_LARGE = ((128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 
                (64, 128, 128, 4, 4), (128, 64, 128, 4, 4))
 # The TMA kernel (Hopper): the same tile shapes; stages cost (BLOCK_M + BLOCK_N) * BLOCK_K bytes each, no register
 # staging. The epilogue adds a shared-memory buffer of up to BLOCK_M * BLOCK_N output elements: a float32 output
-# made the first config need 272 KiB (Triton 3.6, sm_90: test failures on an H200, 2026-11-28), so _tma_configs
-# keeps the configs whose estimate fits the device.
+# made the first config need 272 KiB (Triton 3.6, sm_90: test failures on an H200, 2026-11-28, with autotuning
+# off), so without autotuning the first config of _tma_configs runs, whose estimate fits the device.
 _INT8_TMA = ((128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
              (128, 256, 64, 8, 4), (128, 128, 128, 4, 4))
 # Small M (decode, M <= 64): the weight is streamed once; narrow N tiles give enough programs to fill 132 SMs
@@ -541,9 +541,9 @@ def _int8_linear_tma(xq, xs, wq, ws, b, y, has_bias: bool):
         _set_tma_blocks({"XQ_DESC": x_desc, "WQ_DESC": w_desc, **meta})
         _int8_linear_tma_kernel[grid(meta)](*args, **consts, **meta)
     else:
-        configs = _tma_configs(y.element_size(), xq.device)
-        _tuned(_int8_linear_tma_kernel, configs if AUTOTUNE else configs[:1], tuple(_INT8_TMA_KEY),
-               _set_tma_blocks)[grid](
+        # The autotuner skips a config that runs out of shared memory; without it, the first one that fits runs.
+        configs = _INT8_TMA if AUTOTUNE else _tma_configs(y.element_size(), xq.device)[:1]
+        _tuned(_int8_linear_tma_kernel, configs, tuple(_INT8_TMA_KEY), _set_tma_blocks)[grid](
             *args, **consts, enable_fp_fusion=False)
     return y
 

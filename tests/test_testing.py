@@ -69,3 +69,29 @@ def test_check_op_catches_wrong_values_and_wrong_gradients():
     with pytest.raises(AssertionError, match="grad"):
         check_op(WrongGrad.apply, sample, reference, gradcheck=False, opcheck=False, compile=False)
     check_op(lambda x, w: ref.rms_norm(x, (8,), w), sample, reference, opcheck=False)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 18])
+def test_error_stats_matches_whole_tensor_formulas(monkeypatch, chunk):
+    """error_stats (the benchmark gate's one-pass comparison, chunked) against the whole-tensor formulas it
+    replaces: max |diff| with NaN as inf, sqnr(), and assert_close's count of failing elements, NaN included."""
+    import mltoolkit.testing as testing
+
+    monkeypatch.setattr(testing, "_STATS_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    want = torch.randn(5, 13, generator=g)
+    got = want + 1e-4 * torch.randn(5, 13, generator=g)
+    got[1, 2] += 0.5  # one element out of tolerance
+    for a, e in ((got, want), (got.bfloat16(), want), (want.clone(), want)):
+        max_err, db, bad = testing.error_stats(a, e, 2e-5, 2e-5)
+        diff = (a.double() - e.double()).abs()
+        assert max_err == diff.max().item()
+        assert db == testing.sqnr(e, a) or math.isclose(db, testing.sqnr(e, a), rel_tol=1e-9)
+        assert bad == int((~(diff <= 2e-5 + 2e-5 * e.double().abs())).sum())
+    nan = want.clone()
+    nan[0, 0] = float("nan")
+    max_err, db, bad = testing.error_stats(nan, want, 1.0, 0.0)
+    assert max_err == math.inf and math.isnan(db) and bad == 1
+    assert testing.error_stats(torch.empty(0, 3), torch.empty(0, 3), 0.0, 0.0) == (0.0, math.inf, 0)
+    with pytest.raises(ValueError, match="shapes"):
+        testing.error_stats(want, want.t(), 0.0, 0.0)

@@ -22,7 +22,7 @@ import torch
 import mltoolkit
 from mltoolkit.backends import NoBackendError, table
 from mltoolkit.backends import backend as force_backend
-from mltoolkit.testing import assert_close, oracle_dtype, outputs, sqnr
+from mltoolkit.testing import assert_close, error_stats, oracle_dtype, outputs, tolerance
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -272,18 +272,27 @@ def _check(fn: Callable, args: tuple, ref_out: list[torch.Tensor], ref_grads: li
     sqnrs: list[float] = []
     failure: Optional[str] = None
 
-    def compare(got, want, name, **tol):
+    def compare(got, want, name, atol=None):
         nonlocal failure
-        errs.append((got.double() - want.double()).abs().nan_to_num(nan=math.inf).max().item() if got.numel() else 0.0)
-        sqnrs.append(sqnr(want, got))
-        if sqnr_floor is not None:
-            if not sqnrs[-1] >= sqnr_floor:
-                failure = failure or f"{name}: SQNR {sqnrs[-1]:.1f} dB below the floor of {sqnr_floor} dB"
+        table_atol, rtol = tolerance(dtype)
+        atol = table_atol if atol is None else atol
+        if got.shape != want.shape:
+            errs.append(math.inf)
+            sqnrs.append(-math.inf)
+            failure = failure or f"{name}: shape {list(got.shape)} != expected {list(want.shape)}"
             return
-        try:
-            assert_close(got, want, dtype=dtype, name=name, **tol)
-        except AssertionError as exc:
-            failure = failure or str(exc)
+        max_err, db, bad = error_stats(got, want, atol, rtol)
+        errs.append(max_err)
+        sqnrs.append(db)
+        if sqnr_floor is not None:
+            if not db >= sqnr_floor:
+                failure = failure or f"{name}: SQNR {db:.1f} dB below the floor of {sqnr_floor} dB"
+            return
+        if bad:
+            try:  # assert_close's message: where the worst mismatches are
+                assert_close(got, want, dtype=dtype, name=name, atol=atol, rtol=rtol)
+            except AssertionError as exc:
+                failure = failure or str(exc)
 
     for k, (o, r) in enumerate(zip(outs, ref_out)):
         compare(o, r, f"output {k}")

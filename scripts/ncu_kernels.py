@@ -39,7 +39,7 @@ def int4_m1():
             os.environ.pop("MLTK_INT4_CUDA_PATH")
         return call
 
-    return {"int4 tcgemv": path("tcgemv"), "int4 tcgemv1": path("tcgemv1"), "bf16 linear 8192": lambda: F.linear(x, w)}
+    return {"int4 tcgemv": path("tcgemv"), "bf16 linear 8192": lambda: F.linear(x, w)}
 
 
 def int8_m4096():

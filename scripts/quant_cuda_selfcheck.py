@@ -6,7 +6,7 @@ Needs a CUDA GPU and the built extension. Calls the raw entry points of csrc/int
     int8_linear_cuda(xq, x_scale, wq, w_scale, bias, out_dtype) -> y     bit-exact, paths gemv, mma and dp4a
     dequantize_int4_cuda(packed, scales, zeros, group) -> w'             bit-exact
     int4_weight_only_linear_cuda(x, packed, scales, zeros, group, bias)  SQNR vs float64 x @ w'^T,
-        paths gemv, tcgemv (tensor-core GEMV), tcgemv1 (its first version) and mma
+        paths gemv, tcgemv (tensor-core GEMV) and mma
 on odd shapes, with outputs poisoned (NaN) before each call; then bad-input errors. One line per failure, a summary,
 exit code 1 on any failure. --bench also times (CUDA events, median; inputs rotated among several sets so that the
 weights do not sit in L2 between calls):
@@ -134,10 +134,10 @@ def check_int4(quick):
     ms = [1, 3, 16, 17, 300] if not quick else [1, 16, 300]
     for (n, k, group), m, dtype, path in itertools.product(weights, ms, (torch.float32, torch.float16,
                                                                           torch.bfloat16),
-                                                        ("gemv", "tcgemv", "tcgemv1", "mma")):
+                                                        ("gemv", "tcgemv", "mma")):
         if path != "gemv" and dtype == torch.float32:
             continue
-        if path.startswith("tcgemv") and (m > (16 if path == "tcgemv" else 8) or group < 128):
+        if path == "tcgemv" and (m > 16 or group < 128):
             continue
         case = f"int4_linear {path} {str(dtype)[6:]} M={m} N={n} K={k} G={group}"
         try:
@@ -262,8 +262,8 @@ def bench():
     for M in (1, 8, 16, 4096):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         t_ref = timeit(rotating(lambda w, *_: F.linear(x, w), wsets))
-        # up to 16 rows auto is the tensor-core GEMV; tcgemv1 its first version (A/B), gemv the ALU kernel
-        for path in ("auto", "tcgemv1", "gemv") if M <= 8 else ("auto",):
+        # up to 16 rows auto is the tensor-core GEMV, gemv the ALU kernel
+        for path in ("auto", "gemv") if M <= 8 else ("auto",):
             with env_path("MLTK_INT4_CUDA_PATH", path):
                 t_4 = timeit(rotating(lambda w, p, s, z: C.int4_weight_only_linear_cuda(x, p, s, z, 128, None),
                                       wsets))

@@ -284,7 +284,6 @@ MmaArgs mma_args(const Int4LinearParams& p, int n_tiles) {
 
 constexpr int kTcWarps = 8;   // K-slices of a CTA's rows
 constexpr int kTcMaxM = 16;   // rows of x: one n8 tile of the mma up to 8, two up to 16
-constexpr int kTcV1Round = 4;  // the first kernel's 128-k blocks loaded at once (A/B against the pipelined one)
 
 // base + q in both halves of a 16-bit pair: 128 in bfloat16 (spacing 1 in [128, 256)), 1024 in float16.
 template <typename T>
@@ -488,92 +487,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2) _int4_tc_gemv_kernel(const M
       for (int c = 0; c < 4; ++c) red[warp][(r * MT + mt) * 4 + c][lane] = y[r][mt][c];
   __syncthreads();
   tc_gemv_store<T, RT, MT>(red, a, n0);
-#else
-  __trap();  // never launched: tc_gemv_ok refuses compute capability below 8.0
-#endif
-}
-
-// The first tensor-core GEMV (one 16-row tile per CTA, four blocks loaded, then computed; M <= 8), kept for the A/B
-// on the next GPU run (MLTK_INT4_CUDA_PATH=tcgemv1); the slower of the two goes then.
-template <typename T>
-__global__ void __launch_bounds__(kTcWarps * 32, 2) _int4_tc_gemv_v1_kernel(const MmaArgs a) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  __shared__ float red[kTcWarps][4][32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * 16;
-  const int N = a.N;
-  const int blocks = a.K / 128;
-  const int groups = a.K / a.G;
-  const int blocks_per_group_shift = a.G == 256 ? 1 : 0;  // G is 128 or 256
-  const bool row_ok[2] = {n0 + g < N, n0 + g + 8 < N};
-  const int64_t row_bytes = a.K / 2;
-  const uint8_t* prow[2];
-  int64_t grow[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t n = row_ok[h] ? n0 + g + 8 * h : 0;
-    prow[h] = a.packed + n * row_bytes + 16 * t;
-    grow[h] = n * groups;
-  }
-  const bool col_ok = g < a.M;
-  const T* xrow = static_cast<const T*>(a.x) + (col_ok ? static_cast<int64_t>(g) * a.ldx : 0) + 32 * t;
-  uint32_t ones[4];
-  const uint32_t one2 = std::is_same_v<T, __half> ? 0x3c003c00u : 0x3f803f80u;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) ones[i] = one2;
-
-  float y[4] = {0.f, 0.f, 0.f, 0.f};  // C fragment: rows g, g, g + 8, g + 8; columns 2t, 2t + 1, 2t, 2t + 1
-  for (int b0 = warp; b0 < blocks; b0 += kTcWarps * kTcV1Round) {
-    uint4 w[kTcV1Round][2];
-    float sc[kTcV1Round][2], zc[kTcV1Round][2];
-#pragma unroll
-    for (int u = 0; u < kTcV1Round; ++u) {
-      const int b = b0 + u * kTcWarps;
-      const bool live = b < blocks;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const bool ok = live && row_ok[h];
-        w[u][h] = ok ? __ldcs(reinterpret_cast<const uint4*>(prow[h] + static_cast<int64_t>(b) * 64))
-                     : make_uint4(0, 0, 0, 0);
-        const int64_t gi = grow[h] + (live ? (b >> blocks_per_group_shift) : 0);
-        sc[u][h] = ok ? __ldg(a.scales + gi) : 0.f;
-        zc[u][h] = ok ? __ldg(a.zeros + gi) : 0.f;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kTcV1Round; ++u) {
-      const int b = b0 + u * kTcWarps;
-      if (b >= blocks) break;  // uniform across the warp
-      // x is small and read by every CTA: an L1 / L2 hit, loaded here rather than with the weights (registers).
-      const uint4* xb = reinterpret_cast<const uint4*>(xrow + static_cast<int64_t>(b) * 128);
-      float acc[4] = {0.f, 0.f, 0.f, 0.f}, xsum[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t w0 = j == 0 ? w[u][0].x : j == 1 ? w[u][0].y : j == 2 ? w[u][0].z : w[u][0].w;
-        const uint32_t w8 = j == 0 ? w[u][1].x : j == 1 ? w[u][1].y : j == 2 ? w[u][1].z : w[u][1].w;
-        // x values 0..7 of word j: .x = (0, 1), .y = (2, 3), .z = (4, 5), .w = (6, 7); zero in columns >= M.
-        const uint4 xj = col_ok ? __ldg(xb + j) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          // Tile h of word j: logical k (2t, 2t + 1) = values (2h, 2h + 4), (2t + 8, 2t + 9) = (2h + 1, 2h + 5).
-          const uint32_t frag[4] = {nib_pair<T>(w0, 2 * h), nib_pair<T>(w8, 2 * h), nib_pair<T>(w0, 2 * h + 1),
-                                    nib_pair<T>(w8, 2 * h + 1)};
-          const uint32_t lo = h == 0 ? xj.x : xj.y, hi = h == 0 ? xj.z : xj.w;
-          const uint32_t b0r = __byte_perm(lo, hi, 0x5410), b1r = __byte_perm(lo, hi, 0x7632);
-          mma16816<T>(acc, frag, b0r, b1r);
-          mma16816<T>(xsum, ones, b0r, b1r);
-        }
-      }
-#pragma unroll
-      for (int c = 0; c < 4; ++c) y[c] = fmaf(sc[u][c >> 1], acc[c], fmaf(zc[u][c >> 1], xsum[c], y[c]));
-    }
-  }
-
-#pragma unroll
-  for (int c = 0; c < 4; ++c) red[warp][c][lane] = y[c];
-  __syncthreads();
-  tc_gemv_store<T, 1, 1>(red, a, n0);
 #else
   __trap();  // never launched: tc_gemv_ok refuses compute capability below 8.0
 #endif
@@ -807,9 +720,8 @@ bool tc_gemv_ok(const Int4LinearParams& p, const char** why) {
     w = "int4_weight_only_linear: the tensor-core GEMV takes float16 or bfloat16 x";
   } else if (p.cc_major < 8) {
     w = "int4_weight_only_linear: the tensor-core GEMV needs compute capability 8.0 or newer";
-  } else if (p.M > (p.path == Int4Path::kTcGemv1 ? 8 : kTcMaxM)) {
-    w = p.path == Int4Path::kTcGemv1 ? "int4_weight_only_linear: the first tensor-core GEMV takes at most 8 rows of x"
-                                     : "int4_weight_only_linear: the tensor-core GEMV takes at most 16 rows of x";
+  } else if (p.M > kTcMaxM) {
+    w = "int4_weight_only_linear: the tensor-core GEMV takes at most 16 rows of x";
   } else if (p.G < 128) {
     w = "int4_weight_only_linear: the tensor-core GEMV needs group_size 128 or 256";
   } else if (!aligned(p.x, 16) || (p.ldx * 2) % 16 != 0) {
@@ -825,9 +737,7 @@ bool tc_gemv_ok(const Int4LinearParams& p, const char** why) {
 template <typename T>
 LaunchStatus launch_tc_gemv(const Int4LinearParams& p, cudaStream_t stream) {
   const MmaArgs a = mma_args(p, 0);
-  if (p.path == Int4Path::kTcGemv1) {
-    _int4_tc_gemv_v1_kernel<T><<<static_cast<unsigned>(cdiv(p.N, 16)), kTcWarps * 32, 0, stream>>>(a);
-  } else if (p.M <= 8) {
+  if (p.M <= 8) {
     _int4_tc_gemv_kernel<T, 2, 1><<<static_cast<unsigned>(cdiv(p.N, 32)), kTcWarps * 32, 0, stream>>>(a);
   } else {
     _int4_tc_gemv_kernel<T, 1, 2><<<static_cast<unsigned>(cdiv(p.N, 16)), kTcWarps * 32, 0, stream>>>(a);
@@ -869,9 +779,7 @@ LaunchStatus dequantize_int4(const DequantParams& p, cudaStream_t stream) {
 Int4Path int4_linear_path(const Int4LinearParams& p, const char** why) {
   if (why) *why = nullptr;
   if (p.path == Int4Path::kMma) return mma_ok(p, why) ? Int4Path::kMma : Int4Path::kAuto;
-  if (p.path == Int4Path::kTcGemv || p.path == Int4Path::kTcGemv1) {
-    return tc_gemv_ok(p, why) ? Int4Path::kTcGemv : Int4Path::kAuto;
-  }
+  if (p.path == Int4Path::kTcGemv) return tc_gemv_ok(p, why) ? Int4Path::kTcGemv : Int4Path::kAuto;
   if (p.path == Int4Path::kGemv) return Int4Path::kGemv;
   if (p.M <= kTcMaxM && tc_gemv_ok(p, nullptr)) return Int4Path::kTcGemv;
   if (p.M <= 16) return Int4Path::kGemv;

@@ -3,7 +3,7 @@
 // checks. Contracts: csrc/int8_linear.h and csrc/int4_linear.h. Every check runs before the first CUDA call, so that
 // tests/ops/test_cuda_glue_checks.py can drive them with fake CUDA tensors and no GPU.
 //
-// Debug switches (read per call): MLTK_INT8_CUDA_PATH=auto|gemv|mma|dp4a and MLTK_INT4_CUDA_PATH=auto|gemv|tcgemv|tcgemv1|mma
+// Debug switches (read per call): MLTK_INT8_CUDA_PATH=auto|gemv|mma|dp4a and MLTK_INT4_CUDA_PATH=auto|gemv|tcgemv|mma
 // force a kernel path; a forced path that cannot take the arguments (device, shape, alignment) raises an error
 // saying why.
 #include <ATen/core/Tensor.h>
@@ -99,8 +99,7 @@ cq::Int4Path int4_path_from_env(const char* fn) {
   if (v == "gemv") return cq::Int4Path::kGemv;
   if (v == "mma") return cq::Int4Path::kMma;
   if (v == "tcgemv") return cq::Int4Path::kTcGemv;
-  if (v == "tcgemv1") return cq::Int4Path::kTcGemv1;
-  TORCH_CHECK(false, fn, ": MLTK_INT4_CUDA_PATH must be auto, gemv, tcgemv, tcgemv1 or mma, got '", v, "'");
+  TORCH_CHECK(false, fn, ": MLTK_INT4_CUDA_PATH must be auto, gemv, tcgemv or mma, got '", v, "'");
 }
 
 // ---- int4 weight checks (shared) -----------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ LaunchStatus dequantize_int4(const DequantParams& p, cudaStream_t stream);
 // dim contiguous, any alignment for the small-M path; packed (N, K/2) contiguous with a 16-byte aligned base (K is a
 // multiple of 32, so every row starts 16-byte aligned); scales / zeros (N, K/G) contiguous; bias (N,) in dtype or
 // nullptr. M, N, K >= 1 and < 2^31.
-enum class Int4Path : int { kAuto = 0, kGemv = 1, kMma = 2, kTcGemv = 3, kTcGemv1 = 4 };
+enum class Int4Path : int { kAuto = 0, kGemv = 1, kMma = 2, kTcGemv = 3 };
 struct Int4LinearParams {
   const void* x = nullptr;
   const uint8_t* packed = nullptr;

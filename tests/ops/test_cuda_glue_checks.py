@@ -109,7 +109,7 @@ def test_quant_path_switches_are_checked(monkeypatch):
         _ext._C.int8_linear_cuda(xq, xs, xq, xs, None, torch.float32)
     pk, sc = fake_cuda(8, 32, dtype=torch.uint8), fake_cuda(8, 2, dtype=torch.float32)
     monkeypatch.setenv("MLTK_INT4_CUDA_PATH", "tiled")
-    with pytest.raises(RuntimeError, match="MLTK_INT4_CUDA_PATH must be auto, gemv, tcgemv, tcgemv1 or mma"):
+    with pytest.raises(RuntimeError, match="MLTK_INT4_CUDA_PATH must be auto, gemv, tcgemv or mma"):
         _ext._C.int4_weight_only_linear_cuda(fake_cuda(3, 64), pk, sc, sc, 32, None)
 
 

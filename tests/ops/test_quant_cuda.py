@@ -1,7 +1,7 @@
 """The CUDA C++ quantization kernels (csrc/cuda/int8_linear.cu, int4_linear.cu) against the reference: int8
 quantizers, int8_linear and dequantize_int4 bit-exact, int4_weight_only_linear by SQNR against the float64 product
 with the dequantized weight. Every kernel path is forced in turn (MLTK_INT8_CUDA_PATH=gemv|mma|dp4a,
-MLTK_INT4_CUDA_PATH=gemv|tcgemv|tcgemv1|mma), on odd shapes, padded / misaligned layouts, with and without bias (the
+MLTK_INT4_CUDA_PATH=gemv|tcgemv|mma), on odd shapes, padded / misaligned layouts, with and without bias (the
 CPU-only packed int8 weight layout goes through the op, which unpacks it).
 Skipped without a GPU (scripts/gpu_check.sh runs them); the backend-table test runs everywhere."""
 import pytest
@@ -208,7 +208,7 @@ def test_dequantize_bit_exact(n, k, group):
 FLOOR = {torch.float32: 80.0, torch.float16: 55.0, torch.bfloat16: 38.0}
 
 
-@pytest.fixture(params=["auto", "gemv", "tcgemv", "tcgemv1", "mma"])
+@pytest.fixture(params=["auto", "gemv", "tcgemv", "mma"])
 def int4_path(request, monkeypatch):
     monkeypatch.setenv("MLTK_INT4_CUDA_PATH", request.param)
     return request.param
@@ -220,8 +220,7 @@ def _int4_check(C, x, packed, scales, zeros, group, bias, path):
         with pytest.raises(RuntimeError, match="tensor-core path"):
             C.int4_weight_only_linear_cuda(x, packed, scales, zeros, group, bias)
         return
-    most_rows = {"tcgemv": 16, "tcgemv1": 8}.get(path)
-    if most_rows and (x.dtype == torch.float32 or misaligned or x.shape[0] > most_rows or group < 128):
+    if path == "tcgemv" and (x.dtype == torch.float32 or misaligned or x.shape[0] > 16 or group < 128):
         with pytest.raises(RuntimeError, match="tensor-core GEMV"):
             C.int4_weight_only_linear_cuda(x, packed, scales, zeros, group, bias)
         return

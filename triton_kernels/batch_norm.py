@@ -24,7 +24,6 @@ NCL tiles are [channels, positions] (a contiguous run of one (n, c) row per tile
 channels]. The groups partition the reduction in a fixed way for a given shape and device, and the partials are
 combined in group order: no atomics.
 """
-import functools
 import math
 import numbers
 import struct
@@ -34,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .host import cdiv, next_power_of_2
-from .norm import _interpreting, _on_device, _round_to
+from .norm import _cuda_sm_count, _interpreting, _on_device, _round_to
 
 __all__ = ["batch_norm_act_forward", "batch_norm_act_backward", "ACTIVATIONS"]
 
@@ -337,11 +336,6 @@ def _bn_bwd_dx_kernel(X, DY, R, DX, DRES, MEAN, INVSTD, W, B, C1, C2, N, C, L,
 # ----------------------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _target_programs(device: torch.device) -> int:

@@ -122,16 +122,17 @@ def error_stats(actual: Tensor, expected: Tensor, atol: float, rtol: float) -> t
         noise = noise + diff.square().sum()
         signal = signal + e.square().sum()
         bad = bad + (~(err <= atol + rtol * e.abs()) | (torch.isnan(a) != torch.isnan(e))).sum()
-    noise_v, signal_v = math.sqrt(noise.item()), math.sqrt(signal.item())
-    db = math.inf if noise_v == 0 else 20 * math.log10(signal_v / noise_v) if signal_v > 0 else -math.inf
-    return max_err.item(), db, int(bad.item())
+    return max_err.item(), _db(math.sqrt(signal.item()), math.sqrt(noise.item())), int(bad.item())
 
 
 def sqnr(reference: Tensor, actual: Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 20 log10(||ref|| / ||ref - actual||) (inf when equal)."""
     ref = reference.detach().double()
-    noise = torch.linalg.vector_norm(ref - actual.detach().double()).item()
-    signal = torch.linalg.vector_norm(ref).item()
+    return _db(torch.linalg.vector_norm(ref).item(), torch.linalg.vector_norm(ref - actual.detach().double()).item())
+
+
+def _db(signal: float, noise: float) -> float:
+    """20 log10(signal / noise) of two norms: inf when noise is 0, -inf when only the signal is."""
     return math.inf if noise == 0 else 20 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 

@@ -96,14 +96,32 @@ def test_sqnr_gate():
     assert failure is not None
 
 
-def test_cpu_timer_times_each_call_after_its_own():
-    """Interleaved CPU timing: every timed call follows an untimed call of the same provider, so no provider's time
-    depends on which other one ran before it."""
-    from mltoolkit.benchmark.harness import _Timer
+def test_cpu_timer_times_each_short_call_after_its_own():
+    """Interleaved CPU timing: every timed call shorter than _OWN_CACHE_S follows an untimed call of the same
+    provider, so no provider's time depends on which other one ran before it; a longer one goes without it."""
+    import time
+
+    from mltoolkit.benchmark import harness
 
     calls = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
-    timings = _Timer("cpu", budget_s=0.0).interleaved(fns, max_reps=5)
+
+    def provider(name, seconds=0.0):
+        def call():
+            calls.append(name)
+            time.sleep(seconds)
+        return call
+
+    fns = {name: provider(name) for name in ("a", "b", "c")}
+    timings = harness._Timer("cpu", budget_s=0.0).interleaved(fns, max_reps=5)
     assert {name: t.reps for name, t in timings.items()} == {"a": 5, "b": 5, "c": 5}
-    timed = calls[3 * 3:]  # after the warm-up calls (three each)
-    assert timed == [name for _ in range(5) for name in ("a", "b", "c") for _ in range(2)]
+    assert calls[:3] == ["a", "b", "c"]  # one untimed call each, whose time sets the reps
+    assert calls[3:] == [name for _ in range(5) for name in ("a", "b", "c") for _ in range(2)]
+
+    calls.clear()  # the caller's own untimed call stands in for the first
+    timings = harness._Timer("cpu", budget_s=0.0).interleaved(fns, max_reps=5, once_s={"a": 1e-3, "c": 1e-3})
+    assert calls[:1] == ["b"] and len(calls) == 1 + 5 * 3 * 2
+
+    calls.clear()
+    fns = {"short": provider("short"), "long": provider("long", 1.5 * harness._OWN_CACHE_S)}
+    timings = harness._Timer("cpu", budget_s=0.0).interleaved(fns, max_reps=2)
+    assert calls == ["short", "long"] + ["short", "short", "long"] * 2

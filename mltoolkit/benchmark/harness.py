@@ -72,13 +72,18 @@ class Timing:
 
 # ---- timers ---------------------------------------------------------------------------------------------------
 
+# CPU calls shorter than this are timed after an untimed call of their own (see _Timer.interleaved).
+_OWN_CACHE_S = 0.05
+
+
 class _Timer:
     def __init__(self, device: str, budget_s: float, min_cpu_reps: int = 5):
         self.device, self.budget_s, self.min_cpu_reps = device, budget_s, min_cpu_reps
         # 256 MB, five times an H100's or H200's L2, zero-filled once: reading it evicts every input (see _cuda).
         self._flush = torch.zeros(64 * 1024 * 1024, dtype=torch.float32, device="cuda") if device == "cuda" else None
 
-    def __call__(self, fn: Callable[[], Any], max_reps: Optional[int] = None) -> Timing:
+    def __call__(self, fn: Callable[[], Any], max_reps: Optional[int] = None,
+                 once_s: Optional[float] = None) -> Timing:
         if max_reps == 1:  # one cold call
             if self.device == "cuda":
                 torch.cuda.synchronize()
@@ -87,32 +92,37 @@ class _Timer:
             if self.device == "cuda":
                 torch.cuda.synchronize()
             return _summary([(time.perf_counter() - t0) * 1e3])
-        return self._cuda(fn, max_reps) if self.device == "cuda" else self._cpu(fn, max_reps)
+        if self.device == "cuda":
+            return self._cuda(fn, max_reps)
+        return self.interleaved({"": fn}, max_reps, None if once_s is None else {"": once_s})[""]
 
-    def _cpu(self, fn, max_reps=None):
-        return self.interleaved({"": fn}, max_reps)[""]
-
-    def interleaved(self, fns: dict[str, Callable[[], Any]], max_reps: Optional[int] = None) -> dict[str, Timing]:
-        """CPU timing of several providers call by call in turn. Each gets two warm-up calls (the first may allocate,
-        load or compile) and as many reps as fit its share of the budget, at least min_cpu_reps (max_reps at most);
-        those with more reps go on alone at the end. With several providers each timed call follows an untimed call
-        of its own: a call's time depended on which provider ran before it where x and y approach L3's size (a
-        channels-last depthwise convolution, 29 MB: ours 0.70 ms after itself, 0.83 after oneDNN's; oneDNN's 0.56
-        after itself, 0.70 after ours; 2026-11-28, 2-core VM), and in provider order torch eager and torch.compile
-        followed oneDNN's own calls (the reference provider's, eager's) while ours always followed another's."""
-        reps = {}
+    def interleaved(self, fns: dict[str, Callable[[], Any]], max_reps: Optional[int] = None,
+                    once_s: Optional[dict[str, float]] = None) -> dict[str, Timing]:
+        """CPU timing of several providers call by call in turn. Each provider's reps (with their untimed calls) are
+        as many as fit its share of the budget, at least min_cpu_reps (max_reps at most), judged from one untimed
+        call: `once_s[name]` where the caller has just made one (the harness's peak-memory call), else one made
+        here; those with more reps go on alone at the end. With several providers, each timed call shorter than
+        _OWN_CACHE_S follows an untimed call of its own: a call's time depended on which provider ran before it
+        where x and y approach L3's size (a channels-last depthwise convolution, 29 MB: ours 0.70 ms after itself,
+        0.83 after oneDNN's; oneDNN's 0.56 after itself, 0.70 after ours; 2026-11-28, 2-core VM), and in provider
+        order torch eager and torch.compile followed oneDNN's own calls (the reference provider's, eager's) while
+        ours always followed another's. A longer call reads its inputs from memory whatever ran before it, and the
+        extra call would double the quick run's slowest timings."""
+        reps, own_cache = {}, {}
         for name, fn in fns.items():
-            fn()
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            once = time.perf_counter() - t0
-            reps[name] = int(min(max_reps or 100, max(self.min_cpu_reps, self.budget_s / max(once, 1e-6))))
+            once = (once_s or {}).get(name)
+            if once is None:
+                t0 = time.perf_counter()
+                fn()
+                once = time.perf_counter() - t0
+            own_cache[name] = len(fns) > 1 and once < _OWN_CACHE_S
+            per_rep = once * (2 if own_cache[name] else 1)
+            reps[name] = int(min(max_reps or 100, max(self.min_cpu_reps, self.budget_s / max(per_rep, 1e-6))))
         times: dict[str, list[float]] = {name: [] for name in fns}
         for i in range(max(reps.values(), default=0)):
             for name, fn in fns.items():
                 if i < reps[name]:
-                    if len(fns) > 1:
+                    if own_cache[name]:
                         fn()
                     t0 = time.perf_counter()
                     fn()
@@ -267,7 +277,8 @@ def _check(fn: Callable, args: tuple, ref_out: list[torch.Tensor], ref_grads: li
     call_args = list(args)
     for i, leaf in zip(grad_idx, leaves):
         call_args[i] = leaf
-    outs = outputs(fn(*call_args))
+    with torch.set_grad_enabled(bool(leaves)):  # as timed: a forward-only case runs under no_grad
+        outs = outputs(fn(*call_args))
     errs: list[float] = []
     sqnrs: list[float] = []
     failure: Optional[str] = None
@@ -475,6 +486,7 @@ def _run_one(bench, config, dtype, device, timer, meta, copy_gbps, peak_gbps, lo
         interleave = device == "cpu" and mode != "bwd" and bench.max_reps != 1
         steps: dict[str, Callable[[], Any]] = {}
         peaks: dict[str, Optional[int]] = {}
+        once_s: dict[str, float] = {}  # each provider's peak-memory call, the untimed call before its timed ones
         timings: dict[str, Timing] = {}
         for pname, fn in providers.items():
             call_args = tuple(a.detach().requires_grad_(i in grad_idx and mode != "fwd")
@@ -492,15 +504,17 @@ def _run_one(bench, config, dtype, device, timer, meta, copy_gbps, peak_gbps, lo
             _malloc_mode(measure_peak=True)
             base = _cpu_peak_reset()
             step = _make_step(fn, call_args, grad_idx, mode)
+            t0 = time.perf_counter()
             step()
+            once_s[pname] = time.perf_counter() - t0
             peaks[pname] = _cpu_peak_bytes(base)
             _malloc_mode(measure_peak=False)
             if interleave:
                 steps[pname] = step
             else:
-                timings[pname] = timer(step, bench.max_reps)
+                timings[pname] = timer(step, bench.max_reps, once_s[pname])
         if interleave:
-            timings = timer.interleaved(steps, bench.max_reps)
+            timings = timer.interleaved(steps, bench.max_reps, once_s)
         timed: dict[str, dict] = {}
         for pname, t in timings.items():
             row = {**meta, "op": bench.op, "provider": pname, "mode": mode, "config": cfg, "dtype": dname,

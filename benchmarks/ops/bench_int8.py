@@ -1,7 +1,8 @@
 """int8 dynamic-quantized linear (activations quantized per token inside the timed call, weights quantized per
-channel and packed beforehand; "mltoolkit unpacked wq" is the same call on the plain (N, K) weight) against float32
-F.linear (eager and torch.compile) and torch's own dynamic-quantized linear (torch.ao.quantization.quantize_dynamic
-of an nn.Linear: fbgemm / oneDNN, per-tensor activation scale), on the CPU, K = N = 4096 as in a 7B-class model's
+channel beforehand and packed where Int8Linear packs them, on CPUs whose kernel path is VNNI; there "mltoolkit
+unpacked wq" is the same call on the plain (N, K) weight) against float32 F.linear (eager and torch.compile) and
+torch's own dynamic-quantized linear (torch.ao.quantization.quantize_dynamic of an nn.Linear: fbgemm / oneDNN,
+per-tensor activation scale), on the CPU, K = N = 4096 as in a 7B-class model's
 projections. Outputs are judged by SQNR against the float64 F.linear.
 
 On a GPU (bfloat16 activations, against bfloat16 F.linear) the providers are the table's GPU backends (the Triton
@@ -21,6 +22,7 @@ from torch import nn
 
 from mltoolkit import ops
 from mltoolkit.benchmark import Benchmark
+from mltoolkit.ops import int8 as int8_ops
 
 
 def _inputs(config, dtype, device):
@@ -29,8 +31,18 @@ def _inputs(config, dtype, device):
     w = torch.randn(N, K, dtype=dtype, device=device) * K ** -0.5
     b = torch.randn(N, dtype=dtype, device=device) * 0.1
     wq, ws = ops.quantize_per_channel(w)  # once, at conversion time, as the quantized module does
-    # The module packs for the CPU kernel only; GPU kernels read the plain weight.
-    return x, w, b, wq, ops.int8_pack_weight(wq) if device == "cpu" else wq, ws
+    return x, w, b, wq, _as_module_keeps_it(wq), ws
+
+
+def _packs() -> bool:
+    return int8_ops.isa() == "vnni"
+
+
+def _as_module_keeps_it(wq):
+    """The int8 weight as the quantized modules hand it to the kernel: packed where the CPU kernel's VNNI path runs
+    (the other CPU paths would unpack it on every call: 26 ms against 1.9 at M = 1, AVX2 VM, 2026-11-28), plain
+    on GPUs and other CPUs (mltoolkit.quantization.modules._cpu_packed)."""
+    return ops.int8_pack_weight(wq) if wq.device.type == "cpu" and _packs() else wq
 
 
 def _ours(x, w, b, wq, wp, ws):
@@ -65,7 +77,7 @@ def _torch_dynamic(x, w, b, wq, wp, ws):
 def _baselines(device):
     if device != "cpu":
         return {}
-    return {"torch quantize_dynamic": _torch_dynamic, "mltoolkit unpacked wq": _ours_unpacked}
+    return {"torch quantize_dynamic": _torch_dynamic, **({"mltoolkit unpacked wq": _ours_unpacked} if _packs() else {})}
 
 
 def _flops(config, dtype, mode):
@@ -113,8 +125,7 @@ def _wo_inputs(config, dtype, device):
     b = torch.randn(N, dtype=dtype, device=device) * 0.1
     wq, ws = ops.quantize_per_channel(w)
     xs = (x.abs().amax().float() / 127).reshape(())  # what a calibration observer gives on this data (min-max)
-    # The CPU kernel streams the packed weight; the GPU (Triton) kernels read the plain one.
-    return x, w, b, wq, ops.int8_pack_weight(wq) if device == "cpu" else wq, ws, xs
+    return x, w, b, wq, _as_module_keeps_it(wq), ws, xs
 
 
 def _wo_ours(x, w, b, wq, wp, ws, xs):

@@ -78,6 +78,9 @@ def test_bench_writes_rows_table_and_plot(tmp_path):
     assert base and "output 0" in base[0]["baseline_outside_tolerance"]
     assert "baselines outside the tolerance" in md
     assert torch.get_num_threads() == timed[0]["threads"]
+    # CPU results are kept apart by the vector ISA torch's kernels use (a VM's model name does not tell)
+    assert timed[0]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert slug.endswith("-" + timed[0]["cpu_capability"].lower())
     # a forward-only case is checked as it is timed, without gradients
     assert {r["provider"] for r in timed if r["op"] == "forward_only"} >= {"mltoolkit[cpp]", "torch eager"}
 

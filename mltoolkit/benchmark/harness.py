@@ -351,8 +351,15 @@ def device_slug(device: str) -> str:
     name = _device_name(device)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     if device == "cpu":
-        slug = "cpu-" + re.sub(r"-\d+-core-processor$", "", slug)
+        # A VM's model name hides the CPU generation ("AMD EPYC" was Zen 4 with AVX-512 one day, AVX2 only
+        # another, 1.6-4x slower): the vector ISA torch's kernels use keeps their results apart.
+        slug = "cpu-" + re.sub(r"-\d+-core-processor$", "", slug) + "-" + _cpu_capability().lower()
     return slug
+
+
+def _cpu_capability() -> str:
+    """The vector ISA torch's CPU kernels dispatch to ("AVX512", "AVX2", "DEFAULT", ...)."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def _git_sha() -> str:
@@ -411,6 +418,7 @@ def run(device: str = "cpu", quick: bool = False, ops: Optional[Sequence[str]] =
     name = _device_name(device)
     peak_gbps = next((v for k, v in DATASHEET_GBPS.items() if k in name), None) if device == "cuda" else None
     meta = {"device": device, "device_name": name, "threads": torch.get_num_threads(),
+            **({"cpu_capability": _cpu_capability()} if device == "cpu" else {}),
             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **_versions()}
     if copy_gbps:
         log(f"# {name}: device-to-device copy {copy_gbps:.0f} GB/s" + (f" (datasheet {peak_gbps:.0f})"

@@ -19,6 +19,12 @@ namespace mltoolkit {
 namespace blockwise_quant8 {
 namespace {
 
+// The binary search's probes at level L (step 128 >> L): mid[j * 2 step + step - 1] for j < 2^L, zero-padded to 128.
+inline void level_probes(const float* mid, int L, float* out) {
+  const int step = 128 >> L, count = 1 << L;
+  for (int j = 0; j < 128; ++j) out[j] = j < count ? mid[j * 2 * step + step - 1] : 0.0f;
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // Register-resident tables: an AVX-512 gather is slow (~1 element a cycle at best, far slower under the Gather Data
 // Sampling microcode mitigation), so 16-lane lookups into tables of up to 256 floats are permutes: vpermps for 16
@@ -48,12 +54,9 @@ inline void load_tables(Tables& tb, const float* qs, const float* qu, const floa
     tb.qu[r] = _mm512_loadu_ps(qu + 16 * r);
   }
   for (int L = 0; L < 8; ++L) {
-    const int step = 128 >> L, count = 1 << L;
     alignas(64) float bs[128], bu[128];
-    for (int j = 0; j < 128; ++j) {
-      bs[j] = j < count ? mid_s[j * 2 * step + step - 1] : 0.0f;
-      bu[j] = j < count ? mid_u[j * 2 * step + step - 1] : 0.0f;
-    }
+    level_probes(mid_s, L, bs);
+    level_probes(mid_u, L, bu);
     for (int r = 0; r < 8; ++r) {
       tb.ls[L][r] = _mm512_load_ps(bs + 16 * r);
       tb.lu[L][r] = _mm512_load_ps(bu + 16 * r);
@@ -108,12 +111,9 @@ struct Tables {
 
 inline void load_tables(Tables& tb, const float*, const float*, const float* mid_s, const float* mid_u) {
   for (int L = 0; L < kPermuteLevels; ++L) {
-    const int step = 128 >> L, count = 1 << L;
     alignas(32) float bs[128], bu[128];
-    for (int j = 0; j < 128; ++j) {
-      bs[j] = j < count ? mid_s[j * 2 * step + step - 1] : 0.0f;
-      bu[j] = j < count ? mid_u[j * 2 * step + step - 1] : 0.0f;
-    }
+    level_probes(mid_s, L, bs);
+    level_probes(mid_u, L, bu);
     for (int r = 0; r < 16; ++r) {
       tb.ls[L][r] = _mm256_load_ps(bs + 8 * r);
       tb.lu[L][r] = _mm256_load_ps(bu + 8 * r);

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace mltoolkit {
@@ -23,6 +24,14 @@ namespace {
 inline void level_probes(const float* mid, int L, float* out) {
   const int step = 128 >> L, count = 1 << L;
   for (int j = 0; j < 128; ++j) out[j] = j < count ? mid[j * 2 * step + step - 1] : 0.0f;
+}
+
+// Calls level(std::integral_constant<int, L>{}) for the binary search's levels L = 0..7, in order.
+template <typename F>
+inline void for_each_level(const F& level) {
+  [&]<int... L>(std::integer_sequence<int, L...>) {
+    (level(std::integral_constant<int, L>{}), ...);
+  }(std::make_integer_sequence<int, 8>{});
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -75,14 +84,7 @@ inline __m512i search16(__m512 xn, const __m512 (*lv)[8]) {
     const __mmask16 gt = _mm512_cmp_ps_mask(xn, mid, _CMP_GT_OQ);
     idx = _mm512_mask_add_epi32(idx, gt, idx, _mm512_set1_epi32(step));
   };
-  level(std::integral_constant<int, 0>{});
-  level(std::integral_constant<int, 1>{});
-  level(std::integral_constant<int, 2>{});
-  level(std::integral_constant<int, 3>{});
-  level(std::integral_constant<int, 4>{});
-  level(std::integral_constant<int, 5>{});
-  level(std::integral_constant<int, 6>{});
-  level(std::integral_constant<int, 7>{});
+  for_each_level(level);
   return idx;
 }
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -182,14 +184,7 @@ inline void quant(const float* x, float absmax, const float* mid, const Tables& 
       const __m256 gt = _mm256_cmp_ps(xn, probe, _CMP_GT_OQ);
       idx = _mm256_add_epi32(idx, _mm256_and_si256(_mm256_castps_si256(gt), _mm256_set1_epi32(step)));
     };
-    level(std::integral_constant<int, 0>{});
-    level(std::integral_constant<int, 1>{});
-    level(std::integral_constant<int, 2>{});
-    level(std::integral_constant<int, 3>{});
-    level(std::integral_constant<int, 4>{});
-    level(std::integral_constant<int, 5>{});
-    level(std::integral_constant<int, 6>{});
-    level(std::integral_constant<int, 7>{});
+    for_each_level(level);
     _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), idx);
     for (int k = 0; k < 8; ++k) codes[j + k] = static_cast<uint8_t>(tmp[k]);
   }

@@ -34,15 +34,10 @@ def _inputs(config, dtype, device):
     return x, w, b, wq, _as_module_keeps_it(wq), ws
 
 
-def _packs() -> bool:
-    return int8_ops.isa() == "vnni"
-
-
 def _as_module_keeps_it(wq):
-    """The int8 weight as the quantized modules hand it to the kernel: packed where the CPU kernel's VNNI path runs
-    (the other CPU paths would unpack it on every call: 26 ms against 1.9 at M = 1, AVX2 VM, 2026-11-28), plain
-    on GPUs and other CPUs (mltoolkit.quantization.modules._cpu_packed)."""
-    return ops.int8_pack_weight(wq) if wq.device.type == "cpu" and _packs() else wq
+    """The int8 weight as the quantized modules hand it to the kernel (mltoolkit.quantization.modules._cpu_packed):
+    packed on CPUs where packing pays, plain on GPUs and other CPUs."""
+    return ops.int8_pack_weight(wq) if wq.device.type == "cpu" and int8_ops.cpu_packing_pays() else wq
 
 
 def _ours(x, w, b, wq, wp, ws):
@@ -77,7 +72,8 @@ def _torch_dynamic(x, w, b, wq, wp, ws):
 def _baselines(device):
     if device != "cpu":
         return {}
-    return {"torch quantize_dynamic": _torch_dynamic, **({"mltoolkit unpacked wq": _ours_unpacked} if _packs() else {})}
+    unpacked = {"mltoolkit unpacked wq": _ours_unpacked} if int8_ops.cpu_packing_pays() else {}
+    return {"torch quantize_dynamic": _torch_dynamic, **unpacked}
 
 
 def _flops(config, dtype, mode):

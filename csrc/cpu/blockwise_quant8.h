@@ -10,6 +10,7 @@
 #include <immintrin.h>
 #endif
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -101,7 +102,7 @@ inline __m256 lut8(const __m256* t, __m256i j) {
   if constexpr (N == 1) {
     return _mm256_permutevar8x32_ps(t[0], j);
   } else {
-    constexpr int bit = N == 2 ? 3 : N == 4 ? 4 : N == 8 ? 5 : 6;  // j's bit that picks the upper half of t
+    constexpr int bit = std::bit_width(unsigned{N}) + 1;  // j's bit that picks the upper half of t: log2(4 N)
     const __m256 hi = _mm256_castsi256_ps(_mm256_slli_epi32(j, 31 - bit));
     return _mm256_blendv_ps(lut8<N / 2>(t, j), lut8<N / 2>(t + N / 2, j), hi);
   }

@@ -36,7 +36,7 @@ def _cpu_packed(module: nn.Module, plain) -> Tensor:
     VNNI kernel and kept while the weight is unchanged (_ext.derived); plain elsewhere (traced or compiled calls,
     GPUs, and CPU paths that would unpack the packed layout on every call)."""
     w = module.weight_int8
-    if w.device.type != "cpu" or not _ext.plain_eager(w) or int8_ops.isa() != "vnni":
+    if w.device.type != "cpu" or not _ext.plain_eager(w) or not int8_ops.cpu_packing_pays():
         return plain(w)
     return _ext.derived(f"int8 packed {type(module).__name__}", (w,), (), lambda w: ops.int8_pack_weight(plain(w)))
 

@@ -1225,9 +1225,15 @@ void dw_block_rows_n(int64_t b, Args... args) {
 // (144 @56 s2, 18 MB: 0.87x).
 constexpr int64_t kDwDramBytes = 24 << 20;
 
-// Which specialised row kernel serves (S, sw, dw): 0 = none (the generic dw_block).
-inline int dw_row_kind(const Geo& g) {
-  if (g.dw != 1) return 0;
+// Which specialised row kernel serves (S, sw, dw): 0 = none (the generic dw_block). None in double: the row kernels
+// are unrolled per block width, kernel width, stride and row count (62 instances, 1.3 MB of code in double), and
+// conv_f64.cpp compiled in 157 s with them, 45 s without (2026-11-28, 2-core AVX2 VM), for a type used mostly in
+// gradchecks; double depthwise convolutions run the generic kernel (through the ring, still vectorized).
+template <typename T>
+constexpr bool kDwRowKernels = !std::is_same_v<T, double>;
+template <typename T>
+int dw_row_kind(const Geo& g) {
+  if (!kDwRowKernels<T> || g.dw != 1) return 0;
   if (g.S == 3) return g.sw == 1 ? 1 : g.sw == 2 ? 2 : 0;
   if (g.S == 5) return g.sw == 1 ? 3 : g.sw == 2 ? 4 : 0;
   return 0;
@@ -1249,7 +1255,7 @@ void fwd_depthwise_ring(const Geo& g, const T* x, const T* w_t, const T* b, cons
   const int64_t staged = kNchw ? HW + PQ * (res ? 2 : 1) : 0;   // pixels of the NCHW staging buffers
   const int64_t cb = dw_channel_block<T>(C, span * Wp + staged), ncb = (C + cb - 1) / cb;
   const int64_t wcols = std::clamp<int64_t>(Wp - g.pw, 0, g.W);  // input columns the ring holds
-  const int kind = dw_row_kind(g);
+  const int kind = dw_row_kind<T>(g);
   // The row kernels read x (or the staging buffer) in place, skipping the padding columns; only the generic kernel
   // (other kernel widths, strides, dilation) goes through the ring. In place was 1.2-1.6x faster than reading the
   // ring on EfficientNet-B0's channels-last layers from 28 x 28 down (the copy's stores cost more than the loads it
@@ -1377,12 +1383,14 @@ void fwd_depthwise_ring(const Geo& g, const T* x, const T* w_t, const T* b, cons
                 for (int64_t j = j0; j < j1; ++j) prefetch_span(xr + j * xld, xr + j * xld + nc);
             }
           }
-          if (kind == 0)
+          if (kind == 0) {
             dw_block_n<T>(bq, nc, nt, sp.data(), wp.data(), g.sw * cb, bc, out, ld, rsd, act, q * g.sw * cb);
-          else if (pr == 2)
-            rows_kernel(std::integral_constant<int, 2>{});
-          else
-            rows_kernel(std::integral_constant<int, 1>{});
+          } else if constexpr (kDwRowKernels<T>) {
+            if (pr == 2)
+              rows_kernel(std::integral_constant<int, 2>{});
+            else
+              rows_kernel(std::integral_constant<int, 1>{});
+          }
         }
       }
       if constexpr (kNchw) transpose<T>(oloc, sld, y + (n * C + c0) * PQ, PQ, PQ, nc);

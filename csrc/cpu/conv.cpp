@@ -1230,9 +1230,9 @@ void dw_block_rows_n(int64_t b, Args... args) {
 constexpr int64_t kDwDramBytes = 24 << 20;
 
 // Which specialised row kernel serves (S, sw, dw): 0 = none (the generic dw_block). None in double: the row kernels
-// are unrolled per block width, kernel width, stride and row count (62 instances, 1.3 MB of code in double), and
-// conv_f64.cpp compiled in 157 s with them, 45 s without (2026-11-28, 2-core AVX2 VM), for a type used mostly in
-// gradchecks; double depthwise convolutions run the generic kernel (through the ring, still vectorized).
+// are unrolled per block width, kernel width, stride and row count (62 instances with 8-pixel blocks, 1.3 MB of code
+// in double), and conv_f64.cpp compiled in 157 s with them, 45 s without (2026-11-28, 2-core AVX2 VM), for a type
+// used mostly in gradchecks; double depthwise convolutions run the generic kernel (through the ring, vectorized).
 template <typename T>
 constexpr bool kDwRowKernels = !std::is_same_v<T, double>;
 template <typename T>
